@@ -1,0 +1,37 @@
+// The nanobind module moequant._ext: thin wrappers, documented in python/moequant.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
+
+#include "common/thread_pool.h"
+#include "requantize/requantize.h"
+#include "requantize/requantize_cpu.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "moequant native kernels (MLX primitives)";
+
+  m.def(
+      "requantize_int4",
+      &moequant::requantize_int4,
+      "packed"_a,
+      "scales"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a = 64,
+      "src_group_size"_a = 32,
+      "dtype"_a = nb::none(),
+      "stream"_a = nb::none());
+
+  m.def("get_num_threads", &moequant::get_num_threads);
+  m.def("set_num_threads", &moequant::set_num_threads, "n"_a);
+  m.def("requantize_simd_available", &moequant::cpu::requantize_simd_available);
+#ifdef _METAL_
+  m.attr("has_metal") = true;
+#else
+  m.attr("has_metal") = false;
+#endif
+}

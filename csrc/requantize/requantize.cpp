@@ -1,0 +1,225 @@
+#include "requantize/requantize.h"
+
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/utils.h"
+#include "requantize/requantize_cpu.h"
+
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+#include "mlx/backend/metal/utils.h"
+#include "common/metal_library.h"
+#endif
+
+namespace moequant {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[moequant.requantize_int4] " + msg);
+}
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    os << (i ? ", " : "") << s[i];
+  }
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype t) {
+  std::ostringstream os;
+  os << t;
+  return os.str();
+}
+
+bool is_float(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+bool valid_group(int g) {
+  return g == 32 || g == 64 || g == 128;
+}
+
+mx::Shape out_shape(const mx::Shape& packed_shape, int last) {
+  mx::Shape s = packed_shape;
+  s.back() = last;
+  return s;
+}
+
+} // namespace
+
+std::tuple<mx::array, mx::array, mx::array> requantize_int4(
+    const mx::array& packed,
+    const mx::array& scales,
+    int bits,
+    int group_size,
+    int src_group_size,
+    std::optional<mx::Dtype> dtype,
+    mx::StreamOrDevice s) {
+  // Every check happens here, when the graph is built, so that bad input never
+  // reaches a kernel.
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
+    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
+  }
+  if (!valid_group(group_size)) {
+    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
+  }
+  if (!valid_group(src_group_size)) {
+    fail(
+        "src_group_size must be 32, 64 or 128; got " + std::to_string(src_group_size) +
+        ".");
+  }
+  if (packed.dtype() != mx::int32 && packed.dtype() != mx::uint32) {
+    fail("packed must be int32 or uint32 (eight 4-bit codes per word); got " +
+         dtype_str(packed.dtype()) + ".");
+  }
+  if (!is_float(scales.dtype())) {
+    fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) +
+         ".");
+  }
+  mx::Dtype out_dtype = dtype.value_or(scales.dtype());
+  if (!is_float(out_dtype)) {
+    fail("dtype must be float32, float16 or bfloat16; got " + dtype_str(out_dtype) + ".");
+  }
+  if (packed.ndim() < 2) {
+    fail("packed must have at least 2 dimensions (..., K/8), as mx.quantize requires; "
+         "got shape " + shape_str(packed.shape()) + ".");
+  }
+  const long long K = static_cast<long long>(packed.shape(-1)) * 8;
+  if (K == 0) {
+    fail("packed has an empty last axis (shape " + shape_str(packed.shape()) + ").");
+  }
+  if (K % src_group_size != 0) {
+    fail("K = 8 * packed.shape[-1] = " + std::to_string(K) +
+         " is not divisible by src_group_size = " + std::to_string(src_group_size) + ".");
+  }
+  if (K % group_size != 0) {
+    fail("K = 8 * packed.shape[-1] = " + std::to_string(K) +
+         " is not divisible by group_size = " + std::to_string(group_size) + ".");
+  }
+  mx::Shape want_scales = out_shape(packed.shape(), static_cast<int>(K / src_group_size));
+  if (scales.shape() != want_scales) {
+    fail("scales must have shape " + shape_str(want_scales) + " for packed of shape " +
+         shape_str(packed.shape()) + " and src_group_size " +
+         std::to_string(src_group_size) + "; got " + shape_str(scales.shape()) + ".");
+  }
+  if (K * bits / 32 > std::numeric_limits<int>::max()) {
+    fail("rows of " + std::to_string(K) + " weights are too long.");
+  }
+
+  auto stream = mx::to_stream(s);
+  // Row-contiguous inputs let the kernels use flat indexing.
+  auto p = mx::contiguous(
+      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
+  auto sc = mx::contiguous(scales, false, stream);
+
+  auto outs = mx::array::make_arrays(
+      {out_shape(packed.shape(), static_cast<int>(K * bits / 32)),
+       out_shape(packed.shape(), static_cast<int>(K / group_size)),
+       out_shape(packed.shape(), static_cast<int>(K / group_size))},
+      {mx::uint32, out_dtype, out_dtype},
+      std::make_shared<RequantizeInt4>(stream, bits, group_size, src_group_size),
+      {p, sc});
+  return {outs[0], outs[1], outs[2]};
+}
+
+bool RequantizeInt4::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const RequantizeInt4&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_ &&
+      src_group_size_ == o.src_group_size_;
+}
+
+std::vector<mx::Shape> RequantizeInt4::output_shapes(const std::vector<mx::array>& inputs) {
+  const auto& packed = inputs[0];
+  int K = packed.shape(-1) * 8;
+  return {
+      out_shape(packed.shape(), K * bits_ / 32),
+      out_shape(packed.shape(), K / group_size_),
+      out_shape(packed.shape(), K / group_size_)};
+}
+
+void RequantizeInt4::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& packed = inputs[0];
+  const auto& scales = inputs[1];
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  cpu::RequantizeArgs args;
+  args.packed = packed.data<uint8_t>();
+  args.src_scales = scales.data<void>();
+  args.wq = outputs[0].data<uint8_t>();
+  args.scales = outputs[1].data<void>();
+  args.biases = outputs[2].data<void>();
+  args.K = packed.shape(-1) * 8;
+  args.rows = packed.size() / packed.shape(-1);
+  args.bits = bits_;
+  args.group_size = group_size_;
+  args.src_group_size = src_group_size_;
+  args.src_dtype = scales.dtype();
+  args.out_dtype = outputs[1].dtype();
+
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(packed);
+  enc.set_input_array(scales);
+  for (auto& o : outputs) {
+    enc.set_output_array(o);
+  }
+  // The inputs stay alive until the stream has run this task (MLX holds them as the
+  // primitive's inputs), so raw pointers are safe here.
+  enc.dispatch([args]() { cpu::requantize_int4(args); });
+}
+
+#ifdef _METAL_
+void RequantizeInt4::eval_gpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& packed = inputs[0];
+  const auto& scales = inputs[1];
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  int K = packed.shape(-1) * 8;
+  uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
+  uint32_t n_groups =
+      static_cast<uint32_t>(packed.size() / packed.shape(-1)) * groups_per_row;
+
+  std::ostringstream kname;
+  kname << "requantize_int4_b" << bits_ << "_g" << group_size_ << "_sg" << src_group_size_
+        << "_" << mx::type_to_name(scales) << "_" << mx::type_to_name(outputs[1]);
+  auto lib = metal_library(d);
+  auto kernel = d.get_kernel(kname.str(), lib);
+
+  auto& enc = mx::metal::get_command_encoder(s);
+  enc.set_compute_pipeline_state(kernel);
+  enc.set_input_array(packed, 0);
+  enc.set_input_array(scales, 1);
+  enc.set_output_array(outputs[0], 2);
+  enc.set_output_array(outputs[1], 3);
+  enc.set_output_array(outputs[2], 4);
+  enc.set_bytes(n_groups, 5);
+  enc.set_bytes(groups_per_row, 6);
+  // One thread per output group; the kernel returns early past the end.
+  const uint32_t tg = 256;
+  enc.dispatch_threadgroups(MTL::Size((n_groups + tg - 1) / tg, 1, 1), MTL::Size(tg, 1, 1));
+}
+#else
+void RequantizeInt4::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[moequant.requantize_int4] this build of moequant has no Metal support; "
+      "use a CPU stream.");
+}
+#endif
+
+} // namespace moequant

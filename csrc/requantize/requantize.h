@@ -1,0 +1,49 @@
+// requantize_int4: compressed-tensors INT4 (symmetric, offset-8 nibbles) -> MLX affine.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace moequant {
+
+namespace mx = mlx::core;
+
+// Returns (wq, scales, biases) laid out exactly as mx.quantize lays them out.
+std::tuple<mx::array, mx::array, mx::array> requantize_int4(
+    const mx::array& packed,
+    const mx::array& scales,
+    int bits,
+    int group_size,
+    int src_group_size,
+    std::optional<mx::Dtype> dtype,
+    mx::StreamOrDevice s = {});
+
+class RequantizeInt4 : public mx::Primitive {
+ public:
+  RequantizeInt4(mx::Stream stream, int bits, int group_size, int src_group_size)
+      : mx::Primitive(stream),
+        bits_(bits),
+        group_size_(group_size),
+        src_group_size_(src_group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+
+  const char* name() const override {
+    return "RequantizeInt4";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int bits_;
+  int group_size_;
+  int src_group_size_;
+};
+
+} // namespace moequant

@@ -1,0 +1,261 @@
+// The CPU twin of metal/requantize.h.
+//
+// Unit of work: a block of 32 source weights = 16 bytes of packed nibbles. A block
+// lies inside one source group (source groups are 32, 64 or 128 wide) and inside one
+// output group (32, 64 or 128), so it has one source scale and one set of affine
+// parameters. Each weight is (u - 8) * s for a nibble u, hence its code depends only
+// on u: the block's 16 possible codes go into a table, computed with exactly the
+// division and rounding of MLX's quantizer, and the 32 nibbles are looked up in it
+// (pshufb on x86, tbl on arm64). Group min/max come from the nibble min/max, since
+// u -> (u - 8) * s is monotone. The result is bit-identical to quantizing the
+// dequantized weights, while reading each input byte once.
+#include "requantize/requantize_cpu.h"
+
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "common/thread_pool.h"
+#include "mlx/types/half_types.h"
+#include "quant_math.h"
+
+#if defined(__SSSE3__)
+#include <tmmintrin.h>
+#define MQ_SIMD_SSSE3 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#define MQ_SIMD_NEON 1
+#endif
+
+namespace moequant::cpu {
+
+namespace mx = mlx::core;
+
+namespace {
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// The 32 codes of one block, in element order.
+struct Block {
+  alignas(16) uint8_t codes[32];
+};
+
+inline void nibble_range(const uint8_t* p, int& umin, int& umax) {
+#if defined(MQ_SIMD_SSSE3)
+  const __m128i m = _mm_set1_epi8(0x0F);
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i lo = _mm_and_si128(v, m);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+  __m128i mn = _mm_min_epu8(lo, hi);
+  __m128i mx_ = _mm_max_epu8(lo, hi);
+  mn = _mm_min_epu8(mn, _mm_srli_si128(mn, 8));
+  mx_ = _mm_max_epu8(mx_, _mm_srli_si128(mx_, 8));
+  mn = _mm_min_epu8(mn, _mm_srli_si128(mn, 4));
+  mx_ = _mm_max_epu8(mx_, _mm_srli_si128(mx_, 4));
+  mn = _mm_min_epu8(mn, _mm_srli_si128(mn, 2));
+  mx_ = _mm_max_epu8(mx_, _mm_srli_si128(mx_, 2));
+  mn = _mm_min_epu8(mn, _mm_srli_si128(mn, 1));
+  mx_ = _mm_max_epu8(mx_, _mm_srli_si128(mx_, 1));
+  umin = _mm_cvtsi128_si32(mn) & 0xFF;
+  umax = _mm_cvtsi128_si32(mx_) & 0xFF;
+#elif defined(MQ_SIMD_NEON)
+  uint8x16_t v = vld1q_u8(p);
+  uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0F));
+  uint8x16_t hi = vshrq_n_u8(v, 4);
+  umin = vminvq_u8(vminq_u8(lo, hi));
+  umax = vmaxvq_u8(vmaxq_u8(lo, hi));
+#else
+  umin = 15;
+  umax = 0;
+  for (int i = 0; i < 16; ++i) {
+    int a = p[i] & 0x0F, b = p[i] >> 4;
+    umin = a < umin ? a : umin;
+    umin = b < umin ? b : umin;
+    umax = a > umax ? a : umax;
+    umax = b > umax ? b : umax;
+  }
+#endif
+}
+
+inline void lookup_codes(const uint8_t* p, const uint8_t* lut, Block& out) {
+#if defined(MQ_SIMD_SSSE3)
+  const __m128i m = _mm_set1_epi8(0x0F);
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i t = _mm_load_si128(reinterpret_cast<const __m128i*>(lut));
+  __m128i cl = _mm_shuffle_epi8(t, _mm_and_si128(v, m));
+  __m128i ch = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  _mm_store_si128(reinterpret_cast<__m128i*>(out.codes), _mm_unpacklo_epi8(cl, ch));
+  _mm_store_si128(
+      reinterpret_cast<__m128i*>(out.codes + 16), _mm_unpackhi_epi8(cl, ch));
+#elif defined(MQ_SIMD_NEON)
+  uint8x16_t v = vld1q_u8(p);
+  uint8x16_t t = vld1q_u8(lut);
+  uint8x16_t cl = vqtbl1q_u8(t, vandq_u8(v, vdupq_n_u8(0x0F)));
+  uint8x16_t ch = vqtbl1q_u8(t, vshrq_n_u8(v, 4));
+  vst1q_u8(out.codes, vzip1q_u8(cl, ch));
+  vst1q_u8(out.codes + 16, vzip2q_u8(cl, ch));
+#else
+  for (int i = 0; i < 16; ++i) {
+    out.codes[2 * i] = lut[p[i] & 0x0F];
+    out.codes[2 * i + 1] = lut[p[i] >> 4];
+  }
+#endif
+}
+
+// Table of the 16 codes of a block with source scale s. Equal to
+// mq_affine_code((u - 8) * s, p, n_bins) for every u: clamping before rounding gives
+// the same integer as rounding before clamping (the bounds are integers), and for
+// 0 <= x <= 255 adding and subtracting 1.5 * 2^23 rounds half to even like rint.
+// Written this way so that the compiler vectorizes it (no rint call per entry).
+inline void code_table(float s, mq_affine p, float n_bins, uint8_t* lut) {
+  const float magic = 12582912.0f; // 1.5 * 2^23
+  float x[16];
+  for (int u = 0; u < 16; ++u) {
+    float w = static_cast<float>(u - MQ_INT4_OFFSET) * s;
+    float v = (w - p.bias) / p.scale;
+    v = v < 0.0f ? 0.0f : v;
+    v = v > n_bins ? n_bins : v;
+    x[u] = (v + magic) - magic;
+  }
+  for (int u = 0; u < 16; ++u) {
+    lut[u] = static_cast<uint8_t>(static_cast<int>(x[u]));
+  }
+}
+
+template <int BITS>
+inline void store_block(const Block& b, uint8_t* dst) {
+  // 32 codes -> 4 * BITS bytes of MLX's bitstream.
+  if constexpr (BITS == 8) {
+    std::memcpy(dst, b.codes, 32);
+  } else {
+    for (int j = 0; j < 4; ++j) {
+      mq_u64 x;
+      std::memcpy(&x, b.codes + 8 * j, 8);
+      x = mq_pack8<BITS>(x);
+      std::memcpy(dst + BITS * j, &x, BITS); // little-endian hosts only (x86, arm64)
+    }
+  }
+}
+
+template <int BITS, typename SrcT, typename OutT>
+void requantize_rows(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
+  const float n_bins = static_cast<float>((1 << BITS) - 1);
+  const int K = a.K;
+  const int blocks_per_group = a.group_size / 32;
+  const int blocks_per_src = a.src_group_size / 32;
+  const int n_groups = K / a.group_size;
+  const int n_src = K / a.src_group_size;
+  const std::size_t in_row = static_cast<std::size_t>(K) / 2;
+  const std::size_t out_row = static_cast<std::size_t>(K) * BITS / 8;
+
+  alignas(16) uint8_t lut[16];
+  Block blk;
+  float s_blk[4];
+  for (std::size_t r = r0; r < r1; ++r) {
+    const uint8_t* in = a.packed + r * in_row;
+    const SrcT* ss = static_cast<const SrcT*>(a.src_scales) + r * n_src;
+    uint8_t* out = a.wq + r * out_row;
+    OutT* os = static_cast<OutT*>(a.scales) + r * n_groups;
+    OutT* ob = static_cast<OutT*>(a.biases) + r * n_groups;
+    for (int g = 0; g < n_groups; ++g) {
+      const int b0 = g * blocks_per_group;
+      // Group range from the block nibble ranges; std::min/max comparison order, so
+      // NaN scales are skipped as MLX's loop skips NaN weights.
+      float wmin = std::numeric_limits<float>::infinity();
+      float wmax = -wmin;
+      for (int j = 0; j < blocks_per_group; ++j) {
+        int umin, umax;
+        nibble_range(in + 16 * (b0 + j), umin, umax);
+        float s = to_float(ss[(b0 + j) / blocks_per_src]);
+        s_blk[j] = s;
+        float x = static_cast<float>(umin - MQ_INT4_OFFSET) * s;
+        float y = static_cast<float>(umax - MQ_INT4_OFFSET) * s;
+        float lo = y < x ? y : x;
+        float hi = x < y ? y : x;
+        wmin = lo < wmin ? lo : wmin;
+        wmax = wmax < hi ? hi : wmax;
+      }
+      mq_affine p = mq_affine_params(wmin, wmax, n_bins);
+      os[g] = static_cast<OutT>(p.scale);
+      ob[g] = static_cast<OutT>(p.bias);
+      for (int j = 0; j < blocks_per_group; ++j) {
+        code_table(s_blk[j], p, n_bins, lut);
+        lookup_codes(in + 16 * (b0 + j), lut, blk);
+        store_block<BITS>(blk, out + 4 * BITS * (b0 + j));
+      }
+    }
+  }
+}
+
+template <typename SrcT, typename OutT>
+void dispatch_bits(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
+  switch (a.bits) {
+    case 2:
+      return requantize_rows<2, SrcT, OutT>(a, r0, r1);
+    case 3:
+      return requantize_rows<3, SrcT, OutT>(a, r0, r1);
+    case 4:
+      return requantize_rows<4, SrcT, OutT>(a, r0, r1);
+    case 5:
+      return requantize_rows<5, SrcT, OutT>(a, r0, r1);
+    case 6:
+      return requantize_rows<6, SrcT, OutT>(a, r0, r1);
+    case 8:
+      return requantize_rows<8, SrcT, OutT>(a, r0, r1);
+    default:
+      throw std::invalid_argument("[requantize_int4] unsupported bits");
+  }
+}
+
+template <typename SrcT>
+void dispatch_out(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
+  switch (a.out_dtype) {
+    case mx::float32:
+      return dispatch_bits<SrcT, float>(a, r0, r1);
+    case mx::float16:
+      return dispatch_bits<SrcT, mx::float16_t>(a, r0, r1);
+    case mx::bfloat16:
+      return dispatch_bits<SrcT, mx::bfloat16_t>(a, r0, r1);
+    default:
+      throw std::invalid_argument("[requantize_int4] unsupported output dtype");
+  }
+}
+
+void dispatch(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
+  switch (a.src_dtype) {
+    case mx::float32:
+      return dispatch_out<float>(a, r0, r1);
+    case mx::float16:
+      return dispatch_out<mx::float16_t>(a, r0, r1);
+    case mx::bfloat16:
+      return dispatch_out<mx::bfloat16_t>(a, r0, r1);
+    default:
+      throw std::invalid_argument("[requantize_int4] unsupported scales dtype");
+  }
+}
+
+} // namespace
+
+bool requantize_simd_available() {
+#if defined(MQ_SIMD_SSSE3)
+  return __builtin_cpu_supports("ssse3");
+#elif defined(MQ_SIMD_NEON)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void requantize_int4(const RequantizeArgs& a) {
+  // At least ~64 KB of input per task, so that small tensors stay on one thread.
+  std::size_t row_bytes = static_cast<std::size_t>(a.K) / 2;
+  std::size_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
+  parallel_for(a.rows, min_rows, [&](std::size_t r0, std::size_t r1) {
+    dispatch(a, r0, r1);
+  });
+}
+
+} // namespace moequant::cpu

@@ -1,0 +1,32 @@
+// CPU kernel: compressed-tensors INT4 rows -> MLX affine rows (codes, scales, biases).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "mlx/dtype.h"
+
+namespace moequant::cpu {
+
+struct RequantizeArgs {
+  const uint8_t* packed; // rows x K/2 bytes (eight nibbles per int32 word, low first)
+  const void* src_scales; // rows x K/src_group_size, dtype src_dtype
+  uint8_t* wq; // rows x K*bits/8 bytes
+  void* scales; // rows x K/group_size, dtype out_dtype
+  void* biases; // rows x K/group_size, dtype out_dtype
+  std::size_t rows;
+  int K;
+  int bits;
+  int group_size;
+  int src_group_size;
+  mlx::core::Dtype src_dtype = mlx::core::float32;
+  mlx::core::Dtype out_dtype = mlx::core::float32;
+};
+
+// Multi-threaded over rows (see common/thread_pool.h for the thread count).
+void requantize_int4(const RequantizeArgs& args);
+
+// True when this build and this CPU run the SIMD (pshufb / tbl) path.
+bool requantize_simd_available();
+
+} // namespace moequant::cpu

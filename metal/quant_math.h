@@ -1,0 +1,73 @@
+// Arithmetic shared by the CPU and Metal twins of moequant's ops.
+//
+// Written in the common subset of C++20 and the Metal Shading Language, so both
+// compile the exact same rules and stay bit-identical by construction. Nothing
+// here may use the C++ standard library (the Metal lint rejects `std::`).
+#pragma once
+
+#ifdef __METAL_VERSION__
+#include <metal_stdlib>
+#define MQ_INLINE inline
+#define MQ_RINT(x) metal::rint(x)
+// Metal's default division is not correctly rounded; the contract needs IEEE.
+#define MQ_DIV(a, b) metal::precise::divide((a), (b))
+#define MQ_ABS(x) metal::fabs(x)
+typedef uint mq_u32;
+typedef ulong mq_u64;
+#else
+#define MQ_INLINE inline
+#define MQ_RINT(x) __builtin_rintf(x)
+#define MQ_DIV(a, b) ((a) / (b))
+#define MQ_ABS(x) __builtin_fabsf(x)
+typedef unsigned int mq_u32;
+typedef unsigned long long mq_u64;
+#endif
+
+// Decoding a compressed-tensors INT4 code: stored as u = q + 8, weight = q * scale.
+#define MQ_INT4_OFFSET 8
+
+// Affine group parameters, exactly as MLX's CPU `mx.quantize` derives them
+// (float32 throughout, true division, rint = round half to even).
+struct mq_affine {
+  float scale;
+  float bias;
+};
+
+MQ_INLINE mq_affine mq_affine_params(float wmin, float wmax, float n_bins) {
+  const float eps = 1e-7f;
+  // Pin zero to a grid point: the edge with the larger magnitude becomes the bias
+  // and the scale is stretched so that -q0 * scale lands exactly on zero.
+  bool neg = MQ_ABS(wmin) > MQ_ABS(wmax);
+  float s = MQ_DIV(wmax - wmin, n_bins);
+  s = s < eps ? eps : s;
+  s = neg ? s : -s;
+  float edge = neg ? wmin : wmax;
+  float q0 = MQ_RINT(MQ_DIV(edge, s));
+  mq_affine p;
+  p.scale = s;
+  p.bias = 0.0f;
+  if (q0 != 0.0f) {
+    p.scale = MQ_DIV(edge, q0);
+    p.bias = edge;
+  }
+  return p;
+}
+
+// The affine code of one weight: clamp(rint((w - bias) / scale), 0, n_bins).
+MQ_INLINE mq_u32 mq_affine_code(float w, mq_affine p, float n_bins) {
+  float x = MQ_RINT(MQ_DIV(w - p.bias, p.scale));
+  x = x < 0.0f ? 0.0f : x;
+  x = x > n_bins ? n_bins : x;
+  return (mq_u32)x;
+}
+
+// Packs 8 codes of B bits, held one per byte of a little-endian 64-bit word, into the
+// low 8*B bits: MLX's bitstream (code i at bits [i*B, (i+1)*B)). Three merge steps,
+// each joining neighbouring lanes, instead of eight shifts.
+template <int B>
+MQ_INLINE mq_u64 mq_pack8(mq_u64 x) {
+  x = (x & 0x00FF00FF00FF00FFull) | ((x & 0xFF00FF00FF00FF00ull) >> (8 - B));
+  x = (x & 0x0000FFFF0000FFFFull) | ((x & 0xFFFF0000FFFF0000ull) >> (16 - 2 * B));
+  x = (x & 0x00000000FFFFFFFFull) | ((x & 0xFFFFFFFF00000000ull) >> (32 - 4 * B));
+  return x;
+}

@@ -1,0 +1,8 @@
+"""moequant: native INT4 -> MLX requantization and fused MoE kernels for MLX."""
+
+import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
+
+from .ops import get_num_threads, has_metal, requantize_int4, set_num_threads
+
+__all__ = ["requantize_int4", "get_num_threads", "set_num_threads", "has_metal"]
+__version__ = "0.1.0"
