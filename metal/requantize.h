@@ -1,0 +1,73 @@
+// Metal kernel: compressed-tensors INT4 -> MLX affine, one thread per output group.
+//
+// The twin of csrc/requantize/requantize_cpu.cpp; both take their arithmetic from
+// quant_math.h, so GPU and CPU results are bit-identical by construction (MLX's own
+// GPU quantizer rounds half away from zero and starts its max at 0, so it is not).
+#pragma once
+
+#include "quant_math.h"
+
+// packed:     rows x K/8 words, nibble u = q + 8, element i of a word at bits 4i
+// src_scales: rows x K/SG
+// wq:         rows x K*BITS/32 words (MLX bitstream)
+// scales, biases: rows x K/G
+// A thread reads its group's G/8 words once for the range and again for the codes;
+// the second read hits the cache. Output words are written whole.
+template <typename SrcT, typename OutT, int BITS, int G, int SG>
+[[kernel]] void requantize_int4(
+    const device uint* packed [[buffer(0)]],
+    const device SrcT* src_scales [[buffer(1)]],
+    device uint* wq [[buffer(2)]],
+    device OutT* scales [[buffer(3)]],
+    device OutT* biases [[buffer(4)]],
+    constant uint& n_groups [[buffer(5)]],
+    constant uint& groups_per_row [[buffer(6)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid >= n_groups) {
+    return;
+  }
+  const float n_bins = float((1 << BITS) - 1);
+  const uint row = gid / groups_per_row;
+  const uint g = gid % groups_per_row;
+  const ulong K = ulong(groups_per_row) * G;
+  const device uint* w = packed + row * (K / 8) + ulong(g) * (G / 8);
+  const device SrcT* ss = src_scales + row * (K / SG) + (ulong(g) * G) / SG;
+
+  // Pass 1: the group's range, with the comparison order of MLX's CPU loop.
+  float wmin = INFINITY;
+  float wmax = -INFINITY;
+  for (int i = 0; i < G / 8; ++i) {
+    const uint word = w[i];
+    const float s = float(ss[(i * 8) / SG]);
+    for (int k = 0; k < 8; ++k) {
+      const float v = float(int((word >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
+      wmin = v < wmin ? v : wmin;
+      wmax = wmax < v ? v : wmax;
+    }
+  }
+  const mq_affine p = mq_affine_params(wmin, wmax, n_bins);
+  scales[gid] = OutT(p.scale);
+  biases[gid] = OutT(p.bias);
+
+  // Pass 2: codes, eight at a time into BITS bytes, flushed as whole 32-bit words.
+  device uint* out = wq + row * (K * BITS / 32) + ulong(g) * (G * BITS / 32);
+  ulong acc = 0;
+  int n_acc = 0;
+  int n_out = 0;
+  for (int i = 0; i < G / 8; ++i) {
+    const uint word = w[i];
+    const float s = float(ss[(i * 8) / SG]);
+    ulong codes = 0;
+    for (int k = 0; k < 8; ++k) {
+      const float v = float(int((word >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
+      codes |= ulong(mq_affine_code(v, p, n_bins)) << (8 * k);
+    }
+    acc |= mq_pack8<BITS>(codes) << n_acc;
+    n_acc += 8 * BITS;
+    while (n_acc >= 32) {
+      out[n_out++] = uint(acc & 0xFFFFFFFFul);
+      acc >>= 32;
+      n_acc -= 32;
+    }
+  }
+}
