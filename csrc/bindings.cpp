@@ -5,11 +5,14 @@
 #include <nanobind/stl/variant.h>
 
 #include "common/thread_pool.h"
+#include "moe_swiglu/moe_swiglu.h"
+#include "moe_swiglu/moe_swiglu_cpu.h"
 #include "requantize/requantize.h"
 #include "requantize/requantize_cpu.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+namespace mx = mlx::core;
 
 NB_MODULE(_ext, m) {
   m.doc() = "moequant native kernels (MLX primitives)";
@@ -25,6 +28,36 @@ NB_MODULE(_ext, m) {
       "src_group_size"_a = 32,
       "dtype"_a = nb::none(),
       "stream"_a = nb::none());
+
+  // Projections cross as (weight, scales, biases, bits, group_size) tuples; the
+  // Python wrapper (moequant.ops.moe_swiglu) accepts QuantizedSwitchLinear too.
+  using Proj = std::tuple<mx::array, mx::array, mx::array, int, int>;
+  auto to_proj = [](const Proj& p) {
+    return moequant::QuantProj{
+        std::get<0>(p), std::get<1>(p), std::get<2>(p), std::get<3>(p), std::get<4>(p)};
+  };
+  m.def(
+      "moe_swiglu",
+      [to_proj](
+          const mx::array& x,
+          const mx::array& indices,
+          const mx::array& scores,
+          const Proj& gate,
+          const Proj& up,
+          const Proj& down,
+          mx::StreamOrDevice s) {
+        return moequant::moe_swiglu(
+            x, indices, scores, to_proj(gate), to_proj(up), to_proj(down), s);
+      },
+      "x"_a,
+      "indices"_a,
+      "scores"_a,
+      "gate"_a,
+      "up"_a,
+      "down"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+  m.def("moe_cpu_path", &moequant::cpu::moe_cpu_path);
 
   m.def("get_num_threads", &moequant::get_num_threads);
   m.def("set_num_threads", &moequant::set_num_threads, "n"_a);

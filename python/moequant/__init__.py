@@ -2,7 +2,21 @@
 
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
-from .ops import get_num_threads, has_metal, requantize_int4, set_num_threads
+from .ops import (
+    get_num_threads,
+    has_metal,
+    moe_cpu_path,
+    moe_swiglu,
+    requantize_int4,
+    set_num_threads,
+)
 
-__all__ = ["requantize_int4", "get_num_threads", "set_num_threads", "has_metal"]
+__all__ = [
+    "moe_swiglu",
+    "moe_cpu_path",
+    "requantize_int4",
+    "get_num_threads",
+    "set_num_threads",
+    "has_metal",
+]
 __version__ = "0.1.0"

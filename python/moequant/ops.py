@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -50,3 +50,77 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the CPU kernels' thread count; ``n <= 0`` restores the default."""
     _ext.set_num_threads(int(n))
+
+
+ProjLike = Union[
+    Tuple[mx.array, mx.array, mx.array, int, int],
+    Any,  # an object with weight, scales, biases, bits, group_size
+]
+
+
+def as_projection(p: ProjLike, name: str = "projection"):
+    """(weight, scales, biases, bits, group_size) from a QuantizedSwitchLinear-like
+    object or such a tuple; raises ValueError for layouts the fused op cannot run."""
+    if isinstance(p, (tuple, list)):
+        if len(p) != 5:
+            raise ValueError(
+                f"{name}: expected (weight, scales, biases, bits, group_size), "
+                f"got a sequence of {len(p)}"
+            )
+        w, s, b, bits, gs = p
+    else:
+        missing = [a for a in ("weight", "scales", "bits", "group_size") if not hasattr(p, a)]
+        if missing:
+            raise ValueError(f"{name}: {type(p).__name__} has no {', '.join(missing)}")
+        mode = getattr(p, "mode", "affine")
+        if mode != "affine":
+            raise ValueError(f"{name}: only affine quantization is supported, got {mode!r}")
+        if getattr(p, "global_scale", None) is not None:
+            raise ValueError(f"{name}: a global scale is not supported")
+        if isinstance(p, dict) and "bias" in p:
+            raise ValueError(f"{name}: per-expert output biases are not supported")
+        w, s, b = p.weight, p.scales, getattr(p, "biases", None)
+        bits, gs = p.bits, p.group_size
+    if b is None:
+        raise ValueError(f"{name}: affine biases are required")
+    return (w, s, b, int(bits), int(gs))
+
+
+def moe_swiglu(
+    x: mx.array,
+    indices: mx.array,
+    scores: mx.array,
+    gate: ProjLike,
+    up: ProjLike,
+    down: ProjLike,
+    *,
+    stream=None,
+) -> mx.array:
+    """Fused MoE expert SwiGLU for decode.
+
+    ``y[t] = sum_j scores[t, j] * down[e](silu(gate[e] @ x[t]) * (up[e] @ x[t]))`` with
+    ``e = indices[t, j]``, accumulated in float32, returned in ``x.dtype`` with the shape
+    of ``x``. ``x`` is ``(..., D)``; ``indices`` and ``scores`` are ``(..., k)``. Each
+    projection is a stacked-expert affine-quantized matrix given as mlx-lm's
+    ``QuantizedSwitchLinear`` (or anything with ``weight, scales, biases, bits,
+    group_size``) or a tuple ``(weight, scales, biases, bits, group_size)``; bits
+    2/3/4/5/6/8 and group sizes 32/64/128 may differ per projection.
+
+    Expert ids are checked when the CPU kernel runs (RuntimeError); everything else
+    when the graph is built (ValueError).
+    """
+    return _ext.moe_swiglu(
+        x,
+        indices,
+        scores,
+        as_projection(gate, "gate"),
+        as_projection(up, "up"),
+        as_projection(down, "down"),
+        stream=stream,
+    )
+
+
+def moe_cpu_path() -> str:
+    """Which CPU kernel moe_swiglu runs: "avx2" or "scalar" (MOEQUANT_CPU_PATH=scalar
+    forces the portable one)."""
+    return _ext.moe_cpu_path()

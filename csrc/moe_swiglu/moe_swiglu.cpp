@@ -1,0 +1,240 @@
+#include "moe_swiglu/moe_swiglu.h"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "moe_swiglu/moe_swiglu_cpu.h"
+
+#ifdef _METAL_
+#include "common/metal_library.h"
+#include "mlx/backend/metal/device.h"
+#include "mlx/backend/metal/utils.h"
+#endif
+
+namespace moequant {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[moequant.moe_swiglu] " + msg);
+}
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    os << (i ? ", " : "") << s[i];
+  }
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype t) {
+  std::ostringstream os;
+  os << t;
+  return os.str();
+}
+
+bool is_float(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+// Checks one projection: weight (E, rows, cols*bits/32) uint32, scales and biases
+// (E, rows, cols/group_size) of one float dtype. Returns E.
+int check_proj(const char* name, const QuantProj& p, int rows, int cols, int experts) {
+  std::string n(name);
+  if (!(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 5 || p.bits == 6 ||
+        p.bits == 8)) {
+    fail(n + ": bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(p.bits) + ".");
+  }
+  if (!(p.group_size == 32 || p.group_size == 64 || p.group_size == 128)) {
+    fail(n + ": group_size must be 32, 64 or 128; got " + std::to_string(p.group_size) +
+         ".");
+  }
+  if (p.weight.dtype() != mx::uint32) {
+    fail(n + ": weight must be uint32 (packed codes); got " + dtype_str(p.weight.dtype()) +
+         ".");
+  }
+  if (p.weight.ndim() != 3) {
+    fail(n + ": weight must be (experts, out, in*bits/32); got shape " +
+         shape_str(p.weight.shape()) + ".");
+  }
+  if (!is_float(p.scales.dtype()) || p.biases.dtype() != p.scales.dtype()) {
+    fail(n + ": scales and biases must share one float dtype; got " +
+         dtype_str(p.scales.dtype()) + " and " + dtype_str(p.biases.dtype()) + ".");
+  }
+  if (cols % p.group_size != 0) {
+    fail(n + ": its input size " + std::to_string(cols) +
+         " is not divisible by group_size " + std::to_string(p.group_size) + ".");
+  }
+  const int E = experts > 0 ? experts : p.weight.shape(0);
+  const mx::Shape want_w{E, rows, cols / 32 * p.bits};
+  const mx::Shape want_s{E, rows, cols / p.group_size};
+  if (p.weight.shape() != want_w) {
+    fail(n + ": weight must have shape " + shape_str(want_w) + " for " +
+         std::to_string(p.bits) + "-bit codes; got " + shape_str(p.weight.shape()) + ".");
+  }
+  if (p.scales.shape() != want_s || p.biases.shape() != want_s) {
+    fail(n + ": scales and biases must have shape " + shape_str(want_s) + "; got " +
+         shape_str(p.scales.shape()) + " and " + shape_str(p.biases.shape()) + ".");
+  }
+  return E;
+}
+
+cpu::QMat qmat(const mx::array& w, const mx::array& s, const mx::array& b, ProjParams pp) {
+  cpu::QMat m;
+  m.w = w.data<uint8_t>();
+  m.scales = s.data<void>();
+  m.biases = b.data<void>();
+  m.sdtype = s.dtype();
+  m.bits = pp.bits;
+  m.group_size = pp.group_size;
+  m.experts = w.shape(0);
+  m.rows = w.shape(1);
+  m.cols = s.shape(2) * pp.group_size;
+  return m;
+}
+
+} // namespace
+
+mx::array moe_swiglu(
+    const mx::array& x,
+    const mx::array& indices,
+    const mx::array& scores,
+    const QuantProj& gate,
+    const QuantProj& up,
+    const QuantProj& down,
+    mx::StreamOrDevice s) {
+  if (!is_float(x.dtype())) {
+    fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
+  }
+  if (x.ndim() < 1 || indices.ndim() < 1) {
+    fail("x must be (..., D) and indices (..., k).");
+  }
+  if (!mx::issubdtype(indices.dtype(), mx::integer)) {
+    fail("indices must be integer expert ids; got " + dtype_str(indices.dtype()) + ".");
+  }
+  if (!is_float(scores.dtype())) {
+    fail("scores must be floating point; got " + dtype_str(scores.dtype()) + ".");
+  }
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  mx::Shape ilead(indices.shape().begin(), indices.shape().end() - 1);
+  if (lead != ilead) {
+    fail("indices " + shape_str(indices.shape()) + " must have the leading shape of x " +
+         shape_str(x.shape()) + ", plus k.");
+  }
+  if (scores.shape() != indices.shape()) {
+    fail("scores " + shape_str(scores.shape()) + " must have the shape of indices " +
+         shape_str(indices.shape()) + ".");
+  }
+  const int D = x.shape(-1);
+  const int k = indices.shape(-1);
+  if (k < 1) {
+    fail("k (indices.shape[-1]) must be at least 1.");
+  }
+  if (gate.weight.ndim() != 3) {
+    fail("gate: weight must be (experts, out, in*bits/32); got shape " +
+         shape_str(gate.weight.shape()) + ".");
+  }
+  const int I = gate.weight.shape(1);
+  const int E = check_proj("gate", gate, I, D, 0);
+  check_proj("up", up, I, D, E);
+  check_proj("down", down, D, I, E);
+
+  auto st = mx::to_stream(s);
+  int T = 1;
+  for (auto d : lead) {
+    T *= d;
+  }
+  // Row-contiguous inputs, so the kernels index flat arrays.
+  auto x2 = mx::contiguous(mx::reshape(x, {T, D}, st), false, st);
+  auto idx = mx::contiguous(mx::reshape(mx::astype(indices, mx::uint32, st), {T, k}, st), false, st);
+  auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+
+  ProjParams pg{gate.bits, gate.group_size}, pu{up.bits, up.group_size},
+      pd{down.bits, down.group_size};
+  auto h = mx::array(
+      {T, k, I},
+      mx::float32,
+      std::make_shared<MoeGateUp>(st, pg, pu),
+      {x2, idx, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight), c(up.scales),
+       c(up.biases)});
+  auto y = mx::array(
+      {T, D},
+      x.dtype(),
+      std::make_shared<MoeDown>(st, pd),
+      {h, idx, sc, c(down.weight), c(down.scales), c(down.biases)});
+  return mx::reshape(y, x.shape(), st);
+}
+
+bool MoeGateUp::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MoeGateUp&>(other);
+  return gate_ == o.gate_ && up_ == o.up_;
+}
+
+std::vector<mx::Shape> MoeGateUp::output_shapes(const std::vector<mx::array>& in) {
+  return {{in[0].shape(0), in[1].shape(1), in[2].shape(1)}};
+}
+
+bool MoeDown::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MoeDown&>(other);
+  return down_ == o.down_;
+}
+
+std::vector<mx::Shape> MoeDown::output_shapes(const std::vector<mx::array>& in) {
+  return {{in[0].shape(0), in[3].shape(1)}};
+}
+
+void MoeGateUp::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  cpu::GateUpArgs a;
+  a.x = in[0].data<void>();
+  a.xdtype = in[0].dtype();
+  a.idx = in[1].data<uint32_t>();
+  a.T = in[0].shape(0);
+  a.k = in[1].shape(1);
+  a.gate = qmat(in[2], in[3], in[4], gate_);
+  a.up = qmat(in[5], in[6], in[7], up_);
+  a.h = out.data<float>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& i : in) {
+    enc.set_input_array(i);
+  }
+  enc.set_output_array(out);
+  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
+  enc.dispatch([a]() { cpu::moe_gate_up(a); });
+}
+
+void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  cpu::DownArgs a;
+  a.h = in[0].data<float>();
+  a.idx = in[1].data<uint32_t>();
+  a.scores = in[2].data<float>();
+  a.T = in[0].shape(0);
+  a.k = in[0].shape(1);
+  a.down = qmat(in[3], in[4], in[5], down_);
+  a.y = out.data<void>();
+  a.ydtype = out.dtype();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& i : in) {
+    enc.set_input_array(i);
+  }
+  enc.set_output_array(out);
+  enc.dispatch([a]() { cpu::moe_down(a); });
+}
+
+#ifndef _METAL_
+void MoeGateUp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[moequant.moe_swiglu] this build of moequant has no Metal support; use a CPU stream.");
+}
+void MoeDown::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[moequant.moe_swiglu] this build of moequant has no Metal support; use a CPU stream.");
+}
+#endif
+
+} // namespace moequant

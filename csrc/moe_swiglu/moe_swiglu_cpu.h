@@ -1,0 +1,53 @@
+// CPU kernels of moe_swiglu: phase A (gate + up + SwiGLU) and phase B (down, scores,
+// reduction over the k experts). Multi-threaded with moequant::parallel_for.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "mlx/dtype.h"
+
+namespace moequant::cpu {
+
+// One stacked-expert quantized matrix: experts x rows x cols, MLX affine layout.
+struct QMat {
+  const uint8_t* w; // experts x rows x cols*bits/8 bytes
+  const void* scales; // experts x rows x cols/group_size, dtype sdtype
+  const void* biases; // same shape and dtype as scales
+  mlx::core::Dtype sdtype = mlx::core::float32;
+  int bits = 4;
+  int group_size = 64;
+  int experts = 0;
+  int rows = 0;
+  int cols = 0;
+};
+
+struct GateUpArgs {
+  const void* x; // T x D, dtype xdtype
+  mlx::core::Dtype xdtype = mlx::core::float32;
+  const uint32_t* idx; // T x k expert ids
+  std::size_t T = 0;
+  int k = 0;
+  QMat gate; // rows = I, cols = D
+  QMat up; // rows = I, cols = D
+  float* h; // T x k x I
+};
+
+struct DownArgs {
+  const float* h; // T x k x I
+  const uint32_t* idx; // T x k
+  const float* scores; // T x k
+  std::size_t T = 0;
+  int k = 0;
+  QMat down; // rows = D, cols = I
+  void* y; // T x D, dtype ydtype
+  mlx::core::Dtype ydtype = mlx::core::float32;
+};
+
+void moe_gate_up(const GateUpArgs& args);
+void moe_down(const DownArgs& args);
+
+// "avx2" when this build and CPU run the AVX2+FMA kernels, else "scalar".
+const char* moe_cpu_path();
+
+} // namespace moequant::cpu

@@ -1,0 +1,167 @@
+"""moe_swiglu (CPU) against a float64 numpy oracle built from the dequantized weights."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import moequant
+from moe_reference import MX_DTYPES, make_proj, moe_reference, rel_err
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+# float32 activations: a few ulps of the output scale; bf16/f16: the output rounding.
+TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def make_case(rng, E, D, I, k, lead, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="float32",
+              xdtype="float32"):
+    gate = make_proj(rng, E, I, D, bits[0], gs[0], sdtype)
+    up = make_proj(rng, E, I, D, bits[1], gs[1], sdtype)
+    down = make_proj(rng, E, D, I, bits[2], gs[2], sdtype)
+    x = mx.array(rng.standard_normal((*lead, D)).astype(np.float32)).astype(MX_DTYPES[xdtype])
+    n = int(np.prod(lead)) if lead else 1
+    idx = np.stack([rng.choice(E, size=k, replace=False) for _ in range(n)])
+    idx = mx.array(idx.reshape(*lead, k).astype(np.int32))
+    scores = mx.array(rng.random((*lead, k)).astype(np.float32))
+    return x, idx, scores, gate, up, down
+
+
+@pytest.fixture(params=["avx2", "scalar"])
+def cpu_path(request, monkeypatch):
+    """Run each test on the SIMD kernels and on the portable fallback."""
+    if request.param == "scalar":
+        monkeypatch.setenv("MOEQUANT_CPU_PATH", "scalar")
+    elif moequant.moe_cpu_path() != "avx2":
+        pytest.skip("no AVX2 on this machine/build")
+    return request.param
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gs", GROUPS)
+def test_bits_groups(bits, gs, cpu_path):
+    rng = np.random.default_rng(bits * 1000 + gs)
+    # D = 3 * 128 + 2 * gs: not a multiple of every SIMD block width, so tails run too.
+    D, I = 384 + 2 * gs, 256
+    case = make_case(rng, 6, D, I, 3, (2,), (bits,) * 3, (gs,) * 3)
+    y = moequant.moe_swiglu(*case)
+    assert y.shape == (2, D) and y.dtype == mx.float32
+    assert rel_err(y, moe_reference(*case)) < TOL["float32"]
+
+
+@pytest.mark.parametrize(
+    "bits,gs", [((3, 3, 4), (64, 64, 64)), ((2, 5, 8), (32, 128, 64)), ((6, 4, 3), (128, 32, 32))]
+)
+def test_mixed_projections(bits, gs, cpu_path):
+    rng = np.random.default_rng(7)
+    case = make_case(rng, 5, 512, 384, 4, (3,), bits, gs)
+    assert rel_err(moequant.moe_swiglu(*case), moe_reference(*case)) < TOL["float32"]
+
+
+@pytest.mark.parametrize("xdtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("sdtype", ["float32", "bfloat16", "float16"])
+def test_dtypes(xdtype, sdtype, cpu_path):
+    rng = np.random.default_rng(11)
+    case = make_case(rng, 4, 256, 128, 2, (2, 2), (3, 3, 4), (64, 64, 64), sdtype, xdtype)
+    y = moequant.moe_swiglu(*case)
+    assert y.dtype == MX_DTYPES[xdtype] and y.shape == (2, 2, 256)
+    assert rel_err(y, moe_reference(*case)) < TOL[xdtype]
+
+
+@pytest.mark.parametrize("lead,k", [((1,), 1), ((5,), 8), ((2, 3), 2), ((1, 1, 1), 4)])
+def test_ragged_shapes(lead, k, cpu_path):
+    """Odd token counts, k from 1 to all experts, I not a multiple of the row chunks."""
+    rng = np.random.default_rng(3)
+    case = make_case(rng, 8, 96, 160, k, lead, (4, 4, 6), (32, 32, 32))
+    y = moequant.moe_swiglu(*case)
+    assert y.shape == (*lead, 96)
+    assert rel_err(y, moe_reference(*case)) < TOL["float32"]
+
+
+def test_kimi_shape():
+    """Kimi-K2 / DeepSeek-V3 dimensions: D 7168, I 2048, k 8. Three experts, chosen with
+    repeats, keep the weights and the float64 oracle small."""
+    rng = np.random.default_rng(5)
+    x, _, sc, g, u, d = make_case(rng, 3, 7168, 2048, 3, (1,), (3, 3, 4), (64, 64, 64), "bfloat16")
+    idx = mx.array([[2, 0, 1, 1, 0, 2, 2, 1]])
+    sc = mx.array(rng.random((1, 8)).astype(np.float32))
+    case = (x, idx, sc, g, u, d)
+    assert rel_err(moequant.moe_swiglu(*case), moe_reference(*case)) < TOL["float32"]
+
+
+def test_repeated_expert_and_zero_score():
+    """The same expert twice in one token adds up; a zero score contributes nothing."""
+    rng = np.random.default_rng(9)
+    x, _, _, g, u, d = make_case(rng, 3, 128, 64, 2, (1,))
+    one = moequant.moe_swiglu(x, mx.array([[1, 0]]), mx.array([[1.0, 0.0]]), g, u, d)
+    two = moequant.moe_swiglu(x, mx.array([[1, 1]]), mx.array([[0.5, 0.5]]), g, u, d)
+    np.testing.assert_allclose(np.array(one), np.array(two), rtol=1e-5, atol=1e-6)
+
+
+def test_accepts_switch_linear_objects():
+    """mlx-lm's QuantizedSwitchLinear is a valid projection argument."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    rng = np.random.default_rng(2)
+    mlp = SwitchGLU(128, 64, 4)
+    mlp.update(
+        {
+            n: {"weight": mx.array(rng.standard_normal((4, *m.weight.shape[1:])).astype(np.float32) * 0.1)}
+            for n, m in (("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj))
+        }
+    )
+    import mlx.nn as nn
+
+    nn.quantize(mlp, group_size=32, bits=4)
+    x = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
+    idx = mx.array([[0, 2], [1, 3], [3, 0]])
+    sc = mx.array(rng.random((3, 2)).astype(np.float32))
+    y = moequant.moe_swiglu(x, idx, sc, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    want = (mlp(x, idx) * sc[..., None]).sum(axis=-2)
+    np.testing.assert_allclose(np.array(y), np.array(want), rtol=1e-4, atol=1e-5)
+
+
+def test_inside_compile():
+    rng = np.random.default_rng(4)
+    x, idx, sc, g, u, d = make_case(rng, 4, 128, 64, 2, (2,))
+    f = mx.compile(lambda x, i, s: moequant.moe_swiglu(x, i, s, g, u, d) * 2.0)
+    np.testing.assert_allclose(
+        np.array(f(x, idx, sc)), 2.0 * np.array(moequant.moe_swiglu(x, idx, sc, g, u, d)),
+        rtol=1e-6,
+    )
+
+
+def test_validation_errors():
+    rng = np.random.default_rng(1)
+    x, idx, sc, g, u, d = make_case(rng, 4, 128, 64, 2, (2,))
+    with pytest.raises(ValueError, match="bits must be one of"):
+        moequant.moe_swiglu(x, idx, sc, (*g[:3], 7, 64), u, d)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        moequant.moe_swiglu(x, idx, sc, (*g[:3], 3, 64), u, d)
+    with pytest.raises(ValueError, match="group_size must be"):
+        moequant.moe_swiglu(x, idx, sc, (*g[:3], 4, 16), u, d)
+    with pytest.raises(ValueError, match="leading shape of x"):
+        moequant.moe_swiglu(x[:1], idx, sc, g, u, d)
+    with pytest.raises(ValueError, match="shape of indices"):
+        moequant.moe_swiglu(x, idx, sc[:, :1], g, u, d)
+    with pytest.raises(ValueError, match="indices must be integer"):
+        moequant.moe_swiglu(x, idx.astype(mx.float32), sc, g, u, d)
+    with pytest.raises(ValueError, match="x must be float"):
+        moequant.moe_swiglu(x.astype(mx.int32), idx, sc, g, u, d)
+    with pytest.raises(ValueError, match="down: weight must have shape"):
+        moequant.moe_swiglu(x, idx, sc, g, u, g)
+    with pytest.raises(ValueError, match="expected \\(weight"):
+        moequant.moe_swiglu(x, idx, sc, g[:3], u, d)
+    with pytest.raises(RuntimeError, match="expert id 4 is out of range for 4 experts"):
+        mx.eval(moequant.moe_swiglu(x, idx + 2, sc, g, u, d))
+    with pytest.raises(RuntimeError, match="expert id -1 is out of range"):
+        mx.eval(moequant.moe_swiglu(x, idx - 1, sc, g, u, d))
+
+
+def test_empty_batch():
+    rng = np.random.default_rng(1)
+    _, _, _, g, u, d = make_case(rng, 4, 128, 64, 2, (1,))
+    y = moequant.moe_swiglu(mx.zeros((0, 128)), mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), g, u, d)
+    assert y.shape == (0, 128)
+    mx.eval(y)
