@@ -10,8 +10,11 @@ from .ops import (
     requantize_int4,
     set_num_threads,
 )
+from .mlx_lm_patch import patch, unpatch
 
 __all__ = [
+    "patch",
+    "unpatch",
     "moe_swiglu",
     "moe_cpu_path",
     "requantize_int4",

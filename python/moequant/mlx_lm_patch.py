@@ -1,0 +1,152 @@
+"""Route the decode steps of mlx-lm MoE blocks through the fused ``moe_swiglu`` op.
+
+``patch(model)`` changes the class of every supported MoE block in place to a
+subclass whose ``__call__`` uses the fused op when the block is given few tokens (a
+decode step) and its experts use a supported layout; otherwise (prefill, unsupported
+layouts, a device without a kernel) it calls mlx-lm's own ``__call__``. Parameters,
+module tree, sharding and pipelining attributes are untouched, so the patch composes
+with ``load``/``sharded_load``/``pipeline_load`` (apply it after loading), prompt
+caches, ``generate``/``stream_generate`` and ``mx.compile``.
+
+Supported blocks: the DeepSeek-V3 family (``deepseek_v3``, and ``kimi_k2``/``kimi_k25``
+which use it), plus ``deepseek_v32`` and ``glm4_moe`` whose MoE block has the same form:
+``y = sum_j scores_j * switch_mlp(x)_j + shared_experts(x)``, with optional
+tensor-parallel ``sharding_group``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Type
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .ops import has_metal, moe_swiglu
+
+# Decode steps are one token per sequence; a few more (small batches, speculative
+# verification) still read each selected expert's weights about once per token.
+DEFAULT_MAX_TOKENS = 4
+
+# (module, class) of the MoE blocks whose __call__ the fused path reproduces.
+_BLOCKS = (
+    ("mlx_lm.models.deepseek_v3", "DeepseekV3MoE"),
+    ("mlx_lm.models.deepseek_v32", "DeepseekV32MoE"),
+    ("mlx_lm.models.glm4_moe", "MoE"),
+)
+
+_SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+_SUPPORTED_GROUPS = (32, 64, 128)
+
+_fused_classes: Dict[type, type] = {}
+
+
+def _block_classes():
+    out = []
+    for mod, name in _BLOCKS:
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def env_enabled(default: bool = True) -> bool:
+    """The CLI switch: MOEQUANT_FUSED=0 turns the fused path off."""
+    v = os.environ.get("MOEQUANT_FUSED")
+    if v is None:
+        return default
+    return v.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _proj_supported(p) -> bool:
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    return (
+        isinstance(p, QuantizedSwitchLinear)
+        and getattr(p, "mode", "affine") == "affine"
+        and getattr(p, "global_scale", None) is None
+        and p.get("biases") is not None
+        and "bias" not in p
+        and p.bits in _SUPPORTED_BITS
+        and p.group_size in _SUPPORTED_GROUPS
+    )
+
+
+def layout_supported(block) -> bool:
+    """Whether the block's routed experts can run on the fused op."""
+    from mlx_lm.models.switch_layers import SwiGLU
+
+    sm = getattr(block, "switch_mlp", None)
+    if sm is None or not isinstance(getattr(sm, "activation", None), SwiGLU):
+        return False
+    return all(_proj_supported(getattr(sm, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _device_supported() -> bool:
+    return mx.default_device() == mx.cpu or has_metal
+
+
+class _FusedMoE:
+    """Mixed in before the original block class; see the module docstring."""
+
+    _moequant_max_tokens = DEFAULT_MAX_TOKENS
+
+    def __call__(self, x):
+        n_tokens = x.size // x.shape[-1]
+        if (
+            n_tokens > self._moequant_max_tokens
+            or not self._moequant_layout_ok
+            or not _device_supported()
+        ):
+            return super().__call__(x)
+        group = getattr(self, "sharding_group", None)
+        if group is not None:
+            from mlx.nn.layers.distributed import sum_gradients
+
+            x = sum_gradients(group)(x)
+        inds, scores = self.gate(x)
+        sm = self.switch_mlp
+        y = moe_swiglu(x, inds, scores, sm.gate_proj, sm.up_proj, sm.down_proj)
+        if getattr(self, "shared_experts", None) is not None:
+            y = y + self.shared_experts(x)
+        if group is not None:
+            y = mx.distributed.all_sum(y, group=group)
+        return y
+
+
+def _fused_class(cls: type) -> type:
+    if cls not in _fused_classes:
+        _fused_classes[cls] = type(f"Fused{cls.__name__}", (_FusedMoE, cls), {"_moequant_base": cls})
+    return _fused_classes[cls]
+
+
+def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    """Patch the supported MoE blocks of ``model`` in place; returns how many blocks
+    will use the fused op (blocks with an unsupported expert layout keep mlx-lm's
+    path). Apply after loading/sharding; calling it again updates ``max_tokens``."""
+    classes = _block_classes()
+    n = 0
+    for _, m in model.named_modules():
+        base = getattr(type(m), "_moequant_base", type(m))
+        if base not in classes:
+            continue
+        m.__class__ = _fused_class(base)
+        # Instance attributes that are not arrays stay out of the parameter tree.
+        object.__setattr__(m, "_moequant_max_tokens", int(max_tokens))
+        ok = layout_supported(m)
+        object.__setattr__(m, "_moequant_layout_ok", ok)
+        n += int(ok)
+    return n
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo ``patch``; returns how many blocks were restored."""
+    n = 0
+    for _, m in model.named_modules():
+        base = getattr(type(m), "_moequant_base", None)
+        if base is not None:
+            m.__class__ = base
+            n += 1
+    return n

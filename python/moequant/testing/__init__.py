@@ -1,0 +1,1 @@
+"""Generators of small models and checkpoints for tests, benchmarks and demos."""

@@ -1,0 +1,133 @@
+"""A small random DeepSeek-V3-shaped model (MLA attention, sigmoid group routing,
+shared expert, stacked quantized experts), built and optionally saved as an mlx-lm
+model directory with a tiny byte-level tokenizer. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+TINY_CONFIG = dict(
+    model_type="deepseek_v3",
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=16,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=64,
+    q_lora_rank=64,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    qk_nope_head_dim=32,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=4,
+    first_k_dense_replace=1,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
+
+def build(
+    config: Optional[dict] = None,
+    *,
+    seed: int = 0,
+    bits: int = 4,
+    group_size: int = 64,
+    expert_bits: Optional[tuple] = None,
+    dtype=mx.float32,
+):
+    """Returns (model, config). Weights are random with a scale that gives peaked
+    logits; every Linear/SwitchLinear is quantized to (bits, group_size), and the
+    routed experts' gate/up/down to ``expert_bits`` when given."""
+    from mlx_lm.models import deepseek_v3
+
+    cfg = dict(TINY_CONFIG if config is None else config)
+    mx.random.seed(seed)
+    model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(cfg))
+    # Larger weights than the default init make the next-token choice decisive.
+    model.update(
+        tree_map(
+            lambda p: (mx.random.normal(p.shape) * (0.08 if p.ndim > 1 else 0.02)).astype(dtype)
+            if p.ndim > 1
+            else p,
+            model.parameters(),
+        )
+    )
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if module.weight.shape[-1] % group_size:
+            return False
+        if expert_bits and "switch_mlp" in path:
+            b = expert_bits[("gate_proj", "up_proj", "down_proj").index(path.split(".")[-1])]
+            return {"bits": b, "group_size": group_size}
+        return {"bits": bits, "group_size": group_size}
+
+    quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+    def record(path, module):
+        r = predicate(path, module)
+        if isinstance(r, dict):
+            quantization[path] = r
+        return r
+
+    nn.quantize(model, class_predicate=record)
+    mx.eval(model.parameters())
+    cfg["quantization"] = quantization
+    return model, cfg
+
+
+def save(model, config: dict, path) -> Path:
+    """Write an mlx-lm model directory (weights, config, index, tokenizer)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": {k: "model.safetensors" for k in sorted(weights)},
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = dict(config)
+    cfg["quantization_config"] = cfg.get("quantization")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(path, config["vocab_size"])
+    return path
+
+
+def save_tokenizer(path, vocab_size: int = 256) -> None:
+    """A byte-level BPE tokenizer with no merges (one token per byte) and a chat
+    template, saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    assert len(byte_vocab) == 256 and vocab_size >= 256
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(path) / "tokenizer.json"))
+    eos = sorted(byte_vocab)[0]
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "bos_token": None,
+        "model_max_length": 1024,
+        "chat_template": (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}"
+        ),
+    }
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
