@@ -17,6 +17,7 @@
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -446,6 +447,26 @@ void store(const float* src, std::size_t n, void* dst) {
   }
 }
 
+// Work items are claimed `grain` at a time from a shared counter, so a thread that
+// the OS deschedules (the machine may be shared) delays only the items it holds.
+template <typename F>
+void dynamic_for(std::size_t n, std::size_t grain, F&& fn) {
+  std::atomic<std::size_t> next{0};
+  const std::size_t tasks = std::min<std::size_t>(
+      static_cast<std::size_t>(get_num_threads()), (n + grain - 1) / grain);
+  parallel_for(tasks, 1, [&](std::size_t, std::size_t) {
+    fn([&](auto&& body) {
+      for (;;) {
+        const std::size_t b = next.fetch_add(grain);
+        if (b >= n) {
+          break;
+        }
+        body(b, std::min(n, b + grain));
+      }
+    });
+  });
+}
+
 inline float silu(float g) {
   return g / (1.0f + std::exp(-g));
 }
@@ -490,9 +511,10 @@ void moe_gate_up(const GateUpArgs& a) {
   constexpr int CH = 16;
   const std::size_t chunks = (I + CH - 1) / CH;
   const int scratch = 2 * (D / std::min(a.gate.group_size, a.up.group_size) + 8);
-  parallel_for(n_pairs * chunks, 8, [&](std::size_t i0, std::size_t i1) {
+  dynamic_for(n_pairs * chunks, 8, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     float g[CH], u[CH];
+    claim([&](std::size_t i0, std::size_t i1) {
     for (std::size_t it = i0; it < i1; ++it) {
       const std::size_t p = it / chunks;
       const int i = static_cast<int>(CH * (it % chunks));
@@ -505,6 +527,7 @@ void moe_gate_up(const GateUpArgs& a) {
         a.h[p * I + i + j] = silu(g[j]) * u[j];
       }
     }
+    });
   });
 }
 
@@ -526,9 +549,10 @@ void moe_down(const DownArgs& a) {
   constexpr int CH = 32;
   const std::size_t chunks = (D + CH - 1) / CH;
   const int scratch = 2 * (I / a.down.group_size + 8);
-  parallel_for(a.T * chunks, 4, [&](std::size_t i0, std::size_t i1) {
+  dynamic_for(a.T * chunks, 4, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     float acc[CH], o[CH];
+    claim([&](std::size_t i0, std::size_t i1) {
     for (std::size_t it = i0; it < i1; ++it) {
       const std::size_t t = it / chunks;
       const int d = static_cast<int>(CH * (it % chunks));
@@ -556,6 +580,7 @@ void moe_down(const DownArgs& a) {
           throw std::invalid_argument("[moe_swiglu] unsupported output dtype");
       }
     }
+    });
   });
 }
 

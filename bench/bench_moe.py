@@ -1,0 +1,253 @@
+"""Benchmark of the fused MoE expert GEMV against mlx-lm's decode path.
+
+One Kimi-K2-shaped decode layer (D 7168, I 2048, k 8 of E experts, a fresh random
+expert choice every step) per bit recipe, ours (moequant.moe_swiglu) versus mlx-lm's
+SwitchGLU chain (three gather_qmm, SwiGLU) plus the float32 weighted sum, on the same
+weights in the same run, with float32 and bfloat16 activations. The read bandwidth of
+this machine is measured in the same run (threaded numpy sums over 1 GiB). Optionally
+an end-to-end decode tok/s of a scaled DeepSeek-V3-shaped model with and without
+moequant.patch.
+
+    python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import moequant
+
+D, I, K = 7168, 2048, 8
+RECIPES = [  # (gate, up, down) bits, group size
+    ((3, 3, 3), 64),
+    ((3, 3, 4), 64),
+    ((4, 4, 4), 64),
+    ((4, 4, 4), 32),
+]
+
+
+def read_bandwidth(gib: float = 1.0, threads: int = 0, reps: int = 5) -> float:
+    """Best-of-`reps` GB/s of summing a `gib` GiB int64 array split over threads."""
+    threads = threads or moequant.get_num_threads()
+    a = np.ones(int(gib * 2**30) // 8, dtype=np.int64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(reps):
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def random_proj(E, out_dims, in_dims, bits, gs, sdtype=mx.bfloat16):
+    """Random codes and affine parameters (no float weights: 64 Kimi experts in float32
+    would take 11 GB)."""
+    rng = np.random.default_rng(out_dims * 7 + bits)
+    w = mx.array(rng.integers(0, 2**32, (E, out_dims, in_dims * bits // 32), dtype=np.uint32))
+    s = (mx.random.normal((E, out_dims, in_dims // gs)) * 2e-3).astype(sdtype)
+    b = (mx.random.normal((E, out_dims, in_dims // gs)) * 1e-2).astype(sdtype)
+    mx.eval(w, s, b)
+    return (w, s, b, bits, gs)
+
+
+def switch_linear(p):
+    """mlx-lm's QuantizedSwitchLinear holding the given arrays (its constructor would
+    first build and quantize random float weights)."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+    nn.Module.__init__(m)
+    m.weight, m.scales, m.biases, m.bits, m.group_size = p
+    m.mode = "affine"
+    m.global_scale = None
+    m.freeze()
+    return m
+
+
+def mlx_chain(projs):
+    """mlx-lm's decode computation: SwitchGLU then (y * scores).sum(-2)."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    sm = SwitchGLU.__new__(SwitchGLU)
+    import mlx.nn as nn
+
+    nn.Module.__init__(sm)
+    from mlx_lm.models.switch_layers import SwiGLU
+
+    sm.activation = SwiGLU()
+    sm.gate_proj, sm.up_proj, sm.down_proj = (switch_linear(p) for p in projs)
+
+    def f(x, idx, scores):
+        y = sm(x, idx)
+        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+    return f
+
+
+def time_steps(fn, x, E, steps, rng):
+    ts = []
+    for _ in range(steps):
+        idx = mx.array(rng.permutation(E)[:K].reshape(1, 1, K).astype(np.uint32))
+        sc = mx.softmax(mx.array(rng.standard_normal((1, 1, K)).astype(np.float32)), axis=-1)
+        mx.eval(idx, sc)
+        t = time.perf_counter()
+        mx.eval(fn(x, idx, sc))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def layer_bench(args, bw):
+    rows = []
+    rng = np.random.default_rng(0)
+    for bits, gs in RECIPES[: 2 if args.quick else None]:
+        mx.random.seed(1)
+        projs = [
+            random_proj(args.experts, I, D, bits[0], gs),
+            random_proj(args.experts, I, D, bits[1], gs),
+            random_proj(args.experts, D, I, bits[2], gs),
+        ]
+        per_expert = sum((p[0].nbytes + p[1].nbytes + p[2].nbytes) / args.experts for p in projs)
+        nbytes = per_expert * K  # the minimum a decode step must read
+        chain = mlx_chain(projs)
+
+        def ours(x, idx, sc, projs=projs):
+            return moequant.moe_swiglu(x, idx, sc, *projs)
+
+        for xname, xdt in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
+            x = mx.array(rng.standard_normal((1, 1, D)).astype(np.float32)).astype(xdt)
+            # Agreement of the two paths on one step (a sanity check, not the oracle).
+            idx = mx.array(rng.permutation(args.experts)[:K].reshape(1, 1, K).astype(np.uint32))
+            sc = mx.softmax(mx.array(rng.standard_normal((1, 1, K)).astype(np.float32)), axis=-1)
+            a = np.array(ours(x, idx, sc).astype(mx.float32))
+            b = np.array(chain(x, idx, sc).astype(mx.float32))
+            agree = float(np.abs(a - b).max() / np.abs(b).max())
+            t_ours, _ = time_steps(ours, x, args.experts, args.steps, rng)
+            mlx_steps = args.mlx_steps if xname == "float32" else max(1, args.mlx_steps - 1)
+            t_mlx, _ = time_steps(chain, x, args.experts, mlx_steps, rng)
+            gbs = nbytes / t_ours / 1e9
+            rows.append(
+                dict(
+                    recipe=f"{bits[0]}/{bits[1]}/{bits[2]} g{gs}",
+                    x=xname,
+                    mb=nbytes / 1e6,
+                    ours_ms=t_ours * 1e3,
+                    mlx_ms=t_mlx * 1e3,
+                    speedup=t_mlx / t_ours,
+                    gbs=gbs,
+                    frac=gbs / bw,
+                    agree=agree,
+                )
+            )
+            r = rows[-1]
+            print(
+                f"{r['recipe']:>12} x={xname:<8} {r['mb']:7.1f} MB  ours {r['ours_ms']:8.2f} ms"
+                f"  mlx {r['mlx_ms']:9.1f} ms  x{r['speedup']:6.1f}  {gbs:5.2f} GB/s"
+                f" = {100 * r['frac']:4.0f}% of read bw  (paths differ by {agree:.1e})",
+                flush=True,
+            )
+        del projs, chain
+        gc.collect()
+    return rows
+
+
+E2E_CONFIG = dict(
+    model_type="deepseek_v3",
+    vocab_size=4096,
+    hidden_size=2048,
+    intermediate_size=4096,
+    moe_intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=1,
+    n_routed_experts=32,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=256,
+    q_lora_rank=512,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    qk_nope_head_dim=64,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=8,
+    first_k_dense_replace=1,
+    max_position_embeddings=2048,
+)
+
+
+def e2e_bench(args):
+    from mlx_lm.generate import generate_step
+
+    from moequant.testing import tiny_deepseek
+
+    out = []
+    for dtype in (mx.bfloat16, mx.float32):
+        model, _ = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
+        prompt = mx.array(list(range(1, 17)))
+        res = {}
+        for fused in (False, True):
+            if fused:
+                moequant.patch(model)
+            n = args.e2e_tokens if fused else max(3, args.e2e_tokens // 4)
+            toks, t0 = [], None
+            for tok, _ in generate_step(prompt, model, max_tokens=n):
+                toks.append(int(tok))
+                if t0 is None:
+                    t0 = time.perf_counter()
+            res[fused] = ((len(toks) - 1) / (time.perf_counter() - t0), toks)
+        name = "bfloat16" if dtype == mx.bfloat16 else "float32"
+        same = res[True][1][: len(res[False][1])] == res[False][1]
+        print(
+            f"e2e {name}: mlx-lm {res[False][0]:.2f} tok/s, fused {res[True][0]:.2f} tok/s"
+            f" (x{res[True][0] / res[False][0]:.1f}); greedy tokens equal over the"
+            f" {len(res[False][1])} compared: {same}",
+            flush=True,
+        )
+        out.append((name, res[False][0], res[True][0], same))
+        del model
+        gc.collect()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps of the fused op")
+    ap.add_argument("--mlx-steps", type=int, default=3, help="timed steps of the mlx chain")
+    ap.add_argument("--e2e", action="store_true", help="also the end-to-end decode tok/s")
+    ap.add_argument("--e2e-tokens", type=int, default=24)
+    ap.add_argument("--quick", action="store_true", help="two recipes only")
+    args = ap.parse_args()
+
+    mx.set_default_device(mx.cpu)
+    print(
+        f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
+        f" moequant threads {moequant.get_num_threads()}, kernel {moequant.moe_cpu_path()},"
+        f" mlx {mx.__version__}",
+        flush=True,
+    )
+    bw = read_bandwidth()
+    print(f"# read bandwidth (threaded numpy sum of 1 GiB, best of 5): {bw:.2f} GB/s", flush=True)
+    layer_bench(args, bw)
+    bw2 = read_bandwidth()
+    print(f"# read bandwidth again after the layer runs: {bw2:.2f} GB/s", flush=True)
+    if args.e2e:
+        e2e_bench(args)
+
+
+if __name__ == "__main__":
+    main()
