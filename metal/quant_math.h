@@ -12,9 +12,11 @@
 // Metal's default division is not correctly rounded; the contract needs IEEE.
 #define MQ_DIV(a, b) metal::precise::divide((a), (b))
 #define MQ_ABS(x) metal::fabs(x)
+#define MQ_THREAD thread
 typedef uint mq_u32;
 typedef ulong mq_u64;
 #else
+#define MQ_THREAD
 #define MQ_INLINE inline
 #define MQ_RINT(x) __builtin_rintf(x)
 #define MQ_DIV(a, b) ((a) / (b))
@@ -70,4 +72,19 @@ MQ_INLINE mq_u64 mq_pack8(mq_u64 x) {
   x = (x & 0x0000FFFF0000FFFFull) | ((x & 0xFFFF0000FFFF0000ull) >> (16 - 2 * B));
   x = (x & 0x00000000FFFFFFFFull) | ((x & 0xFFFFFFFF00000000ull) >> (32 - 4 * B));
   return x;
+}
+
+// Code i of a run of B-bit codes packed from bit 0 of the words w[0..]: MLX's
+// little-endian bitstream. A code that straddles two words takes its high bits from
+// the next one. With i and B known at compile time this folds to one or two shifts.
+template <int B>
+MQ_INLINE mq_u32 mq_unpack(MQ_THREAD const mq_u32* w, int i) {
+  const int pos = i * B;
+  const int wi = pos >> 5;
+  const int sh = pos & 31;
+  mq_u32 v = w[wi] >> sh;
+  if (sh + B > 32) {
+    v |= w[wi + 1] << (32 - sh);
+  }
+  return v & ((1u << B) - 1u);
 }

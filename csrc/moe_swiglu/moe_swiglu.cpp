@@ -226,7 +226,74 @@ void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   enc.dispatch([a]() { cpu::moe_down(a); });
 }
 
-#ifndef _METAL_
+#ifdef _METAL_
+// Must match MQ_SG * MQ_RPS in metal/moe_swiglu.h.
+constexpr int kRowsPerThreadgroup = 16;
+constexpr int kSimdgroups = 4;
+
+void MoeGateUp::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  const uint32_t T = in[0].shape(0), D = in[0].shape(1), k = in[1].shape(1);
+  const uint32_t I = in[2].shape(1), E = in[2].shape(0);
+  if (T * k == 0) {
+    return;
+  }
+  if (in[3].dtype() != in[6].dtype()) {
+    throw std::invalid_argument(
+        "[moequant.moe_swiglu] on Metal, gate and up scales must share one dtype.");
+  }
+  std::ostringstream kname;
+  kname << "moe_gate_up_" << mx::type_to_name(in[0]) << "_" << mx::type_to_name(in[3])
+        << "_b" << gate_.bits << "_b" << up_.bits;
+  auto kernel = d.get_kernel(kname.str(), metal_library(d));
+  auto& enc = mx::metal::get_command_encoder(s);
+  enc.set_compute_pipeline_state(kernel);
+  for (int i = 0; i < 8; ++i) {
+    enc.set_input_array(in[i], i);
+  }
+  enc.set_output_array(out, 8);
+  enc.set_bytes(D, 9);
+  enc.set_bytes(I, 10);
+  enc.set_bytes(k, 11);
+  enc.set_bytes(E, 12);
+  enc.set_bytes(static_cast<uint32_t>(gate_.group_size), 13);
+  enc.set_bytes(static_cast<uint32_t>(up_.group_size), 14);
+  enc.dispatch_threadgroups(
+      MTL::Size((I + kRowsPerThreadgroup - 1) / kRowsPerThreadgroup, T * k, 1),
+      MTL::Size(32, kSimdgroups, 1));
+}
+
+void MoeDown::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  const uint32_t T = in[0].shape(0), k = in[0].shape(1), I = in[0].shape(2);
+  const uint32_t D = in[3].shape(1), E = in[3].shape(0);
+  if (T == 0) {
+    return;
+  }
+  std::ostringstream kname;
+  kname << "moe_down_" << mx::type_to_name(out) << "_" << mx::type_to_name(in[4]) << "_b"
+        << down_.bits;
+  auto kernel = d.get_kernel(kname.str(), metal_library(d));
+  auto& enc = mx::metal::get_command_encoder(s);
+  enc.set_compute_pipeline_state(kernel);
+  for (int i = 0; i < 6; ++i) {
+    enc.set_input_array(in[i], i);
+  }
+  enc.set_output_array(out, 6);
+  enc.set_bytes(D, 7);
+  enc.set_bytes(I, 8);
+  enc.set_bytes(k, 9);
+  enc.set_bytes(E, 10);
+  enc.set_bytes(static_cast<uint32_t>(down_.group_size), 11);
+  enc.dispatch_threadgroups(
+      MTL::Size((D + kRowsPerThreadgroup - 1) / kRowsPerThreadgroup, T, 1),
+      MTL::Size(32, kSimdgroups, 1));
+}
+#else
 void MoeGateUp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error(
       "[moequant.moe_swiglu] this build of moequant has no Metal support; use a CPU stream.");

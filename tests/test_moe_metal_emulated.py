@@ -1,0 +1,120 @@
+"""The Metal kernels of moe_swiglu (metal/moe_swiglu.metal), run on the CPU emulation
+of MSL (tests/metal_emulator) against the same float64 oracle as the CPU path, plus
+the bytes each launch reads versus the minimum (each selected weight byte once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moe_reference import make_proj, moe_reference, rel_err
+
+metal_emulator = pytest.importorskip(
+    "metal_emulator", reason="the metal_emulator test package (tests/metal_emulator) is not importable"
+)
+
+METAL = Path(__file__).resolve().parents[1] / "metal" / "moe_swiglu.metal"
+SG, RPS = 4, 4  # MQ_SG, MQ_RPS in metal/moe_swiglu.h
+ROWS_PER_TG = SG * RPS
+NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return metal_emulator.MetalLibrary(str(METAL))
+
+
+def host(a: mx.array) -> np.ndarray:
+    """An mx array as the emulator's device buffer (bfloat16 as uint16 bits)."""
+    if a.dtype == mx.bfloat16:
+        return np.array(a.view(mx.uint16))
+    return np.ascontiguousarray(np.array(a))
+
+
+def proj_bytes(p, experts) -> int:
+    w, s, b = p[:3]
+    return sum(int(a[0].nbytes) for a in (w, s, b)) * len(experts)
+
+
+def run_kernels(lib, x, idx, sc, g, u, d, schedule="forward"):
+    T, D = x.shape
+    k = idx.shape[1]
+    E, I = g[0].shape[0], g[0].shape[1]
+    xn, sn = NAMES[str(x.dtype).split(".")[-1]], NAMES[str(g[1].dtype).split(".")[-1]]
+    h = np.full((T, k, I), np.nan, np.float32)
+    bufs = {0: host(x), 1: host(idx.astype(mx.uint32))}
+    for i, a in enumerate((*g[:3], *u[:3])):
+        bufs[2 + i] = host(a)
+    bufs.update({8: h, 9: np.uint32(D), 10: np.uint32(I), 11: np.uint32(k), 12: np.uint32(E),
+                 13: np.uint32(g[4]), 14: np.uint32(u[4])})
+    ra = lib.run(f"moe_gate_up_{xn}_{sn}_b{g[3]}_b{u[3]}", buffers=bufs,
+                 grid=(-(-I // ROWS_PER_TG), T * k, 1), threadgroup=(32, SG, 1), schedule=schedule)
+    ydt = np.float32 if xn == "float32" else np.uint16 if xn == "bfloat16" else np.float16
+    y = np.zeros((T, D), ydt)
+    bufs = {0: h, 1: host(idx.astype(mx.uint32)), 2: host(sc.astype(mx.float32))}
+    for i, a in enumerate(d[:3]):
+        bufs[3 + i] = host(a)
+    bufs.update({6: y, 7: np.uint32(D), 8: np.uint32(I), 9: np.uint32(k), 10: np.uint32(E),
+                 11: np.uint32(d[4])})
+    rb = lib.run(f"moe_down_{xn}_{sn}_b{d[3]}", buffers=bufs,
+                 grid=(-(-D // ROWS_PER_TG), T, 1), threadgroup=(32, SG, 1), schedule=schedule)
+    if xn == "bfloat16":
+        y = mx.array(y).view(mx.bfloat16)
+    return mx.array(y), ra, rb
+
+
+def case(rng, E, D, I, k, T, bits, gs, sdtype="float32", xdtype=mx.float32):
+    g = make_proj(rng, E, I, D, bits[0], gs[0], sdtype)
+    u = make_proj(rng, E, I, D, bits[1], gs[1], sdtype)
+    d = make_proj(rng, E, D, I, bits[2], gs[2], sdtype)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(xdtype)
+    idx = mx.array(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32))
+    sc = mx.array(rng.random((T, k)).astype(np.float32))
+    return x, idx, sc, g, u, d
+
+
+@pytest.mark.parametrize("bits", [(2, 2, 2), (3, 3, 3), (4, 4, 4), (5, 5, 5), (6, 6, 6), (8, 8, 8), (3, 3, 4), (4, 6, 3)])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_sweep(lib, bits, gs):
+    rng = np.random.default_rng(sum(bits) * 100 + gs)
+    # D and I are not multiples of a simdgroup step (1024) nor of a tile (16 rows).
+    c = case(rng, 5, 1024 + 128 * (1 + (gs == 128)), 136 if gs != 128 else 256, 3, 2, bits, (gs,) * 3)
+    y, ra, rb = run_kernels(lib, *c, schedule="random")
+    assert rel_err(y, moe_reference(*c)) < 2e-6
+
+
+@pytest.mark.parametrize("xdtype,sdtype,tol", [(mx.bfloat16, "bfloat16", 1e-2), (mx.float16, "float16", 2e-3),
+                                               (mx.float32, "bfloat16", 2e-6)])
+def test_dtypes(lib, xdtype, sdtype, tol):
+    rng = np.random.default_rng(8)
+    c = case(rng, 4, 512, 128, 2, 2, (3, 3, 4), (64, 64, 64), sdtype, xdtype)
+    y, _, _ = run_kernels(lib, *c, schedule="reverse")
+    assert rel_err(y, moe_reference(*c)) < tol
+
+
+def test_kimi_shape_and_bytes(lib):
+    """D 7168, I 2048, k 8 (three experts, repeated) and the bytes each launch reads."""
+    rng = np.random.default_rng(5)
+    x, _, _, g, u, d = case(rng, 3, 7168, 2048, 3, 1, (3, 3, 4), (64, 64, 64), "bfloat16", mx.bfloat16)
+    idx = mx.array([[2, 0, 1, 1, 0, 2, 2, 1]])
+    sc = mx.array(rng.random((1, 8)).astype(np.float32))
+    y, ra, rb = run_kernels(lib, x, idx, sc, g, u, d)
+    assert rel_err(y, moe_reference(x, idx, sc, g, u, d)) < 1e-2
+    pairs = list(np.array(idx)[0])
+    min_a = proj_bytes(g, pairs) + proj_bytes(u, pairs)
+    min_b = proj_bytes(d, pairs)
+    # Beyond the weights (read once): every simdgroup re-reads its token's x (A) or
+    # the k h vectors (B), each lane reads its 32-code chunk's scale and bias (shared
+    # by G/32 lanes), and each thread the ids and scores. On a GPU these hit the cache.
+    D, I, k, G, xs, ss, tg_threads = 7168, 2048, 8, 64, 2, 2, 32 * SG
+    tgs_a, tgs_b = -(-I // ROWS_PER_TG) * k, -(-D // ROWS_PER_TG)
+    extra_a = tgs_a * (SG * D * xs + tg_threads * 4) + k * 2 * I * (D // 32 - D // G) * 2 * ss
+    extra_b = tgs_b * (SG * k * I * 4 + tg_threads * k * 8) + k * D * (I // 32 - I // G) * 2 * ss
+    print(f"\nkernel A read {ra.bytes_read / 1e6:.1f} MB (weights {min_a / 1e6:.1f} MB);"
+          f" kernel B read {rb.bytes_read / 1e6:.1f} MB (weights {min_b / 1e6:.1f} MB)")
+    assert min_a <= ra.bytes_read <= min_a + extra_a
+    assert min_b <= rb.bytes_read <= min_b + extra_b
+    assert ra.bytes_written == 8 * 2048 * 4 and rb.bytes_written == 7168 * 2
