@@ -13,6 +13,14 @@ import sys
 # name -> (module, one-line help). A module is imported only when its command runs.
 COMMANDS = {
     "demo": ("moequant.demo", "Run the built-in end-to-end demo on generated data."),
+    "generate": (
+        "moequant.generate_cli",
+        "Generate text with mlx-lm and the fused MoE decode path (mlx-lm's flags).",
+    ),
+    "serve": (
+        "moequant.serve_cli",
+        "mlx-lm's OpenAI-compatible server with the fused MoE decode path.",
+    ),
 }
 
 

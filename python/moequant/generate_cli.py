@@ -1,0 +1,27 @@
+"""`moequant generate`: mlx-lm's generate (same flags and output: prompt and generation
+tok/s, peak memory) with the fused MoE decode path; --no-fused for comparison."""
+
+from __future__ import annotations
+
+import importlib
+
+# importlib: mlx_lm re-exports a function named `generate` over the module's name.
+
+
+def add_arguments(p) -> None:
+    module = importlib.import_module("mlx_lm.generate")
+
+    from .mlx_lm_cli import add_mlx_lm_arguments
+
+    add_mlx_lm_arguments(p, module.main)
+
+
+def run(args) -> int:
+    module = importlib.import_module("mlx_lm.generate")
+
+    from .cli import UserError
+    from .mlx_lm_cli import run_mlx_lm_main
+
+    if args.model is None:
+        raise UserError("--model DIR is required (moequant never downloads a default model)")
+    return run_mlx_lm_main(module, args)
