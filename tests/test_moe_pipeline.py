@@ -1,0 +1,61 @@
+"""Two-rank pipeline-parallel decode (mlx.launch, ring backend, localhost) with the
+fused path gives the tokens of one unpatched process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from moequant.testing import tiny_deepseek
+
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+
+
+def free_port_pair() -> int:
+    for _ in range(20):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                    return p
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+def test_two_rank_pipeline_matches_one_process(tmp_path):
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
+    if not Path(launcher).exists():
+        pytest.skip("mlx.launch not found")
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    # Four layers (layer 0 dense): each rank holds MoE layers (rank 0 gets the last two).
+    cfg = dict(tiny_deepseek.TINY_CONFIG, num_hidden_layers=4)
+    model, cfg = tiny_deepseek.build(cfg, seed=7)
+    path = tiny_deepseek.save(model, cfg, tmp_path / "m")
+    one, _ = load(str(path))
+    prompt = mx.array(list(range(40, 52)))
+    want = [int(t) for t, _ in generate_step(prompt, one, max_tokens=12)]
+
+    r = subprocess.run(
+        [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+         "--starting-port", str(free_port_pair()),
+         sys.executable, str(WORKER), str(path), "fused", "12"],
+        capture_output=True, text=True, timeout=180,
+    )
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    by_rank = {l["rank"]: l for l in lines}
+    assert by_rank[0]["size"] == 2
+    assert (by_rank[0]["patched"], by_rank[1]["patched"]) == (2, 1)
+    assert by_rank[0]["tokens"] == want and by_rank[1]["tokens"] == want
