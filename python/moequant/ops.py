@@ -121,6 +121,6 @@ def moe_swiglu(
 
 
 def moe_cpu_path() -> str:
-    """Which CPU kernel moe_swiglu runs: "avx2" or "scalar" (MOEQUANT_CPU_PATH=scalar
-    forces the portable one)."""
+    """Which CPU kernels moe_swiglu runs: "avx512", "avx2" or "scalar" (the best this
+    CPU supports; MOEQUANT_CPU_PATH=avx2 or =scalar caps it)."""
     return _ext.moe_cpu_path()

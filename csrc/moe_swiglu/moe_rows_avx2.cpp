@@ -1,0 +1,96 @@
+// The SIMD row kernels for AVX2 + FMA + F16C (this file is compiled with those
+// flags; it is only called after a run-time CPU check).
+#include <immintrin.h>
+
+#include "moe_swiglu/moe_rows.h"
+
+namespace moequant::cpu {
+
+namespace {
+
+struct V {
+  static constexpr int L = 8;
+  using F = __m256;
+  using I = __m256i;
+  static F zero() {
+    return _mm256_setzero_ps();
+  }
+  static F loadf(const float* p) {
+    return _mm256_loadu_ps(p);
+  }
+  static void storef(float* p, F v) {
+    _mm256_storeu_ps(p, v);
+  }
+  static F bcast(const float* p) {
+    return _mm256_broadcast_ss(p);
+  }
+  static F fma(F a, F b, F c) {
+    return _mm256_fmadd_ps(a, b, c);
+  }
+  static F cvt(I v) {
+    return _mm256_cvtepi32_ps(v);
+  }
+  static I andi(I a, I b) {
+    return _mm256_and_si256(a, b);
+  }
+  template <int S>
+  static I srli(I a) {
+    return _mm256_srli_epi32(a, S);
+  }
+  static I set1i(int v) {
+    return _mm256_set1_epi32(v);
+  }
+  static float hsum(F v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+  }
+  // Lane l gets group l / (8 / gpb) of the loaded scales (gpb = 2 or 4).
+  static I lane_group(int gpb) {
+    return gpb == 4 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                    : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  }
+  static F permf(F v, I idx) {
+    return _mm256_permutevar8x32_ps(v, idx);
+  }
+  template <SType ST>
+  static F load_s(const void* p) {
+    if constexpr (ST == SType::f32) {
+      return _mm256_loadu_ps(static_cast<const float*>(p));
+    } else {
+      const __m128i v = _mm_loadu_si128(static_cast<const __m128i*>(p));
+      if constexpr (ST == SType::bf16) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+      } else {
+        return _mm256_cvtph_ps(v);
+      }
+    }
+  }
+  template <int NB>
+  static I load_block(const uint8_t* p) {
+    if constexpr (NB == 4) {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else {
+      // 24 bytes; the masked load never touches memory past them. Bytes 0..15 to the
+      // low half, 12..27 to the high half, then 3 bytes per lane.
+      const __m256i m6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+      __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m6);
+      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+      const __m256i sh = _mm256_setr_epi8(
+          0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128,
+          0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128);
+      return _mm256_shuffle_epi8(v, sh);
+    }
+  }
+};
+
+#include "moe_swiglu/moe_rows_simd.inc"
+
+} // namespace
+
+RowsFn rows_avx2(int bits, SType s) {
+  return pick_simd<V>(bits, s);
+}
+
+} // namespace moequant::cpu
