@@ -24,6 +24,9 @@ struct V {
   static F bcast(const float* p) {
     return _mm256_broadcast_ss(p);
   }
+  static F add(F a, F b) {
+    return _mm256_add_ps(a, b);
+  }
   static F fma(F a, F b, F c) {
     return _mm256_fmadd_ps(a, b, c);
   }
