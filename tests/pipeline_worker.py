@@ -1,20 +1,25 @@
-"""One rank of a pipeline-parallel greedy decode (run by mlx.launch): pipeline_load a
-saved model, optionally apply moequant.patch, and print the greedy tokens as JSON."""
+"""One rank of a distributed greedy decode (run by mlx.launch): load a saved model with
+pipeline_load (argv[4] "pipeline", the default) or tensor-parallel sharded_load
+("tensor"), optionally apply moequant.patch (argv[2] "fused"), and print the greedy
+tokens as JSON."""
 
 import json
 import sys
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.utils import pipeline_load
+from mlx_lm.utils import pipeline_load, sharded_load
 
 import moequant
 
 
 def main():
     path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model, _ = pipeline_load(path)
     group = mx.distributed.init()
+    if len(sys.argv) > 4 and sys.argv[4] == "tensor":
+        model, _ = sharded_load(path, pipeline_group=None, tensor_group=group)
+    else:
+        model, _ = pipeline_load(path)
     patched = moequant.patch(model) if mode == "fused" else 0
     prompt = mx.array(list(range(40, 52)))
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=n)]

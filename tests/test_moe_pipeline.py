@@ -1,5 +1,5 @@
-"""Two-rank pipeline-parallel decode (mlx.launch, ring backend, localhost) with the
-fused path gives the tokens of one unpatched process."""
+"""Two-rank pipeline-parallel and tensor-parallel decode (mlx.launch, ring backend,
+localhost) with the fused path give the tokens of one unpatched process."""
 
 from __future__ import annotations
 
@@ -32,16 +32,19 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def test_two_rank_pipeline_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode,patched", [("pipeline", (2, 1)), ("tensor", (3, 3))])
+def test_two_ranks_match_one_process(tmp_path, mode, patched):
     launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
     if not Path(launcher).exists():
         pytest.skip("mlx.launch not found")
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    # Four layers (layer 0 dense): each rank holds MoE layers (rank 0 gets the last two).
+    # Four layers (layer 0 dense). Pipelined, rank 0 holds layers 2-3 and rank 1 layers
+    # 0-1; tensor-parallel, each rank holds half of every expert's I (group size 32 so
+    # that the halves of the 64-wide down projections stay whole groups).
     cfg = dict(tiny_deepseek.TINY_CONFIG, num_hidden_layers=4)
-    model, cfg = tiny_deepseek.build(cfg, seed=7)
+    model, cfg = tiny_deepseek.build(cfg, seed=7, group_size=32)
     path = tiny_deepseek.save(model, cfg, tmp_path / "m")
     one, _ = load(str(path))
     prompt = mx.array(list(range(40, 52)))
@@ -50,12 +53,12 @@ def test_two_rank_pipeline_matches_one_process(tmp_path):
     r = subprocess.run(
         [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
          "--starting-port", str(free_port_pair()),
-         sys.executable, str(WORKER), str(path), "fused", "12"],
+         sys.executable, str(WORKER), str(path), "fused", "12", mode],
         capture_output=True, text=True, timeout=180,
     )
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
     by_rank = {l["rank"]: l for l in lines}
     assert by_rank[0]["size"] == 2
-    assert (by_rank[0]["patched"], by_rank[1]["patched"]) == (2, 1)
+    assert (by_rank[0]["patched"], by_rank[1]["patched"]) == patched
     assert by_rank[0]["tokens"] == want and by_rank[1]["tokens"] == want
