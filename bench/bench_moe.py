@@ -184,7 +184,7 @@ def layer_bench(args, bw):
 
 # metal/moe_swiglu.h: threadgroups of MQ_SG simdgroups x MQ_RPS rows; a lane reads 32
 # codes per step, with the scale and bias of their group.
-MQ_SG, MQ_RPS = 4, 4
+MQ_SG, MQ_RPS = 4, 8
 
 
 def metal_bytes(bits, gs, xsize=2, ssize=2, D=D, I=I, k=K):

@@ -20,7 +20,7 @@
 #include "quant_math.h"
 
 #define MQ_SG 4
-#define MQ_RPS 4
+#define MQ_RPS 8
 #define MQ_VPT 32
 
 // A lane's partial dot of one row with its 32 vector values v (group sum vsum).

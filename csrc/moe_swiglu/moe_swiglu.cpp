@@ -228,7 +228,7 @@ void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
 
 #ifdef _METAL_
 // Must match MQ_SG * MQ_RPS in metal/moe_swiglu.h.
-constexpr int kRowsPerThreadgroup = 16;
+constexpr int kRowsPerThreadgroup = 32;
 constexpr int kSimdgroups = 4;
 
 void MoeGateUp::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
