@@ -109,21 +109,70 @@ inline void lookup_codes(const uint8_t* p, const uint8_t* lut, Block& out) {
 // mq_affine_code((u - 8) * s, p, n_bins) for every u: clamping before rounding gives
 // the same integer as rounding before clamping (the bounds are integers), and for
 // 0 <= x <= 255 adding and subtracting 1.5 * 2^23 rounds half to even like rint.
-// Written this way so that the compiler vectorizes it (no rint call per entry).
+// The product, the subtraction and the true division are the oracle's, lane by lane.
 inline void code_table(float s, mq_affine p, float n_bins, uint8_t* lut) {
   const float magic = 12582912.0f; // 1.5 * 2^23
-  float x[16];
+#if defined(MQ_SIMD_SSSE3)
+  const __m128 vs = _mm_set1_ps(s), vb = _mm_set1_ps(p.bias), vsc = _mm_set1_ps(p.scale);
+  const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(n_bins), vm = _mm_set1_ps(magic);
+  __m128i q[4];
+  for (int j = 0; j < 4; ++j) {
+    const float u0 = static_cast<float>(4 * j - MQ_INT4_OFFSET);
+    __m128 u = _mm_setr_ps(u0, u0 + 1.0f, u0 + 2.0f, u0 + 3.0f);
+    __m128 v = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(u, vs), vb), vsc);
+    v = _mm_min_ps(_mm_max_ps(v, zero), top);
+    v = _mm_sub_ps(_mm_add_ps(v, vm), vm);
+    q[j] = _mm_cvttps_epi32(v);
+  }
+  __m128i w16a = _mm_packs_epi32(q[0], q[1]);
+  __m128i w16b = _mm_packs_epi32(q[2], q[3]);
+  _mm_store_si128(reinterpret_cast<__m128i*>(lut), _mm_packus_epi16(w16a, w16b));
+#elif defined(MQ_SIMD_NEON)
+  const float32x4_t vs = vdupq_n_f32(s), vb = vdupq_n_f32(p.bias), vsc = vdupq_n_f32(p.scale);
+  const float32x4_t zero = vdupq_n_f32(0.0f), top = vdupq_n_f32(n_bins);
+  const float32x4_t vm = vdupq_n_f32(magic);
+  uint32x4_t q[4];
+  for (int j = 0; j < 4; ++j) {
+    const float u0 = static_cast<float>(4 * j - MQ_INT4_OFFSET);
+    const float us[4] = {u0, u0 + 1.0f, u0 + 2.0f, u0 + 3.0f};
+    float32x4_t v = vdivq_f32(vsubq_f32(vmulq_f32(vld1q_f32(us), vs), vb), vsc);
+    v = vminq_f32(vmaxq_f32(v, zero), top);
+    v = vsubq_f32(vaddq_f32(v, vm), vm);
+    q[j] = vcvtq_u32_f32(v);
+  }
+  uint16x8_t a = vcombine_u16(vmovn_u32(q[0]), vmovn_u32(q[1]));
+  uint16x8_t b = vcombine_u16(vmovn_u32(q[2]), vmovn_u32(q[3]));
+  vst1q_u8(lut, vcombine_u8(vmovn_u16(a), vmovn_u16(b)));
+#else
   for (int u = 0; u < 16; ++u) {
     float w = static_cast<float>(u - MQ_INT4_OFFSET) * s;
     float v = (w - p.bias) / p.scale;
     v = v < 0.0f ? 0.0f : v;
     v = v > n_bins ? n_bins : v;
-    x[u] = (v + magic) - magic;
+    lut[u] = static_cast<uint8_t>(static_cast<int>((v + magic) - magic));
   }
-  for (int u = 0; u < 16; ++u) {
-    lut[u] = static_cast<uint8_t>(static_cast<int>(x[u]));
-  }
+#endif
 }
+
+#if defined(MQ_SIMD_SSSE3)
+// 16 codes (bytes < 2^B) -> 2B bytes of bitstream in the low bytes of the result.
+// Pairs and quads are merged by multiply-add (code0 + code1 * 2^B, then
+// pair0 + pair1 * 2^2B), halves of each 64-bit lane joined by a shift, and the B
+// bytes of each 64-bit lane gathered by a byte shuffle.
+template <int B>
+inline __m128i pack16(__m128i c) {
+  __m128i pairs = _mm_maddubs_epi16(c, _mm_set1_epi16(static_cast<short>(1 | ((1 << B) << 8))));
+  __m128i quads = _mm_madd_epi16(pairs, _mm_set1_epi32(1 | ((1 << (2 * B)) << 16)));
+  const __m128i lo32 = _mm_set1_epi64x(0xFFFFFFFFll);
+  __m128i x = _mm_or_si128(
+      _mm_and_si128(quads, lo32), _mm_srli_epi64(_mm_andnot_si128(lo32, quads), 32 - 4 * B));
+  alignas(16) int8_t idx[16];
+  for (int i = 0; i < 16; ++i) {
+    idx[i] = i < B ? i : (i < 2 * B ? 8 + i - B : -1);
+  }
+  return _mm_shuffle_epi8(x, _mm_load_si128(reinterpret_cast<const __m128i*>(idx)));
+}
+#endif
 
 template <int BITS>
 inline void store_block(const Block& b, uint8_t* dst) {
@@ -131,12 +180,24 @@ inline void store_block(const Block& b, uint8_t* dst) {
   if constexpr (BITS == 8) {
     std::memcpy(dst, b.codes, 32);
   } else {
+#if defined(MQ_SIMD_SSSE3)
+    alignas(16) uint8_t tmp[32];
+    _mm_store_si128(
+        reinterpret_cast<__m128i*>(tmp),
+        pack16<BITS>(_mm_load_si128(reinterpret_cast<const __m128i*>(b.codes))));
+    _mm_store_si128(
+        reinterpret_cast<__m128i*>(tmp + 16),
+        pack16<BITS>(_mm_load_si128(reinterpret_cast<const __m128i*>(b.codes + 16))));
+    std::memcpy(dst, tmp, 2 * BITS);
+    std::memcpy(dst + 2 * BITS, tmp + 16, 2 * BITS);
+#else
     for (int j = 0; j < 4; ++j) {
       mq_u64 x;
       std::memcpy(&x, b.codes + 8 * j, 8);
       x = mq_pack8<BITS>(x);
       std::memcpy(dst + BITS * j, &x, BITS); // little-endian hosts only (x86, arm64)
     }
+#endif
   }
 }
 
