@@ -19,7 +19,9 @@
 #include "mlx/types/half_types.h"
 #include "quant_math.h"
 
-#if defined(__SSSE3__)
+// MOEQUANT_NO_SIMD forces the portable path (tests build it to check it).
+#if defined(MOEQUANT_NO_SIMD)
+#elif defined(__SSSE3__)
 #include <tmmintrin.h>
 #define MQ_SIMD_SSSE3 1
 #elif defined(__ARM_NEON) && defined(__aarch64__)
@@ -307,6 +309,14 @@ bool requantize_simd_available() {
   return true;
 #else
   return false;
+#endif
+}
+
+bool requantize_cpu_supported() {
+#if defined(__x86_64__) && defined(__SSSE3__)
+  return __builtin_cpu_supports("ssse3");
+#else
+  return true;
 #endif
 }
 
