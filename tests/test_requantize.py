@@ -101,6 +101,8 @@ def test_structured_groups(scale_dtype):
     add(np.zeros(K), ones * 0.02)  # all zero
     add(np.full(K, -8), ones * 0.03)  # all -8
     add(np.full(K, 7), ones * 0.03)  # all +7
+    add(np.full(K, 7), ones * 1e4)  # constant, edge / eps = 7e11: rint of a huge value
+    add(np.full(K, -3), ones * 3.0)  # constant, edge / eps = 9e7, just over 2^23 * 10
     add(rng.integers(-8, 8, K), ones * 0.0)  # zero scales
     add(rng.integers(-8, 8, K), ones * 1e4)  # huge (f16 max is 65504)
     add(rng.integers(-8, 8, K), ones * 1e-6)  # tiny: range below eps

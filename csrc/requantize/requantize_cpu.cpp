@@ -203,6 +203,42 @@ inline void store_block(const Block& b, uint8_t* dst) {
   }
 }
 
+// mq_affine_params for 4 groups at once. The scalar version is a chain of three
+// dependent divisions per group; four chains in one vector let the divider overlap
+// them. Lane by lane it is the same arithmetic (and comparison order) as the header.
+inline void affine_params4(const float* wmin, const float* wmax, float n_bins, mq_affine* p) {
+#if defined(MQ_SIMD_SSSE3)
+  const __m128 sign = _mm_set1_ps(-0.0f);
+  const __m128 lo = _mm_loadu_ps(wmin), hi = _mm_loadu_ps(wmax);
+  __m128 neg = _mm_cmpgt_ps(_mm_andnot_ps(sign, lo), _mm_andnot_ps(sign, hi));
+  __m128 s = _mm_div_ps(_mm_sub_ps(hi, lo), _mm_set1_ps(n_bins));
+  s = _mm_max_ps(_mm_set1_ps(1e-7f), s); // eps > s ? eps : s, so NaN stays NaN
+  s = _mm_xor_ps(s, _mm_andnot_ps(neg, sign));
+  __m128 edge = _mm_or_ps(_mm_and_ps(neg, lo), _mm_andnot_ps(neg, hi));
+  // rint: |x| + 2^23 - 2^23 rounds half to even below 2^23; larger values are integers.
+  __m128 x = _mm_div_ps(edge, s);
+  __m128 ax = _mm_andnot_ps(sign, x);
+  const __m128 two23 = _mm_set1_ps(8388608.0f);
+  __m128 r = _mm_or_ps(_mm_sub_ps(_mm_add_ps(ax, two23), two23), _mm_and_ps(sign, x));
+  __m128 big = _mm_cmpge_ps(ax, two23); // also false for NaN, which then stays NaN in r
+  __m128 q0 = _mm_or_ps(_mm_and_ps(big, x), _mm_andnot_ps(big, r));
+  __m128 nz = _mm_cmpneq_ps(q0, _mm_setzero_ps());
+  __m128 scale = _mm_or_ps(_mm_and_ps(nz, _mm_div_ps(edge, q0)), _mm_andnot_ps(nz, s));
+  __m128 bias = _mm_and_ps(nz, edge);
+  alignas(16) float sc[4], bi[4];
+  _mm_store_ps(sc, scale);
+  _mm_store_ps(bi, bias);
+  for (int i = 0; i < 4; ++i) {
+    p[i].scale = sc[i];
+    p[i].bias = bi[i];
+  }
+#else
+  for (int i = 0; i < 4; ++i) {
+    p[i] = mq_affine_params(wmin[i], wmax[i], n_bins);
+  }
+#endif
+}
+
 template <int BITS, typename SrcT, typename OutT>
 void requantize_rows(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
   const float n_bins = static_cast<float>((1 << BITS) - 1);
@@ -213,41 +249,54 @@ void requantize_rows(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
   const int n_src = K / a.src_group_size;
   const std::size_t in_row = static_cast<std::size_t>(K) / 2;
   const std::size_t out_row = static_cast<std::size_t>(K) * BITS / 8;
+  constexpr int GB = 4; // groups whose parameters are computed together
 
   alignas(16) uint8_t lut[16];
   Block blk;
-  float s_blk[4];
+  float s_blk[GB][4];
   for (std::size_t r = r0; r < r1; ++r) {
     const uint8_t* in = a.packed + r * in_row;
     const SrcT* ss = static_cast<const SrcT*>(a.src_scales) + r * n_src;
     uint8_t* out = a.wq + r * out_row;
     OutT* os = static_cast<OutT*>(a.scales) + r * n_groups;
     OutT* ob = static_cast<OutT*>(a.biases) + r * n_groups;
-    for (int g = 0; g < n_groups; ++g) {
-      const int b0 = g * blocks_per_group;
-      // Group range from the block nibble ranges; std::min/max comparison order, so
-      // NaN scales are skipped as MLX's loop skips NaN weights.
-      float wmin = std::numeric_limits<float>::infinity();
-      float wmax = -wmin;
-      for (int j = 0; j < blocks_per_group; ++j) {
-        int umin, umax;
-        nibble_range(in + 16 * (b0 + j), umin, umax);
-        float s = to_float(ss[(b0 + j) / blocks_per_src]);
-        s_blk[j] = s;
-        float x = static_cast<float>(umin - MQ_INT4_OFFSET) * s;
-        float y = static_cast<float>(umax - MQ_INT4_OFFSET) * s;
-        float lo = y < x ? y : x;
-        float hi = x < y ? y : x;
-        wmin = lo < wmin ? lo : wmin;
-        wmax = wmax < hi ? hi : wmax;
+    for (int g0 = 0; g0 < n_groups; g0 += GB) {
+      const int ng = n_groups - g0 < GB ? n_groups - g0 : GB;
+      float wmin[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float wmax[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int gi = 0; gi < ng; ++gi) {
+        const int b0 = (g0 + gi) * blocks_per_group;
+        // Group range from the block nibble ranges; std::min/max comparison order,
+        // so NaN scales are skipped as MLX's loop skips NaN weights.
+        float mn = std::numeric_limits<float>::infinity();
+        float mx_ = -mn;
+        for (int j = 0; j < blocks_per_group; ++j) {
+          int umin, umax;
+          nibble_range(in + 16 * (b0 + j), umin, umax);
+          float s = to_float(ss[(b0 + j) / blocks_per_src]);
+          s_blk[gi][j] = s;
+          float x = static_cast<float>(umin - MQ_INT4_OFFSET) * s;
+          float y = static_cast<float>(umax - MQ_INT4_OFFSET) * s;
+          float lo = y < x ? y : x;
+          float hi = x < y ? y : x;
+          mn = lo < mn ? lo : mn;
+          mx_ = mx_ < hi ? hi : mx_;
+        }
+        wmin[gi] = mn;
+        wmax[gi] = mx_;
       }
-      mq_affine p = mq_affine_params(wmin, wmax, n_bins);
-      os[g] = static_cast<OutT>(p.scale);
-      ob[g] = static_cast<OutT>(p.bias);
-      for (int j = 0; j < blocks_per_group; ++j) {
-        code_table(s_blk[j], p, n_bins, lut);
-        lookup_codes(in + 16 * (b0 + j), lut, blk);
-        store_block<BITS>(blk, out + 4 * BITS * (b0 + j));
+      mq_affine p[GB];
+      affine_params4(wmin, wmax, n_bins, p);
+      for (int gi = 0; gi < ng; ++gi) {
+        const int g = g0 + gi;
+        const int b0 = g * blocks_per_group;
+        os[g] = static_cast<OutT>(p[gi].scale);
+        ob[g] = static_cast<OutT>(p[gi].bias);
+        for (int j = 0; j < blocks_per_group; ++j) {
+          code_table(s_blk[gi][j], p[gi], n_bins, lut);
+          lookup_codes(in + 16 * (b0 + j), lut, blk);
+          store_block<BITS>(blk, out + 4 * BITS * (b0 + j));
+        }
       }
     }
   }
