@@ -518,18 +518,19 @@ def _check_model_dir(path: str, arg: str) -> Path:
     return p
 
 
-def _load_tokenizer(path: Path, arg: str):
+def _load_tokenizer(path: Path, arg: str, trust_remote_code: bool = False):
     from mlx_lm.utils import load_tokenizer
 
     try:
-        return load_tokenizer(path)
+        return load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise _user_error(f"{arg} {path}: cannot load its tokenizer ({e})") from None
 
 
-def default_cache_dir(ref_fp: str, windows_fp: str) -> Path:
+def default_cache_dir(ref_fp: str, windows_fp: str, top_k: Optional[int]) -> Path:
     root = Path(os.environ.get("MOEQUANT_CACHE", Path.home() / ".cache" / "moequant"))
-    return root / "eval" / _sha(ref_fp.encode(), windows_fp.encode())[:24]
+    key = _sha(ref_fp.encode(), windows_fp.encode(), str(top_k or DEFAULT_TOP_K).encode())
+    return root / "eval" / key[:24]
 
 
 def evaluate(
@@ -543,6 +544,7 @@ def evaluate(
     cache_dir: Optional[str] = None,
     near_tie: float = DEFAULT_NEAR_TIE,
     fused: bool = False,
+    trust_remote_code: bool = False,
     progress: bool = True,
     loader: Callable = load_model,
 ) -> dict:
@@ -550,9 +552,9 @@ def evaluate(
     released before the build is loaded (``loader`` is injectable for tests)."""
     ref_path = _check_model_dir(ref_dir, "--ref")
     build_path = _check_model_dir(model_dir, "--model")
-    ref_tok = _load_tokenizer(ref_path, "--ref")
+    ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
     tok_fp = tokenizer_fingerprint(ref_tok)
-    if tokenizer_fingerprint(_load_tokenizer(build_path, "--model")) != tok_fp:
+    if tokenizer_fingerprint(_load_tokenizer(build_path, "--model", trust_remote_code)) != tok_fp:
         raise _user_error(
             f"--model {model_dir}: its tokenizer differs from the reference's ({ref_dir}); "
             "KL is only defined over the same vocabulary"
@@ -562,7 +564,7 @@ def evaluate(
     windows = make_windows(docs, ref_tok, seq_len, num_samples, seed, data_name)
     del ref_tok
     ref_fp, win_fp = model_fingerprint(ref_path), windows_fingerprint(windows)
-    cache = ReferenceCache(Path(cache_dir) if cache_dir else default_cache_dir(ref_fp, win_fp))
+    cache = ReferenceCache(Path(cache_dir) if cache_dir else default_cache_dir(ref_fp, win_fp, top_k))
 
     t0 = time.perf_counter()
     reused = cache.exists()
@@ -678,14 +680,17 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="Document shuffle seed (default 0).")
     p.add_argument("--top-k-cache", type=int, default=None,
                    help=f"Reference top-k kept per position (default {DEFAULT_TOP_K}, "
-                        "or what a reused cache holds).")
+                        "or what a reused cache holds). The cache takes 8 bytes per entry: "
+                        "50 x 2048 positions x 1024 is about 0.84 GB.")
     p.add_argument("--cache", default=None,
                    help="Reference cache directory (default: ~/.cache/moequant/eval/<hash>, "
                         "or $MOEQUANT_CACHE/eval/<hash>); reused when it matches.")
     p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
                    help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
     p.add_argument("--fused", action="store_true",
-                   help="Patch the build with moequant's fused MoE decode path.")
+                   help="Patch the build (not the reference) with moequant's fused MoE path.")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).")
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
@@ -695,7 +700,7 @@ def run(args) -> int:
         args.ref, args.model, data=args.data, seq_len=args.seq_len,
         num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
         cache_dir=args.cache, near_tie=args.near_tie, fused=args.fused,
-        progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
     )
     print(format_report(report))
     if args.output:
