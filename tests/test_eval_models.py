@@ -23,6 +23,11 @@ def models(tmp_path_factory):
     out = {"root": root, "ref": ref}
     for b in BITS:
         out[b] = quantize_tiny(ref, root / f"q{b}", b)
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import load_model
+
+    pred = mixed_quant_predicate_builder("mixed_3_6", load_model(ref)[0])
+    out["mixed_3_6"] = quantize_tiny(ref, root / "mixed_3_6", 3, quant_predicate=pred)
     return out
 
 
@@ -53,6 +58,9 @@ def test_more_bits_less_kl_and_deterministic(models, tmp_path):
     assert not again["cache"]["reused"]
     for key in ("kl", "flips", "perplexity"):
         assert again[key] == reports[3][key]
+    # mlx-lm's mixed_3_6 recipe (6-bit head and some down_proj) lands between 4 and 3 bits.
+    mixed = run_eval(models, "mixed_3_6", tmp_path, top_k=128)["kl"]["mean"]
+    assert reports[4]["kl"]["mean"] < mixed < reports[3]["kl"]["mean"]
     other_seed = run_eval(models, 3, tmp_path, seed=1, cache_dir=str(tmp_path / "seed1"))
     assert other_seed["kl"]["mean"] != reports[3]["kl"]["mean"]
 
