@@ -52,7 +52,7 @@ def oracle(windows, ref_logits, build_logits, k, near_tie=0.1):
         return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
 
     lp, lq = logsoftmax(ref_logits), logsoftmax(build_logits)
-    rows = {k_: [] for k_ in ("kl", "flip", "rp", "bp", "near", "rnll", "bnll", "win")}
+    rows = {k_: [] for k_ in ("kl", "flip", "rp", "bp", "brp", "rbp", "near", "rnll", "bnll", "win")}
     for i in range(lp.shape[0]):
         for t in range(lp.shape[1]):
             p, q = np.exp(lp[i, t]), np.exp(lq[i, t])
@@ -68,6 +68,8 @@ def oracle(windows, ref_logits, build_logits, k, near_tie=0.1):
             rows["flip"].append(flip)
             rows["rp"].append(p[ref_pick])
             rows["bp"].append(q[build_pick])
+            rows["brp"].append(q[ref_pick])
+            rows["rbp"].append(p[build_pick] if build_pick in top else np.nan)
             rows["near"].append(flip and build_pick in top and p[ref_pick] - p[build_pick] < near_tie)
             target = windows[i, t + 1]
             rows["rnll"].append(-lp[i, t, target])
@@ -82,7 +84,9 @@ def oracle(windows, ref_logits, build_logits, k, near_tie=0.1):
 
     out = {"kl": mse(r["kl"]), "median": np.median(r["kl"]), "flips": int(f.sum()),
            "kl_flipped": r["kl"][f].mean(), "kl_unflipped": r["kl"][~f].mean(),
-           "rp": r["rp"][f].mean(), "bp": r["bp"][f].mean(),
+           "rp": r["rp"][f].mean(), "bp": r["bp"][f].mean(), "brp": r["brp"][f].mean(),
+           "rbp": np.nanmean(r["rbp"][f]), "rbp_known": int((~np.isnan(r["rbp"][f])).sum()),
+           "max": r["kl"].max(),
            "near": int(r["near"].sum()), "n": n}
     for name in ("rnll", "bnll"):
         m, se, se_w = mse(r[name])
@@ -109,12 +113,16 @@ def test_every_number_matches_numpy(tmp_path, k):
     assert close(got["kl"]["se"], want["kl"][1])
     assert close(got["kl"]["se_windows"], want["kl"][2])
     assert close(got["kl"]["median"], want["median"])
+    assert close(got["kl"]["max"], want["max"])
     assert close(got["kl"]["mean_flipped"], want["kl_flipped"])
     assert close(got["kl"]["mean_unflipped"], want["kl_unflipped"])
     assert got["flips"]["count"] == want["flips"] and 0 < want["flips"] < want["n"]
     assert close(got["flips"]["rate"], want["flips"] / want["n"])
     assert close(got["flips"]["ref_p_ref_pick"], want["rp"])
     assert close(got["flips"]["build_p_build_pick"], want["bp"])
+    assert close(got["flips"]["build_p_ref_pick"], want["brp"])
+    assert close(got["flips"]["ref_p_build_pick"], want["rbp"])
+    assert got["flips"]["ref_p_build_pick_known"] == want["rbp_known"]
     assert got["flips"]["near_ties"] == want["near"] >= 1
     assert close(got["flips"]["near_tie_share"], want["near"] / want["flips"])
     for key, name in (("reference", "rnll"), ("build", "bnll")):
