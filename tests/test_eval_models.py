@@ -184,10 +184,21 @@ def test_bad_input_is_exit_2_naming_the_argument(models, tmp_path, capsys):
         assert c in err, c
 
 
-def test_fused_flag_without_the_fused_path_is_a_user_error(models, tmp_path):
+def test_fused_flag_patches_the_build_only(models, tmp_path, monkeypatch):
     import moequant
 
-    if hasattr(moequant, "patch"):
-        pytest.skip("moequant.patch exists; covered by the fused-path tests")
+    patched = []
+    monkeypatch.setattr(moequant, "patch", patched.append, raising=False)
+    r = run_eval(models, 3, tmp_path, fused=True)
+    assert len(patched) == 1 and r["fused"] is True
+    assert hasattr(patched[0].lm_head, "scales")  # the quantized build, not the float reference
+    monkeypatch.delattr(moequant, "patch")
     with pytest.raises(UserError, match="--fused"):
         run_eval(models, 3, tmp_path, fused=True)
+
+
+def test_progress_bar_on_stderr(models, tmp_path, capsys):
+    assert main(["eval", "--seq-len", str(SEQ), "--num-samples", "2", "--ref", str(models["ref"]),
+                 "--model", str(models[2]), "--cache", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "reference [" in err and "build     [" in err and "2/2" in err
