@@ -129,6 +129,12 @@ def test_chat_jsonl_directory_and_text_data(models, tmp_path):
     assert [n for n, _ in ev.load_documents(str(d), tok)] == [str(d / "a.py"), str(d / "sub" / "b.txt")]
     r = run_eval(models, 4, tmp_path, data=str(d), num_samples=3)
     assert r["data"]["windows"] == 3 and r["kl"]["mean"] > 0
+    # Short data: fewer windows than asked for, said so in the table.
+    short = run_eval(models, 4, tmp_path, data=str(d / "a.py"), num_samples=50,
+                     cache_dir=str(tmp_path / "short"))
+    n = len(tok.encode("import os\n" * 200, add_special_tokens=False)) // SEQ
+    assert short["data"]["windows"] == n < 50
+    assert f"only {n} of the 50 requested" in ev.format_report(short)
 
 
 def _cli(*argv):

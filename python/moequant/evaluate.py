@@ -632,7 +632,10 @@ def _run_build(path, cache, windows, loader, fused, show):
 def format_report(r: dict) -> str:
     kl, fl, pp = r["kl"], r["flips"], r["perplexity"]
     rows = [
-        ("positions", f"{r['positions']} ({r['windows']} windows x {r['data']['seq_len'] - 1})"),
+        ("positions", f"{r['positions']} ({r['windows']} windows x {r['data']['seq_len'] - 1})"
+                      + (f", the data holds only {r['windows']} of the "
+                         f"{r['data']['requested_windows']} requested windows"
+                         if r["windows"] < r["data"]["requested_windows"] else "")),
         ("KL(ref||build) mean", f"{kl['mean']:.4f} ± {kl['se']:.4f} nats "
                                 f"(± {kl['se_windows']:.4f} over windows)"),
         ("KL median", f"{kl['median']:.4f}"),

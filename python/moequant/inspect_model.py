@@ -239,6 +239,7 @@ def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None
             raise _user_error(f"{model_dir}: no quantized {base} for the source's layer {layer} experts")
         bits, gs = by_path[path]["bits"], by_path[path]["group_size"]
         wq, sc, bi = (rdst(f"{path}.{s}") for s in ("weight", "scales", "biases"))
+        mx.eval(wq, sc, bi)  # read the stacked tensors once, not once per expert slice
         if wq.shape[0] != len(experts):
             raise _user_error(
                 f"{model_dir}: {path} holds {wq.shape[0]} experts, the source {len(experts)}")
