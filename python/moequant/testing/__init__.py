@@ -1,0 +1,5 @@
+"""Tiny Kimi-style checkpoints for tests, the demo and benchmarks."""
+
+from .tiny_checkpoint import ct_quantize, make_checkpoint, tiny_text_config
+
+__all__ = ["make_checkpoint", "tiny_text_config", "ct_quantize"]
