@@ -108,7 +108,12 @@ def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
 
 
 def read_config(src: Path) -> SourceConfig:
-    path = Path(src) / "config.json"
+    """Read ``src/config.json`` (``src`` may also be the config file itself)."""
+    src = Path(src)
+    if src.is_file():
+        src, path = src.parent, src
+    else:
+        path = src / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
