@@ -153,10 +153,14 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _share(x: float) -> str:
+    return "<1%" if x < 0.005 else f"{x:.0%}"
+
+
 def format_table(rows: List[ComponentRow], extra_total: str = "") -> str:
     lines = [f"{'component':<16} {'params':>9} {'size':>11} {'bpw':>6}  bits"]
     for r in rows:
-        kinds = ", ".join(f"{k} ({v / r.params:.0%})" if len(r.kinds) > 1 else k
+        kinds = ", ".join(f"{k} ({_share(v / r.params)})" if len(r.kinds) > 1 else k
                           for k, v in sorted(r.kinds.items(), key=lambda kv: -kv[1]))
         lines.append(f"{r.name:<16} {_fmt_params(r.params):>9} {fmt_bytes(r.bytes):>11} "
                      f"{r.bpw:>6.3f}  {kinds}")
