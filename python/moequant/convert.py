@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
 from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
-MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
+MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
 JOURNAL = ".moequant-journal.json"
 RECIPE_FILE = "moequant_recipe.json"
 INDEX = "model.safetensors.index.json"
@@ -263,6 +264,42 @@ def write_shard(path: Path, tensors: Dict[str, mx.array]) -> int:
         raise ConvertError(f"{path}: cannot write shard: {getattr(e, 'strerror', None) or e}") from e
 
 
+class ShardWriter:
+    """Writes shards on a background thread (mx.save_safetensors releases the GIL), one at
+    a time: the next shard's tensors are computed while the previous one is written, and
+    memory holds at most the shard being written plus the one being filled. A unit enters
+    the journal once all its shards are on disk."""
+
+    def __init__(self, dst: Path, out: "OutputPlan", journal: dict, jpath: Path):
+        self.dst, self.out, self.journal, self.jpath = dst, out, journal, jpath
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write")
+        self.inflight = deque()  # (shard index, future), in submission order
+
+    def submit(self, si: int, tensors: Dict[str, mx.array]) -> None:
+        path = self.dst / self.out.shards[si].name
+        self.drain()
+        self.inflight.append((si, self.pool.submit(write_shard, path, tensors)))
+
+    def _finish_oldest(self) -> None:
+        si, fut = self.inflight.popleft()
+        shard = self.out.shards[si]
+        self.journal["sizes"][shard.name] = fut.result()
+        if self.out.unit_shards[shard.unit][-1] == si:
+            self.journal["done"].append(shard.unit)
+            _atomic_write_text(self.jpath, json.dumps(self.journal))
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._finish_oldest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+        return False
+
+
 def _looks_like_output(dst: Path) -> bool:
     names = {p.name for p in dst.iterdir()}
     return bool(names & {JOURNAL, "config.json", INDEX}) or any(
@@ -480,13 +517,14 @@ def convert(
     bar = Progress(input_total, len(units), progress)
     read_bytes = 0
     jobs = [(u, j) for u in todo for j in u.jobs]
-    with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as pool:
-        # Read one job ahead so file IO overlaps the quantization of the current job.
-        ahead = pool.submit(read_job, src, jobs[0][1]) if jobs else None
+    with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
+            ShardWriter(dst, out, journal, jpath) as writer:
+        # Read one job ahead and write behind, so file IO overlaps quantization.
+        ahead = reader.submit(read_job, src, jobs[0][1]) if jobs else None
         pending: Dict[int, Dict[str, mx.array]] = {}
         for n, (unit, job) in enumerate(jobs):
             inputs = to_arrays(ahead.result())
-            ahead = pool.submit(read_job, src, jobs[n + 1][1]) if n + 1 < len(jobs) else None
+            ahead = reader.submit(read_job, src, jobs[n + 1][1]) if n + 1 < len(jobs) else None
             for it, arrays in compute_job(src, job, inputs, res):
                 names = [cfg.prefix + it.path + suffix for suffix, _, _ in
                          output_tensors(it, res.decisions[it.path])]
@@ -498,16 +536,15 @@ def convert(
                     si = out.tensor_shard[name]
                     pending.setdefault(si, {})[name] = arr
                     if len(pending[si]) == len(out.shards[si].tensors):
-                        shard = out.shards[si]
-                        journal["sizes"][shard.name] = write_shard(dst / shard.name, pending.pop(si))
+                        writer.submit(si, pending.pop(si))
             del inputs
             read_bytes += sum(src.tensors[s].nbytes for s in job.sources)
             finished = n + 1 == len(jobs) or jobs[n + 1][0] is not unit
             if finished:
-                journal["done"].append(unit.index)
-                _atomic_write_text(jpath, json.dumps(journal))
                 mx.clear_cache()
             bar.update(read_bytes, len(journal["done"]), unit.name, finished)
+        writer.drain()
+        bar.update(read_bytes, len(journal["done"]), "written", True)
         bar.close()
 
     copy_side_files(src.path, dst)
