@@ -168,3 +168,14 @@ def test_cli_subprocess_convert_and_load_without_moequant(ckpt, tmp_path):
             "assert 'moequant' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "True" in r.stdout, r.stderr
+
+
+def test_inspect_agrees_with_convert(ckpt, tmp_path):
+    """moequant inspect (headers + config only) sees what the converter says it wrote."""
+    from moequant.inspect_model import describe
+
+    src = ckpt("kimi_k25", layers=3)
+    res = convert(src, tmp_path / "out", "alis-3.6", progress=False)
+    d = describe(tmp_path / "out")
+    assert d["total"]["bytes"] == res.total_bytes and d["total"]["params"] == res.total_params
+    assert d["recipe"]["moequant"]["recipe"] == "alis-3.6"

@@ -373,6 +373,14 @@ def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
     quant = {"group_size": group, "bits": bits, "mode": "affine", **per_module}
     config["quantization"] = quant
     config["quantization_config"] = quant
+    # A short record for `moequant inspect` (mlx-lm ignores unknown keys); the full
+    # per-module record is moequant_recipe.json.
+    config["moequant"] = {
+        "version": __version__, "recipe": res.recipe.name,
+        "source": f"compressed-tensors INT4 g{cfg.scheme.group_size}" if cfg.scheme else "bf16",
+        "selected_layers": {f"rule {i} {res.recipe.rules[i]['match']}": layers
+                            for i, layers in res.selected.items()},
+    }
     return dict(sorted(config.items()))
 
 
