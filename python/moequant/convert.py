@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.layout import all_items
-from .checkpoint.safetensors_io import read_into, read_numpy, storage_dtype, to_mx
+from .checkpoint.safetensors_io import read_into, read_numpy
 from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
 from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
@@ -114,40 +114,73 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
 # --------------------------------------------------------------------------- reading
 
 
-def _read_stack(src: Source, names: List[str]) -> np.ndarray:
-    """Read same-shaped tensors straight into one stacked buffer."""
-    first = src.tensors[names[0]]
-    out = np.empty((len(names), *first.shape), dtype=storage_dtype(first))
-    for i, n in enumerate(names):
-        info = src.tensors[n]
-        if info.dtype != first.dtype:
-            raise CheckpointError(f"{info.file}: tensor {n} has dtype {info.dtype}, but "
-                                  f"{names[0]} has {first.dtype}")
-        read_into(info, out[i])
-    return out
+# Storage dtype in MLX for each safetensors dtype; bf16 is filled as uint16 bits.
+_MX_STORAGE = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32,
+               "U32": mx.uint32, "I64": mx.int64}
 
 
-def read_job(src: Source, job: Job) -> List[Tuple[np.ndarray, str]]:
-    """The job's inputs as (numpy storage array, safetensors dtype) pairs. Runs on the
-    prefetch thread (file reads release the GIL); MLX arrays are made on the main thread,
-    since MLX streams are per thread."""
+@dataclass
+class JobInputs:
+    """A job's input buffers, allocated as MLX arrays on the main thread (MLX streams are
+    per thread) and filled in place by the reader thread through writable numpy views,
+    so tensor bytes go from the file to MLX memory in one copy."""
+
+    groups: List[List[str]]  # source names stacked into each buffer
+    dtypes: List[str]
+    arrays: List[mx.array]
+    views: List[np.ndarray]
+
+    def result(self) -> List[mx.array]:
+        return [a.view(mx.bfloat16) if dt == "BF16" else a for a, dt in zip(self.arrays, self.dtypes)]
+
+
+def allocate_job(src: Source, job: Job) -> JobInputs:
     if job.kind != "experts":
-        return [(read_numpy(src.tensors[n]), src.tensors[n].dtype) for n in job.sources]
-    if src.cfg.scheme is None:
-        return [(_read_stack(src, job.sources), src.tensors[job.sources[0]].dtype)]
-    packed_names, scale_names, shape_names = job.sources[0::3], job.sources[1::3], job.sources[2::3]
-    E, n, k = job.items[0].shape
-    for name in shape_names:
-        info = src.tensors[name]
-        if read_numpy(info).tolist() != [n, k]:
-            raise CheckpointError(f"{info.file}: tensor {name} says shape "
-                                  f"{read_numpy(info).tolist()}, but config.json implies {[n, k]}")
-    return [(_read_stack(src, packed_names), "U32"),
-            (_read_stack(src, scale_names), src.tensors[scale_names[0]].dtype)]
+        groups, stacked = [[n] for n in job.sources], False
+    elif src.cfg.scheme is None:
+        groups, stacked = [job.sources], True
+    else:
+        groups, stacked = [job.sources[0::3], job.sources[1::3]], True
+    dtypes, arrays = [], []
+    for names in groups:
+        first = src.tensors[names[0]]
+        for n in names:
+            if src.tensors[n].dtype != first.dtype:
+                raise CheckpointError(f"{src.tensors[n].file}: tensor {n} has dtype "
+                                      f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}")
+        if first.dtype not in _MX_STORAGE:
+            raise CheckpointError(f"{first.file}: tensor {first.name} has unsupported dtype {first.dtype}")
+        shape = (len(names), *first.shape) if stacked else first.shape
+        dtypes.append(first.dtype)
+        arrays.append(mx.zeros(shape, _MX_STORAGE[first.dtype]))
+    mx.eval(arrays)
+    views = [np.asarray(memoryview(a)) for a in arrays]
+    return JobInputs(groups, dtypes, arrays, views)
 
 
-def to_arrays(raw: List[Tuple[np.ndarray, str]]) -> List[mx.array]:
-    return [to_mx(a.view(np.uint32) if dt == "U32" else a, dt) for a, dt in raw]
+def fill_job(src: Source, job: Job, inputs: JobInputs) -> JobInputs:
+    """Read the job's tensors into its buffers (the reader thread; file reads release the
+    GIL), checking INT4 experts' weight_shape values against the config."""
+    if job.kind == "experts" and src.cfg.scheme is not None:
+        E, n, k = job.items[0].shape
+        for name in job.sources[2::3]:
+            info = src.tensors[name]
+            value = read_numpy(info).tolist()
+            if value != [n, k]:
+                raise CheckpointError(f"{info.file}: tensor {name} says shape {value}, but "
+                                      f"config.json implies {[n, k]}")
+    for names, view in zip(inputs.groups, inputs.views):
+        if len(names) == 1 and job.kind != "experts":
+            read_into(src.tensors[names[0]], view)
+        else:
+            for i, name in enumerate(names):
+                read_into(src.tensors[name], view[i])
+    return inputs
+
+
+def read_job(src: Source, job: Job) -> List[mx.array]:
+    """Allocate and read synchronously (used outside the pipelined loop)."""
+    return fill_job(src, job, allocate_job(src, job)).result()
 
 
 # --------------------------------------------------------------------------- computing
@@ -183,7 +216,7 @@ def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[It
     d = dec[it.path]
     if src.cfg.scheme is None:
         return [(it, _quantize(inputs[0], d))]
-    packed, scales = inputs
+    packed, scales = inputs[0].view(mx.uint32), inputs[1]
     gs = src.cfg.scheme.group_size
     if d is not None and d.repack:
         s = scales.astype(mx.bfloat16)
@@ -215,9 +248,9 @@ def expert_sensitivity(src: Source, units: List[Unit]):
                 sub = Job(job.kind, [Item(it.path, it.layer, it.component, it.kind,
                                           (min(8, E - e0), *it.shape[1:]))],
                           job.sources[e0 * per:(e0 + 8) * per])
-                inputs = to_arrays(read_job(src, sub))
+                inputs = read_job(src, sub)
                 if src.cfg.scheme:
-                    packed, scales = inputs
+                    packed, scales = inputs[0].view(mx.uint32), inputs[1]
                     gs = src.cfg.scheme.group_size
                     s = scales.astype(mx.float32)
                     # (u - 8) * s exactly: subtract in integers, one float rounding.
@@ -528,18 +561,22 @@ def convert(
     with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
             ShardWriter(dst, out, journal, jpath) as writer:
         # Read one job ahead and write behind, so file IO overlaps quantization.
-        ahead = reader.submit(read_job, src, jobs[0][1]) if jobs else None
+        def read_ahead(k):
+            if k < len(jobs):
+                return reader.submit(fill_job, src, jobs[k][1], allocate_job(src, jobs[k][1]))
+
+        ahead = read_ahead(0)
         pending: Dict[int, Dict[str, mx.array]] = {}
         for n, (unit, job) in enumerate(jobs):
-            inputs = to_arrays(ahead.result())
-            ahead = reader.submit(read_job, src, jobs[n + 1][1]) if n + 1 < len(jobs) else None
+            inputs = ahead.result().result()
+            ahead = read_ahead(n + 1)
             for it, arrays in compute_job(src, job, inputs, res):
                 names = [cfg.prefix + it.path + suffix for suffix, _, _ in
                          output_tensors(it, res.decisions[it.path])]
                 mx.eval(arrays)
                 for name, arr in zip(names, arrays):
                     shape, dtype = out.tensor_meta[name]
-                    if tuple(arr.shape) != shape or arr.nbytes != tensor_bytes(shape, dtype):
+                    if tuple(arr.shape) != shape or arr.dtype != getattr(mx, dtype):
                         raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
                     si = out.tensor_shard[name]
                     pending.setdefault(si, {})[name] = arr
