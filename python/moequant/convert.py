@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.layout import all_items
-from .checkpoint.safetensors_io import read_into, read_numpy
+from .checkpoint.safetensors_io import MX_STORAGE, read_into, read_numpy
 from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
 from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
@@ -114,11 +114,6 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
 # --------------------------------------------------------------------------- reading
 
 
-# Storage dtype in MLX for each safetensors dtype; bf16 is filled as uint16 bits.
-_MX_STORAGE = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32,
-               "U32": mx.uint32, "I64": mx.int64}
-
-
 @dataclass
 class JobInputs:
     """A job's input buffers, allocated as MLX arrays on the main thread (MLX streams are
@@ -148,11 +143,11 @@ def allocate_job(src: Source, job: Job) -> JobInputs:
             if src.tensors[n].dtype != first.dtype:
                 raise CheckpointError(f"{src.tensors[n].file}: tensor {n} has dtype "
                                       f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}")
-        if first.dtype not in _MX_STORAGE:
+        if first.dtype not in MX_STORAGE:
             raise CheckpointError(f"{first.file}: tensor {first.name} has unsupported dtype {first.dtype}")
         shape = (len(names), *first.shape) if stacked else first.shape
         dtypes.append(first.dtype)
-        arrays.append(mx.zeros(shape, _MX_STORAGE[first.dtype]))
+        arrays.append(mx.zeros(shape, MX_STORAGE[first.dtype]))
     mx.eval(arrays)
     views = [np.asarray(memoryview(a)) for a in arrays]
     return JobInputs(groups, dtypes, arrays, views)

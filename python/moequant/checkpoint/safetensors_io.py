@@ -20,15 +20,11 @@ import numpy as np
 
 from .errors import CheckpointError
 
-# safetensors dtype -> (numpy storage dtype, mlx dtype). bf16 is carried as uint16 bits.
-DTYPES = {
-    "BF16": (np.uint16, mx.bfloat16),
-    "F16": (np.float16, mx.float16),
-    "F32": (np.float32, mx.float32),
-    "I32": (np.int32, mx.int32),
-    "U32": (np.uint32, mx.uint32),
-    "I64": (np.int64, mx.int64),
-}
+# safetensors dtype -> storage dtype in numpy and in MLX (bf16 is carried as uint16 bits).
+NP_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I32": np.int32,
+              "U32": np.uint32, "I64": np.int64}
+MX_STORAGE = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32,
+              "U32": mx.uint32, "I64": mx.int64}
 
 _MAX_HEADER = 100 << 20
 
@@ -84,11 +80,11 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
 
 
 def _np_dtype(info: TensorInfo):
-    if info.dtype not in DTYPES:
+    if info.dtype not in NP_STORAGE:
         raise CheckpointError(
             f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}"
         )
-    return DTYPES[info.dtype][0]
+    return NP_STORAGE[info.dtype]
 
 
 def read_into(info: TensorInfo, out: np.ndarray) -> None:
@@ -116,17 +112,3 @@ def read_numpy(info: TensorInfo) -> np.ndarray:
     out = np.empty(info.shape, dtype=_np_dtype(info))
     read_into(info, out)
     return out
-
-
-def to_mx(arr: np.ndarray, dtype: str) -> mx.array:
-    """numpy storage array -> mx.array of the safetensors dtype (bf16 from uint16 bits)."""
-    a = mx.array(arr)
-    return a.view(mx.bfloat16) if dtype == "BF16" else a
-
-
-def read_mx(info: TensorInfo) -> mx.array:
-    return to_mx(read_numpy(info), info.dtype)
-
-
-def storage_dtype(info: TensorInfo):
-    return _np_dtype(info)
