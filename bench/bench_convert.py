@@ -121,8 +121,10 @@ def main():
         print(f"{name:<18} {r['wall']:>8.2f} {in_bytes / r['wall'] / 1e9:>11.3f} "
               f"{r['peak'] / 1e9:>8.2f} {r['out_bytes'] / 1e9:>10.3f}")
     ours, theirs = results["moequant convert"], results["mlx-lm route"]
-    print(f"\nspeedup {theirs['wall'] / ours['wall']:.1f}x, peak memory "
-          f"{ours['peak'] / theirs['peak']:.2f}x of mlx-lm's")
+    speedup, mem = theirs["wall"] / ours["wall"], ours["peak"] / theirs["peak"]
+    ok = speedup >= 5 and mem <= 1 / 3
+    print(f"\nspeedup {speedup:.1f}x, peak memory {mem:.2f}x of mlx-lm's "
+          f"(target >= 5x and <= 0.33x: {'met' if ok else 'NOT met'})")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
