@@ -179,3 +179,19 @@ def test_inspect_agrees_with_convert(ckpt, tmp_path):
     d = describe(tmp_path / "out")
     assert d["total"]["bytes"] == res.total_bytes and d["total"]["params"] == res.total_params
     assert d["recipe"]["moequant"]["recipe"] == "alis-3.6"
+
+
+@pytest.mark.parametrize("recipe,mlx_args", [("mixed_3_6", {"quant_predicate": "mixed_3_6"}),
+                                             ("uniform-4", {"q_bits": 4})])
+def test_bf16_source_equals_mlx_lm_convert(ckpt, tmp_path, recipe, mlx_args):
+    """On a plain bf16 checkpoint mlx-lm's own convert quantizes everything itself, so its
+    output is a second oracle: every tensor must be identical, name, dtype and bytes."""
+    from mlx_lm.convert import convert as mlx_convert
+
+    src = ckpt("deepseek_v3", layers=9, int4_group=None)
+    convert(src, tmp_path / "ours", recipe, progress=False)
+    mlx_convert(str(src), str(tmp_path / "ref"), quantize=True, q_group_size=64, **mlx_args)
+    ours, ref = load_dir(tmp_path / "ours"), load_dir(tmp_path / "ref")
+    assert set(ours) == set(ref)
+    bad = [k for k in ref if not (ours[k].dtype == ref[k].dtype and bool(mx.array_equal(ours[k], ref[k]).item()))]
+    assert not bad, bad[:5]
