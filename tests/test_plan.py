@@ -128,3 +128,16 @@ def test_recipe_file_and_rules(tmp_path):
         f.write_text(json.dumps(bad))
         with pytest.raises(RecipeError):
             load_recipe(str(f))
+
+
+def test_auto_samples_experts(ckpt, tmp_path, monkeypatch):
+    """With more experts than AUTO_SAMPLE_EXPERTS, auto reads an evenly spaced sample."""
+    import moequant.convert as c
+
+    src = ckpt("kimi_k2", layers=3, text_overrides={"n_routed_experts": 40})
+    read = []
+    real = c.read_job
+    monkeypatch.setattr(c, "read_job", lambda s, job: read.append(len(job.sources)) or real(s, job))
+    res = convert(src, tmp_path / "o", "alis-3.6", upgrade_layers="auto", progress=False)
+    assert sum(read) == 2 * 14 * 3  # 2 MoE layers x experts 0, 3, ..., 39 x 3 tensors each
+    assert len(res.resolution.selected[2]) == 1
