@@ -141,3 +141,19 @@ def test_auto_samples_experts(ckpt, tmp_path, monkeypatch):
     res = convert(src, tmp_path / "o", "alis-3.6", upgrade_layers="auto", progress=False)
     assert sum(read) == 2 * 14 * 3  # 2 MoE layers x experts 0, 3, ..., 39 x 3 tensors each
     assert len(res.resolution.selected[2]) == 1
+
+
+def test_full_size_kimi_k25_headers(tmp_path, capsys):
+    """The whole Kimi-K2.5 tensor inventory as real safetensors headers over sparse files
+    (64 shards, 207k tensors, no data): the headers validate against the config, the
+    input is the documented 594.2 GB of text weights, and convert --dry-run plans the
+    card's build without writing anything."""
+    from moequant.testing.tiny_checkpoint import make_sparse_checkpoint
+
+    src = make_sparse_checkpoint(tmp_path / "k25", json.loads(KIMI_K25.read_text()))
+    plan = make_plan(src, "alis-3.6")
+    assert plan.input_bytes / 1e9 == pytest.approx(594.2, abs=0.05)
+    assert plan.bytes == make_plan(KIMI_K25, "alis-3.6").bytes
+    assert cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"),
+                     "--dry-run"]) == 0
+    assert "464.92 GB" in capsys.readouterr().out and not (tmp_path / "out").exists()

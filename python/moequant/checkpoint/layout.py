@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .config import SourceConfig
 
@@ -62,8 +62,7 @@ class Unit:
     jobs: List[Job]
 
 
-@dataclass(frozen=True)
-class Expect:
+class Expect(NamedTuple):  # a tuple: built 200k times for Kimi
     """What a source tensor must look like."""
 
     shape: Tuple[int, ...]
@@ -82,8 +81,9 @@ def build_layout(cfg: SourceConfig) -> Tuple[List[Unit], Dict[str, Expect]]:
     units: List[Unit] = []
 
     def src(name, shape, kind="float"):
-        expect[p + name] = Expect(tuple(shape), kind)
-        return p + name
+        full = p + name
+        expect[full] = Expect(tuple(shape), kind)
+        return full
 
     def norm(path, dim, layer):
         return Job("param", [Item(path, layer, "norms & biases", "param", (dim,))],

@@ -269,3 +269,40 @@ def _write_shards(dst: Path, tensors: dict, shards: int) -> None:
         weight_map.update({n: fname for n in group})
     (dst / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+_ST_DTYPE = {"float": ("BF16", 2), "fp32": ("F32", 4), "packed": ("I32", 4), "shape": ("I32", 4)}
+
+
+def make_sparse_checkpoint(dst, config: dict, shards: int = 64) -> Path:
+    """A full-size checkpoint whose tensor data are holes: real safetensors headers (names,
+    dtypes, shapes, offsets) over sparse files. For planning and validating real model
+    sizes (e.g. the 595 GB Kimi-K2.5) without the disk space; never read the data."""
+    import struct
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    units, expect = build_layout(read_config(dst))
+    names = [n for u in units for j in u.jobs for n in j.sources]
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        chunk = names[i * per:(i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"
+        header, off = {}, 0
+        for n in chunk:
+            dtype, size = _ST_DTYPE[expect[n].kind]
+            nbytes = size * int(np.prod(expect[n].shape))
+            header[n] = {"dtype": dtype, "shape": list(expect[n].shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+            weight_map[n] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dst / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + off)
+        total += off
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return dst
