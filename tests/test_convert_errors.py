@@ -168,3 +168,13 @@ def test_not_enough_space_up_front(src, tmp_path, capsys, monkeypatch):
                         lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
     assert run(src, tmp_path / "out") == 1
     assert "only 0.00 GB is free" in capsys.readouterr().err
+
+
+def test_unreadable_shard_named(src, tmp_path, capsys):
+    # Tests run as root, where permission bits do not stop reads: make it a directory.
+    shard = sorted(src.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    shard.mkdir()
+    assert run(src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "cannot read" in err
