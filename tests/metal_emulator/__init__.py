@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -121,9 +122,21 @@ def _which(names):
     return None
 
 
+def _clang_major(cxx: str) -> int:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"clang version (\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
 def default_compiler(strict: bool = False) -> str | None:
     if strict:
-        return _which(["clang++", "clang++-19", "clang++-16", "clang++-15", "clang++-14"])
+        # clang >= 15: older versions have no _Float16 (our `half`) on x86-64.
+        for name in ["clang++-20", "clang++-19", "clang++-18", "clang++-17", "clang++-16",
+                     "clang++-15", "clang++"]:
+            p = shutil.which(name)
+            if p and _clang_major(p) >= 15:
+                return p
+        return None
     return os.environ.get("MOEQUANT_EMU_CXX") or _which(["g++", "clang++", "c++"])
 
 
@@ -175,22 +188,27 @@ def _compiler_id(cxx: str) -> str:
 
 
 class MetalLibrary:
-    """A .metal file compiled for the emulator; `kernels` lists its host names."""
+    """A .metal file compiled for the emulator; `kernels` lists its host names.
+
+    strict: compile with clang++ and threadgroup pointers in their own address space.
+    only: compile just these host names (faster, for focused tests).
+    cache: directory for the compiled library (default: cache_dir()).
+    context_switch: "asm" (x86-64) or "ucontext" (portable fallback)."""
 
     def __init__(self, path, *, include_dirs=(), defines=(), strict: bool = False,
                  lint: bool = True, compiler: str | None = None,
-                 context_switch: str = "asm"):
+                 context_switch: str = "asm", only=None, cache=None):
         self.path = _resolve(path)
         cxx = compiler or default_compiler(strict)
         if cxx is None:
-            raise MetalCompileError("no C++ compiler found (strict mode needs clang++)")
+            raise MetalCompileError("no C++ compiler found (strict mode needs clang++ >= 15)")
         pre = preprocess(self.path, cxx, include_dirs, defines)
         if lint:
             issues = lint_preprocessed(pre)
             if issues:
                 raise MetalLintError(issues)
         try:
-            tr = translate(pre)
+            tr = translate(pre, only)
         except TranslateError as e:
             raise MetalCompileError(f"translation failed: {e}") from None
         source = f'#include "{SHIM_DIR / "metal_stdlib"}"\n{tr.cpp}\n{launch_glue(tr)}\n'
@@ -207,7 +225,7 @@ class MetalLibrary:
             h.update(part.encode())
         for f in sorted(RUNTIME_DIR.iterdir()):
             h.update(f.read_bytes())
-        so = cache_dir() / f"{self.path.stem}-{h.hexdigest()[:20]}.so"
+        so = Path(cache or cache_dir()) / f"{self.path.stem}-{h.hexdigest()[:20]}.so"
         if not so.exists():
             self._compile(cxx, flags, source, so)
         self._lib = ctypes.CDLL(str(so))

@@ -112,7 +112,8 @@ class Translation:
 
 
 class _Translator:
-    def __init__(self, text: str):
+    def __init__(self, text: str, only=None):
+        self.only = None if only is None else set(only)
         self.toks = tokenize(text)
         self.n = len(self.toks)
         self.line_map = self._line_map()
@@ -305,6 +306,8 @@ class _Translator:
                 if not self.is_template(i):
                     kernels[kd.name] = kd.name
                 self.erase(i, i + 1)
+        if self.only is not None and set(self.only) - set(kernels):
+            raise TranslateError(f"no kernels named {sorted(set(self.only) - set(kernels))}")
         for fid in kernels.values():
             base = re.sub(r"<.*", "", fid).split("::")[-1].strip()
             if base not in defs:
@@ -340,6 +343,13 @@ class _Translator:
             self.fail(at, f"explicit instantiation {fid} has no [[host_name(...)]]")
         if host in kernels:
             self.fail(at, f"host name {host} is used twice")
+        if self.only is not None and host not in self.only:
+            # Not compiled at all: fewer instantiations, faster builds for focused tests.
+            k = self.prev_sig(at)
+            while self.text(k) != "template":
+                k = self.prev_sig(k)
+            self.erase(k, semi + 1)
+            return
         kernels[host] = fid
 
     # ---- address spaces -------------------------------------------------------------
@@ -452,8 +462,9 @@ class _Translator:
                     t.out = f"#line {m.group(1)} {m.group(2)}"
 
 
-def translate(preprocessed: str) -> Translation:
-    return _Translator(preprocessed).run()
+def translate(preprocessed: str, only=None) -> Translation:
+    """only: host names to keep; other explicit instantiations are dropped."""
+    return _Translator(preprocessed, only).run()
 
 
 def launch_glue(tr: Translation) -> str:

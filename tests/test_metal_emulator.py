@@ -1,0 +1,335 @@
+"""The Metal emulator itself: GPU semantics of the executor, error reporting, the lint,
+strict mode, and mutated kernels that it must catch. Kernels under test live in
+tests/metal_emulator/kernels/harness.metal."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metal_emulator import (
+    HERE, REPO_ROOT, MetalCompileError, MetalEmulatorError, MetalLibrary, MetalLintError,
+    clang_available, lint_file,
+)
+
+HARNESS = HERE / "kernels" / "harness.metal"
+SCHEDULES = ("forward", "reverse", "random")
+# Prefixes of host names in metal/ and the test module that runs them on the emulator.
+# A new kernel in metal/ fails test_every_metal_kernel_is_covered until it is added here.
+COVERED = {"requantize_int4_": "tests/test_metal_requantize.py"}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return MetalLibrary(HARNESS)
+
+
+def harness_copy(tmp_path: Path, old: str, new: str) -> MetalLibrary:
+    text = HARNESS.read_text()
+    assert old in text, f"mutation target not found: {old!r}"
+    p = tmp_path / "harness.metal"
+    p.write_text(text.replace(old, new))
+    return MetalLibrary(p, cache=tmp_path)
+
+
+# ---- tg_sum: threadgroup memory, barrier, simd_sum ------------------------------------
+def run_tg_sum(lib, dtype, schedule, n=1000, tg=256, seed=0):
+    x = np.random.default_rng(seed).standard_normal(n).astype(dtype)
+    n_tg = (n + tg - 1) // tg
+    out = np.zeros(n_tg, np.float32)
+    lib.run(f"tg_sum_{'float' if dtype == np.float32 else 'half'}",
+            {0: x, 1: out, 2: np.uint32(n)}, grid=(n_tg, 1, 1), threadgroup=(tg, 1, 1),
+            schedule=schedule, seed=seed)
+    want = np.array([x[i * tg:(i + 1) * tg].astype(np.float64).sum() for i in range(n_tg)])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tg_sum(lib, dtype, schedule):
+    run_tg_sum(lib, dtype, schedule)
+
+
+def test_tg_sum_ucontext_fallback():
+    """The portable context switch (the one aarch64 Linux uses) gives the same results."""
+    lib = MetalLibrary(HARNESS, context_switch="ucontext")
+    for schedule in SCHEDULES:
+        run_tg_sum(lib, np.float32, schedule, n=600)
+
+
+def run_all_schedules(lib):
+    for schedule in SCHEDULES:
+        run_tg_sum(lib, np.float32, schedule, seed=3)
+
+
+TG_SUM_MUTATIONS = {
+    # name: (old, new, expected error text or None for wrong output)
+    "missing-barrier": ("  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid == 0)",
+                        "  if (sgid == 0)", None),
+    "off-by-one-partials": ("lid < n_sg ? partial[lid]", "lid <= n_sg ? partial[lid]", None),
+    "wrong-lane": ("if (lane == 0) {\n    partial", "if (lane == 1 && sgid > 0) {\n    partial",
+                   None),
+    "early-return-before-barrier": ("  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
+                                    "  if (lid >= 200) {\n    return;\n  }\n"
+                                    "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
+                                    r"exited"),
+    "barrier-in-branch": ("partial[sgid] = v;\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+                          "partial[sgid] = v;\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n  }",
+                          r"barrier|deadlock"),
+    "divergent-collectives": ("v = simd_sum(v);", "v = lane < 16 ? simd_sum(v) : simd_max(v);",
+                              r"divergent simd collectives"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(TG_SUM_MUTATIONS))
+def test_tg_sum_mutation_is_caught(tmp_path, mutation):
+    old, new, err = TG_SUM_MUTATIONS[mutation]
+    lib = harness_copy(tmp_path, old, new)
+    with pytest.raises((AssertionError, MetalEmulatorError)) as e:
+        run_all_schedules(lib)
+    if err:
+        assert e.type is MetalEmulatorError and re.search(err, str(e.value)), str(e.value)
+
+
+def test_missing_barrier_needs_several_schedules(tmp_path):
+    """Why tests run more than one schedule: the reverse order hides this bug."""
+    old, new, _ = TG_SUM_MUTATIONS["missing-barrier"]
+    lib = harness_copy(tmp_path, old, new)
+    run_tg_sum(lib, np.float32, "reverse")
+    with pytest.raises(AssertionError):
+        run_tg_sum(lib, np.float32, "forward")
+
+
+# ---- collectives ----------------------------------------------------------------------
+def expected_collectives(x, active=32):
+    """numpy model of the `collectives` kernel for one full simdgroup."""
+    n = len(x)
+    lane = np.arange(n)
+    own = lambda src, ok: np.where(ok, x[np.clip(src, 0, n - 1)], x)
+    o = np.zeros((n, 12), np.float64)
+    o[:, 0] = x.sum()
+    o[:, 1] = x.max()
+    o[:, 2] = x.min()
+    o[:, 3] = own(lane + 3, lane + 3 < 32)
+    o[:, 4] = own(lane - 2, lane >= 2)
+    o[:, 5] = x[lane ^ 5]
+    o[:, 6] = x[7]
+    o[:, 7] = x[31 - lane]
+    o[:, 8] = np.cumsum(x) - x
+    o[:, 9] = np.cumsum(x)
+    o[:, 10] = float((x > 0).all()) + 2.0 * float((x > 0.5).any())
+    s = x.astype(np.float64)
+    for d in (16, 8, 4, 2, 1):
+        s = s + np.where(lane + d < 32, s[np.clip(lane + d, 0, n - 1)], s)
+    o[:, 11] = s
+    return o
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_collectives(lib, schedule):
+    x = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    out = np.zeros((64, 12), np.float32)
+    lib.run("collectives", {0: x, 1: out}, grid=(1, 1, 1), threadgroup=(64, 1, 1),
+            schedule=schedule)
+    for sg in range(2):
+        want = expected_collectives(x[32 * sg:32 * (sg + 1)].astype(np.float64))
+        np.testing.assert_allclose(out[32 * sg:32 * (sg + 1)], want, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_simdgroup(lib):
+    """40 threads: the second simdgroup has 8 lanes. Reductions cover the active lanes;
+    reading an absent lane gives poison (NaN), not a plausible value."""
+    x = np.arange(1, 41, dtype=np.float32)
+    out = np.zeros((40, 12), np.float32)
+    lib.run("collectives", {0: x, 1: out}, grid=(1, 1, 1), threadgroup=(40, 1, 1))
+    tail = out[32:]
+    np.testing.assert_array_equal(tail[:, 0], x[32:].sum())
+    np.testing.assert_array_equal(tail[:, 1], 40)
+    np.testing.assert_array_equal(tail[:, 6], x[39])  # lane 7 is present
+    assert np.isnan(tail[5, 3])  # lane 5 + 3 = lane 8 does not exist
+
+
+# ---- vectors, threadgroup arguments ---------------------------------------------------
+def test_vec_ops(lib):
+    rows, cols = 5, 7
+    a = np.random.default_rng(2).standard_normal((rows, cols, 4)).astype(np.float32)
+    out = np.zeros((rows, cols, 4), np.float32)
+    lib.run("vec_ops", {0: a, 1: out, 2: np.array([rows, cols], np.uint32)},
+            grid=(2, 2, 1), threadgroup=(4, 4, 1), schedule="random")
+    want = np.stack([np.abs(a).sum(-1), np.clip(a[..., 0], -0.5, 0.5), -a[..., 1],
+                     a[..., 3].astype(np.float16).astype(np.float32)
+                     + np.maximum(a[..., 2], a[..., 3])], -1)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_threadgroup_argument(lib, schedule):
+    x = np.arange(256, dtype=np.float32)
+    y = np.zeros_like(x)
+    lib.run("tg_reverse", {0: x, 1: y}, grid=(4, 1, 1), threadgroup=(64, 1, 1),
+            threadgroup_memory={0: 64 * 4}, schedule=schedule)
+    np.testing.assert_array_equal(y, x.reshape(4, 64)[:, ::-1].ravel())
+
+
+# ---- errors ---------------------------------------------------------------------------
+def test_threadgroup_memory_limit(lib):
+    with pytest.raises(MetalEmulatorError, match=r"threadgroup memory of 36000 bytes exceeds "
+                                                 r"the 32768-byte limit"):
+        lib.run("tg_too_big", {0: np.zeros(64, np.float32)}, threadgroup=(64, 1, 1))
+    with pytest.raises(MetalEmulatorError, match="limit"):
+        lib.run("tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
+                threadgroup=(64, 1, 1), threadgroup_memory={0: 40000})
+    with pytest.raises(MetalEmulatorError, match=r"threadgroup_memory"):
+        lib.run("tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
+                threadgroup=(64, 1, 1))
+
+
+def test_out_of_bounds_is_reported(lib):
+    x = np.arange(128, dtype=np.float32)
+    with pytest.raises(MetalEmulatorError, match=r"out-of-bounds write of 4 bytes at byte "
+                                                 r"offset 508 of buffer\(1\) \(508 bytes\)"):
+        lib.run("tg_reverse", {0: x, 1: np.zeros(127, np.float32)}, grid=(2, 1, 1),
+                threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
+    with pytest.raises(MetalEmulatorError, match=r"out-of-bounds read .* of buffer\(0\)"):
+        lib.run("tg_reverse", {0: x[:100].copy(), 1: np.zeros(128, np.float32)},
+                grid=(2, 1, 1), threadgroup=(64, 1, 1), threadgroup_memory={0: 256},
+                schedule="reverse")
+
+
+def test_binding_errors(lib):
+    x = np.zeros(64, np.float32)
+    y = np.zeros(64, np.float32)
+    y.flags.writeable = False
+    with pytest.raises(MetalEmulatorError, match=r"read-only"):
+        lib.run("tg_reverse", {0: x, 1: y}, threadgroup=(64, 1, 1),
+                threadgroup_memory={0: 256})
+    with pytest.raises(MetalEmulatorError, match=r"buffer\(1\) .* not bound"):
+        lib.run("tg_reverse", {0: x}, threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
+    with pytest.raises(MetalEmulatorError, match=r"4 bytes but 8 bytes"):
+        lib.run("tg_sum_float", {0: x, 1: x.copy(), 2: np.uint64(64)}, threadgroup=(64, 1, 1))
+    with pytest.raises(TypeError, match=r"np.uint32"):
+        lib.run("tg_sum_float", {0: x, 1: x.copy(), 2: 64}, threadgroup=(64, 1, 1))
+    with pytest.raises(KeyError):
+        lib.run("no_such_kernel", {})
+
+
+def test_bytes_counted(lib):
+    x = np.arange(256, dtype=np.float32)
+    y = np.zeros_like(x)
+    res = lib.run("tg_reverse", {0: x, 1: y}, grid=(4, 1, 1), threadgroup=(64, 1, 1),
+                  threadgroup_memory={0: 256}, count_unique=True)
+    assert (res.bytes_read, res.bytes_written) == (1024, 1024)
+    assert (res.unique_bytes_read, res.unique_bytes_written) == (1024, 1024)
+    assert res.threadgroup_memory == 256
+
+
+# ---- lint -----------------------------------------------------------------------------
+def test_metal_sources_pass_lint():
+    for src in sorted((REPO_ROOT / "metal").glob("*.metal")):
+        assert lint_file(src) == [], src
+
+
+LINT_CASES = {
+    "double": ("  const float n_bins", "  double unused = 0;\n  const float n_bins"),
+    "std": ("  const float n_bins", "  float unused = std::max(1.0f, 2.0f);\n  const float n_bins"),
+    "static-local": ("  const float n_bins", "  static int calls = 0;\n  const float n_bins"),
+    "recursion": ("#include \"quant_math.h\"\n",
+                  "#include \"quant_math.h\"\n"
+                  "inline int mq_even(int n);\n"
+                  "inline int mq_odd(int n) { return n == 0 ? 0 : mq_even(n - 1); }\n"
+                  "inline int mq_even(int n) { return n == 0 ? 1 : mq_odd(n - 1); }\n"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(LINT_CASES))
+def test_lint_rejects(tmp_path, rule):
+    d = tmp_path / "metal"
+    shutil.copytree(REPO_ROOT / "metal", d)
+    old, new = LINT_CASES[rule]
+    text = (d / "requantize.h").read_text()
+    assert old in text
+    (d / "requantize.h").write_text(text.replace(old, new, 1))
+    issues = lint_file(d / "requantize.metal")
+    assert [i.rule for i in issues] == [rule], issues
+    assert "requantize.h:" in str(issues[0])
+    with pytest.raises(MetalLintError, match=rule):
+        MetalLibrary(d / "requantize.metal", cache=tmp_path)
+
+
+def test_host_headers_are_not_reachable(tmp_path):
+    p = tmp_path / "k.metal"
+    p.write_text("#include <cmath>\n#include <metal_stdlib>\n")
+    with pytest.raises(MetalCompileError, match="cmath"):
+        MetalLibrary(p, cache=tmp_path)
+
+
+# ---- coverage of metal/ ---------------------------------------------------------------
+def test_every_metal_kernel_is_covered():
+    """Every host-named kernel in metal/ must be run by some emulator test module."""
+    for src in sorted((REPO_ROOT / "metal").glob("*.metal")):
+        for name in MetalLibrary(src).kernels:
+            assert any(name.startswith(p) for p in COVERED), (
+                f"{src.name}: kernel {name} has no emulator test; add its tests and its "
+                f"prefix to COVERED")
+
+
+# ---- strict mode (clang address spaces) ------------------------------------------------
+needs_clang = pytest.mark.skipif(not clang_available(), reason="strict mode needs clang++ >= 15 "
+                                 "(apt-get install clang-19)")
+
+ADDRESS_SPACE_KERNEL = """
+#include <metal_stdlib>
+using namespace metal;
+inline float first(%s float* p) { return p[0]; }
+[[kernel]] void k(device float* y [[buffer(0)]], uint lid [[thread_position_in_threadgroup]]) {
+  threadgroup float buf[32];
+  buf[lid] = float(lid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  y[lid] = first(%s);
+}
+"""
+
+
+def address_space_lib(tmp_path, param_space, arg, strict):
+    p = tmp_path / f"as_{param_space}_{strict}.metal"
+    p.write_text(ADDRESS_SPACE_KERNEL % (param_space, arg))
+    return MetalLibrary(p, strict=strict, cache=tmp_path)
+
+
+@needs_clang
+def test_strict_mode_rejects_address_space_mismatch(tmp_path):
+    # A threadgroup pointer where a thread pointer is expected: only strict mode sees it.
+    address_space_lib(tmp_path, "thread", "buf", strict=False)
+    with pytest.raises(MetalCompileError, match="no known conversion|address space"):
+        address_space_lib(tmp_path, "thread", "buf", strict=True)
+    ok = address_space_lib(tmp_path, "threadgroup", "buf", strict=True)
+    y = np.zeros(32, np.float32)
+    ok.run("k", {0: y}, threadgroup=(32, 1, 1))
+    assert (y == 0).all()
+
+
+def test_device_pointer_mismatch_rejected_in_both_modes(tmp_path):
+    # Device pointers are their own type, so this fails with g++ too.
+    with pytest.raises(MetalCompileError):
+        address_space_lib(tmp_path, "device", "buf", strict=False)
+
+
+@needs_clang
+def test_strict_mode_runs_the_real_kernels(tmp_path):
+    from metal_emulator import requantize_check as rq
+
+    only = [rq.kernel_name(4, 64, 32, "float32", "bfloat16"),
+            rq.kernel_name(3, 128, 64, "bfloat16", "float16")]
+    lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", strict=True, only=only,
+                       cache=tmp_path)
+    packed, scales = rq.make_inputs(np.random.default_rng(4), (9, 512), 64, "bfloat16")
+    rq.check(lib, packed, scales, 3, 128, 64, "bfloat16", "float16", "random")
+    for schedule in ("forward", "reverse"):
+        s = rq.make_inputs(np.random.default_rng(5), (9, 512), 32, "float32")
+        rq.check(lib, *s, 4, 64, 32, "float32", "bfloat16", schedule)
+    strict_tg = MetalLibrary(HARNESS, strict=True, cache=tmp_path)
+    run_all_schedules(strict_tg)
