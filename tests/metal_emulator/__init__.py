@@ -167,6 +167,14 @@ def _run(cmd, what):
     return r.stdout
 
 
+def _build(root: Path, target: Path, cmd: list, what: str):
+    """Runs cmd with `-o tmp`, then renames: parallel test workers may race on the cache."""
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / target.name
+        _run([*cmd, "-o", str(out)], what)
+        os.replace(out, target)
+
+
 def preprocess(src: Path, cxx: str, include_dirs=(), defines=()) -> str:
     """The prepass: macros and includes resolved, address spaces as marker tokens.
     -nostdinc: a kernel cannot include host headers, only the shim and its own."""
@@ -193,11 +201,12 @@ class MetalLibrary:
     strict: compile with clang++ and threadgroup pointers in their own address space.
     only: compile just these host names (faster, for focused tests).
     cache: directory for the compiled library (default: cache_dir()).
+    opt: optimisation flag; -Og builds the 486 requantize kernels 3x faster than -O1.
     context_switch: "asm" (x86-64) or "ucontext" (portable fallback)."""
 
     def __init__(self, path, *, include_dirs=(), defines=(), strict: bool = False,
                  lint: bool = True, compiler: str | None = None,
-                 context_switch: str = "asm", only=None, cache=None):
+                 context_switch: str = "asm", only=None, cache=None, opt: str = "-Og"):
         self.path = _resolve(path)
         cxx = compiler or default_compiler(strict)
         if cxx is None:
@@ -212,37 +221,41 @@ class MetalLibrary:
         except TranslateError as e:
             raise MetalCompileError(f"translation failed: {e}") from None
         source = f'#include "{SHIM_DIR / "metal_stdlib"}"\n{tr.cpp}\n{launch_glue(tr)}\n'
-        flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden",
+        flags = ["-std=c++20", opt, "-fPIC", "-shared", "-fvisibility=hidden",
                  "-fno-strict-aliasing", "-ffp-contract=off", "-w"]
         if strict:
             flags.append("-DMSL_STRICT")
         if "clang" not in Path(cxx).name:
             flags.append("-fsingle-precision-constant")  # unsuffixed literals are float in MSL
+        rt_flags = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-c"]
         if context_switch == "ucontext":
-            flags.append("-DMSL_USE_UCONTEXT")
-        h = hashlib.sha256()
-        for part in [source, " ".join(flags), _compiler_id(cxx)]:
-            h.update(part.encode())
+            rt_flags.append("-DMSL_USE_UCONTEXT")
+        cid = _compiler_id(cxx)
+        rt_hash = hashlib.sha256(" ".join(rt_flags + [cid]).encode())
         for f in sorted(RUNTIME_DIR.iterdir()):
-            h.update(f.read_bytes())
-        so = Path(cache or cache_dir()) / f"{self.path.stem}-{h.hexdigest()[:20]}.so"
+            rt_hash.update(f.read_bytes())
+        h = hashlib.sha256(rt_hash.digest())
+        for part in [source, " ".join(flags)]:
+            h.update(part.encode())
+        root = Path(cache or cache_dir())
+        so = root / f"{self.path.stem}-{h.hexdigest()[:20]}.so"
         if not so.exists():
-            self._compile(cxx, flags, source, so)
+            # The runtime is the same for every kernel file: built once per cache.
+            rt_obj = cache_dir() / f"msl_runtime-{rt_hash.hexdigest()[:20]}.o"
+            if not rt_obj.exists():
+                _build(rt_obj.parent, rt_obj, [cxx, *rt_flags, str(RUNTIME_DIR / "msl_runtime.cpp")],
+                       "compiling the emulator runtime")
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                cpp = Path(tmp) / (self.path.stem + ".emu.cpp")
+                cpp.write_text(source)
+                _build(root, so, [cxx, *flags, str(cpp), str(rt_obj)],
+                       f"compiling {self.path.name}")
         self._lib = ctypes.CDLL(str(so))
         self._lib.msl_kernel_name.restype = ctypes.c_char_p
         self.so_path = so
         self.kernels = [self._lib.msl_kernel_name(i).decode()
                         for i in range(self._lib.msl_kernel_count())]
         self._index = {k: i for i, k in enumerate(self.kernels)}
-
-    def _compile(self, cxx, flags, source, so: Path):
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            cpp = Path(tmp) / (self.path.stem + ".emu.cpp")
-            cpp.write_text(source)
-            out = Path(tmp) / so.name
-            _run([cxx, *flags, str(cpp), str(RUNTIME_DIR / "msl_runtime.cpp"), "-o", str(out)],
-                 f"compiling {self.path.name}")
-            os.replace(out, so)  # atomic: parallel test workers may race on the cache
 
     def params(self, name: str) -> list[KernelParam]:
         arr = (_Param * 64)()
