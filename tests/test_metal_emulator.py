@@ -333,3 +333,58 @@ def test_strict_mode_runs_the_real_kernels(tmp_path):
         rq.check(lib, *s, 4, 64, 32, "float32", "bfloat16", schedule)
     strict_tg = MetalLibrary(HARNESS, strict=True, cache=tmp_path)
     run_all_schedules(strict_tg)
+
+
+# ---- conversions, translation details -------------------------------------------------
+def bfloat16_rne(x: np.ndarray) -> np.ndarray:
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), r)
+
+
+def test_conversions_round_to_nearest_even(lib):
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    # Exact ties for bfloat16 (low 16 bits 0x8000) and for half, with both parities.
+    bits[:64] = (bits[:64] & 0xFFFF0000) | 0x8000
+    ties_half = (np.arange(1, 65, dtype=np.float32) * 2**-10 + 1) + 2**-11
+    x = np.concatenate([bits.view(np.float32), ties_half,
+                        np.array([np.inf, -np.inf, np.nan, 65520.0, 3.0e38], np.float32)])
+    xs = np.resize(x, (x.size + 7) // 8 * 8)  # whole threadgroups of 8
+    b = np.zeros(xs.size, np.uint16)
+    h = np.zeros(xs.size, np.float16)
+    lib.run("convert", {0: xs, 1: b, 2: h}, grid=(xs.size // 8, 1, 1), threadgroup=(8, 1, 1))
+    np.testing.assert_array_equal(b, bfloat16_rne(xs))
+    with np.errstate(over="ignore"):
+        want_h = xs.astype(np.float16)
+    np.testing.assert_array_equal(h.view(np.uint16)[~np.isnan(want_h)],
+                                  want_h.view(np.uint16)[~np.isnan(want_h)])
+    assert np.isnan(h[np.isnan(want_h)]).all()
+
+
+def test_deadlock_is_reported(tmp_path):
+    p = tmp_path / "deadlock.metal"
+    p.write_text("""
+#include <metal_stdlib>
+using namespace metal;
+[[kernel]] void k(device float* y [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
+  if (lane == 0) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    y[lane] = simd_sum(1.0f);
+  }
+}
+""")
+    lib = MetalLibrary(p, cache=tmp_path)
+    with pytest.raises(MetalEmulatorError, match=r"deadlock .* 1 thread\(s\) wait at "
+                       r"threadgroup_barrier .* 31 lane\(s\) of simdgroup 0 wait at simd_sum"):
+        lib.run("k", {0: np.zeros(32, np.float32)}, threadgroup=(32, 1, 1))
+
+
+def test_compile_errors_point_at_metal_lines(tmp_path):
+    p = tmp_path / "bad.metal"
+    p.write_text("#include <metal_stdlib>\nusing namespace metal;\n"
+                 "[[kernel]] void k(device float* y [[buffer(0)]]) {\n"
+                 "  y[0] = undefined_name;\n}\n")
+    with pytest.raises(MetalCompileError, match=r"bad\.metal:4"):
+        MetalLibrary(p, cache=tmp_path)

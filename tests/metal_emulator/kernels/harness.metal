@@ -109,3 +109,14 @@ template [[host_name("tg_sum_half")]] [[kernel]] decltype(tg_sum<half>) tg_sum<h
   threadgroup_barrier(mem_flags::mem_threadgroup);
   y[lid] = big[lid];
 }
+
+// Conversions that must round to nearest even; also the `kernel` keyword spelling
+// and half literals.
+kernel void convert(
+    const device float* x [[buffer(0)]],
+    device bfloat* b [[buffer(1)]],
+    device half* h [[buffer(2)]],
+    uint i [[thread_position_in_grid]]) {
+  b[i] = bfloat(x[i]);
+  h[i] = half(x[i]) * 1.0h;
+}

@@ -4,6 +4,9 @@
 // which ready fibers are resumed. Everything GPU-semantic that the emulator checks
 // (barrier participation, uniform collectives, threadgroup-memory limit and
 // poisoning) lives here; the checked device accesses are inline in the shim.
+#if defined(__APPLE__)
+#define _XOPEN_SOURCE 700 // macOS hides the (deprecated) ucontext API without it
+#endif
 #include "msl_rt.h"
 
 #include <sys/mman.h>
@@ -18,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__) || defined(MSL_USE_UCONTEXT)
+#if !(defined(__x86_64__) && defined(__ELF__)) || defined(MSL_USE_UCONTEXT)
 #define MSL_UCONTEXT 1
 #include <ucontext.h>
 #endif
