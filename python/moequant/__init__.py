@@ -2,7 +2,9 @@
 
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
+from . import int4
 from .ops import get_num_threads, has_metal, requantize_int4, set_num_threads
 
-__all__ = ["requantize_int4", "get_num_threads", "set_num_threads", "has_metal"]
+__all__ = [
+    "int4","requantize_int4", "get_num_threads", "set_num_threads", "has_metal"]
 __version__ = "0.1.0"

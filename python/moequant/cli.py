@@ -13,6 +13,8 @@ import sys
 # name -> (module, one-line help). A module is imported only when its command runs.
 COMMANDS = {
     "demo": ("moequant.demo", "Run the built-in end-to-end demo on generated data."),
+    "eval": ("moequant.evaluate", "KL divergence, top-1 flips and perplexity of a build against its reference."),
+    "inspect": ("moequant.inspect_model", "What a converted model is made of, and its expert error against the INT4 source."),
 }
 
 
