@@ -152,20 +152,27 @@ ON_METAL = sys.platform == "darwin" and mx.metal.is_available()
 
 
 @pytest.mark.skipif(not ON_METAL, reason="needs macOS with a Metal GPU; on Linux the "
-                    "kernel runs only on the emulator")
+                    "kernels run only on the emulator")
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
-def test_gpu_matches_emulator_and_cpu(lib, inputs, bits):
+def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
+    """The real Metal path (stream=mx.gpu) for the same kernels and shapes as the
+    emulator sweep: bit-exact against the CPU op, and so against the emulator."""
     import moequant
 
-    for g in GROUPS:
-        for sg, src, out in ((32, "float32", "float32"), (64, "bfloat16", "bfloat16"),
-                             (128, "float16", "float16")):
-            packed, scales = inputs[((37, 512), sg, src)]
-            dt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[out]
-            gpu = moequant.requantize_int4(mx.array(packed), scales, bits=bits, group_size=g,
-                                           src_group_size=sg, dtype=dt, stream=mx.gpu)
-            cpu = rq.cpu_reference(packed, scales, bits, g, sg, out)
-            emu = rq.run_emulated(lib, packed, rq.to_numpy(scales), bits, g, sg, src, out)
-            for a, b, c in zip(gpu, cpu, emu):
-                np.testing.assert_array_equal(rq.to_numpy(a), b)
-                np.testing.assert_array_equal(c, b)
+    for sg in GROUPS:
+        for src in DTYPES:
+            for out in DTYPES:
+                dt = {"float32": mx.float32, "float16": mx.float16,
+                      "bfloat16": mx.bfloat16}[out]
+                for shape in SHAPES:
+                    packed, scales = inputs[(shape, sg, src)]
+                    gpu = moequant.requantize_int4(mx.array(packed), scales, bits=bits,
+                                                   group_size=g, src_group_size=sg, dtype=dt,
+                                                   stream=mx.gpu)
+                    cpu = rq.cpu_reference(packed, scales, bits, g, sg, out)
+                    emu = rq.run_emulated(lib, packed, rq.to_numpy(scales), bits, g, sg, src,
+                                          out)
+                    for a, b, c in zip(gpu, cpu, emu):
+                        np.testing.assert_array_equal(rq.to_numpy(a), b)
+                        np.testing.assert_array_equal(c, b)
