@@ -26,8 +26,6 @@
 #include <ucontext.h>
 #endif
 
-#define MSL_API extern "C" __attribute__((visibility("default")))
-
 #if !defined(MSL_UCONTEXT)
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current
 // stack, stores the stack pointer in *save and resumes the context saved at `next`.
@@ -103,9 +101,7 @@ struct Fiber {
   State state = READY;
   unsigned lid = 0;
   ThreadInfo ti;
-  int op = 0;
-  Site site; // of the barrier or collective it waits at
-  unsigned gen = 0;
+  unsigned gen = 0; // the collective generation it joined
   alignas(16) unsigned char value[MSL_MAX_LANE_BYTES];
 };
 
@@ -489,7 +485,6 @@ void threadgroup_barrier(const char* file, unsigned line, unsigned col) {
              thread_name(L, f).c_str(), site.str().c_str(), L.barrier_first,
              L.barrier_site.str().c_str()));
   }
-  f.site = site;
   f.state = AT_BARRIER;
   if (++L.n_at_barrier == L.n_threads) {
     for (Fiber& g : L.fibers) {
@@ -520,8 +515,6 @@ const LaneSlots* collective(int op, const void* value, int size, const char* fil
              site.str().c_str(), sg.site_lane, kOpNames[sg.op], sg.site.str().c_str()));
   }
   std::memcpy(f.value, value, size);
-  f.op = op;
-  f.site = site;
   f.gen = sg.gen;
   f.state = AT_COLLECTIVE;
   if (++sg.n_waiting == sg.n_lanes - sg.n_exited) {
