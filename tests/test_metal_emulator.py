@@ -177,8 +177,8 @@ def test_threadgroup_argument(lib, schedule):
 
 # ---- errors ---------------------------------------------------------------------------
 def test_threadgroup_memory_limit(lib):
-    with pytest.raises(MetalEmulatorError, match=r"threadgroup memory of 36000 bytes exceeds "
-                                                 r"the 32768-byte limit"):
+    with pytest.raises(MetalEmulatorError, match=r"threadgroup memory of 36000 bytes \(with "
+                                                 r"big\) exceeds the 32768-byte limit"):
         lib.run("tg_too_big", {0: np.zeros(64, np.float32)}, threadgroup=(64, 1, 1))
     with pytest.raises(MetalEmulatorError, match="limit"):
         lib.run("tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
@@ -198,6 +198,21 @@ def test_out_of_bounds_is_reported(lib):
         lib.run("tg_reverse", {0: x[:100].copy(), 1: np.zeros(128, np.float32)},
                 grid=(2, 1, 1), threadgroup=(64, 1, 1), threadgroup_memory={0: 256},
                 schedule="reverse")
+
+
+@pytest.mark.parametrize("old,new,where", [
+    ("buf[lid] = x[gid];", "buf[lid + 1] = x[gid];",
+     r"256 of \[\[threadgroup\(0\)\]\] \(256 bytes\)"),
+    ("partial[sgid] = v;", "partial[sgid + 32] = v;", r"128 of partial \(128 bytes\)"),
+    ("partial[sgid] = v;", "partial[int(sgid) - 1] = v;", r"-4 of partial \(128 bytes\)"),
+])
+def test_threadgroup_out_of_bounds_write_is_reported(tmp_path, old, new, where):
+    lib = harness_copy(tmp_path, old, new)
+    with pytest.raises(MetalEmulatorError, match="threadgroup memory written out of bounds at "
+                       "byte offset " + where):
+        run_all_schedules(lib) if "partial" in old else lib.run(
+            "tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
+            threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
 
 
 def test_binding_errors(lib):

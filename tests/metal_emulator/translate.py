@@ -442,7 +442,7 @@ class _Translator:
         self.erase(i, semi)
         self.toks[i].out = (
             (self.toks[i].out or "")
-            + f"MSL_TG_AS auto& {name} = ::msl::tg_var<{type_text} {dims}, {tg_id}>()"
+            + f'MSL_TG_AS auto& {name} = ::msl::tg_var<{type_text} {dims}, {tg_id}>("{name}")'
         )
         return True
 

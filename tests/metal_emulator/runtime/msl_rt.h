@@ -111,7 +111,8 @@ const LaneSlots* collective(int op, const void* value, int size, const char* fil
 // The calling thread's lane in its simdgroup.
 unsigned lane();
 // Storage for a kernel-scope threadgroup variable, keyed by declaration.
-void* tg_alloc(const void* key, unsigned long long size, unsigned long long align);
+void* tg_alloc(const void* key, unsigned long long size, unsigned long long align,
+               const char* name);
 // Storage for a [[threadgroup(n)]] argument.
 void* tg_arg(int index);
 // Reports an access outside a device buffer; does not return to the kernel.

@@ -68,6 +68,9 @@ namespace msl {
 namespace {
 
 constexpr std::size_t kStackBytes = 64 * 1024;
+// Poisoned bytes around every threadgroup variable; a write into them is reported.
+constexpr std::size_t kGuardBytes = 64;
+constexpr std::size_t kArenaBytes = MSL_TG_MEM_LIMIT + 64 * 1024;
 
 enum State { READY, AT_BARRIER, AT_COLLECTIVE, DONE, FAILED };
 
@@ -114,8 +117,9 @@ struct SimdGroup {
 };
 
 struct TgVar {
-  const void* key;
-  std::size_t offset;
+  const void* key; // null for [[threadgroup(n)]] arguments
+  std::string name;
+  std::size_t offset, size;
 };
 
 std::string fmt(const char* f, ...) {
@@ -142,9 +146,11 @@ struct Launch {
   std::vector<SimdGroup> sgs;
   unsigned n_threads = 0;
   unsigned tg_pos[3] = {0, 0, 0};
-  // Threadgroup memory: one arena, poisoned before every threadgroup.
+  // Threadgroup memory: one arena, poisoned before every threadgroup. Variables are
+  // laid out with guard gaps; tg_used counts what Metal would allocate (no guards).
   std::vector<unsigned char> arena;
   std::size_t tg_used = 0;
+  std::size_t arena_end = kGuardBytes;
   std::vector<TgVar> tg_vars;
   std::size_t tg_arg_off[MSL_MAX_BUFFERS];
   // Barrier state of the running threadgroup.
@@ -302,6 +308,49 @@ std::string describe_deadlock(Launch& L) {
   return msg;
 }
 
+// Lays out a threadgroup variable; false when it does not fit (caller reports).
+bool place(Launch& L, const void* key, std::string name, std::size_t size, std::size_t align,
+           std::size_t* offset) {
+  align = std::max<std::size_t>(align, 16);
+  std::size_t used = (L.tg_used + align - 1) / align * align + size;
+  std::size_t off = (L.arena_end + align - 1) / align * align;
+  if (used > MSL_TG_MEM_LIMIT || off + size + kGuardBytes > kArenaBytes) {
+    L.tg_used = used;
+    return false;
+  }
+  L.tg_used = used;
+  L.d->tg_mem_used = used;
+  L.arena_end = off + size + kGuardBytes;
+  L.tg_vars.push_back({key, std::move(name), off, size});
+  *offset = off;
+  return true;
+}
+
+// The first guard byte that is no longer poison, as an error message naming the
+// nearer variable, with the offset relative to its start.
+std::string check_guards(const Launch& L) {
+  std::size_t gap_start = 0;
+  const TgVar* before = nullptr;
+  for (std::size_t k = 0; k <= L.tg_vars.size(); ++k) {
+    const TgVar* next = k < L.tg_vars.size() ? &L.tg_vars[k] : nullptr;
+    std::size_t gap_end = next ? next->offset : L.arena.size();
+    for (std::size_t i = gap_start; i < gap_end; ++i) {
+      if (L.arena[i] != 0xFF) {
+        const TgVar* v = before && (!next || i - gap_start < gap_end - i) ? before : next;
+        return fmt("threadgroup memory written out of bounds at byte offset %lld of %s (%zu "
+                   "bytes) in threadgroup %s",
+                   static_cast<long long>(i) - static_cast<long long>(v->offset),
+                   v->name.c_str(), v->size, xyz(L.tg_pos).c_str());
+      }
+    }
+    if (next) {
+      gap_start = next->offset + next->size;
+      before = next;
+    }
+  }
+  return "";
+}
+
 // Runs every thread of the threadgroup at tg_pos to completion, resuming ready
 // fibers in `order` (reshuffled on every pass for the random schedule).
 bool run_threadgroup(Launch& L, std::vector<unsigned>& order, std::mt19937_64& rng) {
@@ -360,6 +409,11 @@ bool run_threadgroup(Launch& L, std::vector<unsigned>& order, std::mt19937_64& r
       return false;
     }
   }
+  std::string guard = check_guards(L);
+  if (!guard.empty()) {
+    set_error(L, guard);
+    return false;
+  }
   return true;
 }
 
@@ -405,9 +459,13 @@ bool setup(Launch& L, const MslParam* params, int n_params) {
       continue;
     }
     if (p.kind == MSL_PARAM_THREADGROUP) {
-      std::size_t off = (L.tg_used + 15) & ~std::size_t(15);
-      L.tg_arg_off[p.index] = off;
-      L.tg_used = off + d.tg_arg_bytes[p.index];
+      if (!place(L, nullptr, fmt("[[threadgroup(%d)]]", p.index), d.tg_arg_bytes[p.index], 16,
+                 &L.tg_arg_off[p.index])) {
+        set_error(L, fmt("[[threadgroup(n)]] arguments take %zu bytes of threadgroup memory; "
+                         "the limit is %d",
+                         L.tg_used, MSL_TG_MEM_LIMIT));
+        return false;
+      }
       continue;
     }
     if (!d.buffers[p.index].present) {
@@ -420,14 +478,7 @@ bool setup(Launch& L, const MslParam* params, int n_params) {
       return false;
     }
   }
-  if (L.tg_used > MSL_TG_MEM_LIMIT) {
-    set_error(L, fmt("[[threadgroup(n)]] arguments take %zu bytes of threadgroup memory; "
-                     "the limit is %d",
-                     L.tg_used, MSL_TG_MEM_LIMIT));
-    return false;
-  }
-  // Room beyond the limit so that an over-limit allocation is reported, not overrun.
-  L.arena.assign(2 * MSL_TG_MEM_LIMIT, 0xFF);
+
   L.fibers.assign(L.n_threads, Fiber());
   unsigned n_sg = (L.n_threads + MSL_SIMD_WIDTH - 1) / MSL_SIMD_WIDTH;
   L.sgs.assign(n_sg, SimdGroup());
@@ -529,21 +580,19 @@ unsigned lane() {
   return g_launch->cur->lid % MSL_SIMD_WIDTH;
 }
 
-void* tg_alloc(const void* key, unsigned long long size, unsigned long long align) {
+void* tg_alloc(const void* key, unsigned long long size, unsigned long long align,
+               const char* name) {
   Launch& L = *g_launch;
   for (const TgVar& v : L.tg_vars) {
     if (v.key == key) {
       return L.arena.data() + v.offset;
     }
   }
-  std::size_t off = (L.tg_used + align - 1) / align * align;
-  if (off + size > MSL_TG_MEM_LIMIT) {
-    fail(fmt("threadgroup memory of %zu bytes exceeds the %d-byte limit of Metal",
-             std::size_t(off + size), MSL_TG_MEM_LIMIT));
+  std::size_t off;
+  if (!place(L, key, name, size, align, &off)) {
+    fail(fmt("threadgroup memory of %zu bytes (with %s) exceeds the %d-byte limit of Metal",
+             L.tg_used, name, MSL_TG_MEM_LIMIT));
   }
-  L.tg_used = off + size;
-  L.d->tg_mem_used = L.tg_used;
-  L.tg_vars.push_back({key, off});
   return L.arena.data() + off;
 }
 
@@ -587,6 +636,7 @@ int run(MslLaunch* desc, Thunk thunk, const MslParam* params, int n_params) {
   Launch L;
   L.d = desc;
   L.thunk = thunk;
+  L.arena.assign(kArenaBytes, 0xFF);
   desc->error[0] = 0;
   desc->tg_mem_used = 0;
   if (!setup(L, params, n_params)) {
