@@ -396,6 +396,22 @@ using namespace metal;
         lib.run("k", {0: np.zeros(32, np.float32)}, threadgroup=(32, 1, 1))
 
 
+def test_non_uniform_shuffle_delta_is_reported(lib, tmp_path):
+    lib = harness_copy(tmp_path, "o[3] = simd_shuffle_down(v, 3);",
+                       "o[3] = simd_shuffle_down(v, lane % 2);")
+    with pytest.raises(MetalEmulatorError, match=r"simd_shuffle_down .* lane \d+ passes [01], "
+                       r"lane \d+ passes [01]; Metal requires the same value in every lane"):
+        lib.run("collectives", {0: np.zeros(32, np.float32), 1: np.zeros(32 * 12, np.float32)},
+                threadgroup=(32, 1, 1))
+
+
+def test_threadgroup_initializer_is_rejected(tmp_path):
+    with pytest.raises(MetalCompileError, match=r"harness\.metal:\d+: threadgroup variables "
+                       r"cannot have initializers"):
+        harness_copy(tmp_path, "threadgroup float partial[32];",
+                     "threadgroup float partial[32] = {};")
+
+
 def test_compile_errors_point_at_metal_lines(tmp_path):
     p = tmp_path / "bad.metal"
     p.write_text("#include <metal_stdlib>\nusing namespace metal;\n"

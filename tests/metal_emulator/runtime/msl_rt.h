@@ -105,9 +105,10 @@ struct Launch; // the executor's state for one launch
 namespace rt {
 // Blocks the calling thread at a threadgroup barrier.
 void threadgroup_barrier(const char* file, unsigned line, unsigned col);
-// Publishes `size` bytes at a simd collective and returns every lane's value.
+// Publishes `size` bytes at a simd collective and returns every lane's value. `arg`
+// is the shuffle delta or mask, which Metal requires to be uniform.
 const LaneSlots* collective(int op, const void* value, int size, const char* file,
-                            unsigned line, unsigned col);
+                            unsigned line, unsigned col, unsigned arg = 0);
 // The calling thread's lane in its simdgroup.
 unsigned lane();
 // Storage for a kernel-scope threadgroup variable, keyed by declaration.

@@ -113,6 +113,7 @@ struct SimdGroup {
   int op = 0;
   Site site;
   unsigned site_lane = 0;
+  unsigned arg = 0; // of the first lane at a shuffle
   LaneSlots slots[2]; // double-buffered: lanes read slot gen&1 while others move on
 };
 
@@ -548,7 +549,7 @@ void threadgroup_barrier(const char* file, unsigned line, unsigned col) {
 }
 
 const LaneSlots* collective(int op, const void* value, int size, const char* file,
-                            unsigned line, unsigned col) {
+                            unsigned line, unsigned col, unsigned arg) {
   Launch& L = *g_launch;
   Fiber& f = *L.cur;
   SimdGroup& sg = L.sgs[f.lid / MSL_SIMD_WIDTH];
@@ -564,6 +565,15 @@ const LaneSlots* collective(int op, const void* value, int size, const char* fil
              "the emulator does not model; keep collectives in uniform control flow",
              f.lid / MSL_SIMD_WIDTH, xyz(L.tg_pos).c_str(), lane, kOpNames[op],
              site.str().c_str(), sg.site_lane, kOpNames[sg.op], sg.site.str().c_str()));
+  }
+  if (op == OP_SHUFFLE_DOWN || op == OP_SHUFFLE_UP || op == OP_SHUFFLE_XOR) {
+    if (sg.n_waiting > 0 && arg != sg.arg) {
+      fail(fmt("%s in simdgroup %u of threadgroup %s at %s: lane %u passes %u, lane %u "
+               "passes %u; Metal requires the same value in every lane",
+               kOpNames[op], f.lid / MSL_SIMD_WIDTH, xyz(L.tg_pos).c_str(),
+               site.str().c_str(), lane, arg, sg.site_lane, sg.arg));
+    }
+    sg.arg = arg;
   }
   std::memcpy(f.value, value, size);
   f.gen = sg.gen;
