@@ -153,6 +153,50 @@ def test_partial_simdgroup(lib):
     assert np.isnan(tail[5, 3])  # lane 5 + 3 = lane 8 does not exist
 
 
+# ---- an MLX-style quantized GEMV ------------------------------------------------------
+QMV = {"qmv4_float_g64": ("float32", 64), "qmv4_half_g32": ("float16", 32),
+       "qmv4_bfloat_g128": ("bfloat16", 128)}
+
+
+def run_qmv4(lib, name, schedule, N=24, K=512):
+    import mlx.core as mx
+
+    dtype, G = QMV[name]
+    mxdt = getattr(mx, dtype)
+    rng = np.random.default_rng(11)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * 0.1).astype(mxdt)
+    wq, s, b = mx.quantize(w, group_size=G, bits=4, stream=mx.cpu)
+    x = mx.array(rng.standard_normal(K).astype(np.float32)).astype(mxdt)
+    want = np.array(mx.dequantize(wq, s, b, group_size=G, bits=4, stream=mx.cpu)
+                    .astype(mx.float32)) @ np.array(x.astype(mx.float32))
+    as_np = lambda a: np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+    y = np.zeros(N, np.uint16 if dtype == "bfloat16" else getattr(np, dtype))
+    lib.run(name, {0: np.array(wq), 1: as_np(s), 2: as_np(b), 3: as_np(x), 4: y,
+                   5: np.int32(K)},
+            grid=(1, N // 8, 1), threadgroup=(32, 2, 1), schedule=schedule)
+    got = np.array(mx.array(y).view(mx.bfloat16).astype(mx.float32)) if dtype == "bfloat16" \
+        else y.astype(np.float32)
+    tol = 1e-4 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("schedule", ("forward", "random"))
+@pytest.mark.parametrize("name", sorted(QMV))
+def test_qmv4_matches_dequantized_matmul(lib, name, schedule):
+    run_qmv4(lib, name, schedule)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("float(byte >> 4)", "float(byte >> 3)"),
+    ("k / G]);\n      const float b", "(k + 8) / G]);\n      const float b"),
+])
+def test_qmv4_mutation_is_caught(tmp_path, old, new):
+    lib = harness_copy(tmp_path, old, new)
+    with pytest.raises((AssertionError, MetalEmulatorError)):
+        for name in sorted(QMV):
+            run_qmv4(lib, name, "forward")
+
+
 # ---- vectors, threadgroup arguments ---------------------------------------------------
 def test_vec_ops(lib):
     rows, cols = 5, 7

@@ -69,8 +69,9 @@ def lint_preprocessed(text: str) -> list[LintIssue]:
                 add(i, x, FORBIDDEN[x])
             elif x == "std" and pos + 1 < len(toks) and t.text(toks[pos + 1]) == "::":
                 add(i, "std", "the C++ standard library does not exist in Metal")
-            elif x == "static" and in_func and in_func[-1]:
-                add(i, "static-local", "function-local static variables are not allowed in Metal")
+            elif x == "static" and in_func and in_func[-1] and not _in_constant(t, toks, pos):
+                add(i, "static-local", "function-local static variables must be in the "
+                    "constant address space in Metal (static constant constexpr ...)")
         elif t.toks[i].kind == "num" and x.endswith(("l", "L")) and "." in x:
             add(i, "double", "long double literal")
 
@@ -89,6 +90,17 @@ def lint_preprocessed(text: str) -> list[LintIssue]:
         start = funcs[cycle[0]][0][0]
         add(start, "recursion", "recursion is not allowed in Metal: " + " -> ".join(cycle))
     return issues
+
+
+def _in_constant(t, toks, pos):
+    """Whether the declaration starting at toks[pos] is in the constant address space."""
+    for i in toks[pos:]:
+        x = t.text(i)
+        if x == ";":
+            return False
+        if x == "__msl_constant":
+            return True
+    return False
 
 
 def _function_name(t, toks, pos):

@@ -120,3 +120,73 @@ kernel void convert(
   b[i] = bfloat(x[i]);
   h[i] = half(x[i]) * 1.0h;
 }
+
+// ---- an MLX-style 4-bit GEMV (y = W x): the constructs the MoE kernels will use ------
+#define MQ_FUNC inline __attribute__((always_inline))
+#define MQ_CONST static constant constexpr const
+
+// x chunk of one lane, as float; returns its sum for the bias term.
+template <typename T, int V>
+MQ_FUNC float load_x(const device T* x, thread float* xs) {
+  float sum = 0.0f;
+#pragma clang loop unroll(full)
+  for (int i = 0; i < V; ++i) {
+    xs[i] = float(x[i]);
+    sum += xs[i];
+  }
+  return sum;
+}
+
+// Dot product of V/2 packed bytes (two 4-bit codes each) with the x chunk.
+template <int V>
+MQ_FUNC float qdot(const device uint8_t* wb, thread const float* xs, float xsum, float s,
+                   float b) {
+  float acc = 0.0f;
+  for (int i = 0; i < V / 2; ++i) {
+    const uint8_t byte = wb[i];
+    acc += xs[2 * i] * float(byte & 0x0f) + xs[2 * i + 1] * float(byte >> 4);
+  }
+  return s * acc + b * xsum;
+}
+
+// Threadgroups of (32, 2, 1): each simdgroup computes 4 rows, each lane 8 values of K
+// per step. Needs K % 256 == 0 and N % 8 == 0.
+template <typename T, int G>
+[[kernel]] void qmv4(
+    const device uint32_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant int& K [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint sgid [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  MQ_CONST int rows = 4;
+  MQ_CONST int vals = 8;
+  MQ_CONST int block = 32 * vals;
+  const int row0 = (tid.y * 2 + sgid) * rows;
+  float xs[vals];
+  float result[rows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k0 = 0; k0 < K; k0 += block) {
+    const int k = k0 + int(lane) * vals;
+    const float xsum = load_x<T, vals>(x + k, xs);
+    for (int r = 0; r < rows; ++r) {
+      const int row = row0 + r;
+      const device uint8_t* wb = (const device uint8_t*)(w + (row * K + k) / 8);
+      const float s = float(scales[row * (K / G) + k / G]);
+      const float b = float(biases[row * (K / G) + k / G]);
+      result[r] += qdot<vals>(wb, xs, xsum, s, b);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float total = simd_sum(result[r]);
+    if (lane == 0) {
+      y[row0 + r] = static_cast<T>(total);
+    }
+  }
+}
+
+template [[host_name("qmv4_float_g64")]] [[kernel]] decltype(qmv4<float, 64>) qmv4<float, 64>;
+template [[host_name("qmv4_half_g32")]] [[kernel]] decltype(qmv4<half, 32>) qmv4<half, 32>;
+template [[host_name("qmv4_bfloat_g128")]] [[kernel]] decltype(qmv4<bfloat, 128>) qmv4<bfloat, 128>;
