@@ -319,6 +319,19 @@ def test_lint_rejects(tmp_path, rule):
         MetalLibrary(d / "requantize.metal", cache=tmp_path)
 
 
+def test_cache_key_covers_includes(tmp_path):
+    """Editing a header the kernel includes gives a new build; an unchanged tree reuses it."""
+    d = tmp_path / "metal"
+    shutil.copytree(REPO_ROOT / "metal", d)
+    only = ["requantize_int4_b4_g64_sg32_float32_float32"]
+    build = lambda: MetalLibrary(d / "requantize.metal", only=only, cache=tmp_path).so_path
+    first = build()
+    assert build() == first
+    (d / "quant_math.h").write_text((d / "quant_math.h").read_text().replace(
+        "const float eps = 1e-7f;", "const float eps = 2e-7f;"))
+    assert build() != first
+
+
 def test_host_headers_are_not_reachable(tmp_path):
     p = tmp_path / "k.metal"
     p.write_text("#include <cmath>\n#include <metal_stdlib>\n")

@@ -234,9 +234,13 @@ class MetalLibrary:
         rt_hash = hashlib.sha256(" ".join(rt_flags + [cid]).encode())
         for f in sorted(RUNTIME_DIR.iterdir()):
             rt_hash.update(f.read_bytes())
+        # The translated source holds the kernel file and its includes; the shim is
+        # included by path, so its content is hashed here.
         h = hashlib.sha256(rt_hash.digest())
         for part in [source, " ".join(flags)]:
             h.update(part.encode())
+        for f in sorted(SHIM_DIR.iterdir()):
+            h.update(f.read_bytes())
         root = Path(cache or cache_dir())
         so = root / f"{self.path.stem}-{h.hexdigest()[:20]}.so"
         if not so.exists():
