@@ -120,8 +120,8 @@ class _Translator:
 
     # ---- helpers ------------------------------------------------------------------------
     def _line_map(self):
-        """Preprocessed line -> (file, line), from the line markers."""
-        marks, line = [], 1
+        """(first preprocessed line after a line marker, file, its line in that file)."""
+        marks = []
         for t in self.toks:
             if t.kind == "marker":
                 m = re.match(r'#\s*(?:line\s+)?(\d+)\s+"([^"]*)"', t.text)
@@ -130,14 +130,13 @@ class _Translator:
         return marks
 
     def where(self, i: int) -> str:
+        """file:line in the original sources of token i."""
         line = self.toks[min(i, self.n - 1)].line
-        best = ("<preprocessed>", line)
-        for start, f, l in self.marks_before(line):
-            best = (f, l + line - start)
-        return f"{best[0]}:{best[1]}"
-
-    def marks_before(self, line):
-        return [m for m in self.line_map if m[0] <= line][-1:]
+        marks = [m for m in self.line_map if m[0] <= line]
+        if not marks:
+            return f"<preprocessed>:{line}"
+        start, file, first = marks[-1]
+        return f"{file}:{first + line - start}"
 
     def fail(self, i: int, msg: str):
         raise TranslateError(f"{self.where(i)}: {msg}")
@@ -172,10 +171,11 @@ class _Translator:
         self.fail(i, f"unbalanced '{open_}'")
 
     def erase(self, i: int, j: int):
-        """Remove tokens [i, j) but keep their newlines, so lines stay aligned."""
+        """Remove tokens [i, j) but keep newlines and line markers, so lines stay aligned."""
         for k in range(i, j):
             t = self.toks[k]
-            t.out = "\n" * t.text.count("\n") if t.kind in ("nl", "marker") else ""
+            if t.kind not in ("nl", "marker"):
+                t.out = ""
 
     def span_text(self, i: int, j: int) -> str:
         return "".join(
@@ -241,9 +241,9 @@ class _Translator:
         seen_buffers, seen_tg = {}, {}
         for k in range(lp + 1, rp + 1):
             t = self.text(k)
-            if t in "([{":
+            if t in ("(", "[", "{"):
                 depth += 1
-            elif t in ")]}" and k != rp:
+            elif t in (")", "]", "}") and k != rp:
                 depth -= 1
             elif t == "<":
                 angle += 1
