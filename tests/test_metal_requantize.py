@@ -58,6 +58,31 @@ def test_kernel_matches_cpu_op(lib, inputs, bits, g):
                 n += 1
 
 
+@pytest.mark.parametrize("src", DTYPES)
+def test_structured_groups(lib, src):
+    """Edge-case rows (zero range, extreme codes, zero/huge/tiny/negative scales) for
+    every bits x group size x output dtype, under two schedules."""
+    packed, scales = rq.structured_inputs(src)
+    for bits in BITS:
+        for g in GROUPS:
+            for k, out in enumerate(DTYPES):
+                ref = rq.cpu_reference(packed, scales, bits, g, 32, out)
+                for schedule in SCHEDULE_PAIRS[k % 2]:
+                    rq.check(lib, packed, scales, bits, g, 32, src, out, schedule, ref=ref)
+
+
+def test_small_and_kimi_shapes(lib):
+    """One-group and odd rows, and stacked experts with Kimi's K (gate/up 7168, down 2048)."""
+    rng = np.random.default_rng(8)
+    for shape, g in (((1, 32), 32), ((13, 96), 32), ((2, 64, 7168), 64), ((2, 224, 2048), 64)):
+        packed, scales = rq.make_inputs(rng, shape, 32, "bfloat16")
+        for bits in ((3, 4, 6) if shape[-1] > 1000 else BITS):
+            ref = rq.cpu_reference(packed, scales, bits, g, 32, "bfloat16")
+            for schedule in ("reverse", "random"):
+                rq.check(lib, packed, scales, bits, g, 32, "bfloat16", "bfloat16", schedule,
+                         ref=ref)
+
+
 def test_matches_mx_quantize_oracle(lib):
     """Ties the emulated kernel to the oracle of tests/int4_reference.py directly."""
     from int4_reference import oracle

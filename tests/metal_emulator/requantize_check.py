@@ -38,6 +38,37 @@ def make_inputs(rng, shape, sg, src_dtype):
     return packed, scales
 
 
+def structured_inputs(src_dtype, K=128, sg=32):
+    """Rows that stress the affine parameters: constant groups (zero range), codes at
+    the extremes, zero, huge, tiny, negative and mixed scales, |min| > |max| edges;
+    beyond half precision for float32 scales."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(1)
+    n = K // sg
+    ones = np.ones(n, np.float32)
+    rows = [
+        (np.full(K, 3), ones * 0.01), (np.full(K, -5), ones * 0.01), (np.zeros(K), ones * 0.02),
+        (np.full(K, -8), ones * 0.03), (np.full(K, 7), ones * 0.03), (np.full(K, 7), ones * 1e4),
+        (np.full(K, -3), ones * 3.0), (rng.integers(-8, 8, K), ones * 0.0),
+        (rng.integers(-8, 8, K), ones * 1e4), (rng.integers(-8, 8, K), ones * 1e-6),
+        (rng.integers(-8, 8, K), ones * -0.01),
+        (rng.integers(-8, 8, K), np.resize(np.array([0.01, 0.0, 0.5, 1e-5], np.float32), n)),
+        (np.tile([-8, 7], K // 2), ones * 0.02),
+        (np.r_[np.full(K // 2, -8), np.full(K // 2, 7)], ones * 0.02),
+    ]
+    if src_dtype == "float32":
+        rows += [(rng.integers(-8, 8, K), ones * 1e30),
+                 (rng.integers(-8, 8, K), ones * np.float32(0.0123456789))]
+    q = np.stack([np.asarray(r, np.int64) for r, _ in rows])
+    s = np.stack([np.asarray(x, np.float32) for _, x in rows])
+    u = (q + 8).astype(np.uint32).reshape(len(rows), K // 8, 8)
+    packed = np.zeros(u.shape[:-1], np.uint32)
+    for k in range(8):
+        packed |= u[..., k] << np.uint32(4 * k)
+    return packed, mx.array(s).astype(getattr(mx, src_dtype))
+
+
 def to_numpy(a):
     """An mx array as numpy; bfloat16 as its uint16 bits."""
     import mlx.core as mx
