@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,39 @@ def test_missing_barrier_needs_several_schedules(tmp_path):
     run_tg_sum(lib, np.float32, "reverse")
     with pytest.raises(AssertionError):
         run_tg_sum(lib, np.float32, "forward")
+
+
+# ---- the executor without Python: other context switches, arm64 ----------------------
+def build_selftest(cxx, flags, out: Path) -> Path:
+    from metal_emulator import RUNTIME_DIR, generate_source, kernel_flags
+
+    src = out.with_suffix(".cpp")
+    src.write_text(generate_source(HARNESS, cxx))
+    cmd = [cxx, "-std=c++20", "-O1", *kernel_flags(cxx), *flags, str(src),
+           str(RUNTIME_DIR / "msl_runtime.cpp"), str(HERE / "native" / "selftest_main.cpp"),
+           "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("switch", ["asm", "ucontext"])
+def test_selftest_native(tmp_path, switch):
+    exe = build_selftest(shutil.which("g++"), ["-DMSL_USE_UCONTEXT"] if switch == "ucontext"
+                         else [], tmp_path / "selftest")
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_selftest_arm64_under_qemu(tmp_path):
+    """aarch64 Linux: the ucontext fiber switch and the shim on a different ISA."""
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if cxx is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: "
+                    "g++-aarch64-linux-gnu qemu-user; .ci/run installs them)")
+    exe = build_selftest(cxx, ["-static"], tmp_path / "selftest")
+    r = subprocess.run([qemu, str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 # ---- collectives ----------------------------------------------------------------------

@@ -195,6 +195,31 @@ def _compiler_id(cxx: str) -> str:
     return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
 
 
+def generate_source(path, cxx: str, *, include_dirs=(), defines=(), lint=True,
+                    only=None) -> str:
+    """The C++ translation unit for a .metal file: shim, translated kernels, launchers
+    (`msl_kernel_count/name/params/launch`). Compile it with kernel_flags() and link
+    runtime/msl_runtime.cpp."""
+    pre = preprocess(_resolve(path), cxx, include_dirs, defines)
+    if lint:
+        issues = lint_preprocessed(pre)
+        if issues:
+            raise MetalLintError(issues)
+    try:
+        tr = translate(pre, only)
+    except TranslateError as e:
+        raise MetalCompileError(f"translation failed: {e}") from None
+    return f'#include "{SHIM_DIR / "metal_stdlib"}"\n{tr.cpp}\n{launch_glue(tr)}\n'
+
+
+def kernel_flags(cxx: str) -> list[str]:
+    """Flags every kernel translation unit needs, whatever the target."""
+    flags = ["-fno-strict-aliasing", "-ffp-contract=off", "-w"]
+    if "clang" not in Path(cxx).name:
+        flags.append("-fsingle-precision-constant")  # unsuffixed literals are float in MSL
+    return flags
+
+
 class MetalLibrary:
     """A .metal file compiled for the emulator; `kernels` lists its host names.
 
@@ -211,22 +236,12 @@ class MetalLibrary:
         cxx = compiler or default_compiler(strict)
         if cxx is None:
             raise MetalCompileError("no C++ compiler found (strict mode needs clang++ >= 15)")
-        pre = preprocess(self.path, cxx, include_dirs, defines)
-        if lint:
-            issues = lint_preprocessed(pre)
-            if issues:
-                raise MetalLintError(issues)
-        try:
-            tr = translate(pre, only)
-        except TranslateError as e:
-            raise MetalCompileError(f"translation failed: {e}") from None
-        source = f'#include "{SHIM_DIR / "metal_stdlib"}"\n{tr.cpp}\n{launch_glue(tr)}\n'
+        source = generate_source(self.path, cxx, include_dirs=include_dirs, defines=defines,
+                                 lint=lint, only=only)
         flags = ["-std=c++20", opt, "-fPIC", "-shared", "-fvisibility=hidden",
-                 "-fno-strict-aliasing", "-ffp-contract=off", "-w"]
+                 *kernel_flags(cxx)]
         if strict:
             flags.append("-DMSL_STRICT")
-        if "clang" not in Path(cxx).name:
-            flags.append("-fsingle-precision-constant")  # unsuffixed literals are float in MSL
         rt_flags = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-c"]
         if context_switch == "ucontext":
             rt_flags.append("-DMSL_USE_UCONTEXT")
