@@ -5,6 +5,12 @@
 // here may use the C++ standard library (the Metal lint rejects `std::`).
 #pragma once
 
+// No fused multiply-add contraction: w = q * s and (w - bias) / scale must each round
+// as in the CPU oracle. (Host builds pass -ffp-contract=off for the same reason.)
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #ifdef __METAL_VERSION__
 #include <metal_stdlib>
 #define MQ_INLINE inline

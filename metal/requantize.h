@@ -11,8 +11,9 @@
 // src_scales: rows x K/SG
 // wq:         rows x K*BITS/32 words (MLX bitstream)
 // scales, biases: rows x K/G
-// A thread reads its group's G/8 words once for the range and again for the codes;
-// the second read hits the cache. Output words are written whole.
+// A thread reads its group's G/8 words and its source scales once, into registers
+// (at most 16 words and 4 scales), so device memory sees each input byte once.
+// Output words are written whole.
 template <typename SrcT, typename OutT, int BITS, int G, int SG>
 [[kernel]] void requantize_int4(
     const device uint* packed [[buffer(0)]],
@@ -26,21 +27,31 @@ template <typename SrcT, typename OutT, int BITS, int G, int SG>
   if (gid >= n_groups) {
     return;
   }
+  // Words per source scale within this group: a scale covers SG/8 words, or the whole
+  // group when the source group is the larger one.
+  constexpr int WORDS = G / 8;
+  constexpr int WORDS_PER_SCALE = (SG < G ? SG : G) / 8;
+  constexpr int N_SCALES = WORDS / WORDS_PER_SCALE;
   const float n_bins = float((1 << BITS) - 1);
   const uint row = gid / groups_per_row;
   const uint g = gid % groups_per_row;
   const ulong K = ulong(groups_per_row) * G;
-  const device uint* w = packed + row * (K / 8) + ulong(g) * (G / 8);
+  const device uint* w = packed + row * (K / 8) + ulong(g) * WORDS;
   const device SrcT* ss = src_scales + row * (K / SG) + (ulong(g) * G) / SG;
 
+  uint words[WORDS];
+  float sc[N_SCALES];
+  for (int j = 0; j < N_SCALES; ++j) {
+    sc[j] = float(ss[j]);
+  }
   // Pass 1: the group's range, with the comparison order of MLX's CPU loop.
   float wmin = INFINITY;
   float wmax = -INFINITY;
-  for (int i = 0; i < G / 8; ++i) {
-    const uint word = w[i];
-    const float s = float(ss[(i * 8) / SG]);
+  for (int i = 0; i < WORDS; ++i) {
+    words[i] = w[i];
+    const float s = sc[i / WORDS_PER_SCALE];
     for (int k = 0; k < 8; ++k) {
-      const float v = float(int((word >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
+      const float v = float(int((words[i] >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
       wmin = v < wmin ? v : wmin;
       wmax = wmax < v ? v : wmax;
     }
@@ -54,12 +65,11 @@ template <typename SrcT, typename OutT, int BITS, int G, int SG>
   ulong acc = 0;
   int n_acc = 0;
   int n_out = 0;
-  for (int i = 0; i < G / 8; ++i) {
-    const uint word = w[i];
-    const float s = float(ss[(i * 8) / SG]);
+  for (int i = 0; i < WORDS; ++i) {
+    const float s = sc[i / WORDS_PER_SCALE];
     ulong codes = 0;
     for (int k = 0; k < 8; ++k) {
-      const float v = float(int((word >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
+      const float v = float(int((words[i] >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;
       codes |= ulong(mq_affine_code(v, p, n_bins)) << (8 * k);
     }
     acc |= mq_pack8<BITS>(codes) << n_acc;

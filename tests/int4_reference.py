@@ -39,7 +39,7 @@ def dequantize_exact(packed: mx.array, scales: mx.array, src_group_size: int) ->
     return mx.array(q * s)
 
 
-def oracle(packed, scales, *, bits, group_size, src_group_size, dtype=None):
+def oracle(packed, scales, *, bits, group_size=64, src_group_size=32, dtype=None):
     """mx.quantize on the CPU of the exact dequantization; scales and biases rounded
     to dtype (default: the input scales' dtype) afterwards."""
     w = dequantize_exact(packed, scales, src_group_size)

@@ -114,6 +114,10 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
   }
 
   auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::cpu && !cpu::requantize_cpu_supported()) {
+    throw std::runtime_error(
+        "[moequant.requantize_int4] this x86-64 build needs a CPU with SSSE3.");
+  }
   // Row-contiguous inputs let the kernels use flat indexing.
   auto p = mx::contiguous(
       packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
@@ -190,8 +194,13 @@ void RequantizeInt4::eval_gpu(
   }
   int K = packed.shape(-1) * 8;
   uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  uint32_t n_groups =
-      static_cast<uint32_t>(packed.size() / packed.shape(-1)) * groups_per_row;
+  size_t total_groups = (packed.size() / packed.shape(-1)) * groups_per_row;
+  if (total_groups > std::numeric_limits<uint32_t>::max()) {
+    throw std::runtime_error(
+        "[moequant.requantize_int4] more than 2^32 groups in one call on the GPU; "
+        "split the tensor.");
+  }
+  uint32_t n_groups = static_cast<uint32_t>(total_groups);
 
   std::ostringstream kname;
   kname << "requantize_int4_b" << bits_ << "_g" << group_size_ << "_sg" << src_group_size_

@@ -19,7 +19,9 @@
 #include "mlx/types/half_types.h"
 #include "quant_math.h"
 
-#if defined(__SSSE3__)
+// MOEQUANT_NO_SIMD forces the portable path (tests build it to check it).
+#if defined(MOEQUANT_NO_SIMD)
+#elif defined(__SSSE3__)
 #include <tmmintrin.h>
 #define MQ_SIMD_SSSE3 1
 #elif defined(__ARM_NEON) && defined(__aarch64__)
@@ -109,21 +111,70 @@ inline void lookup_codes(const uint8_t* p, const uint8_t* lut, Block& out) {
 // mq_affine_code((u - 8) * s, p, n_bins) for every u: clamping before rounding gives
 // the same integer as rounding before clamping (the bounds are integers), and for
 // 0 <= x <= 255 adding and subtracting 1.5 * 2^23 rounds half to even like rint.
-// Written this way so that the compiler vectorizes it (no rint call per entry).
+// The product, the subtraction and the true division are the oracle's, lane by lane.
 inline void code_table(float s, mq_affine p, float n_bins, uint8_t* lut) {
   const float magic = 12582912.0f; // 1.5 * 2^23
-  float x[16];
+#if defined(MQ_SIMD_SSSE3)
+  const __m128 vs = _mm_set1_ps(s), vb = _mm_set1_ps(p.bias), vsc = _mm_set1_ps(p.scale);
+  const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(n_bins), vm = _mm_set1_ps(magic);
+  __m128i q[4];
+  for (int j = 0; j < 4; ++j) {
+    const float u0 = static_cast<float>(4 * j - MQ_INT4_OFFSET);
+    __m128 u = _mm_setr_ps(u0, u0 + 1.0f, u0 + 2.0f, u0 + 3.0f);
+    __m128 v = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(u, vs), vb), vsc);
+    v = _mm_min_ps(_mm_max_ps(v, zero), top);
+    v = _mm_sub_ps(_mm_add_ps(v, vm), vm);
+    q[j] = _mm_cvttps_epi32(v);
+  }
+  __m128i w16a = _mm_packs_epi32(q[0], q[1]);
+  __m128i w16b = _mm_packs_epi32(q[2], q[3]);
+  _mm_store_si128(reinterpret_cast<__m128i*>(lut), _mm_packus_epi16(w16a, w16b));
+#elif defined(MQ_SIMD_NEON)
+  const float32x4_t vs = vdupq_n_f32(s), vb = vdupq_n_f32(p.bias), vsc = vdupq_n_f32(p.scale);
+  const float32x4_t zero = vdupq_n_f32(0.0f), top = vdupq_n_f32(n_bins);
+  const float32x4_t vm = vdupq_n_f32(magic);
+  uint32x4_t q[4];
+  for (int j = 0; j < 4; ++j) {
+    const float u0 = static_cast<float>(4 * j - MQ_INT4_OFFSET);
+    const float us[4] = {u0, u0 + 1.0f, u0 + 2.0f, u0 + 3.0f};
+    float32x4_t v = vdivq_f32(vsubq_f32(vmulq_f32(vld1q_f32(us), vs), vb), vsc);
+    v = vminq_f32(vmaxq_f32(v, zero), top);
+    v = vsubq_f32(vaddq_f32(v, vm), vm);
+    q[j] = vcvtq_u32_f32(v);
+  }
+  uint16x8_t a = vcombine_u16(vmovn_u32(q[0]), vmovn_u32(q[1]));
+  uint16x8_t b = vcombine_u16(vmovn_u32(q[2]), vmovn_u32(q[3]));
+  vst1q_u8(lut, vcombine_u8(vmovn_u16(a), vmovn_u16(b)));
+#else
   for (int u = 0; u < 16; ++u) {
     float w = static_cast<float>(u - MQ_INT4_OFFSET) * s;
     float v = (w - p.bias) / p.scale;
     v = v < 0.0f ? 0.0f : v;
     v = v > n_bins ? n_bins : v;
-    x[u] = (v + magic) - magic;
+    lut[u] = static_cast<uint8_t>(static_cast<int>((v + magic) - magic));
   }
-  for (int u = 0; u < 16; ++u) {
-    lut[u] = static_cast<uint8_t>(static_cast<int>(x[u]));
-  }
+#endif
 }
+
+#if defined(MQ_SIMD_SSSE3)
+// 16 codes (bytes < 2^B) -> 2B bytes of bitstream in the low bytes of the result.
+// Pairs and quads are merged by multiply-add (code0 + code1 * 2^B, then
+// pair0 + pair1 * 2^2B), halves of each 64-bit lane joined by a shift, and the B
+// bytes of each 64-bit lane gathered by a byte shuffle.
+template <int B>
+inline __m128i pack16(__m128i c) {
+  __m128i pairs = _mm_maddubs_epi16(c, _mm_set1_epi16(static_cast<short>(1 | ((1 << B) << 8))));
+  __m128i quads = _mm_madd_epi16(pairs, _mm_set1_epi32(1 | ((1 << (2 * B)) << 16)));
+  const __m128i lo32 = _mm_set1_epi64x(0xFFFFFFFFll);
+  __m128i x = _mm_or_si128(
+      _mm_and_si128(quads, lo32), _mm_srli_epi64(_mm_andnot_si128(lo32, quads), 32 - 4 * B));
+  alignas(16) int8_t idx[16];
+  for (int i = 0; i < 16; ++i) {
+    idx[i] = i < B ? i : (i < 2 * B ? 8 + i - B : -1);
+  }
+  return _mm_shuffle_epi8(x, _mm_load_si128(reinterpret_cast<const __m128i*>(idx)));
+}
+#endif
 
 template <int BITS>
 inline void store_block(const Block& b, uint8_t* dst) {
@@ -131,13 +182,61 @@ inline void store_block(const Block& b, uint8_t* dst) {
   if constexpr (BITS == 8) {
     std::memcpy(dst, b.codes, 32);
   } else {
+#if defined(MQ_SIMD_SSSE3)
+    alignas(16) uint8_t tmp[32];
+    _mm_store_si128(
+        reinterpret_cast<__m128i*>(tmp),
+        pack16<BITS>(_mm_load_si128(reinterpret_cast<const __m128i*>(b.codes))));
+    _mm_store_si128(
+        reinterpret_cast<__m128i*>(tmp + 16),
+        pack16<BITS>(_mm_load_si128(reinterpret_cast<const __m128i*>(b.codes + 16))));
+    std::memcpy(dst, tmp, 2 * BITS);
+    std::memcpy(dst + 2 * BITS, tmp + 16, 2 * BITS);
+#else
     for (int j = 0; j < 4; ++j) {
       mq_u64 x;
       std::memcpy(&x, b.codes + 8 * j, 8);
       x = mq_pack8<BITS>(x);
       std::memcpy(dst + BITS * j, &x, BITS); // little-endian hosts only (x86, arm64)
     }
+#endif
   }
+}
+
+// mq_affine_params for 4 groups at once. The scalar version is a chain of three
+// dependent divisions per group; four chains in one vector let the divider overlap
+// them. Lane by lane it is the same arithmetic (and comparison order) as the header.
+inline void affine_params4(const float* wmin, const float* wmax, float n_bins, mq_affine* p) {
+#if defined(MQ_SIMD_SSSE3)
+  const __m128 sign = _mm_set1_ps(-0.0f);
+  const __m128 lo = _mm_loadu_ps(wmin), hi = _mm_loadu_ps(wmax);
+  __m128 neg = _mm_cmpgt_ps(_mm_andnot_ps(sign, lo), _mm_andnot_ps(sign, hi));
+  __m128 s = _mm_div_ps(_mm_sub_ps(hi, lo), _mm_set1_ps(n_bins));
+  s = _mm_max_ps(_mm_set1_ps(1e-7f), s); // eps > s ? eps : s, so NaN stays NaN
+  s = _mm_xor_ps(s, _mm_andnot_ps(neg, sign));
+  __m128 edge = _mm_or_ps(_mm_and_ps(neg, lo), _mm_andnot_ps(neg, hi));
+  // rint: |x| + 2^23 - 2^23 rounds half to even below 2^23; larger values are integers.
+  __m128 x = _mm_div_ps(edge, s);
+  __m128 ax = _mm_andnot_ps(sign, x);
+  const __m128 two23 = _mm_set1_ps(8388608.0f);
+  __m128 r = _mm_or_ps(_mm_sub_ps(_mm_add_ps(ax, two23), two23), _mm_and_ps(sign, x));
+  __m128 big = _mm_cmpge_ps(ax, two23); // also false for NaN, which then stays NaN in r
+  __m128 q0 = _mm_or_ps(_mm_and_ps(big, x), _mm_andnot_ps(big, r));
+  __m128 nz = _mm_cmpneq_ps(q0, _mm_setzero_ps());
+  __m128 scale = _mm_or_ps(_mm_and_ps(nz, _mm_div_ps(edge, q0)), _mm_andnot_ps(nz, s));
+  __m128 bias = _mm_and_ps(nz, edge);
+  alignas(16) float sc[4], bi[4];
+  _mm_store_ps(sc, scale);
+  _mm_store_ps(bi, bias);
+  for (int i = 0; i < 4; ++i) {
+    p[i].scale = sc[i];
+    p[i].bias = bi[i];
+  }
+#else
+  for (int i = 0; i < 4; ++i) {
+    p[i] = mq_affine_params(wmin[i], wmax[i], n_bins);
+  }
+#endif
 }
 
 template <int BITS, typename SrcT, typename OutT>
@@ -150,41 +249,54 @@ void requantize_rows(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
   const int n_src = K / a.src_group_size;
   const std::size_t in_row = static_cast<std::size_t>(K) / 2;
   const std::size_t out_row = static_cast<std::size_t>(K) * BITS / 8;
+  constexpr int GB = 4; // groups whose parameters are computed together
 
   alignas(16) uint8_t lut[16];
   Block blk;
-  float s_blk[4];
+  float s_blk[GB][4];
   for (std::size_t r = r0; r < r1; ++r) {
     const uint8_t* in = a.packed + r * in_row;
     const SrcT* ss = static_cast<const SrcT*>(a.src_scales) + r * n_src;
     uint8_t* out = a.wq + r * out_row;
     OutT* os = static_cast<OutT*>(a.scales) + r * n_groups;
     OutT* ob = static_cast<OutT*>(a.biases) + r * n_groups;
-    for (int g = 0; g < n_groups; ++g) {
-      const int b0 = g * blocks_per_group;
-      // Group range from the block nibble ranges; std::min/max comparison order, so
-      // NaN scales are skipped as MLX's loop skips NaN weights.
-      float wmin = std::numeric_limits<float>::infinity();
-      float wmax = -wmin;
-      for (int j = 0; j < blocks_per_group; ++j) {
-        int umin, umax;
-        nibble_range(in + 16 * (b0 + j), umin, umax);
-        float s = to_float(ss[(b0 + j) / blocks_per_src]);
-        s_blk[j] = s;
-        float x = static_cast<float>(umin - MQ_INT4_OFFSET) * s;
-        float y = static_cast<float>(umax - MQ_INT4_OFFSET) * s;
-        float lo = y < x ? y : x;
-        float hi = x < y ? y : x;
-        wmin = lo < wmin ? lo : wmin;
-        wmax = wmax < hi ? hi : wmax;
+    for (int g0 = 0; g0 < n_groups; g0 += GB) {
+      const int ng = n_groups - g0 < GB ? n_groups - g0 : GB;
+      float wmin[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float wmax[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int gi = 0; gi < ng; ++gi) {
+        const int b0 = (g0 + gi) * blocks_per_group;
+        // Group range from the block nibble ranges; std::min/max comparison order,
+        // so NaN scales are skipped as MLX's loop skips NaN weights.
+        float mn = std::numeric_limits<float>::infinity();
+        float mx_ = -mn;
+        for (int j = 0; j < blocks_per_group; ++j) {
+          int umin, umax;
+          nibble_range(in + 16 * (b0 + j), umin, umax);
+          float s = to_float(ss[(b0 + j) / blocks_per_src]);
+          s_blk[gi][j] = s;
+          float x = static_cast<float>(umin - MQ_INT4_OFFSET) * s;
+          float y = static_cast<float>(umax - MQ_INT4_OFFSET) * s;
+          float lo = y < x ? y : x;
+          float hi = x < y ? y : x;
+          mn = lo < mn ? lo : mn;
+          mx_ = mx_ < hi ? hi : mx_;
+        }
+        wmin[gi] = mn;
+        wmax[gi] = mx_;
       }
-      mq_affine p = mq_affine_params(wmin, wmax, n_bins);
-      os[g] = static_cast<OutT>(p.scale);
-      ob[g] = static_cast<OutT>(p.bias);
-      for (int j = 0; j < blocks_per_group; ++j) {
-        code_table(s_blk[j], p, n_bins, lut);
-        lookup_codes(in + 16 * (b0 + j), lut, blk);
-        store_block<BITS>(blk, out + 4 * BITS * (b0 + j));
+      mq_affine p[GB];
+      affine_params4(wmin, wmax, n_bins, p);
+      for (int gi = 0; gi < ng; ++gi) {
+        const int g = g0 + gi;
+        const int b0 = g * blocks_per_group;
+        os[g] = static_cast<OutT>(p[gi].scale);
+        ob[g] = static_cast<OutT>(p[gi].bias);
+        for (int j = 0; j < blocks_per_group; ++j) {
+          code_table(s_blk[gi][j], p[gi], n_bins, lut);
+          lookup_codes(in + 16 * (b0 + j), lut, blk);
+          store_block<BITS>(blk, out + 4 * BITS * (b0 + j));
+        }
       }
     }
   }
@@ -246,6 +358,14 @@ bool requantize_simd_available() {
   return true;
 #else
   return false;
+#endif
+}
+
+bool requantize_cpu_supported() {
+#if defined(__x86_64__) && defined(__SSSE3__)
+  return __builtin_cpu_supports("ssse3");
+#else
+  return true;
 #endif
 }
 

@@ -29,4 +29,7 @@ void requantize_int4(const RequantizeArgs& args);
 // True when this build and this CPU run the SIMD (pshufb / tbl) path.
 bool requantize_simd_available();
 
+// False only for an x86-64 build (compiled with SSSE3) on a CPU without SSSE3.
+bool requantize_cpu_supported();
+
 } // namespace moequant::cpu

@@ -2,6 +2,8 @@
 
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
+from . import int4
+from .mlx_lm_patch import patch, unpatch
 from .ops import (
     get_num_threads,
     has_metal,
@@ -10,9 +12,9 @@ from .ops import (
     requantize_int4,
     set_num_threads,
 )
-from .mlx_lm_patch import patch, unpatch
 
 __all__ = [
+    "int4",
     "patch",
     "unpatch",
     "moe_swiglu",

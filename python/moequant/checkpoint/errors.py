@@ -1,0 +1,6 @@
+"""Errors raised while reading a source checkpoint."""
+
+
+class CheckpointError(ValueError):
+    """The source checkpoint is unsupported, inconsistent or damaged. The message names
+    the file and tensor concerned; the CLI turns it into exit code 2."""

@@ -1,0 +1,647 @@
+"""`moequant convert`: stream an INT4 compressed-tensors (or bf16) Kimi / DeepSeek-V3
+checkpoint into a mixed-bit MLX model that stock ``mlx_lm.load`` reads.
+
+The work goes unit by unit (a decoder layer, then embeddings + head), tensor by tensor:
+routed experts are read straight into an (E, N, K/8) stack and requantized in one
+``requantize_int4`` call; other weights go through ``mx.quantize`` (CPU) of the bf16
+source; names and layout follow mlx-lm's sanitize (experts stacked into ``switch_mlp``,
+``kv_b_proj`` split into ``embed_q``/``unembed_out``). Shards of a unit are written as
+soon as their tensors exist, so memory holds about one layer whatever the depth.
+
+Nothing is lost: a journal in DST records finished units against the source's
+fingerprint and the planned output, so a rerun resumes at the first unfinished unit;
+the index and config.json are written last and atomically (mlx-lm needs config.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__
+from .checkpoint import CheckpointError, Item, Job, Source, Unit
+from .checkpoint.layout import all_items
+from .checkpoint.safetensors_io import MX_STORAGE, read_into, read_numpy
+from .ops import requantize_int4, set_num_threads
+from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
+from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+
+MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
+JOURNAL = ".moequant-journal.json"
+RECIPE_FILE = "moequant_recipe.json"
+INDEX = "model.safetensors.index.json"
+_NOT_COPIED = {"config.json", INDEX, JOURNAL}
+
+
+class DestinationError(ValueError):
+    """DST cannot be used as asked (exists, belongs to another conversion, ...)."""
+
+
+class ConvertError(RuntimeError):
+    """Writing the output failed (e.g. a full disk); the message names the file."""
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Shard:
+    name: str
+    unit: int
+    tensors: List[str]
+    nbytes: int
+
+
+@dataclass
+class OutputPlan:
+    """Every output tensor, its shard, and the units in order."""
+
+    shards: List[Shard]
+    tensor_shard: Dict[str, int]
+    unit_shards: Dict[int, List[int]]
+    tensor_meta: Dict[str, Tuple[Tuple[int, ...], str]]
+
+    def digest(self, res: Resolution) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([[s.name, s.tensors] for s in self.shards]).encode())
+        h.update(json.dumps(sorted((k, list(v[0]), v[1]) for k, v in self.tensor_meta.items())).encode())
+        h.update(json.dumps(res.applied(), sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+
+def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int) -> OutputPlan:
+    """Greedy shards of at most ``max_shard`` bytes, never spanning two units (so a unit
+    is the unit of resumption); a tensor larger than the limit gets a shard of its own."""
+    groups: List[Tuple[int, List[str], int]] = []
+    meta: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    for u in units:
+        start = len(groups)
+        for job in u.jobs:
+            for it in job.items:
+                for suffix, shape, dtype in output_tensors(it, res.decisions[it.path]):
+                    name = prefix + it.path + suffix
+                    nb = tensor_bytes(shape, dtype)
+                    meta[name] = (tuple(shape), dtype)
+                    if len(groups) == start or groups[-1][2] + nb > max_shard:
+                        groups.append((u.index, [], 0))
+                    unit, names, size = groups[-1]
+                    names.append(name)
+                    groups[-1] = (unit, names, size + nb)
+    n = len(groups)
+    fmt = "model-{:05d}-of-{:05d}.safetensors" if n > 1 else "model.safetensors"
+    shards = [Shard(fmt.format(i + 1, n), unit, names, size)
+              for i, (unit, names, size) in enumerate(groups)]
+    tensor_shard = {t: i for i, s in enumerate(shards) for t in s.tensors}
+    unit_shards: Dict[int, List[int]] = {}
+    for i, s in enumerate(shards):
+        unit_shards.setdefault(s.unit, []).append(i)
+    return OutputPlan(shards, tensor_shard, unit_shards, meta)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class JobInputs:
+    """A job's input buffers, allocated as MLX arrays on the main thread (MLX streams are
+    per thread) and filled in place by the reader thread through writable numpy views,
+    so tensor bytes go from the file to MLX memory in one copy."""
+
+    groups: List[List[str]]  # source names stacked into each buffer
+    dtypes: List[str]
+    arrays: List[mx.array]
+    views: List[np.ndarray]
+
+    def result(self) -> List[mx.array]:
+        return [a.view(mx.bfloat16) if dt == "BF16" else a for a, dt in zip(self.arrays, self.dtypes)]
+
+
+def allocate_job(src: Source, job: Job) -> JobInputs:
+    if job.kind != "experts":
+        groups, stacked = [[n] for n in job.sources], False
+    elif src.cfg.scheme is None:
+        groups, stacked = [job.sources], True
+    else:
+        groups, stacked = [job.sources[0::3], job.sources[1::3]], True
+    dtypes, arrays = [], []
+    for names in groups:
+        first = src.tensors[names[0]]
+        for n in names:
+            if src.tensors[n].dtype != first.dtype:
+                raise CheckpointError(f"{src.tensors[n].file}: tensor {n} has dtype "
+                                      f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}")
+        if first.dtype not in MX_STORAGE:
+            raise CheckpointError(f"{first.file}: tensor {first.name} has unsupported dtype {first.dtype}")
+        shape = (len(names), *first.shape) if stacked else first.shape
+        dtypes.append(first.dtype)
+        arrays.append(mx.zeros(shape, MX_STORAGE[first.dtype]))
+    mx.eval(arrays)
+    views = [np.asarray(memoryview(a)) for a in arrays]
+    return JobInputs(groups, dtypes, arrays, views)
+
+
+def fill_job(src: Source, job: Job, inputs: JobInputs) -> JobInputs:
+    """Read the job's tensors into its buffers (the reader thread; file reads release the
+    GIL), checking INT4 experts' weight_shape values against the config."""
+    if job.kind == "experts" and src.cfg.scheme is not None:
+        E, n, k = job.items[0].shape
+        for name in job.sources[2::3]:
+            info = src.tensors[name]
+            value = read_numpy(info).tolist()
+            if value != [n, k]:
+                raise CheckpointError(f"{info.file}: tensor {name} says shape {value}, but "
+                                      f"config.json implies {[n, k]}")
+    for names, view in zip(inputs.groups, inputs.views):
+        if len(names) == 1 and job.kind != "experts":
+            read_into(src.tensors[names[0]], view)
+        else:
+            for i, name in enumerate(names):
+                read_into(src.tensors[name], view[i])
+    return inputs
+
+
+def read_job(src: Source, job: Job) -> List[mx.array]:
+    """Allocate and read synchronously (used outside the pipelined loop)."""
+    return fill_job(src, job, allocate_job(src, job)).result()
+
+
+# --------------------------------------------------------------------------- computing
+
+
+def _quantize(w: mx.array, d: Optional[Decision]) -> List[mx.array]:
+    w = w.astype(mx.bfloat16)
+    if d is None:
+        return [w]
+    return list(mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu))
+
+
+def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[Item, List[mx.array]]]:
+    """Output arrays per item, in output_tensors() order."""
+    dec = res.decisions
+    if job.kind == "param":
+        (it,) = job.items
+        dtype = mx.float32 if it.dtype == "float32" else mx.bfloat16
+        return [(it, [inputs[0].astype(dtype)])]
+    if job.kind == "dense":
+        (it,) = job.items
+        return [(it, _quantize(inputs[0], dec[it.path]))]
+    if job.kind == "kv_b":
+        # mlx-lm's sanitize: (heads*(nope+v), kv_lora) -> embed_q (heads, kv_lora, nope)
+        # and unembed_out (heads, v, kv_lora).
+        q_it, o_it = job.items
+        heads, _, nope = q_it.shape
+        v = inputs[0].astype(mx.bfloat16).reshape(heads, -1, q_it.shape[1])
+        wk = mx.contiguous(v[:, :nope, :].swapaxes(-1, -2))
+        wv = mx.contiguous(v[:, nope:, :])
+        return [(q_it, _quantize(wk, dec[q_it.path])), (o_it, _quantize(wv, dec[o_it.path]))]
+    (it,) = job.items
+    d = dec[it.path]
+    if src.cfg.scheme is None:
+        return [(it, _quantize(inputs[0], d))]
+    packed, scales = inputs[0].view(mx.uint32), inputs[1]
+    gs = src.cfg.scheme.group_size
+    if d is not None and d.repack:
+        s = scales.astype(mx.bfloat16)
+        return [(it, [packed, s, -8 * s])]
+    if d is None:
+        w = mx.dequantize(packed, scales.astype(mx.float32), -8 * scales.astype(mx.float32),
+                          group_size=gs, bits=4)
+        return [(it, [w.astype(mx.bfloat16)])]
+    wq, s, b = requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
+                               src_group_size=gs, dtype=mx.bfloat16)
+    return [(it, [wq, s, b])]
+
+
+AUTO_SAMPLE_EXPERTS = 16
+
+
+def expert_sensitivity(src: Source, units: List[Unit]):
+    """For 'auto' layer selection: relative squared error of a layer's routed-expert
+    module at the quantization it would otherwise get, against the exact source weights,
+    measured before any output is written on an evenly spaced sample of at most
+    AUTO_SAMPLE_EXPERTS experts per layer: all 384 of Kimi's would re-read a third of the
+    checkpoint, 16 re-read about 1.4% of it. The loss is an estimate from that sample."""
+    jobs = {it.path: j for u in units for j in u.jobs for it in j.items}
+    per = 3 if src.cfg.scheme else 1  # source tensors per expert
+
+    def measure(items: List[Item], d: Decision) -> float:
+        err = ref = 0.0
+        for it in items:
+            job = jobs[it.path]
+            if job.kind != "experts":
+                raise RecipeError(f"auto layer selection measures routed experts only, not {it.path}")
+            E = it.shape[0]
+            sample = range(0, E, max(1, -(-E // AUTO_SAMPLE_EXPERTS)))
+            for b in range(0, len(sample), 8):
+                chosen = sample[b:b + 8]
+                sub = Job(job.kind, [Item(it.path, it.layer, it.component, it.kind,
+                                          (len(chosen), *it.shape[1:]))],
+                          [n for e in chosen for n in job.sources[e * per:(e + 1) * per]])
+                inputs = read_job(src, sub)
+                if src.cfg.scheme:
+                    packed, scales = inputs[0].view(mx.uint32), inputs[1]
+                    gs = src.cfg.scheme.group_size
+                    s = scales.astype(mx.float32)
+                    # (u - 8) * s exactly: subtract in integers, one float rounding.
+                    w = mx.dequantize(packed, mx.ones_like(s), mx.zeros_like(s), group_size=gs, bits=4)
+                    w = (w - 8) * mx.repeat(s, gs, axis=-1)
+                    wq, qs, qb = requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
+                                                 src_group_size=gs, dtype=mx.float32)
+                else:
+                    w = inputs[0].astype(mx.float32)
+                    wq, qs, qb = mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu)
+                w_hat = mx.dequantize(wq, qs, qb, group_size=d.group_size, bits=d.bits)
+                err += float(mx.sum((w_hat - w) ** 2).item())
+                ref += float(mx.sum(w**2).item())
+        return err / max(ref, 1e-30)
+
+    return measure
+
+
+# --------------------------------------------------------------------------- output side
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".partial-{path.name}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot write: {e.strerror or e}") from e
+
+
+def write_shard(path: Path, tensors: Dict[str, mx.array]) -> int:
+    """Write a shard under a temporary name (invisible to mlx-lm's model*.safetensors
+    glob), then rename it into place."""
+    tmp = path.with_name(f".partial-{path.name}")
+    try:
+        mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
+        os.replace(tmp, path)
+        return path.stat().st_size
+    except (OSError, RuntimeError, ValueError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ConvertError(f"{path}: cannot write shard: {getattr(e, 'strerror', None) or e}") from e
+
+
+class ShardWriter:
+    """Writes shards on a background thread (mx.save_safetensors releases the GIL), one at
+    a time: the next shard's tensors are computed while the previous one is written, and
+    memory holds at most the shard being written plus the one being filled. A unit enters
+    the journal once all its shards are on disk."""
+
+    def __init__(self, dst: Path, out: "OutputPlan", journal: dict, jpath: Path):
+        self.dst, self.out, self.journal, self.jpath = dst, out, journal, jpath
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write")
+        self.inflight = deque()  # (shard index, future), in submission order
+
+    def submit(self, si: int, tensors: Dict[str, mx.array]) -> None:
+        path = self.dst / self.out.shards[si].name
+        self.drain()
+        self.inflight.append((si, self.pool.submit(write_shard, path, tensors)))
+
+    def _finish_oldest(self) -> None:
+        si, fut = self.inflight.popleft()
+        shard = self.out.shards[si]
+        self.journal["sizes"][shard.name] = fut.result()
+        if self.out.unit_shards[shard.unit][-1] == si:
+            self.journal["done"].append(shard.unit)
+            _atomic_write_text(self.jpath, json.dumps(self.journal))
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._finish_oldest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+        return False
+
+
+def _looks_like_output(dst: Path) -> bool:
+    names = {p.name for p in dst.iterdir()}
+    return bool(names & {JOURNAL, "config.json", INDEX}) or any(
+        n.startswith("model") and n.endswith(".safetensors") for n in names)
+
+
+def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str, digest: str) -> dict:
+    """Returns the journal to continue from (empty for a fresh start)."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
+        raise DestinationError(f"--mlx-path {dst} must not contain or be inside --hf-path {src}")
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"--mlx-path {dst} exists and is not a directory")
+    journal = {}
+    if dst.exists() and any(dst.iterdir()):
+        jpath = dst / JOURNAL
+        if overwrite:
+            if not _looks_like_output(dst):
+                raise DestinationError(f"--mlx-path {dst} is a non-empty directory that does "
+                                       "not look like a model; refusing to --overwrite it")
+            shutil.rmtree(dst)
+        elif jpath.exists():
+            try:
+                journal = json.loads(jpath.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise DestinationError(f"{jpath}: unreadable journal; rerun with --overwrite") from None
+            if journal.get("fingerprint") != fingerprint:
+                raise DestinationError(f"{dst} holds an unfinished conversion of a different or "
+                                       "changed source; rerun with --overwrite to start over")
+            if journal.get("plan") != digest:
+                raise DestinationError(f"{dst} holds an unfinished conversion with a different "
+                                       "recipe or options; rerun with --overwrite to start over")
+        else:
+            raise DestinationError(f"--mlx-path {dst} already exists; use --overwrite to replace it")
+    dst.mkdir(parents=True, exist_ok=True)
+    return journal
+
+
+def copy_side_files(src: Path, dst: Path) -> List[str]:
+    """Tokenizer, chat template, remote-code and other small files, as mlx-lm keeps them."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if (p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors")
+                and not p.name.startswith(".")):
+            try:
+                shutil.copy2(p, dst / p.name)
+            except OSError as e:
+                raise ConvertError(f"{dst / p.name}: cannot copy from {p}: {e.strerror or e}") from e
+            copied.append(p.name)
+    return copied
+
+
+def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
+    """The source config with the compressed-tensors block removed and mlx-lm's
+    per-module quantization entries added (vision_config dropped with the tower)."""
+    cfg = src.cfg
+    config = copy.deepcopy(cfg.raw)
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    if cfg.prefix:
+        config["text_config"].pop("quantization_config", None)
+        config.pop("vision_config", None)
+    weights: Dict[Tuple[int, int], int] = {}
+    per_module = {}
+    for it in items:
+        d = res.decisions[it.path]
+        if d is not None:
+            per_module[cfg.prefix + it.path] = d.as_config()
+            weights[(d.bits, d.group_size)] = weights.get((d.bits, d.group_size), 0) + it.params
+    bits, group = max(weights, key=weights.get) if weights else (4, 64)
+    quant = {"group_size": group, "bits": bits, "mode": "affine", **per_module}
+    config["quantization"] = quant
+    config["quantization_config"] = quant
+    # A short record for `moequant inspect` (mlx-lm ignores unknown keys); the full
+    # per-module record is moequant_recipe.json.
+    config["moequant"] = {
+        "version": __version__, "recipe": res.recipe.name,
+        "source": f"compressed-tensors INT4 g{cfg.scheme.group_size}" if cfg.scheme else "bf16",
+        "selected_layers": {f"rule {i} {res.recipe.rules[i]['match']}": layers
+                            for i, layers in res.selected.items()},
+    }
+    return dict(sorted(config.items()))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A one-line progress bar on stderr (bytes read, units, rate, ETA); without a
+    terminal, one line per finished unit."""
+
+    def __init__(self, total_bytes: int, units: int, enabled: bool):
+        self.total, self.units, self.enabled = max(total_bytes, 1), units, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done_bytes: int, done_units: int, name: str, unit_finished: bool) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not unit_finished and (not self.tty or now - self.last < 0.2)):
+            return
+        self.last = now
+        el = now - self.t0
+        frac = min(done_bytes / self.total, 1.0)
+        eta = el / frac - el if frac > 0 else 0.0
+        line = (f"[{'#' * int(frac * 24):<24}] {fmt_bytes(done_bytes)} / {fmt_bytes(self.total)}  "
+                f"units {done_units}/{self.units} ({name})  {done_bytes / max(el, 1e-9) / 1e9:.2f} GB/s  "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class ConvertResult:
+    mlx_path: Path
+    resolution: Resolution
+    rows: list
+    total_bytes: int
+    total_params: int
+    expert_bpw: float
+    wall_seconds: float
+    input_bytes: int  # read in this run
+    units_converted: int
+    units_skipped: int
+    dry_run: bool = False
+    shards: List[str] = field(default_factory=list)
+
+    @property
+    def bpw(self) -> float:
+        return self.total_bytes * 8 / self.total_params
+
+    def summary(self) -> str:
+        gbps = self.input_bytes / self.wall_seconds / 1e9 if self.wall_seconds else 0.0
+        extra = f"{self.total_bytes / 2**30:.2f} GiB; routed experts {self.expert_bpw:.3f} bpw"
+        lines = [format_table(self.rows, extra)]
+        if not self.dry_run:
+            lines.append(
+                f"{self.units_converted} units converted, {self.units_skipped} resumed from the "
+                f"journal; wall {self.wall_seconds:.2f} s; input {self.input_bytes / 1e9:.3f} GB "
+                f"at {gbps:.2f} GB/s; {len(self.shards)} shards in {self.mlx_path}")
+        return "\n".join(lines)
+
+
+def convert(
+    hf_path,
+    mlx_path,
+    recipe: str = "alis-3.6",
+    *,
+    upgrade_layers=None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    threads: Optional[int] = None,
+    progress: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> ConvertResult:
+    """Convert ``hf_path`` into ``mlx_path``; see the module docstring.
+
+    Raises CheckpointError / RecipeError / DestinationError for bad input (before any
+    output is written, except for damage found while reading tensors) and ConvertError
+    when writing fails."""
+    t0 = time.perf_counter()
+    if threads:
+        set_num_threads(threads)
+    src = Source.open(hf_path)
+    cfg, units = src.cfg, src.units
+    items = all_items(units)
+    upgrade = parse_upgrade_layers(upgrade_layers) if isinstance(upgrade_layers, (str, type(None))) \
+        else upgrade_layers
+    spec = load_recipe(recipe)
+    needs_auto = upgrade == "auto" or any(
+        isinstance(r.get("layers"), dict) and r["layers"].get("select") == "auto" for r in spec.rules)
+    res = resolve(spec, items, num_layers=cfg.num_layers,
+                  int4_group=cfg.scheme.group_size if cfg.scheme else None,
+                  upgrade_layers=upgrade,
+                  sensitivity=expert_sensitivity(src, units) if needs_auto and not dry_run else None)
+    out = plan_output(units, res, cfg.prefix, max_shard_bytes)
+    planned_rows = summarize(items, res.decisions)
+    total_bytes = sum(r.bytes for r in planned_rows)
+    total_params = sum(r.params for r in planned_rows)
+    expert_rows = [r for r in planned_rows if r.name.startswith("routed")]
+    expert_bpw = sum(r.bytes for r in expert_rows) * 8 / max(1, sum(r.params for r in expert_rows))
+    if dry_run:
+        return ConvertResult(Path(mlx_path), res, planned_rows, total_bytes, total_params,
+                             expert_bpw, time.perf_counter() - t0, 0, 0, 0, True,
+                             [s.name for s in out.shards])
+
+    dst = Path(mlx_path)
+    fingerprint, digest = src.fingerprint(), out.digest(res)
+    journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest)
+    done = set()
+    for u in journal.get("done", []):
+        shard_ok = all((dst / out.shards[i].name).exists()
+                       and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
+                       for i in out.unit_shards.get(u, []))
+        if shard_ok:
+            done.add(u)
+    journal = {"version": 1, "moequant": __version__, "source": str(src.path),
+               "fingerprint": fingerprint, "plan": digest, "done": sorted(done),
+               "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
+                         for u in done for i in out.unit_shards.get(u, [])}}
+    jpath = dst / JOURNAL
+    _atomic_write_text(jpath, json.dumps(journal))
+    for p in dst.glob(".partial-*"):
+        p.unlink()
+    # An index or config from an earlier attempt must not make DST look complete.
+    for name in ("config.json", INDEX):
+        (dst / name).unlink(missing_ok=True)
+
+    todo = [u for u in units if u.index not in done]
+    remaining = sum(out.shards[i].nbytes for u in todo for i in out.unit_shards.get(u.index, []))
+    free = shutil.disk_usage(dst).free
+    if remaining > free:
+        raise ConvertError(f"{dst}: needs {remaining / 1e9:.2f} GB more but only "
+                           f"{free / 1e9:.2f} GB is free")
+
+    input_total = sum(src.unit_input_bytes(u) for u in todo)
+    bar = Progress(input_total, len(units), progress)
+    read_bytes = 0
+    jobs = [(u, j) for u in todo for j in u.jobs]
+    with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
+            ShardWriter(dst, out, journal, jpath) as writer:
+        # Read one job ahead and write behind, so file IO overlaps quantization.
+        def read_ahead(k):
+            if k < len(jobs):
+                return reader.submit(fill_job, src, jobs[k][1], allocate_job(src, jobs[k][1]))
+
+        ahead = read_ahead(0)
+        pending: Dict[int, Dict[str, mx.array]] = {}
+        for n, (unit, job) in enumerate(jobs):
+            inputs = ahead.result().result()
+            ahead = read_ahead(n + 1)
+            for it, arrays in compute_job(src, job, inputs, res):
+                names = [cfg.prefix + it.path + suffix for suffix, _, _ in
+                         output_tensors(it, res.decisions[it.path])]
+                mx.eval(arrays)
+                for name, arr in zip(names, arrays):
+                    shape, dtype = out.tensor_meta[name]
+                    if tuple(arr.shape) != shape or arr.dtype != getattr(mx, dtype):
+                        raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
+                    si = out.tensor_shard[name]
+                    pending.setdefault(si, {})[name] = arr
+                    if len(pending[si]) == len(out.shards[si].tensors):
+                        writer.submit(si, pending.pop(si))
+            del inputs
+            read_bytes += sum(src.tensors[s].nbytes for s in job.sources)
+            finished = n + 1 == len(jobs) or jobs[n + 1][0] is not unit
+            if finished:
+                mx.clear_cache()
+            bar.update(read_bytes, len(journal["done"]), unit.name, finished)
+        writer.drain()
+        bar.update(read_bytes, len(journal["done"]), "written", True)
+        bar.close()
+
+    copy_side_files(src.path, dst)
+    _atomic_write_text(dst / RECIPE_FILE, json.dumps(
+        {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
+         **res.applied(cfg.prefix)}, indent=2, default=str))
+    weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
+    _atomic_write_text(dst / INDEX, json.dumps(
+        {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
+         "weight_map": weight_map}, indent=4))
+    _atomic_write_text(dst / "config.json", json.dumps(output_config(src, res, items), indent=4))
+    jpath.unlink()
+    return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
+                         time.perf_counter() - t0, read_bytes, len(todo), len(done),
+                         shards=[s.name for s in out.shards])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p):
+    p.add_argument("--hf-path", required=True, help="Source checkpoint directory (local).")
+    p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
+    p.add_argument("--recipe", default="alis-3.6",
+                   help="Preset (alis-3.6, int4-native, uniform-3, uniform-4, mixed_3_6) or a recipe JSON file.")
+    p.add_argument("--upgrade-layers", default=None,
+                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+    p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+
+
+def run(args) -> int:
+    from .cli import UserError
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    try:
+        result = convert(args.hf_path, args.mlx_path, args.recipe, upgrade_layers=args.upgrade_layers,
+                         dry_run=args.dry_run, overwrite=args.overwrite, threads=args.threads,
+                         progress=not args.quiet)
+    except (CheckpointError, RecipeError, DestinationError) as e:
+        raise UserError(str(e)) from None
+    except ConvertError as e:
+        print(f"moequant convert: error: {e}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"dry run: would write {len(result.shards)} shards to {args.mlx_path}")
+        for i, layers in result.resolution.selected.items():
+            print(f"rule {i} ({result.resolution.recipe.rules[i]['match']}): layers {layers}")
+    print(result.summary())
+    return 0

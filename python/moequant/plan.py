@@ -1,0 +1,207 @@
+"""`moequant plan`: what a recipe does to a model, from config.json (and, when the
+checkpoint is there, its validated safetensors headers) without reading tensor data.
+
+Sizes are exact: a quantized (..., K) weight takes K*bits/32 uint32 words per row plus a
+bf16 scale and a bf16 bias per group (bits + 32/group_size bits per weight); unquantized
+tensors keep their dtype (bf16; the router's e_score_correction_bias stays float32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .checkpoint import COMPONENTS, CheckpointError, Item, Source, SourceConfig, read_config
+from .checkpoint.layout import all_items, build_layout
+from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+
+ITEMSIZE = {"bfloat16": 2, "float32": 4}
+SCALE_BYTES = 2  # scales and biases are written in bf16
+
+
+def output_tensors(item: Item, d: Optional[Decision]) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """(suffix, shape, dtype) of the tensors an item becomes; suffix is appended to its path."""
+    if not item.quantizable:
+        return [("", item.shape, item.dtype)]
+    if d is None:
+        return [(".weight", item.shape, "bfloat16")]
+    *lead, k = item.shape
+    return [(".weight", (*lead, k * d.bits // 32), "uint32"),
+            (".scales", (*lead, k // d.group_size), "bfloat16"),
+            (".biases", (*lead, k // d.group_size), "bfloat16")]
+
+
+def tensor_bytes(shape, dtype) -> int:
+    return math.prod(shape) * (4 if dtype in ("uint32", "float32") else 2)
+
+
+def item_bytes(item: Item, d: Optional[Decision]) -> int:
+    return sum(tensor_bytes(s, t) for _, s, t in output_tensors(item, d))
+
+
+def describe(d: Optional[Decision], item: Item) -> str:
+    if d is None:
+        return "fp32" if item.dtype == "float32" else "bf16"
+    return f"{d.bits}-bit g{d.group_size}" + (" (INT4 repack)" if d.repack else "")
+
+
+@dataclass
+class ComponentRow:
+    name: str
+    params: int = 0
+    bytes: int = 0
+    kinds: Dict[str, int] = None  # description -> params
+
+    @property
+    def bpw(self) -> float:
+        return self.bytes * 8 / self.params if self.params else 0.0
+
+
+@dataclass
+class Plan:
+    cfg: SourceConfig
+    resolution: Resolution
+    items: List[Item]
+    rows: List[ComponentRow]
+    input_bytes: Optional[int]  # from the headers, when the checkpoint was read
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def bpw(self) -> float:
+        return self.bytes * 8 / self.params
+
+    def component(self, name: str) -> ComponentRow:
+        return next(r for r in self.rows if r.name == name)
+
+    @property
+    def expert_bpw(self) -> float:
+        rs = [r for r in self.rows if r.name.startswith("routed")]
+        return sum(r.bytes for r in rs) * 8 / max(1, sum(r.params for r in rs))
+
+    def to_json(self) -> dict:
+        return {
+            "model_type": self.cfg.flavour,
+            "recipe": self.resolution.recipe.name,
+            "selected_layers": self.resolution.selected,
+            "components": [{"name": r.name, "params": r.params, "bytes": r.bytes,
+                            "bits_per_weight": r.bpw, "bits": r.kinds} for r in self.rows],
+            "total_params": self.params,
+            "total_bytes": self.bytes,
+            "bits_per_weight": self.bpw,
+            "expert_bits_per_weight": self.expert_bpw,
+            "input_bytes": self.input_bytes,
+        }
+
+
+def summarize(items: List[Item], decisions: Dict[str, Optional[Decision]],
+              sizes: Optional[Dict[str, int]] = None) -> List[ComponentRow]:
+    """Per-component rows. ``sizes`` (path -> bytes) overrides predicted sizes, e.g. with
+    the bytes actually written."""
+    rows = {c: ComponentRow(c, 0, 0, {}) for c in COMPONENTS}
+    for it in items:
+        d = decisions.get(it.path)
+        r = rows[it.component]
+        r.params += it.params
+        r.bytes += sizes[it.path] if sizes is not None else item_bytes(it, d)
+        desc = describe(d, it)
+        r.kinds[desc] = r.kinds.get(desc, 0) + it.params
+    return [r for r in rows.values() if r.params]
+
+
+def make_plan(src, recipe: str, upgrade_layers=None, sensitivity=None) -> Plan:
+    """src: a checkpoint directory (its headers are validated when it has safetensors
+    files) or a config.json path."""
+    src = Path(src)
+    source = None
+    if src.is_dir() and (any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").exists()):
+        source = Source.open(src)
+        cfg, units = source.cfg, source.units
+    else:
+        cfg = read_config(src)
+        units, _ = build_layout(cfg)
+    items = all_items(units)
+    res = resolve(load_recipe(recipe), items, num_layers=cfg.num_layers,
+                  int4_group=cfg.scheme.group_size if cfg.scheme else None,
+                  upgrade_layers=parse_upgrade_layers(upgrade_layers)
+                  if isinstance(upgrade_layers, (str, type(None))) else upgrade_layers,
+                  sensitivity=sensitivity)
+    input_bytes = sum(source.unit_input_bytes(u) for u in units) if source else None
+    return Plan(cfg, res, items, summarize(items, res.decisions), input_bytes)
+
+
+def _fmt_params(n: int) -> str:
+    for div, suf in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suf}"
+    return str(n)
+
+
+def fmt_bytes(n: float) -> str:
+    for div, suf in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= div:
+            return f"{n / div:.2f} {suf}"
+    return f"{int(n)} B"
+
+
+def _share(x: float) -> str:
+    return "<1%" if x < 0.005 else f"{x:.0%}"
+
+
+def format_table(rows: List[ComponentRow], extra_total: str = "") -> str:
+    lines = [f"{'component':<16} {'params':>9} {'size':>11} {'bpw':>6}  bits"]
+    for r in rows:
+        kinds = ", ".join(f"{k} ({_share(v / r.params)})" if len(r.kinds) > 1 else k
+                          for k, v in sorted(r.kinds.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{r.name:<16} {_fmt_params(r.params):>9} {fmt_bytes(r.bytes):>11} "
+                     f"{r.bpw:>6.3f}  {kinds}")
+    params = sum(r.params for r in rows)
+    size = sum(r.bytes for r in rows)
+    lines.append(f"{'total':<16} {_fmt_params(params):>9} {fmt_bytes(size):>11} "
+                 f"{size * 8 / params:>6.3f}  {extra_total}")
+    return "\n".join(lines)
+
+
+def format_plan(plan: Plan) -> str:
+    res = plan.resolution
+    head = [f"model_type {plan.cfg.flavour}, {plan.cfg.num_layers} layers, source "
+            + (f"INT4 g{plan.cfg.scheme.group_size} experts" if plan.cfg.scheme else "bf16")
+            + f"; recipe {res.recipe.name}"]
+    for i, layers in res.selected.items():
+        head.append(f"rule {i} ({res.recipe.rules[i]['match']}): layers {layers}")
+    head += res.notes
+    total = (f"{fmt_bytes(plan.bytes)} ({plan.bytes / 2**30:.2f} GiB); "
+             f"routed experts {plan.expert_bpw:.3f} bpw")
+    if plan.input_bytes:
+        total += f"; input {fmt_bytes(plan.input_bytes)}"
+    return "\n".join(head + [format_table(plan.rows, total)])
+
+
+def add_arguments(p):
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--hf-path", help="Source checkpoint directory (headers are validated).")
+    g.add_argument("--config", help="A config.json (or its directory): plan from the config alone.")
+    p.add_argument("--recipe", default="alis-3.6", help="Preset name or recipe JSON file.")
+    p.add_argument("--upgrade-layers", default=None,
+                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+    p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+
+
+def run(args) -> int:
+    from .cli import UserError
+
+    try:
+        plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
+    except (CheckpointError, RecipeError) as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,266 @@
+"""Recipes: ordered rules mapping module paths (and optionally layer sets) to a
+quantization, resolved against a model layout.
+
+A recipe is a JSON object ``{"description": ..., "rules": [rule, ...]}``. Each rule is
+
+    {"match": PATTERN, ["layers": LAYERS,] "bits": B, "group_size": G}   or
+    {"match": PATTERN, ["layers": LAYERS,] "keep": true}
+
+PATTERN is a glob over the canonical module path (``*`` crosses dots), e.g.
+``*.switch_mlp.down_proj``, or ``re:REGEX`` (full match). Paths are mlx-lm module paths
+without kimi_k25's ``language_model.`` prefix. LAYERS restricts the rule to decoder
+layers: a list of indices, or a selection among the layers the pattern matches:
+``{"select": "spread" | "auto", "count": C, "per": P}`` (C of every P matched layers,
+rounded, at least 1; without "per", C layers), or ``{"select": "mlx_mixed"}`` (mlx-lm's
+mixed-recipe ``use_more_bits`` layers). ``spread`` spaces the layers evenly; ``auto``
+takes the layers whose modules lose most at the quantization they would otherwise get.
+
+The first matching rule wins; an unmatched module stays unquantized. Only quantizable
+modules (Linear, Embedding, MultiLinear, SwitchLinear) are considered: the router, norms
+and biases are never quantized. ``keep`` leaves a bf16 module in bf16 and repacks INT4
+experts losslessly (MLX 4-bit at the source group size). As in mlx-lm, a module whose
+input dimension the group size does not divide stays unquantized.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..checkpoint.layout import Item
+from .presets import PRESETS
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+class RecipeError(ValueError):
+    """A recipe file or option is invalid."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    bits: int
+    group_size: int
+    repack: bool = False  # INT4 experts kept as they are (no re-quantization)
+
+    def as_config(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    spec: dict  # the declarative form, as loaded
+
+    @property
+    def rules(self) -> List[dict]:
+        return self.spec["rules"]
+
+
+@dataclass
+class Resolution:
+    """A recipe applied to a layout: one Decision (or None: unquantized) per item."""
+
+    recipe: Recipe
+    decisions: Dict[str, Optional[Decision]]
+    selected: Dict[int, List[int]] = field(default_factory=dict)  # rule index -> layers
+    notes: List[str] = field(default_factory=list)
+
+    def applied(self, prefix: str = "") -> dict:
+        """The record written next to a converted model."""
+        return {
+            "recipe": self.recipe.name,
+            "spec": self.recipe.spec,
+            "selected_layers": {str(k): v for k, v in self.selected.items()},
+            "notes": self.notes,
+            "modules": {prefix + p: (d.as_config() | ({"repacked_int4": True} if d.repack else {}))
+                        if d else "unquantized" for p, d in self.decisions.items()},
+        }
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    if name_or_path in PRESETS:
+        return Recipe(name_or_path, validate_spec(PRESETS[name_or_path], name_or_path))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise RecipeError(f"unknown recipe {name_or_path!r}: not a preset "
+                          f"({', '.join(PRESETS)}) nor an existing file")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{path}: cannot parse recipe: {e}") from e
+    return Recipe(path.stem, validate_spec(spec, str(path)))
+
+
+def validate_spec(spec, where: str) -> dict:
+    if not isinstance(spec, dict) or not isinstance(spec.get("rules"), list) or not spec["rules"]:
+        raise RecipeError(f"{where}: a recipe is an object with a non-empty 'rules' list")
+    for i, r in enumerate(spec["rules"]):
+        here = f"{where}: rule {i}"
+        if not isinstance(r, dict) or not isinstance(r.get("match"), str):
+            raise RecipeError(f"{here}: needs a 'match' pattern string")
+        unknown = set(r) - {"match", "layers", "bits", "group_size", "keep"}
+        if unknown:
+            raise RecipeError(f"{here}: unknown keys {sorted(unknown)}")
+        if r["match"].startswith("re:"):
+            try:
+                re.compile(r["match"][3:])
+            except re.error as e:
+                raise RecipeError(f"{here}: bad regex: {e}") from e
+        if r.get("keep"):
+            if "bits" in r or "group_size" in r:
+                raise RecipeError(f"{here}: 'keep' excludes bits and group_size")
+        else:
+            if r.get("bits") not in BITS:
+                raise RecipeError(f"{here}: bits must be one of {BITS} (or use \"keep\": true)")
+            if r.get("group_size") not in GROUP_SIZES:
+                raise RecipeError(f"{here}: group_size must be one of {GROUP_SIZES}")
+        if "layers" in r:
+            _check_layers(r["layers"], here)
+    return spec
+
+
+def _check_layers(layers, here):
+    if isinstance(layers, list):
+        if not all(isinstance(x, int) and x >= 0 for x in layers):
+            raise RecipeError(f"{here}: layers must be non-negative integers")
+        return
+    if not isinstance(layers, dict) or layers.get("select") not in ("spread", "auto", "mlx_mixed"):
+        raise RecipeError(f"{here}: layers must be a list or "
+                          "{\"select\": \"spread\"|\"auto\"|\"mlx_mixed\", ...}")
+    if layers["select"] != "mlx_mixed":
+        if not isinstance(layers.get("count"), int) or layers["count"] < 1:
+            raise RecipeError(f"{here}: a {layers['select']} selection needs a positive 'count'")
+        if "per" in layers and (not isinstance(layers["per"], int) or layers["per"] < 1):
+            raise RecipeError(f"{here}: 'per' must be a positive integer")
+
+
+def parse_upgrade_layers(value: Optional[str]):
+    """--upgrade-layers: 'spread', 'auto' or a comma-separated list of layer indices."""
+    if value is None or value in ("spread", "auto"):
+        return value
+    try:
+        layers = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise RecipeError(f"--upgrade-layers {value!r}: expected spread, auto or a list "
+                          "like 3,10,17") from None
+    if not layers or layers[0] < 0:
+        raise RecipeError(f"--upgrade-layers {value!r}: expected non-negative layer indices")
+    return layers
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _mlx_mixed_layers(num_layers: int) -> set:
+    L = num_layers
+    return {i for i in range(L) if i < L // 8 or i >= 7 * L // 8 or (i - L // 8) % 3 == 2}
+
+
+def _count(sel: dict, n: int) -> int:
+    if "per" in sel:
+        return max(1, min(n, math.floor(sel["count"] * n / sel["per"] + 0.5)))
+    return min(n, sel["count"])
+
+
+def spread(candidates: Sequence[int], k: int) -> List[int]:
+    """k of the sorted candidates, evenly spaced (the centre of each of k equal bins)."""
+    n = len(candidates)
+    return [candidates[math.floor((i + 0.5) * n / k)] for i in range(k)]
+
+
+Sensitivity = Callable[[List[Item], Decision], float]
+
+
+def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_group: Optional[int],
+            upgrade_layers=None, sensitivity: Optional[Sensitivity] = None) -> Resolution:
+    """Apply the recipe to the layout's items.
+
+    int4_group: the source group size when routed experts are INT4 (None for bf16).
+    upgrade_layers: overrides every spread/auto selection ('spread', 'auto' or a list).
+    sensitivity(items_of_one_layer, decision) -> loss, used by 'auto' selections; without
+    it (e.g. when planning) 'auto' falls back to the spread layers, which give the same size.
+    """
+    rules = recipe.rules
+    quantizable = [it for it in items if it.quantizable]
+    res = Resolution(recipe, {})
+
+    def decide(it: Item, rule_layers: Dict[int, set], start: int = 0):
+        for i in range(start, len(rules)):
+            r = rules[i]
+            if not _matches(r["match"], it.path):
+                continue
+            if "layers" in r and (it.layer is None or it.layer not in rule_layers.get(i, ())):
+                continue
+            return i
+        return None
+
+    def decision_of(it: Item, i: Optional[int]) -> Optional[Decision]:
+        if i is None:
+            return None
+        r = rules[i]
+        if r.get("keep"):
+            if it.kind == "switch" and int4_group:
+                return Decision(4, int4_group, repack=True)
+            return None
+        if it.shape[-1] % r["group_size"]:
+            res.notes.append(f"{it.path}: input dim {it.shape[-1]} is not a multiple of "
+                             f"group size {r['group_size']}; left unquantized")
+            return None
+        return Decision(r["bits"], r["group_size"])
+
+    # Layer sets, rule by rule; a selection sees only the layers its pattern matches.
+    rule_layers: Dict[int, set] = {}
+    for i, r in enumerate(rules):
+        if "layers" not in r:
+            continue
+        spec = r["layers"]
+        matched = [it for it in quantizable if it.layer is not None and _matches(r["match"], it.path)]
+        candidates = sorted({it.layer for it in matched})
+        if isinstance(spec, list) or (upgrade_layers is not None and isinstance(upgrade_layers, list)
+                                      and spec.get("select") in ("spread", "auto")):
+            chosen = spec if isinstance(spec, list) else upgrade_layers
+            bad = sorted(set(chosen) - set(candidates))
+            if bad:
+                raise RecipeError(f"rule {i} ({r['match']}): layers {bad} have no matching module "
+                                  f"(candidates: {candidates})")
+            layers = sorted(chosen)
+        elif spec["select"] == "mlx_mixed":
+            layers = sorted(_mlx_mixed_layers(num_layers) & set(candidates))
+        else:
+            mode = upgrade_layers if upgrade_layers in ("spread", "auto") else spec["select"]
+            k = _count(spec, len(candidates)) if candidates else 0
+            if mode == "auto" and sensitivity is not None and candidates:
+                # Score each layer at what it would get without this rule.
+                loss = {}
+                for layer in candidates:
+                    its = [it for it in matched if it.layer == layer]
+                    fallback = decision_of(its[0], decide(its[0], rule_layers, i + 1))
+                    loss[layer] = sensitivity(its, fallback) if fallback else 0.0
+                layers = sorted(sorted(candidates, key=lambda l: (-loss[l], l))[:k])
+                res.notes.append(f"rule {i}: auto-selected layers {layers} by loss " +
+                                 ", ".join(f"{l}:{loss[l]:.3g}" for l in candidates))
+            else:
+                layers = spread(candidates, k) if k else []
+                if mode == "auto":
+                    res.notes.append(f"rule {i}: auto selection is made during conversion; "
+                                     f"sizes computed with the spread layers {layers}")
+        rule_layers[i] = set(layers)
+        res.selected[i] = layers
+
+    for it in items:
+        res.decisions[it.path] = decision_of(it, decide(it, rule_layers)) if it.quantizable else None
+    return res
+
+
+__all__ = ["Recipe", "RecipeError", "Decision", "Resolution", "PRESETS", "load_recipe",
+           "resolve", "parse_upgrade_layers", "spread"]

@@ -1,0 +1,308 @@
+"""Generate tiny Kimi-style checkpoints: INT4 compressed-tensors routed experts (packed
+by our own packer, checked against compressed-tensors in tests/test_fixtures.py), bf16
+everything else, a small BPE tokenizer, several shards and an HF index.
+
+Flavours: ``kimi_k25`` (text model under text_config, ``language_model.`` prefix, vision
+tower and projector tensors), ``kimi_k2`` and ``deepseek_v3`` (flat configs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .. import int4
+from ..checkpoint.config import read_config
+from ..checkpoint.layout import build_layout
+
+BF16_EPS = np.float32(2.0**-7)
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), kept as float32."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    b = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return b.view(np.float32)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values that are already bfloat16 -> their uint16 bit patterns."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def ct_quantize(w: np.ndarray, group_size: int):
+    """Symmetric INT4 as compressed-tensors' minmax observer and compressor do it for a
+    bf16 weight: scale = bf16(max(|min|, |max|) / 7.5) per group (min/max clamped to
+    include 0, an all-zero group gets bf16's eps), q = clamp(rint(bf16(w / scale)), -8, 7).
+
+    ``w`` holds bfloat16 values as float32. Returns (int32 words (N, K/8), float32
+    scales that are exact bfloat16 values (N, K/group_size))."""
+    g = np.asarray(w, dtype=np.float32).reshape(*w.shape[:-1], -1, group_size)
+    amax = np.maximum(np.abs(np.minimum(g.min(-1), 0)), np.abs(np.maximum(g.max(-1), 0)))
+    scale = bf16_round(amax / np.float32(7.5))
+    scale = np.where(scale == 0, BF16_EPS, scale).astype(np.float32)
+    q = np.clip(np.rint(bf16_round(g / scale[..., None])), -8, 7).astype(np.int8)
+    return int4.pack(q.reshape(w.shape)), scale
+
+
+def tiny_text_config(layers: int = 3, **overrides) -> dict:
+    """A DeepSeek-V3 / Kimi text config with Kimi's structure at toy sizes. Every dim
+    a group of 64 must divide is a multiple of 128."""
+    c = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "kimi_k2",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "vocab_size": 384,
+        "max_position_embeddings": 4096,
+        "rope_theta": 50000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "routed_scaling_factor": 2.827,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "rms_norm_eps": 1e-5,
+        "num_nextn_predict_layers": 0,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    c.update(overrides)
+    return c
+
+
+def quantization_config(group_size: int = 32) -> dict:
+    """The compressed-tensors block Kimi K2-Thinking / K2.5 ship (group size aside)."""
+    return {
+        "config_groups": {"group_0": {
+            "input_activations": None, "output_activations": None, "targets": ["Linear"],
+            "weights": {"actorder": None, "block_structure": None, "dynamic": False,
+                        "group_size": group_size, "num_bits": 4, "observer": "minmax",
+                        "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                        "type": "int"}}},
+        "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                   "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
+def full_config(flavour: str, text: dict, int4_group: Optional[int]) -> dict:
+    text = copy.deepcopy(text)
+    qc = quantization_config(int4_group) if int4_group else None
+    if flavour == "kimi_k25":
+        if qc:
+            text["quantization_config"] = qc
+        return {
+            "architectures": ["KimiK25ForConditionalGeneration"],
+            "model_type": "kimi_k25",
+            "dtype": "bfloat16",
+            "bos_token_id": text["bos_token_id"],
+            "eos_token_id": text["eos_token_id"],
+            "pad_token_id": 0,
+            "tie_word_embeddings": False,
+            "media_placeholder_token_id": 3,
+            "text_config": text,
+            "vision_config": {"vt_hidden_size": 64, "vt_num_hidden_layers": 1, "patch_size": 14},
+        }
+    text["model_type"] = flavour
+    if qc:
+        text["quantization_config"] = qc
+    return text
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_assistant|>{% endif %}"
+)
+
+
+def write_tokenizer(dst: Path) -> int:
+    """A byte-level BPE tokenizer made with ``tokenizers``, loadable by transformers'
+    AutoTokenizer for any model_type (tokenizer_class PreTrainedTokenizerFast), plus the
+    kind of side files a Kimi repo ships (copied by the converter). Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
+                "<|im_system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog.",
+              "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)",
+              "Mixture of experts models route each token to a few experts."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+        "eos_token": "<|eos|>", "unk_token": "<unk>", "model_max_length": 4096}, indent=2))
+    (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (dst / "tokenization_tiny.py").write_text(
+        "# Stands in for a repo's remote-code tokenizer module; the converter copies it.\n")
+    (dst / "tiktoken.model").write_text("# stands in for Kimi's tiktoken vocabulary\n")
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    return tok.get_vocab_size()
+
+
+def make_checkpoint(
+    dst,
+    flavour: str = "kimi_k25",
+    *,
+    int4_group: Optional[int] = 32,
+    layers: int = 3,
+    shards: int = 3,
+    seed: int = 0,
+    text_overrides: Optional[dict] = None,
+    random_codes: bool = False,
+    mtp_layer: bool = False,
+) -> Path:
+    """Write a tiny checkpoint to ``dst`` and return its path.
+
+    int4_group: source group size of the INT4 routed experts, or None for plain bf16.
+    random_codes: draw INT4 codes and scales directly (fast, for big benchmarks) instead
+        of quantizing random bf16 weights with ct_quantize.
+    mtp_layer: add a multi-token-prediction layer past num_hidden_layers (to be dropped).
+    """
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    text = tiny_text_config(layers, **(text_overrides or {}))
+    if flavour == "kimi_k2":
+        # transformers does not know model_type kimi_k2: AutoTokenizer then parses the
+        # config as a bare PreTrainedConfig, which fails on rope_scaling (real K2 repos
+        # avoid this with remote code). The toy model does not need yarn.
+        text.pop("rope_scaling")
+    config = full_config(flavour, text, int4_group)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(dst)
+
+    cfg = read_config(dst)
+    units, expect = build_layout(cfg)
+
+    def bf16_normal(shape, std=0.02):
+        return bf16_round(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def as_mx(name, shape, kind):
+        if kind == "fp32":
+            return mx.array(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01))
+        if name.endswith("norm.weight"):
+            return mx.ones(shape, dtype=mx.bfloat16)
+        return mx.array(bf16_bits(bf16_normal(shape))).view(mx.bfloat16)
+
+    # Name -> array in layout order, so each layer lands in one or two shards.
+    ordered = []
+    for unit in units:
+        for job in unit.jobs:
+            ordered += job.sources
+    tensors = {}
+    for name in ordered:
+        exp = expect[name]
+        if name.endswith(".weight_packed"):
+            base = name[: -len("weight_packed")]
+            n, k = exp.shape[0], exp.shape[1] * 8
+            if random_codes:
+                words = int4.pack(rng.integers(-8, 8, (n, k), dtype=np.int8))
+                scale = bf16_round((rng.random((n, k // int4_group), dtype=np.float32) + 0.1)
+                                   * np.float32(0.004))
+            else:
+                words, scale = ct_quantize(bf16_normal((n, k)), int4_group)
+            tensors[name] = mx.array(words)
+            tensors[base + "weight_scale"] = mx.array(bf16_bits(scale)).view(mx.bfloat16)
+            tensors[base + "weight_shape"] = mx.array(np.array([n, k], dtype=np.int32))
+        elif name not in tensors:
+            tensors[name] = as_mx(name, exp.shape, exp.kind)
+    if flavour == "kimi_k25":
+        tensors["vision_tower.patch_embed.proj.weight"] = mx.zeros((64, 3, 14, 14), mx.bfloat16)
+        tensors["mm_projector.proj.0.weight"] = mx.zeros((256, 64), mx.bfloat16)
+    if mtp_layer:
+        p = cfg.prefix + f"model.layers.{layers}."
+        tensors[p + "eh_proj.weight"] = mx.zeros((256, 512), mx.bfloat16)
+        tensors[p + "enorm.weight"] = mx.ones((256,), mx.bfloat16)
+
+    _write_shards(dst, tensors, shards)
+    return dst
+
+
+def _write_shards(dst: Path, tensors: dict, shards: int) -> None:
+    names = list(tensors)
+    total = sum(tensors[n].nbytes for n in names)
+    per = total / shards
+    groups, acc = [[]], 0
+    for n in names:
+        if acc >= per * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(n)
+        acc += tensors[n].nbytes
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors"
+        mx.save_safetensors(str(dst / fname), {n: tensors[n] for n in group},
+                            metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+_ST_DTYPE = {"float": ("BF16", 2), "fp32": ("F32", 4), "packed": ("I32", 4), "shape": ("I32", 4)}
+
+
+def make_sparse_checkpoint(dst, config: dict, shards: int = 64) -> Path:
+    """A full-size checkpoint whose tensor data are holes: real safetensors headers (names,
+    dtypes, shapes, offsets) over sparse files. For planning and validating real model
+    sizes (e.g. the 595 GB Kimi-K2.5) without the disk space; never read the data."""
+    import struct
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    units, expect = build_layout(read_config(dst))
+    names = [n for u in units for j in u.jobs for n in j.sources]
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        chunk = names[i * per:(i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"
+        header, off = {}, 0
+        for n in chunk:
+            dtype, size = _ST_DTYPE[expect[n].kind]
+            nbytes = size * int(np.prod(expect[n].shape))
+            header[n] = {"dtype": dtype, "shape": list(expect[n].shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+            weight_map[n] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dst / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + off)
+        total += off
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return dst
