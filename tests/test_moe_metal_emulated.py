@@ -136,3 +136,40 @@ def test_kimi_shape_and_bytes(lib):
     assert min_a <= ra.bytes_read <= min_a + extra_a
     assert min_b <= rb.bytes_read <= min_b + extra_b
     assert ra.bytes_written == 8 * 2048 * 4 and rb.bytes_written == 7168 * 2
+
+
+class WholeFile:
+    """The whole metal/moe_swiglu.metal compiled once (all host names), for the test
+    that runs every instantiation."""
+
+    def __init__(self):
+        self.lib = metal_emulator.MetalLibrary(str(METAL))
+
+    def run(self, name, **kw):
+        return self.lib.run(name, **kw)
+
+
+TOL = {mx.float32: 2e-6, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def test_every_instantiation_runs():
+    """Every host-named kernel of moe_swiglu.metal, on a small case against the float64
+    oracle, under two schedules: each gate/up pair of bits is paired with a down width
+    that cycles through all of them, so every moe_down_* runs too."""
+    lib = WholeFile()
+    names = set(lib.lib.kernels)
+    widths = (2, 3, 4, 5, 6, 8)
+    ran = set()
+    rng = np.random.default_rng(77)
+    for xn in NAMES:
+        for sn in NAMES:
+            for i, bg in enumerate(widths):
+                for j, bu in enumerate(widths):
+                    bd = widths[(i + j) % len(widths)]
+                    c = case(rng, 3, 256, 64, 2, 1, (bg, bu, bd), (64, 64, 64), sn, DT[xn])
+                    for schedule in ("forward", "reverse"):
+                        y, _, _ = run_kernels(lib, *c, schedule=schedule)
+                        assert rel_err(y, moe_reference(*c)) < TOL[DT[xn]], (xn, sn, bg, bu, bd)
+                    ran |= {f"moe_gate_up_{xn}_{sn}_b{bg}_b{bu}", f"moe_down_{xn}_{sn}_b{bd}"}
+    assert ran == names, sorted(names - ran)
