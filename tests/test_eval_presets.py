@@ -39,3 +39,14 @@ def test_presets_ordered_by_bits(builds, tmp_path):
     again = run(builds, "alis-3.6", tmp_path / "fresh")
     assert not again["cache"]["reused"]
     assert again["kl"] == r["alis-3.6"]["kl"] and again["flips"] == r["alis-3.6"]["flips"]
+
+
+def test_fused_path_gives_the_same_report(builds, tmp_path):
+    """--fused patches the build with moequant's MoE path (decode steps only; eval's
+    full windows take mlx-lm's path), so the numbers must not change."""
+    plain = run(builds, "alis-3.6", tmp_path / "c")
+    fused = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"), seq_len=64,
+                        num_samples=4, top_k=64, seed=0, cache_dir=str(tmp_path / "c"),
+                        progress=False, fused=True)
+    assert fused["fused"] is True
+    assert fused["kl"] == plain["kl"] and fused["flips"] == plain["flips"]
