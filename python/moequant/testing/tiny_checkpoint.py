@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import int4
+from . import tokenizer
 from ..checkpoint.config import read_config
 from ..checkpoint.layout import build_layout
 
@@ -144,32 +145,18 @@ CHAT_TEMPLATE = (
 
 
 def write_tokenizer(dst: Path) -> int:
-    """A byte-level BPE tokenizer made with ``tokenizers``, loadable by transformers'
-    AutoTokenizer for any model_type (tokenizer_class PreTrainedTokenizerFast), plus the
-    kind of side files a Kimi repo ships (copied by the converter). Returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    """The shared test tokenizer with Kimi-like special tokens, plus the kind of side
+    files a Kimi repo ships (copied by the converter). Returns its vocabulary size."""
     specials = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
                 "<|im_system|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The quick brown fox jumps over the lazy dog.",
-              "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)",
-              "Mixture of experts models route each token to a few experts."] * 20
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
-        "eos_token": "<|eos|>", "unk_token": "<unk>", "model_max_length": 4096}, indent=2))
+    n = tokenizer.write_tokenizer(dst, 320, specials=specials, eos="<|eos|>", bos="<|bos|>",
+                                  model_max_length=4096)
     (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (dst / "tokenization_tiny.py").write_text(
         "# Stands in for a repo's remote-code tokenizer module; the converter copies it.\n")
     (dst / "tiktoken.model").write_text("# stands in for Kimi's tiktoken vocabulary\n")
     (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
-    return tok.get_vocab_size()
+    return n
 
 
 def make_checkpoint(

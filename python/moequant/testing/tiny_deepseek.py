@@ -12,9 +12,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from .tokenizer import write_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
 TINY_CONFIG = dict(
     model_type="deepseek_v3",
-    vocab_size=256,
+    vocab_size=320,
     hidden_size=128,
     intermediate_size=256,
     moe_intermediate_size=64,
@@ -104,30 +111,5 @@ def save(model, config: dict, path) -> Path:
     cfg = dict(config)
     cfg["quantization_config"] = cfg.get("quantization")
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_tokenizer(path, config["vocab_size"])
+    write_tokenizer(path, config["vocab_size"], chat_template=CHAT_TEMPLATE)
     return path
-
-
-def save_tokenizer(path, vocab_size: int = 256) -> None:
-    """A byte-level BPE tokenizer with no merges (one token per byte) and a chat
-    template, saved as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    byte_vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    assert len(byte_vocab) == 256 and vocab_size >= 256
-    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(Path(path) / "tokenizer.json"))
-    eos = sorted(byte_vocab)[0]
-    tcfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos,
-        "bos_token": None,
-        "model_max_length": 1024,
-        "chat_template": (
-            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant: {% endif %}"
-        ),
-    }
-    (Path(path) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))

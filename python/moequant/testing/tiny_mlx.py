@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
+
+from . import tokenizer
 
 # Small, but with every part of the Kimi/DeepSeek-V3 layout: MLA attention, a dense first
 # layer, routed + shared experts (SwitchGLU), a router; all matrix inner dims divisible by 64
@@ -58,46 +59,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-# Fixed training text so the tokenizer is the same on every machine and Python version.
-_TOKENIZER_CORPUS = [
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-    "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
-    "import os\nimport sys\nfrom typing import List, Optional\n\nprint('hello, world')\n",
-    "The quick brown fox jumps over the lazy dog. Mixture-of-experts models route tokens.\n",
-    "for i in range(10):\n    if i % 2 == 0:\n        continue\n    yield i * i\n",
-]
 
-
-def write_tokenizer(path: Union[str, Path], vocab_size: int = 384) -> None:
-    """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) loadable by
-    transformers' PreTrainedTokenizerFast, hence by mlx_lm.load."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
-    tok.save(str(path / "tokenizer.json"))
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": "<|endoftext|>",
-                "bos_token": None,
-                "model_max_length": 1 << 20,
-                "chat_template": CHAT_TEMPLATE,
-            },
-            f,
-            indent=2,
-        )
+def write_tokenizer(path: Union[str, Path], vocab_size: int = 384) -> int:
+    """The shared test tokenizer (testing/tokenizer.py) with this module's chat template."""
+    return tokenizer.write_tokenizer(path, vocab_size, chat_template=CHAT_TEMPLATE)
 
 
 def _save(path: Path, model, config: dict, tokenizer_src: Optional[Path]) -> None:
