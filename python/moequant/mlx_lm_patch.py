@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Type
+from typing import Dict
 
 import mlx.core as mx
 import mlx.nn as nn
