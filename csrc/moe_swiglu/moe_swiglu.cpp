@@ -3,6 +3,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/checks.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
@@ -18,26 +19,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument("[moequant.moe_swiglu] " + msg);
-}
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    os << (i ? ", " : "") << s[i];
-  }
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-std::string dtype_str(mx::Dtype t) {
-  std::ostringstream os;
-  os << t;
-  return os.str();
-}
-
-bool is_float(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
 }
 
 // Checks one projection: weight (E, rows, cols*bits/32) uint32, scales and biases

@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/checks.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 #include "requantize/requantize_cpu.h"
@@ -20,26 +21,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument("[moequant.requantize_int4] " + msg);
-}
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    os << (i ? ", " : "") << s[i];
-  }
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-std::string dtype_str(mx::Dtype t) {
-  std::ostringstream os;
-  os << t;
-  return os.str();
-}
-
-bool is_float(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
 }
 
 bool valid_group(int g) {
