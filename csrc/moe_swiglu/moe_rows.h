@@ -39,6 +39,18 @@ constexpr int simd_cpl(int bits) {
   return simd_nb(bits) * 8 / bits;
 }
 
+// Codes decoded by a float permute of a table of the code values (one instruction,
+// reading only the low 4 bits of a lane with 16 lanes, 3 with 8) instead of AND and
+// convert (two): code 0, and with 16 lanes every code of a 32-bit lane that starts
+// on a byte boundary, brought to the bottom of its lane by loading the block at that
+// byte offset. Their x is not pre-scaled.
+constexpr bool simd_table_code(int bits, int lanes, int k) {
+  if (bits > (lanes == 16 ? 4 : 3) || (bits * k) % 8 != 0) {
+    return false;
+  }
+  return k == 0 || (lanes == 16 && simd_nb(bits) == 4);
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 // Defined in moe_rows_avx2.cpp / moe_rows_avx512.cpp (compiled for those ISAs).
 RowsFn rows_avx2(int bits, SType s);

@@ -10,6 +10,7 @@ namespace {
 
 struct V {
   static constexpr int L = 8;
+  static constexpr bool byte_loads = false; // only code 0 is table-decoded
   using F = __m256;
   using I = __m256i;
   static F zero() {

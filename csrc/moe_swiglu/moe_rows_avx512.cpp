@@ -10,6 +10,7 @@ namespace {
 
 struct V {
   static constexpr int L = 16;
+  static constexpr bool byte_loads = true;
   using F = __m512;
   using I = __m512i;
   static F zero() {
@@ -70,6 +71,11 @@ struct V {
         return _mm512_cvtph_ps(v);
       }
     }
+  }
+  // A 4-byte-lane block from byte `off` (< 4) on, lane l starting at byte 4l + off;
+  // in the last block of a row the bytes past the block are not touched.
+  static I load_block_at(const uint8_t* p, int off, bool last) {
+    return last ? _mm512_maskz_loadu_epi8(~0ull >> off, p + off) : _mm512_loadu_si512(p + off);
   }
   template <int NB>
   static I load_block(const uint8_t* p) {

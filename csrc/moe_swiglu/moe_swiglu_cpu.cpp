@@ -90,12 +90,13 @@ class PrepBuf {
       if (!lanes) {
         continue;
       }
-      // xp[block][k][lane] = x[block][lane * CPL + k] * 2^-(bits*k) (exact, bits*k <= 28)
+      // xp[block][k][lane] = x[block][lane * CPL + k] * 2^-(bits*k) (exact, bits*k <= 28),
+      // unscaled for the top code of a full lane and the table-decoded codes
       float* xp = xp_.data() + t * cols;
       for (int b = 0; b < cols / blk; ++b) {
         for (int k = 0; k < cpl; ++k) {
-          const bool shifted = top_shifted && k == cpl - 1;
-          const float scale = shifted ? 1.0f : 1.0f / static_cast<float>(1u << (bits * k));
+          const bool unscaled = (top_shifted && k == cpl - 1) || simd_table_code(bits, lanes, k);
+          const float scale = unscaled ? 1.0f : 1.0f / static_cast<float>(1u << (bits * k));
           for (int l = 0; l < lanes; ++l) {
             xp[b * blk + lanes * k + l] = v[b * blk + l * cpl + k] * scale;
           }
