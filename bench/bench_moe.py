@@ -19,13 +19,13 @@ import os
 import platform
 import resource
 import statistics
-import threading
 import time
 
 import mlx.core as mx
 import numpy as np
 
 import moequant
+from bandwidth import read_bandwidth
 
 D, I, K = 7168, 2048, 8
 RECIPES = [  # (gate, up, down) bits, group size
@@ -34,23 +34,6 @@ RECIPES = [  # (gate, up, down) bits, group size
     ((4, 4, 4), 64),
     ((4, 4, 4), 32),
 ]
-
-
-def read_bandwidth(gib: float = 1.0, threads: int = 0, reps: int = 5) -> float:
-    """Best-of-`reps` GB/s of summing a `gib` GiB int64 array split over threads."""
-    threads = threads or moequant.get_num_threads()
-    a = np.ones(int(gib * 2**30) // 8, dtype=np.int64)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    for _ in range(reps):
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        t = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def random_proj(E, out_dims, in_dims, bits, gs, sdtype=mx.bfloat16):

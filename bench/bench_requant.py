@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 import moequant
-from moequant import _ext, int4
+from bandwidth import read_bandwidth
+from moequant import int4
 
 
 def best_time(fn, repeat):
@@ -57,7 +58,7 @@ def main():
     print("-" * len(header))
     for threads in args.threads:
         moequant.set_num_threads(threads)
-        bw = _ext.read_bandwidth_gbs(1 << 30, 5)
+        bw = read_bandwidth(1.0, threads)
         for (rows, K), (packed, scales) in data.items():
             in_bytes = packed.nbytes + scales.nbytes
             s32 = scales.astype(mx.float32)
@@ -85,7 +86,7 @@ def main():
     print(
         "mlx: mx.dequantize(float32) + mx.quantize on the CPU stream (MLX's CPU quantize is\n"
         "single-threaded whatever 'thr' says); ours: requantize_int4 on 'thr' threads;\n"
-        "read GB/s: best of 5 passes over 1 GiB on 'thr' threads."
+        "read GB/s: best of 5 threaded numpy sums of 1 GiB on 'thr' threads (bench/bandwidth.py)."
     )
 
 

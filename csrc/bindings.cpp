@@ -4,7 +4,6 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
-#include "common/bandwidth.h"
 #include "common/thread_pool.h"
 #include "moe_swiglu/moe_swiglu.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
@@ -62,12 +61,6 @@ NB_MODULE(_ext, m) {
 
   m.def("get_num_threads", &moequant::get_num_threads);
   m.def("set_num_threads", &moequant::set_num_threads, "n"_a);
-  m.def(
-      "read_bandwidth_gbs",
-      &moequant::read_bandwidth_gbs,
-      "bytes"_a,
-      "iters"_a = 5,
-      "Best read bandwidth in GB/s over `iters` passes on the current thread count.");
   m.def("requantize_simd_available", &moequant::cpu::requantize_simd_available);
 #ifdef _METAL_
   m.attr("has_metal") = true;

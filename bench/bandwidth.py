@@ -1,0 +1,28 @@
+"""The read-bandwidth probe every benchmark compares itself with, measured in the same
+run and with the same thread count as the kernel it accompanies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+import moequant
+
+
+def read_bandwidth(gib: float = 1.0, threads: int = 0, reps: int = 5) -> float:
+    """Best-of-`reps` GB/s of summing a `gib` GiB int64 array split over threads."""
+    threads = threads or moequant.get_num_threads()
+    a = np.ones(int(gib * 2**30) // 8, dtype=np.int64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(reps):
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
