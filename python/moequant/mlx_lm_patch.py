@@ -23,7 +23,7 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .ops import has_metal, moe_swiglu
+from .ops import as_projection, has_metal, moe_swiglu
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
 # verification) still read each selected expert's weights about once per token.
@@ -63,15 +63,14 @@ def env_enabled(default: bool = True) -> bool:
 def _proj_supported(p) -> bool:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-    return (
-        isinstance(p, QuantizedSwitchLinear)
-        and getattr(p, "mode", "affine") == "affine"
-        and getattr(p, "global_scale", None) is None
-        and p.get("biases") is not None
-        and "bias" not in p
-        and p.bits in _SUPPORTED_BITS
-        and p.group_size in _SUPPORTED_GROUPS
-    )
+    if not isinstance(p, QuantizedSwitchLinear):
+        return False
+    try:
+        # The op's own layout checks (affine, biases, no global scale or output bias).
+        *_, bits, group_size = as_projection(p)
+    except ValueError:
+        return False
+    return bits in _SUPPORTED_BITS and group_size in _SUPPORTED_GROUPS
 
 
 def layout_supported(block) -> bool:
