@@ -20,7 +20,7 @@ import numpy as np
 
 import moequant
 from bandwidth import read_bandwidth
-from moequant import int4
+from moequant.testing.tiny_checkpoint import bf16_round, ct_quantize
 
 
 def best_time(fn, repeat):
@@ -45,7 +45,7 @@ def main():
     shapes = [(2048, 7168), (7168, 2048)]
     data = {}
     for rows, K in shapes:
-        words, s = int4.quantize_symmetric(rng.standard_normal((rows, K), np.float32) * 0.02)
+        words, s = ct_quantize(bf16_round(rng.standard_normal((rows, K), np.float32) * 0.02), 32)
         packed = mx.array(words)
         scales = mx.array(s).astype(mx.bfloat16)
         data[(rows, K)] = (packed, scales)

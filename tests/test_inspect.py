@@ -13,6 +13,7 @@ from moequant import int4
 from moequant.cli import main
 from moequant.inspect_model import describe, expert_errors
 from moequant.testing.tiny_mlx import TINY_DEEPSEEK_CONFIG, make_tiny_model, quantize_tiny
+from moequant.testing.tiny_checkpoint import bf16_round, ct_quantize
 
 E = TINY_DEEPSEEK_CONFIG["n_routed_experts"]
 H = TINY_DEEPSEEK_CONFIG["hidden_size"]
@@ -61,7 +62,7 @@ def _int4_source(path, seed=0, prefix=""):
     for layer in MOE_LAYERS:
         for proj, shape in SHAPES.items():
             for e in range(E):
-                words, scales = int4.quantize_symmetric(rng.standard_normal(shape) * 0.02, 32)
+                words, scales = ct_quantize(bf16_round(rng.standard_normal(shape) * 0.02), 32)
                 scales = mx.array(scales).astype(mx.bfloat16)
                 k = f"{prefix}model.layers.{layer}.mlp.experts.{e}.{proj}"
                 tensors[f"{k}.weight_packed"] = mx.array(words)

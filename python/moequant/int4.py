@@ -40,15 +40,3 @@ def dequantize(words: np.ndarray, scales: np.ndarray, group_size: int = 32) -> n
             f"with group_size {group_size}"
         )
     return q * s
-
-
-def quantize_symmetric(w: np.ndarray, group_size: int = 32, rng=None):
-    """A simple symmetric INT4 quantizer for generating test data:
-    scale = max|w| / 7.5 per group (as compressed-tensors' minmax observer),
-    q = clip(rint(w / scale), -8, 7). Returns (int32 words, float32 scales)."""
-    w = np.asarray(w, dtype=np.float32)
-    g = w.reshape(*w.shape[:-1], -1, group_size)
-    scale = np.abs(g).max(axis=-1) / np.float32(7.5)
-    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    q = np.clip(np.rint(g / scale[..., None]), -8, 7).astype(np.int8)
-    return pack(q.reshape(w.shape)), scale
