@@ -7,12 +7,16 @@
 
 namespace moequant::cpu {
 
-// A vector prepared for one matrix layout: natural order, SIMD order (null when the
-// SIMD path is not used), and its sums per affine group.
+// A vector prepared for one matrix layout: natural order, its sums per affine group,
+// and what the SIMD kernels read instead of x (null where unused): the float SIMD
+// kernels x in their lane order (xp); the integer kernels x as signed digits in their
+// byte order (xd) with one scale per affine group (sx).
 struct Prep {
   const float* x;
   const float* xp;
   const float* gsum;
+  const int8_t* xd = nullptr;
+  const float* sx = nullptr;
 };
 
 // A run of consecutive rows of one expert matrix.
@@ -51,10 +55,45 @@ constexpr bool simd_table_code(int bits, int lanes, int k) {
   return k == 0 || (lanes == 16 && simd_nb(bits) == 4);
 }
 
+// Integer layouts (2/3/4-bit rows, AVX-512 VNNI). x is a block-fixed-point integer
+// per affine group, X_i = round(x_i / sx_g), written as int_digits signed base-256
+// digits, most significant first. A block of int_block_codes(bits) codes is decoded
+// into int_regs(bits) registers of 64 one-byte codes: byte j of register r holds code
+// int_code_of(bits, r, j) of the block, so the 4-byte lane l of every register covers
+// codes [l * span, (l + 1) * span), span = block codes / 16, all in one group.
+constexpr bool int_bits(int bits) {
+  return bits == 2 || bits == 3 || bits == 4;
+}
+constexpr int int_regs(int bits) {
+  return bits == 2 ? 4 : 2;
+}
+constexpr int int_block_codes(int bits) {
+  return 64 * int_regs(bits);
+}
+constexpr int int_code_of(int bits, int r, int j) {
+  if (bits == 4) {
+    return 2 * j + r; // low and high nibble of byte j
+  }
+  if (bits == 2) {
+    return 4 * j + r; // crumb r of byte j
+  }
+  // 3 bits: the 6 bytes of codes 16q..16q+15 go to 64-bit word q; register 0 takes
+  // codes 0-3 and 8-11 of them, register 1 codes 4-7 and 12-15.
+  const int i = j % 8;
+  return 16 * (j / 8) + (i < 4 ? i : i + 4) + 4 * r;
+}
+// Largest |X|: three digits (float32 activations, 24 bits, the rounding of x relative
+// to its group's largest |x| is 2^-24) or two (bf16/f16 activations, 16 bits).
+constexpr int int_xmax(int digits) {
+  return digits == 3 ? 127 * (1 + 256 + 65536) : 127 * (1 + 256);
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 // Defined in moe_rows_avx2.cpp / moe_rows_avx512.cpp (compiled for those ISAs).
 RowsFn rows_avx2(int bits, SType s);
 RowsFn rows_avx512(int bits, SType s);
+// Defined in moe_rows_vnni.cpp; null for bits without an integer layout.
+RowsFn rows_vnni(int bits, SType s, int digits);
 #endif
 
 } // namespace moequant::cpu

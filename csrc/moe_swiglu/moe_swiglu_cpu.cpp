@@ -4,9 +4,11 @@
 // (x for gate/up, the SwiGLU intermediate h for down), each weight byte read once.
 // Per affine group, sum_i x_i (s q_i + b) = s * sum_i x_i q_i + b * sum_i x_i, so the
 // group sums of the vector are computed once per vector and the inner loop is only
-// sum_i x_i q_i. The SIMD row kernels (AVX-512 or AVX2, chosen at run time; see
-// moe_rows_simd.inc) need the vector permuted into their lane order, done here once
-// per vector. 5-bit rows and other CPUs use the portable scalar rows below.
+// sum_i x_i q_i. The SIMD row kernels, chosen at run time, need the vector in their
+// own form, made here once per vector: the float kernels (AVX-512 or AVX2, see
+// moe_rows_simd.inc) permuted into their lane order; the integer kernels (2/3/4-bit
+// rows with AVX-512 VNNI, moe_rows_vnni.cpp) as block-fixed-point digits. 5-bit rows
+// and other CPUs use the portable scalar rows below.
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,13 +35,17 @@ namespace mx = mlx::core;
 
 namespace {
 
-enum class Path { scalar, avx2, avx512 };
+enum class Path { scalar, avx2, avx512, avx512vnni };
 
 Path detect_path() {
 #ifdef MQ_X86
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    // Every CPU with VBMI but one (Cannon Lake) also has VNNI and GFNI.
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni")) {
+      return Path::avx512vnni;
+    }
     return Path::avx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -49,34 +56,50 @@ Path detect_path() {
   return Path::scalar;
 }
 
-// MOEQUANT_CPU_PATH=scalar|avx2 caps the path (read per call, for tests/benchmarks).
+// MOEQUANT_CPU_PATH=scalar|avx2|avx512 caps the path (read per call, for tests and
+// benchmarks; avx512 is the float AVX-512 kernels without the integer ones).
 Path current_path() {
   static const Path best = detect_path();
   const char* e = std::getenv("MOEQUANT_CPU_PATH");
+  Path cap = best;
   if (e && std::string(e) == "scalar") {
-    return Path::scalar;
+    cap = Path::scalar;
+  } else if (e && std::string(e) == "avx2") {
+    cap = Path::avx2;
+  } else if (e && std::string(e) == "avx512") {
+    cap = Path::avx512;
   }
-  if (e && std::string(e) == "avx2" && best == Path::avx512) {
-    return Path::avx2;
-  }
-  return best;
+  return std::min(cap, best);
 }
 
-// Lanes of the SIMD layout a matrix uses on this path (0: the scalar rows).
-int lanes_for(int bits, Path path) {
+// The kernel form of one matrix on this path: float SIMD lanes (0: none) or integer
+// digits (0: none; 3 for float32 activations, 2 for bf16/f16 ones, see moe_rows.h).
+struct Layout {
+  int lanes = 0;
+  int digits = 0;
+};
+
+Layout layout_for(int bits, Path path, mx::Dtype act) {
   if (bits == 5 || path == Path::scalar) {
-    return 0;
+    return {};
   }
-  return path == Path::avx512 ? 16 : 8;
+  if (path == Path::avx512vnni && int_bits(bits)) {
+    return {0, act == mx::float32 ? 3 : 2};
+  }
+  return {path == Path::avx2 ? 8 : 16, 0};
 }
 
 class PrepBuf {
  public:
-  PrepBuf(const float* x, std::size_t n, int cols, int bits, int G, int lanes)
-      : x_(x), cols_(cols), G_(G), xp_(lanes ? n * cols : 0), gs_(n * (cols / G)) {
-    const int cpl = simd_cpl(bits);
-    const int blk = lanes * cpl;
-    const bool top_shifted = simd_nb(bits) == 4;
+  PrepBuf(const float* x, std::size_t n, int cols, int bits, int G, Layout L)
+      : x_(x),
+        cols_(cols),
+        G_(G),
+        xp_(L.lanes ? n * cols : 0),
+        gs_(n * (cols / G)),
+        nd_(L.digits),
+        xd_(L.digits ? n * cols * L.digits : 0),
+        sx_(L.digits ? n * (cols / G) : 0) {
     for (std::size_t t = 0; t < n; ++t) {
       const float* v = x + t * cols;
       float* gs = gs_.data() + t * (cols / G);
@@ -87,20 +110,11 @@ class PrepBuf {
         }
         gs[g] = s;
       }
-      if (!lanes) {
-        continue;
+      if (L.lanes) {
+        permute(v, xp_.data() + t * cols, bits, L.lanes);
       }
-      // xp[block][k][lane] = x[block][lane * CPL + k] * 2^-(bits*k) (exact, bits*k <= 28),
-      // unscaled for the top code of a full lane and the table-decoded codes
-      float* xp = xp_.data() + t * cols;
-      for (int b = 0; b < cols / blk; ++b) {
-        for (int k = 0; k < cpl; ++k) {
-          const bool unscaled = (top_shifted && k == cpl - 1) || simd_table_code(bits, lanes, k);
-          const float scale = unscaled ? 1.0f : 1.0f / static_cast<float>(1u << (bits * k));
-          for (int l = 0; l < lanes; ++l) {
-            xp[b * blk + lanes * k + l] = v[b * blk + l * cpl + k] * scale;
-          }
-        }
+      if (L.digits) {
+        digits(v, xd_.data() + t * cols * L.digits, sx_.data() + t * (cols / G), bits, L.digits);
       }
     }
   }
@@ -108,15 +122,83 @@ class PrepBuf {
     return {
         x_ + t * cols_,
         xp_.empty() ? nullptr : xp_.data() + t * cols_,
-        gs_.data() + t * (cols_ / G_)};
+        gs_.data() + t * (cols_ / G_),
+        xd_.empty() ? nullptr : xd_.data() + t * cols_ * nd_,
+        sx_.empty() ? nullptr : sx_.data() + t * (cols_ / G_)};
   }
 
  private:
+  // xp[block][k][lane] = x[block][lane * CPL + k] * 2^-(bits*k) (exact, bits*k <= 28),
+  // unscaled for the top code of a full lane and the table-decoded codes.
+  void permute(const float* v, float* xp, int bits, int lanes) const {
+    const int cpl = simd_cpl(bits);
+    const int blk = lanes * cpl;
+    const bool top_shifted = simd_nb(bits) == 4;
+    for (int b = 0; b < cols_ / blk; ++b) {
+      for (int k = 0; k < cpl; ++k) {
+        const bool unscaled = (top_shifted && k == cpl - 1) || simd_table_code(bits, lanes, k);
+        const float scale = unscaled ? 1.0f : 1.0f / static_cast<float>(1u << (bits * k));
+        for (int l = 0; l < lanes; ++l) {
+          xp[b * blk + lanes * k + l] = v[b * blk + l * cpl + k] * scale;
+        }
+      }
+    }
+  }
+
+  // Per group sx = max|x| / int_xmax and X = round(x / sx); per block the digit levels
+  // (most significant first), each as the kernel's registers in int_code_of order. A
+  // group holding inf or NaN gets sx = NaN, so its rows come out NaN, never finite.
+  void digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
+    const int xmax = int_xmax(nd);
+    const int R = int_regs(bits);
+    const int bc = int_block_codes(bits);
+    std::vector<int32_t> X(cols_);
+    for (int g = 0; g < cols_ / G_; ++g) {
+      float m = 0.0f;
+      bool finite = true;
+      for (int i = 0; i < G_; ++i) {
+        const float a = std::fabs(v[g * G_ + i]);
+        finite &= a <= std::numeric_limits<float>::max(); // false for inf and NaN
+        m = std::max(m, a);
+      }
+      if (!finite) {
+        sx[g] = std::numeric_limits<float>::quiet_NaN();
+      } else {
+        sx[g] = m > 0.0f ? m / static_cast<float>(xmax) : 0.0f;
+      }
+      const double inv = sx[g] > 0.0f ? 1.0 / static_cast<double>(sx[g]) : 0.0;
+      for (int i = 0; i < G_; ++i) {
+        const double q = std::nearbyint(static_cast<double>(v[g * G_ + i]) * inv);
+        X[g * G_ + i] = static_cast<int32_t>(std::clamp(q, -double(xmax), double(xmax)));
+      }
+    }
+    for (int b = 0; b < cols_ / bc; ++b) {
+      for (int r = 0; r < R; ++r) {
+        for (int j = 0; j < 64; ++j) {
+          int32_t rest = X[b * bc + int_code_of(bits, r, j)];
+          // Balanced base-256 digits, least significant first.
+          int8_t dg[3];
+          for (int k = 0; k < nd; ++k) {
+            const int32_t low = ((rest + 128) & 255) - 128;
+            dg[k] = static_cast<int8_t>(low);
+            rest = (rest - low) / 256;
+          }
+          for (int k = 0; k < nd; ++k) {
+            xd[((b * nd + k) * R + r) * 64 + j] = dg[nd - 1 - k];
+          }
+        }
+      }
+    }
+  }
+
   const float* x_;
   int cols_;
   int G_;
   std::vector<float> xp_;
   std::vector<float> gs_;
+  int nd_;
+  std::vector<int8_t> xd_;
+  std::vector<float> sx_;
 };
 
 template <typename S>
@@ -186,15 +268,18 @@ RowsFn scalar_bits(int bits) {
   }
 }
 
-RowsFn pick(const QMat& m, Path path) {
+RowsFn pick(const QMat& m, Layout L) {
   const SType st = m.sdtype == mx::float32 ? SType::f32
       : m.sdtype == mx::float16           ? SType::f16
                                           : SType::bf16;
 #ifdef MQ_X86
-  if (lanes_for(m.bits, path) == 16) {
+  if (L.digits) {
+    return rows_vnni(m.bits, st, L.digits);
+  }
+  if (L.lanes == 16) {
     return rows_avx512(m.bits, st);
   }
-  if (lanes_for(m.bits, path) == 8) {
+  if (L.lanes == 8) {
     return rows_avx2(m.bits, st);
   }
 #endif
@@ -278,6 +363,8 @@ inline float silu(float g) {
 
 const char* moe_cpu_path() {
   switch (current_path()) {
+    case Path::avx512vnni:
+      return "avx512vnni";
     case Path::avx512:
       return "avx512";
     case Path::avx2:
@@ -312,12 +399,12 @@ void moe_gate_up(const GateUpArgs& a) {
     default:
       throw std::invalid_argument("[moe_swiglu] unsupported x dtype");
   }
-  const PrepBuf pg(
-      xf.data(), a.T, D, a.gate.bits, a.gate.group_size, lanes_for(a.gate.bits, path));
-  const PrepBuf pu(
-      xf.data(), a.T, D, a.up.bits, a.up.group_size, lanes_for(a.up.bits, path));
-  const RowsFn fg = pick(a.gate, path);
-  const RowsFn fu = pick(a.up, path);
+  const Layout lg = layout_for(a.gate.bits, path, a.xdtype);
+  const Layout lu = layout_for(a.up.bits, path, a.xdtype);
+  const PrepBuf pg(xf.data(), a.T, D, a.gate.bits, a.gate.group_size, lg);
+  const PrepBuf pu(xf.data(), a.T, D, a.up.bits, a.up.group_size, lu);
+  const RowsFn fg = pick(a.gate, lg);
+  const RowsFn fu = pick(a.up, lu);
 
   // Work items: (pair, a chunk of rows of I); consecutive items share an expert.
   constexpr int CH = 16;
@@ -352,9 +439,10 @@ void moe_down(const DownArgs& a) {
   }
   check_ids(a.idx, n_pairs, a.down.experts);
   const Path path = current_path();
-  const PrepBuf ph(
-      a.h, n_pairs, I, a.down.bits, a.down.group_size, lanes_for(a.down.bits, path));
-  const RowsFn fd = pick(a.down, path);
+  // h is float32; its digits follow the activations' precision (y has x's dtype).
+  const Layout ld = layout_for(a.down.bits, path, a.ydtype);
+  const PrepBuf ph(a.h, n_pairs, I, a.down.bits, a.down.group_size, ld);
+  const RowsFn fd = pick(a.down, ld);
 
   // Work items: (token, a chunk of rows of D). Within a chunk the k experts are
   // streamed one after the other, so only two weight rows are read at a time.

@@ -1,0 +1,221 @@
+// Integer row kernels for 2/3/4-bit rows: AVX-512 F/BW/VBMI + VNNI + GFNI (this file
+// is compiled with those flags; it is only called after a run-time CPU check).
+//
+// Why integers: converting codes to float costs three vector instructions per 16
+// codes (isolate, convert, FMA), which caps one core below its share of the memory
+// bandwidth. Here x is a block-fixed-point integer per affine group (moe_rows.h:
+// X_i = round(x_i / sx_g) in 2 or 3 signed base-256 digits) and one vpdpbusd
+// multiplies 64 one-byte codes by 64 digits and adds them into sixteen int32 lanes.
+// The digit levels are combined Horner-style in the same accumulator (shift left by
+// 8 between levels), which is exact: a lane sums at most 8 codes <= 15 (16 <= 3 for
+// 2-bit) times |X| < 2^23 per block, below 2^30.
+// Per block and row that is a few decode instructions, digits x registers
+// vpdpbusd, digits - 1 shifts, one convert and one FMA with the group scales
+// (s_w * sx), instead of three instructions per 16 codes.
+#include <immintrin.h>
+
+#include "moe_swiglu/moe_rows.h"
+
+namespace moequant::cpu {
+
+namespace {
+
+#include "moe_swiglu/moe_rows_tail.inc"
+
+// 16 scales (or biases) of dtype ST as float.
+template <SType ST>
+inline __m512 load_s(const uint8_t* p) {
+  if constexpr (ST == SType::f32) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (ST == SType::bf16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    } else {
+      return _mm512_cvtph_ps(v);
+    }
+  }
+}
+
+// One block of packed codes to int_regs(B) registers of one-byte codes, in the byte
+// order of int_code_of.
+template <int B>
+inline void decode(const uint8_t* p, __m512i* q) {
+  if constexpr (B == 4) {
+    const __m512i v = _mm512_loadu_si512(p);
+    q[0] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+    // A GF(2) affine map moves bits 4-7 of every byte to 0-3 and clears the rest: the
+    // high nibble in one instruction (output bit i is row 7 - i of the matrix).
+    q[1] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+  } else if constexpr (B == 2) {
+    const __m512i v = _mm512_loadu_si512(p);
+    q[0] = _mm512_and_si512(v, _mm512_set1_epi8(0x03));
+    q[1] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x0408000000000000LL), 0);
+    q[2] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020000000000000LL), 0);
+    q[3] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x4080000000000000LL), 0);
+  } else {
+    // 48 bytes (the masked load touches nothing past them); bytes 6w..6w+5 to 64-bit
+    // word w; then each output byte takes the 8 bits at its code's offset in its word.
+    const __m512i v = _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p);
+    const __m512i spread = _mm512_permutexvar_epi8(
+        _mm512_set_epi8(
+            0, 0, 47, 46, 45, 44, 43, 42, 0, 0, 41, 40, 39, 38, 37, 36,
+            0, 0, 35, 34, 33, 32, 31, 30, 0, 0, 29, 28, 27, 26, 25, 24,
+            0, 0, 23, 22, 21, 20, 19, 18, 0, 0, 17, 16, 15, 14, 13, 12,
+            0, 0, 11, 10, 9, 8, 7, 6, 0, 0, 5, 4, 3, 2, 1, 0),
+        v);
+    // Register 0: codes 0-3 and 8-11 of the word (bit offsets 0..9, 24..33); register
+    // 1: codes 4-7 and 12-15 (12..21, 36..45).
+    const __m512i c0 = _mm512_set1_epi64(0x211E1B1809060300LL);
+    const __m512i c1 = _mm512_set1_epi64(0x2D2A272415120F0CLL);
+    const __m512i m = _mm512_set1_epi8(0x07);
+    q[0] = _mm512_and_si512(_mm512_multishift_epi64_epi8(c0, spread), m);
+    q[1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(c1, spread), m);
+  }
+}
+
+// NR rows starting at row i of the run, sharing the digit loads.
+template <int B, SType ST, int ND, int NR>
+__attribute__((always_inline)) inline void int_rows_body(
+    const RowRun& r, int i, const Prep& p, int cols, int G, float* out, float* sbuf) {
+  constexpr int R = int_regs(B);
+  constexpr int BLK = int_block_codes(B);
+  constexpr int BB = BLK * B / 8;
+  const int ng = r.ng;
+  const int nblk = cols / BLK;
+  const std::size_t ssz = ST == SType::f32 ? 4 : 2;
+  const uint8_t* w[NR];
+  const float* sf[NR];
+  float bias_term[NR];
+  // Per group the float factor s_w * sx (padded so a block can load 16 of them) and
+  // the bias term sum_g b_g * gsum_g, in one vector pass over the row's groups.
+  for (int j = 0; j < NR; ++j) {
+    const std::size_t row = static_cast<std::size_t>(i + j);
+    w[j] = r.w + row * r.row_bytes;
+    float* d = sbuf + j * (ng + 16);
+    const uint8_t* s = static_cast<const uint8_t*>(r.s) + row * ng * ssz;
+    const uint8_t* b = static_cast<const uint8_t*>(r.b) + row * ng * ssz;
+    __m512 bacc = _mm512_setzero_ps();
+    int g = 0;
+    for (; g + 16 <= ng; g += 16) {
+      _mm512_storeu_ps(d + g, _mm512_mul_ps(load_s<ST>(s + g * ssz), _mm512_loadu_ps(p.sx + g)));
+      bacc = _mm512_fmadd_ps(load_s<ST>(b + g * ssz), _mm512_loadu_ps(p.gsum + g), bacc);
+    }
+    float bt = _mm512_reduce_add_ps(bacc);
+    for (; g < ng; ++g) {
+      d[g] = scale_at<ST>(s, g) * p.sx[g];
+      bt += scale_at<ST>(b, g) * p.gsum[g];
+    }
+    for (int z = 0; z < 16; ++z) {
+      d[ng + z] = 0.0f;
+    }
+    sf[j] = d;
+    bias_term[j] = bt;
+  }
+  // Lane l of a block belongs to group blk * gpb + l * (BLK / 16) / G.
+  const int gpb = BLK / G;
+  alignas(64) int lg[16];
+  for (int l = 0; l < 16; ++l) {
+    lg[l] = l * (BLK / 16) / G;
+  }
+  const __m512i lane_group = _mm512_load_si512(lg);
+  __m512 tot[NR];
+  for (int j = 0; j < NR; ++j) {
+    tot[j] = _mm512_setzero_ps();
+  }
+  for (int blk = 0; blk < nblk; ++blk) {
+    __m512i q[NR][R];
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* wb = w[j] + static_cast<std::size_t>(blk) * BB;
+      // One thread cannot keep enough misses in flight through the hardware
+      // prefetcher alone: prefetch ahead in the run (its rows are contiguous).
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 4096), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 512), _MM_HINT_T0);
+      decode<B>(wb, q[j]);
+    }
+    const int8_t* xb = p.xd + static_cast<std::size_t>(blk) * ND * R * 64;
+    __m512i acc[NR];
+    for (int j = 0; j < NR; ++j) {
+      acc[j] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 4
+    for (int dg = 0; dg < ND; ++dg) {
+      if (dg > 0) {
+        for (int j = 0; j < NR; ++j) {
+          acc[j] = _mm512_slli_epi32(acc[j], 8);
+        }
+      }
+#pragma GCC unroll 4
+      for (int rr = 0; rr < R; ++rr) {
+        const __m512i xv = _mm512_loadu_si512(xb + (dg * R + rr) * 64);
+        for (int j = 0; j < NR; ++j) {
+          acc[j] = _mm512_dpbusd_epi32(acc[j], q[j][rr], xv);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m512 sv = gpb == 1
+          ? _mm512_set1_ps(sf[j][blk])
+          : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf[j] + blk * gpb));
+      tot[j] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(acc[j]), tot[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    out[j] = _mm512_reduce_add_ps(tot[j]) + bias_term[j];
+  }
+  // A tail shorter than a block starts on a group boundary (G divides BLK); it is
+  // computed in float from x.
+  const int g_tail = (nblk * BLK) / G;
+  if (g_tail < ng) {
+    for (int j = 0; j < NR; ++j) {
+      const void* s = static_cast<const uint8_t*>(r.s) + (i + j) * ng * ssz;
+      out[j] += dot_groups_tail<B, ST>(w[j], s, p.x, g_tail, ng, G);
+    }
+  }
+}
+
+template <int B, SType ST, int ND>
+void int_rows(const RowRun& r, int nrows, const Prep& p, int G, float* out, float* sbuf) {
+  const int cols = r.ng * G;
+  int i = 0;
+  for (; i + 2 <= nrows; i += 2) {
+    int_rows_body<B, ST, ND, 2>(r, i, p, cols, G, out + i, sbuf);
+  }
+  if (i < nrows) {
+    int_rows_body<B, ST, ND, 1>(r, i, p, cols, G, out + i, sbuf);
+  }
+}
+
+template <SType ST, int ND>
+RowsFn pick_bits(int bits) {
+  switch (bits) {
+    case 2:
+      return &int_rows<2, ST, ND>;
+    case 3:
+      return &int_rows<3, ST, ND>;
+    case 4:
+      return &int_rows<4, ST, ND>;
+    default:
+      return nullptr;
+  }
+}
+
+template <int ND>
+RowsFn pick_stype(int bits, SType s) {
+  switch (s) {
+    case SType::f32:
+      return pick_bits<SType::f32, ND>(bits);
+    case SType::f16:
+      return pick_bits<SType::f16, ND>(bits);
+    default:
+      return pick_bits<SType::bf16, ND>(bits);
+  }
+}
+
+} // namespace
+
+RowsFn rows_vnni(int bits, SType s, int digits) {
+  return digits == 3 ? pick_stype<3>(bits, s) : pick_stype<2>(bits, s);
+}
+
+} // namespace moequant::cpu
