@@ -28,7 +28,7 @@ struct RowRun {
   int ng; // groups (= scales) per row
 };
 
-// Computes nrows consecutive rows into out; scratch holds 2 * (ng + 16) floats.
+// Computes nrows consecutive rows into out; scratch holds 4 * (ng + 16) floats.
 using RowsFn = void (*)(const RowRun&, int nrows, const Prep&, int group_size, float* out,
                         float* scratch);
 

@@ -87,6 +87,21 @@ __attribute__((always_inline)) inline void int_rows_body(
   const uint8_t* w[NR];
   const float* sf[NR];
   float bias_term[NR];
+  // The hardware prefetchers do little for these interleaved row streams and one
+  // thread cannot keep enough misses in flight on demand loads alone, so while this
+  // group of NR rows is computed, the next NR rows of the run (contiguous with these;
+  // usually the next call's too) are prefetched into L2: their scales and biases
+  // now, their codes spread over the block loop, each line once.
+  const uint8_t* next = r.w + static_cast<std::size_t>(i + NR) * r.row_bytes;
+  {
+    const std::size_t sb = NR * ng * ssz;
+    const uint8_t* s = static_cast<const uint8_t*>(r.s) + (i + NR) * ng * ssz;
+    const uint8_t* b = static_cast<const uint8_t*>(r.b) + (i + NR) * ng * ssz;
+    for (std::size_t o = 0; o < sb; o += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(s + o), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(b + o), _MM_HINT_T1);
+    }
+  }
   // Per group the float factor s_w * sx (padded so a block can load 16 of them) and
   // the bias term sum_g b_g * gsum_g, in one vector pass over the row's groups.
   for (int j = 0; j < NR; ++j) {
@@ -124,35 +139,45 @@ __attribute__((always_inline)) inline void int_rows_body(
     tot[j] = _mm512_setzero_ps();
   }
   for (int blk = 0; blk < nblk; ++blk) {
+    {
+      // Lines starting in this block's share of the next rows: [a, a + NR * BB).
+      const uintptr_t a = reinterpret_cast<uintptr_t>(next) + static_cast<uintptr_t>(blk) * NR * BB;
+      for (uintptr_t l = (a + 63) & ~uintptr_t(63); l < a + NR * BB; l += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(l), _MM_HINT_T1);
+      }
+    }
     __m512i q[NR][R];
+#pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const uint8_t* wb = w[j] + static_cast<std::size_t>(blk) * BB;
-      // One thread cannot keep enough misses in flight through the hardware
-      // prefetcher alone: prefetch ahead in the run (its rows are contiguous).
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 4096), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 512), _MM_HINT_T0);
       decode<B>(wb, q[j]);
     }
     const int8_t* xb = p.xd + static_cast<std::size_t>(blk) * ND * R * 64;
-    __m512i acc[NR];
-    for (int j = 0; j < NR; ++j) {
-      acc[j] = _mm512_setzero_si512();
-    }
+    // One accumulator per digit level (independent chains of R dpbusd), combined
+    // Horner-style after: one chain through all levels would be ND * R dpbusd
+    // latencies long.
+    __m512i lv[ND][NR];
 #pragma GCC unroll 4
     for (int dg = 0; dg < ND; ++dg) {
-      if (dg > 0) {
-        for (int j = 0; j < NR; ++j) {
-          acc[j] = _mm512_slli_epi32(acc[j], 8);
-        }
-      }
 #pragma GCC unroll 4
       for (int rr = 0; rr < R; ++rr) {
         const __m512i xv = _mm512_loadu_si512(xb + (dg * R + rr) * 64);
+#pragma GCC unroll 4
         for (int j = 0; j < NR; ++j) {
-          acc[j] = _mm512_dpbusd_epi32(acc[j], q[j][rr], xv);
+          lv[dg][j] = _mm512_dpbusd_epi32(rr ? lv[dg][j] : _mm512_setzero_si512(), q[j][rr], xv);
         }
       }
     }
+    __m512i acc[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      acc[j] = lv[0][j];
+#pragma GCC unroll 4
+      for (int dg = 1; dg < ND; ++dg) {
+        acc[j] = _mm512_add_epi32(_mm512_slli_epi32(acc[j], 8), lv[dg][j]);
+      }
+    }
+#pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const __m512 sv = gpb == 1
           ? _mm512_set1_ps(sf[j][blk])
@@ -177,7 +202,12 @@ __attribute__((always_inline)) inline void int_rows_body(
 template <int B, SType ST, int ND>
 void int_rows(const RowRun& r, int nrows, const Prep& p, int G, float* out, float* sbuf) {
   const int cols = r.ng * G;
+  // Rows in fours (independent accumulators keep the vector units busy while loads
+  // and decodes are in flight, and the digit loads are shared), then pairs, then one.
   int i = 0;
+  for (; i + 4 <= nrows; i += 4) {
+    int_rows_body<B, ST, ND, 4>(r, i, p, cols, G, out + i, sbuf);
+  }
   for (; i + 2 <= nrows; i += 2) {
     int_rows_body<B, ST, ND, 2>(r, i, p, cols, G, out + i, sbuf);
   }

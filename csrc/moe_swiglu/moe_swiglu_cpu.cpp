@@ -409,7 +409,7 @@ void moe_gate_up(const GateUpArgs& a) {
   // Work items: (pair, a chunk of rows of I); consecutive items share an expert.
   constexpr int CH = 16;
   const std::size_t chunks = (I + CH - 1) / CH;
-  const int scratch = 2 * (D / std::min(a.gate.group_size, a.up.group_size) + 16);
+  const int scratch = 4 * (D / std::min(a.gate.group_size, a.up.group_size) + 16);
   dynamic_for(n_pairs * chunks, 8, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     float g[CH], u[CH];
@@ -448,7 +448,7 @@ void moe_down(const DownArgs& a) {
   // streamed one after the other, so only two weight rows are read at a time.
   constexpr int CH = 32;
   const std::size_t chunks = (D + CH - 1) / CH;
-  const int scratch = 2 * (I / a.down.group_size + 16);
+  const int scratch = 4 * (I / a.down.group_size + 16);
   dynamic_for(a.T * chunks, 4, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     float acc[CH], o[CH];
