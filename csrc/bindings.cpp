@@ -1,9 +1,12 @@
 // The nanobind module moequant._ext: thin wrappers, documented in python/moequant.
+#include <stdexcept>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "common/huge_pages.h"
 #include "common/thread_pool.h"
 #include "moe_swiglu/moe_swiglu.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
@@ -59,6 +62,17 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
   m.def("moe_cpu_path", &moequant::cpu::moe_cpu_path);
 
+  m.def(
+      "advise_huge_pages",
+      [](const mx::array& a, bool collapse) {
+        // Only evaluated, row-contiguous-or-not, owned memory: the buffer's bytes.
+        if (!a.is_available()) {
+          throw std::invalid_argument("advise_huge_pages: the array is not evaluated.");
+        }
+        return moequant::advise_huge_pages(a.data<uint8_t>(), a.data_size() * a.itemsize(), collapse);
+      },
+      "array"_a,
+      "collapse"_a = true);
   m.def("get_num_threads", &moequant::get_num_threads);
   m.def("set_num_threads", &moequant::set_num_threads, "n"_a);
   m.def("requantize_simd_available", &moequant::cpu::requantize_simd_available);

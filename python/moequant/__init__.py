@@ -7,6 +7,7 @@ from .mlx_lm_patch import patch, unpatch
 from .ops import (
     get_num_threads,
     has_metal,
+    huge_pages,
     moe_cpu_path,
     moe_swiglu,
     requantize_int4,
@@ -23,5 +24,6 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "has_metal",
+    "huge_pages",
 ]
 __version__ = "0.1.0"
