@@ -40,7 +40,7 @@ inline __m512 load_s(const uint8_t* p) {
 // One block of packed codes to int_regs(B) registers of one-byte codes, in the byte
 // order of int_code_of.
 template <int B>
-inline void decode(const uint8_t* p, __m512i* q) {
+inline void decode(const uint8_t* p, __m512i* q, bool last) {
   if constexpr (B == 4) {
     const __m512i v = _mm512_loadu_si512(p);
     q[0] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
@@ -54,9 +54,10 @@ inline void decode(const uint8_t* p, __m512i* q) {
     q[2] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020000000000000LL), 0);
     q[3] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x4080000000000000LL), 0);
   } else {
-    // 48 bytes (the masked load touches nothing past them); bytes 6w..6w+5 to 64-bit
-    // word w; then each output byte takes the 8 bits at its code's offset in its word.
-    const __m512i v = _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p);
+    // 48 bytes; a row's last block loads them masked, touching nothing past the row
+    // (the masked load costs an extra vector uop); bytes 6w..6w+5 to 64-bit word w;
+    // then each output byte takes the 8 bits at its code's offset in its word.
+    const __m512i v = last ? _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p) : _mm512_loadu_si512(p);
     const __m512i spread = _mm512_permutexvar_epi8(
         _mm512_set_epi8(
             0, 0, 47, 46, 45, 44, 43, 42, 0, 0, 41, 40, 39, 38, 37, 36,
@@ -150,7 +151,7 @@ __attribute__((always_inline)) inline void int_rows_body(
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const uint8_t* wb = w[j] + static_cast<std::size_t>(blk) * BB;
-      decode<B>(wb, q[j]);
+      decode<B>(wb, q[j], blk + 1 == nblk);
     }
     const int8_t* xb = p.xd + static_cast<std::size_t>(blk) * ND * R * 64;
     // One accumulator per digit level (independent chains of R dpbusd), combined

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -168,20 +169,29 @@ class PrepBuf {
       }
       const double inv = sx[g] > 0.0f ? 1.0 / static_cast<double>(sx[g]) : 0.0;
       for (int i = 0; i < G_; ++i) {
-        const double q = std::nearbyint(static_cast<double>(v[g * G_ + i]) * inv);
+        // Round to nearest even by adding and removing 1.5 * 2^52 (|q| <= 2^23 + 1;
+        // no libm call in this loop).
+        constexpr double magic = 6755399441055744.0;
+        const double q = finite ? (static_cast<double>(v[g * G_ + i]) * inv + magic) - magic : 0.0;
         X[g * G_ + i] = static_cast<int32_t>(std::clamp(q, -double(xmax), double(xmax)));
+      }
+    }
+    std::vector<int> src(R * 64);
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 64; ++j) {
+        src[r * 64 + j] = int_code_of(bits, r, j);
       }
     }
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < 64; ++j) {
-          int32_t rest = X[b * bc + int_code_of(bits, r, j)];
+          int32_t rest = X[b * bc + src[r * 64 + j]];
           // Balanced base-256 digits, least significant first.
           int8_t dg[3];
           for (int k = 0; k < nd; ++k) {
             const int32_t low = ((rest + 128) & 255) - 128;
             dg[k] = static_cast<int8_t>(low);
-            rest = (rest - low) / 256;
+            rest = (rest - low) >> 8; // exact: rest - low is a multiple of 256
           }
           for (int k = 0; k < nd; ++k) {
             xd[((b * nd + k) * R + r) * 64 + j] = dg[nd - 1 - k];
@@ -309,6 +319,20 @@ RowRun run_of(const QMat& m, uint32_t e, int row) {
       ng};
 }
 
+// Requests rows [row, row + rows) of expert e (codes, scales, biases) into the cache.
+void prefetch_rows(const QMat& m, uint32_t e, int row, int rows) {
+  const RowRun r = run_of(m, e, row);
+  const std::size_t sbytes = static_cast<std::size_t>(rows) * r.ng * (m.sdtype == mx::float32 ? 4 : 2);
+  const std::size_t wbytes = rows * r.row_bytes;
+  for (std::size_t o = 0; o < wbytes; o += 64) {
+    __builtin_prefetch(r.w + o, 0, 2);
+  }
+  for (std::size_t o = 0; o < sbytes; o += 64) {
+    __builtin_prefetch(static_cast<const uint8_t*>(r.s) + o, 0, 2);
+    __builtin_prefetch(static_cast<const uint8_t*>(r.b) + o, 0, 2);
+  }
+}
+
 void check_ids(const uint32_t* idx, std::size_t n, int experts) {
   for (std::size_t i = 0; i < n; ++i) {
     if (idx[i] >= static_cast<uint32_t>(experts)) {
@@ -402,7 +426,12 @@ void moe_gate_up(const GateUpArgs& a) {
   const Layout lg = layout_for(a.gate.bits, path, a.xdtype);
   const Layout lu = layout_for(a.up.bits, path, a.xdtype);
   const PrepBuf pg(xf.data(), a.T, D, a.gate.bits, a.gate.group_size, lg);
-  const PrepBuf pu(xf.data(), a.T, D, a.up.bits, a.up.group_size, lu);
+  // up usually has gate's layout (same bits and group size): one preparation then.
+  const bool same = a.up.bits == a.gate.bits && a.up.group_size == a.gate.group_size;
+  const std::optional<PrepBuf> pu_own = same
+      ? std::nullopt
+      : std::optional<PrepBuf>(std::in_place, xf.data(), a.T, D, a.up.bits, a.up.group_size, lu);
+  const PrepBuf& pu = same ? pg : *pu_own;
   const RowsFn fg = pick(a.gate, lg);
   const RowsFn fu = pick(a.up, lu);
 
@@ -460,6 +489,11 @@ void moe_down(const DownArgs& a) {
       std::fill(acc, acc + nr, 0.0f);
       for (int j = 0; j < a.k; ++j) {
         const std::size_t p = t * a.k + j;
+        if (j + 1 < a.k) {
+          // The row kernels prefetch ahead within a run; the next expert's run starts
+          // elsewhere, so its first rows are requested now.
+          prefetch_rows(a.down, a.idx[p + 1], d, std::min(nr, 4));
+        }
         fd(run_of(a.down, a.idx[p], d), nr, ph.at(p), a.down.group_size, o, sbuf.data());
         for (int r = 0; r < nr; ++r) {
           acc[r] += a.scores[p] * o[r];
