@@ -10,13 +10,15 @@ namespace moequant::cpu {
 // A vector prepared for one matrix layout: natural order, its sums per affine group,
 // and what the SIMD kernels read instead of x (null where unused): the float SIMD
 // kernels x in their lane order (xp); the integer kernels x as signed digits in their
-// byte order (xd) with one scale per affine group (sx).
+// byte order (xd) with one scale per affine group, sx_g = sx_scale * sx[g] (sx_scale a
+// power of two for the whole vector, so s_w * sx[g] stays far from underflow).
 struct Prep {
   const float* x;
   const float* xp;
   const float* gsum;
   const int8_t* xd = nullptr;
   const float* sx = nullptr;
+  float sx_scale = 1.0f;
 };
 
 // A run of consecutive rows of one expert matrix.

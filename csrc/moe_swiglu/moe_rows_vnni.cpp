@@ -187,7 +187,7 @@ __attribute__((always_inline)) inline void int_rows_body(
     }
   }
   for (int j = 0; j < NR; ++j) {
-    out[j] = _mm512_reduce_add_ps(tot[j]) + bias_term[j];
+    out[j] = p.sx_scale * _mm512_reduce_add_ps(tot[j]) + bias_term[j];
   }
   // A tail shorter than a block starts on a group boundary (G divides BLK); it is
   // computed in float from x.

@@ -100,7 +100,8 @@ class PrepBuf {
         gs_(n * (cols / G)),
         nd_(L.digits),
         xd_(L.digits ? n * cols * L.digits : 0),
-        sx_(L.digits ? n * (cols / G) : 0) {
+        sx_(L.digits ? n * (cols / G) : 0),
+        sx_scale_(n, 1.0f) {
     for (std::size_t t = 0; t < n; ++t) {
       const float* v = x + t * cols;
       float* gs = gs_.data() + t * (cols / G);
@@ -115,7 +116,7 @@ class PrepBuf {
         permute(v, xp_.data() + t * cols, bits, L.lanes);
       }
       if (L.digits) {
-        digits(v, xd_.data() + t * cols * L.digits, sx_.data() + t * (cols / G), bits, L.digits);
+        sx_scale_[t] = digits(v, xd_.data() + t * cols * L.digits, sx_.data() + t * (cols / G), bits, L.digits);
       }
     }
   }
@@ -125,7 +126,8 @@ class PrepBuf {
         xp_.empty() ? nullptr : xp_.data() + t * cols_,
         gs_.data() + t * (cols_ / G_),
         xd_.empty() ? nullptr : xd_.data() + t * cols_ * nd_,
-        sx_.empty() ? nullptr : sx_.data() + t * (cols_ / G_)};
+        sx_.empty() ? nullptr : sx_.data() + t * (cols_ / G_),
+        sx_scale_[t]};
   }
 
  private:
@@ -149,7 +151,10 @@ class PrepBuf {
   // Per group sx = max|x| / int_xmax and X = round(x / sx); per block the digit levels
   // (most significant first), each as the kernel's registers in int_code_of order. A
   // group holding inf or NaN gets sx = NaN, so its rows come out NaN, never finite.
-  void digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
+  // Returns the power of two S that the stored sx are divided by (exactly), just
+  // above the largest sx: tiny vectors (SwiGLU outputs of tiny inputs) would
+  // otherwise make s_w * sx subnormal.
+  float digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
     const int xmax = int_xmax(nd);
     const int R = int_regs(bits);
     const int bc = int_block_codes(bits);
@@ -176,6 +181,14 @@ class PrepBuf {
         X[g * G_ + i] = static_cast<int32_t>(std::clamp(q, -double(xmax), double(xmax)));
       }
     }
+    float smax = 0.0f;
+    for (int g = 0; g < cols_ / G_; ++g) {
+      smax = sx[g] > smax ? sx[g] : smax; // NaN never compares greater
+    }
+    const float S = smax > 0.0f ? std::ldexp(1.0f, std::ilogb(smax) + 1) : 1.0f;
+    for (int g = 0; g < cols_ / G_; ++g) {
+      sx[g] /= S;
+    }
     std::vector<int> src(R * 64);
     for (int r = 0; r < R; ++r) {
       for (int j = 0; j < 64; ++j) {
@@ -199,6 +212,7 @@ class PrepBuf {
         }
       }
     }
+    return S;
   }
 
   const float* x_;
@@ -209,6 +223,7 @@ class PrepBuf {
   int nd_;
   std::vector<int8_t> xd_;
   std::vector<float> sx_;
+  std::vector<float> sx_scale_;
 };
 
 template <typename S>
