@@ -334,20 +334,6 @@ RowRun run_of(const QMat& m, uint32_t e, int row) {
       ng};
 }
 
-// Requests rows [row, row + rows) of expert e (codes, scales, biases) into the cache.
-void prefetch_rows(const QMat& m, uint32_t e, int row, int rows) {
-  const RowRun r = run_of(m, e, row);
-  const std::size_t sbytes = static_cast<std::size_t>(rows) * r.ng * (m.sdtype == mx::float32 ? 4 : 2);
-  const std::size_t wbytes = rows * r.row_bytes;
-  for (std::size_t o = 0; o < wbytes; o += 64) {
-    __builtin_prefetch(r.w + o, 0, 2);
-  }
-  for (std::size_t o = 0; o < sbytes; o += 64) {
-    __builtin_prefetch(static_cast<const uint8_t*>(r.s) + o, 0, 2);
-    __builtin_prefetch(static_cast<const uint8_t*>(r.b) + o, 0, 2);
-  }
-}
-
 void check_ids(const uint32_t* idx, std::size_t n, int experts) {
   for (std::size_t i = 0; i < n; ++i) {
     if (idx[i] >= static_cast<uint32_t>(experts)) {
@@ -488,49 +474,62 @@ void moe_down(const DownArgs& a) {
   const PrepBuf ph(a.h, n_pairs, I, a.down.bits, a.down.group_size, ld);
   const RowsFn fd = pick(a.down, ld);
 
-  // Work items: (token, a chunk of rows of D). Within a chunk the k experts are
-  // streamed one after the other, so only two weight rows are read at a time.
+  // Like gate/up, work items are (pair, a chunk of rows of D), consecutive items on
+  // one expert, so a thread streams long contiguous runs of one matrix; each pair's
+  // rows go to o, and y[t] = sum_j scores[t, j] * o[t, j] in a fixed order after
+  // (deterministic, whatever thread computed which rows). Tokens are taken in batches
+  // that keep o at a few MB.
   constexpr int CH = 32;
   const std::size_t chunks = (D + CH - 1) / CH;
   const int scratch = 4 * (I / a.down.group_size + 16);
-  dynamic_for(a.T * chunks, 4, [&](auto&& claim) {
-    std::vector<float> sbuf(scratch);
-    float acc[CH], o[CH];
-    claim([&](std::size_t i0, std::size_t i1) {
-    for (std::size_t it = i0; it < i1; ++it) {
-      const std::size_t t = it / chunks;
-      const int d = static_cast<int>(CH * (it % chunks));
-      const int nr = std::min(CH, D - d);
-      std::fill(acc, acc + nr, 0.0f);
-      for (int j = 0; j < a.k; ++j) {
-        const std::size_t p = t * a.k + j;
-        if (j + 1 < a.k) {
-          // The row kernels prefetch ahead within a run; the next expert's run starts
-          // elsewhere, so its first rows are requested now.
-          prefetch_rows(a.down, a.idx[p + 1], d, std::min(nr, 4));
+  const std::size_t tb = std::max<std::size_t>(1, (std::size_t(4) << 20) / (sizeof(float) * a.k * D));
+  std::vector<float> o(std::min(a.T, tb) * a.k * D);
+  for (std::size_t t0 = 0; t0 < a.T; t0 += tb) {
+    const std::size_t t1 = std::min(a.T, t0 + tb);
+    const std::size_t p0 = t0 * a.k;
+    dynamic_for((t1 - t0) * a.k * chunks, 8, [&](auto&& claim) {
+      std::vector<float> sbuf(scratch);
+      claim([&](std::size_t i0, std::size_t i1) {
+        for (std::size_t it = i0; it < i1; ++it) {
+          const std::size_t p = p0 + it / chunks;
+          const int d = static_cast<int>(CH * (it % chunks));
+          const int nr = std::min(CH, D - d);
+          float* out = o.data() + (p - p0) * D + d;
+          fd(run_of(a.down, a.idx[p], d), nr, ph.at(p), a.down.group_size, out, sbuf.data());
         }
-        fd(run_of(a.down, a.idx[p], d), nr, ph.at(p), a.down.group_size, o, sbuf.data());
-        for (int r = 0; r < nr; ++r) {
-          acc[r] += a.scores[p] * o[r];
-        }
-      }
-      const std::size_t off = t * D + d;
-      switch (a.ydtype) {
-        case mx::float32:
-          store<float>(acc, nr, static_cast<float*>(a.y) + off);
-          break;
-        case mx::float16:
-          store<mx::float16_t>(acc, nr, static_cast<mx::float16_t*>(a.y) + off);
-          break;
-        case mx::bfloat16:
-          store<mx::bfloat16_t>(acc, nr, static_cast<mx::bfloat16_t*>(a.y) + off);
-          break;
-        default:
-          throw std::invalid_argument("[moe_swiglu] unsupported output dtype");
-      }
-    }
+      });
     });
-  });
+    dynamic_for(t1 - t0, 1, [&](auto&& claim) {
+      std::vector<float> acc(D);
+      claim([&](std::size_t i0, std::size_t i1) {
+        for (std::size_t it = i0; it < i1; ++it) {
+          const std::size_t t = t0 + it;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int j = 0; j < a.k; ++j) {
+            const std::size_t p = t * a.k + j;
+            const float* op = o.data() + (p - p0) * D;
+            for (int r = 0; r < D; ++r) {
+              acc[r] += a.scores[p] * op[r];
+            }
+          }
+          const std::size_t off = t * D;
+          switch (a.ydtype) {
+            case mx::float32:
+              store<float>(acc.data(), D, static_cast<float*>(a.y) + off);
+              break;
+            case mx::float16:
+              store<mx::float16_t>(acc.data(), D, static_cast<mx::float16_t*>(a.y) + off);
+              break;
+            case mx::bfloat16:
+              store<mx::bfloat16_t>(acc.data(), D, static_cast<mx::bfloat16_t*>(a.y) + off);
+              break;
+            default:
+              throw std::invalid_argument("[moe_swiglu] unsupported output dtype");
+          }
+        }
+      });
+    });
+  }
 }
 
 } // namespace moequant::cpu
