@@ -134,6 +134,11 @@ def moe_swiglu(
 
     Expert ids are checked when the CPU kernel runs (RuntimeError); everything else
     when the graph is built (ValueError).
+
+    On AVX-512 VNNI CPUs, 2/3/4-bit projections multiply integer codes by x held per
+    affine group as a fixed point (24 bits of the group's largest |x| for float32
+    activations, 16 for bf16/f16); the error stays at float32 (bf16) rounding level of
+    the output, and a group with inf or NaN makes its rows NaN.
     """
     return _ext.moe_swiglu(
         x,
@@ -147,6 +152,7 @@ def moe_swiglu(
 
 
 def moe_cpu_path() -> str:
-    """Which CPU kernels moe_swiglu runs: "avx512", "avx2" or "scalar" (the best this
-    CPU supports; MOEQUANT_CPU_PATH=avx2 or =scalar caps it)."""
+    """Which CPU kernels moe_swiglu runs: "avx512vnni" (integer kernels for 2/3/4-bit
+    rows, float AVX-512 for the others), "avx512", "avx2" or "scalar": the best this CPU
+    supports, capped by MOEQUANT_CPU_PATH=avx512, =avx2 or =scalar."""
     return _ext.moe_cpu_path()
