@@ -20,22 +20,8 @@ namespace moequant::cpu {
 
 namespace {
 
+#include "moe_swiglu/moe_rows_avx512_v.inc"
 #include "moe_swiglu/moe_rows_tail.inc"
-
-// 16 scales (or biases) of dtype ST as float.
-template <SType ST>
-inline __m512 load_s(const uint8_t* p) {
-  if constexpr (ST == SType::f32) {
-    return _mm512_loadu_ps(p);
-  } else {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (ST == SType::bf16) {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    } else {
-      return _mm512_cvtph_ps(v);
-    }
-  }
-}
 
 // One block of packed codes to int_regs(B) registers of one-byte codes, in the byte
 // order of int_code_of.
@@ -114,8 +100,8 @@ __attribute__((always_inline)) inline void int_rows_body(
     __m512 bacc = _mm512_setzero_ps();
     int g = 0;
     for (; g + 16 <= ng; g += 16) {
-      _mm512_storeu_ps(d + g, _mm512_mul_ps(load_s<ST>(s + g * ssz), _mm512_loadu_ps(p.sx + g)));
-      bacc = _mm512_fmadd_ps(load_s<ST>(b + g * ssz), _mm512_loadu_ps(p.gsum + g), bacc);
+      _mm512_storeu_ps(d + g, _mm512_mul_ps(V::load_s<ST>(s + g * ssz), _mm512_loadu_ps(p.sx + g)));
+      bacc = _mm512_fmadd_ps(V::load_s<ST>(b + g * ssz), _mm512_loadu_ps(p.gsum + g), bacc);
     }
     float bt = _mm512_reduce_add_ps(bacc);
     for (; g < ng; ++g) {
