@@ -39,6 +39,15 @@ def test_generate_fused_and_not(model_dir):
     assert fused.stdout.split("==========")[1] == plain.stdout.split("==========")[1]
 
 
+def test_generate_huge_pages(model_dir):
+    r = moequant("generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "4",
+                 "--huge-pages")
+    assert r.returncode == 0, r.stderr
+    # The tiny model's arrays are below the 4 MiB threshold: nothing to move, said so.
+    assert "[moequant] huge pages: 0 MiB moved" in r.stderr
+    assert "Generation: 4 tokens" in r.stdout
+
+
 def test_generate_needs_model():
     r = moequant("generate", "--prompt", "hi")
     assert r.returncode == 2 and "--model DIR is required" in r.stderr

@@ -69,6 +69,13 @@ def add_mlx_lm_arguments(p: argparse.ArgumentParser, main: Callable) -> None:
         help="Largest number of tokens per MoE call that takes the fused path "
         "(decode steps); larger calls (prefill) keep mlx-lm's path. Default: %(default)s.",
     )
+    g.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="After loading, move the model's large arrays into transparent huge pages "
+        "(Linux; decode streams the expert weights every token). Starting the process "
+        "with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 gets them at load time instead.",
+    )
 
 
 def _patching(load_fn, args):
@@ -80,6 +87,11 @@ def _patching(load_fn, args):
         else:
             n = mlx_lm_patch.patch(model, max_tokens=args.fused_max_tokens)
             print(f"[moequant] fused MoE path: {n} MoE blocks", file=sys.stderr, flush=True)
+        if args.huge_pages:
+            from .ops import huge_pages
+
+            moved = huge_pages(model)
+            print(f"[moequant] huge pages: {moved / 2**20:.0f} MiB moved", file=sys.stderr, flush=True)
         return out
 
     return load
