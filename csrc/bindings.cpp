@@ -65,7 +65,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "advise_huge_pages",
       [](const mx::array& a, bool collapse) {
-        // Only evaluated, row-contiguous-or-not, owned memory: the buffer's bytes.
+        // The array's whole data buffer (data_size elements), contiguous or not.
         if (!a.is_available()) {
           throw std::invalid_argument("advise_huge_pages: the array is not evaluated.");
         }

@@ -58,8 +58,8 @@ constexpr bool simd_table_code(int bits, int lanes, int k) {
 }
 
 // Integer layouts (2/3/4-bit rows, AVX-512 VNNI). x is a block-fixed-point integer
-// per affine group, X_i = round(x_i / sx_g), written as int_digits signed base-256
-// digits, most significant first. A block of int_block_codes(bits) codes is decoded
+// per affine group, X_i = round(x_i / sx_g), written as 2 or 3 signed base-256
+// digits (int_xmax), most significant first. A block of int_block_codes(bits) codes is decoded
 // into int_regs(bits) registers of 64 one-byte codes: byte j of register r holds code
 // int_code_of(bits, r, j) of the block, so the 4-byte lane l of every register covers
 // codes [l * span, (l + 1) * span), span = block codes / 16, all in one group.

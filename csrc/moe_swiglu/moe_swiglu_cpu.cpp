@@ -36,6 +36,7 @@ namespace mx = mlx::core;
 
 namespace {
 
+// Ordered: a CPU that runs a path runs every path before it (current_path caps with min).
 enum class Path { scalar, avx2, avx512, avx512vnni };
 
 Path detect_path() {

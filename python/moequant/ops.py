@@ -61,7 +61,8 @@ def huge_pages(tree: Any, *, collapse: bool = True, min_bytes: int = 4 << 20) ->
     pages now (``MADV_COLLAPSE``, Linux >= 6.1). Contents are unchanged. Streaming
     weights from 4 KiB pages costs a third of the read bandwidth on some machines
     (bench/RESULTS.md); decode reads every selected expert byte once per token.
-    Returns the bytes now in huge pages: 0 where unsupported (macOS, THP disabled).
+    Returns the bytes advised (and, with ``collapse``, moved into huge pages): 0 where
+    unsupported (macOS, THP disabled) or refused (no free huge pages).
 
     Memory allocated after ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` is set at process
     start gets huge pages at allocation, which is cheaper than collapsing later.
