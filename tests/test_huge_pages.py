@@ -66,6 +66,18 @@ def test_module_parameters_reach_huge_pages():
     assert anon_huge_bytes_in(address(m.weight), m.weight.nbytes) >= 0.9 * n
 
 
+@pytest.mark.skipif(not thp_available(), reason="needs Linux transparent huge pages")
+def test_advice_only_reports_the_aligned_inside():
+    """collapse=False only advises: the 2 MiB-aligned inside of each buffer, counted
+    exactly; min_bytes decides which arrays are advised."""
+    a = mx.zeros((3 << 20,), dtype=mx.uint8) + 1  # 3 MiB
+    mx.eval(a)
+    lo = (address(a) + (2 << 20) - 1) & ~((2 << 20) - 1)
+    hi = (address(a) + a.nbytes) & ~((2 << 20) - 1)
+    assert moequant.huge_pages(a, collapse=False) == 0  # below the default 4 MiB
+    assert moequant.huge_pages(a, collapse=False, min_bytes=1 << 20) == max(0, hi - lo)
+
+
 def test_small_arrays_are_left_alone():
     assert moequant.huge_pages(mx.zeros((1024,))) == 0
     assert moequant.huge_pages([]) == 0
