@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -91,16 +92,42 @@ Layout layout_for(int bits, Path path, mx::Dtype act) {
   return {path == Path::avx2 ? 8 : 16, 0};
 }
 
+// Vectors whose data start on a cache line: the row kernels load the prepared vector
+// in 64-byte registers, and a load that straddles two lines costs two.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) {
+    ::operator delete(p, std::align_val_t(64));
+  }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const {
+    return true;
+  }
+};
+
+// Per-vector strides rounded up to whole cache lines, so every vector starts on one.
+constexpr std::size_t line_stride(std::size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
+
 class PrepBuf {
  public:
   PrepBuf(const float* x, std::size_t n, int cols, int bits, int G, Layout L)
       : x_(x),
         cols_(cols),
         G_(G),
-        xp_(L.lanes ? n * cols : 0),
+        xps_(line_stride(cols * sizeof(float)) / sizeof(float)),
+        xds_(line_stride(static_cast<std::size_t>(cols) * L.digits)),
+        xp_(L.lanes ? n * xps_ : 0),
         gs_(n * (cols / G)),
-        nd_(L.digits),
-        xd_(L.digits ? n * cols * L.digits : 0),
+        xd_(L.digits ? n * xds_ : 0),
         sx_(L.digits ? n * (cols / G) : 0),
         sx_scale_(n, 1.0f) {
     for (std::size_t t = 0; t < n; ++t) {
@@ -114,19 +141,19 @@ class PrepBuf {
         gs[g] = s;
       }
       if (L.lanes) {
-        permute(v, xp_.data() + t * cols, bits, L.lanes);
+        permute(v, xp_.data() + t * xps_, bits, L.lanes);
       }
       if (L.digits) {
-        sx_scale_[t] = digits(v, xd_.data() + t * cols * L.digits, sx_.data() + t * (cols / G), bits, L.digits);
+        sx_scale_[t] = digits(v, xd_.data() + t * xds_, sx_.data() + t * (cols / G), bits, L.digits);
       }
     }
   }
   Prep at(std::size_t t) const {
     return {
         x_ + t * cols_,
-        xp_.empty() ? nullptr : xp_.data() + t * cols_,
+        xp_.empty() ? nullptr : xp_.data() + t * xps_,
         gs_.data() + t * (cols_ / G_),
-        xd_.empty() ? nullptr : xd_.data() + t * cols_ * nd_,
+        xd_.empty() ? nullptr : xd_.data() + t * xds_,
         sx_.empty() ? nullptr : sx_.data() + t * (cols_ / G_),
         sx_scale_[t]};
   }
@@ -219,10 +246,11 @@ class PrepBuf {
   const float* x_;
   int cols_;
   int G_;
-  std::vector<float> xp_;
+  std::size_t xps_; // floats per vector in xp_
+  std::size_t xds_; // bytes per vector in xd_
+  std::vector<float, LineAligned<float>> xp_;
   std::vector<float> gs_;
-  int nd_;
-  std::vector<int8_t> xd_;
+  std::vector<int8_t, LineAligned<int8_t>> xd_;
   std::vector<float> sx_;
   std::vector<float> sx_scale_;
 };
