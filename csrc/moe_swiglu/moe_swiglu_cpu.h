@@ -47,7 +47,8 @@ struct DownArgs {
 void moe_gate_up(const GateUpArgs& args);
 void moe_down(const DownArgs& args);
 
-// "avx2" when this build and CPU run the AVX2+FMA kernels, else "scalar".
+// The row kernels this build and CPU run, capped by MOEQUANT_CPU_PATH: "avx512vnni",
+// "avx512", "avx2" or "scalar".
 const char* moe_cpu_path();
 
 } // namespace moequant::cpu
