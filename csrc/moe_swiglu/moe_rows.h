@@ -30,11 +30,16 @@ struct RowRun {
   int ng; // groups (= scales) per row
 };
 
-// Computes nrows consecutive rows into out; scratch holds 4 * (ng + 16) floats.
+// Computes nrows consecutive rows into out; scratch holds row_scratch(cols) floats.
 using RowsFn = void (*)(const RowRun&, int nrows, const Prep&, int group_size, float* out,
                         float* scratch);
 
 enum class SType { f32, f16, bf16 };
+
+// Scratch floats a RowsFn needs for rows of cols codes (group size >= 32).
+constexpr int row_scratch(int cols) {
+  return 4 * (cols / 32 + 16);
+}
 
 // SIMD layouts (all bit widths but 5): a lane of 32 bits holds CPL consecutive codes
 // in NB bytes; a block is LANES lanes.
@@ -79,10 +84,12 @@ constexpr int int_code_of(int bits, int r, int j) {
   if (bits == 2) {
     return 4 * j + r; // crumb r of byte j
   }
-  // 3 bits: the 6 bytes of codes 16q..16q+15 go to 64-bit word q; register 0 takes
-  // codes 0-3 and 8-11 of them, register 1 codes 4-7 and 12-15.
-  const int i = j % 8;
-  return 16 * (j / 8) + (i < 4 ? i : i + 4) + 4 * r;
+  // 3 bits: lane l takes the 8 codes of chunk 4 * (l % 4) + l / 4 (3 bytes each),
+  // codes 0-3 in register 0 and 4-7 in register 1. So with group size G the lanes'
+  // groups repeat every 4 lanes (l % 4 * 32 / G in the block), and a block's 16 lane
+  // scales are one broadcast 4-float pattern.
+  const int l = j / 4;
+  return 8 * (4 * (l % 4) + l / 4) + 4 * r + j % 4;
 }
 // Largest |X|: three digits (float32 activations, 24 bits, the rounding of x relative
 // to its group's largest |x| is 2^-24) or two (bf16/f16 activations, 16 bits).

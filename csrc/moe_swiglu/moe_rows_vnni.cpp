@@ -41,18 +41,20 @@ inline void decode(const uint8_t* p, __m512i* q, bool last) {
     q[3] = _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x4080000000000000LL), 0);
   } else {
     // 48 bytes; a row's last block loads them masked, touching nothing past the row
-    // (the masked load costs an extra vector uop); bytes 6w..6w+5 to 64-bit word w;
-    // then each output byte takes the 8 bits at its code's offset in its word.
+    // (the masked load costs an extra vector uop). The block is 16 chunks of 8 codes
+    // in 3 bytes; 64-bit word w gets the chunks of lanes 2w and 2w + 1 (moe_rows.h:
+    // lane l takes chunk 4 * (l % 4) + l / 4); then each output byte takes the 8 bits
+    // at its code's offset in its word.
     const __m512i v = last ? _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p) : _mm512_loadu_si512(p);
     const __m512i spread = _mm512_permutexvar_epi8(
         _mm512_set_epi8(
-            0, 0, 47, 46, 45, 44, 43, 42, 0, 0, 41, 40, 39, 38, 37, 36,
-            0, 0, 35, 34, 33, 32, 31, 30, 0, 0, 29, 28, 27, 26, 25, 24,
-            0, 0, 23, 22, 21, 20, 19, 18, 0, 0, 17, 16, 15, 14, 13, 12,
-            0, 0, 11, 10, 9, 8, 7, 6, 0, 0, 5, 4, 3, 2, 1, 0),
+            0, 0, 47, 46, 45, 35, 34, 33, 0, 0, 23, 22, 21, 11, 10, 9,
+            0, 0, 44, 43, 42, 32, 31, 30, 0, 0, 20, 19, 18, 8, 7, 6,
+            0, 0, 41, 40, 39, 29, 28, 27, 0, 0, 17, 16, 15, 5, 4, 3,
+            0, 0, 38, 37, 36, 26, 25, 24, 0, 0, 14, 13, 12, 2, 1, 0),
         v);
-    // Register 0: codes 0-3 and 8-11 of the word (bit offsets 0..9, 24..33); register
-    // 1: codes 4-7 and 12-15 (12..21, 36..45).
+    // Register 0: codes 0-3 of both chunks (bit offsets 0..9, 24..33); register 1:
+    // codes 4-7 (12..21, 36..45).
     const __m512i c0 = _mm512_set1_epi64(0x211E1B1809060300LL);
     const __m512i c1 = _mm512_set1_epi64(0x2D2A272415120F0CLL);
     const __m512i m = _mm512_set1_epi8(0x07);
@@ -61,10 +63,15 @@ inline void decode(const uint8_t* p, __m512i* q, bool last) {
   }
 }
 
-// NR rows starting at row i of the run, sharing the digit loads.
+// Prefetch distance within each row stream: enough to cover the memory latency at
+// one core's share of the bandwidth, a few times over.
+constexpr int kAhead = 2048;
+
+// NR rows of the run, i, i + st, ..., i + (NR - 1) * st, sharing the digit loads;
+// row i + j * st goes to out[j * st].
 template <int B, SType ST, int ND, int NR>
 __attribute__((always_inline)) inline void int_rows_body(
-    const RowRun& r, int i, const Prep& p, int cols, int G, float* out, float* sbuf) {
+    const RowRun& r, int i, int st, const Prep& p, int cols, int G, float* out, float* sbuf) {
   constexpr int R = int_regs(B);
   constexpr int BLK = int_block_codes(B);
   constexpr int BB = BLK * B / 8;
@@ -74,16 +81,16 @@ __attribute__((always_inline)) inline void int_rows_body(
   const uint8_t* w[NR];
   const float* sf[NR];
   float bias_term[NR];
-  // The hardware prefetchers do little for these interleaved row streams and one
-  // thread cannot keep enough misses in flight on demand loads alone, so while this
-  // group of NR rows is computed, the next NR rows of the run (contiguous with these;
-  // usually the next call's too) are prefetched into L2: their scales and biases
-  // now, their codes spread over the block loop, each line once.
-  const uint8_t* next = r.w + static_cast<std::size_t>(i + NR) * r.row_bytes;
-  {
-    const std::size_t sb = NR * ng * ssz;
-    const uint8_t* s = static_cast<const uint8_t*>(r.s) + (i + NR) * ng * ssz;
-    const uint8_t* b = static_cast<const uint8_t*>(r.b) + (i + NR) * ng * ssz;
+  // One thread cannot keep enough misses in flight on demand loads and the hardware
+  // prefetchers alone, so each row's stream is prefetched into L2 kAhead bytes ahead
+  // of its loads (in the block loop; with st > 1 a stream continues into row
+  // i + j * st + 1, the one this stream computes next), and the next pass's scales
+  // and biases now.
+  for (int j = 0; j < NR; ++j) {
+    const std::size_t sb = ng * ssz;
+    const std::size_t row = static_cast<std::size_t>(i + j * st + (st > 1 ? 1 : NR));
+    const uint8_t* s = static_cast<const uint8_t*>(r.s) + row * sb;
+    const uint8_t* b = static_cast<const uint8_t*>(r.b) + row * sb;
     for (std::size_t o = 0; o < sb; o += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(s + o), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(b + o), _MM_HINT_T1);
@@ -91,31 +98,52 @@ __attribute__((always_inline)) inline void int_rows_body(
   }
   // Per group the float factor s_w * sx (padded so a block can load 16 of them) and
   // the bias term sum_g b_g * gsum_g, in one vector pass over the row's groups.
+  // 3-bit blocks take their factors as one 4-float pattern per block (lane l of a
+  // block is in group (l % 4) * gpb / 4, see int_code_of), so one broadcast load
+  // gives a block's 16 lane factors: the pattern is the groups' factors in order,
+  // each repeated 4 / gpb times. 2- and 4-bit blocks permute them from group order.
+  constexpr bool pattern = B == 3;
+  const int gpb = BLK / G;
+  const int rep = pattern ? 4 / gpb : 1;
+  const int stride = rep * ng + 16;
   for (int j = 0; j < NR; ++j) {
-    const std::size_t row = static_cast<std::size_t>(i + j);
+    const std::size_t row = static_cast<std::size_t>(i + j * st);
     w[j] = r.w + row * r.row_bytes;
-    float* d = sbuf + j * (ng + 16);
+    float* d = sbuf + j * stride;
     const uint8_t* s = static_cast<const uint8_t*>(r.s) + row * ng * ssz;
     const uint8_t* b = static_cast<const uint8_t*>(r.b) + row * ng * ssz;
     __m512 bacc = _mm512_setzero_ps();
     int g = 0;
     for (; g + 16 <= ng; g += 16) {
-      _mm512_storeu_ps(d + g, _mm512_mul_ps(V::load_s<ST>(s + g * ssz), _mm512_loadu_ps(p.sx + g)));
+      const __m512 f = _mm512_mul_ps(V::load_s<ST>(s + g * ssz), _mm512_loadu_ps(p.sx + g));
+      if (rep == 1) {
+        _mm512_storeu_ps(d + g, f);
+      } else {
+        // Output vector k holds f[(16 k + m) / rep], m = 0..15.
+        const __m512i m = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m128i sh = _mm_cvtsi32_si128(rep == 2 ? 1 : 2);
+        for (int k = 0; k < rep; ++k) {
+          const __m512i idx = _mm512_srl_epi32(_mm512_add_epi32(m, _mm512_set1_epi32(16 * k)), sh);
+          _mm512_storeu_ps(d + rep * g + 16 * k, _mm512_permutexvar_ps(idx, f));
+        }
+      }
       bacc = _mm512_fmadd_ps(V::load_s<ST>(b + g * ssz), _mm512_loadu_ps(p.gsum + g), bacc);
     }
     float bt = _mm512_reduce_add_ps(bacc);
     for (; g < ng; ++g) {
-      d[g] = scale_at<ST>(s, g) * p.sx[g];
+      const float f = scale_at<ST>(s, g) * p.sx[g];
+      for (int k = 0; k < rep; ++k) {
+        d[rep * g + k] = f;
+      }
       bt += scale_at<ST>(b, g) * p.gsum[g];
     }
     for (int z = 0; z < 16; ++z) {
-      d[ng + z] = 0.0f;
+      d[rep * ng + z] = 0.0f;
     }
     sf[j] = d;
     bias_term[j] = bt;
   }
-  // Lane l of a block belongs to group blk * gpb + l * (BLK / 16) / G.
-  const int gpb = BLK / G;
+  // Otherwise lane l of a block belongs to group blk * gpb + l * (BLK / 16) / G.
   alignas(64) int lg[16];
   for (int l = 0; l < 16; ++l) {
     lg[l] = l * (BLK / 16) / G;
@@ -125,25 +153,24 @@ __attribute__((always_inline)) inline void int_rows_body(
   for (int j = 0; j < NR; ++j) {
     tot[j] = _mm512_setzero_ps();
   }
-  for (int blk = 0; blk < nblk; ++blk) {
-    {
-      // Lines starting in this block's share of the next rows: [a, a + NR * BB).
-      const uintptr_t a = reinterpret_cast<uintptr_t>(next) + static_cast<uintptr_t>(blk) * NR * BB;
-      for (uintptr_t l = (a + 63) & ~uintptr_t(63); l < a + NR * BB; l += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(l), _MM_HINT_T1);
-      }
+  // One block of the NR rows; the row's last block loads its codes masked.
+  auto block = [&](int blk, bool last) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      // Every block (3-bit: 48 bytes, so one in four lands on a line already asked
+      // for; cheaper than testing).
+      _mm_prefetch(reinterpret_cast<const char*>(w[j] + static_cast<std::size_t>(blk) * BB + kAhead),
+                   _MM_HINT_T1);
     }
     __m512i q[NR][R];
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
-      const uint8_t* wb = w[j] + static_cast<std::size_t>(blk) * BB;
-      decode<B>(wb, q[j], blk + 1 == nblk);
+      decode<B>(w[j] + static_cast<std::size_t>(blk) * BB, q[j], last);
     }
     const int8_t* xb = p.xd + static_cast<std::size_t>(blk) * ND * R * 64;
-    // One accumulator per digit level (independent chains of R dpbusd), combined
-    // Horner-style after: one chain through all levels would be ND * R dpbusd
-    // latencies long.
-    __m512i lv[ND][NR];
+    // Horner through the digit levels in one accumulator per row: after each level
+    // but the last, shift left by 8 (exact, see the bound above).
+    __m512i acc[NR];
 #pragma GCC unroll 4
     for (int dg = 0; dg < ND; ++dg) {
 #pragma GCC unroll 4
@@ -151,37 +178,40 @@ __attribute__((always_inline)) inline void int_rows_body(
         const __m512i xv = _mm512_loadu_si512(xb + (dg * R + rr) * 64);
 #pragma GCC unroll 4
         for (int j = 0; j < NR; ++j) {
-          lv[dg][j] = _mm512_dpbusd_epi32(rr ? lv[dg][j] : _mm512_setzero_si512(), q[j][rr], xv);
+          acc[j] = _mm512_dpbusd_epi32(dg + rr == 0 ? _mm512_setzero_si512() : acc[j], q[j][rr], xv);
+        }
+      }
+      if (dg + 1 < ND) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) {
+          acc[j] = _mm512_slli_epi32(acc[j], 8);
         }
       }
     }
-    __m512i acc[NR];
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
-      acc[j] = lv[0][j];
-#pragma GCC unroll 4
-      for (int dg = 1; dg < ND; ++dg) {
-        acc[j] = _mm512_add_epi32(_mm512_slli_epi32(acc[j], 8), lv[dg][j]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) {
-      const __m512 sv = gpb == 1
-          ? _mm512_set1_ps(sf[j][blk])
-          : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf[j] + blk * gpb));
+      const __m512 sv = pattern ? _mm512_broadcast_f32x4(_mm_loadu_ps(sf[j] + 4 * blk))
+          : gpb == 1            ? _mm512_set1_ps(sf[j][blk])
+                                : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf[j] + blk * gpb));
       tot[j] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(acc[j]), tot[j]);
     }
+  };
+  if (nblk > 0) {
+    for (int blk = 0; blk + 1 < nblk; ++blk) {
+      block(blk, false);
+    }
+    block(nblk - 1, true);
   }
   for (int j = 0; j < NR; ++j) {
-    out[j] = p.sx_scale * _mm512_reduce_add_ps(tot[j]) + bias_term[j];
+    out[j * st] = p.sx_scale * _mm512_reduce_add_ps(tot[j]) + bias_term[j];
   }
   // A tail shorter than a block starts on a group boundary (G divides BLK); it is
   // computed in float from x.
   const int g_tail = (nblk * BLK) / G;
   if (g_tail < ng) {
     for (int j = 0; j < NR; ++j) {
-      const void* s = static_cast<const uint8_t*>(r.s) + (i + j) * ng * ssz;
-      out[j] += dot_groups_tail<B, ST>(w[j], s, p.x, g_tail, ng, G);
+      const void* s = static_cast<const uint8_t*>(r.s) + (i + j * st) * ng * ssz;
+      out[j * st] += dot_groups_tail<B, ST>(w[j], s, p.x, g_tail, ng, G);
     }
   }
 }
@@ -191,15 +221,20 @@ void int_rows(const RowRun& r, int nrows, const Prep& p, int G, float* out, floa
   const int cols = r.ng * G;
   // Rows in fours (independent accumulators keep the vector units busy while loads
   // and decodes are in flight, and the digit loads are shared), then pairs, then one.
-  int i = 0;
-  for (; i + 4 <= nrows; i += 4) {
-    int_rows_body<B, ST, ND, 4>(r, i, p, cols, G, out + i, sbuf);
+  // The fours are four streams: the first 4m rows of the run split into four
+  // quarters and pass t takes row t of each, so each quarter is read front to back
+  // and its prefetch runs ahead in one sequential stream (with four consecutive rows
+  // per pass every row stream would skip three rows after each).
+  const int m = nrows / 4;
+  for (int t = 0; t < m; ++t) {
+    int_rows_body<B, ST, ND, 4>(r, t, m, p, cols, G, out + t, sbuf);
   }
+  int i = 4 * m;
   for (; i + 2 <= nrows; i += 2) {
-    int_rows_body<B, ST, ND, 2>(r, i, p, cols, G, out + i, sbuf);
+    int_rows_body<B, ST, ND, 2>(r, i, 1, p, cols, G, out + i, sbuf);
   }
   if (i < nrows) {
-    int_rows_body<B, ST, ND, 1>(r, i, p, cols, G, out + i, sbuf);
+    int_rows_body<B, ST, ND, 1>(r, i, 1, p, cols, G, out + i, sbuf);
   }
 }
 
