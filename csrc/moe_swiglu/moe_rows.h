@@ -66,8 +66,9 @@ constexpr bool simd_table_code(int bits, int lanes, int k) {
 // per affine group, X_i = round(x_i / sx_g), written as 2 or 3 signed base-256
 // digits (int_xmax), most significant first. A block of int_block_codes(bits) codes is decoded
 // into int_regs(bits) registers of 64 one-byte codes: byte j of register r holds code
-// int_code_of(bits, r, j) of the block, so the 4-byte lane l of every register covers
-// codes [l * span, (l + 1) * span), span = block codes / 16, all in one group.
+// int_code_of(bits, r, j) of the block, so the 4-byte lanes l of all registers together
+// cover block codes / 16 codes of one group: for 2 and 4 bits codes
+// [l * span, (l + 1) * span), span = block codes / 16; for 3 bits see below.
 constexpr bool int_bits(int bits) {
   return bits == 2 || bits == 3 || bits == 4;
 }

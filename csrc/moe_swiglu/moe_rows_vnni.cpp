@@ -6,12 +6,13 @@
 // bandwidth. Here x is a block-fixed-point integer per affine group (moe_rows.h:
 // X_i = round(x_i / sx_g) in 2 or 3 signed base-256 digits) and one vpdpbusd
 // multiplies 64 one-byte codes by 64 digits and adds them into sixteen int32 lanes.
-// Each digit level has its own accumulator; they are combined Horner-style after
-// (shift left by 8, add), which is exact: a lane sums at most 8 codes <= 15 (16 <= 3
-// for 2-bit) times |X| < 2^23 per block, below 2^30.
+// The digit levels go Horner-style through one accumulator per row (all of a level's
+// vpdpbusd, then shift left by 8 before the next level), which is exact: a lane sums
+// at most 8 codes <= 15 (16 <= 3 for 2-bit) times |X| < 2^23 per block, below 2^30,
+// and every partial value is bounded alike.
 // Per block and row that is a few decode instructions, digits x registers
-// vpdpbusd, digits - 1 shifts and adds, one convert and one FMA with the group
-// scales (s_w * sx), instead of three instructions per 16 codes.
+// vpdpbusd, digits - 1 shifts, one convert and one FMA with the group scales
+// (s_w * sx), instead of three instructions per 16 codes.
 #include <immintrin.h>
 
 #include "moe_swiglu/moe_rows.h"
