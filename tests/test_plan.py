@@ -98,13 +98,94 @@ def test_auto_selection_uses_sensitivity():
     assert res.decisions["model.layers.4.mlp.switch_mlp.down_proj"].bits == 3
 
 
-def test_auto_selection_end_to_end(ckpt, tmp_path):
-    """auto measures on the real tensors and picks the worst layer; spread is unaffected."""
+def test_auto_selection_end_to_end(ckpt, tmp_path, capsys):
+    """auto measures on the real tensors and picks the worst layer, and convert says which
+    layers it chose and the measured error of every candidate."""
     src = ckpt("kimi_k2", layers=5)
     res = convert(src, tmp_path / "o", "alis-3.6", upgrade_layers="auto", progress=False)
-    note = next(n for n in res.resolution.notes if "auto-selected" in n)
-    losses = {int(kv.split(":")[0]): float(kv.split(":")[1]) for kv in note.split("by loss ")[1].split(", ")}
+    decision, losses = res.resolution.auto_losses[2]
+    assert (decision.bits, decision.group_size) == (3, 64) and sorted(losses) == [1, 2, 3, 4]
     assert res.resolution.selected[2] == [max(losses, key=losses.get)]
+    assert all(v > 0 for v in losses.values())
+
+    assert cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "c"),
+                     "--upgrade-layers", "auto", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("rule 2 "))
+    chosen = res.resolution.selected[2][0]
+    assert f"auto chose layers [{chosen}]" in line and "3-bit g64" in line
+    for layer, loss in losses.items():  # every candidate's measured error, the chosen one marked
+        assert f"{layer}: {loss:.4g}{' *' if layer == chosen else ''}" in line
+
+
+def test_plan_auto_says_layers_are_chosen_during_conversion(capsys):
+    """plan cannot measure: it must not name layers as if chosen (it said both 'layers
+    [2, 6, ...]' and 'chosen during conversion')."""
+    assert cli.main(["plan", "--config", str(KIMI_K25), "--upgrade-layers", "auto"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("rule 2 "))
+    assert "16 layer(s) to be chosen by measured error during conversion" in line
+    assert "layers [" not in out
+    assert cli.main(["plan", "--config", str(KIMI_K25), "--upgrade-layers", "auto", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto_pending"] == [2]
+
+
+def test_preset_names_one_convention(capsys):
+    assert "mixed-3-6" in load_recipe("mixed-3-6").name
+    assert load_recipe("mixed_3_6").spec == load_recipe("mixed-3-6").spec  # the old spelling
+    assert load_recipe("mixed_3_6").name == "mixed-3-6"
+    from moequant.recipes import PRESETS
+
+    assert all("_" not in name for name in PRESETS)
+    assert cli.main(["plan", "--config", str(KIMI_K25), "--recipe", "mixed-3-6"]) == 0
+    assert "recipe mixed-3-6" in capsys.readouterr().out
+
+
+ABSURD = {
+    "n_routed_experts": ("n_routed_experts", 10**9),
+    "num_hidden_layers": ("num_hidden_layers", 10**8),
+    "experts x layers": ("n_routed_experts", 16384),  # each bound passes, the product does not
+}
+
+
+@pytest.mark.parametrize("case", ABSURD)
+def test_absurd_config_refused_at_once(tmp_path, capsys, case):
+    import time
+
+    key, value = ABSURD[case]
+    cfg = json.loads(KIMI_K25.read_text())
+    cfg["text_config"][key] = value
+    if case == "experts x layers":
+        cfg["text_config"]["num_hidden_layers"] = 1000
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    assert cli.main(["plan", "--config", str(tmp_path / "config.json")]) == 2
+    assert time.perf_counter() - t0 < 1.0
+    err = capsys.readouterr().err
+    assert f"text_config.{key}" in err and "config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key,value,have", [("num_hidden_layers", 900, "hold 4 layers"),
+                                            ("n_routed_experts", 9000, "hold 8 experts")])
+def test_config_counts_checked_against_headers(ckpt, tmp_path, capsys, key, value, have):
+    """With the shards present, a count the headers contradict is refused before the
+    tables are built, naming the key (plan --hf-path and convert)."""
+    import shutil
+    import time
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpt("deepseek_v3", layers=4), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    for argv in (["plan", "--hf-path", str(src)],
+                 ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--quiet"]):
+        t0 = time.perf_counter()
+        assert cli.main(argv) == 2
+        assert time.perf_counter() - t0 < 1.0
+        err = capsys.readouterr().err
+        assert f"config.json: {key} is {value}" in err and have in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_recipe_file_and_rules(tmp_path):

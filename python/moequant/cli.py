@@ -30,8 +30,7 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
+from .errors import UserError  # noqa: E402,F401  (commands raise it; main maps it to exit 2)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,10 +16,12 @@ the index and config.json are written last and atomically (mlx-lm needs config.j
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections import deque
@@ -34,19 +36,21 @@ import numpy as np
 from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.layout import all_items
+from .checkpoint.files import read_text
 from .checkpoint.safetensors_io import MX_STORAGE, read_into, read_numpy
+from .errors import UserError
 from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
-from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+from .recipes import PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
 JOURNAL = ".moequant-journal.json"
+LOCK = ".moequant-lock"
 RECIPE_FILE = "moequant_recipe.json"
 INDEX = "model.safetensors.index.json"
-_NOT_COPIED = {"config.json", INDEX, JOURNAL}
 
 
-class DestinationError(ValueError):
+class DestinationError(UserError):
     """DST cannot be used as asked (exists, belongs to another conversion, ...)."""
 
 
@@ -335,55 +339,193 @@ class ShardWriter:
         return False
 
 
-def _looks_like_output(dst: Path) -> bool:
-    names = {p.name for p in dst.iterdir()}
-    return bool(names & {JOURNAL, "config.json", INDEX}) or any(
-        n.startswith("model") and n.endswith(".safetensors") for n in names)
+def _plain_name(n) -> bool:
+    """A file name directly inside DST (names read back from a marker are never paths)."""
+    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n
 
 
-def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str, digest: str) -> dict:
-    """Returns the journal to continue from (empty for a fresh start)."""
+def _read_marker(path: Path) -> dict:
+    try:
+        data = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError, CheckpointError) as e:
+        raise DestinationError(f"{path}: unreadable ({e}); cannot tell which files moequant "
+                               "wrote: remove the directory yourself") from None
+    if not isinstance(data, dict):
+        raise DestinationError(f"{path}: a JSON {type(data).__name__}, expected an object; cannot "
+                               "tell which files moequant wrote: remove the directory yourself")
+    return data
+
+
+def owned_files(dst: Path) -> Optional[set]:
+    """The names of the files moequant wrote into DST, from its markers: the journal of an
+    unfinished conversion or moequant_recipe.json of a finished one (both list them).
+    None when DST holds neither marker (not a directory moequant wrote)."""
+    names = set()
+    jpath, rpath = dst / JOURNAL, dst / RECIPE_FILE
+    if not os.path.lexists(jpath) and not os.path.lexists(rpath):
+        return None
+    for path in (jpath, rpath):
+        if not os.path.lexists(path):
+            continue
+        data = _read_marker(path)
+        files = data.get("files")
+        if isinstance(files, list):
+            names |= {n for n in files if _plain_name(n)}
+        elif path == jpath and isinstance(data.get("sizes"), dict):  # journals before 0.2
+            names |= {n for n in data["sizes"] if _plain_name(n)}
+        elif path == rpath and os.path.lexists(dst / INDEX):  # recipe files before 0.2
+            try:
+                wm = json.loads(read_text(dst / INDEX)).get("weight_map", {})
+                names |= {n for n in wm.values() if _plain_name(n)}
+            except (AttributeError, ValueError, RecursionError):
+                pass
+    names |= {JOURNAL, RECIPE_FILE, INDEX, "config.json"}
+    return names | {f".partial-{n}" for n in names}
+
+
+class DestinationLock:
+    """An exclusive lock on DST for the whole conversion (flock on DST/.moequant-lock,
+    which holds the owner's pid), so two converts never write one directory. The lock
+    file is removed on release; a holder checks after locking that the file it locked is
+    still the one at the path (another run may have removed it in between)."""
+
+    def __init__(self, dst: Path):
+        self.path, self.fd = dst / LOCK, None
+
+    def __enter__(self):
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise DestinationError(f"{self.path}: cannot create the lock file: "
+                                       f"{e.strerror or e}") from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise DestinationError(f"{self.path}: not a regular file; remove it")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise DestinationError(
+                        f"--mlx-path {self.path.parent} is locked by another moequant convert "
+                        f"(process {pid}); wait for it to finish or choose another --mlx-path") from None
+                try:
+                    same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)  # still ours: we hold the lock on this inode
+        except OSError:
+            pass
+        os.close(self.fd)
+        return False
+
+
+def check_destination(dst: Path, src: Path, overwrite: bool) -> str:
+    """Read-only checks of --mlx-path before anything is created or locked. Returns
+    'new', 'empty', 'resume' or 'overwrite'."""
+    if os.path.islink(dst):
+        if not dst.exists():
+            raise DestinationError(f"--mlx-path {dst} is a dangling symbolic link "
+                                   f"(to {os.readlink(dst)})")
+        if overwrite:
+            raise DestinationError(f"--mlx-path {dst} is a symbolic link (to {os.readlink(dst)}); "
+                                   "refusing to --overwrite through it: give the directory itself")
     src_r, dst_r = src.resolve(), dst.resolve()
     if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
         raise DestinationError(f"--mlx-path {dst} must not contain or be inside --hf-path {src}")
-    if dst.exists() and not dst.is_dir():
+    if not dst.exists():
+        return "new"
+    if not dst.is_dir():
         raise DestinationError(f"--mlx-path {dst} exists and is not a directory")
+    try:
+        entries = [n for n in os.listdir(dst) if n != LOCK]
+    except OSError as e:
+        raise DestinationError(f"--mlx-path {dst}: cannot list: {e.strerror or e}") from None
+    if not entries:
+        return "empty"
+    owned = owned_files(dst)
+    if overwrite:
+        if owned is None:
+            raise DestinationError(
+                f"--mlx-path {dst} is a non-empty directory moequant did not write (no "
+                f"{RECIPE_FILE} or {JOURNAL}); refusing to --overwrite it")
+        return "overwrite"
+    if os.path.lexists(dst / JOURNAL):
+        return "resume"
+    raise DestinationError(f"--mlx-path {dst} already exists; use --overwrite to replace it")
+
+
+def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str, digest: str,
+                        planned: List[str]) -> dict:
+    """Under the lock: check DST again, remove the files an earlier conversion wrote when
+    overwriting (and only those), and return the journal to continue from (empty for a
+    fresh start). ``planned``: the names this conversion will write."""
+    state = check_destination(dst, src, overwrite)
+    owned = owned_files(dst) if state in ("overwrite", "resume") else set()
+    # A file this run would write that moequant did not write before is the user's.
+    for n in planned:
+        if os.path.lexists(dst / n) and n not in owned:
+            raise DestinationError(f"{dst / n} exists and was not written by moequant; "
+                                   "refusing to replace it")
     journal = {}
-    if dst.exists() and any(dst.iterdir()):
+    if state == "overwrite":
+        left = [n for n in os.listdir(dst) if n not in owned and n != LOCK]
+        stale = [n for n in left if n.endswith(".safetensors")]
+        if stale:  # mlx-lm would load them with ours
+            raise DestinationError(f"--mlx-path {dst} holds {stale[0]}, which moequant did not "
+                                   "write; refusing to --overwrite next to it")
+        for n in sorted(owned):
+            p = dst / n
+            if os.path.islink(p) or p.is_file():
+                try:
+                    p.unlink()
+                except OSError as e:
+                    raise DestinationError(f"{p}: cannot remove: {e.strerror or e}") from None
+    elif state == "resume":
         jpath = dst / JOURNAL
-        if overwrite:
-            if not _looks_like_output(dst):
-                raise DestinationError(f"--mlx-path {dst} is a non-empty directory that does "
-                                       "not look like a model; refusing to --overwrite it")
-            shutil.rmtree(dst)
-        elif jpath.exists():
-            try:
-                journal = json.loads(jpath.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise DestinationError(f"{jpath}: unreadable journal; rerun with --overwrite") from None
-            if journal.get("fingerprint") != fingerprint:
-                raise DestinationError(f"{dst} holds an unfinished conversion of a different or "
-                                       "changed source; rerun with --overwrite to start over")
-            if journal.get("plan") != digest:
-                raise DestinationError(f"{dst} holds an unfinished conversion with a different "
-                                       "recipe or options; rerun with --overwrite to start over")
-        else:
-            raise DestinationError(f"--mlx-path {dst} already exists; use --overwrite to replace it")
-    dst.mkdir(parents=True, exist_ok=True)
+        journal = _read_marker(jpath)
+        if not _journal_ok(journal):
+            raise DestinationError(f"{jpath}: unreadable journal; rerun with --overwrite")
+        if journal["fingerprint"] != fingerprint:
+            raise DestinationError(f"{dst} holds an unfinished conversion of a different or "
+                                   "changed source; rerun with --overwrite to start over")
+        if journal["plan"] != digest:
+            raise DestinationError(f"{dst} holds an unfinished conversion with a different "
+                                   "recipe or options; rerun with --overwrite to start over")
     return journal
 
 
-def copy_side_files(src: Path, dst: Path) -> List[str]:
-    """Tokenizer, chat template, remote-code and other small files, as mlx-lm keeps them."""
+def _journal_ok(j: dict) -> bool:
+    return (isinstance(j.get("fingerprint"), str) and isinstance(j.get("plan"), str)
+            and isinstance(j.get("done"), list) and all(type(u) is int for u in j["done"])
+            and isinstance(j.get("sizes"), dict)
+            and all(_plain_name(k) and type(v) is int for k, v in j["sizes"].items()))
+
+
+def copy_side_files(files: List[Path], dst: Path) -> List[str]:
+    """Tokenizer, chat template, remote-code and other small files (Source.side_files),
+    as mlx-lm keeps them."""
     copied = []
-    for p in sorted(src.iterdir()):
-        if (p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors")
-                and not p.name.startswith(".")):
-            try:
-                shutil.copy2(p, dst / p.name)
-            except OSError as e:
-                raise ConvertError(f"{dst / p.name}: cannot copy from {p}: {e.strerror or e}") from e
-            copied.append(p.name)
+    for p in files:
+        try:
+            shutil.copyfile(p, dst / p.name)
+        except OSError as e:
+            raise ConvertError(f"{dst / p.name}: cannot copy from {p}: {e.strerror or e}") from e
+        copied.append(p.name)
     return copied
 
 
@@ -529,84 +671,95 @@ def convert(
 
     dst = Path(mlx_path)
     fingerprint, digest = src.fingerprint(), out.digest(res)
-    journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest)
-    done = set()
-    for u in journal.get("done", []):
-        shard_ok = all((dst / out.shards[i].name).exists()
-                       and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
-                       for i in out.unit_shards.get(u, []))
-        if shard_ok:
-            done.add(u)
-    journal = {"version": 1, "moequant": __version__, "source": str(src.path),
-               "fingerprint": fingerprint, "plan": digest, "done": sorted(done),
-               "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
-                         for u in done for i in out.unit_shards.get(u, [])}}
-    jpath = dst / JOURNAL
-    _atomic_write_text(jpath, json.dumps(journal))
-    for p in dst.glob(".partial-*"):
-        p.unlink()
-    # An index or config from an earlier attempt must not make DST look complete.
-    for name in ("config.json", INDEX):
-        (dst / name).unlink(missing_ok=True)
+    side = src.side_files(skip=(JOURNAL, RECIPE_FILE, LOCK))
+    planned = sorted({s.name for s in out.shards} | {p.name for p in side}
+                     | {INDEX, "config.json", RECIPE_FILE})
+    check_destination(dst, src.path, overwrite)  # refuse before creating anything
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DestinationError(f"--mlx-path {dst}: cannot create: {e.strerror or e}") from None
+    # One conversion per DST at a time: the lock covers every check and write in it.
+    with DestinationLock(dst):
+        journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned)
+        done = set()
+        for u in journal.get("done", []):
+            shard_ok = all((dst / out.shards[i].name).exists()
+                           and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
+                           for i in out.unit_shards.get(u, []))
+            if shard_ok:
+                done.add(u)
+        journal = {"version": 1, "moequant": __version__, "source": str(src.path),
+                   "fingerprint": fingerprint, "plan": digest, "done": sorted(done),
+                   "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
+                             for u in done for i in out.unit_shards.get(u, [])},
+                   "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL})}
+        jpath = dst / JOURNAL
+        _atomic_write_text(jpath, json.dumps(journal))
+        for n in planned:
+            (dst / f".partial-{n}").unlink(missing_ok=True)
+        # An index or config from an earlier attempt must not make DST look complete.
+        for name in ("config.json", INDEX):
+            (dst / name).unlink(missing_ok=True)
 
-    todo = [u for u in units if u.index not in done]
-    remaining = sum(out.shards[i].nbytes for u in todo for i in out.unit_shards.get(u.index, []))
-    free = shutil.disk_usage(dst).free
-    if remaining > free:
-        raise ConvertError(f"{dst}: needs {remaining / 1e9:.2f} GB more but only "
-                           f"{free / 1e9:.2f} GB is free")
+        todo = [u for u in units if u.index not in done]
+        remaining = sum(out.shards[i].nbytes for u in todo for i in out.unit_shards.get(u.index, []))
+        free = shutil.disk_usage(dst).free
+        if remaining > free:
+            raise ConvertError(f"{dst}: needs {remaining / 1e9:.2f} GB more but only "
+                               f"{free / 1e9:.2f} GB is free")
 
-    input_total = sum(src.unit_input_bytes(u) for u in todo)
-    bar = Progress(input_total, len(units), progress)
-    read_bytes = 0
-    jobs = [(u, j) for u in todo for j in u.jobs]
-    with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
-            ShardWriter(dst, out, journal, jpath) as writer:
-        # Read one job ahead and write behind, so file IO overlaps quantization.
-        def read_ahead(k):
-            if k < len(jobs):
-                return reader.submit(fill_job, src, jobs[k][1], allocate_job(src, jobs[k][1]))
+        input_total = sum(src.unit_input_bytes(u) for u in todo)
+        bar = Progress(input_total, len(units), progress)
+        read_bytes = 0
+        jobs = [(u, j) for u in todo for j in u.jobs]
+        with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
+                ShardWriter(dst, out, journal, jpath) as writer:
+            # Read one job ahead and write behind, so file IO overlaps quantization.
+            def read_ahead(k):
+                if k < len(jobs):
+                    return reader.submit(fill_job, src, jobs[k][1], allocate_job(src, jobs[k][1]))
 
-        ahead = read_ahead(0)
-        pending: Dict[int, Dict[str, mx.array]] = {}
-        for n, (unit, job) in enumerate(jobs):
-            inputs = ahead.result().result()
-            ahead = read_ahead(n + 1)
-            for it, arrays in compute_job(src, job, inputs, res):
-                names = [cfg.prefix + it.path + suffix for suffix, _, _ in
-                         output_tensors(it, res.decisions[it.path])]
-                mx.eval(arrays)
-                for name, arr in zip(names, arrays):
-                    shape, dtype = out.tensor_meta[name]
-                    if tuple(arr.shape) != shape or arr.dtype != getattr(mx, dtype):
-                        raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
-                    si = out.tensor_shard[name]
-                    pending.setdefault(si, {})[name] = arr
-                    if len(pending[si]) == len(out.shards[si].tensors):
-                        writer.submit(si, pending.pop(si))
-            del inputs
-            read_bytes += sum(src.tensors[s].nbytes for s in job.sources)
-            finished = n + 1 == len(jobs) or jobs[n + 1][0] is not unit
-            if finished:
-                mx.clear_cache()
-            bar.update(read_bytes, len(journal["done"]), unit.name, finished)
-        writer.drain()
-        bar.update(read_bytes, len(journal["done"]), "written", True)
-        bar.close()
+            ahead = read_ahead(0)
+            pending: Dict[int, Dict[str, mx.array]] = {}
+            for n, (unit, job) in enumerate(jobs):
+                inputs = ahead.result().result()
+                ahead = read_ahead(n + 1)
+                for it, arrays in compute_job(src, job, inputs, res):
+                    names = [cfg.prefix + it.path + suffix for suffix, _, _ in
+                             output_tensors(it, res.decisions[it.path])]
+                    mx.eval(arrays)
+                    for name, arr in zip(names, arrays):
+                        shape, dtype = out.tensor_meta[name]
+                        if tuple(arr.shape) != shape or arr.dtype != getattr(mx, dtype):
+                            raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
+                        si = out.tensor_shard[name]
+                        pending.setdefault(si, {})[name] = arr
+                        if len(pending[si]) == len(out.shards[si].tensors):
+                            writer.submit(si, pending.pop(si))
+                del inputs
+                read_bytes += sum(src.tensors[s].nbytes for s in job.sources)
+                finished = n + 1 == len(jobs) or jobs[n + 1][0] is not unit
+                if finished:
+                    mx.clear_cache()
+                bar.update(read_bytes, len(journal["done"]), unit.name, finished)
+            writer.drain()
+            bar.update(read_bytes, len(journal["done"]), "written", True)
+            bar.close()
 
-    copy_side_files(src.path, dst)
-    _atomic_write_text(dst / RECIPE_FILE, json.dumps(
-        {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
-         **res.applied(cfg.prefix)}, indent=2, default=str))
-    weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
-    _atomic_write_text(dst / INDEX, json.dumps(
-        {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
-         "weight_map": weight_map}, indent=4))
-    _atomic_write_text(dst / "config.json", json.dumps(output_config(src, res, items), indent=4))
-    jpath.unlink()
-    return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
-                         time.perf_counter() - t0, read_bytes, len(todo), len(done),
-                         shards=[s.name for s in out.shards])
+        copy_side_files(side, dst)
+        _atomic_write_text(dst / RECIPE_FILE, json.dumps(
+            {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
+             **res.applied(cfg.prefix), "files": planned}, indent=2, default=str))
+        weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
+        _atomic_write_text(dst / INDEX, json.dumps(
+            {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
+             "weight_map": weight_map}, indent=4))
+        _atomic_write_text(dst / "config.json", json.dumps(output_config(src, res, items), indent=4))
+        jpath.unlink()
+        return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
+                             time.perf_counter() - t0, read_bytes, len(todo), len(done),
+                             shards=[s.name for s in out.shards])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -616,7 +769,7 @@ def add_arguments(p):
     p.add_argument("--hf-path", required=True, help="Source checkpoint directory (local).")
     p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
     p.add_argument("--recipe", default="alis-3.6",
-                   help="Preset (alis-3.6, int4-native, uniform-3, uniform-4, mixed_3_6) or a recipe JSON file.")
+                   help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
@@ -626,22 +779,18 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .cli import UserError
-
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     try:
         result = convert(args.hf_path, args.mlx_path, args.recipe, upgrade_layers=args.upgrade_layers,
                          dry_run=args.dry_run, overwrite=args.overwrite, threads=args.threads,
                          progress=not args.quiet)
-    except (CheckpointError, RecipeError, DestinationError) as e:
-        raise UserError(str(e)) from None
     except ConvertError as e:
         print(f"moequant convert: error: {e}", file=sys.stderr)
         return 1
     if args.dry_run:
         print(f"dry run: would write {len(result.shards)} shards to {args.mlx_path}")
-        for i, layers in result.resolution.selected.items():
-            print(f"rule {i} ({result.resolution.recipe.rules[i]['match']}): layers {layers}")
+    for line in result.resolution.selection_lines() + result.resolution.notes:
+        print(line)
     print(result.summary())
     return 0

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .checkpoint import COMPONENTS, CheckpointError, Item, Source, SourceConfig, read_config
+from .checkpoint import COMPONENTS, Item, Source, SourceConfig, read_config
 from .checkpoint.layout import all_items, build_layout
-from .recipes import Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+from .recipes import PRESETS, Decision, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 ITEMSIZE = {"bfloat16": 2, "float32": 4}
 SCALE_BYTES = 2  # scales and biases are written in bf16
@@ -93,6 +93,8 @@ class Plan:
             "model_type": self.cfg.flavour,
             "recipe": self.resolution.recipe.name,
             "selected_layers": self.resolution.selected,
+            "auto_pending": self.resolution.auto_pending,
+            "auto_losses": {i: loss for i, (_, loss) in self.resolution.auto_losses.items()},
             "components": [{"name": r.name, "params": r.params, "bytes": r.bytes,
                             "bits_per_weight": r.bpw, "bits": r.kinds} for r in self.rows],
             "total_params": self.params,
@@ -176,9 +178,7 @@ def format_plan(plan: Plan) -> str:
     head = [f"model_type {plan.cfg.flavour}, {plan.cfg.num_layers} layers, source "
             + (f"INT4 g{plan.cfg.scheme.group_size} experts" if plan.cfg.scheme else "bf16")
             + f"; recipe {res.recipe.name}"]
-    for i, layers in res.selected.items():
-        head.append(f"rule {i} ({res.recipe.rules[i]['match']}): layers {layers}")
-    head += res.notes
+    head += res.selection_lines() + res.notes
     total = (f"{fmt_bytes(plan.bytes)} ({plan.bytes / 2**30:.2f} GiB); "
              f"routed experts {plan.expert_bpw:.3f} bpw")
     if plan.input_bytes:
@@ -190,18 +190,13 @@ def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--hf-path", help="Source checkpoint directory (headers are validated).")
     g.add_argument("--config", help="A config.json (or its directory): plan from the config alone.")
-    p.add_argument("--recipe", default="alis-3.6", help="Preset name or recipe JSON file.")
+    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
 
 
 def run(args) -> int:
-    from .cli import UserError
-
-    try:
-        plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
-    except (CheckpointError, RecipeError) as e:
-        raise UserError(str(e)) from None
+    plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0

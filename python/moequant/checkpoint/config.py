@@ -11,11 +11,13 @@ A config without ``quantization_config`` is a plain bf16 checkpoint.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .errors import CheckpointError
+from .files import read_text, resolve_inside
 
 FLAT_TYPES = ("kimi_k2", "deepseek_v3")
 NESTED_TYPES = ("kimi_k25",)
@@ -28,6 +30,19 @@ REQUIRED_INT = (
 )
 MOE_INT = ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
 SOURCE_GROUP_SIZES = (32, 64, 128)
+
+# Bounds checked before any table is built from the config, so an absurd value is
+# refused at once instead of filling memory: ~10x Kimi-K2 (61 layers, 384 experts,
+# 7168 hidden, 163840 vocab) and beyond any released MoE.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 16384
+MAX_EXPERT_SLOTS = 1 << 18  # MoE layers x routed experts: ~2.4M expected source tensors
+MAX_DIM = 1 << 24
+
+
+def is_int(v) -> bool:
+    """Strictly an integer: JSON 32.0 is a float and true is a bool, neither is an int."""
+    return type(v) is int
 
 
 @dataclass(frozen=True)
@@ -54,9 +69,13 @@ class SourceConfig:
         t = self.text
         return (
             t.get("n_routed_experts") is not None
-            and layer >= t.get("first_k_dense_replace", 0)
-            and layer % t.get("moe_layer_freq", 1) == 0
+            and layer >= (t.get("first_k_dense_replace") or 0)
+            and layer % (t.get("moe_layer_freq") or 1) == 0
         )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(l) for l in range(self.num_layers))
 
 
 def _fail(path, msg):
@@ -65,6 +84,8 @@ def _fail(path, msg):
 
 def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
     """Accept exactly INT4 symmetric group pack-quantized weights; refuse the rest."""
+    if not isinstance(qc, dict):
+        _fail(path, f"{where} is a {type(qc).__name__}, expected an object")
     method = qc.get("quant_method")
     if method != "compressed-tensors":
         _fail(path, f"{where}.quant_method is {method!r}; only compressed-tensors INT4 "
@@ -81,11 +102,13 @@ def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
         _fail(path, f"{where}.config_groups is missing or empty")
     schemes = set()
     for gname, g in groups.items():
-        w = (g or {}).get("weights")
         here = f"{where}.config_groups.{gname}"
+        if not isinstance(g, dict):
+            _fail(path, f"{here} is a {type(g).__name__}, expected an object")
+        w = g.get("weights")
         if not isinstance(w, dict):
             _fail(path, f"{here}.weights is missing")
-        if w.get("num_bits") != 4 or w.get("type", "int") != "int":
+        if not is_int(w.get("num_bits")) or w["num_bits"] != 4 or w.get("type", "int") != "int":
             _fail(path, f"{here}.weights is {w.get('num_bits')}-bit {w.get('type')!r}; "
                         "only 4-bit int is supported")
         if w.get("symmetric") is not True:
@@ -93,7 +116,7 @@ def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
                         "INT4 is supported")
         if w.get("strategy") != "group":
             _fail(path, f"{here}.weights.strategy is {w.get('strategy')!r}, expected 'group'")
-        if w.get("group_size") not in SOURCE_GROUP_SIZES:
+        if not is_int(w.get("group_size")) or w["group_size"] not in SOURCE_GROUP_SIZES:
             _fail(path, f"{here}.weights.group_size is {w.get('group_size')!r}; "
                         f"supported: {', '.join(map(str, SOURCE_GROUP_SIZES))}")
         if w.get("dynamic"):
@@ -114,12 +137,15 @@ def read_config(src: Path) -> SourceConfig:
         src, path = src.parent, src
     else:
         path = src / "config.json"
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{path}: not found (is {src} a model directory?)")
+        path = resolve_inside(src, "config.json", "file", src)
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (is {src} a model directory?)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot parse: {e}") from e
+        raw = json.loads(read_text(path))
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot parse: nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: cannot parse: {e}") from None
     if not isinstance(raw, dict):
         _fail(path, "not a JSON object")
     mt = raw.get("model_type")
@@ -134,15 +160,7 @@ def read_config(src: Path) -> SourceConfig:
         _fail(path, f"model_type {mt!r} is not supported; expected one of "
                     f"{', '.join(NESTED_TYPES + FLAT_TYPES)}")
 
-    for k in REQUIRED_INT:
-        if not isinstance(text.get(k), int) or text[k] <= 0:
-            _fail(path, f"{'text_config.' if prefix else ''}{k} is missing or not a positive integer")
-    if text.get("n_routed_experts") is not None:
-        for k in MOE_INT:
-            if not isinstance(text.get(k), int) or text[k] <= 0:
-                _fail(path, f"{'text_config.' if prefix else ''}{k} is missing or not a positive integer")
-    if text.get("q_lora_rank") is not None and not isinstance(text["q_lora_rank"], int):
-        _fail(path, "q_lora_rank must be an integer or null")
+    _check_sizes(text, path, "text_config." if prefix else "")
     if text.get("tie_word_embeddings") or raw.get("tie_word_embeddings"):
         _fail(path, "tie_word_embeddings is set; DeepSeek-V3 models in mlx-lm need a separate lm_head")
 
@@ -153,7 +171,44 @@ def read_config(src: Path) -> SourceConfig:
         _fail(path, "quantization_config differs between the top level and text_config")
     qc = top if top is not None else nested
     where = "quantization_config" if top is not None else "text_config.quantization_config"
+    if qc is not None and not isinstance(qc, dict):
+        _fail(path, f"{where} is a {type(qc).__name__}, expected an object")
     if raw.get("quantization") is not None:
         _fail(path, "already has an MLX 'quantization' block: this is an MLX model, not a source checkpoint")
     scheme = parse_scheme(qc, where, path) if qc is not None else None
     return SourceConfig(Path(src), raw, mt, text, prefix, scheme)
+
+
+def _check_sizes(text: dict, path, where: str) -> None:
+    """Strict types and bounds of the fields the layout is computed from, before any
+    table is built from them."""
+
+    def integer(k, lo, hi, optional=False):
+        v = text.get(k)
+        if v is None and optional:
+            return
+        if not is_int(v) or not lo <= v <= hi:
+            what = "missing or not" if v is None else f"{v!r}, not"
+            _fail(path, f"{where}{k} is {what} an integer in [{lo}, {hi}]")
+
+    for k in REQUIRED_INT:
+        integer(k, 1, MAX_LAYERS if k == "num_hidden_layers" else MAX_DIM)
+    integer("q_lora_rank", 1, MAX_DIM, optional=True)
+    for k in ("attention_bias", "tie_word_embeddings"):
+        if text.get(k) is not None and not isinstance(text[k], bool):
+            _fail(path, f"{where}{k} is {text[k]!r}, expected true or false")
+    if text.get("n_routed_experts") is None:
+        return
+    integer("n_routed_experts", 1, MAX_EXPERTS)
+    integer("moe_intermediate_size", 1, MAX_DIM)
+    integer("num_experts_per_tok", 1, text["n_routed_experts"])
+    integer("n_shared_experts", 0, MAX_EXPERTS, optional=True)
+    integer("first_k_dense_replace", 0, MAX_LAYERS, optional=True)
+    integer("moe_layer_freq", 1, MAX_LAYERS, optional=True)
+    L, E = text["num_hidden_layers"], text["n_routed_experts"]
+    first, freq = text.get("first_k_dense_replace") or 0, text.get("moe_layer_freq") or 1
+    moe_layers = sum(1 for l in range(first, L) if l % freq == 0)
+    if moe_layers * E > MAX_EXPERT_SLOTS:
+        _fail(path, f"{where}n_routed_experts ({E}) x {moe_layers} MoE layers "
+                    f"({where}num_hidden_layers {L}) is more than {MAX_EXPERT_SLOTS} "
+                    "expert slots; refusing an implausible config")

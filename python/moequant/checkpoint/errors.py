@@ -1,6 +1,8 @@
 """Errors raised while reading a source checkpoint."""
 
+from ..errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """The source checkpoint is unsupported, inconsistent or damaged. The message names
     the file and tensor concerned; the CLI turns it into exit code 2."""

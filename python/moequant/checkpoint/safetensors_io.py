@@ -10,6 +10,8 @@ because a truncated file must be reported with the file and tensor names.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
+from .files import open_regular
 
 # safetensors dtype -> storage dtype in numpy and in MLX (bf16 is carried as uint16 bits).
 NP_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I32": np.int32,
@@ -26,7 +29,11 @@ NP_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I32": np
 MX_STORAGE = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32,
               "U32": mx.uint32, "I64": mx.int64}
 
-_MAX_HEADER = 100 << 20
+# Bits per element of every safetensors dtype (the reference parser's table).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+MAX_HEADER = 100_000_000  # the reference parser's limit
 
 
 @dataclass(frozen=True)
@@ -39,44 +46,88 @@ class TensorInfo:
     nbytes: int
 
 
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
 def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
-    """Parse a safetensors header. Returns the tensors and the raw header bytes (used to
-    fingerprint the file). Raises CheckpointError for unreadable, malformed or truncated
-    files."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    """Parse and validate a safetensors header by the reference parser's rules: a JSON
+    object of {"dtype", "shape", "data_offsets"} entries (plus an optional string map
+    ``__metadata__``); every size == dtype size x prod(shape); the tensors, sorted by
+    offset, tile the data region exactly (no gap, no overlap, nothing past the end,
+    nothing left over). Returns the tensors and the raw header bytes (used to
+    fingerprint the file). Raises CheckpointError naming the file and tensor."""
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
             raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    tensors = {}
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON "
+                              f"{type(header).__name__}, expected an object")
     base = 8 + n
+    tensors = {}
     for name, meta in header.items():
         if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is "
+                                      "not a map of strings")
             continue
-        try:
-            begin, end = meta["data_offsets"]
-            info = TensorInfo(path, name, meta["dtype"], tuple(meta["shape"]), base + begin,
-                              end - begin)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from e
+        bad = _entry_problem(meta)
+        if bad:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}: {bad}")
+        begin, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
         if base + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {base + end} "
+                                  f"but the file has {size} bytes")
+        bits = math.prod(shape) * DTYPE_BITS[meta["dtype"]]
+        if bits % 8 or bits // 8 != end - begin:
             raise CheckpointError(
-                f"{path}: truncated: tensor {name} ends at byte {base + end} "
-                f"but the file has {size} bytes"
-            )
-        tensors[name] = info
+                f"{path}: corrupt header entry for tensor {name}: data_offsets [{begin}, {end}] "
+                f"hold {end - begin} bytes, but {meta['dtype']} {list(shape)} needs {bits / 8:g}")
+        tensors[name] = TensorInfo(path, name, meta["dtype"], shape, base + begin, end - begin)
+    covered = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.start + t.nbytes)):
+        if info.start - base != covered:
+            what = "overlaps the previous tensor" if info.start - base < covered else \
+                f"leaves bytes {covered}..{info.start - base} of the data region unused"
+            raise CheckpointError(f"{path}: corrupt header: tensor {info.name} (data_offsets "
+                                  f"starting at {info.start - base}) {what}")
+        covered += info.nbytes
+    if base + covered != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: the tensors cover {covered} "
+                              f"bytes of data but the file holds {size - base}")
     return tensors, raw
+
+
+def _entry_problem(meta) -> str:
+    """Why a header entry is malformed ('' when it is not): strict types, as the
+    reference parser's deserializer (offsets and dims are unsigned integers)."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, expected an object"
+    if meta.get("dtype") not in DTYPE_BITS:
+        return f"unknown dtype {meta.get('dtype')!r}"
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets)
+            or offsets[1] < offsets[0]):
+        return f"data_offsets {offsets!r} are not two non-negative integers [begin, end]"
+    return ""
 
 
 def _np_dtype(info: TensorInfo):
@@ -96,7 +147,7 @@ def read_into(info: TensorInfo, out: np.ndarray) -> None:
             f"expected {view.nbytes} for shape {info.shape}"
         )
     try:
-        with open(info.file, "rb", buffering=0) as f:
+        with open_regular(info.file) as f:
             f.seek(info.start)
             done = 0
             while done < info.nbytes:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from .config import SourceConfig, read_config
 from .errors import CheckpointError
+from .files import check_regular, read_text, resolve_inside
 from .layout import Unit, build_layout, is_dropped
 from .safetensors_io import TensorInfo, read_header
 
@@ -39,6 +42,8 @@ class Source:
             raise CheckpointError(f"{path}: not a directory")
         cfg = read_config(path)
         tensors, headers = _read_tensors(path)
+        index = path / INDEX
+        check_counts(cfg, tensors, index if os.path.lexists(index) else path)
         src = cls(path, cfg, tensors, headers)
         src.validate()
         return src
@@ -81,12 +86,30 @@ class Source:
     def fingerprint(self) -> str:
         """Identifies the source cheaply: config.json, and each shard's name, size and
         header (the header holds every tensor's name, dtype, shape and offsets)."""
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        h = hashlib.sha256(read_text(self.path / "config.json").encode())
         for fname in sorted(self._headers):
             h.update(fname.encode())
             h.update(str((self.path / fname).stat().st_size).encode())
             h.update(hashlib.sha256(self._headers[fname]).digest())
         return h.hexdigest()
+
+
+    def side_files(self, skip=()) -> List[Path]:
+        """The small files mlx-lm keeps next to the weights (tokenizer, chat template,
+        remote code): the regular files of the checkpoint that are not weights, config,
+        index or hidden. Subdirectories are not copied; an entry resolving outside the
+        checkpoint, a FIFO or a dangling symlink is refused, naming it."""
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if (p.name in ("config.json", INDEX, *skip) or p.name.endswith(".safetensors")
+                    or p.name.startswith(".")):
+                continue
+            if os.path.isdir(p):
+                continue
+            resolve_inside(self.path, p.name, "file", self.path)
+            check_regular(p, "side file")
+            out.append(p)
+        return out
 
 
 def _missing_message(name: str, src: Source, where) -> str:
@@ -103,12 +126,24 @@ def _missing_message(name: str, src: Source, where) -> str:
 
 def _read_tensors(path: Path):
     index = path / INDEX
-    if index.exists():
+    if os.path.lexists(index):
+        index = resolve_inside(path, INDEX, "file", path)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: cannot parse: {e}") from e
+            data = json.loads(read_text(index))
+        except RecursionError:
+            raise CheckpointError(f"{index}: cannot parse: nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: cannot parse: {e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is missing or not an object")
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str):
+                raise CheckpointError(f"{index}: weight_map entry {name!r} is "
+                                      f"{fname!r}, not a file name")
         files = sorted(set(weight_map.values()))
+        for fname in files:  # every entry checked before any shard is opened
+            resolve_inside(path, fname, "weight_map entry", index)
     else:
         weight_map = None
         files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -117,9 +152,10 @@ def _read_tensors(path: Path):
     tensors: Dict[str, TensorInfo] = {}
     headers: Dict[str, bytes] = {}
     for fname in files:
-        fpath = path / fname
-        if not fpath.exists():
+        fpath = resolve_inside(path, fname, "shard", index if weight_map is not None else path)
+        if not os.path.lexists(fpath):
             raise CheckpointError(f"{index}: lists {fname}, which does not exist")
+        check_regular(fpath, "shard")
         infos, raw = read_header(fpath)
         headers[fname] = raw
         for name, info in infos.items():
@@ -131,3 +167,31 @@ def _read_tensors(path: Path):
                 raise CheckpointError(f"{path / fname}: tensor {name} is listed in {INDEX} "
                                       "but missing from this file")
     return tensors, headers
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def check_counts(cfg: SourceConfig, tensors: Dict[str, TensorInfo], where) -> None:
+    """The config's layer and expert counts against the tensors the shards hold, before
+    a table is built from the config (a wrong count is then one clear error instead of
+    one 'missing tensor' per absent layer or expert)."""
+    layers, experts = set(), set()
+    for name in tensors:
+        m = _LAYER.search(name)
+        if m:
+            layers.add(int(m.group(1)))
+            e = _EXPERT.search(name, m.end() - 1)
+            if e:
+                experts.add(int(e.group(1)))
+    key = "text_config." if cfg.prefix else ""
+    have = (max(layers) + 1) if layers else 0
+    if cfg.num_layers > have:
+        raise CheckpointError(f"{cfg.path / 'config.json'}: {key}num_hidden_layers is "
+                              f"{cfg.num_layers}, but the tensors in {where} hold {have} layers")
+    E = cfg.text.get("n_routed_experts")
+    have = (max(experts) + 1) if experts else 0
+    if E is not None and cfg.num_moe_layers and E > have:
+        raise CheckpointError(f"{cfg.path / 'config.json'}: {key}n_routed_experts is {E}, "
+                              f"but the tensors in {where} hold {have} experts per layer")

@@ -32,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..checkpoint.config import is_int as _is_int
 from ..checkpoint.layout import Item
-from .presets import PRESETS
+from ..errors import UserError
+from .presets import ALIASES, PRESETS
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file or option is invalid."""
 
 
@@ -71,6 +73,29 @@ class Resolution:
     decisions: Dict[str, Optional[Decision]]
     selected: Dict[int, List[int]] = field(default_factory=dict)  # rule index -> layers
     notes: List[str] = field(default_factory=list)
+    # 'auto' rules: rule index -> (the decision the layers were measured at, layer -> loss);
+    # auto rules resolved without measurements (planning) are listed in auto_pending.
+    auto_losses: Dict[int, tuple] = field(default_factory=dict)
+    auto_pending: List[int] = field(default_factory=list)
+
+    def selection_lines(self) -> List[str]:
+        """One line per layer-restricted rule: the layers and how they were chosen."""
+        lines = []
+        for i, layers in self.selected.items():
+            head = f"rule {i} ({self.recipe.rules[i]['match']})"
+            if i in self.auto_losses:
+                d, loss = self.auto_losses[i]
+                ranked = ", ".join(f"{l}: {loss[l]:.4g}{' *' if l in layers else ''}"
+                                   for l in sorted(loss, key=lambda l: (-loss[l], l)))
+                lines.append(f"{head}: auto chose layers {layers}, the {len(layers)} of "
+                             f"{len(loss)} with the largest measured relative squared error "
+                             f"at {d.bits}-bit g{d.group_size} (layer: error, * chosen): {ranked}")
+            elif i in self.auto_pending:
+                lines.append(f"{head}: {len(layers)} layer(s) to be chosen by measured error "
+                             "during conversion (auto); sizes do not depend on which")
+            else:
+                lines.append(f"{head}: layers {layers}")
+        return lines
 
     def applied(self, prefix: str = "") -> dict:
         """The record written next to a converted model."""
@@ -78,6 +103,8 @@ class Resolution:
             "recipe": self.recipe.name,
             "spec": self.recipe.spec,
             "selected_layers": {str(k): v for k, v in self.selected.items()},
+            "auto_losses": {str(k): {str(l): v for l, v in loss.items()}
+                            for k, (_, loss) in self.auto_losses.items()},
             "notes": self.notes,
             "modules": {prefix + p: (d.as_config() | ({"repacked_int4": True} if d.repack else {}))
                         if d else "unquantized" for p, d in self.decisions.items()},
@@ -85,6 +112,7 @@ class Resolution:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
+    name_or_path = ALIASES.get(name_or_path, name_or_path)
     if name_or_path in PRESETS:
         return Recipe(name_or_path, validate_spec(PRESETS[name_or_path], name_or_path))
     path = Path(name_or_path)
@@ -117,9 +145,9 @@ def validate_spec(spec, where: str) -> dict:
             if "bits" in r or "group_size" in r:
                 raise RecipeError(f"{here}: 'keep' excludes bits and group_size")
         else:
-            if r.get("bits") not in BITS:
+            if not _is_int(r.get("bits")) or r["bits"] not in BITS:
                 raise RecipeError(f"{here}: bits must be one of {BITS} (or use \"keep\": true)")
-            if r.get("group_size") not in GROUP_SIZES:
+            if not _is_int(r.get("group_size")) or r["group_size"] not in GROUP_SIZES:
                 raise RecipeError(f"{here}: group_size must be one of {GROUP_SIZES}")
         if "layers" in r:
             _check_layers(r["layers"], here)
@@ -128,16 +156,16 @@ def validate_spec(spec, where: str) -> dict:
 
 def _check_layers(layers, here):
     if isinstance(layers, list):
-        if not all(isinstance(x, int) and x >= 0 for x in layers):
+        if not all(_is_int(x) and x >= 0 for x in layers):
             raise RecipeError(f"{here}: layers must be non-negative integers")
         return
     if not isinstance(layers, dict) or layers.get("select") not in ("spread", "auto", "mlx_mixed"):
         raise RecipeError(f"{here}: layers must be a list or "
                           "{\"select\": \"spread\"|\"auto\"|\"mlx_mixed\", ...}")
     if layers["select"] != "mlx_mixed":
-        if not isinstance(layers.get("count"), int) or layers["count"] < 1:
+        if not _is_int(layers.get("count")) or layers["count"] < 1:
             raise RecipeError(f"{here}: a {layers['select']} selection needs a positive 'count'")
-        if "per" in layers and (not isinstance(layers["per"], int) or layers["per"] < 1):
+        if "per" in layers and (not _is_int(layers["per"]) or layers["per"] < 1):
             raise RecipeError(f"{here}: 'per' must be a positive integer")
 
 
@@ -241,19 +269,19 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
             k = _count(spec, len(candidates)) if candidates else 0
             if mode == "auto" and sensitivity is not None and candidates:
                 # Score each layer at what it would get without this rule.
-                loss = {}
+                loss, measured_at = {}, None
                 for layer in candidates:
                     its = [it for it in matched if it.layer == layer]
                     fallback = decision_of(its[0], decide(its[0], rule_layers, i + 1))
                     loss[layer] = sensitivity(its, fallback) if fallback else 0.0
+                    measured_at = measured_at or fallback
                 layers = sorted(sorted(candidates, key=lambda l: (-loss[l], l))[:k])
-                res.notes.append(f"rule {i}: auto-selected layers {layers} by loss " +
-                                 ", ".join(f"{l}:{loss[l]:.3g}" for l in candidates))
+                if measured_at:
+                    res.auto_losses[i] = (measured_at, loss)
             else:
                 layers = spread(candidates, k) if k else []
-                if mode == "auto":
-                    res.notes.append(f"rule {i}: auto selection is made during conversion; "
-                                     f"sizes computed with the spread layers {layers}")
+                if mode == "auto" and candidates:
+                    res.auto_pending.append(i)
         rule_layers[i] = set(layers)
         res.selected[i] = layers
 

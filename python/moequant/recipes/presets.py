@@ -37,7 +37,7 @@ PRESETS = {
         "description": "Every quantizable module 4-bit group 64.",
         "rules": [{"match": "*", "bits": 4, "group_size": G}],
     },
-    "mixed_3_6": {
+    "mixed-3-6": {
         "description": (
             "mlx-lm's --quant-predicate mixed_3_6 (group 64), applied to the experts too: "
             "6-bit for lm_head and, on mlx-lm's 'use_more_bits' layers, for every down_proj "
@@ -52,3 +52,6 @@ PRESETS = {
         ],
     },
 }
+
+# Former spellings, still accepted on the command line and in the Python API.
+ALIASES = {"mixed_3_6": "mixed-3-6"}

@@ -1,0 +1,8 @@
+"""The one error type for bad user input (arguments, files, checkpoints, recipes,
+destinations). Its message names the file, tensor, key or argument concerned; the CLI
+prints it on one line and exits with code 2. Failures while running (a full disk) are
+other exceptions and exit 1."""
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed without a traceback, exit code 2."""
