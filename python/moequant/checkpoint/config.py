@@ -183,17 +183,17 @@ def _check_sizes(text: dict, path, where: str) -> None:
     """Strict types and bounds of the fields the layout is computed from, before any
     table is built from them."""
 
-    def integer(k, lo, hi, optional=False):
+    def integer(k, lo, hi, optional=False, nullable=False):
         v = text.get(k)
-        if v is None and optional:
+        if (k not in text and optional) or (v is None and nullable):
             return
         if not is_int(v) or not lo <= v <= hi:
-            what = "missing or not" if v is None else f"{v!r}, not"
+            what = "missing, not" if k not in text else f"{json.dumps(v)}, not"
             _fail(path, f"{where}{k} is {what} an integer in [{lo}, {hi}]")
 
     for k in REQUIRED_INT:
         integer(k, 1, MAX_LAYERS if k == "num_hidden_layers" else MAX_DIM)
-    integer("q_lora_rank", 1, MAX_DIM, optional=True)
+    integer("q_lora_rank", 1, MAX_DIM, optional=True, nullable=True)
     for k in ("attention_bias", "tie_word_embeddings"):
         if text.get(k) is not None and not isinstance(text[k], bool):
             _fail(path, f"{where}{k} is {text[k]!r}, expected true or false")
@@ -202,7 +202,8 @@ def _check_sizes(text: dict, path, where: str) -> None:
     integer("n_routed_experts", 1, MAX_EXPERTS)
     integer("moe_intermediate_size", 1, MAX_DIM)
     integer("num_experts_per_tok", 1, text["n_routed_experts"])
-    integer("n_shared_experts", 0, MAX_EXPERTS, optional=True)
+    integer("n_shared_experts", 0, MAX_EXPERTS, optional=True, nullable=True)
+    # A missing first_k_dense_replace / moe_layer_freq means 0 / 1; null is an error.
     integer("first_k_dense_replace", 0, MAX_LAYERS, optional=True)
     integer("moe_layer_freq", 1, MAX_LAYERS, optional=True)
     L, E = text["num_hidden_layers"], text["n_routed_experts"]

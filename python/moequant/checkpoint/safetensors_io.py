@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -82,7 +82,8 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
     tensors = {}
     for name, meta in header.items():
         if name == "__metadata__":
-            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            if meta is not None and (not isinstance(meta, dict)  # null: no metadata (MLX writes it)
+                                     or not all(isinstance(v, str) for v in meta.values())):
                 raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is "
                                       "not a map of strings")
             continue
@@ -100,13 +101,17 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
                 f"{path}: corrupt header entry for tensor {name}: data_offsets [{begin}, {end}] "
                 f"hold {end - begin} bytes, but {meta['dtype']} {list(shape)} needs {bits / 8:g}")
         tensors[name] = TensorInfo(path, name, meta["dtype"], shape, base + begin, end - begin)
-    covered = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.start, t.start + t.nbytes)):
-        if info.start - base != covered:
-            what = "overlaps the previous tensor" if info.start - base < covered else \
-                f"leaves bytes {covered}..{info.start - base} of the data region unused"
+    spans = sorted(tensors.values(), key=lambda t: (t.start, t.start + t.nbytes))
+    for prev, info in zip(spans, spans[1:]):  # overlaps first: the more telling error
+        if info.start < prev.start + prev.nbytes:
             raise CheckpointError(f"{path}: corrupt header: tensor {info.name} (data_offsets "
-                                  f"starting at {info.start - base}) {what}")
+                                  f"starting at {info.start - base}) overlaps tensor {prev.name}")
+    covered = 0
+    for info in spans:
+        if info.start - base != covered:
+            raise CheckpointError(f"{path}: corrupt header: tensor {info.name} (data_offsets "
+                                  f"starting at {info.start - base}) leaves bytes "
+                                  f"{covered}..{info.start - base} of the data region unused")
         covered += info.nbytes
     if base + covered != size:
         raise CheckpointError(f"{path}: corrupt safetensors file: the tensors cover {covered} "
@@ -163,3 +168,19 @@ def read_numpy(info: TensorInfo) -> np.ndarray:
     out = np.empty(info.shape, dtype=_np_dtype(info))
     read_into(info, out)
     return out
+
+
+def read_mx(info: TensorInfo) -> mx.array:
+    """One tensor as an MLX array of its own dtype (bf16 carried through as bits)."""
+    a = mx.array(read_numpy(info))
+    return a.view(mx.bfloat16) if info.dtype == "BF16" else a
+
+
+def slice_info(info: TensorInfo, i: int) -> TensorInfo:
+    """The i-th slice along the first axis (e.g. one expert of a stacked tensor)."""
+    n = info.shape[0]
+    if not 0 <= i < n:
+        raise IndexError(f"{info.name}: slice {i} of {n}")
+    per = info.nbytes // n
+    return replace(info, name=f"{info.name}[{i}]", shape=info.shape[1:], start=info.start + i * per,
+                   nbytes=per)
