@@ -12,7 +12,7 @@ from convert_oracle import check_conversion, load_dir
 from moequant import cli
 from moequant.convert import convert
 
-PRESETS = ["alis-3.6", "int4-native", "uniform-3", "uniform-4", "mixed_3_6"]
+PRESETS = ["alis-3.6", "int4-native", "uniform-3", "uniform-4", "mixed-3-6"]
 
 
 def greedy_generate(path, n=6):
@@ -78,13 +78,13 @@ def test_every_preset_loads_and_generates(ckpt, tmp_path, recipe):
 
 
 def test_mixed_3_6_matches_mlx_lm_predicate(ckpt, tmp_path):
-    """Our mixed_3_6 preset gives every module mlx-lm's mixed_3_6 bits (for the routed
+    """Our mixed-3-6 preset gives every module mlx-lm's mixed_3_6 bits (for the routed
     experts too, which mlx-lm itself would skip on an INT4 source)."""
     import mlx_lm.utils as mu
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     src = ckpt("deepseek_v3", layers=9, int4_group=None, text_overrides={"n_routed_experts": 4})
-    convert(src, tmp_path / "out", "mixed_3_6", progress=False)
+    convert(src, tmp_path / "out", "mixed-3-6", progress=False)
     model, _ = mu.load_model(src, lazy=True)
     pred = mixed_quant_predicate_builder("mixed_3_6", model, 64)
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
@@ -181,7 +181,7 @@ def test_inspect_agrees_with_convert(ckpt, tmp_path):
     assert d["recipe"]["moequant"]["recipe"] == "alis-3.6"
 
 
-@pytest.mark.parametrize("recipe,mlx_args", [("mixed_3_6", {"quant_predicate": "mixed_3_6"}),
+@pytest.mark.parametrize("recipe,mlx_args", [("mixed-3-6", {"quant_predicate": "mixed_3_6"}),
                                              ("uniform-4", {"q_bits": 4})])
 def test_bf16_source_equals_mlx_lm_convert(ckpt, tmp_path, recipe, mlx_args):
     """On a plain bf16 checkpoint mlx-lm's own convert quantizes everything itself, so its
