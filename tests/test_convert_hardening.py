@@ -18,20 +18,9 @@ import pytest
 from moequant import cli
 from moequant.checkpoint import CheckpointError
 from moequant.checkpoint.safetensors_io import read_header
+from test_convert_errors import run, src  # noqa: F401  (src: a private copy of a tiny kimi_k25)
 
 INDEX = "model.safetensors.index.json"
-
-
-@pytest.fixture
-def src(ckpt, tmp_path):
-    """A private, mutable copy of a tiny kimi_k25 checkpoint."""
-    d = tmp_path / "src"
-    shutil.copytree(ckpt("kimi_k25", layers=3), d)
-    return d
-
-
-def run(src, dst, *extra):
-    return cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(dst), "--quiet", *extra])
 
 
 def one_line_error(capsys) -> str:

@@ -158,11 +158,14 @@ def test_absurd_config_refused_at_once(tmp_path, capsys, case):
     if case == "experts x layers":
         cfg["text_config"]["num_hidden_layers"] = 1000
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    t0 = time.perf_counter()
-    assert cli.main(["plan", "--config", str(tmp_path / "config.json")]) == 2
-    assert time.perf_counter() - t0 < 1.0
-    err = capsys.readouterr().err
-    assert f"text_config.{key}" in err and "config.json" in err and "Traceback" not in err
+    for argv in (["plan", "--config", str(tmp_path / "config.json")],
+                 ["convert", "--hf-path", str(tmp_path), "--mlx-path", str(tmp_path / "o")]):
+        t0 = time.perf_counter()
+        assert cli.main(argv) == 2
+        assert time.perf_counter() - t0 < 1.0
+        err = capsys.readouterr().err
+        assert f"text_config.{key}" in err and "config.json" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("key,value,have", [("num_hidden_layers", 900, "hold 4 layers"),

@@ -664,6 +664,7 @@ def convert(
     total_params = sum(r.params for r in planned_rows)
     expert_rows = [r for r in planned_rows if r.name.startswith("routed")]
     expert_bpw = sum(r.bytes for r in expert_rows) * 8 / max(1, sum(r.params for r in expert_rows))
+    side = src.side_files(skip=(JOURNAL, RECIPE_FILE, LOCK))
     if dry_run:
         return ConvertResult(Path(mlx_path), res, planned_rows, total_bytes, total_params,
                              expert_bpw, time.perf_counter() - t0, 0, 0, 0, True,
@@ -671,7 +672,6 @@ def convert(
 
     dst = Path(mlx_path)
     fingerprint, digest = src.fingerprint(), out.digest(res)
-    side = src.side_files(skip=(JOURNAL, RECIPE_FILE, LOCK))
     planned = sorted({s.name for s in out.shards} | {p.name for p in side}
                      | {INDEX, "config.json", RECIPE_FILE})
     check_destination(dst, src.path, overwrite)  # refuse before creating anything
