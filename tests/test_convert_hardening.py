@@ -316,6 +316,36 @@ def test_concurrent_convert_into_one_destination(src, tmp_path, capsys):
     assert (dst / "config.json").exists() and not (dst / ".moequant-journal.json").exists()
 
 
+def test_kill_9_then_resume_is_byte_identical(src, tmp_path):
+    """SIGKILL mid-run (the lock file and the journal stay behind, no process holds the
+    lock): the rerun resumes and the result equals an uninterrupted conversion."""
+    import signal
+
+    from moequant.convert import convert
+
+    dst = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(3):  # two shards written, the third being written
+            assert child.stdout.readline().strip() == "writing", child.stderr.read()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert (dst / ".moequant-lock").exists() and (dst / ".moequant-journal.json").exists()
+    assert not (dst / "config.json").exists()
+    again = convert(src, dst, "alis-3.6", progress=False, max_shard_bytes=300_000)
+    assert again.units_skipped >= 1
+    convert(src, tmp_path / "ref", "alis-3.6", progress=False, max_shard_bytes=300_000)
+    assert shard_bytes(dst) == shard_bytes(tmp_path / "ref")
+    assert (dst / "config.json").read_text() == (tmp_path / "ref" / "config.json").read_text()
+    assert not (dst / ".moequant-lock").exists()
+
+
 def test_lock_left_by_a_killed_run_does_not_block(src, tmp_path):
     """kill -9 leaves the lock file, but no process holds it: the next run proceeds."""
     dst = tmp_path / "out"
