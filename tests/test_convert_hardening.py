@@ -433,6 +433,14 @@ def test_malformed_config_is_exit_2(src, tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["config.json", INDEX, "recipe.json"])
+def test_deeply_nested_json_is_exit_2(src, tmp_path, capsys, name):
+    path = (tmp_path if name == "recipe.json" else src) / name
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert run(src, tmp_path / "out", "--recipe", str(tmp_path / "recipe.json")) == 2
+    assert f"{path}: cannot parse" in one_line_error(capsys)
+
+
 def test_journal_that_is_a_json_list(src, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..checkpoint.config import is_int as _is_int
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.files import read_text
 from ..checkpoint.layout import Item
 from ..errors import UserError
 from .presets import ALIASES, PRESETS
@@ -120,9 +122,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise RecipeError(f"unknown recipe {name_or_path!r}: not a preset "
                           f"({', '.join(PRESETS)}) nor an existing file")
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecipeError(f"{path}: cannot parse recipe: {e}") from e
+        spec = json.loads(read_text(path))  # a regular file only: a FIFO must not block
+    except (json.JSONDecodeError, RecursionError, CheckpointError) as e:
+        raise RecipeError(f"{path}: cannot parse recipe: {e}") from None
     return Recipe(path.stem, validate_spec(spec, str(path)))
 
 
