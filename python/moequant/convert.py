@@ -11,6 +11,8 @@ soon as their tensors exist, so memory holds about one layer whatever the depth.
 Nothing is lost: a journal in DST records finished units against the source's
 fingerprint and the planned output, so a rerun resumes at the first unfinished unit;
 the index and config.json are written last and atomically (mlx-lm needs config.json).
+A lock on DST keeps a second conversion out while one runs; --overwrite removes only the
+files the journal or moequant_recipe.json says moequant wrote.
 """
 
 from __future__ import annotations
@@ -773,7 +775,9 @@ def add_arguments(p):
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an output directory moequant wrote, removing only the files it "
+                        "wrote (any other directory is refused).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
 
