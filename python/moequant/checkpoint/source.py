@@ -93,7 +93,6 @@ class Source:
             h.update(hashlib.sha256(self._headers[fname]).digest())
         return h.hexdigest()
 
-
     def side_files(self, skip=()) -> List[Path]:
         """The small files mlx-lm keeps next to the weights (tokenizer, chat template,
         remote code): the regular files of the checkpoint that are not weights, config,
