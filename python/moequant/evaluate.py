@@ -12,8 +12,9 @@ distribution P and the build's Q:
 
 The reference runs first and its top-k log-probabilities are cached on disk; then the
 build runs against the cache, so only one model is ever loaded. A cache records
-fingerprints of the reference, the tokenizer and the token windows and is reused only
-when all three match.
+fingerprints of the reference (all bytes of its weights), the tokenizer and the token
+windows and is reused only when all three match. Caches are published atomically, shared
+safely between concurrent runs and validated on every load (see ``ReferenceCache``).
 """
 
 from __future__ import annotations
@@ -250,8 +251,14 @@ def _flock(path: Path, exclusive: bool, waiting: Optional[str] = None):
     """fcntl.flock on ``path`` (created if missing) for the block; the kernel drops it if
     the process dies, so a killed run never leaves a stale lock. ``waiting``: printed when
     the lock is busy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if not exclusive:  # a read-only location: published caches are immutable, read them
+            yield
+            return
+        raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}") from None
     try:
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
@@ -968,7 +975,8 @@ def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=
     if cache_dir is not None:
         if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
             raise _user_error(f"--cache {cache_dir}: exists and is not a directory")
-        _check_writable(Path(cache_dir).resolve(), "--cache", cache_dir)
+        if not os.path.isdir(cache_dir):  # an existing cache may be read from a read-only place
+            _check_writable(Path(cache_dir).resolve(), "--cache", cache_dir)
     else:
         _check_writable(cache_root(), "cache directory ($MOEQUANT_CACHE or ~/.cache/moequant)",
                         cache_root())
