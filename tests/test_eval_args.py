@@ -87,3 +87,20 @@ def test_long_documents_do_not_warn(tmp_path, caplog):
     np.testing.assert_array_equal(w.ravel(), ids[: w.size])
     # The same call outside eval's windowing does warn: the test above can fail.
     assert "Token indices sequence length is longer" in caplog.text
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_the_reference_loads(
+        ref, tmp_path, capsys, no_model_loads, monkeypatch):
+    import shutil
+
+    from moequant import evaluate
+
+    monkeypatch.setattr(evaluate.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5))
+    rc = main(["eval", "--ref", str(ref), "--model", str(ref), "--seq-len", "32",
+               "--num-samples", "2", "--no-progress", "--cache", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    need = 2 * 31 * (8 * 512 + 8)  # windows x predicted positions x (k = vocab 512)
+    assert rc == 2 and f"the reference cache needs {need / 1e6:.2f} MB" in err, err
+    assert "0.10 MB free" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock"]

@@ -381,3 +381,22 @@ def test_weight_hashes_are_memoized_and_never_stale(models, tmp_path, monkeypatc
     # inode, device) it records; a garbled memo is ignored.
     ev.hash_memo_path().write_text("[1, 2")
     assert ev.model_fingerprint(ref) != fp and len(hashed) == 3
+
+
+def test_a_failed_write_leaves_no_cache(models, tmp_path, capsys, monkeypatch):
+    """A full disk while building: one-line error, exit 2, nothing left behind."""
+    import errno
+
+    real = ev._NpyWriter._put
+
+    def put(self, b):
+        if self.size > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, b)
+    monkeypatch.setattr(ev._NpyWriter, "_put", put)
+    rc = main(["eval", "--ref", str(models["ref"]), "--model", str(models["build"]),
+               "--seq-len", str(SEQ), "--num-samples", str(NS), "--top-k-cache", str(K),
+               "--cache", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock"]

@@ -44,7 +44,7 @@ import mlx.core as mx
 import numpy as np
 
 CACHE_FORMAT = "moequant-eval-reference-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
 DEFAULT_TOP_K = 1024
 DEFAULT_NEAR_TIE = 0.1
 
@@ -623,8 +623,8 @@ class ReferenceCache:
 
     def locked(self, exclusive: bool):
         return _flock(self.lock_path, exclusive, waiting=(
-            f"moequant eval: waiting for another run that is building the reference cache "
-            f"{self.path}"))
+            f"moequant eval: waiting for another run that is building or checking the "
+            f"reference cache {self.path}"))
 
     def _scratch(self, kind: str) -> Path:
         return self.path.parent / (f".{self.path.name}.{self.SCRATCH}{kind}-{os.getpid()}-"
@@ -1051,7 +1051,7 @@ def evaluate(
 ) -> dict:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
     released before the build is loaded (``loader`` is injectable for tests)."""
-    ref_path, _, build_path = validate_arguments(
+    ref_path, ref_cfg, build_path = validate_arguments(
         ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie)
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
     tok_fp = tokenizer_fingerprint(ref_tok)
@@ -1072,8 +1072,9 @@ def evaluate(
     want = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
 
     t0 = time.perf_counter()
+    k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
     meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
-        ref_path, cache, windows, top_k, loader, ids, progress))
+        ref_path, cache, windows, top_k, k_planned, loader, ids, progress))
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -1099,17 +1100,21 @@ def evaluate(
     }
 
 
-def _run_reference(path, cache, windows, k, loader, meta, show):
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _run_reference(path, cache, windows, k, k_planned, loader, meta, show):
     # Refuse a cache that cannot fit before the (possibly huge) reference is loaded.
-    need = cache_bytes(windows.shape[0], windows.shape[1], k or DEFAULT_TOP_K)
+    need = cache_bytes(windows.shape[0], windows.shape[1], k_planned)
     where = cache.path.parent
     try:
         free = shutil.disk_usage(where).free
     except OSError:
         free = None
     if free is not None and need > free:
-        raise _user_error(f"the reference cache needs {need / 1e9:.2f} GB, {where} has "
-                          f"{free / 1e9:.2f} GB free (lower --num-samples, --seq-len or "
+        raise _user_error(f"the reference cache needs {_size(need)}, {where} has "
+                          f"{_size(free)} free (lower --num-samples, --seq-len or "
                           "--top-k-cache, or give --cache elsewhere)")
     # Locals die with this frame, so the reference is released when it returns.
     model = loader(path)
