@@ -1200,8 +1200,10 @@ def add_arguments(p):
                         "or what a reused cache holds). The cache takes 8 bytes per entry: "
                         "50 x 2048 positions x 1024 is about 0.84 GB.")
     p.add_argument("--cache", default=None,
-                   help="Reference cache directory (default: ~/.cache/moequant/eval/<hash>, "
-                        "or $MOEQUANT_CACHE/eval/<hash>); reused when it matches.")
+                   help="Reference cache directory (default: $MOEQUANT_CACHE/eval/<hash>, "
+                        "~/.cache/moequant/eval/<hash> when unset); reused when it matches, "
+                        "refused when damaged. Its lock file (.NAME.lock) and, while building, "
+                        "a scratch directory go beside it.")
     p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
                    help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
     p.add_argument("--fused", action="store_true",
