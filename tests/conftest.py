@@ -9,6 +9,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 from moequant.testing import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_moequant_cache(tmp_path_factory):
+    """moequant's caches (eval reference caches, the weight-hash memo) go to a temporary
+    directory, never to the user's ~/.cache, also in subprocesses the tests start."""
+    old = os.environ.get("MOEQUANT_CACHE")
+    os.environ["MOEQUANT_CACHE"] = str(tmp_path_factory.mktemp("moequant-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOEQUANT_CACHE", None)
+    else:
+        os.environ["MOEQUANT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """make_checkpoint with caching: ckpt(flavour, **kwargs) -> a read-only source dir."""

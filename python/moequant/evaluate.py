@@ -12,21 +12,31 @@ distribution P and the build's Q:
 
 The reference runs first and its top-k log-probabilities are cached on disk; then the
 build runs against the cache, so only one model is ever loaded. A cache records
-fingerprints of the reference, the tokenizer and the token windows and is reused only
-when all three match.
+fingerprints of the reference (all bytes of its weights), the tokenizer and the token
+windows and is reused only when all three match. Caches are published atomically, shared
+safely between concurrent runs and validated on every load (see ``ReferenceCache``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import glob
 import hashlib
+import io
 import json
+import logging
 import math
 import os
+import secrets
+import shutil
+import stat
 import sys
 import sysconfig
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +44,7 @@ import mlx.core as mx
 import numpy as np
 
 CACHE_FORMAT = "moequant-eval-reference-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
 DEFAULT_TOP_K = 1024
 DEFAULT_NEAR_TIE = 0.1
 
@@ -137,6 +147,28 @@ def load_documents(data: Optional[str], tokenizer) -> List[Tuple[str, Callable[[
     return [(str(path), lambda: text)]
 
 
+class _DropLengthWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TOO_LONG_WARNING)
+
+
+TOO_LONG_WARNING = "Token indices sequence length is longer than the specified maximum"
+
+
+@contextlib.contextmanager
+def _quiet_length_warning():
+    """Documents are tokenized whole and cut into windows on purpose, so transformers'
+    warning that a document exceeds the model's maximum length is noise: drop that one
+    message of that one logger while we tokenize, nothing else."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    f = _DropLengthWarning()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 def make_windows(
     docs: Sequence[Tuple[str, Callable[[], str]]],
     tokenizer,
@@ -155,12 +187,13 @@ def make_windows(
     order = np.random.default_rng(seed).permutation(len(docs))
     need = seq_len * num_samples
     tokens: List[int] = []
-    for i in order:
-        text = docs[i][1]()
-        if text:
-            tokens.extend(tokenizer.encode(text, add_special_tokens=False))
-        if len(tokens) >= need:
-            break
+    with _quiet_length_warning():
+        for i in order:
+            text = docs[i][1]()
+            if text:
+                tokens.extend(tokenizer.encode(text, add_special_tokens=False))
+            if len(tokens) >= need:
+                break
     n = min(num_samples, len(tokens) // seq_len)
     if n == 0:
         raise _user_error(
@@ -171,6 +204,12 @@ def make_windows(
 
 # --------------------------------------------------------------------------- fingerprints
 
+HASH_CHUNK = 16 << 20
+# A memoized file hash is trusted only for files whose mtime and ctime are this much older
+# than the hash: a write within the same timestamp tick (coarse on some filesystems) could
+# otherwise leave (size, mtime, ctime, inode) unchanged. Such files are simply rehashed.
+MEMO_RACY_NS = 2_000_000_000
+
 
 def _sha(*parts: bytes) -> str:
     h = hashlib.sha256()
@@ -179,18 +218,133 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model_dir: Path, edge_bytes: int = 1 << 20) -> str:
-    """config.json, plus each weight file's name, size and first/last ``edge_bytes``:
-    cheap on a 600 GB checkpoint, yet it changes when the weights do."""
+def cache_root() -> Path:
+    """Where moequant keeps its caches: $MOEQUANT_CACHE, else ~/.cache/moequant."""
+    return Path(os.environ.get("MOEQUANT_CACHE") or Path.home() / ".cache" / "moequant")
+
+
+def hash_memo_path() -> Path:
+    return cache_root() / "eval" / "weight-hashes.json"
+
+
+def _file_sha256(path: Path, progress: Optional["Progress"] = None) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])  # hashlib releases the GIL on big buffers: files hash in parallel
+            if progress is not None:
+                progress.update(n)
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+@contextlib.contextmanager
+def _flock(path: Path, exclusive: bool, waiting: Optional[str] = None):
+    """fcntl.flock on ``path`` (created if missing) for the block; the kernel drops it if
+    the process dies, so a killed run never leaves a stale lock. ``waiting``: printed when
+    the lock is busy."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if not exclusive:  # a read-only location: published caches are immutable, read them
+            yield
+            return
+        raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}") from None
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_memo(path: Path) -> dict:
+    """The memo of weight-file hashes; anything malformed in it is ignored."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(v, list) and len(v) == 6
+            and all(type(x) is int for x in v[:5]) and isinstance(v[5], str)}
+
+
+def weight_files(model_dir: Path) -> List[Path]:
+    """The files mlx-lm loads weights from (its own glob)."""
+    return sorted(Path(f) for f in glob.glob(str(model_dir / "*.safetensors")))
+
+
+def model_fingerprint(model_dir: Path, progress: bool = False) -> str:
+    """config.json plus every weight file's name, size and sha256 of all of its bytes, so
+    any change of any byte invalidates a cache. Hashes are memoized (hash_memo_path) by
+    the file's (size, mtime, ctime, inode, device), so only new or changed files are read:
+    on a 600 GB reference the first run reads it once, later runs read none of it."""
+    files = weight_files(model_dir)
+    memo_path = hash_memo_path()
+    memo = _read_memo(memo_path)
+    stats = {f: os.stat(f) for f in files}
+    digests: Dict[Path, str] = {}
+    todo = []
+    for f in files:
+        e = memo.get(os.path.realpath(f))
+        if e is not None and e[:5] == _stat_key(stats[f]):
+            digests[f] = e[5]
+        else:
+            todo.append(f)
+    if todo:
+        total = sum(stats[f].st_size for f in todo)
+        bar = Progress(total, "hashing reference weights", progress and total >= (1 << 30),
+                       unit="GB", scale=1e-9)
+        start = time.time_ns()
+        try:
+            with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+                for f, d in zip(todo, pool.map(lambda f: _file_sha256(f, bar), todo)):
+                    digests[f] = d
+        finally:
+            bar.close()
+        fresh = {}
+        for f in todo:
+            st = os.stat(f)
+            # Not memoized: a file changed while being hashed, or too recently to be sure
+            # that a later write would change its timestamps (see MEMO_RACY_NS).
+            if _stat_key(st) == _stat_key(stats[f]) and \
+                    max(st.st_mtime_ns, st.st_ctime_ns) < start - MEMO_RACY_NS:
+                fresh[os.path.realpath(f)] = _stat_key(st) + [digests[f]]
+        if fresh:
+            _update_memo(memo_path, fresh)
     parts = [(model_dir / "config.json").read_bytes()]
-    for f in sorted(glob.glob(str(model_dir / "*.safetensors"))):
-        size = os.path.getsize(f)
-        with open(f, "rb") as fh:
-            head = fh.read(edge_bytes)
-            fh.seek(max(0, size - edge_bytes))
-            tail = fh.read(edge_bytes)
-        parts += [os.path.basename(f).encode(), str(size).encode(), head, tail]
+    for f in files:
+        parts += [f.name.encode(), str(stats[f].st_size).encode(), digests[f].encode()]
     return _sha(*parts)
+
+
+def _update_memo(path: Path, fresh: dict) -> None:
+    """Merge ``fresh`` into the memo (entries of files that no longer exist are dropped);
+    best effort: a memo that cannot be written only costs a rehash next time."""
+    try:
+        with _flock(path.with_name(path.name + ".lock"), exclusive=True):
+            memo = {k: v for k, v in _read_memo(path).items() if os.path.exists(k)}
+            memo.update(fresh)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo, indent=0))
+            os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -342,13 +496,19 @@ def _concat(rows: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
 
 
 class Progress:
-    """A one-line text progress bar on stderr."""
+    """A one-line text progress bar on stderr (``update`` may be called from threads)."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, stream=None):
+    def __init__(self, total: int, label: str, enabled: bool = True, stream=None,
+                 unit: str = "", scale: float = 1.0):
         self.total, self.label, self.enabled = total, label, enabled
+        self.unit, self.scale = unit, scale
         self.stream = stream or sys.stderr
         self.done, self.t0 = 0, time.perf_counter()
+        self._lock = threading.Lock()
         self._draw()
+
+    def _count(self, n) -> str:
+        return f"{n * self.scale:.1f}" if self.unit else f"{n}"
 
     def _draw(self):
         if not self.enabled:
@@ -359,13 +519,15 @@ class Progress:
         eta = el / self.done * (self.total - self.done) if self.done else 0.0
         self.stream.write(
             f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{self.done}/{self.total} {el:.0f}s eta {eta:.0f}s"
+            f"{self._count(self.done)}/{self._count(self.total)}{self.unit} "
+            f"{el:.0f}s eta {eta:.0f}s"
         )
         self.stream.flush()
 
     def update(self, n: int = 1):
-        self.done += n
-        self._draw()
+        with self._lock:
+            self.done += n
+            self._draw()
 
     def close(self):
         if self.enabled:
@@ -376,88 +538,324 @@ class Progress:
 # --------------------------------------------------------------------------- passes
 
 
+class CacheInvalid(Exception):
+    """A reference cache that fails validation; the message starts with the file at fault."""
+
+
+def _is_int(x) -> bool:
+    return type(x) is int  # bool is not an int here
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _NpyWriter:
+    """One .npy written front to back with plain writes (no memory map: a full disk is an
+    OSError, not a SIGBUS), its sha256 computed on the way."""
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, tuple(int(d) for d in shape), np.dtype(dtype)
+        self.hash, self.size = hashlib.sha256(), 0
+        self.file = open(path, "xb")
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": self.shape})
+        self._put(header.getvalue())
+
+    def _put(self, b) -> None:
+        self.file.write(b)
+        self.hash.update(b)
+        self.size += len(b)
+
+    def append(self, a: np.ndarray) -> None:
+        assert a.dtype == self.dtype and a.shape == self.shape[1:], (a.dtype, a.shape)
+        self._put(np.ascontiguousarray(a).tobytes())
+
+    def finish(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"shape": list(self.shape), "dtype": self.dtype.str, "bytes": self.size,
+                "sha256": self.hash.hexdigest()}
+
+
 class ReferenceCache:
-    """The reference's per-position top-k on disk: meta.json plus one .npy per field
-    (memory-mapped, so a 1 GB cache is never read whole). meta.json is written last;
-    a directory without it is an unfinished run and is rebuilt."""
+    """The reference's per-position top-k on disk: meta.json plus one .npy per field,
+    memory-mapped when used.
+
+    A cache is built in a private directory next to ``path`` and published by renaming it
+    to ``path`` once complete, so a directory at ``path`` is always whole and is never
+    written again (other runs may have its files mapped). A lock file next to it
+    (``.NAME.lock``) serializes builders: a run that finds a build in progress waits for
+    it and reuses its result. Nothing in a cache is trusted: ``open`` checks meta.json,
+    the array headers, sizes, sha256 checksums (recorded in meta.json at build time),
+    token-id ranges, finiteness and that each position's probabilities sum to 1.
+    ``owned``: the location is moequant's own (the default under cache_root()), so a bad or
+    stale cache there is replaced; a user-given directory is never deleted, only refused."""
 
     FIELDS = ("topk_ids", "topk_logp", "tail_logp", "target_logp")
+    DTYPES = {"topk_ids": np.dtype("<i4"), "topk_logp": np.dtype("<f4"),
+              "tail_logp": np.dtype("<f4"), "target_logp": np.dtype("<f4")}
+    META_MAX_BYTES = 1 << 20
+    SCRATCH = "moequant-"  # .NAME.moequant-{tmp,trash}-PID-RANDOM: builds and discards
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, owned: bool = False):
         self.path = Path(path)
+        self.owned = owned
+        self._opened: Optional[Tuple[dict, Dict[str, np.ndarray]]] = None
 
     @property
     def meta_path(self) -> Path:
         return self.path / "meta.json"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.lock"
+
     def exists(self) -> bool:
         return self.meta_path.exists()
 
-    def meta(self) -> dict:
+    def locked(self, exclusive: bool):
+        return _flock(self.lock_path, exclusive, waiting=(
+            f"moequant eval: waiting for another run that is building or checking the "
+            f"reference cache {self.path}"))
+
+    def _scratch(self, kind: str) -> Path:
+        return self.path.parent / (f".{self.path.name}.{self.SCRATCH}{kind}-{os.getpid()}-"
+                                   f"{secrets.token_hex(4)}")
+
+    # ------------------------------------------------------------------ reading
+
+    def _regular(self, p: Path) -> os.stat_result:
         try:
-            meta = json.loads(self.meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise _user_error(f"{self.meta_path}: unreadable reference cache ({e})") from None
-        if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
-            raise _user_error(f"{self.meta_path}: not a moequant eval cache of version {CACHE_VERSION}")
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise CacheInvalid(f"{p}: missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CacheInvalid(f"{p}: not a regular file")
+        return st
+
+    def _read_meta(self) -> dict:
+        p = self.meta_path
+        if self._regular(p).st_size > self.META_MAX_BYTES:
+            raise CacheInvalid(f"{p}: larger than {self.META_MAX_BYTES} bytes")
+        try:
+            meta = json.loads(p.read_bytes())
+        except (OSError, ValueError) as e:
+            raise CacheInvalid(f"{p}: unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+            raise CacheInvalid(f"{p}: not a moequant eval cache")
+        if meta.get("version") != CACHE_VERSION:
+            raise CacheInvalid(f"{p}: cache version {meta.get('version')!r}, this moequant "
+                               f"reads version {CACHE_VERSION}")
+        for key, low in (("num_windows", 1), ("seq_len", 2), ("top_k", 1), ("vocab_size", 1)):
+            if not _is_int(meta.get(key)) or meta[key] < low:
+                raise CacheInvalid(f"{p}: '{key}' must be an integer >= {low}, not "
+                                   f"{meta.get(key)!r}")
+        if meta["top_k"] > meta["vocab_size"]:
+            raise CacheInvalid(f"{p}: top_k {meta['top_k']} exceeds vocab_size {meta['vocab_size']}")
+        arrays = meta.get("arrays")
+        if not isinstance(arrays, dict) or set(arrays) != set(self.FIELDS):
+            raise CacheInvalid(f"{p}: 'arrays' must describe exactly {', '.join(self.FIELDS)}")
+        n, t, k = meta["num_windows"], meta["seq_len"] - 1, meta["top_k"]
+        for f in self.FIELDS:
+            e = arrays[f]
+            want = {"shape": [n, t, k] if f.startswith("topk") else [n, t],
+                    "dtype": self.DTYPES[f].str}
+            if not isinstance(e, dict) or any(e.get(x) != v for x, v in want.items()) \
+                    or not _is_int(e.get("bytes")) or not isinstance(e.get("sha256"), str):
+                raise CacheInvalid(f"{p}: arrays.{f} disagrees with num_windows/seq_len/top_k "
+                                   f"(want shape {want['shape']} dtype {want['dtype']}, bytes, sha256)")
         return meta
 
-    def check(self, reference: str, tokenizer: str, windows: str, top_k: Optional[int]) -> dict:
-        """The cache's metadata if it was made for this reference, tokenizer and data."""
-        meta = self.meta()
-        for key, want, what in (
-            ("reference", reference, "another reference model (its config or weights differ)"),
-            ("tokenizer", tokenizer, "a reference with another tokenizer"),
-            ("windows", windows, "other data (the token windows differ: --data, --seq-len, "
-             "--num-samples or --seed)"),
-        ):
-            if meta[key] != want:
-                raise _user_error(f"{self.meta_path}: this cache was made for {what}")
-        if top_k is not None and meta["top_k"] != top_k:
-            raise _user_error(
-                f"{self.meta_path}: the cache holds top-{meta['top_k']}, not --top-k-cache {top_k}"
-            )
-        return meta
+    def _open_array(self, f: str, entry: dict) -> np.ndarray:
+        p = self.path / f"{f}.npy"
+        st = self._regular(p)
+        try:
+            with open(p, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except (ValueError, OSError, SyntaxError) as e:
+            raise CacheInvalid(f"{p}: not a valid .npy file ({e})") from None
+        if list(shape) != entry["shape"] or dtype != self.DTYPES[f] or fortran:
+            raise CacheInvalid(f"{p}: holds {dtype} {list(shape)}, meta.json says "
+                               f"{entry['dtype']} {entry['shape']}")
+        want = offset + math.prod(shape) * dtype.itemsize
+        if st.st_size != want or st.st_size != entry["bytes"]:
+            raise CacheInvalid(f"{p}: {st.st_size} bytes, expected {want} (truncated or extended)")
+        if _file_sha256(p) != entry["sha256"]:
+            raise CacheInvalid(f"{p}: checksum mismatch (its bytes changed after the cache was built)")
+        return np.load(p, mmap_mode="r")
+
+    def _check_values(self, a: Dict[str, np.ndarray], meta: dict) -> None:
+        """What the comparison relies on, window by window (bounded memory)."""
+        vocab, k = meta["vocab_size"], meta["top_k"]
+        for i in range(meta["num_windows"]):
+            ids, lp = a["topk_ids"][i], a["topk_logp"][i]
+            tail, target = a["tail_logp"][i], a["target_logp"][i]
+            bad = (ids < 0) | (ids >= vocab)
+            if bad.any():
+                t, j = np.argwhere(bad)[0]
+                raise CacheInvalid(f"{self.path / 'topk_ids.npy'}: token id {ids[t, j]} (window "
+                                   f"{i}, position {t}) is outside the vocabulary [0, {vocab})")
+            problem = None
+            if not np.isfinite(lp).all():
+                problem = "topk_logp.npy", "a log-probability that is not finite"
+            elif (np.diff(lp, axis=-1) > 0).any():
+                problem = "topk_logp.npy", "top-k log-probabilities not in descending order"
+            elif not np.isfinite(target).all():
+                problem = "target_logp.npy", "a log-probability that is not finite"
+            elif k < vocab and not np.isfinite(tail).all():
+                problem = "tail_logp.npy", "a tail log-mass that is not finite"
+            elif k == vocab and not (tail == -np.inf).all():
+                problem = "tail_logp.npy", "a tail mass although top-k covers the vocabulary"
+            else:
+                lp64 = lp.astype(np.float64)
+                head = lp64[:, 0] + np.log(np.exp(lp64 - lp64[:, :1]).sum(-1))
+                if (np.abs(np.logaddexp(head, tail.astype(np.float64))) > 1e-3).any():
+                    problem = "topk_logp.npy", "top-k and tail probabilities that do not sum to 1"
+            if problem:
+                raise CacheInvalid(f"{self.path / problem[0]}: {problem[1]} (window {i})")
+
+    def open(self) -> Tuple[dict, Dict[str, np.ndarray]]:
+        """Validate the published cache and map its arrays; raises CacheInvalid."""
+        meta = self._read_meta()
+        arrays = {f: self._open_array(f, meta["arrays"][f]) for f in self.FIELDS}
+        self._check_values(arrays, meta)
+        self._opened = meta, arrays
+        return self._opened
+
+    def meta(self) -> dict:
+        return (self._opened or self.open())[0]
 
     def load(self) -> Dict[str, np.ndarray]:
-        return {f: np.load(self.path / f"{f}.npy", mmap_mode="r") for f in self.FIELDS}
+        return (self._opened or self.open())[1]
+
+    @staticmethod
+    def mismatch(meta: dict, want: dict, top_k: Optional[int]) -> Optional[str]:
+        """Why the cache does not fit this run (None: it does)."""
+        for key, what in (
+            ("reference", "another reference model (its config or weights differ)"),
+            ("tokenizer", "a reference with another tokenizer"),
+            ("windows", "other data (the token windows differ: --data, --seq-len, "
+                        "--num-samples or --seed)"),
+            ("seq_len", "another --seq-len"),
+            ("num_windows", "another number of windows"),
+        ):
+            if meta.get(key) != want[key]:
+                return f"this cache was made for {what}"
+        if top_k is not None and meta["top_k"] != top_k:
+            return f"the cache holds top-{meta['top_k']}, not --top-k-cache {top_k}"
+        return None
+
+    def probe(self, want: dict, top_k: Optional[int]):
+        """(meta, arrays) of a valid matching cache; None when there is none; or, at an
+        owned location, the reason the one there must be replaced. At a user's location a
+        bad or foreign directory is refused (exit 2)."""
+        if not os.path.lexists(self.path):
+            return None
+        if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
+            return None  # an empty directory: the rename of a finished build replaces it
+        if not self.meta_path.exists():
+            reason = "no meta.json (not a complete moequant eval cache)"
+            if self.owned:
+                return reason
+            raise _user_error(f"--cache {self.path}: {reason}; give a new or empty directory")
+        try:
+            meta, arrays = self.open()
+        except CacheInvalid as e:
+            if self.owned:
+                return str(e)
+            raise _user_error(f"{e}: the reference cache is damaged (remove {self.path} to "
+                              "rebuild it)") from None
+        why = self.mismatch(meta, want, top_k)
+        if why is None:
+            return meta, arrays
+        self._opened = None
+        if self.owned:
+            return why
+        raise _user_error(f"{self.meta_path}: {why}")
+
+    # ------------------------------------------------------------------ writing (exclusive lock held)
+
+    def remove_stale(self) -> None:
+        """Scratch directories of builds or discards that died (the caller holds the
+        exclusive lock, so no live run owns one). Only directories holding nothing but
+        cache files are removed."""
+        names = {f"{f}.npy" for f in self.FIELDS} | {"meta.json"}
+        for d in self.path.parent.glob(f".{glob.escape(self.path.name)}.{self.SCRATCH}*"):
+            try:
+                if d.is_dir() and not d.is_symlink() and {c.name for c in d.iterdir()} <= names:
+                    shutil.rmtree(d)
+            except OSError:
+                pass
+
+    def discard(self) -> None:
+        """Move an owned bad cache aside and delete it. Runs that mapped its files keep
+        their (unlinked) data: the files are never written, only removed."""
+        assert self.owned
+        trash = self._scratch("trash")
+        os.rename(self.path, trash)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink()
 
     def write(self, model, windows: np.ndarray, k: Optional[int], meta: dict,
               progress: Progress) -> None:
         """Run the reference over ``windows`` and store its top-k (k=None: the default,
-        capped at the vocabulary size)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if self.meta_path.exists():
-            self.meta_path.unlink()
-        n, t = windows.shape[0], windows.shape[1] - 1
-        out = None
-        for i in range(n):
-            w = mx.array(windows[i])
-            lp = log_probs(model, w)
-            if out is None:  # the vocabulary size is known only now
-                vocab = lp.shape[-1]
-                if k is not None and k > vocab:
-                    raise _user_error(f"--top-k-cache {k} is larger than the vocabulary ({vocab})")
-                k = k or min(DEFAULT_TOP_K, vocab)
-                shapes = {"topk_ids": (n, t, k), "topk_logp": (n, t, k)}
-                out = {
-                    f: np.lib.format.open_memmap(
-                        self.path / f"{f}.npy", mode="w+", shape=shapes.get(f, (n, t)),
-                        dtype=np.int32 if f == "topk_ids" else np.float32,
-                    )
-                    for f in self.FIELDS
-                }
-            stats = reference_stats(lp, w[1:], k)
-            mx.eval(stats)
-            for f in self.FIELDS:
-                out[f][i] = np.array(stats[f])
-            progress.update()
-        for a in out.values():
-            a.flush()
-        del out
-        meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, top_k=k, vocab_size=vocab,
-                    seq_len=int(windows.shape[1]), num_windows=int(n))
-        self.meta_path.write_text(json.dumps(meta, indent=2))
+        capped at the vocabulary size) in a private directory, published at ``path`` by a
+        rename once complete. The caller holds the exclusive lock (``locked(True)``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._scratch("tmp")
+        tmp.mkdir()
+        writers: Dict[str, _NpyWriter] = {}
+        try:
+            n, t = windows.shape[0], windows.shape[1] - 1
+            for i in range(n):
+                w = mx.array(windows[i])
+                lp = log_probs(model, w)
+                if not writers:  # the vocabulary size is known only now
+                    vocab = lp.shape[-1]
+                    if k is not None and k > vocab:
+                        raise _user_error(f"--top-k-cache {k} is larger than the vocabulary ({vocab})")
+                    k = k or min(DEFAULT_TOP_K, vocab)
+                    writers = {f: _NpyWriter(tmp / f"{f}.npy",
+                                             (n, t, k) if f.startswith("topk") else (n, t),
+                                             self.DTYPES[f]) for f in self.FIELDS}
+                stats = reference_stats(lp, w[1:], k)
+                mx.eval(stats)
+                for f in self.FIELDS:
+                    writers[f].append(np.array(stats[f]))
+                progress.update()
+            arrays = {f: wr.finish() for f, wr in writers.items()}
+            meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, top_k=k,
+                        vocab_size=vocab, seq_len=int(windows.shape[1]), num_windows=int(n),
+                        arrays=arrays)
+            with open(tmp / "meta.json", "x") as fh:
+                fh.write(json.dumps(meta, indent=2))
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, self.path)  # the publication: atomic, and only of a whole cache
+            _fsync_dir(self.path.parent)
+        except BaseException as e:
+            for wr in writers.values():
+                wr.file.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise _user_error(f"cannot write the reference cache {self.path}: "
+                                  f"{e.strerror or e}") from None
+            raise
 
 
 def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, progress: Progress):
@@ -507,15 +905,93 @@ def load_model(path: Path, fused: bool = False):
     return model
 
 
-def _check_model_dir(path: str, arg: str) -> Path:
+def _check_model_dir(path: str, arg: str) -> Tuple[Path, dict]:
+    """The model directory and its parsed config.json, or a user error naming ``arg``."""
     p = Path(path)
     if not p.is_dir():
         raise _user_error(f"{arg} {path}: no such directory")
-    if not (p / "config.json").is_file():
+    cfg = p / "config.json"
+    if not cfg.is_file():
         raise _user_error(f"{arg} {path}: no config.json (not an MLX model directory)")
-    if not glob.glob(str(p / "*.safetensors")):
+    try:
+        config = json.loads(cfg.read_bytes())
+    except (OSError, ValueError) as e:
+        raise _user_error(f"{arg} {cfg}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise _user_error(f"{arg} {cfg}: not a JSON object")
+    if not weight_files(p):
         raise _user_error(f"{arg} {path}: no .safetensors weight files")
-    return p
+    return p, config
+
+
+def _config_int(config: dict, key: str) -> Optional[int]:
+    """A positive integer of the model config (top level, or text_config for Kimi-K2.5)."""
+    for c in (config, config.get("text_config")):
+        if isinstance(c, dict) and _is_int(c.get(key)) and c[key] > 0:
+            return c[key]
+    return None
+
+
+def _check_writable(path: Path, arg: str, given) -> None:
+    """``path`` may not exist yet: its nearest existing ancestor must be a writable directory."""
+    q = path
+    while not os.path.lexists(q) and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise _user_error(f"{arg} {given}: {q} is not a directory")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise _user_error(f"{arg} {given}: {q} is not writable")
+
+
+def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=50, seed=0,
+                       top_k=None, cache_dir=None, near_tie=DEFAULT_NEAR_TIE, output=None):
+    """Every argument of ``evaluate`` (and --output), checked before anything heavy runs:
+    a user error naming the argument. Returns (reference dir, its config, build dir)."""
+    def integer(name, value, low):
+        if not _is_int(value) or value < low:
+            raise _user_error(f"{name} {value!r}: must be an integer >= {low}")
+
+    integer("--seq-len", seq_len, 2)
+    integer("--num-samples", num_samples, 1)
+    integer("--seed", seed, 0)
+    if top_k is not None:
+        integer("--top-k-cache", top_k, 2)
+    if isinstance(near_tie, bool) or not isinstance(near_tie, (int, float)) \
+            or not 0 <= near_tie <= 1:
+        raise _user_error(f"--near-tie {near_tie!r}: must be a probability in [0, 1]")
+    ref_path, ref_cfg = _check_model_dir(ref_dir, "--ref")
+    build_path, _ = _check_model_dir(model_dir, "--model")
+    vocab = _config_int(ref_cfg, "vocab_size")
+    if top_k is not None and vocab is not None and top_k > vocab:
+        raise _user_error(f"--top-k-cache {top_k} is larger than the reference's vocabulary "
+                          f"({vocab}, {ref_path / 'config.json'})")
+    max_pos = _config_int(ref_cfg, "max_position_embeddings")
+    if max_pos is not None and seq_len > max_pos:
+        raise _user_error(f"--seq-len {seq_len} is longer than the reference's "
+                          f"max_position_embeddings ({max_pos}, {ref_path / 'config.json'})")
+    if data is not None and not (os.path.isfile(data) or os.path.isdir(data)):
+        raise _user_error(f"--data {data}: no such file or directory" if not os.path.lexists(data)
+                          else f"--data {data}: not a regular file or a directory")
+    if cache_dir is not None:
+        if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+            raise _user_error(f"--cache {cache_dir}: exists and is not a directory")
+        if not os.path.isdir(cache_dir):  # an existing cache may be read from a read-only place
+            _check_writable(Path(cache_dir).resolve(), "--cache", cache_dir)
+    else:
+        _check_writable(cache_root(), "cache directory ($MOEQUANT_CACHE or ~/.cache/moequant)",
+                        cache_root())
+    if output is not None:
+        check_output(output)
+    return ref_path, ref_cfg, build_path
+
+
+def check_output(output: str) -> None:
+    if os.path.isdir(output):
+        raise _user_error(f"--output {output}: is a directory")
+    parent = Path(output).parent
+    if not parent.is_dir():
+        raise _user_error(f"--output {output}: the directory {parent} does not exist")
+    _check_writable(parent, "--output", output)
 
 
 def _load_tokenizer(path: Path, arg: str, trust_remote_code: bool = False):
@@ -528,9 +1004,34 @@ def _load_tokenizer(path: Path, arg: str, trust_remote_code: bool = False):
 
 
 def default_cache_dir(ref_fp: str, windows_fp: str, top_k: Optional[int]) -> Path:
-    root = Path(os.environ.get("MOEQUANT_CACHE", Path.home() / ".cache" / "moequant"))
     key = _sha(ref_fp.encode(), windows_fp.encode(), str(top_k or DEFAULT_TOP_K).encode())
-    return root / "eval" / key[:24]
+    return cache_root() / "eval" / key[:24]
+
+
+def cache_bytes(num_windows: int, seq_len: int, k: int) -> int:
+    """Disk size of a reference cache (8 bytes per top-k entry, 8 per position), headers aside."""
+    return num_windows * (seq_len - 1) * (8 * k + 8)
+
+
+def open_or_build(cache: ReferenceCache, want: dict, top_k: Optional[int],
+                  build: Callable[[], None]) -> Tuple[dict, bool]:
+    """The validated cache for this run, and whether it was reused. Readers take the lock
+    shared; a builder takes it exclusively, so a run that arrives during a build waits,
+    then reuses what was published."""
+    with cache.locked(exclusive=False):
+        found = cache.probe(want, top_k)
+    if isinstance(found, tuple):
+        return found[0], True
+    with cache.locked(exclusive=True):
+        cache.remove_stale()
+        found = cache.probe(want, top_k)  # another run may have published it meanwhile
+        if isinstance(found, tuple):
+            return found[0], True
+        if found is not None:
+            print(f"moequant eval: rebuilding the reference cache: {found}", file=sys.stderr)
+            cache.discard()
+        build()
+        return cache.open()[0], False
 
 
 def evaluate(
@@ -550,8 +1051,8 @@ def evaluate(
 ) -> dict:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
     released before the build is loaded (``loader`` is injectable for tests)."""
-    ref_path = _check_model_dir(ref_dir, "--ref")
-    build_path = _check_model_dir(model_dir, "--model")
+    ref_path, ref_cfg, build_path = validate_arguments(
+        ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie)
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
     tok_fp = tokenizer_fingerprint(ref_tok)
     if tokenizer_fingerprint(_load_tokenizer(build_path, "--model", trust_remote_code)) != tok_fp:
@@ -563,19 +1064,17 @@ def evaluate(
     data_name = f"--data {data}" if data else "the default corpus"
     windows = make_windows(docs, ref_tok, seq_len, num_samples, seed, data_name)
     del ref_tok
-    ref_fp, win_fp = model_fingerprint(ref_path), windows_fingerprint(windows)
-    cache = ReferenceCache(Path(cache_dir) if cache_dir else default_cache_dir(ref_fp, win_fp, top_k))
+    ref_fp, win_fp = model_fingerprint(ref_path, progress), windows_fingerprint(windows)
+    owned = cache_dir is None
+    cache = ReferenceCache(Path(cache_dir).resolve() if cache_dir else
+                           default_cache_dir(ref_fp, win_fp, top_k), owned=owned)
+    ids = {"reference": ref_fp, "tokenizer": tok_fp, "windows": win_fp}
+    want = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
 
     t0 = time.perf_counter()
-    reused = cache.exists()
-    if reused:
-        meta = cache.check(ref_fp, tok_fp, win_fp, top_k)
-    else:
-        if top_k is not None and top_k < 2:
-            raise _user_error(f"--top-k-cache {top_k}: must be at least 2")
-        _run_reference(ref_path, cache, windows, top_k, loader,
-                       {"reference": ref_fp, "tokenizer": tok_fp, "windows": win_fp}, progress)
-        meta = cache.meta()
+    k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
+    meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
+        ref_path, cache, windows, top_k, k_planned, loader, ids, progress))
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -601,7 +1100,22 @@ def evaluate(
     }
 
 
-def _run_reference(path, cache, windows, k, loader, meta, show):
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _run_reference(path, cache, windows, k, k_planned, loader, meta, show):
+    # Refuse a cache that cannot fit before the (possibly huge) reference is loaded.
+    need = cache_bytes(windows.shape[0], windows.shape[1], k_planned)
+    where = cache.path.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and need > free:
+        raise _user_error(f"the reference cache needs {_size(need)}, {where} has "
+                          f"{_size(free)} free (lower --num-samples, --seq-len or "
+                          "--top-k-cache, or give --cache elsewhere)")
     # Locals die with this frame, so the reference is released when it returns.
     model = loader(path)
     bar = Progress(windows.shape[0], "reference", show)
@@ -686,8 +1200,10 @@ def add_arguments(p):
                         "or what a reused cache holds). The cache takes 8 bytes per entry: "
                         "50 x 2048 positions x 1024 is about 0.84 GB.")
     p.add_argument("--cache", default=None,
-                   help="Reference cache directory (default: ~/.cache/moequant/eval/<hash>, "
-                        "or $MOEQUANT_CACHE/eval/<hash>); reused when it matches.")
+                   help="Reference cache directory (default: $MOEQUANT_CACHE/eval/<hash>, "
+                        "~/.cache/moequant/eval/<hash> when unset); reused when it matches, "
+                        "refused when damaged. Its lock file (.NAME.lock) and, while building, "
+                        "a scratch directory go beside it.")
     p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
                    help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
     p.add_argument("--fused", action="store_true",
@@ -699,6 +1215,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.output is not None:
+        check_output(args.output)
     report = evaluate(
         args.ref, args.model, data=args.data, seq_len=args.seq_len,
         num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
@@ -707,6 +1225,9 @@ def run(args) -> int:
     )
     print(format_report(report))
     if args.output:
-        Path(args.output).write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        os.replace(tmp, out)  # never a half-written report
         print(f"\nreport written to {args.output}")
     return 0
