@@ -72,3 +72,12 @@ def test_bench_help_runs(script):
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: {script.name}"), r.stdout[:200]
+
+
+def test_quick_start_clones_first_and_venv_is_ignored():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "git clone" in quick and quick.index("git clone") < quick.index("pip install")
+    assert "demo --workdir" in quick
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert ".venv/" in ignored or ".venv" in ignored
