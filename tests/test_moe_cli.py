@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -63,41 +62,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_chat_completion(model_dir, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        body = json.dumps(
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0.0}
-        ).encode()
-        deadline = time.time() + 90
-        while True:
-            try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    reply = json.loads(r.read())
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    pytest.fail("server did not answer:\n" + log.read())
-                time.sleep(0.5)
-        assert reply["object"] == "chat.completion"
-        assert reply["usage"]["completion_tokens"] >= 1
-        assert isinstance(reply["choices"][0]["message"]["content"], str)
-        log.seek(0)
-        assert "[moequant] fused MoE path: 2 MoE blocks" in log.read()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+def test_serve_chat_completion(server):
+    port, _, hi, log = server
+    status, reply = post(port, {**hi, "max_tokens": 8, "temperature": 0.0})
+    assert status == 200
+    assert reply["object"] == "chat.completion"
+    assert reply["usage"]["completion_tokens"] >= 1
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert "[moequant] fused MoE path: 2 MoE blocks" in log.read_text()
 
 
 # --- bad --model: one line, exit 2, before anything starts -------------------------------
@@ -189,7 +161,7 @@ def server(model_dir, tmp_path_factory):
                 log.seek(0)
                 pytest.fail("server did not answer:\n" + log.read())
             time.sleep(0.5)
-    yield port, proc, hi
+    yield port, proc, hi, tmp / "serve.log"
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
@@ -224,7 +196,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("change,message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
 def test_serve_bad_request_is_400(server, change, message):
-    port, proc, hi = server
+    port, proc, hi, _ = server
     body = json.dumps({**hi, **change}, allow_nan=True).encode()  # NaN as JSON's NaN
     status, reply = post(port, body)
     assert status == 400 and message in reply["error"], (status, reply)
@@ -234,7 +206,7 @@ def test_serve_bad_request_is_400(server, change, message):
 
 
 def test_serve_malformed_json_is_400(server):
-    port, proc, hi = server
+    port, proc, hi, _ = server
     for body in (b"{not json", b"[1, 2]", b'"text"'):
         status, reply = post(port, body)
         assert status == 400 and "error" in reply
@@ -242,7 +214,7 @@ def test_serve_malformed_json_is_400(server):
 
 
 def test_serve_valid_logit_bias_and_served_model_id(server, model_dir):
-    port, _, hi = server
+    port, _, hi, _ = server
     status, reply = post(port, {**hi, "logit_bias": {"5": 100.0}, "max_tokens": 3})
     assert status == 200
     # A +100 bias makes token 5 the greedy pick at every step.
@@ -253,7 +225,7 @@ def test_serve_valid_logit_bias_and_served_model_id(server, model_dir):
 
 def test_serve_50_concurrent_clients(server):
     # http.server's listen backlog of 5 reset 3-10% of 20 concurrent connections.
-    port, _, hi = server
+    port, _, hi, _ = server
     n = 50
     barrier = threading.Barrier(n)
     results = [None] * n
@@ -274,7 +246,7 @@ def test_serve_50_concurrent_clients(server):
 
 
 def test_serve_lists_the_served_model_without_hf_cache(server, model_dir):
-    port, _, _ = server
+    port, _, _, _ = server
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     c.request("GET", "/v1/models")
     r = c.getresponse()
