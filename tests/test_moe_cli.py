@@ -255,3 +255,25 @@ def test_serve_lists_the_served_model_without_hf_cache(server, model_dir):
     c.close()
     assert listing["object"] == "list"
     assert [m["id"] for m in listing["data"]] == [str(model_dir.resolve())]
+
+
+def test_serve_stops_when_the_generation_thread_dies_while_serving(monkeypatch):
+    # A failure inside the generation loop (after loading) used to leave the HTTP server
+    # up, answering "generation thread died" forever: now the server stops and
+    # `moequant serve` exits 1 with the error.
+    import types
+
+    import mlx_lm.server
+
+    from moequant import serve_cli
+
+    def die(self):
+        raise RuntimeError("boom in the generation loop")
+
+    monkeypatch.setattr(mlx_lm.server.ResponseGenerator, "_generate", die)
+    provider = types.SimpleNamespace(cli_args=types.SimpleNamespace(prompt_cache_size=1))
+    port = free_port()
+    with pytest.raises(serve_cli.GenerationDied, match="RuntimeError: boom in the generation loop"):
+        serve_cli._serve(mlx_lm.server, "127.0.0.1", port, provider, "/m", "/m", 320)
+    with socket.socket() as s:  # the listening socket was closed
+        s.bind(("127.0.0.1", port))
