@@ -1,8 +1,13 @@
 """The read-bandwidth probe every benchmark compares itself with, measured in the same
-run and with the same thread count as the kernel it accompanies."""
+run and with the same thread count as the kernel it accompanies. Run alone, it prints
+the figure for this machine.
+
+    python bench/bandwidth.py [--gib 1] [--threads N] [--reps 5] [--no-huge-pages]
+"""
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -41,3 +46,22 @@ def read_bandwidth(gib: float = 1.0, threads: int = 0, reps: int = 5, huge_pages
             th.join()
         best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=1.0, help="GiB summed per repetition (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads (default: moequant's thread count, MOEQUANT_NUM_THREADS or all cores)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions, the best reported (default: %(default)s)")
+    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                    help="read from 4 KiB pages instead of transparent huge pages")
+    return ap
+
+
+if __name__ == "__main__":
+    a = build_parser().parse_args()
+    gbs = read_bandwidth(a.gib, a.threads, a.reps, a.huge_pages)
+    pages = "huge pages" if a.huge_pages else "4 KiB pages"
+    print(f"read bandwidth: {gbs:.2f} GB/s ({a.threads or moequant.get_num_threads()} threads, "
+          f"{a.gib:g} GiB, best of {a.reps}, {pages})")

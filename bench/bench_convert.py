@@ -1,8 +1,8 @@
 """Conversion speed and peak memory: `moequant convert` vs mlx-lm's own route on the same
 fixture with real Kimi expert dimensions (hidden 7168, moe_intermediate 2048).
 
-mlx-lm's route, the one-pass workaround of compressed-tensors.md section 4: lazy
-``load_model`` -> ``dequantize_model`` -> drop the quantization configs ->
+mlx-lm's route, the way to convert such a checkpoint with mlx-lm alone (it cannot
+load compressed-tensors INT4 into a quantized model directly): lazy ``load_model`` -> ``dequantize_model`` -> drop the quantization configs ->
 ``quantize_model`` with the same per-module bits as our recipe -> ``save_model``.
 Each route runs in a fresh process; peak memory is the process's VmHWM (Linux) or
 ru_maxrss. Input GB/s = source safetensors bytes / wall time.
@@ -79,13 +79,22 @@ def run_route(code, src, dst, recipe):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=16,
+                    help="routed experts per MoE layer of the generated fixture (default: %(default)s)")
+    ap.add_argument("--layers", type=int, default=4,
+                    help="decoder layers, layer 0 dense (default: %(default)s)")
+    ap.add_argument("--recipe", default="alis-3.6",
+                    help="recipe for both routes (default: %(default)s)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the fixture and both outputs go; an existing fixture there is "
+                    "reused (default: a new temporary directory)")
+    return ap
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers (layer 0 dense)")
-    ap.add_argument("--recipe", default="alis-3.6")
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
+    args = build_parser().parse_args()
 
     from moequant import get_num_threads
     from moequant.testing import make_checkpoint

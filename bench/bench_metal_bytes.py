@@ -37,16 +37,23 @@ def fmt(n):
     return f"{n / 2**20:10.3f} MiB"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--src-group-size", type=int, default=32)
-    ap.add_argument("--src-dtype", default="bfloat16", choices=list(ITEM))
-    ap.add_argument("--dtype", default="bfloat16", choices=list(ITEM))
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, default=4, help="output bits (default: %(default)s)")
+    ap.add_argument("--group-size", type=int, default=64, help="output group size (default: %(default)s)")
+    ap.add_argument("--src-group-size", type=int, default=32,
+                    help="INT4 source group size (default: %(default)s)")
+    ap.add_argument("--src-dtype", default="bfloat16", choices=list(ITEM),
+                    help="source scales dtype (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(ITEM),
+                    help="output scales/biases dtype (default: %(default)s)")
     ap.add_argument("--rows", type=int, default=0,
                     help="rows to run per shape, scaled to the full shape (0: all rows)")
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    a = build_parser().parse_args()
     name = rq.kernel_name(a.bits, a.group_size, a.src_group_size, a.src_dtype, a.dtype)
     lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", only=[name])
     print(f"kernel {name}, threadgroups of {rq.TG} threads, one thread per output group")

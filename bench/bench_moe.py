@@ -280,19 +280,25 @@ def e2e_bench(args):
     return out
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--experts", type=int, default=64,
+                    help="routed experts of the benchmarked layer (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=12, help="timed steps of the fused op")
     ap.add_argument("--mlx-steps", type=int, default=3, help="timed steps of the mlx chain")
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end decode tok/s")
-    ap.add_argument("--e2e-tokens", type=int, default=24)
+    ap.add_argument("--e2e-tokens", type=int, default=24,
+                    help="tokens decoded per end-to-end run (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
         "--no-huge-pages", dest="huge_pages", action="store_false",
         help="leave the weights on the pages MLX allocated (4 KiB unless glibc was told otherwise)",
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
 
     mx.set_default_device(mx.cpu)
     print(

@@ -33,12 +33,19 @@ def best_time(fn, repeat):
     return best
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="timed runs per case, the best one reported (default: %(default)s)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                    help="thread counts to run (default: 1 and all cores)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6],
+                    help="output bit widths (default: 3 4 6)")
+    return ap
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
-    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6])
-    args = ap.parse_args()
+    args = build_parser().parse_args()
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; mlx {mx.__version__}")
     rng = np.random.default_rng(0)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -20,9 +23,9 @@ def model_dir(tmp_path_factory):
     return tiny_deepseek.save(model, cfg, tmp_path_factory.mktemp("tiny") / "m")
 
 
-def moequant(*args, **kw):
+def moequant(*args, timeout=120, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "moequant", *args], capture_output=True, text=True, timeout=120, **kw
+        [sys.executable, "-m", "moequant", *args], capture_output=True, text=True, timeout=timeout, **kw
     )
 
 
@@ -59,38 +62,218 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_chat_completion(model_dir, tmp_path):
+def test_serve_chat_completion(server):
+    port, _, hi, log = server
+    status, reply = post(port, {**hi, "max_tokens": 8, "temperature": 0.0})
+    assert status == 200
+    assert reply["object"] == "chat.completion"
+    assert reply["usage"]["completion_tokens"] >= 1
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert "[moequant] fused MoE path: 2 MoE blocks" in log.read_text()
+
+
+# --- bad --model: one line, exit 2, before anything starts -------------------------------
+
+def bad_models(tmp_path, model_dir):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not a model")
+    return {
+        "missing (mlx-lm would try the Hub)": tmp_path / "no-such-org" / "no-such-model",
+        "not a model directory": tmp_path / "notes",
+        "a file": model_dir / "config.json",
+    }
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve"])
+def test_bad_model_is_one_line_exit_2(cmd, model_dir, tmp_path):
+    for what, path in bad_models(tmp_path, model_dir).items():
+        extra = ("--prompt", "hi") if cmd == "generate" else ("--port", str(free_port()))
+        r = moequant(cmd, "--model", str(path), *extra, timeout=60)
+        assert r.returncode == 2, (what, r.stderr)
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()], (what, r.stderr)
+        assert r.stderr.startswith(f"moequant {cmd}: error: --model {path}"), (what, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.fixture(scope="module")
+def corrupt_model_dir(model_dir, tmp_path_factory):
+    # Passes the directory check; its weights cannot be loaded.
+    d = tmp_path_factory.mktemp("corrupt") / "m"
+    shutil.copytree(model_dir, d)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    return d
+
+
+def test_generate_unloadable_model(corrupt_model_dir):
+    r = moequant("generate", "--model", str(corrupt_model_dir), "--prompt", "hi", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"moequant generate: error: --model {corrupt_model_dir}: cannot load the model")
+
+
+def test_serve_exits_when_the_generation_thread_dies(corrupt_model_dir):
+    # The generation thread loads the model and dies; the server used to keep answering
+    # every request with 404 "generation thread died". Now it stops, exit code 2.
+    r = moequant("serve", "--model", str(corrupt_model_dir), "--port", str(free_port()), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"moequant serve: error: --model {corrupt_model_dir}: cannot load the model")
+
+
+# --- requests that used to crash the server, concurrency, /v1/models ---------------------
+
+def post(port, body, path="/v1/chat/completions", timeout=120):
+    """(status, parsed JSON body) of one request on its own connection."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        c.request("POST" if body is not None else "GET", path, data if body is not None else None,
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A `moequant serve` on the tiny model, with no Hugging Face cache at all."""
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "HF_HOME": str(tmp / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
     port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
+    log = open(tmp / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
     )
-    try:
-        body = json.dumps(
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0.0}
-        ).encode()
-        deadline = time.time() + 90
-        while True:
-            try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    reply = json.loads(r.read())
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    pytest.fail("server did not answer:\n" + log.read())
-                time.sleep(0.5)
-        assert reply["object"] == "chat.completion"
-        assert reply["usage"]["completion_tokens"] >= 1
-        assert isinstance(reply["choices"][0]["message"]["content"], str)
-        log.seek(0)
-        assert "[moequant] fused MoE path: 2 MoE blocks" in log.read()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    deadline = time.time() + 90
+    while True:
+        try:
+            status, _ = post(port, hi, timeout=60)
+            assert status == 200
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail("server did not answer:\n" + log.read())
+            time.sleep(0.5)
+    yield port, proc, hi, tmp / "serve.log"
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+# Each of these crashed the process (SIGSEGV: logit_bias past the vocabulary), killed the
+# generation thread (top_k >= vocabulary raises in the sampler; ids that overflow
+# mx.array) or was silently accepted (NaN, booleans as numbers).
+BAD_REQUESTS = [
+    ({"logit_bias": {"999999999": 1.0}}, "logit_bias token id 999999999 is outside the vocabulary"),
+    ({"logit_bias": {"-1": 1.0}}, "logit_bias token id -1"),
+    ({"logit_bias": {"3": float("nan")}}, "logit_bias value for token 3 must be finite"),
+    ({"top_k": 10**6}, "top_k must be less than the vocabulary size"),
+    ({"temperature": float("nan")}, "temperature must be finite"),
+    ({"temperature": float("inf")}, "temperature must be finite"),
+    ({"top_p": 1.5}, "top_p must be at most 1"),
+    ({"min_p": -0.1}, "min_p must be at least 0"),
+    ({"temperature": -1}, "temperature must be at least 0"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty must be finite"),
+    ({"max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"max_tokens": True}, "max_tokens must be a number, not a boolean"),
+    ({"max_tokens": 10**30}, "max_tokens must be at most"),
+    ({"max_tokens": "8"}, "max_tokens must be of type int"),
+    ({"seed": 2**70}, "seed must be at most"),
+    ({"repetition_context_size": 10**30}, "repetition_context_size must be at most"),
+    ({"messages": "hi"}, "messages must be a list of objects"),
+    ({"stop": 5}, "stop must be a string or a list of strings"),
+    ({"model": "some-org/some-model"}, "is not served here"),
+    ({"adapters": "/tmp"}, "does not load draft models or adapters"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_serve_bad_request_is_400(server, change, message):
+    port, proc, hi, _ = server
+    body = json.dumps({**hi, **change}, allow_nan=True).encode()  # NaN as JSON's NaN
+    status, reply = post(port, body)
+    assert status == 400 and message in reply["error"], (status, reply)
+    # The server is alive and still answers.
+    assert proc.poll() is None
+    assert post(port, hi)[0] == 200
+
+
+def test_serve_malformed_json_is_400(server):
+    port, proc, hi, _ = server
+    for body in (b"{not json", b"[1, 2]", b'"text"'):
+        status, reply = post(port, body)
+        assert status == 400 and "error" in reply
+    assert proc.poll() is None and post(port, hi)[0] == 200
+
+
+def test_serve_valid_logit_bias_and_served_model_id(server, model_dir):
+    port, _, hi, _ = server
+    status, reply = post(port, {**hi, "logit_bias": {"5": 100.0}, "max_tokens": 3})
+    assert status == 200
+    # A +100 bias makes token 5 the greedy pick at every step.
+    assert reply["usage"]["completion_tokens"] >= 1
+    status, _ = post(port, {**hi, "model": str(model_dir.resolve())})
+    assert status == 200
+
+
+def test_serve_50_concurrent_clients(server):
+    # http.server's listen backlog of 5 reset 3-10% of 20 concurrent connections.
+    port, _, hi, _ = server
+    n = 50
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def client(i):
+        barrier.wait()
+        try:
+            results[i] = post(port, hi)[0]
+        except OSError as e:
+            results[i] = repr(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * n
+
+
+def test_serve_lists_the_served_model_without_hf_cache(server, model_dir):
+    port, _, _, _ = server
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/v1/models")
+    r = c.getresponse()
+    assert r.status == 200
+    listing = json.loads(r.read())
+    c.close()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == [str(model_dir.resolve())]
+
+
+def test_serve_stops_when_the_generation_thread_dies_while_serving(monkeypatch):
+    # A failure inside the generation loop (after loading) used to leave the HTTP server
+    # up, answering "generation thread died" forever: now the server stops and
+    # `moequant serve` exits 1 with the error.
+    import types
+
+    import mlx_lm.server
+
+    from moequant import serve_cli
+
+    def die(self):
+        raise RuntimeError("boom in the generation loop")
+
+    monkeypatch.setattr(mlx_lm.server.ResponseGenerator, "_generate", die)
+    provider = types.SimpleNamespace(cli_args=types.SimpleNamespace(prompt_cache_size=1))
+    port = free_port()
+    with pytest.raises(serve_cli.GenerationDied, match="RuntimeError: boom in the generation loop"):
+        serve_cli._serve(mlx_lm.server, "127.0.0.1", port, provider, "/m", "/m", 320)
+    with socket.socket() as s:  # the listening socket was closed
+        s.bind(("127.0.0.1", port))

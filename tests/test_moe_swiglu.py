@@ -193,8 +193,53 @@ def test_validation_errors():
         moequant.moe_swiglu(x, idx, sc, g[:3], u, d)
     with pytest.raises(RuntimeError, match="expert id 4 is out of range for 4 experts"):
         mx.eval(moequant.moe_swiglu(x, idx + 2, sc, g, u, d))
-    with pytest.raises(RuntimeError, match="expert id -1 is out of range"):
+    with pytest.raises(RuntimeError, match="expert id -1 .*is out of range"):
         mx.eval(moequant.moe_swiglu(x, idx - 1, sc, g, u, d))
+
+
+def test_hidden_size_zero_refused_at_build(cpu_path):
+    # D = 0 once divided by zero in the CPU down pass (SIGFPE, the process died).
+    E, I = 4, 64
+    w, s = mx.zeros((E, I, 0), mx.uint32), mx.zeros((E, I, 0))
+    dw, ds = mx.zeros((E, 0, I * 4 // 32), mx.uint32), mx.zeros((E, 0, I // 64))
+    with pytest.raises(ValueError, match=r"x \(2, 0\) has hidden size 0"):
+        moequant.moe_swiglu(mx.zeros((2, 0)), mx.zeros((2, 2), mx.int32), mx.ones((2, 2)),
+                            (w, s, s, 4, 64), (w, s, s, 4, 64), (dw, ds, ds, 4, 64))
+
+
+def test_intermediate_size_zero_is_zero(cpu_path):
+    # I = 0 is a well-defined (empty) sum: every path returns zeros.
+    E, D = 4, 128
+    w, s = mx.zeros((E, 0, D * 4 // 32), mx.uint32), mx.zeros((E, 0, D // 64))
+    dw, ds = mx.zeros((E, D, 0), mx.uint32), mx.zeros((E, D, 0))
+    y = moequant.moe_swiglu(mx.ones((2, D)), mx.zeros((2, 2), mx.int32), mx.ones((2, 2)),
+                            (w, s, s, 4, 64), (w, s, s, 4, 64), (dw, ds, ds, 4, 64))
+    assert y.shape == (2, D) and not np.any(np.array(y))
+
+
+@pytest.mark.parametrize("dtype", [mx.int64, mx.uint64])
+def test_64bit_expert_ids(dtype, cpu_path):
+    rng = np.random.default_rng(2)
+    x, idx, sc, g, u, d = make_case(rng, 4, 128, 64, 2, (2,))
+    want = np.array(moequant.moe_swiglu(x, idx, sc, g, u, d))
+    # In-range 64-bit ids are the same experts.
+    np.testing.assert_array_equal(np.array(moequant.moe_swiglu(x, idx.astype(dtype), sc, g, u, d)), want)
+    # 2^32 + e was narrowed to e and ran as expert e, silently.
+    for bad in (2**32 + 1, 2**33, 2**63 - 1) + ((-1, -(2**32) + 1) if dtype == mx.int64 else ()):
+        ids = mx.array(np.array([[0, bad], [1, 2]]).astype(np.int64 if dtype == mx.int64 else np.uint64))
+        with pytest.raises(RuntimeError, match="is out of range for 4 experts"):
+            mx.eval(moequant.moe_swiglu(x, ids, sc, g, u, d))
+
+
+def test_token_count_overflow_refused_at_build():
+    # 65536 * 65537 tokens overflow an int: refused by the op, before any int arithmetic
+    # (UBSan flagged the signed overflow) and before reshape. Broadcasts: nothing allocated.
+    rng = np.random.default_rng(3)
+    _, _, _, g, u, d = make_case(rng, 4, 128, 64, 2, (1,))
+    x = mx.broadcast_to(mx.zeros((1, 1, 128)), (65536, 65537, 128))
+    ids = mx.broadcast_to(mx.zeros((1, 1, 2), mx.int32), (65536, 65537, 2))
+    with pytest.raises(ValueError, match="more than 2\\^31 - 1 tokens"):
+        moequant.moe_swiglu(x, ids, ids.astype(mx.float32), g, u, d)
 
 
 def test_empty_batch():

@@ -254,6 +254,14 @@ def test_bad_inputs():
         moequant.requantize_int4(np.zeros((2, 8), np.int32), scales, bits=3)
 
 
+def test_rows_longer_than_an_int_refused_at_build():
+    # K = 8 * 2^28 = 2^31 does not fit the kernels' int K; nothing is evaluated (lazy zeros).
+    packed = mx.zeros((1, 2**28), mx.uint32)
+    scales = mx.zeros((1, 2**31 // 32), mx.bfloat16)
+    with pytest.raises(ValueError, match="rows of 2147483648 weights are too long"):
+        moequant.requantize_int4(packed, scales, bits=4)
+
+
 @pytest.mark.skipif(moequant.has_metal, reason="only meaningful on builds without Metal")
 def test_gpu_stream_without_metal_is_a_clear_error():
     packed, scales = _ok()

@@ -1,5 +1,6 @@
 #include "moe_swiglu/moe_swiglu.h"
 
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -114,6 +115,10 @@ mx::array moe_swiglu(
   if (k < 1) {
     fail("k (indices.shape[-1]) must be at least 1.");
   }
+  // The kernels divide by D (the down pass batches tokens by k * D floats).
+  if (D < 1) {
+    fail("x " + shape_str(x.shape()) + " has hidden size 0; it must be at least 1.");
+  }
   if (gate.weight.ndim() != 3) {
     fail("gate: weight must be (experts, out, in*bits/32); got shape " +
          shape_str(gate.weight.shape()) + ".");
@@ -123,14 +128,34 @@ mx::array moe_swiglu(
   check_proj("up", up, I, D, E);
   check_proj("down", down, D, I, E);
 
-  auto st = mx::to_stream(s);
-  int T = 1;
+  // Tokens are one int axis of the flattened arrays: count them without overflow.
+  long long tokens = 1;
   for (auto d : lead) {
-    T *= d;
+    tokens *= d;
+    if (tokens > std::numeric_limits<int>::max()) {
+      fail("x " + shape_str(x.shape()) + " has more than 2^31 - 1 tokens (product of the "
+           "leading dimensions).");
+    }
+  }
+  const int T = static_cast<int>(tokens);
+
+  auto st = mx::to_stream(s);
+  // The kernels read uint32 ids and refuse ids >= E. 64-bit ids outside [0, 2^32) would
+  // wrap into range when narrowed (2^32 + 1 -> 1): map them to 0xFFFFFFFF, which no
+  // expert has, so the kernels' check reports them instead.
+  auto ids = indices;
+  if (mx::size_of(indices.dtype()) == 8) {
+    const auto bad = mx::issubdtype(indices.dtype(), mx::signedinteger)
+        ? mx::logical_or(
+              mx::less(ids, mx::array(0, indices.dtype()), st),
+              mx::greater(ids, mx::array(0xFFFFFFFFLL, indices.dtype()), st),
+              st)
+        : mx::greater(ids, mx::array(0xFFFFFFFFULL, indices.dtype()), st);
+    ids = mx::where(bad, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(ids, mx::uint32, st), st);
   }
   // Row-contiguous inputs, so the kernels index flat arrays.
   auto x2 = mx::contiguous(mx::reshape(x, {T, D}, st), false, st);
-  auto idx = mx::contiguous(mx::reshape(mx::astype(indices, mx::uint32, st), {T, k}, st), false, st);
+  auto idx = mx::contiguous(mx::reshape(mx::astype(ids, mx::uint32, st), {T, k}, st), false, st);
   auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
 

@@ -366,8 +366,10 @@ RowRun run_of(const QMat& m, uint32_t e, int row) {
 void check_ids(const uint32_t* idx, std::size_t n, int experts) {
   for (std::size_t i = 0; i < n; ++i) {
     if (idx[i] >= static_cast<uint32_t>(experts)) {
+      // 0xFFFFFFFF is also what the op builder makes of 64-bit ids beyond 32 bits.
       throw std::out_of_range(
           "[moequant.moe_swiglu] expert id " + std::to_string(static_cast<int32_t>(idx[i])) +
+          (idx[i] == 0xFFFFFFFFu ? " (or a 64-bit id outside [0, 2^32))" : "") +
           " is out of range for " + std::to_string(experts) + " experts.");
     }
   }

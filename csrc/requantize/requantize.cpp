@@ -90,8 +90,9 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
          shape_str(packed.shape()) + " and src_group_size " +
          std::to_string(src_group_size) + "; got " + shape_str(scales.shape()) + ".");
   }
-  if (K * bits / 32 > std::numeric_limits<int>::max()) {
-    fail("rows of " + std::to_string(K) + " weights are too long.");
+  // The kernels and output_shapes hold K in an int.
+  if (K > std::numeric_limits<int>::max()) {
+    fail("rows of " + std::to_string(K) + " weights are too long (at most 2^31 - 1).");
   }
 
   auto stream = mx::to_stream(s);

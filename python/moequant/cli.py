@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a failure while running, 2 bad usage or bad input.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -33,11 +34,39 @@ COMMANDS = {
 from .errors import UserError  # noqa: E402,F401  (commands raise it; main maps it to exit 2)
 
 
+def _did_you_mean(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a close-match suggestion for a mistyped command."""
+
+    def error(self, message):
+        if message.startswith("argument COMMAND: invalid choice:"):
+            bad = message.split("'")[1] if "'" in message else ""
+            message += _did_you_mean(bad, COMMANDS)
+        super().error(message)
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"moequant {v('moequant')} (mlx {v('mlx')}, mlx-lm {v('mlx-lm')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moequant",
         description="Native INT4 -> MLX requantization and fused MoE kernels for MLX.",
     )
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -46,9 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser, args, extras) -> None:
+    """Unknown arguments of a subcommand: its own usage and the closest flag (argparse
+    would print the top-level usage). Exits with code 2."""
+    sub = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else None
+    target = sub or parser
+    flags = [o for o in target._option_string_actions if o.startswith("--")]
+    hints = [_did_you_mean(e.split("=", 1)[0], flags) for e in extras if e.startswith("-")]
+    target.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(h for h in hints if h))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unrecognized(parser, args, extras)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

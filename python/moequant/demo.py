@@ -18,11 +18,13 @@ from . import int4
 
 def add_arguments(p):
     p.add_argument("--workdir", default=None,
-                   help="Keep the generated checkpoint and the MLX model here (default: a temp dir).")
+                   help="Keep the generated INT4 checkpoint (WORKDIR/kimi-int4) and the converted "
+                   "MLX model (WORKDIR/kimi-mlx) here, to try the other commands on them "
+                   "(default: a temporary directory, removed at the end).")
     p.add_argument("--recipe", default="alis-3.6", help="Recipe for the conversion (default alis-3.6).")
     p.add_argument("--layers", type=int, default=6, help="Decoder layers of the toy model (default 6).")
     p.add_argument("--max-tokens", type=int, default=12, help="Tokens to generate (default 12).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Seed of the generated weights (default 0).")
 
 
 def check_experts(src: Path, dst: Path, prefix: str) -> tuple:
@@ -107,4 +109,19 @@ def run(args) -> int:
         print(f"   {n_blocks} MoE blocks patched: {fused_tps:.1f} tok/s vs {tps:.1f}, {same}")
         print("\n" + result.summary())
         print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
+        if args.workdir:
+            print(f"\nkept in {work}; try the other commands on them:\n" + next_steps(src, dst))
+        else:
+            print("\n(the generated files were removed; `moequant demo --workdir DIR` keeps them)")
     return 0
+
+
+def next_steps(src: Path, dst: Path) -> str:
+    """Commands to try on the demo's kept checkpoint and build."""
+    return "\n".join(f"  moequant {c}" for c in (
+        f"plan --hf-path {src}",
+        f"convert --hf-path {src} --mlx-path {dst.parent / 'kimi-mlx-uniform-4'} --recipe uniform-4",
+        f"inspect {dst} --source {src}",
+        f"generate --model {dst} --prompt \"The quick brown fox\" --max-tokens 8",
+        f"serve --model {dst} --port 8080",
+    ))

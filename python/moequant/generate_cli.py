@@ -19,9 +19,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     module = importlib.import_module("mlx_lm.generate")
 
-    from .cli import UserError
-    from .mlx_lm_cli import run_mlx_lm_main
+    from .mlx_lm_cli import check_model_dir, run_mlx_lm_main
 
-    if args.model is None:
-        raise UserError("--model DIR is required (moequant never downloads a default model)")
+    check_model_dir(args.model)
     return run_mlx_lm_main(module, args)

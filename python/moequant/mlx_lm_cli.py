@@ -78,9 +78,43 @@ def add_mlx_lm_arguments(p: argparse.ArgumentParser, main: Callable) -> None:
     )
 
 
-def _patching(load_fn, args):
+def check_model_dir(path) -> dict:
+    """The --model directory's config.json, or a UserError (exit 2, one line) when the
+    path is not a local model directory. mlx-lm would take a missing path for a Hugging
+    Face repo id and try to download it; moequant never downloads."""
+    import json
+    from pathlib import Path
+
+    from .cli import UserError
+
+    if path is None:
+        raise UserError("--model DIR is required (moequant never downloads a default model)")
+    d = Path(path)
+    if not d.exists():
+        raise UserError(f"--model {path}: no such directory (a local model directory is "
+                        "required; moequant does not download from the Hugging Face Hub)")
+    if not d.is_dir():
+        raise UserError(f"--model {path}: not a directory")
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"--model {path}: not a model directory (no config.json)")
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{cfg}: cannot read: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UserError(f"{cfg}: not a model config (a JSON object with a model_type)")
+    if not any(d.glob("*.safetensors")):
+        raise UserError(f"--model {path}: not a model directory (no *.safetensors weights)")
+    return config
+
+
+def _patching(load_fn, args, load_error):
     def load(*a, **k):
-        out = load_fn(*a, **k)
+        try:
+            out = load_fn(*a, **k)
+        except Exception as e:
+            raise load_error(e, a[0] if a else k.get("path_or_hf_repo")) from e
         model = out[0]
         if args.no_fused or not mlx_lm_patch.env_enabled():
             print("[moequant] fused MoE path: off", file=sys.stderr, flush=True)
@@ -97,11 +131,18 @@ def _patching(load_fn, args):
     return load
 
 
-def run_mlx_lm_main(module, args, loaders=("load",)) -> int:
-    """Run ``module.main()`` with ``args`` and patched loaders."""
+def _user_error(e, path):
+    from .cli import UserError
+
+    return UserError(f"--model {path}: cannot load the model: {type(e).__name__}: {e}")
+
+
+def run_mlx_lm_main(module, args, loaders=("load",), load_error=_user_error) -> int:
+    """Run ``module.main()`` with ``args`` and patched loaders; a loader's exception is
+    raised as ``load_error(exception, path)`` (default: a UserError, exit code 2)."""
     saved = {name: getattr(module, name) for name in loaders}
     for name, fn in saved.items():
-        setattr(module, name, _patching(fn, args))
+        setattr(module, name, _patching(fn, args, load_error))
     try:
         with _parse_args_returns(lambda self, *a, **k: args):
             module.main()

@@ -133,8 +133,10 @@ def moe_swiglu(
     group_size``) or a tuple ``(weight, scales, biases, bits, group_size)``; bits
     2/3/4/5/6/8 and group sizes 32/64/128 may differ per projection.
 
-    Expert ids are checked when the CPU kernel runs (RuntimeError); everything else
-    when the graph is built (ValueError).
+    Expert ids (any integer dtype; 64-bit ids outside 32 bits are never narrowed into
+    range) are checked when the CPU kernel runs (RuntimeError); everything else, shapes
+    included (hidden size at least 1, at most 2^31 - 1 tokens), when the graph is built
+    (ValueError).
 
     On AVX-512 VNNI CPUs, 2/3/4-bit projections multiply integer codes by x held per
     affine group as a fixed point (24 bits of the group's largest |x| for float32
