@@ -10,6 +10,8 @@ from .ops import (
     huge_pages,
     moe_cpu_path,
     moe_swiglu,
+    qgemm_path,
+    quantized_linear,
     requantize_int4,
     set_num_threads,
 )
@@ -20,6 +22,8 @@ __all__ = [
     "unpatch",
     "moe_swiglu",
     "moe_cpu_path",
+    "quantized_linear",
+    "qgemm_path",
     "requantize_int4",
     "get_num_threads",
     "set_num_threads",
