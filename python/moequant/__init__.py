@@ -3,7 +3,7 @@
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
 from . import int4
-from .mlx_lm_patch import patch, unpatch
+from .mlx_lm_patch import patch, patch_linear, unpatch
 from .ops import (
     get_num_threads,
     has_metal,
@@ -19,6 +19,7 @@ from .ops import (
 __all__ = [
     "int4",
     "patch",
+    "patch_linear",
     "unpatch",
     "moe_swiglu",
     "moe_cpu_path",
