@@ -79,6 +79,8 @@ NB_MODULE(_ext, m) {
       "group_size"_a,
       "stream"_a = nb::none());
   m.def("qgemm_path", &moequant::qgemm::gemm_path);
+  m.def("fma_peak_gflops", &moequant::qgemm::fma_peak_gflops, "seconds"_a = 0.5,
+        nb::call_guard<nb::gil_scoped_release>());
   // Test hook: qgemm::gemm called directly (row ranges, gathered rows of x) on
   // evaluated row-contiguous arrays; returns (m1 - m0, n1 - n0) float32.
   m.def(

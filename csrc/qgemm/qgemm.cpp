@@ -2,6 +2,7 @@
 #include "qgemm/qgemm.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/thread_pool.h"
 #include "mlx/types/half_types.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
@@ -255,6 +257,24 @@ void gemm(
       for (int64_t k0 = 0; k0 < K; k0 += kKC) {
         const int kc = static_cast<int>(std::min<int64_t>(kKC, K - k0));
         const int gc = kc / G;
+        // The weights stream from memory once per tile: ask for the next K chunk of
+        // the tile's rows (or the next tile's first) now, so it arrives while this
+        // chunk's micro-kernels run (48 strided row streams defeat the hardware
+        // prefetcher).
+        {
+          const bool last = k0 + kKC >= K;
+          const int64_t pn0 = last ? nt0 + kNC : nt0;
+          const int64_t pk0 = last ? 0 : k0 + kKC;
+          const int64_t pn1 = std::min<int64_t>(last ? n1 : nt0 + nt, pn0 + kNC);
+          const std::size_t pbytes =
+              static_cast<std::size_t>(std::min<int64_t>(kKC, K - pk0)) * W.bits / 8;
+          for (int64_t n = pn0; n < pn1; ++n) {
+            const uint8_t* p = wbytes + n * row_bytes + static_cast<std::size_t>(pk0) * W.bits / 8;
+            for (std::size_t off = 0; off < pbytes; off += 64) {
+              __builtin_prefetch(p + off);
+            }
+          }
+        }
         for (int r = 0; r < nt; ++r) {
           const int64_t n = nt0 + r;
           const std::size_t goff = static_cast<std::size_t>(n) * ng + k0 / G;
@@ -299,6 +319,38 @@ void gemm(
     int64_t ldy) {
   const Activations xa(x, mx::float32, M, ldx, W.K);
   gemm(xa, W, n0, n1, y, ldy);
+}
+
+double fma_peak_gflops(double seconds) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!use_avx2()) {
+    return 0.0;
+  }
+  // Calibrate on one thread, then run every thread for about `seconds`.
+  long iters = 1 << 16;
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    volatile double sink = detail::fma_probe_avx2(iters);
+    (void)sink;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > seconds / 8 || iters > (1L << 40)) {
+      iters = static_cast<long>(iters * (seconds / std::max(dt, 1e-9)));
+      break;
+    }
+    iters *= 4;
+  }
+  const int threads = get_num_threads();
+  const auto t0 = std::chrono::steady_clock::now();
+  parallel_for(threads, 1, [&](std::size_t, std::size_t) {
+    volatile double sink = detail::fma_probe_avx2(iters);
+    (void)sink;
+  });
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return 2.0 * 8 * 12 * static_cast<double>(iters) * threads / dt / 1e9;
+#else
+  (void)seconds;
+  return 0.0;
+#endif
 }
 
 const char* gemm_path() {

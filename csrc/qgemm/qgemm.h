@@ -93,6 +93,10 @@ void gemm(
     float* y,
     int64_t ldy);
 
+// FMA peak of this machine in GFLOP/s: every thread of the pool (get_num_threads())
+// runs independent 8-lane FMA chains for about `seconds` (AVX2 path; 0 on others).
+double fma_peak_gflops(double seconds);
+
 // "avx2" or "scalar": the micro-kernel gemm uses now (MOEQUANT_CPU_PATH caps it).
 const char* gemm_path();
 

@@ -34,6 +34,8 @@ struct Kernels {
 Kernels kernels_scalar(int bits);
 #if defined(__x86_64__) || defined(_M_X64)
 Kernels kernels_avx2(int bits); // qgemm_avx2.cpp (compiled with AVX2, FMA)
+// iters x 12 dependent-chain-free 8-lane FMAs (the FMA-peak probe's loop).
+double fma_probe_avx2(long iters);
 #endif
 
 } // namespace detail
