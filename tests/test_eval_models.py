@@ -193,11 +193,14 @@ def test_bad_input_is_exit_2_naming_the_argument(models, tmp_path, capsys):
 def test_fused_flag_patches_the_build_only(models, tmp_path, monkeypatch):
     import moequant
 
-    patched = []
-    monkeypatch.setattr(moequant, "patch", patched.append, raising=False)
+    patched, kwargs = [], []
+    monkeypatch.setattr(moequant, "patch", lambda m, **kw: (patched.append(m), kwargs.append(kw)),
+                        raising=False)
     r = run_eval(models, 3, tmp_path, fused=True)
     assert len(patched) == 1 and r["fused"] is True
     assert hasattr(patched[0].lm_head, "scales")  # the quantized build, not the float reference
+    # MoE blocks only: the linear layers stay on MLX's arithmetic, like the reference.
+    assert kwargs == [{"linear": False}]
     monkeypatch.delattr(moequant, "patch")
     with pytest.raises(UserError, match="--fused"):
         run_eval(models, 3, tmp_path, fused=True)

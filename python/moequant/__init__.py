@@ -3,13 +3,15 @@
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
 from . import int4
-from .mlx_lm_patch import patch, unpatch
+from .mlx_lm_patch import patch, patch_linear, unpatch
 from .ops import (
     get_num_threads,
     has_metal,
     huge_pages,
     moe_cpu_path,
     moe_swiglu,
+    qgemm_path,
+    quantized_linear,
     requantize_int4,
     set_num_threads,
 )
@@ -17,9 +19,12 @@ from .ops import (
 __all__ = [
     "int4",
     "patch",
+    "patch_linear",
     "unpatch",
     "moe_swiglu",
     "moe_cpu_path",
+    "quantized_linear",
+    "qgemm_path",
     "requantize_int4",
     "get_num_threads",
     "set_num_threads",
