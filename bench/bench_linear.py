@@ -79,7 +79,7 @@ def make_weight(N, K, bits, huge_pages):
     return w, s, b
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8], help="bit widths (default: 4 6 8)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
@@ -99,7 +99,11 @@ def main():
     ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                     help="leave the weights on the pages MLX allocated (the bandwidth probe reads "
                     "huge pages)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     if args.quick:
         args.shapes, args.bits = ["q_a", "o_proj", "dense_up"], [6]
 

@@ -109,7 +109,9 @@ def check_model_dir(path) -> dict:
     return config
 
 
-def _patching(load_fn, args, load_error):
+def _patching(load_fn, args, load_error=None):
+    load_error = load_error or _user_error
+
     def load(*a, **k):
         try:
             out = load_fn(*a, **k)
