@@ -60,6 +60,27 @@ NB_MODULE(_ext, m) {
       "down"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
+  m.def(
+      "moe_prefill",
+      [to_proj](
+          const mx::array& x,
+          const mx::array& indices,
+          const mx::array& scores,
+          const Proj& gate,
+          const Proj& up,
+          const Proj& down,
+          mx::StreamOrDevice s) {
+        return moequant::moe_prefill(
+            x, indices, scores, to_proj(gate), to_proj(up), to_proj(down), s);
+      },
+      "x"_a,
+      "indices"_a,
+      "scores"_a,
+      "gate"_a,
+      "up"_a,
+      "down"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
   m.def("moe_cpu_path", &moequant::cpu::moe_cpu_path);
 
   m.def(

@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+import moequant
+
 # Test helpers (oracles, fixtures) live next to the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -21,3 +23,17 @@ def ckpt(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "scalar"])
+def cpu_path(request, monkeypatch):
+    """Run each test on every CPU kernel this machine has (the SIMD ones and the
+    portable fallback)."""
+    best = moequant.moe_cpu_path()
+    order = ["scalar", "avx2", "avx512", "avx512vnni"]
+    if order.index(request.param) > order.index(best):
+        pytest.skip(f"this machine/build runs at most the {best} kernels")
+    if request.param != best:
+        monkeypatch.setenv("MOEQUANT_CPU_PATH", request.param)
+    assert moequant.moe_cpu_path() == request.param
+    return request.param

@@ -28,20 +28,6 @@ def make_case(rng, E, D, I, k, lead, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="fl
     return x, idx, scores, gate, up, down
 
 
-@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "scalar"])
-def cpu_path(request, monkeypatch):
-    """Run each test on every CPU kernel this machine has (the SIMD ones and the
-    portable fallback)."""
-    best = moequant.moe_cpu_path()
-    order = ["scalar", "avx2", "avx512", "avx512vnni"]
-    if order.index(request.param) > order.index(best):
-        pytest.skip(f"this machine/build runs at most the {best} kernels")
-    if request.param != best:
-        monkeypatch.setenv("MOEQUANT_CPU_PATH", request.param)
-    assert moequant.moe_cpu_path() == request.param
-    return request.param
-
-
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("gs", GROUPS)
 def test_bits_groups(bits, gs, cpu_path):
