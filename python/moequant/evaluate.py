@@ -493,7 +493,8 @@ def compare_side_by_side(ref_model, build_model, windows: np.ndarray, k: int):
 
 def load_model(path: Path, fused: bool = False):
     """The mlx-lm model at ``path`` (weights evaluated), optionally with moequant's fused
-    MoE decode path patched in."""
+    paths patched in (``moequant.patch``: on the CPU, every MoE call of a window runs
+    the batched ``moe_prefill``)."""
     from mlx_lm.utils import load_model as mlx_load_model
 
     model, _ = mlx_load_model(Path(path))
@@ -543,13 +544,15 @@ def evaluate(
     top_k: Optional[int] = None,
     cache_dir: Optional[str] = None,
     near_tie: float = DEFAULT_NEAR_TIE,
-    fused: bool = False,
+    fused: bool = True,
     trust_remote_code: bool = False,
     progress: bool = True,
     loader: Callable = load_model,
 ) -> dict:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
-    released before the build is loaded (``loader`` is injectable for tests)."""
+    released before the build is loaded (``loader`` is injectable for tests). ``fused``
+    runs both models with ``moequant.patch`` (the same numbers within float32 noise,
+    much faster on the CPU); a reused cache keeps the reference's pass as it was made."""
     ref_path = _check_model_dir(ref_dir, "--ref")
     build_path = _check_model_dir(model_dir, "--model")
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
@@ -573,8 +576,9 @@ def evaluate(
     else:
         if top_k is not None and top_k < 2:
             raise _user_error(f"--top-k-cache {top_k}: must be at least 2")
-        _run_reference(ref_path, cache, windows, top_k, loader,
-                       {"reference": ref_fp, "tokenizer": tok_fp, "windows": win_fp}, progress)
+        _run_reference(ref_path, cache, windows, top_k, loader, fused,
+                       {"reference": ref_fp, "tokenizer": tok_fp, "windows": win_fp,
+                        "fused": fused}, progress)
         meta = cache.meta()
     t_ref = time.perf_counter() - t0
 
@@ -601,9 +605,9 @@ def evaluate(
     }
 
 
-def _run_reference(path, cache, windows, k, loader, meta, show):
+def _run_reference(path, cache, windows, k, loader, fused, meta, show):
     # Locals die with this frame, so the reference is released when it returns.
-    model = loader(path)
+    model = loader(path, fused=fused)
     bar = Progress(windows.shape[0], "reference", show)
     try:
         cache.write(model, windows, k, meta, bar)
@@ -690,8 +694,13 @@ def add_arguments(p):
                         "or $MOEQUANT_CACHE/eval/<hash>); reused when it matches.")
     p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
                    help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
-    p.add_argument("--fused", action="store_true",
-                   help="Patch the build (not the reference) with moequant's fused MoE path.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fused", dest="fused", action="store_true", default=True,
+                   help="Run the reference and the build with moequant's fused paths "
+                        "(moequant.patch; the default).")
+    g.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="Run both with mlx-lm's own paths (slow on a CPU). "
+                        "MOEQUANT_FUSED=0 does the same.")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).")
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
@@ -699,10 +708,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from .mlx_lm_patch import env_enabled
+
     report = evaluate(
         args.ref, args.model, data=args.data, seq_len=args.seq_len,
         num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
-        cache_dir=args.cache, near_tie=args.near_tie, fused=args.fused,
+        cache_dir=args.cache, near_tie=args.near_tie,
+        fused=args.fused and env_enabled(),
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
     )
     print(format_report(report))
