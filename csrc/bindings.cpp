@@ -1,5 +1,7 @@
 // The nanobind module moequant._ext: thin wrappers, documented in python/moequant.
+#include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -7,9 +9,12 @@
 #include <nanobind/stl/variant.h>
 
 #include "common/huge_pages.h"
+#include "mlx/transforms.h"
 #include "common/thread_pool.h"
 #include "moe_swiglu/moe_swiglu.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
+#include "qgemm/qgemm.h"
+#include "quantized_linear/quantized_linear.h"
 #include "requantize/requantize.h"
 #include "requantize/requantize_cpu.h"
 
@@ -82,6 +87,61 @@ NB_MODULE(_ext, m) {
       nb::kw_only(),
       "stream"_a = nb::none());
   m.def("moe_cpu_path", &moequant::cpu::moe_cpu_path);
+
+  m.def(
+      "quantized_linear",
+      &moequant::quantized_linear,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a,
+      "stream"_a = nb::none());
+  m.def("qgemm_path", &moequant::qgemm::gemm_path);
+  m.def("fma_peak_gflops", &moequant::qgemm::fma_peak_gflops, "seconds"_a = 0.5,
+        nb::call_guard<nb::gil_scoped_release>());
+  // Test hook: qgemm::gemm called directly (row ranges, gathered rows of x) on
+  // evaluated row-contiguous arrays; returns (m1 - m0, n1 - n0) float32.
+  m.def(
+      "_qgemm",
+      [](mx::array x, mx::array w, mx::array s, mx::array b, int bits, int group_size,
+         int64_t n0, int64_t n1, int64_t m0, int64_t m1, std::optional<mx::array> rows) {
+        mx::array r = rows ? mx::astype(*rows, mx::int64) : mx::array(0);
+        mx::eval({x, w, s, b, r});
+        for (auto* a : {&x, &w, &s, &b}) {
+          if (!a->flags().row_contiguous) {
+            throw std::invalid_argument("_qgemm: arrays must be row-contiguous");
+          }
+        }
+        const int64_t M = rows ? r.size() : x.shape(0);
+        if (rows) {
+          for (int64_t i = 0; i < M; ++i) {
+            if (r.data<int64_t>()[i] < 0 || r.data<int64_t>()[i] >= x.shape(0)) {
+              throw std::invalid_argument("_qgemm: row index out of range");
+            }
+          }
+        }
+        moequant::qgemm::QuantWeight W{
+            w.data<uint32_t>(), s.data<void>(), b.data<void>(), s.dtype(), bits, group_size,
+            w.shape(0), x.shape(1)};
+        if (w.shape(1) * 32 != x.shape(1) * bits) {
+          throw std::invalid_argument("_qgemm: w does not match x's K");
+        }
+        const moequant::qgemm::Activations xa(
+            x.data<void>(), x.dtype(), M, x.shape(1), x.shape(1),
+            rows ? r.data<int64_t>() : nullptr);
+        if (m1 < 0) {
+          m1 = M;
+        }
+        std::vector<float> y(std::max<int64_t>(0, (m1 - m0) * (n1 - n0)));
+        moequant::qgemm::gemm(xa, W, n0, n1, y.data(), n1 - n0, m0, m1);
+        return mx::array(y.begin(), {static_cast<int>(m1 - m0), static_cast<int>(n1 - n0)},
+                         mx::float32);
+      },
+      "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a, "group_size"_a, "n0"_a, "n1"_a,
+      "m0"_a = 0, "m1"_a = -1, "rows"_a = nb::none());
 
   m.def(
       "advise_huge_pages",

@@ -552,4 +552,39 @@ void moe_down(const DownArgs& a) {
   }
 }
 
+void dense_rows(const float* x, std::size_t T, const QMat& m, float* y) {
+  const int N = m.rows;
+  const int K = m.cols;
+  if (T == 0 || N == 0) {
+    return;
+  }
+  const Layout L = layout_for(m.bits, current_path(), mx::float32);
+  const PrepBuf prep(x, T, K, m.bits, m.group_size, L);
+  const RowsFn f = pick(m, L);
+  // Chunks of rows: long (the row streams pay for length) but at least 8 per thread,
+  // so two threads stay balanced on small layers; with several vectors, about 192 KiB
+  // of rows, so the vectors after the first read them from L2.
+  const std::size_t row_bytes = static_cast<std::size_t>(K) * m.bits / 8;
+  const int threads = get_num_threads();
+  int ch = std::clamp(N / (8 * threads), 16, 256);
+  if (T > 1) {
+    ch = std::min<int>(ch, std::max<std::size_t>(16, (std::size_t(192) << 10) / row_bytes));
+  }
+  ch = (ch + 1) / 2 * 2;
+  const std::size_t chunks = (N + ch - 1) / ch;
+  const int scratch = row_scratch(K);
+  dynamic_for(chunks, 1, [&](auto&& claim) {
+    std::vector<float> sbuf(scratch);
+    claim([&](std::size_t i0, std::size_t i1) {
+      for (std::size_t it = i0; it < i1; ++it) {
+        const int r = static_cast<int>(it * ch);
+        const int nr = std::min(ch, N - r);
+        for (std::size_t t = 0; t < T; ++t) {
+          f(run_of(m, 0, r), nr, prep.at(t), m.group_size, y + t * N + r, sbuf.data());
+        }
+      }
+    });
+  });
+}
+
 } // namespace moequant::cpu

@@ -3,7 +3,7 @@
 import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext loads)
 
 from . import int4
-from .mlx_lm_patch import patch, unpatch
+from .mlx_lm_patch import patch, patch_linear, unpatch
 from .ops import (
     get_num_threads,
     has_metal,
@@ -11,6 +11,8 @@ from .ops import (
     moe_cpu_path,
     moe_prefill,
     moe_swiglu,
+    qgemm_path,
+    quantized_linear,
     requantize_int4,
     set_num_threads,
 )
@@ -18,10 +20,13 @@ from .ops import (
 __all__ = [
     "int4",
     "patch",
+    "patch_linear",
     "unpatch",
     "moe_swiglu",
     "moe_cpu_path",
     "moe_prefill",
+    "quantized_linear",
+    "qgemm_path",
     "requantize_int4",
     "get_num_threads",
     "set_num_threads",

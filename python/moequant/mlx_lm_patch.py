@@ -9,6 +9,11 @@ module tree, sharding and pipelining attributes are untouched, so the patch comp
 with ``load``/``sharded_load``/``pipeline_load`` (apply it after loading), prompt
 caches, ``generate``/``stream_generate`` and ``mx.compile``.
 
+It also routes mlx-lm's quantized linear layers (``nn.QuantizedLinear``: attention,
+shared experts, dense MLPs, a quantized lm_head; and ``nn.QuantizedEmbedding.as_linear``,
+a tied quantized embedding used as the output projection) to ``quantized_linear`` on
+the CPU, at any token count (``patch(model, linear=False)`` keeps mlx-lm's).
+
 Supported blocks: the DeepSeek-V3 family (``deepseek_v3``, and ``kimi_k2``/``kimi_k25``
 which use it), plus ``deepseek_v32`` and ``glm4_moe`` whose MoE block has the same form:
 ``y = sum_j scores_j * switch_mlp(x)_j + shared_experts(x)``, with optional
@@ -24,7 +29,7 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .ops import as_projection, has_metal, moe_prefill, moe_swiglu
+from .ops import as_projection, has_metal, moe_prefill, moe_swiglu, quantized_linear
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
 # verification) still read each selected expert's weights about once per token.
@@ -129,12 +134,16 @@ def _fused_class(cls: type) -> type:
     return _fused_classes[cls]
 
 
-def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS, linear: bool = True) -> int:
     """Patch the supported MoE blocks of ``model`` in place; returns how many blocks
     will use the fused ops (blocks with an unsupported expert layout keep mlx-lm's
     path). Calls of up to ``max_tokens`` tokens run the decode GEMV (CPU and Metal);
     longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
-    Apply after loading/sharding; calling it again updates ``max_tokens``."""
+    Apply after loading/sharding; calling it again updates ``max_tokens``.
+    With ``linear`` (the default) the quantized linear layers are patched too
+    (``patch_linear``)."""
+    if linear:
+        patch_linear(model)
     classes = _block_classes()
     n = 0
     for _, m in model.named_modules():
@@ -159,3 +168,88 @@ def unpatch(model: nn.Module) -> int:
             m.__class__ = base
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------- linear layers
+# Kept apart from the MoE blocks above: CPU-stream quantized linear layers at any token
+# count. Same mechanism (a subclass swapped in, ``_moequant_base`` naming the original,
+# which ``unpatch`` restores); on other devices mlx-lm's own call runs.
+
+_fused_linear_classes: Dict[type, type] = {}
+
+
+def _linear_layout_ok(m) -> bool:
+    """Affine, with biases, a 2-D packed weight, bits and group size the kernel runs."""
+    try:
+        return (
+            getattr(m, "mode", "affine") == "affine"
+            and m.bits in _SUPPORTED_BITS
+            and m.group_size in _SUPPORTED_GROUPS
+            and m.get("biases") is not None
+            and m["weight"].ndim == 2
+            and m["weight"].dtype == mx.uint32
+        )
+    except (AttributeError, KeyError):
+        return False
+
+
+def _quantized_linear(m, x):
+    """mx.quantized_matmul(x, m.weight, ..., transpose=True) on moequant's kernel, in
+    the dtype mx.quantized_matmul returns (x promoted with the scales' dtype)."""
+    st = m["scales"].dtype
+    # Type promotion of two float dtypes: equal ones stay, any other pair gives float32.
+    dt = x.dtype if x.dtype == st else mx.float32
+    if x.dtype != dt:
+        x = x.astype(dt)
+    return quantized_linear(
+        x, m["weight"], m["scales"], m["biases"], bits=m.bits, group_size=m.group_size
+    )
+
+
+class _FusedQuantizedLinear:
+    """Mixed in before nn.QuantizedLinear."""
+
+    def __call__(self, x):
+        if not self._moequant_layout_ok or mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        y = _quantized_linear(self, x)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class _FusedQuantizedEmbedding:
+    """Mixed in before nn.QuantizedEmbedding: as_linear (tied output projection)."""
+
+    def as_linear(self, x):
+        if not self._moequant_layout_ok or mx.default_device() != mx.cpu:
+            return super().as_linear(x)
+        return _quantized_linear(self, x)
+
+
+def _linear_bases():
+    return {nn.QuantizedLinear: _FusedQuantizedLinear, nn.QuantizedEmbedding: _FusedQuantizedEmbedding}
+
+
+def patch_linear(model: nn.Module) -> int:
+    """Route the quantized linear layers of ``model`` (``nn.QuantizedLinear``, and
+    ``nn.QuantizedEmbedding.as_linear``) to ``quantized_linear`` on the CPU, in place;
+    returns how many layers will use it (the others keep mlx-lm's call). ``unpatch``
+    undoes it."""
+    bases = _linear_bases()
+    n = 0
+    for _, m in model.named_modules():
+        base = getattr(type(m), "_moequant_base", type(m))
+        mixin = bases.get(base)
+        if mixin is None:
+            continue
+        if base not in _fused_linear_classes:
+            _fused_linear_classes[base] = type(
+                f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base}
+            )
+        m.__class__ = _fused_linear_classes[base]
+        ok = _linear_layout_ok(m)
+        object.__setattr__(m, "_moequant_layout_ok", ok)
+        n += int(ok)
+    return n
+

@@ -189,3 +189,43 @@ def moe_cpu_path() -> str:
     rows, float AVX-512 for the others), "avx512", "avx2" or "scalar": the best this CPU
     supports, capped by MOEQUANT_CPU_PATH=avx512, =avx2 or =scalar."""
     return _ext.moe_cpu_path()
+
+
+def quantized_linear(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    bits: int,
+    group_size: int,
+    stream=None,
+) -> mx.array:
+    """``x @ dequantize(w, scales, biases).T`` for one affine-quantized matrix.
+
+    The semantics of ``mx.quantized_matmul(x, w, scales, biases, transpose=True,
+    group_size=group_size, bits=bits)``: ``x`` is ``(..., K)`` float32/float16/bfloat16,
+    ``w`` ``(N, K * bits / 32)`` uint32, ``scales`` and ``biases`` ``(N, K / group_size)``
+    of one float dtype; bits 2/3/4/5/6/8, group sizes 32/64/128. Accumulates in float32
+    and returns ``(..., N)`` in ``x.dtype``. Bad arguments raise ValueError naming the
+    argument when the graph is built.
+
+    CPU: a weight-streaming GEMV for up to 4 rows of x, a GEMM (weights decoded tile by
+    tile into cache and reused across the rows) for more; multi-threaded
+    (``set_num_threads``). GPU streams run MLX's own ``quantized_matmul``.
+    """
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"quantized_linear: {name} must be an int, got {v!r}")
+    for name, a in (("x", x), ("w", w), ("scales", scales), ("biases", biases)):
+        if not isinstance(a, mx.array):
+            raise ValueError(f"quantized_linear: {name} must be an mx.array, got {type(a).__name__}")
+    return _ext.quantized_linear(
+        x, w, scales, biases, bits=bits, group_size=group_size, stream=stream
+    )
+
+
+def qgemm_path() -> str:
+    """The micro-kernel of the quantized GEMM: "avx2" or "scalar" (MOEQUANT_CPU_PATH caps
+    it like the row kernels)."""
+    return _ext.qgemm_path()

@@ -1,0 +1,134 @@
+#include "quantized_linear/quantized_linear.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "common/checks.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "quantized_linear/quantized_linear_cpu.h"
+
+namespace moequant {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[moequant.quantized_linear] " + msg);
+}
+
+} // namespace
+
+mx::array quantized_linear(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
+    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
+  }
+  if (!(group_size == 32 || group_size == 64 || group_size == 128)) {
+    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
+  }
+  if (!is_float(x.dtype())) {
+    fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
+  }
+  if (x.ndim() < 1) {
+    fail("x must have shape (..., K); got a scalar.");
+  }
+  if (w.dtype() != mx::uint32) {
+    fail("w must be uint32 (packed codes); got " + dtype_str(w.dtype()) + ".");
+  }
+  if (w.ndim() != 2) {
+    fail("w must have shape (N, K*bits/32); got " + shape_str(w.shape()) + ".");
+  }
+  if (!is_float(scales.dtype())) {
+    fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) + ".");
+  }
+  if (biases.dtype() != scales.dtype()) {
+    fail("biases must have the dtype of scales (" + dtype_str(scales.dtype()) + "); got " +
+         dtype_str(biases.dtype()) + ".");
+  }
+  const int K = x.shape(-1);
+  const int N = w.shape(0);
+  if (K % group_size != 0) {
+    fail("x's last dimension " + std::to_string(K) + " is not divisible by group_size " +
+         std::to_string(group_size) + ".");
+  }
+  const mx::Shape want_w{N, K / 32 * bits};
+  const mx::Shape want_s{N, K / group_size};
+  if (w.shape() != want_w) {
+    fail("w must have shape " + shape_str(want_w) + " for x (..., " + std::to_string(K) +
+         ") at " + std::to_string(bits) + " bits; got " + shape_str(w.shape()) + ".");
+  }
+  if (scales.shape() != want_s) {
+    fail("scales must have shape " + shape_str(want_s) + "; got " + shape_str(scales.shape()) +
+         ".");
+  }
+  if (biases.shape() != want_s) {
+    fail("biases must have shape " + shape_str(want_s) + "; got " + shape_str(biases.shape()) +
+         ".");
+  }
+  auto st = mx::to_stream(s);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = N;
+  if (st.device == mx::Device::gpu) {
+    // MLX's Metal kernels already do these shapes well.
+    return mx::astype(
+        mx::quantized_matmul(x, w, scales, biases, true, group_size, bits, "affine", st),
+        x.dtype(), st);
+  }
+  int M = 1;
+  for (std::size_t i = 0; i + 1 < x.ndim(); ++i) {
+    M *= x.shape(i);
+  }
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto x2 = c(mx::reshape(x, {M, K}, st));
+  auto y = mx::array(
+      {M, N},
+      x.dtype(),
+      std::make_shared<QuantizedLinear>(st, bits, group_size),
+      {x2, c(w), c(scales), c(biases)});
+  return mx::reshape(y, out_shape, st);
+}
+
+bool QuantizedLinear::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedLinear&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+std::vector<mx::Shape> QuantizedLinear::output_shapes(const std::vector<mx::array>& in) {
+  return {{in[0].shape(0), in[1].shape(0)}};
+}
+
+void QuantizedLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  cpu::LinearArgs a;
+  a.x = in[0].data<void>();
+  a.xdtype = in[0].dtype();
+  a.M = in[0].shape(0);
+  a.W.w = in[1].data<uint32_t>();
+  a.W.scales = in[2].data<void>();
+  a.W.biases = in[3].data<void>();
+  a.W.sb_dtype = in[2].dtype();
+  a.W.bits = bits_;
+  a.W.group_size = group_size_;
+  a.W.N = in[1].shape(0);
+  a.W.K = in[0].shape(1);
+  a.y = out.data<void>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& i : in) {
+    enc.set_input_array(i);
+  }
+  enc.set_output_array(out);
+  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
+  enc.dispatch([a]() { cpu::quantized_linear(a); });
+}
+
+void QuantizedLinear::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  // The op builder sends GPU streams to mx::quantized_matmul.
+  throw std::runtime_error("[moequant.quantized_linear] no GPU kernel of its own.");
+}
+
+} // namespace moequant

@@ -1,0 +1,102 @@
+// CPU driver of quantized_linear: for a few rows of x the row kernels of moe_swiglu
+// (weight-streaming GEMV, each weight byte read once), for more the quantized GEMM
+// (csrc/qgemm) threaded over (tile of W rows) x (range of x rows).
+#include "quantized_linear/quantized_linear_cpu.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "mlx/types/half_types.h"
+#include "moe_swiglu/moe_swiglu_cpu.h"
+
+namespace moequant::cpu {
+
+namespace mx = mlx::core;
+
+namespace {
+
+// W rows per work item (a multiple of the GEMM's tile, enough items to balance two or
+// more threads on Kimi's smallest layers) and x rows per work item.
+constexpr int64_t kTileN = 96;
+constexpr int64_t kTileM = 256;
+
+template <typename T>
+void store(const float* src, std::size_t n, void* dst) {
+  T* d = static_cast<T*>(dst);
+  for (std::size_t i = 0; i < n; ++i) {
+    d[i] = static_cast<T>(src[i]);
+  }
+}
+
+void linear_gemm(const LinearArgs& a, float* y) {
+  const qgemm::Activations xa(a.x, a.xdtype, a.M, a.W.K, a.W.K);
+  const int64_t N = a.W.N;
+  const int64_t tn = (N + kTileN - 1) / kTileN;
+  const int64_t tm = (a.M + kTileM - 1) / kTileM;
+  // Items run along N first: consecutive items share the rows of x they read.
+  dynamic_for(static_cast<std::size_t>(tn * tm), 1, [&](auto&& claim) {
+    claim([&](std::size_t i0, std::size_t i1) {
+      for (std::size_t it = i0; it < i1; ++it) {
+        const int64_t m0 = static_cast<int64_t>(it / tn) * kTileM;
+        const int64_t n0 = static_cast<int64_t>(it % tn) * kTileN;
+        const int64_t m1 = std::min(a.M, m0 + kTileM);
+        const int64_t n1 = std::min(N, n0 + kTileN);
+        qgemm::gemm(xa, a.W, n0, n1, y + m0 * N + n0, N, m0, m1);
+      }
+    });
+  });
+}
+
+void linear_gemv(const LinearArgs& a, float* y) {
+  // x in float once per call (bf16/f16 activations converted here only).
+  const std::size_t K = a.W.K;
+  std::vector<float> xf(a.M * K);
+  if (a.xdtype == mx::float32) {
+    std::copy_n(static_cast<const float*>(a.x), xf.size(), xf.data());
+  } else if (a.xdtype == mx::float16) {
+    const auto* s = static_cast<const mx::float16_t*>(a.x);
+    for (std::size_t i = 0; i < xf.size(); ++i) {
+      xf[i] = static_cast<float>(s[i]);
+    }
+  } else {
+    const auto* s = static_cast<const mx::bfloat16_t*>(a.x);
+    for (std::size_t i = 0; i < xf.size(); ++i) {
+      xf[i] = static_cast<float>(s[i]);
+    }
+  }
+  QMat m;
+  m.w = reinterpret_cast<const uint8_t*>(a.W.w);
+  m.scales = a.W.scales;
+  m.biases = a.W.biases;
+  m.sdtype = a.W.sb_dtype;
+  m.bits = a.W.bits;
+  m.group_size = a.W.group_size;
+  m.experts = 1;
+  m.rows = static_cast<int>(a.W.N);
+  m.cols = static_cast<int>(K);
+  dense_rows(xf.data(), a.M, m, y);
+}
+
+} // namespace
+
+void quantized_linear(const LinearArgs& a) {
+  const std::size_t n = static_cast<std::size_t>(a.M) * a.W.N;
+  if (n == 0) {
+    return;
+  }
+  std::vector<float> tmp(a.xdtype == mx::float32 ? 0 : n);
+  float* y = a.xdtype == mx::float32 ? static_cast<float*>(a.y) : tmp.data();
+  if (a.M <= kGemvMaxRows) {
+    linear_gemv(a, y);
+  } else {
+    linear_gemm(a, y);
+  }
+  if (a.xdtype == mx::float16) {
+    store<mx::float16_t>(y, n, a.y);
+  } else if (a.xdtype == mx::bfloat16) {
+    store<mx::bfloat16_t>(y, n, a.y);
+  }
+}
+
+} // namespace moequant::cpu
