@@ -38,7 +38,7 @@ DEFAULT_MAX_TOKENS = 4
 # On the CPU, calls with more tokens go to moe_prefill once its experts get this many
 # (token, slot) pairs each on average (a GEMM's rows; fewer, and the GEMV that reads
 # an expert once per pair is as fast): measured crossover in bench/RESULTS.md.
-PREFILL_MIN_PAIRS = 4
+PREFILL_MIN_PAIRS = 8
 
 # (module, class) of the MoE blocks whose __call__ the fused path reproduces.
 _BLOCKS = (
