@@ -141,15 +141,12 @@ def moe_swiglu(
     activations, 16 for bf16/f16); the error stays at float32 (bf16) rounding level of
     the output, and a group with inf or NaN makes its rows NaN.
     """
-    return _ext.moe_swiglu(
-        x,
-        indices,
-        scores,
-        as_projection(gate, "gate"),
-        as_projection(up, "up"),
-        as_projection(down, "down"),
-        stream=stream,
-    )
+    return _moe_call(_ext.moe_swiglu, x, indices, scores, gate, up, down, stream)
+
+
+def _moe_call(fn, x, indices, scores, gate, up, down, stream):
+    projs = (as_projection(p, n) for p, n in ((gate, "gate"), (up, "up"), (down, "down")))
+    return fn(x, indices, scores, *projs, stream=stream)
 
 
 def moe_prefill(
@@ -173,15 +170,7 @@ def moe_prefill(
     kernel for it (MLX's ``gather_qmm`` batches there): a GPU stream raises when
     evaluated.
     """
-    return _ext.moe_prefill(
-        x,
-        indices,
-        scores,
-        as_projection(gate, "gate"),
-        as_projection(up, "up"),
-        as_projection(down, "down"),
-        stream=stream,
-    )
+    return _moe_call(_ext.moe_prefill, x, indices, scores, gate, up, down, stream)
 
 
 def moe_cpu_path() -> str:
