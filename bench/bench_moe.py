@@ -341,6 +341,38 @@ def e2e_bench(args, bw):
     return out
 
 
+def prefill_op_bench(args):
+    """moe_prefill against moe_swiglu (the GEMV) on one MoE layer of the e2e model's
+    shape (D 2048, I 1024, 32 experts, top-8, 4-bit g64, float32 x) over token counts:
+    where the batched op starts to pay (mlx_lm_patch.PREFILL_MIN_PAIRS)."""
+    E, Dm, Im, k = E2E_CONFIG["n_routed_experts"], E2E_CONFIG["hidden_size"], \
+        E2E_CONFIG["moe_intermediate_size"], E2E_CONFIG["num_experts_per_tok"]
+    projs = [random_proj(E, Im, Dm, 4, 64), random_proj(E, Im, Dm, 4, 64), random_proj(E, Dm, Im, 4, 64)]
+    rng = np.random.default_rng(0)
+    for T in (4, 8, 16, 32, 64, 256, 2048):
+        x = mx.array(rng.standard_normal((T, Dm)).astype(np.float32))
+        idx = mx.array(np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.uint32))
+        sc = mx.softmax(mx.array(rng.standard_normal((T, k)).astype(np.float32)), axis=-1)
+        ms = {}
+        for name, op in (("gemv", moequant.moe_swiglu), ("prefill", moequant.moe_prefill)):
+            if name == "gemv" and T > 256:
+                continue
+            mx.eval(op(x, idx, sc, *projs))
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                mx.eval(op(x, idx, sc, *projs))
+                ts.append(time.perf_counter() - t)
+            ms[name] = 1e3 * min(ts)
+        flops = 2 * T * k * 3 * Dm * Im
+        gemv = f"moe_swiglu {ms['gemv']:8.1f} ms" if "gemv" in ms else " " * 22
+        print(
+            f"moe layer T={T:5d} ({T * k / E:6.1f} pairs/expert): {gemv}  moe_prefill"
+            f" {ms['prefill']:8.1f} ms = {flops / ms['prefill'] / 1e6:6.1f} GFLOP/s",
+            flush=True,
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=64)
@@ -358,6 +390,10 @@ def main():
         "2048-token prefill takes minutes per dtype)",
     )
     ap.add_argument("--e2e-only", action="store_true", help="skip the layer benchmark")
+    ap.add_argument(
+        "--prefill-op", action="store_true",
+        help="only moe_prefill vs moe_swiglu on one e2e-shaped MoE layer over token counts",
+    )
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
         "--no-huge-pages", dest="huge_pages", action="store_false",
@@ -366,6 +402,8 @@ def main():
     args = ap.parse_args()
 
     mx.set_default_device(mx.cpu)
+    if args.prefill_op:
+        return prefill_op_bench(args)
     print(
         f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
         f" moequant threads {moequant.get_num_threads()}, kernel {moequant.moe_cpu_path()},"
