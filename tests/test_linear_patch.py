@@ -117,3 +117,22 @@ def test_bf16_input_follows_mlx_dtype(linear_calls):
                               group_size=64, bits=4)
     assert y.dtype == ref.dtype == mx.float32
     assert mx.allclose(y, ref, rtol=1e-4, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("no_fused,env,patched", [(False, None, True), (True, None, False),
+                                                  (False, "0", False)])
+def test_cli_switches(no_fused, env, patched, monkeypatch):
+    """The CLIs' loaders (moequant generate/serve): --no-fused and MOEQUANT_FUSED=0 leave
+    the linear layers on mlx-lm's path too."""
+    import argparse
+
+    from moequant import mlx_lm_cli
+
+    if env is not None:
+        monkeypatch.setenv("MOEQUANT_FUSED", env)
+    model, _ = tiny_deepseek.build(seed=14)
+    args = argparse.Namespace(no_fused=no_fused, fused_max_tokens=4, huge_pages=False)
+    out = mlx_lm_cli._patching(lambda: (model, None), args)()
+    assert out[0] is model
+    assert (type(model.lm_head) is not nn.QuantizedLinear) == patched
+    assert isinstance(model.lm_head, nn.QuantizedLinear)

@@ -117,31 +117,15 @@ Kernels pick_kernels(int bits) {
 
 namespace detail {
 
+namespace {
+template <int B>
+struct DecodeScalar {
+  static constexpr DecodeFn fn = &decode_scalar<B>;
+};
+} // namespace
+
 Kernels kernels_scalar(int bits) {
-  DecodeFn d = nullptr;
-  switch (bits) {
-    case 2:
-      d = &decode_scalar<2>;
-      break;
-    case 3:
-      d = &decode_scalar<3>;
-      break;
-    case 4:
-      d = &decode_scalar<4>;
-      break;
-    case 5:
-      d = &decode_scalar<5>;
-      break;
-    case 6:
-      d = &decode_scalar<6>;
-      break;
-    case 8:
-      d = &decode_scalar<8>;
-      break;
-    default:
-      fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  return {d, &kernel_scalar<16>, &kernel_scalar<8>};
+  return {pick_bits<DecodeScalar>(bits), &kernel_scalar<16>, &kernel_scalar<8>};
 }
 
 } // namespace detail

@@ -146,31 +146,15 @@ double fma_probe_avx2(long iters) {
   return out[0]; // keeps the loop alive
 }
 
+namespace {
+template <int B>
+struct DecodeAvx2 {
+  static constexpr DecodeFn fn = &decode_avx2<B>;
+};
+} // namespace
+
 Kernels kernels_avx2(int bits) {
-  DecodeFn d = nullptr;
-  switch (bits) {
-    case 2:
-      d = &decode_avx2<2>;
-      break;
-    case 3:
-      d = &decode_avx2<3>;
-      break;
-    case 4:
-      d = &decode_avx2<4>;
-      break;
-    case 5:
-      d = &decode_avx2<5>;
-      break;
-    case 6:
-      d = &decode_avx2<6>;
-      break;
-    case 8:
-      d = &decode_avx2<8>;
-      break;
-    default:
-      return {nullptr, nullptr, nullptr};
-  }
-  return {d, &kernel_avx2<16>, &kernel_avx2<8>};
+  return {pick_bits<DecodeAvx2>(bits), &kernel_avx2<16>, &kernel_avx2<8>};
 }
 
 } // namespace moequant::qgemm::detail

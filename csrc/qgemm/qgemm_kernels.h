@@ -25,6 +25,28 @@ using DecodeFn = void (*)(const uint8_t* w, const float* s, const float* b, int 
 using KernelFn = void (*)(const float* xb, const float* wd, int64_t ldw, int kc, float* c,
                           int64_t ldc, bool accumulate);
 
+// A kernel template instantiated for the run-time bit width: pick<F>(bits) returns
+// F<B> (a function pointer) for B in 2/3/4/5/6/8, null for other widths.
+template <template <int> class F>
+auto pick_bits(int bits) -> decltype(F<2>::fn) {
+  switch (bits) {
+    case 2:
+      return F<2>::fn;
+    case 3:
+      return F<3>::fn;
+    case 4:
+      return F<4>::fn;
+    case 5:
+      return F<5>::fn;
+    case 6:
+      return F<6>::fn;
+    case 8:
+      return F<8>::fn;
+    default:
+      return nullptr;
+  }
+}
+
 struct Kernels {
   DecodeFn decode;
   KernelFn rows16;

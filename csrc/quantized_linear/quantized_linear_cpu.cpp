@@ -4,6 +4,7 @@
 #include "quantized_linear/quantized_linear_cpu.h"
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "common/thread_pool.h"
@@ -87,7 +88,10 @@ void quantized_linear(const LinearArgs& a) {
   }
   std::vector<float> tmp(a.xdtype == mx::float32 ? 0 : n);
   float* y = a.xdtype == mx::float32 ? static_cast<float*>(a.y) : tmp.data();
-  if (a.M <= kGemvMaxRows) {
+  // 5-bit rows have no SIMD row kernel (their 8-code packs do not fit 32-bit lanes):
+  // the GEMM's decode-and-multiply beats the portable rows ~3x even at one row.
+  const bool simd_rows = a.W.bits != 5 || std::string(qgemm::gemm_path()) == "scalar";
+  if (a.M <= kGemvMaxRows && simd_rows) {
     linear_gemv(a, y);
   } else {
     linear_gemm(a, y);
