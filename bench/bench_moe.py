@@ -320,6 +320,8 @@ def e2e_bench(args, bw):
                 for n in args.prefill_lengths:
                     # mlx-lm's prefill takes minutes at 2048 tokens: one pass.
                     pre[fused, n] = prefill_tps(model, n, 2 if fused else 1)
+                    who = "ours" if fused else "mlx-lm"
+                    print(f"# e2e {name}: prefill {n} tokens, {who}: {pre[fused, n]:.2f} tok/s", flush=True)
         same = res[True][1][: len(res[False][1])] == res[False][1]
         print(
             f"e2e {name}: decode mlx-lm {res[False][0]:.2f} tok/s, ours {res[True][0]:.2f} tok/s"
