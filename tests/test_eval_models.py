@@ -194,7 +194,12 @@ def test_fused_patches_the_reference_and_the_build(models, tmp_path, monkeypatch
     import moequant
 
     patched = []
-    monkeypatch.setattr(moequant, "patch", patched.append, raising=False)
+
+    def patch(model, **kw):
+        assert kw == {"linear": False}  # the MoE blocks only
+        patched.append(model)
+
+    monkeypatch.setattr(moequant, "patch", patch, raising=False)
     r = run_eval(models, 3, tmp_path)  # fused by default
     assert len(patched) == 2 and r["fused"] is True
     assert not hasattr(patched[0].lm_head, "scales")  # the float reference first
