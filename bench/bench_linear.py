@@ -160,9 +160,11 @@ def main():
     for r in rows:
         if r["M"] <= 4:
             frac = f"{r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}% of bw ({100 * r['mb'] / 1e3 / r['c'] / top:4.0f}%)"
-        else:
+        elif ptop > 0:
             frac = (f"{r['gfl']:6.1f} GFLOP/s = {100 * r['gfl'] / ptop:4.0f}% of FMA peak"
                     f" ({100 * 2 * r['M'] * r['N'] * r['K'] / r['c'] / 1e9 / ptop:4.0f}%)")
+        else:  # no AVX2 (MOEQUANT_CPU_PATH=scalar): the probe has no portable loop
+            frac = f"{r['gfl']:6.1f} GFLOP/s (no FMA-peak probe on this path)"
         print(f"  {r['name']:>11} {r['bits']}-bit M {r['M']:>4} x={r['x']:<4} {frac}", flush=True)
 
 

@@ -153,3 +153,17 @@ def test_bad_arguments():
         ql(mx.zeros((2, 96)), wq, s, b, bits=4, group_size=64)
     with pytest.raises(ValueError, match="w must have shape"):
         ql(mx.zeros((2, 64)), wq, s, b, bits=4, group_size=64)
+
+
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_empty_k_gives_zeros(M, cpu_path):
+    """K = 0 is an empty sum (mx.quantized_matmul itself crashes on it): zeros, also right
+    after a call that leaves results in the kernels' scratch buffers."""
+    rng = np.random.default_rng(M)
+    wq, s, b = make_weight(rng, 30, 256, 4, 64)
+    x = mx.array(rng.standard_normal((M, 256)).astype(np.float32))
+    mx.eval(moequant.quantized_linear(x, wq, s, b, bits=4, group_size=64))
+    w0, s0 = mx.zeros((30, 0), dtype=mx.uint32), mx.zeros((30, 0))
+    y = moequant.quantized_linear(mx.ones((M, 0)), w0, s0, s0, bits=4, group_size=64)
+    assert y.shape == (M, 30)
+    assert not np.array(y).any()

@@ -220,6 +220,13 @@ void gemm(
   if (n0 == n1 || m0 == m1) {
     return;
   }
+  if (K == 0) {
+    // An empty sum (the K loop below would leave y unwritten).
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill_n(y + (m - m0) * ldy, n1 - n0, 0.0f);
+    }
+    return;
+  }
   const Kernels kern = pick_kernels(W.bits);
   const std::size_t row_bytes = static_cast<std::size_t>(K) * W.bits / 8;
   const int64_t ng = K / G;
