@@ -5,10 +5,13 @@ expert choice every step) per bit recipe, ours (moequant.moe_swiglu) versus mlx-
 SwitchGLU chain (three gather_qmm, SwiGLU) plus the float32 weighted sum, on the same
 weights in the same run, with float32 and bfloat16 activations. The read bandwidth of
 this machine is measured in the same run (threaded numpy sums over 1 GiB). Optionally
-an end-to-end decode tok/s of a scaled DeepSeek-V3-shaped model with and without
-moequant.patch.
+end to end on a scaled DeepSeek-V3-shaped model (D 2048, 32 experts top-8, 4 layers,
+4-bit), with and without moequant.patch in the same run: decode tok/s against the
+roofline of its own weight bytes per token (at the probe's bandwidth), and prefill
+tok/s of 256 and 2048 tokens.
 
-    python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e] [--quick] [--no-huge-pages]
+    python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e | --e2e-only] [--quick]
+                              [--no-huge-pages] [--prefill-lengths 256,2048] [--prefill-dtypes float32]
 
 The read-bandwidth probe reads numpy memory, which Linux backs with transparent huge
 pages; by default the expert weights are moved into huge pages too
@@ -244,40 +247,132 @@ E2E_CONFIG = dict(
 )
 
 
-def e2e_bench(args):
+def bytes_per_token(model, cfg):
+    """Weight bytes one decode step must read: every parameter once, the routed
+    experts only for the k of E selected (the same fraction of each stacked array),
+    the embedding only for one row. The KV cache (a few hundred KB at these lengths)
+    is left out."""
+    from mlx.utils import tree_flatten
+
+    k, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
+    total = 0.0
+    for name, a in tree_flatten(model.parameters()):
+        if ".switch_mlp." in name:
+            total += a.nbytes * k / E
+        elif "embed_tokens" in name:
+            total += a.nbytes / a.shape[0]
+        else:
+            total += a.nbytes
+    return total
+
+
+def decode_tps(model, prompt, n):
+    """Greedy tokens and tok/s of generate_step after the first token (the prefill)."""
     from mlx_lm.generate import generate_step
 
+    toks, t0 = [], None
+    for tok, _ in generate_step(prompt, model, max_tokens=n):
+        toks.append(int(tok))
+        if t0 is None:
+            t0 = time.perf_counter()
+    return (len(toks) - 1) / (time.perf_counter() - t0), toks
+
+
+def prefill_tps(model, n, reps):
+    """Tokens/s of one forward pass over n tokens with a fresh cache (what
+    generate_step's prefill and moequant eval run), best of reps."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    x = mx.array(np.random.default_rng(n).integers(1, E2E_CONFIG["vocab_size"], (1, n)))
+    best = float("inf")
+    for _ in range(reps):
+        cache = make_prompt_cache(model)
+        t = time.perf_counter()
+        mx.eval(model(x, cache=cache))
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
+def e2e_bench(args, bw):
     from moequant.testing import tiny_deepseek
 
     out = []
     for dtype in (mx.bfloat16, mx.float32):
-        model, _ = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
+        name = "bfloat16" if dtype == mx.bfloat16 else "float32"
+        model, cfg = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
         if args.huge_pages:
             moequant.huge_pages(model)
+        nbytes = bytes_per_token(model, cfg)
+        roof = bw * 1e9 / nbytes
         prompt = mx.array(list(range(1, 17)))
-        res = {}
+        res, pre = {}, {}
+        do_prefill = name in args.prefill_dtypes
         for fused in (False, True):
             if fused:
-                moequant.patch(model)
-            n = args.e2e_tokens if fused else max(3, args.e2e_tokens // 4)
-            toks, t0 = [], None
-            for tok, _ in generate_step(prompt, model, max_tokens=n):
-                toks.append(int(tok))
-                if t0 is None:
-                    t0 = time.perf_counter()
-            res[fused] = ((len(toks) - 1) / (time.perf_counter() - t0), toks)
-        name = "bfloat16" if dtype == mx.bfloat16 else "float32"
+                n = moequant.patch(model)
+                print(f"# e2e {name}: moequant.patch: {n} MoE blocks", flush=True)
+            steps = args.e2e_tokens if fused else max(3, args.e2e_tokens // 4)
+            if fused:
+                decode_tps(model, prompt, 3)  # warm-up
+            res[fused] = decode_tps(model, prompt, steps)
+            if do_prefill:
+                prefill_tps(model, 32, 1)  # warm-up
+                for n in args.prefill_lengths:
+                    # mlx-lm's prefill takes minutes at 2048 tokens: one pass.
+                    pre[fused, n] = prefill_tps(model, n, 2 if fused else 1)
+                    who = "ours" if fused else "mlx-lm"
+                    print(f"# e2e {name}: prefill {n} tokens, {who}: {pre[fused, n]:.2f} tok/s", flush=True)
         same = res[True][1][: len(res[False][1])] == res[False][1]
         print(
-            f"e2e {name}: mlx-lm {res[False][0]:.2f} tok/s, fused {res[True][0]:.2f} tok/s"
-            f" (x{res[True][0] / res[False][0]:.1f}); greedy tokens equal over the"
+            f"e2e {name}: decode mlx-lm {res[False][0]:.2f} tok/s, ours {res[True][0]:.2f} tok/s"
+            f" (x{res[True][0] / res[False][0]:.1f}); roofline {roof:.1f} tok/s"
+            f" ({nbytes / 1e6:.1f} MB/token at {bw:.2f} GB/s): ours {100 * res[True][0] / roof:.0f}%,"
+            f" mlx-lm {100 * res[False][0] / roof:.0f}%; greedy tokens equal over the"
             f" {len(res[False][1])} compared: {same}",
             flush=True,
         )
-        out.append((name, res[False][0], res[True][0], same))
+        for n in args.prefill_lengths if do_prefill else ():
+            print(
+                f"e2e {name}: prefill {n:5d} tokens: mlx-lm {pre[False, n]:8.2f} tok/s,"
+                f" ours {pre[True, n]:8.2f} tok/s (x{pre[True, n] / pre[False, n]:.1f})",
+                flush=True,
+            )
+        out.append((name, res, pre, roof, same))
         del model
         gc.collect()
     return out
+
+
+def prefill_op_bench(args):
+    """moe_prefill against moe_swiglu (the GEMV) on one MoE layer of the e2e model's
+    shape (D 2048, I 1024, 32 experts, top-8, 4-bit g64, float32 x) over token counts:
+    where the batched op starts to pay (mlx_lm_patch.PREFILL_MIN_PAIRS)."""
+    E, Dm, Im, k = E2E_CONFIG["n_routed_experts"], E2E_CONFIG["hidden_size"], \
+        E2E_CONFIG["moe_intermediate_size"], E2E_CONFIG["num_experts_per_tok"]
+    projs = [random_proj(E, Im, Dm, 4, 64), random_proj(E, Im, Dm, 4, 64), random_proj(E, Dm, Im, 4, 64)]
+    rng = np.random.default_rng(0)
+    for T in (4, 8, 16, 32, 64, 256, 2048):
+        x = mx.array(rng.standard_normal((T, Dm)).astype(np.float32))
+        idx = mx.array(np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.uint32))
+        sc = mx.softmax(mx.array(rng.standard_normal((T, k)).astype(np.float32)), axis=-1)
+        ms = {}
+        for name, op in (("gemv", moequant.moe_swiglu), ("prefill", moequant.moe_prefill)):
+            if name == "gemv" and T > 256:
+                continue
+            mx.eval(op(x, idx, sc, *projs))
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                mx.eval(op(x, idx, sc, *projs))
+                ts.append(time.perf_counter() - t)
+            ms[name] = 1e3 * min(ts)
+        flops = 2 * T * k * 3 * Dm * Im
+        gemv = f"moe_swiglu {ms['gemv']:8.1f} ms" if "gemv" in ms else " " * 22
+        print(
+            f"moe layer T={T:5d} ({T * k / E:6.1f} pairs/expert): {gemv}  moe_prefill"
+            f" {ms['prefill']:8.1f} ms = {flops / ms['prefill'] / 1e6:6.1f} GFLOP/s",
+            flush=True,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end decode tok/s")
     ap.add_argument("--e2e-tokens", type=int, default=24,
                     help="tokens decoded per end-to-end run (default: %(default)s)")
+    ap.add_argument(
+        "--prefill-lengths", type=lambda v: [int(t) for t in v.split(",") if t], default=[256, 2048],
+        help="e2e prefill lengths in tokens (default 256,2048; empty: none)",
+    )
+    ap.add_argument(
+        "--prefill-dtypes", type=lambda v: v.split(","), default=["float32"],
+        help="activation dtypes whose e2e prefill is timed (default float32: mlx-lm's "
+        "2048-token prefill takes minutes per dtype)",
+    )
+    ap.add_argument("--e2e-only", action="store_true", help="skip the layer benchmark")
+    ap.add_argument(
+        "--prefill-op", action="store_true",
+        help="only moe_prefill vs moe_swiglu on one e2e-shaped MoE layer over token counts",
+    )
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
         "--no-huge-pages", dest="huge_pages", action="store_false",
@@ -301,6 +410,8 @@ def main():
     args = build_parser().parse_args()
 
     mx.set_default_device(mx.cpu)
+    if args.prefill_op:
+        return prefill_op_bench(args)
     print(
         f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
         f" moequant threads {moequant.get_num_threads()}, kernel {moequant.moe_cpu_path()},"
@@ -314,18 +425,20 @@ def main():
         f" (the reference below), {bw4k:.2f} GB/s on 4 KiB pages",
         flush=True,
     )
-    metal_report()
-    rows = layer_bench(args, bw)
-    bw2 = read_bandwidth()
-    print(f"# read bandwidth again after the layer runs: {bw2:.2f} GB/s", flush=True)
-    # The probe varies between runs more than the kernel does: the conservative
-    # figure is against the higher of the two.
-    top = max(bw, bw2)
-    print(f"# ours as a fraction of the higher probe ({top:.2f} GB/s):", flush=True)
-    for r in rows:
-        print(f"  {r['recipe']:>12} x={r['x']:<8} {r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}%", flush=True)
-    if args.e2e:
-        e2e_bench(args)
+    top = bw
+    if not args.e2e_only:
+        metal_report()
+        rows = layer_bench(args, bw)
+        bw2 = read_bandwidth()
+        print(f"# read bandwidth again after the layer runs: {bw2:.2f} GB/s", flush=True)
+        # The probe varies between runs more than the kernel does: the conservative
+        # figure is against the higher of the two.
+        top = max(bw, bw2)
+        print(f"# ours as a fraction of the higher probe ({top:.2f} GB/s):", flush=True)
+        for r in rows:
+            print(f"  {r['recipe']:>12} x={r['x']:<8} {r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}%", flush=True)
+    if args.e2e or args.e2e_only:
+        e2e_bench(args, top)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 // The nanobind module moequant._ext: thin wrappers, documented in python/moequant.
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -44,27 +45,33 @@ NB_MODULE(_ext, m) {
     return moequant::QuantProj{
         std::get<0>(p), std::get<1>(p), std::get<2>(p), std::get<3>(p), std::get<4>(p)};
   };
-  m.def(
-      "moe_swiglu",
-      [to_proj](
-          const mx::array& x,
-          const mx::array& indices,
-          const mx::array& scores,
-          const Proj& gate,
-          const Proj& up,
-          const Proj& down,
-          mx::StreamOrDevice s) {
-        return moequant::moe_swiglu(
-            x, indices, scores, to_proj(gate), to_proj(up), to_proj(down), s);
-      },
-      "x"_a,
-      "indices"_a,
-      "scores"_a,
-      "gate"_a,
-      "up"_a,
-      "down"_a,
-      nb::kw_only(),
-      "stream"_a = nb::none());
+  // moe_swiglu (decode GEMV) and moe_prefill (batched) share their signature.
+  using MoeFn = mx::array (*)(
+      const mx::array&, const mx::array&, const mx::array&, const moequant::QuantProj&,
+      const moequant::QuantProj&, const moequant::QuantProj&, mx::StreamOrDevice);
+  for (auto [name, fn] : {std::pair<const char*, MoeFn>{"moe_swiglu", &moequant::moe_swiglu},
+                          std::pair<const char*, MoeFn>{"moe_prefill", &moequant::moe_prefill}}) {
+    m.def(
+        name,
+        [to_proj, fn](
+            const mx::array& x,
+            const mx::array& indices,
+            const mx::array& scores,
+            const Proj& gate,
+            const Proj& up,
+            const Proj& down,
+            mx::StreamOrDevice s) {
+          return fn(x, indices, scores, to_proj(gate), to_proj(up), to_proj(down), s);
+        },
+        "x"_a,
+        "indices"_a,
+        "scores"_a,
+        "gate"_a,
+        "up"_a,
+        "down"_a,
+        nb::kw_only(),
+        "stream"_a = nb::none());
+  }
   m.def("moe_cpu_path", &moequant::cpu::moe_cpu_path);
 
   m.def(

@@ -68,7 +68,7 @@ def test_more_bits_less_kl_and_deterministic(models, tmp_path):
 def test_cached_path_equals_side_by_side_on_real_models(models, tmp_path):
     from mlx_lm.utils import load_model, load_tokenizer
 
-    r = run_eval(models, 3, tmp_path, top_k=32)
+    r = run_eval(models, 3, tmp_path, top_k=32, fused=False)  # the oracle runs mlx-lm's paths
     tok = load_tokenizer(models["ref"])
     windows = ev.make_windows(ev.load_documents(None, tok), tok, SEQ, NS, seed=0)
     direct = ev.summarize(ev.compare_side_by_side(
@@ -190,20 +190,40 @@ def test_bad_input_is_exit_2_naming_the_argument(models, tmp_path, capsys):
         assert c in err, c
 
 
-def test_fused_flag_patches_the_build_only(models, tmp_path, monkeypatch):
+def test_fused_patches_the_reference_and_the_build(models, tmp_path, monkeypatch):
     import moequant
 
-    patched, kwargs = [], []
-    monkeypatch.setattr(moequant, "patch", lambda m, **kw: (patched.append(m), kwargs.append(kw)),
-                        raising=False)
-    r = run_eval(models, 3, tmp_path, fused=True)
-    assert len(patched) == 1 and r["fused"] is True
-    assert hasattr(patched[0].lm_head, "scales")  # the quantized build, not the float reference
-    # MoE blocks only: the linear layers stay on MLX's arithmetic, like the reference.
-    assert kwargs == [{"linear": False}]
+    patched = []
+
+    def patch(model, **kw):
+        assert kw == {"linear": False}  # the MoE blocks only
+        patched.append(model)
+
+    monkeypatch.setattr(moequant, "patch", patch, raising=False)
+    r = run_eval(models, 3, tmp_path)  # fused by default
+    assert len(patched) == 2 and r["fused"] is True
+    assert not hasattr(patched[0].lm_head, "scales")  # the float reference first
+    assert hasattr(patched[1].lm_head, "scales")  # then the quantized build
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["fused"] is True
+    patched.clear()
+    assert run_eval(models, 3, tmp_path, fused=False, cache_dir=str(tmp_path / "c2"))["fused"] is False
+    assert patched == []
     monkeypatch.delattr(moequant, "patch")
     with pytest.raises(UserError, match="--fused"):
-        run_eval(models, 3, tmp_path, fused=True)
+        run_eval(models, 3, tmp_path, cache_dir=str(tmp_path / "c3"))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_fused_report_equals_mlx_lm_paths(models, tmp_path, bits):
+    """float32 models: with moequant.patch (eval's windows run moe_prefill in every MoE
+    layer of the build) the report equals mlx-lm's own paths' within float32 noise."""
+    fused = run_eval(models, bits, tmp_path, cache_dir=str(tmp_path / "f"))
+    plain = run_eval(models, bits, tmp_path, fused=False, cache_dir=str(tmp_path / "p"))
+    for key in ("mean", "median", "max"):
+        assert fused["kl"][key] == pytest.approx(plain["kl"][key], rel=1e-4, abs=1e-8), key
+    assert fused["flips"]["count"] == plain["flips"]["count"]
+    for who in ("reference", "build"):
+        assert fused["perplexity"][who]["ppl"] == pytest.approx(plain["perplexity"][who]["ppl"], rel=1e-6)
 
 
 def test_progress_bar_on_stderr(models, tmp_path, capsys):

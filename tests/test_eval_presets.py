@@ -42,11 +42,21 @@ def test_presets_ordered_by_bits(builds, tmp_path):
 
 
 def test_fused_path_gives_the_same_report(builds, tmp_path):
-    """--fused patches the build with moequant's MoE path (decode steps only; eval's
-    full windows take mlx-lm's path), so the numbers must not change."""
-    plain = run(builds, "alis-3.6", tmp_path / "c")
-    fused = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"), seq_len=64,
-                        num_samples=4, top_k=64, seed=0, cache_dir=str(tmp_path / "c"),
-                        progress=False, fused=True)
-    assert fused["fused"] is True
-    assert fused["kl"] == plain["kl"] and fused["flips"] == plain["flips"]
+    """The default (moequant.patch on the reference and the build: eval's windows run
+    moe_prefill) and mlx-lm's own paths give the same report up to bf16 rounding: these
+    builds run bf16 activations, which mlx-lm's expert chain rounds after each
+    projection and the fused ops only at the end (float32 builds agree to float32
+    noise: test_eval_models). Measured: KL mean 0.005 SE apart, perplexity 0.09 SE;
+    the random weights give near-uniform distributions (perplexity ~400 over 384
+    tokens) where every flip is a near-tie, 97 against 102 of 252 positions."""
+    fused = run(builds, "alis-3.6", tmp_path / "c")
+    plain = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"), seq_len=64,
+                        num_samples=4, top_k=64, seed=0, cache_dir=str(tmp_path / "p"),
+                        progress=False, fused=False)
+    assert fused["fused"] is True and plain["fused"] is False
+    assert abs(fused["kl"]["mean"] - plain["kl"]["mean"]) < 0.05 * plain["kl"]["se"]
+    for who in ("reference", "build"):
+        f, p = fused["perplexity"][who], plain["perplexity"][who]
+        assert abs(f["ppl"] - p["ppl"]) < 0.2 * p["se"], who
+    assert fused["flips"]["near_ties"] == fused["flips"]["count"]
+    assert abs(fused["flips"]["count"] - plain["flips"]["count"]) <= 0.05 * plain["flips"]["positions"]

@@ -78,9 +78,15 @@ cpu::QMat qmat(const mx::array& w, const mx::array& s, const mx::array& b, ProjP
   return m;
 }
 
-} // namespace
+// The checked, flattened operands shared by moe_swiglu and moe_prefill.
+struct MoeOperands {
+  mx::Stream st;
+  int T, D, I, k;
+  mx::array x2, idx, sc; // (T, D), (T, k) uint32, (T, k) float32, row-contiguous
+  ProjParams pg, pu, pd;
+};
 
-mx::array moe_swiglu(
+MoeOperands check_moe(
     const mx::array& x,
     const mx::array& indices,
     const mx::array& scores,
@@ -157,22 +163,53 @@ mx::array moe_swiglu(
   auto x2 = mx::contiguous(mx::reshape(x, {T, D}, st), false, st);
   auto idx = mx::contiguous(mx::reshape(mx::astype(ids, mx::uint32, st), {T, k}, st), false, st);
   auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  return {st, T, D, I, k, x2, idx, sc,
+          {gate.bits, gate.group_size}, {up.bits, up.group_size}, {down.bits, down.group_size}};
+}
 
-  ProjParams pg{gate.bits, gate.group_size}, pu{up.bits, up.group_size},
-      pd{down.bits, down.group_size};
+} // namespace
+
+mx::array moe_swiglu(
+    const mx::array& x,
+    const mx::array& indices,
+    const mx::array& scores,
+    const QuantProj& gate,
+    const QuantProj& up,
+    const QuantProj& down,
+    mx::StreamOrDevice s) {
+  auto o = check_moe(x, indices, scores, gate, up, down, s);
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
   auto h = mx::array(
-      {T, k, I},
+      {o.T, o.k, o.I},
       mx::float32,
-      std::make_shared<MoeGateUp>(st, pg, pu),
-      {x2, idx, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight), c(up.scales),
-       c(up.biases)});
+      std::make_shared<MoeGateUp>(o.st, o.pg, o.pu),
+      {o.x2, o.idx, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight),
+       c(up.scales), c(up.biases)});
   auto y = mx::array(
-      {T, D},
+      {o.T, o.D},
       x.dtype(),
-      std::make_shared<MoeDown>(st, pd),
-      {h, idx, sc, c(down.weight), c(down.scales), c(down.biases)});
-  return mx::reshape(y, x.shape(), st);
+      std::make_shared<MoeDown>(o.st, o.pd),
+      {h, o.idx, o.sc, c(down.weight), c(down.scales), c(down.biases)});
+  return mx::reshape(y, x.shape(), o.st);
+}
+
+mx::array moe_prefill(
+    const mx::array& x,
+    const mx::array& indices,
+    const mx::array& scores,
+    const QuantProj& gate,
+    const QuantProj& up,
+    const QuantProj& down,
+    mx::StreamOrDevice s) {
+  auto o = check_moe(x, indices, scores, gate, up, down, s);
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
+  auto y = mx::array(
+      {o.T, o.D},
+      x.dtype(),
+      std::make_shared<MoePrefill>(o.st, o.pg, o.pu, o.pd),
+      {o.x2, o.idx, o.sc, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight),
+       c(up.scales), c(up.biases), c(down.weight), c(down.scales), c(down.biases)});
+  return mx::reshape(y, x.shape(), o.st);
 }
 
 bool MoeGateUp::is_equivalent(const mx::Primitive& other) const {
@@ -230,6 +267,42 @@ void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   }
   enc.set_output_array(out);
   enc.dispatch([a]() { cpu::moe_down(a); });
+}
+
+bool MoePrefill::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MoePrefill&>(other);
+  return gate_ == o.gate_ && up_ == o.up_ && down_ == o.down_;
+}
+
+std::vector<mx::Shape> MoePrefill::output_shapes(const std::vector<mx::array>& in) {
+  return {in[0].shape()};
+}
+
+void MoePrefill::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  cpu::PrefillArgs a;
+  a.x = in[0].data<void>();
+  a.xdtype = in[0].dtype();
+  a.idx = in[1].data<uint32_t>();
+  a.scores = in[2].data<float>();
+  a.T = in[0].shape(0);
+  a.k = in[1].shape(1);
+  a.gate = qmat(in[3], in[4], in[5], gate_);
+  a.up = qmat(in[6], in[7], in[8], up_);
+  a.down = qmat(in[9], in[10], in[11], down_);
+  a.y = out.data<void>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& i : in) {
+    enc.set_input_array(i);
+  }
+  enc.set_output_array(out);
+  enc.dispatch([a]() { cpu::moe_prefill(a); });
+}
+
+void MoePrefill::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[moequant.moe_prefill] has no GPU kernel (MLX's gather_qmm batches tokens on the "
+      "GPU); use a CPU stream.");
 }
 
 #ifdef _METAL_

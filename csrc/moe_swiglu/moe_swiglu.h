@@ -5,6 +5,10 @@
 // Two primitives chained in the graph, one per phase, so that CPU and Metal share the
 // same split: MoeGateUp writes the small float32 intermediate h (T, k, I); MoeDown
 // reads it, applies the scores and reduces over the k experts, writing y.
+//
+// moe_prefill: the same function for many tokens (prefill, evaluation), CPU only: the
+// tokens are grouped by selected expert and each expert runs as small quantized GEMMs
+// over its tokens, so its weights are read once per call rather than once per token.
 #pragma once
 
 #include "mlx/ops.h"
@@ -25,6 +29,15 @@ struct QuantProj {
 };
 
 mx::array moe_swiglu(
+    const mx::array& x,
+    const mx::array& indices,
+    const mx::array& scores,
+    const QuantProj& gate,
+    const QuantProj& up,
+    const QuantProj& down,
+    mx::StreamOrDevice s = {});
+
+mx::array moe_prefill(
     const mx::array& x,
     const mx::array& indices,
     const mx::array& scores,
@@ -71,6 +84,26 @@ class MoeDown : public mx::UnaryPrimitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
  private:
+  ProjParams down_;
+};
+
+// inputs: x (T, D), indices (T, k) uint32, scores (T, k) float32, gate w/s/b, up w/s/b,
+// down w/s/b -> y (T, D) in x's dtype. CPU only (on a GPU, MLX's gather_qmm batches).
+class MoePrefill : public mx::UnaryPrimitive {
+ public:
+  MoePrefill(mx::Stream stream, ProjParams gate, ProjParams up, ProjParams down)
+      : mx::UnaryPrimitive(stream), gate_(gate), up_(up), down_(down) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MoePrefill";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  ProjParams gate_;
+  ProjParams up_;
   ProjParams down_;
 };
 

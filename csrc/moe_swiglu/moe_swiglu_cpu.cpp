@@ -363,17 +363,21 @@ RowRun run_of(const QMat& m, uint32_t e, int row) {
       ng};
 }
 
-void check_ids(const uint32_t* idx, std::size_t n, int experts) {
+} // namespace
+
+void check_expert_ids(const uint32_t* idx, std::size_t n, int experts, const char* op) {
   for (std::size_t i = 0; i < n; ++i) {
     if (idx[i] >= static_cast<uint32_t>(experts)) {
       // 0xFFFFFFFF is also what the op builder makes of 64-bit ids beyond 32 bits.
       throw std::out_of_range(
-          "[moequant.moe_swiglu] expert id " + std::to_string(static_cast<int32_t>(idx[i])) +
+          std::string("[moequant.") + op + "] expert id " + std::to_string(static_cast<int32_t>(idx[i])) +
           (idx[i] == 0xFFFFFFFFu ? " (or a 64-bit id outside [0, 2^32))" : "") +
           " is out of range for " + std::to_string(experts) + " experts.");
     }
   }
 }
+
+namespace {
 
 template <typename T>
 void to_float(const void* src, std::size_t n, float* dst) {
@@ -391,11 +395,39 @@ void store(const float* src, std::size_t n, void* dst) {
   }
 }
 
-inline float silu(float g) {
-  return g / (1.0f + std::exp(-g));
+} // namespace
+
+void load_floats(const void* src, mx::Dtype dtype, std::size_t n, float* dst) {
+  switch (dtype) {
+    case mx::float32:
+      to_float<float>(src, n, dst);
+      break;
+    case mx::float16:
+      to_float<mx::float16_t>(src, n, dst);
+      break;
+    case mx::bfloat16:
+      to_float<mx::bfloat16_t>(src, n, dst);
+      break;
+    default:
+      throw std::invalid_argument("[moe_swiglu] unsupported activation dtype");
+  }
 }
 
-} // namespace
+void store_floats(const float* src, std::size_t n, mx::Dtype dtype, void* dst) {
+  switch (dtype) {
+    case mx::float32:
+      store<float>(src, n, dst);
+      break;
+    case mx::float16:
+      store<mx::float16_t>(src, n, dst);
+      break;
+    case mx::bfloat16:
+      store<mx::bfloat16_t>(src, n, dst);
+      break;
+    default:
+      throw std::invalid_argument("[moe_swiglu] unsupported output dtype");
+  }
+}
 
 const char* moe_cpu_path() {
   switch (current_path()) {
@@ -417,24 +449,12 @@ void moe_gate_up(const GateUpArgs& a) {
   if (n_pairs == 0) {
     return;
   }
-  check_ids(a.idx, n_pairs, a.gate.experts);
+  check_expert_ids(a.idx, n_pairs, a.gate.experts);
   const Path path = current_path();
 
   // x in float once per call; bf16/f16 activations are converted here only.
   std::vector<float> xf(a.T * D);
-  switch (a.xdtype) {
-    case mx::float32:
-      to_float<float>(a.x, xf.size(), xf.data());
-      break;
-    case mx::float16:
-      to_float<mx::float16_t>(a.x, xf.size(), xf.data());
-      break;
-    case mx::bfloat16:
-      to_float<mx::bfloat16_t>(a.x, xf.size(), xf.data());
-      break;
-    default:
-      throw std::invalid_argument("[moe_swiglu] unsupported x dtype");
-  }
+  load_floats(a.x, a.xdtype, xf.size(), xf.data());
   const Layout lg = layout_for(a.gate.bits, path, a.xdtype);
   const Layout lu = layout_for(a.up.bits, path, a.xdtype);
   const PrepBuf pg(xf.data(), a.T, D, a.gate.bits, a.gate.group_size, lg);
@@ -481,7 +501,7 @@ void moe_down(const DownArgs& a) {
   if (a.T == 0) {
     return;
   }
-  check_ids(a.idx, n_pairs, a.down.experts);
+  check_expert_ids(a.idx, n_pairs, a.down.experts);
   const Path path = current_path();
   // h is float32; its digits follow the activations' precision (y has x's dtype).
   const Layout ld = layout_for(a.down.bits, path, a.ydtype);
@@ -526,20 +546,8 @@ void moe_down(const DownArgs& a) {
               acc[r] += a.scores[p] * op[r];
             }
           }
-          const std::size_t off = t * D;
-          switch (a.ydtype) {
-            case mx::float32:
-              store<float>(acc.data(), D, static_cast<float*>(a.y) + off);
-              break;
-            case mx::float16:
-              store<mx::float16_t>(acc.data(), D, static_cast<mx::float16_t*>(a.y) + off);
-              break;
-            case mx::bfloat16:
-              store<mx::bfloat16_t>(acc.data(), D, static_cast<mx::bfloat16_t*>(a.y) + off);
-              break;
-            default:
-              throw std::invalid_argument("[moe_swiglu] unsupported output dtype");
-          }
+          store_floats(acc.data(), D, a.ydtype,
+                       static_cast<uint8_t*>(a.y) + t * D * mx::size_of(a.ydtype));
         }
       });
     });

@@ -2,6 +2,7 @@
 // reduction over the k experts). Multi-threaded with moequant::parallel_for.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -44,8 +45,36 @@ struct DownArgs {
   mlx::core::Dtype ydtype = mlx::core::float32;
 };
 
+// moe_prefill: y (T x D, x's dtype) from x, the expert ids and scores, all three
+// projections.
+struct PrefillArgs {
+  const void* x; // T x D, dtype xdtype
+  mlx::core::Dtype xdtype = mlx::core::float32;
+  const uint32_t* idx; // T x k
+  const float* scores; // T x k
+  std::size_t T = 0;
+  int k = 0;
+  QMat gate; // rows = I, cols = D
+  QMat up; // rows = I, cols = D
+  QMat down; // rows = D, cols = I
+  void* y; // T x D, dtype xdtype
+};
+
 void moe_gate_up(const GateUpArgs& args);
 void moe_down(const DownArgs& args);
+void moe_prefill(const PrefillArgs& args); // moe_prefill_cpu.cpp
+
+// Throws std::out_of_range (RuntimeError in Python) naming the first id in idx[0, n)
+// that is not below `experts`; `op` names the op in the message.
+void check_expert_ids(const uint32_t* idx, std::size_t n, int experts, const char* op = "moe_swiglu");
+
+// x's dtype <-> float32.
+void load_floats(const void* src, mlx::core::Dtype dtype, std::size_t n, float* dst);
+void store_floats(const float* src, std::size_t n, mlx::core::Dtype dtype, void* dst);
+
+inline float silu(float g) {
+  return g / (1.0f + std::exp(-g));
+}
 
 // The row kernels on a dense matrix (expert 0 of m), for quantized_linear's decode
 // GEMV: y[t * m.rows + r] = row r . x[t] for t < T (x float32, T x m.cols), each weight

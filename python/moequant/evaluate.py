@@ -891,7 +891,8 @@ def compare_side_by_side(ref_model, build_model, windows: np.ndarray, k: int):
 
 def load_model(path: Path, fused: bool = False):
     """The mlx-lm model at ``path`` (weights evaluated), optionally with moequant's fused
-    MoE decode path patched in."""
+    MoE path patched in (``moequant.patch``: on the CPU, every MoE call of a window runs
+    the batched ``moe_prefill``)."""
     from mlx_lm.utils import load_model as mlx_load_model
 
     model, _ = mlx_load_model(Path(path))
@@ -902,9 +903,9 @@ def load_model(path: Path, fused: bool = False):
         if patch is None:
             raise _user_error("--fused: this moequant build has no fused MoE path (moequant.patch)")
         # MoE blocks only: the linear-layer patch accumulates in float32 where MLX's CPU
-        # kernel rounds bf16 builds' sums to bf16, so a patched build would be compared
-        # with a reference computed by other arithmetic (KL moved ~20 % on the tiny
-        # presets). Patching both sides belongs with making eval fast.
+        # kernel rounds bf16 builds' sums to bf16, which moves the report by more than
+        # rounding noise on bf16 builds (tiny presets: KL 0.6 SE with both models
+        # patched, 0.005 SE with the MoE blocks alone; test_eval_presets).
         patch(model, linear=False)
     return model
 
@@ -1048,13 +1049,15 @@ def evaluate(
     top_k: Optional[int] = None,
     cache_dir: Optional[str] = None,
     near_tie: float = DEFAULT_NEAR_TIE,
-    fused: bool = False,
+    fused: bool = True,
     trust_remote_code: bool = False,
     progress: bool = True,
     loader: Callable = load_model,
 ) -> dict:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
-    released before the build is loaded (``loader`` is injectable for tests)."""
+    released before the build is loaded (``loader`` is injectable for tests). ``fused``
+    runs both models with ``moequant.patch`` (the same numbers within float32 noise,
+    much faster on the CPU); a reused cache keeps the reference's pass as it was made."""
     ref_path, ref_cfg, build_path = validate_arguments(
         ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie)
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
@@ -1078,7 +1081,7 @@ def evaluate(
     t0 = time.perf_counter()
     k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
     meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
-        ref_path, cache, windows, top_k, k_planned, loader, ids, progress))
+        ref_path, cache, windows, top_k, k_planned, loader, fused, ids, progress))
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -1108,7 +1111,7 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _run_reference(path, cache, windows, k, k_planned, loader, meta, show):
+def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show):
     # Refuse a cache that cannot fit before the (possibly huge) reference is loaded.
     need = cache_bytes(windows.shape[0], windows.shape[1], k_planned)
     where = cache.path.parent
@@ -1121,7 +1124,7 @@ def _run_reference(path, cache, windows, k, k_planned, loader, meta, show):
                           f"{_size(free)} free (lower --num-samples, --seq-len or "
                           "--top-k-cache, or give --cache elsewhere)")
     # Locals die with this frame, so the reference is released when it returns.
-    model = loader(path)
+    model = loader(path, fused=fused)
     bar = Progress(windows.shape[0], "reference", show)
     try:
         cache.write(model, windows, k, meta, bar)
@@ -1210,8 +1213,13 @@ def add_arguments(p):
                         "a scratch directory go beside it.")
     p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
                    help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
-    p.add_argument("--fused", action="store_true",
-                   help="Patch the build (not the reference) with moequant's fused MoE path.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fused", dest="fused", action="store_true", default=True,
+                   help="Run the reference and the build with moequant's fused paths "
+                        "(moequant.patch; the default).")
+    g.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="Run both with mlx-lm's own paths (slow on a CPU). "
+                        "MOEQUANT_FUSED=0 does the same.")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).")
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
@@ -1221,10 +1229,13 @@ def add_arguments(p):
 def run(args) -> int:
     if args.output is not None:
         check_output(args.output)
+    from .mlx_lm_patch import env_enabled
+
     report = evaluate(
         args.ref, args.model, data=args.data, seq_len=args.seq_len,
         num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
-        cache_dir=args.cache, near_tie=args.near_tie, fused=args.fused,
+        cache_dir=args.cache, near_tie=args.near_tie,
+        fused=args.fused and env_enabled(),
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
     )
     print(format_report(report))

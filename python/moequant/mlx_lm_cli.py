@@ -66,8 +66,9 @@ def add_mlx_lm_arguments(p: argparse.ArgumentParser, main: Callable) -> None:
         "--fused-max-tokens",
         type=int,
         default=mlx_lm_patch.DEFAULT_MAX_TOKENS,
-        help="Largest number of tokens per MoE call that takes the fused path "
-        "(decode steps); larger calls (prefill) keep mlx-lm's path. Default: %(default)s.",
+        help="Largest number of tokens per MoE call that takes the fused decode GEMV; "
+        "larger calls (prefill) run the batched moe_prefill on the CPU and mlx-lm's path "
+        "on a GPU. Default: %(default)s.",
     )
     g.add_argument(
         "--huge-pages",

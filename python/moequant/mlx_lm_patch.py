@@ -1,9 +1,10 @@
-"""Route the decode steps of mlx-lm MoE blocks through the fused ``moe_swiglu`` op.
+"""Route mlx-lm MoE blocks through moequant's fused expert ops.
 
 ``patch(model)`` changes the class of every supported MoE block in place to a
-subclass whose ``__call__`` uses the fused op when the block is given few tokens (a
-decode step) and its experts use a supported layout; otherwise (prefill, unsupported
-layouts, a device without a kernel) it calls mlx-lm's own ``__call__``. Parameters,
+subclass whose ``__call__`` uses, when its experts use a supported layout: the fused
+``moe_swiglu`` GEMV for few tokens (a decode step; CPU or Metal), and on the CPU the
+batched ``moe_prefill`` for more (prefill, evaluation); otherwise (unsupported
+layouts, many tokens on a GPU, a device without a kernel) mlx-lm's own ``__call__``. Parameters,
 module tree, sharding and pipelining attributes are untouched, so the patch composes
 with ``load``/``sharded_load``/``pipeline_load`` (apply it after loading), prompt
 caches, ``generate``/``stream_generate`` and ``mx.compile``.
@@ -28,11 +29,16 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .ops import as_projection, has_metal, moe_swiglu, quantized_linear
+from .ops import as_projection, has_metal, moe_prefill, moe_swiglu, quantized_linear
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
 # verification) still read each selected expert's weights about once per token.
 DEFAULT_MAX_TOKENS = 4
+
+# On the CPU, calls with more tokens go to moe_prefill once its experts get this many
+# (token, slot) pairs each on average (a GEMM's rows; fewer, and the GEMV that reads
+# an expert once per pair is as fast): measured crossover in bench/RESULTS.md.
+PREFILL_MIN_PAIRS = 8
 
 # (module, class) of the MoE blocks whose __call__ the fused path reproduces.
 _BLOCKS = (
@@ -88,10 +94,6 @@ def layout_supported(block) -> bool:
     return all(_proj_supported(getattr(sm, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _device_supported() -> bool:
-    return mx.default_device() == mx.cpu or has_metal
-
-
 class _FusedMoE:
     """Mixed in before the original block class; see the module docstring."""
 
@@ -99,10 +101,11 @@ class _FusedMoE:
 
     def __call__(self, x):
         n_tokens = x.size // x.shape[-1]
+        on_cpu = mx.default_device() == mx.cpu
         if (
-            n_tokens > self._moequant_max_tokens
-            or not self._moequant_layout_ok
-            or not _device_supported()
+            not self._moequant_layout_ok
+            or not (on_cpu or has_metal)
+            or (n_tokens > self._moequant_max_tokens and not on_cpu)
         ):
             return super().__call__(x)
         group = getattr(self, "sharding_group", None)
@@ -112,7 +115,12 @@ class _FusedMoE:
             x = sum_gradients(group)(x)
         inds, scores = self.gate(x)
         sm = self.switch_mlp
-        y = moe_swiglu(x, inds, scores, sm.gate_proj, sm.up_proj, sm.down_proj)
+        op = moe_swiglu
+        if n_tokens > self._moequant_max_tokens:
+            k, experts = inds.shape[-1], sm.gate_proj.weight.shape[0]
+            if n_tokens * k >= PREFILL_MIN_PAIRS * experts:
+                op = moe_prefill
+        y = op(x, inds, scores, sm.gate_proj, sm.up_proj, sm.down_proj)
         if getattr(self, "shared_experts", None) is not None:
             y = y + self.shared_experts(x)
         if group is not None:
@@ -128,8 +136,10 @@ def _fused_class(cls: type) -> type:
 
 def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS, linear: bool = True) -> int:
     """Patch the supported MoE blocks of ``model`` in place; returns how many blocks
-    will use the fused op (blocks with an unsupported expert layout keep mlx-lm's
-    path). Apply after loading/sharding; calling it again updates ``max_tokens``.
+    will use the fused ops (blocks with an unsupported expert layout keep mlx-lm's
+    path). Calls of up to ``max_tokens`` tokens run the decode GEMV (CPU and Metal);
+    longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
+    Apply after loading/sharding; calling it again updates ``max_tokens``.
     With ``linear`` (the default) the quantized linear layers are patched too
     (``patch_linear``)."""
     if linear:
