@@ -912,21 +912,9 @@ def load_model(path: Path, fused: bool = False):
 
 def _check_model_dir(path: str, arg: str) -> Tuple[Path, dict]:
     """The model directory and its parsed config.json, or a user error naming ``arg``."""
-    p = Path(path)
-    if not p.is_dir():
-        raise _user_error(f"{arg} {path}: no such directory")
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        raise _user_error(f"{arg} {path}: no config.json (not an MLX model directory)")
-    try:
-        config = json.loads(cfg.read_bytes())
-    except (OSError, ValueError) as e:
-        raise _user_error(f"{arg} {cfg}: not a readable JSON file ({e})") from None
-    if not isinstance(config, dict):
-        raise _user_error(f"{arg} {cfg}: not a JSON object")
-    if not weight_files(p):
-        raise _user_error(f"{arg} {path}: no .safetensors weight files")
-    return p, config
+    from .mlx_lm_cli import check_model_dir
+
+    return Path(path), check_model_dir(path, arg)
 
 
 def _config_int(config: dict, key: str) -> Optional[int]:

@@ -79,34 +79,35 @@ def add_mlx_lm_arguments(p: argparse.ArgumentParser, main: Callable) -> None:
     )
 
 
-def check_model_dir(path) -> dict:
-    """The --model directory's config.json, or a UserError (exit 2, one line) when the
-    path is not a local model directory. mlx-lm would take a missing path for a Hugging
-    Face repo id and try to download it; moequant never downloads."""
+def check_model_dir(path, arg: str = "--model") -> dict:
+    """The config.json of the local MLX model directory ``path`` given as ``arg``, or a
+    UserError (exit 2, one line naming ``arg``) when it is not one. mlx-lm would take a
+    missing path for a Hugging Face repo id and try to download it; moequant never
+    downloads. One definition for generate, serve and eval."""
     import json
     from pathlib import Path
 
-    from .cli import UserError
+    from .errors import UserError
 
     if path is None:
-        raise UserError("--model DIR is required (moequant never downloads a default model)")
+        raise UserError(f"{arg} DIR is required (moequant never downloads a default model)")
     d = Path(path)
     if not d.exists():
-        raise UserError(f"--model {path}: no such directory (a local model directory is "
+        raise UserError(f"{arg} {path}: no such directory (a local model directory is "
                         "required; moequant does not download from the Hugging Face Hub)")
     if not d.is_dir():
-        raise UserError(f"--model {path}: not a directory")
+        raise UserError(f"{arg} {path}: not a directory")
     cfg = d / "config.json"
     if not cfg.is_file():
-        raise UserError(f"--model {path}: not a model directory (no config.json)")
+        raise UserError(f"{arg} {path}: not a model directory (no config.json)")
     try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{cfg}: cannot read: {e}") from None
+        config = json.loads(cfg.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{arg} {cfg}: not a readable JSON file ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise UserError(f"{cfg}: not a model config (a JSON object with a model_type)")
-    if not any(d.glob("*.safetensors")):
-        raise UserError(f"--model {path}: not a model directory (no *.safetensors weights)")
+        raise UserError(f"{arg} {cfg}: not a model config (a JSON object with a model_type)")
+    if not any(p.is_file() for p in d.glob("*.safetensors")):
+        raise UserError(f"{arg} {path}: not a model directory (no *.safetensors weights)")
     return config
 
 
