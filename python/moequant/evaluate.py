@@ -1069,7 +1069,7 @@ def evaluate(
     t0 = time.perf_counter()
     k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
     meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
-        ref_path, cache, windows, top_k, k_planned, loader, fused, ids, progress))
+        ref_path, cache, windows, top_k, k_planned, loader, fused, dict(ids, fused=fused), progress))
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
