@@ -66,6 +66,8 @@ void moe_prefill(const PrefillArgs& args); // moe_prefill_cpu.cpp
 
 // Throws std::out_of_range (RuntimeError in Python) naming the first id in idx[0, n)
 // that is not below `experts`; `op` names the op in the message.
+// Index of the first id >= experts, or n when all are in range.
+std::size_t first_bad_expert_id(const uint32_t* idx, std::size_t n, int experts);
 void check_expert_ids(const uint32_t* idx, std::size_t n, int experts, const char* op = "moe_swiglu");
 
 // x's dtype <-> float32.
