@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"moequant {args.command}: error: {e}", file=sys.stderr)
+        if not e.printed:
+            print(f"moequant {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moequant {args.command}: interrupted", file=sys.stderr)

@@ -43,6 +43,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .errors import UserError
+
 CACHE_FORMAT = "moequant-eval-reference-cache"
 CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
 DEFAULT_TOP_K = 1024
@@ -75,8 +77,6 @@ def near_tie_definition(threshold: float) -> str:
 
 
 def _user_error(msg: str) -> Exception:
-    from .cli import UserError
-
     return UserError(msg)
 
 
@@ -889,13 +889,24 @@ def compare_side_by_side(ref_model, build_model, windows: np.ndarray, k: int):
 # --------------------------------------------------------------------------- orchestration
 
 
-def load_model(path: Path, fused: bool = False):
+def load_model(path: Path, fused: bool = False, group=None):
     """The mlx-lm model at ``path`` (weights evaluated), optionally with moequant's fused
     MoE path patched in (``moequant.patch``: on the CPU, every MoE call of a window runs
-    the batched ``moe_prefill``)."""
-    from mlx_lm.utils import load_model as mlx_load_model
+    the batched ``moe_prefill``). With a distributed ``group`` of more than one rank the
+    model is pipeline-loaded: this rank holds its share of the layers (mlx-lm's
+    ``sharded_load``)."""
+    if group is not None and group.size() > 1:
+        from mlx_lm.utils import sharded_load
 
-    model, _ = mlx_load_model(Path(path))
+        try:
+            model, _ = sharded_load(str(path), pipeline_group=group)
+        except (ValueError, OSError) as e:
+            raise _user_error(f"{path}: cannot pipeline-load the model across "
+                              f"{group.size()} ranks: {e}") from None
+    else:
+        from mlx_lm.utils import load_model as mlx_load_model
+
+        model, _ = mlx_load_model(Path(path))
     if fused:
         import moequant
 
@@ -1041,11 +1052,48 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: bool = True,
     loader: Callable = load_model,
-) -> dict:
+    group=None,
+) -> Optional[dict]:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
     released before the build is loaded (``loader`` is injectable for tests). ``fused``
     runs both models with ``moequant.patch`` (the same numbers within float32 noise,
-    much faster on the CPU); a reused cache keeps the reference's pass as it was made."""
+    much faster on the CPU); a reused cache keeps the reference's pass as it was made.
+
+    Under ``mlx.launch`` (an MLX distributed group of more than one process) each model
+    is pipeline-loaded across the ranks, rank 0 alone holds the reference cache and
+    computes the report (the others return None), see ``_evaluate_distributed``."""
+    from . import distributed
+
+    group = group if group is not None else distributed.world()
+    if group.size() > 1:
+        return _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
+                                     seed, top_k, cache_dir, near_tie, fused,
+                                     trust_remote_code, progress, loader)
+    p = _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
+                 near_tie, trust_remote_code)
+    windows = p["windows"]
+    ref_fp = model_fingerprint(p["ref_path"], progress)
+    cache = _open_cache(p, ref_fp, cache_dir, top_k)
+    ids = {"reference": ref_fp, "tokenizer": p["tok_fp"], "windows": p["win_fp"]}
+    want = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
+
+    t0 = time.perf_counter()
+    meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
+        p["ref_path"], cache, windows, top_k, p["k_planned"], loader, fused,
+        dict(ids, fused=fused), progress))
+    t_ref = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    per_pos = _run_build(p["build_path"], cache, windows, loader, fused, progress)
+    t_build = time.perf_counter() - t0
+    return _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples,
+                   near_tie, t_ref, t_build)
+
+
+def _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
+             near_tie, trust_remote_code) -> dict:
+    """Arguments checked, tokenizers compared, token windows made: everything before a
+    model is loaded."""
     ref_path, ref_cfg, build_path = validate_arguments(
         ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie)
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
@@ -1058,29 +1106,25 @@ def evaluate(
     docs = load_documents(data, ref_tok)
     data_name = f"--data {data}" if data else "the default corpus"
     windows = make_windows(docs, ref_tok, seq_len, num_samples, seed, data_name)
-    del ref_tok
-    ref_fp, win_fp = model_fingerprint(ref_path, progress), windows_fingerprint(windows)
-    owned = cache_dir is None
-    cache = ReferenceCache(Path(cache_dir).resolve() if cache_dir else
-                           default_cache_dir(ref_fp, win_fp, top_k), owned=owned)
-    ids = {"reference": ref_fp, "tokenizer": tok_fp, "windows": win_fp}
-    want = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
-
-    t0 = time.perf_counter()
     k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
-    meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
-        ref_path, cache, windows, top_k, k_planned, loader, fused, dict(ids, fused=fused), progress))
-    t_ref = time.perf_counter() - t0
+    return {"ref_path": ref_path, "build_path": build_path, "tok_fp": tok_fp,
+            "windows": windows, "win_fp": windows_fingerprint(windows), "k_planned": k_planned}
 
-    t0 = time.perf_counter()
-    per_pos = _run_build(build_path, cache, windows, loader, fused, progress)
-    t_build = time.perf_counter() - t0
 
+def _open_cache(p: dict, ref_fp: str, cache_dir, top_k) -> "ReferenceCache":
+    owned = cache_dir is None
+    return ReferenceCache(Path(cache_dir).resolve() if cache_dir else
+                          default_cache_dir(ref_fp, p["win_fp"], top_k), owned=owned)
+
+
+def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, near_tie,
+            t_ref, t_build) -> dict:
+    windows = p["windows"]
     report = summarize(per_pos, near_tie)
     return {
         "moequant_eval": CACHE_VERSION,
-        "reference": str(ref_path),
-        "model": str(build_path),
+        "reference": str(p["ref_path"]),
+        "model": str(p["build_path"]),
         "fused": fused,
         "data": {"source": data or "python-stdlib (default corpus)", "seed": seed,
                  "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
@@ -1095,12 +1139,122 @@ def evaluate(
     }
 
 
+def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples, seed, top_k,
+                          cache_dir, near_tie, fused, trust_remote_code, progress, loader):
+    """``evaluate`` across the ranks of ``group``. Every rank checks its own arguments,
+    files and data, and all ranks must agree on them (``distributed.agree``: the models'
+    config and weight index, the tokenizer, the windows, the options) before anything is
+    loaded. Each model is pipeline-loaded across the ranks (one model in memory at a
+    time on every rank); every forward pass ends with the logits on every rank (mlx-lm's
+    pipeline gathers them), rank 0 writes the reference cache (once, under its lock) and
+    compares the build against it, the others only run their layers."""
+    from . import distributed
+
+    what = "moequant eval"
+    leader = group.rank() == 0
+    p, error = None, None
+    try:
+        p = _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k,
+                     cache_dir if leader else None, near_tie, trust_remote_code)
+        facts = {"reference model (config.json and weight index)":
+                 distributed.model_identity(p["ref_path"]),
+                 "build model (config.json and weight index)":
+                 distributed.model_identity(p["build_path"]),
+                 "tokenizer": p["tok_fp"], "token windows (--data, --seq-len, --num-samples, "
+                 "--seed)": p["win_fp"], "--top-k-cache": top_k, "--near-tie": near_tie,
+                 "--fused": fused}
+    except UserError as e:
+        facts, error = {}, e
+    distributed.agree(group, facts, error, what)
+    windows = p["windows"]
+    show = progress and leader
+    state: dict = {}
+
+    def decide():
+        # Rank 0: is there a reusable reference cache? If not, take the build lock and
+        # keep it until the cache is published.
+        ref_fp = model_fingerprint(p["ref_path"], show)
+        cache = state["cache"] = _open_cache(p, ref_fp, cache_dir, top_k)
+        ids = {"reference": ref_fp, "tokenizer": p["tok_fp"], "windows": p["win_fp"]}
+        state["want"] = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
+        state["meta"] = dict(ids, fused=fused)
+        with cache.locked(exclusive=False):
+            if isinstance(cache.probe(state["want"], top_k), tuple):
+                return "reuse"
+        stack = state["lock"] = contextlib.ExitStack()
+        stack.enter_context(cache.locked(exclusive=True))
+        cache.remove_stale()
+        found = cache.probe(state["want"], top_k)
+        if isinstance(found, tuple):
+            return "reuse"
+        if found is not None:
+            print(f"moequant eval: rebuilding the reference cache: {found}", file=sys.stderr)
+            cache.discard()
+        _check_cache_space(cache, windows, p["k_planned"])
+        return "build"
+
+    splits = {}
+    t0 = time.perf_counter()
+    try:
+        action = distributed.lead(group, decide, what)
+        if action == "build":
+            model = loader(p["ref_path"], fused=fused, group=group)
+            splits["reference"] = distributed.gather(group, distributed.layer_split(model))
+            bar = Progress(windows.shape[0], "reference", show)
+            try:
+                if leader:
+                    state["cache"].write(model, windows, top_k, state["meta"], bar)
+                else:
+                    _follow(model, windows)
+            finally:
+                bar.close()
+                del model
+                gc.collect()
+                mx.clear_cache()
+    finally:
+        if "lock" in state:
+            state["lock"].close()
+    reused = action == "reuse"
+    meta = state["cache"].open()[0] if leader else None
+    t_ref = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = loader(p["build_path"], fused=fused, group=group)
+    splits["build"] = distributed.gather(group, distributed.layer_split(model))
+    bar = Progress(windows.shape[0], "build    ", show)
+    try:
+        per_pos = (compare_against_cache(model, state["cache"], windows, bar) if leader
+                   else _follow(model, windows))
+    finally:
+        bar.close()
+        del model
+        gc.collect()
+        mx.clear_cache()
+    t_build = time.perf_counter() - t0
+    if not leader:
+        return None
+    r = _report(p, per_pos, state["cache"], meta, reused, fused, data, seed, num_samples,
+                near_tie, t_ref, t_build)
+    r["distributed"] = {"ranks": group.size(), "mode": "pipeline",
+                        "layers_per_rank": splits,
+                        "layers_note": "[start, end) of the decoder layers each rank held "
+                                       "(rank order); absent for a reused reference cache"}
+    return r
+
+
+def _follow(model, windows: np.ndarray) -> None:
+    """A non-zero rank's share of a pass: the same forward passes as rank 0, in the
+    same order (each one's collectives pair with rank 0's)."""
+    for i in range(windows.shape[0]):
+        mx.eval(log_probs(model, mx.array(windows[i])))
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show):
-    # Refuse a cache that cannot fit before the (possibly huge) reference is loaded.
+def _check_cache_space(cache, windows, k_planned) -> None:
+    """Refuse a cache that cannot fit before the (possibly huge) reference is loaded."""
     need = cache_bytes(windows.shape[0], windows.shape[1], k_planned)
     where = cache.path.parent
     try:
@@ -1111,6 +1265,10 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
         raise _user_error(f"the reference cache needs {_size(need)}, {where} has "
                           f"{_size(free)} free (lower --num-samples, --seq-len or "
                           "--top-k-cache, or give --cache elsewhere)")
+
+
+def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show):
+    _check_cache_space(cache, windows, k_planned)
     # Locals die with this frame, so the reference is released when it returns.
     model = loader(path, fused=fused)
     bar = Progress(windows.shape[0], "reference", show)

@@ -154,3 +154,22 @@ def run_mlx_lm_main(module, args, loaders=("load",), load_error=_user_error) -> 
         for name, fn in saved.items():
             setattr(module, name, fn)
     return 0
+
+
+def sharded_as_load(group, pipeline: bool):
+    """mlx-lm's ``load`` signature over ``sharded_load`` on ``group``: layer-pipelined
+    when ``pipeline``, tensor-parallel otherwise."""
+    from mlx_lm.utils import sharded_load
+
+    def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
+             lazy=False, return_config=False, revision=None, trust_remote_code=False):
+        return sharded_load(
+            path_or_hf_repo,
+            pipeline_group=group if pipeline else None,
+            tensor_group=None if pipeline else group,
+            return_config=return_config,
+            tokenizer_config=tokenizer_config,
+            trust_remote_code=trust_remote_code,
+        )
+
+    return load

@@ -190,7 +190,18 @@ def run(args) -> int:
 
     from .mlx_lm_cli import check_model_dir, run_mlx_lm_main
 
-    config = check_model_dir(args.model)
+    from . import distributed
+
+    group = distributed.world()
+    facts, error, config = {}, None, None
+    try:
+        config = check_model_dir(args.model)
+        if group.size() > 1:
+            facts = {"model (config.json and weight index)": distributed.model_identity(args.model),
+                     "--pipeline": bool(getattr(args, "pipeline", False))}
+    except Exception as e:  # under mlx.launch a local failure must reach every rank
+        error = e
+    distributed.agree(group, facts, error, "moequant serve")
     served_id = str(Path(args.model).resolve())
 
     def run_server(host, port, model_provider, *a, **k):
