@@ -60,6 +60,11 @@ def run(args) -> int:
     module.load = sharded_as_load(group, pipeline=args.pipeline)
     try:
         with distributed.quiet_unless_leader(group):
-            return run_mlx_lm_main(module, args)
+            rc = run_mlx_lm_main(module, args)
+        # mlx-lm's generate_step leaves one step in flight when it stops; a rank that
+        # exited now would cut the others' pending send/recv ("connection to a peer was
+        # lost"). Every rank finishes it before any leaves.
+        distributed.barrier(group)
+        return rc
     finally:
         module.load = saved
