@@ -251,3 +251,21 @@ def test_two_rank_serve_answers_like_one_process(moe_model, tmp_path, mode):
         stop2()
     log = (tmp_path / "two.log").read_text()
     assert log.count("[moequant] fused MoE path:") == 2, log
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve"])
+def test_generate_and_serve_refuse_ranks_that_disagree(moe_model, models, cmd):
+    base = ["-m", "moequant", cmd, "--model", str(moe_model)]
+    if cmd == "generate":
+        base += ["--prompt", "hello", "--max-tokens", "4"]
+        other = base[:-1] + ["5"]
+        want = "the ranks disagree on arguments"
+    else:
+        other = ["-m", "moequant", cmd, "--model", str(models["q4"])]
+        want = "the ranks disagree on model"
+    t0 = time.perf_counter()
+    r = launch([str(BY_RANK), json.dumps([base, other])], timeout=120)
+    assert time.perf_counter() - t0 < 60
+    for rank in (0, 1):
+        assert f"moequant {cmd} (rank {rank} of 2): error: {want}" in r.stderr, r.stderr
+        assert re.search(f"Node with rank {rank} (exited with code (2|-15)|was killed)", r.stderr)
