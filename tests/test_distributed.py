@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,31 +15,11 @@ from pathlib import Path
 import pytest
 
 from moequant import evaluate as ev
+from process_util import free_port, free_port_pair, launcher, post, wait_for_server
 from moequant.testing.tiny_mlx import make_tiny_model, quantize_tiny
 
 SEQ, NS = 48, 3
 BY_RANK = Path(__file__).with_name("rank_args_worker.py")
-
-
-def launcher() -> str:
-    exe = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
-    if not Path(exe).exists():
-        pytest.skip("mlx.launch not found")
-    return exe
-
-
-def free_port_pair() -> int:
-    for _ in range(20):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                    return p
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
 
 
 def launch(argv, timeout=240, env=None):
@@ -162,45 +140,18 @@ def test_two_rank_generate_prints_the_one_process_tokens(moe_model, mode):
     assert two.stderr.count("[moequant] fused MoE path:") == 2, two.stderr
 
 
-def post(port, body, timeout=120):
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
-                  {"Content-Type": "application/json"})
-        r = c.getresponse()
-        raw = r.read()
-        return r.status, raw
-    finally:
-        c.close()
-
-
 def start_server(argv, log_path):
     """A server process (its own process group, so that a launcher and its ranks all
     stop together) and its port, once it answers."""
     import signal
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(log_path, "w+")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([*argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
-    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    deadline = time.time() + 120
-    while True:
-        try:
-            status, _ = post(port, hi, timeout=60)
-            assert status == 200
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGTERM)
-                log.seek(0)
-                pytest.fail("server did not answer:\n" + log.read())
-            time.sleep(0.5)
+    wait_for_server(port, proc, log, on_fail=lambda: os.killpg(proc.pid, signal.SIGTERM),
+                    seconds=120)
 
     def stop():
         os.killpg(proc.pid, signal.SIGTERM)

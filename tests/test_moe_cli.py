@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
+import process_util
+from process_util import free_port
 from moequant.testing import tiny_deepseek
 
 
@@ -54,12 +55,6 @@ def test_generate_huge_pages(model_dir):
 def test_generate_needs_model():
     r = moequant("generate", "--prompt", "hi")
     assert r.returncode == 2 and "--model DIR is required" in r.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_chat_completion(server):
@@ -126,15 +121,8 @@ def test_serve_exits_when_the_generation_thread_dies(corrupt_model_dir):
 
 def post(port, body, path="/v1/chat/completions", timeout=120):
     """(status, parsed JSON body) of one request on its own connection."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        c.request("POST" if body is not None else "GET", path, data if body is not None else None,
-                  {"Content-Type": "application/json"})
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"null")
-    finally:
-        c.close()
+    status, raw = process_util.post(port, body, path, timeout)
+    return status, json.loads(raw or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +137,7 @@ def server(model_dir, tmp_path_factory):
         [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
     )
-    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    deadline = time.time() + 90
-    while True:
-        try:
-            status, _ = post(port, hi, timeout=60)
-            assert status == 200
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail("server did not answer:\n" + log.read())
-            time.sleep(0.5)
+    hi = process_util.wait_for_server(port, proc, log)
     yield port, proc, hi, tmp / "serve.log"
     proc.terminate()
     proc.wait(timeout=30)

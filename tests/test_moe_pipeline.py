@@ -4,8 +4,6 @@ localhost) with the fused path give the tokens of one unpatched process."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,30 +11,15 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+import process_util
 from moequant.testing import tiny_deepseek
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 
 
-def free_port_pair() -> int:
-    for _ in range(20):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                    return p
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
-
-
 @pytest.mark.parametrize("mode,patched", [("pipeline", (2, 1)), ("tensor", (3, 3))])
 def test_two_ranks_match_one_process(tmp_path, mode, patched):
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
-    if not Path(launcher).exists():
-        pytest.skip("mlx.launch not found")
+    launcher = process_util.launcher()
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
@@ -52,7 +35,7 @@ def test_two_ranks_match_one_process(tmp_path, mode, patched):
 
     r = subprocess.run(
         [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(free_port_pair()),
+         "--starting-port", str(process_util.free_port_pair()),
          sys.executable, str(WORKER), str(path), "fused", "12", mode],
         capture_output=True, text=True, timeout=180,
     )
