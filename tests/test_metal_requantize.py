@@ -90,7 +90,7 @@ def test_matches_mx_quantize_oracle(lib):
     packed, scales = rq.make_inputs(np.random.default_rng(5), (6, 512), 32, "float16")
     want = oracle(mx.array(packed.view(np.int32)), scales, bits=4, group_size=64,
                   src_group_size=32)
-    wq, s, b, _ = rq.run_emulated(lib, packed, rq.to_numpy(scales), 4, 64, 32, "float16",
+    wq, s, b, _ = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float16",
                                   "float16", schedule="random")
     np.testing.assert_array_equal(wq, np.array(want[0]))
     np.testing.assert_array_equal(s, np.array(want[1]))
@@ -101,7 +101,7 @@ def test_bytes_moved(lib):
     """Each input byte is read twice (range pass, code pass; the second hits the cache
     on a GPU), each output byte written once, and nothing outside the tensors."""
     packed, scales = rq.make_inputs(np.random.default_rng(0), (37, 512), 32, "float32")
-    *_, res = rq.run_emulated(lib, packed, rq.to_numpy(scales), 4, 64, 32, "float32",
+    *_, res = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float32",
                               "float16", count_unique=True)
     out_bytes = packed.nbytes * 4 // 4 + 2 * 2 * (37 * 512 // 64)
     assert res.unique_bytes_read == packed.nbytes + scales.nbytes
@@ -199,7 +199,7 @@ def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
                                                    group_size=g, src_group_size=sg, dtype=dt,
                                                    stream=mx.gpu)
                     cpu = rq.cpu_reference(packed, scales, bits, g, sg, out)
-                    emu = rq.run_emulated(lib, packed, rq.to_numpy(scales), bits, g, sg, src,
+                    emu = rq.run_emulated(lib, packed, scales, bits, g, sg, src,
                                           out)
                     for a, b, c in zip(gpu, cpu, emu):
                         np.testing.assert_array_equal(rq.to_numpy(a), b)

@@ -8,7 +8,23 @@ import mlx.core as mx
 
 from . import _ext
 
-has_metal: bool = bool(_ext.has_metal)
+
+
+def metal_status() -> Tuple[bool, str]:
+    """``(available, reason)``: whether this install can run moequant's Metal kernels
+    (built with them and the metallib present), and if not, why."""
+    ok, reason = _ext.metal_status()
+    return bool(ok), str(reason)
+
+
+def metal_available() -> bool:
+    """True when GPU-stream calls of moequant's ops can run (macOS, metallib built);
+    ``metal_status()`` says why not."""
+    return metal_status()[0]
+
+
+# Kept for existing callers: the same as metal_available() at import time.
+has_metal: bool = metal_available()
 
 
 def requantize_int4(
