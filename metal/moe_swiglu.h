@@ -73,11 +73,12 @@ template <typename T, typename S, int BG, int BU>
   const uint e = idx[pair];
   const uint row0 = (tgid.x * MQ_SG + sg) * MQ_RPS;
   if (e >= E || row0 >= I) {
-    // Whole simdgroup leaves together (uniform). An out-of-range expert id
-    // contributes nothing on the GPU; the CPU path raises.
+    // Whole simdgroup leaves together (uniform). An out-of-range expert id is never
+    // read; its h rows are NaN, and moe_down makes the token's y row NaN (README:
+    // "Out-of-range expert ids").
     if (e >= E && lane == 0) {
       for (uint r = row0; r < min(row0 + MQ_RPS, I); ++r) {
-        h[pair * I + r] = 0.0f;
+        h[pair * I + r] = NAN;
       }
     }
     return;
@@ -140,10 +141,12 @@ template <typename T, typename S, int BD>
   const ulong w_row = ulong(I) * BD / 32;
   const uint ng = I / group_size;
   float acc[MQ_RPS] = {0.0f};
+  bool bad_id = false; // an out-of-range expert id: the token's row is NaN
   for (uint j = 0; j < k; ++j) {
     const uint pair = t * k + j;
     const uint e = idx[pair];
     if (e >= E) {
+      bad_id = true;
       continue; // uniform across the threadgroup
     }
     const float score = scores[pair];
@@ -169,7 +172,7 @@ template <typename T, typename S, int BD>
   for (int r = 0; r < MQ_RPS; ++r) {
     const float s = simd_sum(acc[r]);
     if (lane == 0 && row0 + r < D) {
-      y[ulong(t) * D + row0 + r] = T(s);
+      y[ulong(t) * D + row0 + r] = T(bad_id ? NAN : s);
     }
   }
 }

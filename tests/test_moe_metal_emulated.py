@@ -160,3 +160,24 @@ def test_every_instantiation_runs():
                     plan = metal_plan([moequant.moe_swiglu(*c, stream=mx.cpu)])
                     ran |= {la["kernel"] for la in plan["launches"]}
     assert ran == names, sorted(names - ran)
+
+
+def test_out_of_range_expert_ids(lib):
+    """The documented behaviour (README, "Out-of-range expert ids"): never read out of
+    bounds (the emulator checks every access), and the tokens with such an id get a NaN
+    output row on the GPU, while the other tokens are exact; the CPU raises."""
+    rng = np.random.default_rng(3)
+    x, idx, sc, g, u, d = case(rng, 4, 256, 64, 2, 3, (4, 4, 4), (64, 64, 64))
+    bad = np.array(idx)
+    bad[1, 1] = 4          # == E
+    bad[2, 0] = -1         # 0xFFFFFFFF once narrowed
+    bad = mx.array(bad)
+    y, _, _ = run_kernels(lib, x, bad, sc, g, u, d, schedule="random")
+    y = np.array(y)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    want = moe_reference(x[:1], idx[:1], sc[:1], g, u, d)
+    assert rel_err(mx.array(y[:1]), want) < 2e-6
+    import moequant
+
+    with pytest.raises(RuntimeError, match="out of range for 4 experts"):
+        mx.eval(moequant.moe_swiglu(x, bad, sc, g, u, d, stream=mx.cpu))
