@@ -15,9 +15,9 @@
 #include <metal_stdlib>
 #define MQ_INLINE inline
 #define MQ_RINT(x) metal::rint(x)
-// The contract needs IEEE division (correctly rounded). The Metal spec promises it only
-// without fast math, and <= 2.5 ulp with it; mq_div_rn below makes the quotient exact
-// from any divide within a few ulps, so the codes do not depend on the compile mode.
+// The contract needs IEEE division (correctly rounded). The Metal spec lists x / y as
+// correctly rounded but lets fast math ignore rounding; mq_div_rn below makes the
+// quotient exact from any divide within a few ulps, so the codes do not depend on it.
 #define MQ_DIV(a, b) mq_div_rn((a), (b))
 #define MQ_ABS(x) metal::fabs(x)
 #define MQ_THREAD thread
