@@ -97,9 +97,7 @@ class MlxMetalEncoder final : public KernelEncoder {
       : d_(mx::metal::device(s.device)), enc_(mx::metal::get_command_encoder(s)) {}
 
   void set_kernel(const std::string& name) override {
-    // MLX caches libraries by name for the process; the name is unique to moequant.
-    auto* lib = d_.get_library(MOEQUANT_METALLIB_NAME, extension_dir());
-    enc_.set_compute_pipeline_state(d_.get_kernel(name, lib));
+    enc_.set_compute_pipeline_state(d_.get_kernel(name, metal_library(d_)));
   }
   void set_input(const mx::array& a, int index) override {
     enc_.set_input_array(a, index);

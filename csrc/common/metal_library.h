@@ -17,3 +17,18 @@ namespace moequant {
 std::string extension_dir();
 
 } // namespace moequant
+
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+
+namespace moequant {
+
+// The metallib for code that talks to MLX's Metal device directly (new host code should
+// use KernelEncoder, common/kernel_encoder.h). MLX caches libraries by name for the
+// process; the name is unique to moequant.
+inline MTL::Library* metal_library(mlx::core::metal::Device& d) {
+  return d.get_library(MOEQUANT_METALLIB_NAME, extension_dir());
+}
+
+} // namespace moequant
+#endif
