@@ -10,7 +10,7 @@ end to end on a scaled DeepSeek-V3-shaped model (D 2048, 32 experts top-8, 4 lay
 roofline of its own weight bytes per token (at the probe's bandwidth), and prefill
 tok/s of 256 and 2048 tokens.
 
-    python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e | --e2e-only] [--quick]
+    python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e | --e2e-only] [--quick] [--device gpu]
                               [--no-huge-pages] [--prefill-lengths 256,2048] [--prefill-dtypes float32]
 
 The read-bandwidth probe reads numpy memory, which Linux backs with transparent huge
@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import mlx.core as mx
@@ -181,9 +182,22 @@ def layer_bench(args, bw):
     return rows
 
 
-# metal/moe_swiglu.h: threadgroups of MQ_SG simdgroups x MQ_RPS rows; a lane reads 32
-# codes per step, with the scale and bias of their group.
-MQ_SG, MQ_RPS = 4, 8
+def launch_geometry():
+    """(simdgroups per threadgroup, rows per simdgroup) of the Metal kernels, read off the
+    host dispatch itself (metal/moe_swiglu_launch.h is their one definition): a lane
+    reads 32 codes per step, with the scale and bias of their group."""
+    rows, e, d = 4096, 2, 64
+    z = (mx.zeros((e, rows, d * 4 // 32), mx.uint32), mx.zeros((e, rows, 1)), mx.zeros((e, rows, 1)), 4, 64)
+    zd = (mx.zeros((e, d, rows * 4 // 32), mx.uint32), mx.zeros((e, d, rows // 64)),
+          mx.zeros((e, d, rows // 64)), 4, 64)
+    y = moequant.moe_swiglu(mx.zeros((1, d)), mx.zeros((1, 1), mx.uint32), mx.ones((1, 1)), z, z, zd,
+                            stream=mx.cpu)
+    launch = moequant._ext._metal_dispatch_plan([y])["launches"][0]
+    sg = launch["threadgroup"][1]
+    return sg, rows // launch["grid"][0] // sg
+
+
+MQ_SG, MQ_RPS = launch_geometry()
 
 
 def metal_bytes(bits, gs, xsize=2, ssize=2, D=D, I=I, k=K):
@@ -400,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
+        "--device", choices=["cpu", "gpu"], default="cpu",
+        help="where both paths run (gpu: Metal, macOS only; the bandwidth probe stays a "
+        "CPU numpy sum over the same unified memory)",
+    )
+    ap.add_argument(
         "--no-huge-pages", dest="huge_pages", action="store_false",
         help="leave the weights on the pages MLX allocated (4 KiB unless glibc was told otherwise)",
     )
@@ -409,11 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     args = build_parser().parse_args()
 
-    mx.set_default_device(mx.cpu)
+    if args.device == "gpu":
+        if not moequant.metal_available():
+            print(f"bench_moe.py: --device gpu: {moequant.metal_status()[1]}", file=sys.stderr)
+            raise SystemExit(2)
+        args.huge_pages = False  # a CPU page-table matter
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.prefill_op:
         return prefill_op_bench(args)
     print(
-        f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
+        f"# device {args.device}; {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
         f" moequant threads {moequant.get_num_threads()}, kernel {moequant.moe_cpu_path()},"
         f" mlx {mx.__version__}",
         flush=True,

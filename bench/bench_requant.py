@@ -5,7 +5,7 @@ Kimi expert matrices (gate/up 2048 x 7168, down 7168 x 2048), INT4 g32 bf16 scal
 3/4/6-bit g64. Prints ms, input GB/s (packed words + scales), the speedup, and the
 fraction of the read bandwidth measured in this same run with the same thread count.
 
-    python bench/bench_requant.py [--repeat 5] [--threads 1 2]
+    python bench/bench_requant.py [--repeat 5] [--threads 1 2] [--device gpu]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import mlx.core as mx
@@ -41,13 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="thread counts to run (default: 1 and all cores)")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6],
                     help="output bit widths (default: 3 4 6)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="where both paths run (gpu: Metal, macOS only; --threads then only "
+                    "sizes the CPU bandwidth probe)")
     return ap
 
 
 def main():
     args = build_parser().parse_args()
+    if args.device == "gpu" and not moequant.metal_available():
+        print(f"bench_requant.py: --device gpu: {moequant.metal_status()[1]}", file=sys.stderr)
+        raise SystemExit(2)
+    dev = mx.gpu if args.device == "gpu" else mx.cpu
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; mlx {mx.__version__}")
+    print(f"device {args.device}; machine: {platform.machine()}, {os.cpu_count()} cores; "
+          f"mlx {mx.__version__}")
     rng = np.random.default_rng(0)
     shapes = [(2048, 7168), (7168, 2048)]
     data = {}
@@ -74,12 +83,13 @@ def main():
                     # Exact dequantization (float32 scale and bias = -8 * scale).
                     w = mx.dequantize(
                         packed.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4,
-                        stream=mx.cpu,
+                        stream=dev,
                     )
-                    mx.eval(mx.quantize(w, group_size=64, bits=bits, stream=mx.cpu))
+                    mx.eval(mx.quantize(w, group_size=64, bits=bits, stream=dev))
 
                 def ours():
-                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64))
+                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64,
+                                                     stream=dev))
 
                 t_mlx = best_time(mlx_path, max(1, args.repeat // 2))
                 t_ours = best_time(ours, args.repeat)

@@ -6,10 +6,14 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "common/dispatch_plan.h"
 #include "common/huge_pages.h"
+#include "common/kernel_encoder.h"
 #include "mlx/transforms.h"
 #include "common/thread_pool.h"
 #include "moe_swiglu/moe_swiglu.h"
@@ -143,9 +147,9 @@ NB_MODULE(_ext, m) {
   m.def("get_num_threads", &moequant::get_num_threads);
   m.def("set_num_threads", &moequant::set_num_threads, "n"_a);
   m.def("requantize_simd_available", &moequant::cpu::requantize_simd_available);
-#ifdef _METAL_
-  m.attr("has_metal") = true;
-#else
-  m.attr("has_metal") = false;
-#endif
+  m.def("metal_status", []() {
+    auto st = moequant::metal_status();
+    return std::make_pair(st.available, st.reason);
+  });
+  moequant::register_dispatch_plan(m);
 }

@@ -6,8 +6,8 @@
 //   B  moe_down: for a token and a tile of rows of D, the down rows of all k experts
 //      of that token against their h, times the scores, summed over the k experts
 //      inside the kernel; writes y.
-// Layout (both): a threadgroup is MQ_SG simdgroups x 32 lanes; a simdgroup computes
-// MQ_RPS output rows. Each lane takes 32 consecutive codes of the input dimension per
+// Layout (both; the numbers are the launch contract, metal/moe_swiglu_launch.h): a
+// threadgroup is MQ_SG simdgroups x 32 lanes; a simdgroup computes MQ_RPS output rows. Each lane takes 32 consecutive codes of the input dimension per
 // step (B whole uint32 words for B-bit codes, so 3/5/6-bit rows are read as words
 // too), a simdgroup 1024 codes per step. A lane's 32 codes lie in one affine group
 // (group sizes are 32, 64, 128), so with s, b the group's parameters
@@ -17,10 +17,11 @@
 // stored, so every lane reaches every simd_sum.
 #pragma once
 
+#include "moe_swiglu_launch.h"
 #include "quant_math.h"
 
-#define MQ_SG 4
-#define MQ_RPS 8
+#define MQ_SG MQ_MOE_SIMDGROUPS
+#define MQ_RPS MQ_MOE_ROWS_PER_SIMDGROUP
 #define MQ_VPT 32
 
 // A lane's partial dot of one row with its 32 vector values v (group sum vsum).
@@ -46,24 +47,24 @@ inline float mq_lane_dot(
   return float(srow[g]) * acc + float(brow[g]) * vsum;
 }
 
-// grid: (ceil(I / (MQ_SG*MQ_RPS)), T*k, 1) threadgroups of (32, MQ_SG, 1).
+// grid: (ceil(I / MQ_MOE_ROWS_PER_TG), T*k, 1) threadgroups of (32, MQ_SG, 1).
 template <typename T, typename S, int BG, int BU>
 [[kernel]] void moe_gate_up(
-    const device T* x [[buffer(0)]], // T x D
-    const device uint* idx [[buffer(1)]], // T x k
-    const device uint* gw [[buffer(2)]], // E x I x D*BG/32
-    const device S* gs [[buffer(3)]], // E x I x D/G_gate
-    const device S* gb [[buffer(4)]],
-    const device uint* uw [[buffer(5)]], // E x I x D*BU/32
-    const device S* us [[buffer(6)]], // E x I x D/G_up
-    const device S* ub [[buffer(7)]],
-    device float* h [[buffer(8)]], // T x k x I
-    constant uint& D [[buffer(9)]],
-    constant uint& I [[buffer(10)]],
-    constant uint& k [[buffer(11)]],
-    constant uint& E [[buffer(12)]],
-    constant uint& g_gate [[buffer(13)]],
-    constant uint& g_up [[buffer(14)]],
+    const device T* x [[buffer(MQ_GU_X)]], // T x D
+    const device uint* idx [[buffer(MQ_GU_IDX)]], // T x k
+    const device uint* gw [[buffer(MQ_GU_GATE_W)]], // E x I x D*BG/32
+    const device S* gs [[buffer(MQ_GU_GATE_S)]], // E x I x D/G_gate
+    const device S* gb [[buffer(MQ_GU_GATE_B)]],
+    const device uint* uw [[buffer(MQ_GU_UP_W)]], // E x I x D*BU/32
+    const device S* us [[buffer(MQ_GU_UP_S)]], // E x I x D/G_up
+    const device S* ub [[buffer(MQ_GU_UP_B)]],
+    device float* h [[buffer(MQ_GU_H)]], // T x k x I
+    constant uint& D [[buffer(MQ_GU_D)]],
+    constant uint& I [[buffer(MQ_GU_I)]],
+    constant uint& k [[buffer(MQ_GU_K)]],
+    constant uint& E [[buffer(MQ_GU_E)]],
+    constant uint& g_gate [[buffer(MQ_GU_GATE_GROUP)]],
+    constant uint& g_up [[buffer(MQ_GU_UP_GROUP)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
@@ -72,11 +73,12 @@ template <typename T, typename S, int BG, int BU>
   const uint e = idx[pair];
   const uint row0 = (tgid.x * MQ_SG + sg) * MQ_RPS;
   if (e >= E || row0 >= I) {
-    // Whole simdgroup leaves together (uniform). An out-of-range expert id
-    // contributes nothing on the GPU; the CPU path raises.
+    // Whole simdgroup leaves together (uniform). An out-of-range expert id is never
+    // read; its h rows are NaN, and moe_down makes the token's y row NaN (README:
+    // "Out-of-range expert ids").
     if (e >= E && lane == 0) {
       for (uint r = row0; r < min(row0 + MQ_RPS, I); ++r) {
-        h[pair * I + r] = 0.0f;
+        h[pair * I + r] = NAN;
       }
     }
     return;
@@ -113,21 +115,21 @@ template <typename T, typename S, int BG, int BU>
   }
 }
 
-// grid: (ceil(D / (MQ_SG*MQ_RPS)), T, 1) threadgroups of (32, MQ_SG, 1).
+// grid: (ceil(D / MQ_MOE_ROWS_PER_TG), T, 1) threadgroups of (32, MQ_SG, 1).
 template <typename T, typename S, int BD>
 [[kernel]] void moe_down(
-    const device float* h [[buffer(0)]], // T x k x I
-    const device uint* idx [[buffer(1)]], // T x k
-    const device float* scores [[buffer(2)]], // T x k
-    const device uint* dw [[buffer(3)]], // E x D x I*BD/32
-    const device S* ds [[buffer(4)]], // E x D x I/G
-    const device S* db [[buffer(5)]],
-    device T* y [[buffer(6)]], // T x D
-    constant uint& D [[buffer(7)]],
-    constant uint& I [[buffer(8)]],
-    constant uint& k [[buffer(9)]],
-    constant uint& E [[buffer(10)]],
-    constant uint& group_size [[buffer(11)]],
+    const device float* h [[buffer(MQ_DN_H)]], // T x k x I
+    const device uint* idx [[buffer(MQ_DN_IDX)]], // T x k
+    const device float* scores [[buffer(MQ_DN_SCORES)]], // T x k
+    const device uint* dw [[buffer(MQ_DN_W)]], // E x D x I*BD/32
+    const device S* ds [[buffer(MQ_DN_S)]], // E x D x I/G
+    const device S* db [[buffer(MQ_DN_B)]],
+    device T* y [[buffer(MQ_DN_Y)]], // T x D
+    constant uint& D [[buffer(MQ_DN_D)]],
+    constant uint& I [[buffer(MQ_DN_I)]],
+    constant uint& k [[buffer(MQ_DN_K)]],
+    constant uint& E [[buffer(MQ_DN_E)]],
+    constant uint& group_size [[buffer(MQ_DN_GROUP)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
@@ -139,10 +141,12 @@ template <typename T, typename S, int BD>
   const ulong w_row = ulong(I) * BD / 32;
   const uint ng = I / group_size;
   float acc[MQ_RPS] = {0.0f};
+  bool bad_id = false; // an out-of-range expert id: the token's row is NaN
   for (uint j = 0; j < k; ++j) {
     const uint pair = t * k + j;
     const uint e = idx[pair];
     if (e >= E) {
+      bad_id = true;
       continue; // uniform across the threadgroup
     }
     const float score = scores[pair];
@@ -168,7 +172,7 @@ template <typename T, typename S, int BD>
   for (int r = 0; r < MQ_RPS; ++r) {
     const float s = simd_sum(acc[r]);
     if (lane == 0 && row0 + r < D) {
-      y[ulong(t) * D + row0 + r] = T(s);
+      y[ulong(t) * D + row0 + r] = T(bad_id ? NAN : s);
     }
   }
 }

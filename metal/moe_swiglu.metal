@@ -5,14 +5,13 @@ using namespace metal;
 
 #include "moe_swiglu.h"
 
-// moe_gate_up_<x dtype>_<scales dtype>_b<gate bits>_b<up bits>
-#define MQ_INST_GATE_UP(tn, T, sn, S, bg, bu)                                      \
-  template [[host_name("moe_gate_up_" #tn "_" #sn "_b" #bg "_b" #bu)]] [[kernel]] \
+// Names: MQ_MOE_GATE_UP_NAME / MQ_MOE_DOWN_NAME (moe_swiglu_launch.h).
+#define MQ_INST_GATE_UP(tn, T, sn, S, bg, bu)                                \
+  template [[host_name(MQ_MOE_GATE_UP_NAME(tn, sn, bg, bu))]] [[kernel]] \
   decltype(moe_gate_up<T, S, bg, bu>) moe_gate_up<T, S, bg, bu>;
 
-// moe_down_<y dtype>_<scales dtype>_b<down bits>
-#define MQ_INST_DOWN(tn, T, sn, S, bd)                                      \
-  template [[host_name("moe_down_" #tn "_" #sn "_b" #bd)]] [[kernel]]      \
+#define MQ_INST_DOWN(tn, T, sn, S, bd)                              \
+  template [[host_name(MQ_MOE_DOWN_NAME(tn, sn, bd))]] [[kernel]] \
   decltype(moe_down<T, S, bd>) moe_down<T, S, bd>;
 
 #define MQ_GU_UP(tn, T, sn, S, bg) \

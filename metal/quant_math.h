@@ -15,8 +15,10 @@
 #include <metal_stdlib>
 #define MQ_INLINE inline
 #define MQ_RINT(x) metal::rint(x)
-// Metal's default division is not correctly rounded; the contract needs IEEE.
-#define MQ_DIV(a, b) metal::precise::divide((a), (b))
+// The contract needs IEEE division (correctly rounded). The Metal spec lists x / y as
+// correctly rounded but lets fast math ignore rounding; mq_div_rn below makes the
+// quotient exact from any divide within a few ulps, so the codes do not depend on it.
+#define MQ_DIV(a, b) mq_div_rn((a), (b))
 #define MQ_ABS(x) metal::fabs(x)
 #define MQ_THREAD thread
 typedef uint mq_u32;
@@ -29,6 +31,45 @@ typedef ulong mq_u64;
 #define MQ_ABS(x) __builtin_fabsf(x)
 typedef unsigned int mq_u32;
 typedef unsigned long long mq_u64;
+#endif
+
+#ifdef __METAL_VERSION__
+// The float next to a finite, non-zero q towards +inf (up) or -inf.
+MQ_INLINE float mq_next(float q, bool up) {
+  const uint u = metal::as_type<uint>(q);
+  return metal::as_type<float>((q > 0.0f) == up ? u + 1u : u - 1u);
+}
+
+// a / b rounded to nearest, ties to even: what IEEE division (the CPU) gives, from a
+// hardware quotient that may be a few ulps off. The residual a - q*b is exact in one
+// fma once q is within an ulp of a/b (and is still of the right sign and far beyond
+// the bounds while it is not), and the bounds, half the gaps to q's neighbours times
+// |b|, are exact products of a power of two; so each step moves q one ulp towards the
+// exact quotient until it is the correctly rounded one. Four steps cover a 3-ulp start.
+// Assumes normal-range operands and quotient (no flush-to-zero effects), which
+// requantization's scales and weights are.
+MQ_INLINE float mq_div_rn(float a, float b) {
+  float q = metal::precise::divide(a, b);
+  if (q == 0.0f || metal::isinf(q) || metal::isnan(q)) {
+    return q;
+  }
+  const float ab = MQ_ABS(b);
+  for (int i = 0; i < 4; ++i) {
+    const float r = metal::fma(-q, b, a);
+    const float rs = b < 0.0f ? -r : r; // (a/b - q) * |b|
+    const float hi = 0.5f * (mq_next(q, true) - q) * ab;
+    const float lo = 0.5f * (q - mq_next(q, false)) * ab;
+    const bool odd = (metal::as_type<uint>(q) & 1u) != 0u;
+    if (rs > hi || (rs == hi && odd)) {
+      q = mq_next(q, true);
+    } else if (rs < -lo || (rs == -lo && odd)) {
+      q = mq_next(q, false);
+    } else {
+      break;
+    }
+  }
+  return q;
+}
 #endif
 
 // Decoding a compressed-tensors INT4 code: stored as u = q + 8, weight = q * scale.

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "quant_math.h"
+#include "requantize_launch.h"
 
 // packed:     rows x K/8 words, nibble u = q + 8, element i of a word at bits 4i
 // src_scales: rows x K/SG
@@ -16,13 +17,13 @@
 // Output words are written whole.
 template <typename SrcT, typename OutT, int BITS, int G, int SG>
 [[kernel]] void requantize_int4(
-    const device uint* packed [[buffer(0)]],
-    const device SrcT* src_scales [[buffer(1)]],
-    device uint* wq [[buffer(2)]],
-    device OutT* scales [[buffer(3)]],
-    device OutT* biases [[buffer(4)]],
-    constant uint& n_groups [[buffer(5)]],
-    constant uint& groups_per_row [[buffer(6)]],
+    const device uint* packed [[buffer(MQ_RQ_PACKED)]],
+    const device SrcT* src_scales [[buffer(MQ_RQ_SRC_SCALES)]],
+    device uint* wq [[buffer(MQ_RQ_WQ)]],
+    device OutT* scales [[buffer(MQ_RQ_SCALES)]],
+    device OutT* biases [[buffer(MQ_RQ_BIASES)]],
+    constant uint& n_groups [[buffer(MQ_RQ_N_GROUPS)]],
+    constant uint& groups_per_row [[buffer(MQ_RQ_GROUPS_PER_ROW)]],
     uint gid [[thread_position_in_grid]]) {
   if (gid >= n_groups) {
     return;

@@ -6,8 +6,8 @@
 using namespace metal;
 
 #define MQ_INSTANTIATE_REQUANT(sname, SrcT, oname, OutT, bits, g, sg)              \
-  template [[host_name("requantize_int4_b" #bits "_g" #g "_sg" #sg "_" #sname "_" \
-                       #oname)]] [[kernel]] decltype(requantize_int4<SrcT, OutT, bits, g, sg>) \
+  template [[host_name(MQ_RQ_NAME(bits, g, sg, sname, oname))]] [[kernel]]        \
+      decltype(requantize_int4<SrcT, OutT, bits, g, sg>)                           \
       requantize_int4<SrcT, OutT, bits, g, sg>;
 
 #define MQ_REQUANT_OUT(sname, SrcT, bits, g, sg)                      \

@@ -90,7 +90,7 @@ def test_matches_mx_quantize_oracle(lib):
     packed, scales = rq.make_inputs(np.random.default_rng(5), (6, 512), 32, "float16")
     want = oracle(mx.array(packed.view(np.int32)), scales, bits=4, group_size=64,
                   src_group_size=32)
-    wq, s, b, _ = rq.run_emulated(lib, packed, rq.to_numpy(scales), 4, 64, 32, "float16",
+    wq, s, b, _ = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float16",
                                   "float16", schedule="random")
     np.testing.assert_array_equal(wq, np.array(want[0]))
     np.testing.assert_array_equal(s, np.array(want[1]))
@@ -101,7 +101,7 @@ def test_bytes_moved(lib):
     """Each input byte is read twice (range pass, code pass; the second hits the cache
     on a GPU), each output byte written once, and nothing outside the tensors."""
     packed, scales = rq.make_inputs(np.random.default_rng(0), (37, 512), 32, "float32")
-    *_, res = rq.run_emulated(lib, packed, rq.to_numpy(scales), 4, 64, 32, "float32",
+    *_, res = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float32",
                               "float16", count_unique=True)
     out_bytes = packed.nbytes * 4 // 4 + 2 * 2 * (37 * 512 // 64)
     assert res.unique_bytes_read == packed.nbytes + scales.nbytes
@@ -199,8 +199,43 @@ def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
                                                    group_size=g, src_group_size=sg, dtype=dt,
                                                    stream=mx.gpu)
                     cpu = rq.cpu_reference(packed, scales, bits, g, sg, out)
-                    emu = rq.run_emulated(lib, packed, rq.to_numpy(scales), bits, g, sg, src,
+                    emu = rq.run_emulated(lib, packed, scales, bits, g, sg, src,
                                           out)
                     for a, b, c in zip(gpu, cpu, emu):
                         np.testing.assert_array_equal(rq.to_numpy(a), b)
                         np.testing.assert_array_equal(c, b)
+
+
+# ---- inexact division on the GPU -------------------------------------------------------
+# Metal promises a correctly rounded x / y only without fast math (<= 2.5 ulp with it);
+# quant_math.h's mq_div_rn corrects any quotient within a few ulps to the IEEE one. In
+# the emulator's inexact-division mode every divide() is off by up to 3 ulps.
+DIV_CONFIGS = ((2, 64, 32, "bfloat16", "bfloat16"), (3, 64, 32, "bfloat16", "bfloat16"),
+               (4, 32, 128, "float32", "float16"), (5, 128, 32, "float16", "float32"),
+               (6, 64, 64, "bfloat16", "bfloat16"), (8, 128, 128, "float32", "bfloat16"))
+
+
+def _div_suite(lib, configs=DIV_CONFIGS):
+    rng = np.random.default_rng(31)
+    for bits, g, sg, src, out in configs:
+        cases = [rq.make_inputs(rng, (37, 512), sg, src)]
+        if sg == 32:
+            cases.append(rq.structured_inputs(src))
+        for packed, scales in cases:
+            rq.check(lib, packed, scales, bits, g, sg, src, out, "forward")
+
+
+def test_exact_codes_with_inexact_division(tmp_path):
+    lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", div_ulps=3, cache=tmp_path,
+                       only=[rq.kernel_name(*c) for c in DIV_CONFIGS])
+    _div_suite(lib)
+
+
+def test_inexact_division_mode_has_teeth(tmp_path):
+    """The control: without the correction the same inexact divides change codes."""
+    d = mutated_metal_dir(tmp_path, "quant_math.h", "#define MQ_DIV(a, b) mq_div_rn((a), (b))",
+                          "#define MQ_DIV(a, b) metal::precise::divide((a), (b))")
+    lib = MetalLibrary(d / "requantize.metal", div_ulps=3, cache=tmp_path,
+                       only=[rq.kernel_name(*c) for c in DIV_CONFIGS])
+    with pytest.raises(AssertionError, match="differs from the CPU op"):
+        _div_suite(lib)

@@ -17,10 +17,9 @@ metal_emulator = pytest.importorskip(
 )
 
 METAL = Path(__file__).resolve().parents[1] / "metal" / "moe_swiglu.metal"
-SG, RPS = 4, 8  # MQ_SG, MQ_RPS in metal/moe_swiglu.h
-ROWS_PER_TG = SG * RPS
-NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+from metal_emulator.dispatch import metal_plan, result, run_plan  # noqa: E402
 
+NAMES = ("float32", "float16", "bfloat16")
 
 _LIBS = {}
 
@@ -28,22 +27,15 @@ _LIBS = {}
 class Lib:
     """Compiles just the instantiations a test launches (the file has hundreds)."""
 
-    def run(self, name, **kw):
+    def __call__(self, name):
         if name not in _LIBS:
             _LIBS[name] = metal_emulator.MetalLibrary(str(METAL), only=[name])
-        return _LIBS[name].run(name, **kw)
+        return _LIBS[name]
 
 
 @pytest.fixture(scope="module")
 def lib():
     return Lib()
-
-
-def host(a: mx.array) -> np.ndarray:
-    """An mx array as the emulator's device buffer (bfloat16 as uint16 bits)."""
-    if a.dtype == mx.bfloat16:
-        return np.array(a.view(mx.uint16))
-    return np.ascontiguousarray(np.array(a))
 
 
 def proj_bytes(p, experts) -> int:
@@ -52,30 +44,17 @@ def proj_bytes(p, experts) -> int:
 
 
 def run_kernels(lib, x, idx, sc, g, u, d, schedule="forward", **kw):
-    T, D = x.shape
-    k = idx.shape[1]
-    E, I = g[0].shape[0], g[0].shape[1]
-    xn, sn = NAMES[str(x.dtype).split(".")[-1]], NAMES[str(g[1].dtype).split(".")[-1]]
-    h = np.full((T, k, I), np.nan, np.float32)
-    bufs = {0: host(x), 1: host(idx.astype(mx.uint32))}
-    for i, a in enumerate((*g[:3], *u[:3])):
-        bufs[2 + i] = host(a)
-    bufs.update({8: h, 9: np.uint32(D), 10: np.uint32(I), 11: np.uint32(k), 12: np.uint32(E),
-                 13: np.uint32(g[4]), 14: np.uint32(u[4])})
-    ra = lib.run(f"moe_gate_up_{xn}_{sn}_b{g[3]}_b{u[3]}", buffers=bufs,
-                 grid=(-(-I // ROWS_PER_TG), T * k, 1), threadgroup=(32, SG, 1), schedule=schedule, **kw)
-    ydt = np.float32 if xn == "float32" else np.uint16 if xn == "bfloat16" else np.float16
-    y = np.zeros((T, D), ydt)
-    bufs = {0: h, 1: host(idx.astype(mx.uint32)), 2: host(sc.astype(mx.float32))}
-    for i, a in enumerate(d[:3]):
-        bufs[3 + i] = host(a)
-    bufs.update({6: y, 7: np.uint32(D), 8: np.uint32(I), 9: np.uint32(k), 10: np.uint32(E),
-                 11: np.uint32(d[4])})
-    rb = lib.run(f"moe_down_{xn}_{sn}_b{d[3]}", buffers=bufs,
-                 grid=(-(-D // ROWS_PER_TG), T, 1), threadgroup=(32, SG, 1), schedule=schedule, **kw)
-    if xn == "bfloat16":
-        y = mx.array(y).view(mx.bfloat16)
-    return mx.array(y), ra, rb
+    """moequant.moe_swiglu's Metal path on the emulator: the op builds its graph (on the
+    CPU stream), its primitives' host dispatch (MoeGateUp/MoeDown::encode, what
+    eval_gpu runs on a Mac) is recorded, and the recorded launches run on the emulator.
+    Returns y (shaped like x) and the two launches' results."""
+    import moequant
+
+    y = moequant.moe_swiglu(x, idx, sc, g, u, d, stream=mx.cpu)
+    plan = metal_plan([y])
+    bufs, res = run_plan(plan, lib, schedule=schedule, **kw)
+    assert [r["kernel"].split("_")[1] for r in plan["launches"]] == ["gate", "down"]
+    return result(plan, bufs, 0, y), res[0], res[1]
 
 
 def case(rng, E, D, I, k, T, bits, gs, sdtype="float32", xdtype=mx.float32):
@@ -121,8 +100,13 @@ def test_kimi_shape_and_bytes(lib):
     # Beyond the weights (read once): every simdgroup re-reads its token's x (A) or
     # the k h vectors (B), each lane reads its 32-code chunk's scale and bias (shared
     # by G/32 lanes), and each thread the ids and scores. On a GPU these hit the cache.
-    D, I, k, G, xs, ss, tg_threads = 7168, 2048, 8, 64, 2, 2, 32 * SG
-    tgs_a, tgs_b = -(-I // ROWS_PER_TG) * k, -(-D // ROWS_PER_TG)
+    import moequant
+
+    plan = metal_plan([moequant.moe_swiglu(x, idx, sc, g, u, d, stream=mx.cpu)])
+    (ga, ta), (gb, tb) = ((la["grid"], la["threadgroup"]) for la in plan["launches"])
+    SG = ta[1]  # simdgroups per threadgroup, as the host dispatch launches them
+    D, I, k, G, xs, ss, tg_threads = 7168, 2048, 8, 64, 2, 2, ta[0] * ta[1]
+    tgs_a, tgs_b = ga[0] * ga[1] * ga[2], gb[0] * gb[1] * gb[2]
     extra_a = tgs_a * (SG * D * xs + tg_threads * 4) + k * 2 * I * (D // 32 - D // G) * 2 * ss
     extra_b = tgs_b * (SG * k * I * 4 + tg_threads * k * 8) + k * D * (I // 32 - I // G) * 2 * ss
     print(f"\nkernel A: loads {ra.bytes_read / 1e6:.1f} MB, distinct {ra.unique_bytes_read / 1e6:.1f} MB"
@@ -145,8 +129,8 @@ class WholeFile:
     def __init__(self):
         self.lib = metal_emulator.MetalLibrary(str(METAL))
 
-    def run(self, name, **kw):
-        return self.lib.run(name, **kw)
+    def __call__(self, name):
+        return self.lib
 
 
 TOL = {mx.float32: 2e-6, mx.float16: 2e-3, mx.bfloat16: 1e-2}
@@ -154,8 +138,8 @@ DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def test_every_instantiation_runs():
-    """Every host-named kernel of moe_swiglu.metal, on a small case against the float64
-    oracle, under two schedules: each gate/up pair of bits is paired with a down width
+    """Every host-named kernel of moe_swiglu.metal, launched by the host dispatch, on a
+    small case against the float64 oracle, under two schedules: each gate/up pair of bits is paired with a down width
     that cycles through all of them, so every moe_down_* runs too."""
     lib = WholeFile()
     names = set(lib.lib.kernels)
@@ -171,5 +155,29 @@ def test_every_instantiation_runs():
                     for schedule in ("forward", "reverse"):
                         y, _, _ = run_kernels(lib, *c, schedule=schedule)
                         assert rel_err(y, moe_reference(*c)) < TOL[DT[xn]], (xn, sn, bg, bu, bd)
-                    ran |= {f"moe_gate_up_{xn}_{sn}_b{bg}_b{bu}", f"moe_down_{xn}_{sn}_b{bd}"}
+                    import moequant
+
+                    plan = metal_plan([moequant.moe_swiglu(*c, stream=mx.cpu)])
+                    ran |= {la["kernel"] for la in plan["launches"]}
     assert ran == names, sorted(names - ran)
+
+
+def test_out_of_range_expert_ids(lib):
+    """The documented behaviour (README, "Out-of-range expert ids"): never read out of
+    bounds (the emulator checks every access), and the tokens with such an id get a NaN
+    output row on the GPU, while the other tokens are exact; the CPU raises."""
+    rng = np.random.default_rng(3)
+    x, idx, sc, g, u, d = case(rng, 4, 256, 64, 2, 3, (4, 4, 4), (64, 64, 64))
+    bad = np.array(idx)
+    bad[1, 1] = 4          # == E
+    bad[2, 0] = -1         # 0xFFFFFFFF once narrowed
+    bad = mx.array(bad)
+    y, _, _ = run_kernels(lib, x, bad, sc, g, u, d, schedule="random")
+    y = np.array(y)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    want = moe_reference(x[:1], idx[:1], sc[:1], g, u, d)
+    assert rel_err(mx.array(y[:1]), want) < 2e-6
+    import moequant
+
+    with pytest.raises(RuntimeError, match="out of range for 4 experts"):
+        mx.eval(moequant.moe_swiglu(x, bad, sc, g, u, d, stream=mx.cpu))

@@ -1,33 +1,32 @@
-// Loading moequant's precompiled metallib (macOS builds only).
+// Where moequant's precompiled metallib lives, and its name.
 #pragma once
 
-#ifdef _METAL_
-#include <dlfcn.h>
-
 #include <string>
-
-#include "mlx/backend/metal/device.h"
 
 #ifndef MOEQUANT_METALLIB_NAME
 #define MOEQUANT_METALLIB_NAME "moequant_kernels"
 #endif
+// Written next to the extension by the build instead of the metallib when
+// MOEQUANT_METAL=auto and the Metal compiler failed (cmake/build_metallib.cmake).
+#define MOEQUANT_METAL_ERROR_FILE "moequant_metal_error.txt"
 
 namespace moequant {
 
-// The metallib is installed next to this extension module; dladdr on one of our own
-// symbols finds that directory wherever the package was installed.
-inline std::string extension_dir() {
-  Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&extension_dir), &info) == 0 || !info.dli_fname) {
-    return {};
-  }
-  std::string path(info.dli_fname);
-  auto slash = path.find_last_of('/');
-  return slash == std::string::npos ? std::string(".") : path.substr(0, slash);
-}
+// The directory of this extension module (the metallib is installed next to it), found
+// with dladdr on one of our own symbols wherever the package was installed.
+std::string extension_dir();
 
+} // namespace moequant
+
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+
+namespace moequant {
+
+// The metallib for code that talks to MLX's Metal device directly (new host code should
+// use KernelEncoder, common/kernel_encoder.h). MLX caches libraries by name for the
+// process; the name is unique to moequant.
 inline MTL::Library* metal_library(mlx::core::metal::Device& d) {
-  // MLX caches libraries by name for the process; the name is unique to moequant.
   return d.get_library(MOEQUANT_METALLIB_NAME, extension_dir());
 }
 

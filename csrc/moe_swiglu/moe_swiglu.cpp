@@ -7,12 +7,7 @@
 #include "common/checks.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
-
-#ifdef _METAL_
-#include "common/metal_library.h"
-#include "mlx/backend/metal/device.h"
-#include "mlx/backend/metal/utils.h"
-#endif
+#include "moe_swiglu_launch.h"
 
 namespace moequant {
 
@@ -133,6 +128,12 @@ MoeOperands check_moe(
   const int E = check_proj("gate", gate, I, D, 0);
   check_proj("up", up, I, D, E);
   check_proj("down", down, D, I, E);
+  // One scales dtype for gate and up: the fused gate/up kernel reads both with one type.
+  // Checked here, for every backend, rather than when a GPU launch is encoded.
+  if (gate.scales.dtype() != up.scales.dtype()) {
+    fail("gate and up scales must share one dtype; got " + dtype_str(gate.scales.dtype()) +
+         " and " + dtype_str(up.scales.dtype()) + ".");
+  }
 
   // Tokens are one int axis of the flattened arrays: count them without overflow.
   long long tokens = 1;
@@ -177,6 +178,7 @@ mx::array moe_swiglu(
     const QuantProj& up,
     const QuantProj& down,
     mx::StreamOrDevice s) {
+  check_metal_stream(s, "moe_swiglu");
   auto o = check_moe(x, indices, scores, gate, up, down, s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
   auto h = mx::array(
@@ -201,6 +203,11 @@ mx::array moe_prefill(
     const QuantProj& up,
     const QuantProj& down,
     mx::StreamOrDevice s) {
+  if (wants_gpu(s)) {
+    throw std::invalid_argument(
+        "[moequant.moe_prefill] has no GPU kernel (MLX's gather_qmm batches tokens on the "
+        "GPU); use a CPU stream.");
+  }
   auto o = check_moe(x, indices, scores, gate, up, down, s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
   auto y = mx::array(
@@ -305,82 +312,78 @@ void MoePrefill::eval_gpu(const std::vector<mx::array>&, mx::array&) {
       "GPU); use a CPU stream.");
 }
 
-#ifdef _METAL_
-// Must match MQ_SG * MQ_RPS in metal/moe_swiglu.h.
-constexpr int kRowsPerThreadgroup = 32;
-constexpr int kSimdgroups = 4;
+// ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so
+// that the emulator tests execute it too; geometry and indices from moe_swiglu_launch.h.
 
-void MoeGateUp::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+namespace {
+
+uint32_t row_tiles(uint32_t rows) {
+  return (rows + MQ_MOE_ROWS_PER_TG - 1) / MQ_MOE_ROWS_PER_TG;
+}
+
+constexpr Dim3 kMoeThreadgroup{MQ_MOE_LANES, MQ_MOE_SIMDGROUPS, 1};
+
+} // namespace
+
+void MoeGateUp::encode(
+    KernelEncoder& enc,
+    const std::vector<mx::array>& in,
+    const std::vector<mx::array>& out) const {
   const uint32_t T = in[0].shape(0), D = in[0].shape(1), k = in[1].shape(1);
   const uint32_t I = in[2].shape(1), E = in[2].shape(0);
-  if (T * k == 0) {
+  if (T * k == 0 || I == 0) {
     return;
   }
-  if (in[3].dtype() != in[6].dtype()) {
-    throw std::invalid_argument(
-        "[moequant.moe_swiglu] on Metal, gate and up scales must share one dtype.");
-  }
-  std::ostringstream kname;
-  kname << "moe_gate_up_" << mx::type_to_name(in[0]) << "_" << mx::type_to_name(in[3])
-        << "_b" << gate_.bits << "_b" << up_.bits;
-  auto kernel = d.get_kernel(kname.str(), metal_library(d));
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  // check_moe guarantees one scales dtype for gate and up (the kernel's S).
+  enc.set_kernel(launch::moe_gate_up_name(
+      dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), gate_.bits, up_.bits));
+  const int bufs[8] = {MQ_GU_X,      MQ_GU_IDX,    MQ_GU_GATE_W, MQ_GU_GATE_S,
+                       MQ_GU_GATE_B, MQ_GU_UP_W,   MQ_GU_UP_S,   MQ_GU_UP_B};
   for (int i = 0; i < 8; ++i) {
-    enc.set_input_array(in[i], i);
+    enc.set_input(in[i], bufs[i]);
   }
-  enc.set_output_array(out, 8);
-  enc.set_bytes(D, 9);
-  enc.set_bytes(I, 10);
-  enc.set_bytes(k, 11);
-  enc.set_bytes(E, 12);
-  enc.set_bytes(static_cast<uint32_t>(gate_.group_size), 13);
-  enc.set_bytes(static_cast<uint32_t>(up_.group_size), 14);
-  enc.dispatch_threadgroups(
-      MTL::Size((I + kRowsPerThreadgroup - 1) / kRowsPerThreadgroup, T * k, 1),
-      MTL::Size(32, kSimdgroups, 1));
+  enc.set_output(out[0], MQ_GU_H);
+  enc.set_scalar(D, MQ_GU_D);
+  enc.set_scalar(I, MQ_GU_I);
+  enc.set_scalar(k, MQ_GU_K);
+  enc.set_scalar(E, MQ_GU_E);
+  enc.set_scalar(static_cast<uint32_t>(gate_.group_size), MQ_GU_GATE_GROUP);
+  enc.set_scalar(static_cast<uint32_t>(up_.group_size), MQ_GU_UP_GROUP);
+  enc.dispatch_threadgroups({row_tiles(I), T * k, 1}, kMoeThreadgroup);
+}
+
+void MoeDown::encode(
+    KernelEncoder& enc,
+    const std::vector<mx::array>& in,
+    const std::vector<mx::array>& out) const {
+  const uint32_t T = in[0].shape(0), k = in[0].shape(1), I = in[0].shape(2);
+  const uint32_t D = in[3].shape(1), E = in[3].shape(0);
+  if (T == 0 || D == 0) {
+    return;
+  }
+  enc.set_kernel(launch::moe_down_name(
+      dtype_str(out[0].dtype()), dtype_str(in[4].dtype()), down_.bits));
+  const int bufs[6] = {MQ_DN_H, MQ_DN_IDX, MQ_DN_SCORES, MQ_DN_W, MQ_DN_S, MQ_DN_B};
+  for (int i = 0; i < 6; ++i) {
+    enc.set_input(in[i], bufs[i]);
+  }
+  enc.set_output(out[0], MQ_DN_Y);
+  enc.set_scalar(D, MQ_DN_D);
+  enc.set_scalar(I, MQ_DN_I);
+  enc.set_scalar(k, MQ_DN_K);
+  enc.set_scalar(E, MQ_DN_E);
+  enc.set_scalar(static_cast<uint32_t>(down_.group_size), MQ_DN_GROUP);
+  enc.dispatch_threadgroups({row_tiles(D), T, 1}, kMoeThreadgroup);
+}
+
+void MoeGateUp::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs{out};
+  eval_metal(stream(), *this, outs, in, "moe_swiglu");
 }
 
 void MoeDown::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  const uint32_t T = in[0].shape(0), k = in[0].shape(1), I = in[0].shape(2);
-  const uint32_t D = in[3].shape(1), E = in[3].shape(0);
-  if (T == 0) {
-    return;
-  }
-  std::ostringstream kname;
-  kname << "moe_down_" << mx::type_to_name(out) << "_" << mx::type_to_name(in[4]) << "_b"
-        << down_.bits;
-  auto kernel = d.get_kernel(kname.str(), metal_library(d));
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
-  for (int i = 0; i < 6; ++i) {
-    enc.set_input_array(in[i], i);
-  }
-  enc.set_output_array(out, 6);
-  enc.set_bytes(D, 7);
-  enc.set_bytes(I, 8);
-  enc.set_bytes(k, 9);
-  enc.set_bytes(E, 10);
-  enc.set_bytes(static_cast<uint32_t>(down_.group_size), 11);
-  enc.dispatch_threadgroups(
-      MTL::Size((D + kRowsPerThreadgroup - 1) / kRowsPerThreadgroup, T, 1),
-      MTL::Size(32, kSimdgroups, 1));
+  std::vector<mx::array> outs{out};
+  eval_metal(stream(), *this, outs, in, "moe_swiglu");
 }
-#else
-void MoeGateUp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "[moequant.moe_swiglu] this build of moequant has no Metal support; use a CPU stream.");
-}
-void MoeDown::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "[moequant.moe_swiglu] this build of moequant has no Metal support; use a CPU stream.");
-}
-#endif
 
 } // namespace moequant

@@ -11,6 +11,7 @@
 // over its tokens, so its weights are read once per call rather than once per token.
 #pragma once
 
+#include "common/kernel_encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -53,7 +54,7 @@ struct ProjParams {
 };
 
 // inputs: x (T, D), indices (T, k) uint32, gate w/s/b, up w/s/b -> h (T, k, I) float32
-class MoeGateUp : public mx::UnaryPrimitive {
+class MoeGateUp : public mx::UnaryPrimitive, public MetalDispatch {
  public:
   MoeGateUp(mx::Stream stream, ProjParams gate, ProjParams up)
       : mx::UnaryPrimitive(stream), gate_(gate), up_(up) {}
@@ -64,6 +65,10 @@ class MoeGateUp : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
 
  private:
   ProjParams gate_;
@@ -72,7 +77,7 @@ class MoeGateUp : public mx::UnaryPrimitive {
 
 // inputs: h (T, k, I) float32, indices (T, k) uint32, scores (T, k) float32,
 // down w/s/b -> y (T, D) in out_dtype
-class MoeDown : public mx::UnaryPrimitive {
+class MoeDown : public mx::UnaryPrimitive, public MetalDispatch {
  public:
   MoeDown(mx::Stream stream, ProjParams down) : mx::UnaryPrimitive(stream), down_(down) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -82,6 +87,10 @@ class MoeDown : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
 
  private:
   ProjParams down_;

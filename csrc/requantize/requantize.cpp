@@ -8,12 +8,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 #include "requantize/requantize_cpu.h"
-
-#ifdef _METAL_
-#include "mlx/backend/metal/device.h"
-#include "mlx/backend/metal/utils.h"
-#include "common/metal_library.h"
-#endif
+#include "requantize_launch.h"
 
 namespace moequant {
 
@@ -95,6 +90,7 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
     fail("rows of " + std::to_string(K) + " weights are too long (at most 2^31 - 1).");
   }
 
+  check_metal_stream(s, "requantize_int4");
   auto stream = mx::to_stream(s);
   if (stream.device == mx::Device::cpu && !cpu::requantize_cpu_supported()) {
     throw std::runtime_error(
@@ -163,54 +159,45 @@ void RequantizeInt4::eval_cpu(
   enc.dispatch([args]() { cpu::requantize_int4(args); });
 }
 
-#ifdef _METAL_
-void RequantizeInt4::eval_gpu(
+// ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so
+// that the emulator tests execute it too; geometry and indices from requantize_launch.h.
+
+void RequantizeInt4::encode(
+    KernelEncoder& enc,
     const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
+    const std::vector<mx::array>& outputs) const {
   const auto& packed = inputs[0];
   const auto& scales = inputs[1];
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
+  const long long K = static_cast<long long>(packed.shape(-1)) * 8;
+  const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
+  const size_t total_groups = (packed.size() / packed.shape(-1)) * size_t(groups_per_row);
+  if (total_groups == 0) {
+    return;
   }
-  int K = packed.shape(-1) * 8;
-  uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  size_t total_groups = (packed.size() / packed.shape(-1)) * groups_per_row;
   if (total_groups > std::numeric_limits<uint32_t>::max()) {
     throw std::runtime_error(
         "[moequant.requantize_int4] more than 2^32 groups in one call on the GPU; "
         "split the tensor.");
   }
-  uint32_t n_groups = static_cast<uint32_t>(total_groups);
-
-  std::ostringstream kname;
-  kname << "requantize_int4_b" << bits_ << "_g" << group_size_ << "_sg" << src_group_size_
-        << "_" << mx::type_to_name(scales) << "_" << mx::type_to_name(outputs[1]);
-  auto lib = metal_library(d);
-  auto kernel = d.get_kernel(kname.str(), lib);
-
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
-  enc.set_input_array(packed, 0);
-  enc.set_input_array(scales, 1);
-  enc.set_output_array(outputs[0], 2);
-  enc.set_output_array(outputs[1], 3);
-  enc.set_output_array(outputs[2], 4);
-  enc.set_bytes(n_groups, 5);
-  enc.set_bytes(groups_per_row, 6);
-  // One thread per output group; the kernel returns early past the end.
-  const uint32_t tg = 256;
-  enc.dispatch_threadgroups(MTL::Size((n_groups + tg - 1) / tg, 1, 1), MTL::Size(tg, 1, 1));
+  const uint32_t n_groups = static_cast<uint32_t>(total_groups);
+  enc.set_kernel(launch::requantize_int4_name(
+      bits_, group_size_, src_group_size_, dtype_str(scales.dtype()),
+      dtype_str(outputs[1].dtype())));
+  enc.set_input(packed, MQ_RQ_PACKED);
+  enc.set_input(scales, MQ_RQ_SRC_SCALES);
+  enc.set_output(outputs[0], MQ_RQ_WQ);
+  enc.set_output(outputs[1], MQ_RQ_SCALES);
+  enc.set_output(outputs[2], MQ_RQ_BIASES);
+  enc.set_scalar(n_groups, MQ_RQ_N_GROUPS);
+  enc.set_scalar(groups_per_row, MQ_RQ_GROUPS_PER_ROW);
+  enc.dispatch_threadgroups(
+      {(n_groups + MQ_RQ_THREADS - 1) / MQ_RQ_THREADS, 1, 1}, {MQ_RQ_THREADS, 1, 1});
 }
-#else
+
 void RequantizeInt4::eval_gpu(
-    const std::vector<mx::array>&,
-    std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "[moequant.requantize_int4] this build of moequant has no Metal support; "
-      "use a CPU stream.");
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  eval_metal(stream(), *this, outputs, inputs, "requantize_int4");
 }
-#endif
 
 } // namespace moequant

@@ -4,6 +4,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/kernel_encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -21,7 +22,7 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
     std::optional<mx::Dtype> dtype,
     mx::StreamOrDevice s = {});
 
-class RequantizeInt4 : public mx::Primitive {
+class RequantizeInt4 : public mx::Primitive, public MetalDispatch {
  public:
   RequantizeInt4(mx::Stream stream, int bits, int group_size, int src_group_size)
       : mx::Primitive(stream),
@@ -39,6 +40,11 @@ class RequantizeInt4 : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  // The Metal dispatch (requantize.cpp), run by eval_gpu and by the emulator tests.
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
 
  private:
   int bits_;

@@ -8,6 +8,8 @@ from .ops import (
     get_num_threads,
     has_metal,
     huge_pages,
+    metal_available,
+    metal_status,
     moe_cpu_path,
     moe_prefill,
     moe_swiglu,
@@ -31,6 +33,31 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "has_metal",
+    "metal_available",
+    "metal_status",
     "huge_pages",
 ]
 __version__ = "0.1.0"
+
+
+def _warn_without_metal() -> None:
+    """A build whose Metal kernels failed to compile (MOEQUANT_METAL=auto) works on the
+    CPU; say so once at import, and on a Mac with a Metal GPU also when the metallib
+    is missing for another reason. Plain Linux builds have no Metal by design: silent."""
+    import sys
+    import warnings
+
+    ok, reason = metal_status()
+    if ok:
+        return
+    failed_build = "failed to compile" in reason
+    on_metal_mac = sys.platform == "darwin" and mlx.core.metal.is_available()
+    if failed_build or on_metal_mac:
+        warnings.warn(
+            f"moequant: no Metal kernels, {reason}. CPU ops work; GPU-stream calls raise.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_warn_without_metal()

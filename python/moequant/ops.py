@@ -8,7 +8,23 @@ import mlx.core as mx
 
 from . import _ext
 
-has_metal: bool = bool(_ext.has_metal)
+
+
+def metal_status() -> Tuple[bool, str]:
+    """``(available, reason)``: whether this install can run moequant's Metal kernels
+    (built with them and the metallib present), and if not, why."""
+    ok, reason = _ext.metal_status()
+    return bool(ok), str(reason)
+
+
+def metal_available() -> bool:
+    """True when GPU-stream calls of moequant's ops can run (macOS, metallib built);
+    ``metal_status()`` says why not."""
+    return metal_status()[0]
+
+
+# Kept for existing callers: the same as metal_available() at import time.
+has_metal: bool = metal_available()
 
 
 def requantize_int4(
@@ -134,9 +150,11 @@ def moe_swiglu(
     2/3/4/5/6/8 and group sizes 32/64/128 may differ per projection.
 
     Expert ids (any integer dtype; 64-bit ids outside 32 bits are never narrowed into
-    range) are checked when the CPU kernel runs (RuntimeError); everything else, shapes
-    included (hidden size at least 1, at most 2^31 - 1 tokens), when the graph is built
-    (ValueError).
+    range) are data, so they are checked when the kernels run: an id outside [0, E) is
+    never read; the CPU raises RuntimeError, Metal (a kernel cannot raise) makes the
+    output row of each token with such an id NaN. Everything else, shapes and dtypes
+    included (hidden size at least 1, at most 2^31 - 1 tokens, one scales dtype for gate
+    and up), is checked when the graph is built (ValueError), the same on every backend.
 
     On AVX-512 VNNI CPUs, 2/3/4-bit projections multiply integer codes by x held per
     affine group as a fixed point (24 bits of the group's largest |x| for float32

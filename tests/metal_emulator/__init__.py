@@ -227,11 +227,14 @@ class MetalLibrary:
     only: compile just these host names (faster, for focused tests).
     cache: directory for the compiled library (default: cache_dir()).
     opt: optimisation flag; -Og builds the 486 requantize kernels 3x faster than -O1.
-    context_switch: "asm" (x86-64) or "ucontext" (portable fallback)."""
+    context_switch: "asm" (x86-64) or "ucontext" (portable fallback).
+    div_ulps: inexact-division mode: divide() (metal::, fast::, precise::) returns the
+    correctly rounded quotient off by a pseudo-random 0..div_ulps ulps either way."""
 
     def __init__(self, path, *, include_dirs=(), defines=(), strict: bool = False,
                  lint: bool = True, compiler: str | None = None,
-                 context_switch: str = "asm", only=None, cache=None, opt: str = "-Og"):
+                 context_switch: str = "asm", only=None, cache=None, opt: str = "-Og",
+                 div_ulps: int = 0):
         self.path = _resolve(path)
         cxx = compiler or default_compiler(strict)
         if cxx is None:
@@ -242,6 +245,8 @@ class MetalLibrary:
                  *kernel_flags(cxx)]
         if strict:
             flags.append("-DMSL_STRICT")
+        if div_ulps:
+            flags.append(f"-DMSL_DIV_ULPS={int(div_ulps)}")
         rt_flags = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-c"]
         if context_switch == "ucontext":
             rt_flags.append("-DMSL_USE_UCONTEXT")

@@ -7,13 +7,32 @@ from __future__ import annotations
 import numpy as np
 
 from . import MetalLibrary
+from .dispatch import metal_plan, run_plan
 
-TG = 256  # threads per threadgroup, as RequantizeInt4::eval_gpu dispatches
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+MX_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _op(packed, scales, bits, g, sg, out):
+    """moequant.requantize_int4's graph on the CPU stream (its host dispatch is what
+    the emulator runs)."""
+    import mlx.core as mx
+
+    import moequant
+
+    return moequant.requantize_int4(mx.array(packed), scales, bits=bits, group_size=g,
+                                    src_group_size=sg, dtype=getattr(mx, out), stream=mx.cpu)
 
 
 def kernel_name(bits, g, sg, src, out):
-    return f"requantize_int4_b{bits}_g{g}_sg{sg}_{src}_{out}"
+    """The kernel the host dispatch picks for these parameters (asked of the host code
+    itself on a one-row input, not spelled a second time here)."""
+    import mlx.core as mx
+
+    K = max(g, sg)
+    packed = np.zeros((1, K // 8), np.uint32)
+    scales = mx.ones((1, K // sg), getattr(mx, src))
+    (launch,) = metal_plan(_op(packed, scales, bits, g, sg, out))["launches"]
+    return launch["kernel"]
 
 
 def make_inputs(rng, shape, sg, src_dtype):
@@ -89,29 +108,25 @@ def cpu_reference(packed, scales, bits, g, sg, out_dtype):
     return to_numpy(wq), to_numpy(s), to_numpy(b)
 
 
-def run_emulated(lib: MetalLibrary, packed, scales_np, bits, g, sg, src, out, *,
+def run_emulated(lib: MetalLibrary, packed, scales, bits, g, sg, src, out, *,
                  schedule="forward", seed=0, count_unique=False):
-    """Dispatches like RequantizeInt4::eval_gpu; returns (wq, scales, biases, result)."""
-    K = packed.shape[-1] * 8
-    rows = packed.size // packed.shape[-1]
-    gpr = K // g
-    n_groups = rows * gpr
-    wq = np.zeros((*packed.shape[:-1], K * bits // 32), np.uint32)
-    so = np.zeros((*packed.shape[:-1], gpr), NP_DTYPES[out])
-    bo = np.zeros_like(so)
-    res = lib.run(
-        kernel_name(bits, g, sg, src, out),
-        buffers={0: np.ascontiguousarray(packed), 1: np.ascontiguousarray(scales_np), 2: wq,
-                 3: so, 4: bo, 5: np.uint32(n_groups), 6: np.uint32(gpr)},
-        grid=((n_groups + TG - 1) // TG, 1, 1), threadgroup=(TG, 1, 1),
-        schedule=schedule, seed=seed, count_unique=count_unique)
-    return wq, so, bo, res
+    """requantize_int4's Metal path on the emulator: the op's graph is built on the CPU
+    stream, the host dispatch (RequantizeInt4::encode, what eval_gpu runs on a Mac) is
+    recorded and its launch run. Returns (wq, scales, biases, launch result), the
+    device buffers (bfloat16 as uint16 bits)."""
+    outs = _op(packed, scales, bits, g, sg, out)
+    plan = metal_plan(outs)
+    assert all(la["kernel"].endswith(f"_{src}_{out}") for la in plan["launches"])
+    bufs, res = run_plan(plan, lambda name: lib, schedule=schedule, seed=seed,
+                         count_unique=count_unique)
+    wq, so, bo = (bufs[i] for i in plan["results"])
+    return wq, so, bo, (res[0] if res else None)
 
 
 def check(lib, packed, scales, bits, g, sg, src, out, schedule, seed=0, ref=None):
     """Asserts bit-exact equality with the CPU op; returns the launch result."""
     ref = ref or cpu_reference(packed, scales, bits, g, sg, out)
-    wq, so, bo, res = run_emulated(lib, packed, to_numpy(scales), bits, g, sg, src, out,
+    wq, so, bo, res = run_emulated(lib, packed, scales, bits, g, sg, src, out,
                                    schedule=schedule, seed=seed)
     name = kernel_name(bits, g, sg, src, out)
     for what, got, want in zip(("wq", "scales", "biases"), (wq, so, bo), ref):
