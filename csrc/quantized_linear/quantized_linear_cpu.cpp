@@ -22,14 +22,6 @@ namespace {
 constexpr int64_t kTileN = 96;
 constexpr int64_t kTileM = 256;
 
-template <typename T>
-void store(const float* src, std::size_t n, void* dst) {
-  T* d = static_cast<T*>(dst);
-  for (std::size_t i = 0; i < n; ++i) {
-    d[i] = static_cast<T>(src[i]);
-  }
-}
-
 void linear_gemm(const LinearArgs& a, float* y) {
   const qgemm::Activations xa(a.x, a.xdtype, a.M, a.W.K, a.W.K);
   const int64_t N = a.W.N;
@@ -53,19 +45,7 @@ void linear_gemv(const LinearArgs& a, float* y) {
   // x in float once per call (bf16/f16 activations converted here only).
   const std::size_t K = a.W.K;
   std::vector<float> xf(a.M * K);
-  if (a.xdtype == mx::float32) {
-    std::copy_n(static_cast<const float*>(a.x), xf.size(), xf.data());
-  } else if (a.xdtype == mx::float16) {
-    const auto* s = static_cast<const mx::float16_t*>(a.x);
-    for (std::size_t i = 0; i < xf.size(); ++i) {
-      xf[i] = static_cast<float>(s[i]);
-    }
-  } else {
-    const auto* s = static_cast<const mx::bfloat16_t*>(a.x);
-    for (std::size_t i = 0; i < xf.size(); ++i) {
-      xf[i] = static_cast<float>(s[i]);
-    }
-  }
+  load_floats(a.x, a.xdtype, xf.size(), xf.data());
   QMat m;
   m.w = reinterpret_cast<const uint8_t*>(a.W.w);
   m.scales = a.W.scales;
@@ -76,7 +56,7 @@ void linear_gemv(const LinearArgs& a, float* y) {
   m.experts = 1;
   m.rows = static_cast<int>(a.W.N);
   m.cols = static_cast<int>(K);
-  dense_rows(xf.data(), a.M, m, y);
+  dense_rows(xf.data(), a.M, m, y, a.xdtype);
 }
 
 } // namespace
@@ -96,10 +76,8 @@ void quantized_linear(const LinearArgs& a) {
   } else {
     linear_gemm(a, y);
   }
-  if (a.xdtype == mx::float16) {
-    store<mx::float16_t>(y, n, a.y);
-  } else if (a.xdtype == mx::bfloat16) {
-    store<mx::bfloat16_t>(y, n, a.y);
+  if (a.xdtype != mx::float32) {
+    store_floats(y, n, a.xdtype, a.y);
   }
 }
 
