@@ -105,7 +105,7 @@ constexpr int int_xmax(int digits) {
 // both share the one vector multiply pipe, so words do more per multiply. x is a block
 // fixed point per affine group as for VNNI (X = round(x / sx_g)), in w16_levels words:
 // X itself (bf16/f16 activations, |X| <= 32767) or X >> 8 then X & 255 (float32
-// activations, up to 24 bits, see w16_xmax). A block of w16_block_bytes(bits) bytes is
+// activations, |X| < 2^23, 24 bits). A block of w16_block_bytes(bits) bytes is
 // decoded into w16_regs(bits) registers of 16 codes; word w of register r holds code
 // w16_code_of(bits, r, w), so int32 lane i (words 2i, 2i + 1 of every register) covers
 // codes [i * span, (i + 1) * span) of the block, span = block codes / 8.
@@ -126,19 +126,21 @@ constexpr int w16_code_of(int bits, int r, int w) {
   }
   return (16 / bits) * w + r; // code r of the 16-bit word w of the packed block
 }
-// Largest |X|: 32767 with one level; with two, as many bits as the int32 lane sum of
-// a block allows (span codes of up to 2^bits - 1, times |X| plus the low level's
-// carry, below 2^31), at most 23 (then X >> 8 fits a word).
-constexpr int w16_xmax(int bits, int levels) {
-  if (levels == 1) {
-    return 32767;
-  }
-  const long long span_max = static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1);
-  const long long lim = 2147483647LL / span_max - 256;
-  return static_cast<int>(lim < (1 << 23) - 1 ? lim : (1 << 23) - 1);
+// Largest |X|: 32767 with one level, 2^23 - 1 with two (then X >> 8 fits a word).
+constexpr int w16_xmax(int levels) {
+  return levels == 1 ? 32767 : (1 << 23) - 1;
 }
-constexpr bool w16_bits(int bits) {
-  return bits != 5;
+// Whether the two levels of a block can be joined in int32 lanes, (high << 8) + low =
+// sum q X, before the convert: a lane sums span codes of up to 2^bits - 1 times
+// |X| < 2^23, which must stay below 2^31 (not for 8 bits: those convert each level).
+constexpr bool w16_join_levels(int bits) {
+  return static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1) * ((1 << 23) + 255) <
+      2147483647LL;
+}
+// Where the word kernels beat the float ones on AMD Zen 1 (one level: every width they
+// have; two: not 3 and 6 bits, whose decode costs more than the float kernels save).
+constexpr bool w16_bits(int bits, int levels) {
+  return levels == 1 ? bits != 5 : (bits == 2 || bits == 4 || bits == 8);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -97,8 +97,9 @@ Layout layout_for(int bits, Path path, mx::Dtype act) {
   if (path == Path::avx512vnni && int_bits(bits)) {
     return {0, act == mx::float32 ? 3 : 2, 0};
   }
-  if (path == Path::avx2int && w16_bits(bits)) {
-    return {0, 0, act == mx::float32 ? 2 : 1};
+  const int levels = act == mx::float32 ? 2 : 1;
+  if (path == Path::avx2int && w16_bits(bits, levels)) {
+    return {0, 0, levels};
   }
   return {path <= Path::avx2int ? 8 : 16, 0, 0};
 }
@@ -272,7 +273,7 @@ class PrepBuf {
     const int R = w16_regs(bits);
     const int bc = w16_block_codes(bits);
     std::vector<int32_t> X;
-    const float S = fixed_point(v, w16_xmax(bits, levels), sx, X);
+    const float S = fixed_point(v, w16_xmax(levels), sx, X);
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         int16_t* d = xw + (static_cast<std::size_t>(b) * R + r) * levels * 16;
