@@ -17,24 +17,30 @@ namespace mx = mlx::core;
 
 namespace {
 
-// W rows per work item (a multiple of the GEMM's tile, enough items to balance two or
-// more threads on Kimi's smallest layers) and x rows per work item.
+// W rows per work item (a multiple of the GEMM's tile) and x rows per work item.
 constexpr int64_t kTileN = 96;
 constexpr int64_t kTileM = 256;
+// Work items each thread should get at least: with fewer, one late or slowed thread
+// leaves the other idle at the end (kv_a, N = 576, M = 64: 6 items of 96 rows for two
+// threads ran at 36% of the FMA peak while larger layers ran at 60-80%).
+constexpr int64_t kItemsPerThread = 6;
 
 void linear_gemm(const LinearArgs& a, float* y) {
   const qgemm::Activations xa(a.x, a.xdtype, a.M, a.W.K, a.W.K);
   const int64_t N = a.W.N;
-  const int64_t tn = (N + kTileN - 1) / kTileN;
   const int64_t tm = (a.M + kTileM - 1) / kTileM;
+  // Half tiles (still a multiple of the GEMM's) when whole ones are too few.
+  const int64_t want = kItemsPerThread * get_num_threads();
+  const int64_t tile_n = tm * ((N + kTileN - 1) / kTileN) < want ? kTileN / 2 : kTileN;
+  const int64_t tn = (N + tile_n - 1) / tile_n;
   // Items run along N first: consecutive items share the rows of x they read.
   dynamic_for(static_cast<std::size_t>(tn * tm), 1, [&](auto&& claim) {
     claim([&](std::size_t i0, std::size_t i1) {
       for (std::size_t it = i0; it < i1; ++it) {
         const int64_t m0 = static_cast<int64_t>(it / tn) * kTileM;
-        const int64_t n0 = static_cast<int64_t>(it % tn) * kTileN;
+        const int64_t n0 = static_cast<int64_t>(it % tn) * tile_n;
         const int64_t m1 = std::min(a.M, m0 + kTileM);
-        const int64_t n1 = std::min(N, n0 + kTileN);
+        const int64_t n1 = std::min(N, n0 + tile_n);
         qgemm::gemm(xa, a.W, n0, n1, y + m0 * N + n0, N, m0, m1);
       }
     });
