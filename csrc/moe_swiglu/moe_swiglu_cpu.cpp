@@ -274,11 +274,17 @@ class PrepBuf {
     const int bc = w16_block_codes(bits);
     std::vector<int32_t> X;
     const float S = fixed_point(v, w16_xmax(levels), sx, X);
+    std::vector<int> src(R * 16); // the code order, once per vector (not a division per code)
+    for (int r = 0; r < R; ++r) {
+      for (int w = 0; w < 16; ++w) {
+        src[r * 16 + w] = w16_code_of(bits, r, w);
+      }
+    }
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         int16_t* d = xw + (static_cast<std::size_t>(b) * R + r) * levels * 16;
         for (int w = 0; w < 16; ++w) {
-          const int32_t q = X[b * bc + w16_code_of(bits, r, w)];
+          const int32_t q = X[b * bc + src[r * 16 + w]];
           if (levels == 1) {
             d[w] = static_cast<int16_t>(q);
           } else {
