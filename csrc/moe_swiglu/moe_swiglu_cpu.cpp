@@ -234,6 +234,19 @@ class PrepBuf {
     return S;
   }
 
+  // A kernel's code order as a table, once per vector: src[r * n + j] is the block code
+  // in element j of register r (R registers of n elements).
+  template <typename F>
+  static std::vector<int> code_order(int R, int n, F code_of) {
+    std::vector<int> src(R * n);
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < n; ++j) {
+        src[r * n + j] = code_of(r, j);
+      }
+    }
+    return src;
+  }
+
   // X (fixed_point) as int_xmax(nd) digits per block, most significant first, each
   // level as the VNNI kernel's registers in int_code_of order.
   float digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
@@ -241,12 +254,7 @@ class PrepBuf {
     const int bc = int_block_codes(bits);
     std::vector<int32_t> X;
     const float S = fixed_point(v, int_xmax(nd), sx, X);
-    std::vector<int> src(R * 64);
-    for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < 64; ++j) {
-        src[r * 64 + j] = int_code_of(bits, r, j);
-      }
-    }
+    const std::vector<int> src = code_order(R, 64, [&](int r, int j) { return int_code_of(bits, r, j); });
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < 64; ++j) {
@@ -274,12 +282,7 @@ class PrepBuf {
     const int bc = w16_block_codes(bits);
     std::vector<int32_t> X;
     const float S = fixed_point(v, w16_xmax(levels), sx, X);
-    std::vector<int> src(R * 16); // the code order, once per vector (not a division per code)
-    for (int r = 0; r < R; ++r) {
-      for (int w = 0; w < 16; ++w) {
-        src[r * 16 + w] = w16_code_of(bits, r, w);
-      }
-    }
+    const std::vector<int> src = code_order(R, 16, [&](int r, int w) { return w16_code_of(bits, r, w); });
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         int16_t* d = xw + (static_cast<std::size_t>(b) * R + r) * levels * 16;
