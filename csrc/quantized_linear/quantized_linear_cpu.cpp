@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "common/thread_pool.h"
-#include "mlx/types/half_types.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
 namespace moequant::cpu {
