@@ -10,6 +10,14 @@ probes run in this run, before and after the kernels; the fractions use the high
 
     python bench/bench_linear.py [--bits 4 6 8] [--shapes q_a kv_a ...] [--gemm-rows 64 256]
                                  [--steps 7] [--lm-head] [--quick] [--no-huge-pages]
+    python bench/bench_linear.py --kernel-rate [--bits 2 3 4 6 8]
+
+--kernel-rate measures what the decode row kernels compute rather than what memory
+delivers: one thread, a 2048 x 2048 g64 matrix that stays in cache, the fastest of many
+calls (robust on a shared machine: a call of a few hundred microseconds usually runs
+uninterrupted), for each SIMD row-kernel path this CPU has (MOEQUANT_CPU_PATH), in G
+codes/s per core; and the fraction of the read bandwidth probe that rate would fill on
+every thread of the pool if memory kept up (an upper bound of the decode rows above).
 
 The wall time is the median of --steps calls after warm-up calls; "cpu" is the median
 process CPU time per call divided by the thread count (what the call would take on an
@@ -96,10 +104,53 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lm-head", action="store_true",
                     help="also the 163840 x 7168 lm_head (about 1 GB at 6 bits)")
     ap.add_argument("--quick", action="store_true", help="q_a, o_proj and dense_up at 6 bits only")
+    ap.add_argument("--kernel-rate", action="store_true",
+                    help="only the row kernels' compute rate per path (cache-resident, one thread)")
+    ap.add_argument("--ref-bandwidth", type=float, default=None,
+                    help="GB/s the --kernel-rate fractions refer to (default: this run's probe; "
+                    "on a loaded machine the probe reads low, give a quiet run's figure)")
     ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                     help="leave the weights on the pages MLX allocated (the bandwidth probe reads "
                     "huge pages)")
     return ap
+
+
+# moequant.moe_cpu_path() values in order; a CPU runs every path up to its best.
+CPU_PATHS = ["scalar", "avx2", "avx2int", "avx512", "avx512vnni"]
+
+
+def kernel_rate(args, bw, threads):
+    N = K = 2048
+    best = moequant.moe_cpu_path()
+    paths = [p for p in CPU_PATHS[1 : CPU_PATHS.index(best) + 1]]
+    saved_env, saved_threads = os.environ.get("MOEQUANT_CPU_PATH"), moequant.get_num_threads()
+    moequant.set_num_threads(1)
+    print(f"# row-kernel compute rate: {N} x {K} g{GROUP}, 1 thread, fastest of 60 calls, G codes/s per"
+          f" core; in brackets the fraction of {bw:.2f} GB/s it would fill on {threads} threads",
+          flush=True)
+    try:
+        for bits in args.bits:
+            w, s, b = make_weight(N, K, bits, False)
+            code_bytes = (w.nbytes + s.nbytes + b.nbytes) / (N * K)
+            cells = []
+            for dt in (mx.float32, mx.bfloat16):
+                x = mx.array(np.random.default_rng(bits).standard_normal((1, K)).astype(np.float32)).astype(dt)
+                mx.eval(x)
+                for path in paths:
+                    os.environ["MOEQUANT_CPU_PATH"] = path
+                    t = min(time_calls(lambda: moequant.quantized_linear(
+                        x, w, s, b, bits=bits, group_size=GROUP), 1, 1)[0] for _ in range(60))
+                    rate = N * K / t / 1e9
+                    cells.append(f"x={'bf16' if dt == mx.bfloat16 else 'f32':<4} {path:>8} {rate:5.2f}"
+                                 f" ({100 * rate * threads * code_bytes / bw:4.0f}%)")
+            print(f"  {bits}-bit  " + "  ".join(cells), flush=True)
+            del w, s, b
+    finally:
+        moequant.set_num_threads(saved_threads)
+        if saved_env is None:
+            os.environ.pop("MOEQUANT_CPU_PATH", None)
+        else:
+            os.environ["MOEQUANT_CPU_PATH"] = saved_env
 
 
 def main():
@@ -118,6 +169,9 @@ def main():
     peak = _ext.fma_peak_gflops(1.0)
     print(f"# read bandwidth {bw:.2f} GB/s (threaded numpy sum of 1 GiB, best of 5); FMA peak "
           f"{peak:.1f} GFLOP/s ({threads} threads)", flush=True)
+    if args.kernel_rate:
+        kernel_rate(args, args.ref_bandwidth or bw, threads)
+        return
     shapes = [(n, SHAPES[n]) for n in args.shapes] + ([("lm_head", LM_HEAD)] if args.lm_head else [])
     print(f"{'shape':>11} {'N x K':>13} {'b':>1} {'M':>4} {'x':>4} {'MB':>6} {'ours ms':>8} {'cpu ms':>7}"
           f" {'mlx ms':>9} {'speedup':>7} {'GB/s':>6} {'GFLOP/s':>7}  {'diff':>7}", flush=True)

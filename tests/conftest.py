@@ -38,12 +38,12 @@ def ckpt(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "scalar"])
+@pytest.fixture(params=["avx512vnni", "avx512", "avx2int", "avx2", "scalar"])
 def cpu_path(request, monkeypatch):
     """Run each test on every CPU kernel this machine has (the SIMD ones and the
     portable fallback)."""
     best = moequant.moe_cpu_path()
-    order = ["scalar", "avx2", "avx512", "avx512vnni"]
+    order = ["scalar", "avx2", "avx2int", "avx512", "avx512vnni"]
     if order.index(request.param) > order.index(best):
         pytest.skip(f"this machine/build runs at most the {best} kernels")
     if request.param != best:

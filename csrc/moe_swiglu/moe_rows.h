@@ -17,6 +17,7 @@ struct Prep {
   const float* xp;
   const float* gsum;
   const int8_t* xd = nullptr;
+  const int16_t* xw = nullptr; // the AVX2 integer kernels' x (16-bit words), or null
   const float* sx = nullptr;
   float sx_scale = 1.0f;
 };
@@ -98,12 +99,58 @@ constexpr int int_xmax(int digits) {
   return digits == 3 ? 127 * (1 + 256 + 65536) : 127 * (1 + 256);
 }
 
+// Integer word layouts (all bit widths but 5, AVX2). vpmaddwd multiplies 16-bit codes
+// by 16-bit x words and adds pairs into int32 lanes; AVX2's byte multiply (vpmaddubsw)
+// saturates with 8-bit codes and needs a widening multiply after it, and on AMD Zen
+// both share the one vector multiply pipe, so words do more per multiply. x is a block
+// fixed point per affine group as for VNNI (X = round(x / sx_g)), in w16_levels words:
+// X itself (bf16/f16 activations, |X| <= 32767) or X >> 8 then X & 255 (float32
+// activations, |X| < 2^23, 24 bits). A block of w16_block_bytes(bits) bytes is
+// decoded into w16_regs(bits) registers of 16 codes; word w of register r holds code
+// w16_code_of(bits, r, w), so int32 lane i (words 2i, 2i + 1 of every register) covers
+// codes [i * span, (i + 1) * span) of the block, span = block codes / 8.
+constexpr int w16_block_bytes(int bits) {
+  return (bits == 3 || bits == 6) ? 24 : 32;
+}
+constexpr int w16_block_codes(int bits) {
+  return w16_block_bytes(bits) * 8 / bits;
+}
+constexpr int w16_regs(int bits) {
+  return w16_block_codes(bits) / 16;
+}
+constexpr int w16_code_of(int bits, int r, int w) {
+  if (bits == 3 || bits == 6) {
+    // Lane w / 2 is the block's 3-byte chunk w / 2 (24 / bits codes): its low word
+    // takes code r, its high word code r + 12 / bits.
+    return (w / 2) * (24 / bits) + r + (w % 2) * (12 / bits);
+  }
+  return (16 / bits) * w + r; // code r of the 16-bit word w of the packed block
+}
+// Largest |X|: 32767 with one level, 2^23 - 1 with two (then X >> 8 fits a word).
+constexpr int w16_xmax(int levels) {
+  return levels == 1 ? 32767 : (1 << 23) - 1;
+}
+// Whether the two levels of a block can be joined in int32 lanes, (high << 8) + low =
+// sum q X, before the convert: a lane sums span codes of up to 2^bits - 1 times
+// |X| < 2^23, which must stay below 2^31 (not for 8 bits: those convert each level).
+constexpr bool w16_join_levels(int bits) {
+  return static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1) * ((1 << 23) + 255) <
+      2147483647LL;
+}
+// Where the word kernels beat the float ones on AMD Zen 1 (one level: every width they
+// have; two: not 3 and 6 bits, whose decode costs more than the float kernels save).
+constexpr bool w16_bits(int bits, int levels) {
+  return levels == 1 ? bits != 5 : (bits == 2 || bits == 4 || bits == 8);
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 // Defined in moe_rows_avx2.cpp / moe_rows_avx512.cpp (compiled for those ISAs).
 RowsFn rows_avx2(int bits, SType s);
 RowsFn rows_avx512(int bits, SType s);
 // Defined in moe_rows_vnni.cpp; null for bits without an integer layout.
 RowsFn rows_vnni(int bits, SType s, int digits);
+// Defined in moe_rows_avx2int.cpp; null for bits without a word layout.
+RowsFn rows_avx2int(int bits, SType s, int levels);
 #endif
 
 } // namespace moequant::cpu

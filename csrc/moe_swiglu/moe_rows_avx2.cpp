@@ -1,4 +1,4 @@
-// The SIMD row kernels for AVX2 + FMA + F16C (this file is compiled with those
+// The SIMD row kernels for AVX2 + FMA + F16C, float and integer (moe_rows_avx2int.inc) (this file is compiled with those
 // flags; it is only called after a run-time CPU check).
 #include <immintrin.h>
 
@@ -92,11 +92,16 @@ struct V {
 };
 
 #include "moe_swiglu/moe_rows_simd.inc"
+#include "moe_swiglu/moe_rows_avx2int.inc"
 
 } // namespace
 
 RowsFn rows_avx2(int bits, SType s) {
   return pick_simd<V>(bits, s);
+}
+
+RowsFn rows_avx2int(int bits, SType s, int levels) {
+  return levels == 2 ? w16_pick<2>(bits, s) : w16_pick<1>(bits, s);
 }
 
 } // namespace moequant::cpu

@@ -6,9 +6,10 @@
 // group sums of the vector are computed once per vector and the inner loop is only
 // sum_i x_i q_i. The SIMD row kernels, chosen at run time, need the vector in their
 // own form, made here once per vector: the float kernels (AVX-512 or AVX2, see
-// moe_rows_simd.inc) permuted into their lane order; the integer kernels (2/3/4-bit
-// rows with AVX-512 VNNI, moe_rows_vnni.cpp) as block-fixed-point digits. 5-bit rows
-// and other CPUs use the portable scalar rows below.
+// moe_rows_simd.inc) permuted into their lane order; the integer kernels as block
+// fixed point: 2/3/4-bit rows with AVX-512 VNNI (moe_rows_vnni.cpp) in signed byte
+// digits, all widths but 5 with AVX2 (moe_rows_avx2int.inc) in 16-bit words. 5-bit
+// rows and other CPUs use the portable scalar rows below.
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
 #include <algorithm>
@@ -38,7 +39,9 @@ namespace mx = mlx::core;
 namespace {
 
 // Ordered: a CPU that runs a path runs every path before it (current_path caps with min).
-enum class Path { scalar, avx2, avx512, avx512vnni };
+// avx2int is the AVX2 integer kernels (avx2 their float twins, kept as a tested
+// fallback); an AVX-512 CPU runs its own kernels instead.
+enum class Path { scalar, avx2, avx2int, avx512, avx512vnni };
 
 Path detect_path() {
 #ifdef MQ_X86
@@ -53,14 +56,15 @@ Path detect_path() {
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
-    return Path::avx2;
+    return Path::avx2int;
   }
 #endif
   return Path::scalar;
 }
 
-// MOEQUANT_CPU_PATH=scalar|avx2|avx512 caps the path (read per call, for tests and
-// benchmarks; avx512 is the float AVX-512 kernels without the integer ones).
+// MOEQUANT_CPU_PATH=scalar|avx2|avx2int|avx512 caps the path (read per call, for tests
+// and benchmarks; avx512 is the float AVX-512 kernels without the integer ones, avx2 the
+// float AVX2 kernels).
 Path current_path() {
   static const Path best = detect_path();
   const char* e = std::getenv("MOEQUANT_CPU_PATH");
@@ -69,17 +73,21 @@ Path current_path() {
     cap = Path::scalar;
   } else if (e && std::string(e) == "avx2") {
     cap = Path::avx2;
+  } else if (e && std::string(e) == "avx2int") {
+    cap = Path::avx2int;
   } else if (e && std::string(e) == "avx512") {
     cap = Path::avx512;
   }
   return std::min(cap, best);
 }
 
-// The kernel form of one matrix on this path: float SIMD lanes (0: none) or integer
-// digits (0: none; 3 for float32 activations, 2 for bf16/f16 ones, see moe_rows.h).
+// The kernel form of one matrix on this path: float SIMD lanes (0: none), integer
+// digits (0: none; 3 for float32 activations, 2 for bf16/f16 ones) or integer word
+// levels (0: none; 2 for float32 activations, 1 for bf16/f16 ones), see moe_rows.h.
 struct Layout {
   int lanes = 0;
   int digits = 0;
+  int levels = 0;
 };
 
 Layout layout_for(int bits, Path path, mx::Dtype act) {
@@ -87,9 +95,13 @@ Layout layout_for(int bits, Path path, mx::Dtype act) {
     return {};
   }
   if (path == Path::avx512vnni && int_bits(bits)) {
-    return {0, act == mx::float32 ? 3 : 2};
+    return {0, act == mx::float32 ? 3 : 2, 0};
   }
-  return {path == Path::avx2 ? 8 : 16, 0};
+  const int levels = act == mx::float32 ? 2 : 1;
+  if (path == Path::avx2int && w16_bits(bits, levels)) {
+    return {0, 0, levels};
+  }
+  return {path <= Path::avx2int ? 8 : 16, 0, 0};
 }
 
 // Vectors whose data start on a cache line: the row kernels load the prepared vector
@@ -125,10 +137,12 @@ class PrepBuf {
         G_(G),
         xps_(line_stride(cols * sizeof(float)) / sizeof(float)),
         xds_(line_stride(static_cast<std::size_t>(cols) * L.digits)),
+        xws_(line_stride(static_cast<std::size_t>(cols) * L.levels * 2) / 2),
         xp_(L.lanes ? n * xps_ : 0),
         gs_(n * (cols / G)),
         xd_(L.digits ? n * xds_ : 0),
-        sx_(L.digits ? n * (cols / G) : 0),
+        xw_(L.levels ? n * xws_ : 0),
+        sx_(L.digits || L.levels ? n * (cols / G) : 0),
         sx_scale_(n, 1.0f) {
     for (std::size_t t = 0; t < n; ++t) {
       const float* v = x + t * cols;
@@ -146,6 +160,9 @@ class PrepBuf {
       if (L.digits) {
         sx_scale_[t] = digits(v, xd_.data() + t * xds_, sx_.data() + t * (cols / G), bits, L.digits);
       }
+      if (L.levels) {
+        sx_scale_[t] = words(v, xw_.data() + t * xws_, sx_.data() + t * (cols / G), bits, L.levels);
+      }
     }
   }
   Prep at(std::size_t t) const {
@@ -154,6 +171,7 @@ class PrepBuf {
         xp_.empty() ? nullptr : xp_.data() + t * xps_,
         gs_.data() + t * (cols_ / G_),
         xd_.empty() ? nullptr : xd_.data() + t * xds_,
+        xw_.empty() ? nullptr : xw_.data() + t * xws_,
         sx_.empty() ? nullptr : sx_.data() + t * (cols_ / G_),
         sx_scale_[t]};
   }
@@ -176,17 +194,13 @@ class PrepBuf {
     }
   }
 
-  // Per group sx = max|x| / int_xmax and X = round(x / sx); per block the digit levels
-  // (most significant first), each as the kernel's registers in int_code_of order. A
-  // group holding inf or NaN gets sx = NaN, so its rows come out NaN, never finite.
-  // Returns the power of two S that the stored sx are divided by (exactly), just
-  // above the largest sx: tiny vectors (SwiGLU outputs of tiny inputs) would
-  // otherwise make s_w * sx subnormal.
-  float digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
-    const int xmax = int_xmax(nd);
-    const int R = int_regs(bits);
-    const int bc = int_block_codes(bits);
-    std::vector<int32_t> X(cols_);
+  // Per group sx = max|x| / xmax and X = round(x / sx), |X| <= xmax. A group holding
+  // inf or NaN gets sx = NaN, so its rows come out NaN, never finite. Returns the power
+  // of two S that the stored sx are divided by (exactly), just above the largest sx:
+  // tiny vectors (SwiGLU outputs of tiny inputs) would otherwise make s_w * sx
+  // subnormal.
+  float fixed_point(const float* v, int xmax, float* sx, std::vector<int32_t>& X) const {
+    X.resize(cols_);
     for (int g = 0; g < cols_ / G_; ++g) {
       float m = 0.0f;
       bool finite = true;
@@ -217,12 +231,30 @@ class PrepBuf {
     for (int g = 0; g < cols_ / G_; ++g) {
       sx[g] /= S;
     }
-    std::vector<int> src(R * 64);
+    return S;
+  }
+
+  // A kernel's code order as a table, once per vector: src[r * n + j] is the block code
+  // in element j of register r (R registers of n elements).
+  template <typename F>
+  static std::vector<int> code_order(int R, int n, F code_of) {
+    std::vector<int> src(R * n);
     for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < 64; ++j) {
-        src[r * 64 + j] = int_code_of(bits, r, j);
+      for (int j = 0; j < n; ++j) {
+        src[r * n + j] = code_of(r, j);
       }
     }
+    return src;
+  }
+
+  // X (fixed_point) as int_xmax(nd) digits per block, most significant first, each
+  // level as the VNNI kernel's registers in int_code_of order.
+  float digits(const float* v, int8_t* xd, float* sx, int bits, int nd) const {
+    const int R = int_regs(bits);
+    const int bc = int_block_codes(bits);
+    std::vector<int32_t> X;
+    const float S = fixed_point(v, int_xmax(nd), sx, X);
+    const std::vector<int> src = code_order(R, 64, [&](int r, int j) { return int_code_of(bits, r, j); });
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < 64; ++j) {
@@ -243,14 +275,41 @@ class PrepBuf {
     return S;
   }
 
+  // X (fixed_point, |X| <= w16_xmax) as the AVX2 integer kernel's words: per block and
+  // register (w16_code_of order) the levels, X itself or X >> 8 then X & 255.
+  float words(const float* v, int16_t* xw, float* sx, int bits, int levels) const {
+    const int R = w16_regs(bits);
+    const int bc = w16_block_codes(bits);
+    std::vector<int32_t> X;
+    const float S = fixed_point(v, w16_xmax(levels), sx, X);
+    const std::vector<int> src = code_order(R, 16, [&](int r, int w) { return w16_code_of(bits, r, w); });
+    for (int b = 0; b < cols_ / bc; ++b) {
+      for (int r = 0; r < R; ++r) {
+        int16_t* d = xw + (static_cast<std::size_t>(b) * R + r) * levels * 16;
+        for (int w = 0; w < 16; ++w) {
+          const int32_t q = X[b * bc + src[r * 16 + w]];
+          if (levels == 1) {
+            d[w] = static_cast<int16_t>(q);
+          } else {
+            d[w] = static_cast<int16_t>(q >> 8); // arithmetic: floor(q / 256)
+            d[16 + w] = static_cast<int16_t>(q & 255);
+          }
+        }
+      }
+    }
+    return S;
+  }
+
   const float* x_;
   int cols_;
   int G_;
   std::size_t xps_; // floats per vector in xp_
   std::size_t xds_; // bytes per vector in xd_
+  std::size_t xws_; // words per vector in xw_
   std::vector<float, LineAligned<float>> xp_;
   std::vector<float> gs_;
   std::vector<int8_t, LineAligned<int8_t>> xd_;
+  std::vector<int16_t, LineAligned<int16_t>> xw_;
   std::vector<float> sx_;
   std::vector<float> sx_scale_;
 };
@@ -329,6 +388,9 @@ RowsFn pick(const QMat& m, Layout L) {
 #ifdef MQ_X86
   if (L.digits) {
     return rows_vnni(m.bits, st, L.digits);
+  }
+  if (L.levels) {
+    return rows_avx2int(m.bits, st, L.levels);
   }
   if (L.lanes == 16) {
     return rows_avx512(m.bits, st);
@@ -443,6 +505,8 @@ const char* moe_cpu_path() {
       return "avx512vnni";
     case Path::avx512:
       return "avx512";
+    case Path::avx2int:
+      return "avx2int";
     case Path::avx2:
       return "avx2";
     default:
@@ -569,13 +633,13 @@ void moe_down(const DownArgs& a) {
   }
 }
 
-void dense_rows(const float* x, std::size_t T, const QMat& m, float* y) {
+void dense_rows(const float* x, std::size_t T, const QMat& m, float* y, mx::Dtype act) {
   const int N = m.rows;
   const int K = m.cols;
   if (T == 0 || N == 0) {
     return;
   }
-  const Layout L = layout_for(m.bits, current_path(), mx::float32);
+  const Layout L = layout_for(m.bits, current_path(), act);
   const PrepBuf prep(x, T, K, m.bits, m.group_size, L);
   const RowsFn f = pick(m, L);
   // Chunks of rows: long (the row streams pay for length) but at least 8 per thread,

@@ -81,11 +81,13 @@ inline float silu(float g) {
 // The row kernels on a dense matrix (expert 0 of m), for quantized_linear's decode
 // GEMV: y[t * m.rows + r] = row r . x[t] for t < T (x float32, T x m.cols), each weight
 // byte streamed from memory once (the T vectors reuse a chunk of rows from L2).
-// Multi-threaded over chunks of rows.
-void dense_rows(const float* x, std::size_t T, const QMat& m, float* y);
+// Multi-threaded over chunks of rows. `act` is the activations' dtype before their
+// conversion to float32: the integer kernels keep x at its precision (moe_rows.h).
+void dense_rows(const float* x, std::size_t T, const QMat& m, float* y,
+                mlx::core::Dtype act = mlx::core::float32);
 
 // The row kernels this build and CPU run, capped by MOEQUANT_CPU_PATH: "avx512vnni",
-// "avx512", "avx2" or "scalar".
+// "avx512", "avx2int", "avx2" or "scalar".
 const char* moe_cpu_path();
 
 } // namespace moequant::cpu

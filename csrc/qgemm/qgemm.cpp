@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "common/thread_pool.h"
-#include "mlx/types/half_types.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
 namespace moequant::qgemm {
@@ -35,28 +34,9 @@ static_assert(kMC % kRowBlock == 0 && kKC % 128 == 0);
   throw std::invalid_argument("[moequant.qgemm] " + msg);
 }
 
-template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
-
-// Scales or biases [g0, g1) of one row as floats.
+// Scales or biases [off, off + n) of one matrix as floats.
 void load_sb(const void* p, mx::Dtype t, std::size_t off, int n, float* dst) {
-  if (t == mx::float32) {
-    std::memcpy(dst, static_cast<const float*>(p) + off, n * sizeof(float));
-  } else if (t == mx::float16) {
-    const auto* s = static_cast<const mx::float16_t*>(p) + off;
-    for (int i = 0; i < n; ++i) {
-      dst[i] = static_cast<float>(s[i]);
-    }
-  } else {
-    // bf16 is the top half of a float32.
-    const auto* s = static_cast<const uint16_t*>(p) + off;
-    for (int i = 0; i < n; ++i) {
-      const uint32_t w = static_cast<uint32_t>(s[i]) << 16;
-      std::memcpy(dst + i, &w, 4);
-    }
-  }
+  cpu::load_floats(static_cast<const uint8_t*>(p) + off * mx::size_of(t), t, n, dst);
 }
 
 // Portable decode: 8 codes at a time from B bytes (MLX's little-endian bitstream).
@@ -148,6 +128,7 @@ Activations::Activations(
   const std::size_t n = static_cast<std::size_t>(std::max<int64_t>(nb, 1)) * K * kRowBlock;
   data_.reset(static_cast<float*>(::operator new(n * sizeof(float), std::align_val_t(64))));
   float* d = data_.get();
+  std::vector<float> row(K);
   for (int64_t b = 0; b < nb; ++b) {
     float* db = d + static_cast<std::size_t>(b) * K * kRowBlock;
     for (int i = 0; i < kRowBlock; ++i) {
@@ -159,22 +140,13 @@ Activations::Activations(
         continue;
       }
       const std::size_t off = static_cast<std::size_t>(rows ? rows[m] : m) * ldx;
-      if (dtype == mx::float32) {
-        const float* xr = static_cast<const float*>(x) + off;
-        for (int64_t k = 0; k < K; ++k) {
-          db[k * kRowBlock + i] = xr[k];
-        }
-      } else if (dtype == mx::float16) {
-        const auto* xr = static_cast<const mx::float16_t*>(x) + off;
-        for (int64_t k = 0; k < K; ++k) {
-          db[k * kRowBlock + i] = static_cast<float>(xr[k]);
-        }
-      } else {
-        const auto* xr = static_cast<const uint16_t*>(x) + off;
-        for (int64_t k = 0; k < K; ++k) {
-          const uint32_t w = static_cast<uint32_t>(xr[k]) << 16;
-          std::memcpy(db + k * kRowBlock + i, &w, 4);
-        }
+      const float* xr = static_cast<const float*>(x) + off;
+      if (dtype != mx::float32) {
+        cpu::load_floats(static_cast<const uint8_t*>(x) + off * mx::size_of(dtype), dtype, K, row.data());
+        xr = row.data();
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        db[k * kRowBlock + i] = xr[k];
       }
     }
   }

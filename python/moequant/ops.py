@@ -195,8 +195,9 @@ def moe_prefill(
 
 def moe_cpu_path() -> str:
     """Which CPU kernels moe_swiglu runs: "avx512vnni" (integer kernels for 2/3/4-bit
-    rows, float AVX-512 for the others), "avx512", "avx2" or "scalar": the best this CPU
-    supports, capped by MOEQUANT_CPU_PATH=avx512, =avx2 or =scalar."""
+    rows, float AVX-512 for the others), "avx512", "avx2int" (integer AVX2 kernels where
+    they beat the float ones, float AVX2 for the others), "avx2" or "scalar": the best this
+    CPU supports, capped by MOEQUANT_CPU_PATH=avx512, =avx2int, =avx2 or =scalar."""
     return _ext.moe_cpu_path()
 
 
