@@ -46,6 +46,8 @@ from typing import Dict
 
 import mlx.core as mx
 
+from .ops import matmul_nt, softmax_rows
+
 # (module, class) of the attention layers whose __call__ this reproduces.
 _ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
 
@@ -99,7 +101,8 @@ def _dense_weights(attn):
 
 
 def _mask_rows(mask, i0, i1, L, S):
-    """mlx-lm's mask for query rows i0:i1 as a boolean or additive array (or None)."""
+    """mlx-lm's mask for query rows i0:i1: a boolean (rows, S) array, an additive array,
+    or None."""
     if mask is None:
         return None
     if isinstance(mask, str):
@@ -107,15 +110,22 @@ def _mask_rows(mask, i0, i1, L, S):
             raise ValueError(f"MLA attention: unsupported mask {mask!r}")
         # The L queries are the last L of the S positions.
         return mx.arange(S - L + i0, S - L + i1)[:, None] >= mx.arange(S)[None]
-    return mask[..., i0:i1, :]
+    m = mask[..., i0:i1, :]
+    if m.dtype == mx.bool_ and m.ndim > 2 and all(d == 1 for d in m.shape[:-2]):
+        m = m.reshape(m.shape[-2:])
+    return m
 
 
-def _softmax_rows(s, mask):
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            s = mx.where(mask, s, mx.array(mx.finfo(mx.float32).min, mx.float32))
-        else:
-            s = s + mask.astype(mx.float32)
+def _softmax_rows(s, scale, mask):
+    """softmax(scale * s) over the allowed positions, float32."""
+    if mask is None or (mask.dtype == mx.bool_ and mask.ndim == 2):
+        return softmax_rows(s, mask, scale=scale)
+    # Other masks (per-batch or additive): MLX's ops.
+    s = s * scale
+    if mask.dtype == mx.bool_:
+        s = mx.where(mask, s, mx.array(mx.finfo(mx.float32).min, mx.float32))
+    else:
+        s = s + mask.astype(mx.float32)
     return mx.softmax(s, axis=-1, precise=True)
 
 
@@ -127,35 +137,57 @@ def _absorbed_cost(L, S, R, dn, dr, dv):
     return L * R * (dn + dv) + L * S * (2 * R + dr)
 
 
+def _nt(a, b):
+    """a @ b^T over the last two axes, leading axes broadcast, float32, on
+    ``matmul_nt`` (MLX's CPU matmul is the reference BLAS: see csrc/dense_gemm)."""
+    lead = mx.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return matmul_nt(mx.broadcast_to(a, lead + a.shape[-2:]), mx.broadcast_to(b, lead + b.shape[-2:]))
+
+
 def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask):
     """Float32 MLA attention: q_nope (B, H, L, dn), q_pe (B, H, L, dr) roped, kv_latent
     (B, 1, S, R), k_pe (B, 1, S, dr) roped, wk (H, R, dn), wv (H, dv, R) -> (B, H, L, dv)
-    float32, scores ``scale * (q_nope . k + q_pe . k_pe)`` with k, v the latent through
-    wk, wv. Picks the expanded or the absorbed form by multiply-adds; chunks the queries."""
+    float32, scores ``scale * (q_nope . k + q_pe . k_pe)`` with k = latent @ wk and
+    v = latent @ wv^T per head. Picks the expanded or the absorbed form by
+    multiply-adds; chunks the queries."""
     B, H, L, dn = q_nope.shape
     S, R, dr, dv = kv_latent.shape[-2], kv_latent.shape[-1], q_pe.shape[-1], wv.shape[-2]
     f32 = mx.float32
     q_nope, q_pe = q_nope.astype(f32), q_pe.astype(f32)
-    lat, kp = kv_latent.astype(f32), k_pe.astype(f32)
-    kpt = kp.swapaxes(-1, -2)
+    lat = kv_latent.astype(f32).reshape(B, S, R)
+    kp = k_pe.astype(f32).reshape(B, S, dr)
     absorbed = _absorbed_cost(L, S, R, dn, dr, dv) <= _expanded_cost(L, S, R, dn, dr, dv)
     if absorbed:
-        q = q_nope @ wk.swapaxes(-1, -2)  # (B, H, L, R)
-        k, v = lat, lat  # one latent head shared by every query head
+        # The query in latent space: one shared key/value head (the latent itself). The
+        # weights are the streamed side of the products (no packed copy of them).
+        q = _nt(wk, q_nope).swapaxes(-1, -2)  # (B, H, L, R)
+        q = mx.concatenate([q, q_pe], axis=-1)
+        k = mx.concatenate([lat, kp], axis=-1)[:, None]  # (B, 1, S, R + dr)
+        vt = lat.swapaxes(-1, -2)[:, None]  # (B, 1, R, S)
     else:
-        q = q_nope
-        k = lat @ wk  # (B, H, S, dn)
-        v = lat @ wv.swapaxes(-1, -2)  # (B, H, S, dv)
-    kt = k.swapaxes(-1, -2)
+        # Keys and values per head, for all heads in one product each.
+        wkt = wk.swapaxes(-1, -2).reshape(H * dn, R)
+        k = _nt(lat, wkt).reshape(B, S, H, dn).transpose(0, 2, 1, 3)
+        k = mx.concatenate([k, mx.broadcast_to(kp[:, None], (B, H, S, dr))], axis=-1)
+        vt = _nt(wv.reshape(H * dv, R), lat).reshape(B, H, dv, S)
+        q = mx.concatenate([q_nope, q_pe], axis=-1)
     chunk = max(1, min(L, SCORE_CHUNK_BYTES // max(1, 4 * B * H * S)))
     outs = []
     for i0 in range(0, L, chunk):
         i1 = min(L, i0 + chunk)
-        qc, pc = (q, q_pe) if chunk == L else (q[..., i0:i1, :], q_pe[..., i0:i1, :])
-        s = (qc @ kt + pc @ kpt) * scale
-        outs.append(_softmax_rows(s, _mask_rows(mask, i0, i1, L, S)) @ v)
+        qc = q if chunk == L else q[..., i0:i1, :]
+        if absorbed:
+            # Every head against the one latent head: heads x queries as the rows.
+            s = _nt(qc.reshape(B, 1, H * (i1 - i0), -1), k).reshape(B, H, i1 - i0, S)
+        else:
+            s = _nt(qc, k)
+        p = _softmax_rows(s, scale, _mask_rows(mask, i0, i1, L, S))
+        if absorbed:
+            outs.append(_nt(p.reshape(B, 1, H * (i1 - i0), S), vt).reshape(B, H, i1 - i0, R))
+        else:
+            outs.append(_nt(p, vt))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return out @ wv.swapaxes(-1, -2) if absorbed else out
+    return _nt(wv, out).swapaxes(-1, -2) if absorbed else out
 
 
 class _FusedMLA:
@@ -185,10 +217,10 @@ class _FusedMLA:
         k_pe = self.rope(k_pe, offset)
         cache_attend = getattr(cache, "attend", None)
         if cache_attend is not None:
-            q_lat = q_nope.astype(mx.float32) @ wk.swapaxes(-1, -2)
+            q_lat = _nt(wk, q_nope.astype(mx.float32)).swapaxes(-1, -2)
             out = cache_attend(q_lat, q_pe.astype(mx.float32), kv_latent, k_pe,
                                scale=self.scale, mask=mask)
-            out = out.astype(mx.float32) @ wv.swapaxes(-1, -2)
+            out = _nt(wv, out.astype(mx.float32)).swapaxes(-1, -2)
         else:
             if cache is not None:
                 kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
