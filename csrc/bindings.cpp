@@ -16,6 +16,8 @@
 #include "common/kernel_encoder.h"
 #include "mlx/transforms.h"
 #include "common/thread_pool.h"
+#include "dense_gemm/dense_gemm.h"
+#include "softmax_rows/softmax_rows.h"
 #include "moe_swiglu/moe_swiglu.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 #include "qgemm/qgemm.h"
@@ -89,6 +91,10 @@ NB_MODULE(_ext, m) {
       "bits"_a,
       "group_size"_a,
       "stream"_a = nb::none());
+  m.def("matmul_nt", &moequant::matmul_nt, "a"_a, "b"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("softmax_rows", &moequant::softmax_rows, "s"_a, "mask"_a = nb::none(), nb::kw_only(),
+        "scale"_a = 1.0f, "stream"_a = nb::none());
   m.def("qgemm_path", &moequant::qgemm::gemm_path);
   m.def("fma_peak_gflops", &moequant::qgemm::fma_peak_gflops, "seconds"_a = 0.5,
         nb::call_guard<nb::gil_scoped_release>());

@@ -196,7 +196,7 @@ def test_fused_patches_the_reference_and_the_build(models, tmp_path, monkeypatch
     patched = []
 
     def patch(model, **kw):
-        assert kw == {"linear": False}  # the MoE blocks only
+        assert kw == {}  # everything: MoE blocks, linear layers, MLA attention
         patched.append(model)
 
     monkeypatch.setattr(moequant, "patch", patch, raising=False)

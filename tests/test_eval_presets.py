@@ -41,22 +41,41 @@ def test_presets_ordered_by_bits(builds, tmp_path):
     assert again["kl"] == r["alis-3.6"]["kl"] and again["flips"] == r["alis-3.6"]["flips"]
 
 
+def _float32_loader(path, fused=False):
+    """The build with float32 activations (its bf16 values cast exactly) on mlx-lm's
+    own paths: the float32 truth the bf16 runs approximate."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a,
+                          model.parameters()))
+    return model
+
+
 def test_fused_path_gives_the_same_report(builds, tmp_path):
-    """The default (moequant.patch on the reference and the build: eval's windows run
-    moe_prefill) and mlx-lm's own paths give the same report up to bf16 rounding: these
-    builds run bf16 activations, which mlx-lm's expert chain rounds after each
-    projection and the fused ops only at the end (float32 builds agree to float32
-    noise: test_eval_models). Measured: KL mean 0.005 SE apart, perplexity 0.09 SE;
-    the random weights give near-uniform distributions (perplexity ~400 over 384
-    tokens) where every flip is a near-tie, 97 against 102 of 252 positions."""
+    """The default (moequant.patch on the reference and the build: MoE blocks, quantized
+    linear layers and MLA attention on moequant's float32-accumulating paths) and mlx-lm's
+    own paths give the same report up to bf16 rounding: these builds run bf16
+    activations, which MLX's CPU kernels round after each projection and moequant's at
+    the end of each (float32 builds agree to float32 noise: test_eval_models). The fused
+    report is the closer one to the float32-activation report. Measured: KL 0.001065
+    fused, 0.001023 mlx-lm, 0.001052 float32 (SE 4.9e-5); the random weights give
+    near-uniform distributions (perplexity ~400 over 384 tokens) where every flip is a
+    near-tie, 88 fused, 102 mlx-lm, 89 float32 of 252 positions."""
     fused = run(builds, "alis-3.6", tmp_path / "c")
-    plain = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"), seq_len=64,
-                        num_samples=4, top_k=64, seed=0, cache_dir=str(tmp_path / "p"),
-                        progress=False, fused=False)
+    kw = dict(seq_len=64, num_samples=4, top_k=64, seed=0, progress=False, fused=False)
+    plain = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"),
+                        cache_dir=str(tmp_path / "p"), **kw)
+    truth = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"),
+                        cache_dir=str(tmp_path / "t"), loader=_float32_loader, **kw)
     assert fused["fused"] is True and plain["fused"] is False
-    assert abs(fused["kl"]["mean"] - plain["kl"]["mean"]) < 0.05 * plain["kl"]["se"]
+    se = plain["kl"]["se"]
+    assert abs(fused["kl"]["mean"] - plain["kl"]["mean"]) < 1.0 * se
+    assert abs(fused["kl"]["mean"] - truth["kl"]["mean"]) < abs(plain["kl"]["mean"] - truth["kl"]["mean"])
     for who in ("reference", "build"):
         f, p = fused["perplexity"][who], plain["perplexity"][who]
         assert abs(f["ppl"] - p["ppl"]) < 0.2 * p["se"], who
     assert fused["flips"]["near_ties"] == fused["flips"]["count"]
-    assert abs(fused["flips"]["count"] - plain["flips"]["count"]) <= 0.05 * plain["flips"]["positions"]
+    assert abs(fused["flips"]["count"] - plain["flips"]["count"]) <= 0.1 * plain["flips"]["positions"]

@@ -95,6 +95,10 @@ Kernels pick_kernels(int bits) {
 
 } // namespace
 
+detail::Kernels micro_kernels() {
+  return pick_kernels(8); // the micro-kernels do not depend on the bit width
+}
+
 namespace detail {
 
 namespace {

@@ -97,6 +97,10 @@ void gemm(
 // runs independent 8-lane FMA chains for about `seconds` (AVX2 path; 0 on others).
 double fma_peak_gflops(double seconds);
 
+// The micro-kernels gemm uses now, for float rows that need no decoding (the dense
+// float32 GEMM of csrc/dense_gemm).
+detail::Kernels micro_kernels();
+
 // "avx2" or "scalar": the micro-kernel gemm uses now (MOEQUANT_CPU_PATH caps it).
 const char* gemm_path();
 

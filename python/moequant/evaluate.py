@@ -891,9 +891,10 @@ def compare_side_by_side(ref_model, build_model, windows: np.ndarray, k: int):
 
 def load_model(path: Path, fused: bool = False, group=None):
     """The mlx-lm model at ``path`` (weights evaluated), optionally with moequant's fused
-    MoE path patched in (``moequant.patch``: on the CPU, every MoE call of a window runs
-    the batched ``moe_prefill``). With a distributed ``group`` of more than one rank the
-    model is pipeline-loaded: this rank holds its share of the layers (mlx-lm's
+    paths patched in (``moequant.patch``: on the CPU, the MoE blocks of a window run the
+    batched ``moe_prefill``, the quantized linear layers ``quantized_linear`` and the MLA
+    attention float32 ``mla_attention``). With a distributed ``group`` of more than one
+    rank the model is pipeline-loaded: this rank holds its share of the layers (mlx-lm's
     ``sharded_load``)."""
     if group is not None and group.size() > 1:
         from mlx_lm.utils import sharded_load
@@ -913,11 +914,13 @@ def load_model(path: Path, fused: bool = False, group=None):
         patch = getattr(moequant, "patch", None)
         if patch is None:
             raise _user_error("--fused: this moequant build has no fused MoE path (moequant.patch)")
-        # MoE blocks only: the linear-layer patch accumulates in float32 where MLX's CPU
-        # kernel rounds bf16 builds' sums to bf16, which moves the report by more than
-        # rounding noise on bf16 builds (tiny presets: KL 0.6 SE with both models
-        # patched, 0.005 SE with the MoE blocks alone; test_eval_presets).
-        patch(model, linear=False)
+        # Everything, as `moequant generate` runs a model. These paths accumulate in
+        # float32 where MLX's CPU kernels round bf16 builds' intermediate sums to bf16, so
+        # a bf16 report moves by bf16 rounding noise, towards the float32 truth: on the
+        # tiny presets KL is 0.27 SE from the float32-activation report, mlx-lm's bf16
+        # paths 0.6 SE (test_eval_presets); float32 builds agree to float32 noise
+        # (test_eval_models). And MLX's CPU kernels make a 2048-token window ~30x slower.
+        patch(model)
     return model
 
 

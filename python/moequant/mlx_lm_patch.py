@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,16 +134,27 @@ def _fused_class(cls: type) -> type:
     return _fused_classes[cls]
 
 
-def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS, linear: bool = True) -> int:
+def patch(
+    model: nn.Module,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    linear: bool = True,
+    attention: Optional[bool] = None,
+) -> int:
     """Patch the supported MoE blocks of ``model`` in place; returns how many blocks
     will use the fused ops (blocks with an unsupported expert layout keep mlx-lm's
     path). Calls of up to ``max_tokens`` tokens run the decode GEMV (CPU and Metal);
     longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
     Apply after loading/sharding; calling it again updates ``max_tokens``.
     With ``linear`` (the default) the quantized linear layers are patched too
-    (``patch_linear``)."""
+    (``patch_linear``), and with ``attention`` (default: as ``linear``) the MLA attention
+    layers (``mla_attention.patch_attention``: float32 attention on the CPU)."""
     if linear:
         patch_linear(model)
+    if linear if attention is None else attention:
+        from .mla_attention import patch_attention
+
+        patch_attention(model)
     classes = _block_classes()
     n = 0
     for _, m in model.named_modules():
@@ -166,6 +177,8 @@ def unpatch(model: nn.Module) -> int:
         base = getattr(type(m), "_moequant_base", None)
         if base is not None:
             m.__class__ = base
+            # The MLA patch's dense float32 up-projections (mla_attention).
+            m.__dict__.pop("_moequant_dense", None)
             n += 1
     return n
 

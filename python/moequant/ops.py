@@ -235,6 +235,29 @@ def quantized_linear(
     )
 
 
+def matmul_nt(a: mx.array, b: mx.array, *, stream=None) -> mx.array:
+    """``a @ b.swapaxes(-1, -2)`` in float32: ``a`` (..., M, K) and ``b`` (..., N, K)
+    float32 with the same leading dimensions -> (..., M, N). CPU: the quantized GEMM's
+    register-blocked micro-kernel on float rows, multi-threaded (MLX's CPU matmul calls
+    the reference BLAS bundled with mlx[cpu] on Linux, ~1 GFLOP/s); GPU streams run
+    ``mx.matmul``. Bad arguments raise ValueError naming them."""
+    for name, v in (("a", a), ("b", b)):
+        if not isinstance(v, mx.array):
+            raise ValueError(f"matmul_nt: {name} must be an mx.array, got {type(v).__name__}")
+    return _ext.matmul_nt(a, b, stream=stream)
+
+
+def softmax_rows(s: mx.array, mask=None, *, scale: float = 1.0, stream=None) -> mx.array:
+    """``softmax(scale * s)`` along the last axis over the positions ``mask`` allows
+    (masked ones get 0): ``s`` (..., L, S) float32, ``mask`` (L, S) bool shared by every
+    leading index, or None. A fully masked row gets the uniform distribution (as
+    softmax over equal minimal values). CPU: one pass per row skipping masked positions
+    (MLX's CPU softmax runs at ~10-40 M elements/s here); GPU streams run MLX ops."""
+    if not isinstance(s, mx.array) or not (mask is None or isinstance(mask, mx.array)):
+        raise ValueError("softmax_rows: s and mask must be mx.array (mask may be None)")
+    return _ext.softmax_rows(s, mask, scale=float(scale), stream=stream)
+
+
 def qgemm_path() -> str:
     """The micro-kernel of the quantized GEMM: "avx2" or "scalar" (MOEQUANT_CPU_PATH caps
     it like the row kernels)."""

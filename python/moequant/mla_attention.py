@@ -1,0 +1,251 @@
+"""mlx-lm's MLA attention (DeepSeek-V3, Kimi-K2.x) on the CPU in float32.
+
+mlx-lm's ``DeepseekV3Attention`` runs its per-head up-projections (``embed_q`` and
+``unembed_out``, ``QuantizedMultiLinear``) on MLX's CPU ``quantized_matmul``, which is
+slow on batched weights and very slow with bf16 activations (a 512-token forward of the
+demo model spent 0.95 s per layer there, bench/RESULTS.md), and then the CPU SDPA on
+whatever dtype the model runs. ``patch_attention(model)`` swaps the class of every such
+layer for a subclass whose ``__call__``, on the CPU stream:
+
+* keeps mlx-lm's projections, norms, rope and cache update unchanged (the q/kv/o
+  projections are ``nn.QuantizedLinear``: ``moequant.patch`` routes them separately);
+* holds the two per-head up-projections as dense float32 weights, dequantized once per
+  layer (``mx.dequantize``, MLX's own definition) and kept next to the layer, not in its
+  parameter tree. Memory: ``4 * H * kv_lora_rank * (qk_nope_head_dim + v_head_dim)`` bytes
+  per layer, 33.5 MB for a Kimi-K2 layer (2.0 GB for its 61 layers, against ~6 MB per layer
+  at 6 bits). Reading them is one batched float32 matmul per projection; per-head
+  ``quantized_linear`` calls, which would read the quantized bytes, cost more in per-call
+  overhead than they save at these sizes (bench/RESULTS.md, issue 15 MLA section);
+* computes the attention in float32, in whichever form needs fewer multiply-adds for the
+  call's L queries over S cached positions: *expanded* (keys and values decompressed per
+  head from the latent, as mlx-lm does for L > 1: prefill, eval) or *absorbed* (the query
+  moved into the latent space, as mlx-lm does for L = 1: decode); queries in chunks that
+  keep a chunk's float32 scores near ``SCORE_CHUNK_BYTES``;
+* returns the attention output in the activations' dtype, as mlx-lm does.
+
+Anything else (another device, mlx-lm's quantized KV cache, a layer whose up-projections
+are neither ``MultiLinear`` nor affine ``QuantizedMultiLinear``) runs mlx-lm's own call.
+
+The cache seam: a KV cache object with an ``attend`` method takes over the cache update
+and the attention itself, in latent space::
+
+    out_latent = cache.attend(q_latent, q_pe, kv_latent, k_pe, scale=scale, mask=mask)
+
+with ``q_latent`` (B, H, L, kv_lora_rank) float32 (the roped-free query part already
+absorbed through ``embed_q``), ``q_pe`` (B, H, L, rope) float32 and roped, ``kv_latent``
+(B, 1, L, kv_lora_rank) and ``k_pe`` (B, 1, L, rope) the call's new entries in the model's
+dtype (normed and roped; the cache appends them), ``mask`` as mlx-lm passes it (None, a
+boolean or additive (L, S) array, or "causal"). It returns the softmax-weighted sum of the
+cached latents (B, H, L, kv_lora_rank); this module applies ``unembed_out`` and ``o_proj``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict
+
+import mlx.core as mx
+
+from .ops import matmul_nt, softmax_rows
+
+# (module, class) of the attention layers whose __call__ this reproduces.
+_ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
+
+# Float32 scores of one query chunk (B * H * chunk * S * 4 bytes) stay near this.
+SCORE_CHUNK_BYTES = 64 << 20
+
+_mla_classes: Dict[type, type] = {}
+
+
+def _attention_classes():
+    out = []
+    for mod, name in _ATTENTION:
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def _dense(m):
+    """The float32 (H, out, in) weight of a MultiLinear or affine QuantizedMultiLinear,
+    or None for another layout."""
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+
+    if isinstance(m, QuantizedMultiLinear):
+        if getattr(m, "mode", "affine") != "affine" or m.get("biases") is None:
+            return None
+        w = mx.dequantize(m["weight"], m["scales"], m["biases"],
+                          group_size=m.group_size, bits=m.bits)
+    elif isinstance(m, MultiLinear):
+        w = m["weight"]
+    else:
+        return None
+    return w.astype(mx.float32) if w.ndim == 3 else None
+
+
+def _dense_weights(attn):
+    """(Wk (H, R, dn), Wv (H, dv, R)) float32 for the layer, made once; remade if a
+    projection's weight array was replaced (load_weights, update, sharding after patch)."""
+    srcs = (attn.embed_q.get("weight"), attn.unembed_out.get("weight"))
+    cached = attn.__dict__.get("_moequant_dense")
+    if cached is not None and all(a is b for a, b in zip(cached[0], srcs)):
+        return cached[1]
+    wk, wv = _dense(attn.embed_q), _dense(attn.unembed_out)
+    dense = None
+    if wk is not None and wv is not None:
+        mx.eval(wk, wv)
+        dense = (wk, wv)
+    object.__setattr__(attn, "_moequant_dense", (srcs, dense))
+    return dense
+
+
+def _mask_rows(mask, i0, i1, L, S):
+    """mlx-lm's mask for query rows i0:i1: a boolean (rows, S) array, an additive array,
+    or None."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"MLA attention: unsupported mask {mask!r}")
+        # The L queries are the last L of the S positions.
+        return mx.arange(S - L + i0, S - L + i1)[:, None] >= mx.arange(S)[None]
+    m = mask[..., i0:i1, :]
+    if m.dtype == mx.bool_ and m.ndim > 2 and all(d == 1 for d in m.shape[:-2]):
+        m = m.reshape(m.shape[-2:])
+    return m
+
+
+def _softmax_rows(s, scale, mask):
+    """softmax(scale * s) over the allowed positions, float32."""
+    if mask is None or (mask.dtype == mx.bool_ and mask.ndim == 2):
+        return softmax_rows(s, mask, scale=scale)
+    # Other masks (per-batch or additive): MLX's ops.
+    s = s * scale
+    if mask.dtype == mx.bool_:
+        s = mx.where(mask, s, mx.array(mx.finfo(mx.float32).min, mx.float32))
+    else:
+        s = s + mask.astype(mx.float32)
+    return mx.softmax(s, axis=-1, precise=True)
+
+
+def _expanded_cost(L, S, R, dn, dr, dv):
+    return S * R * (dn + dv) + L * S * (dn + dr + dv)
+
+
+def _absorbed_cost(L, S, R, dn, dr, dv):
+    return L * R * (dn + dv) + L * S * (2 * R + dr)
+
+
+def _nt(a, b):
+    """a @ b^T over the last two axes, leading axes broadcast, float32, on
+    ``matmul_nt`` (MLX's CPU matmul is the reference BLAS: see csrc/dense_gemm)."""
+    lead = mx.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return matmul_nt(mx.broadcast_to(a, lead + a.shape[-2:]), mx.broadcast_to(b, lead + b.shape[-2:]))
+
+
+def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask):
+    """Float32 MLA attention: q_nope (B, H, L, dn), q_pe (B, H, L, dr) roped, kv_latent
+    (B, 1, S, R), k_pe (B, 1, S, dr) roped, wk (H, R, dn), wv (H, dv, R) -> (B, H, L, dv)
+    float32, scores ``scale * (q_nope . k + q_pe . k_pe)`` with k = latent @ wk and
+    v = latent @ wv^T per head. Picks the expanded or the absorbed form by
+    multiply-adds; chunks the queries."""
+    B, H, L, dn = q_nope.shape
+    S, R, dr, dv = kv_latent.shape[-2], kv_latent.shape[-1], q_pe.shape[-1], wv.shape[-2]
+    f32 = mx.float32
+    q_nope, q_pe = q_nope.astype(f32), q_pe.astype(f32)
+    lat = kv_latent.astype(f32).reshape(B, S, R)
+    kp = k_pe.astype(f32).reshape(B, S, dr)
+    absorbed = _absorbed_cost(L, S, R, dn, dr, dv) <= _expanded_cost(L, S, R, dn, dr, dv)
+    if absorbed:
+        # The query in latent space: one shared key/value head (the latent itself). The
+        # weights are the streamed side of the products (no packed copy of them).
+        q = _nt(wk, q_nope).swapaxes(-1, -2)  # (B, H, L, R)
+        q = mx.concatenate([q, q_pe], axis=-1)
+        k = mx.concatenate([lat, kp], axis=-1)[:, None]  # (B, 1, S, R + dr)
+        vt = lat.swapaxes(-1, -2)[:, None]  # (B, 1, R, S)
+    else:
+        # Keys and values per head, for all heads in one product each.
+        wkt = wk.swapaxes(-1, -2).reshape(H * dn, R)
+        k = _nt(lat, wkt).reshape(B, S, H, dn).transpose(0, 2, 1, 3)
+        k = mx.concatenate([k, mx.broadcast_to(kp[:, None], (B, H, S, dr))], axis=-1)
+        vt = _nt(wv.reshape(H * dv, R), lat).reshape(B, H, dv, S)
+        q = mx.concatenate([q_nope, q_pe], axis=-1)
+    chunk = max(1, min(L, SCORE_CHUNK_BYTES // max(1, 4 * B * H * S)))
+    outs = []
+    for i0 in range(0, L, chunk):
+        i1 = min(L, i0 + chunk)
+        qc = q if chunk == L else q[..., i0:i1, :]
+        if absorbed:
+            # Every head against the one latent head: heads x queries as the rows.
+            s = _nt(qc.reshape(B, 1, H * (i1 - i0), -1), k).reshape(B, H, i1 - i0, S)
+        else:
+            s = _nt(qc, k)
+        p = _softmax_rows(s, scale, _mask_rows(mask, i0, i1, L, S))
+        if absorbed:
+            outs.append(_nt(p.reshape(B, 1, H * (i1 - i0), S), vt).reshape(B, H, i1 - i0, R))
+        else:
+            outs.append(_nt(p, vt))
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
+    return _nt(wv, out).swapaxes(-1, -2) if absorbed else out
+
+
+class _FusedMLA:
+    """Mixed in before an MLA attention class; see the module docstring."""
+
+    def __call__(self, x, mask=None, cache=None):
+        if mx.default_device() != mx.cpu or hasattr(cache, "bits"):
+            return super().__call__(x, mask, cache)
+        dense = _dense_weights(self)
+        if dense is None:
+            return super().__call__(x, mask, cache)
+        wk, wv = dense
+        B, L, _ = x.shape
+        # Projections, norm, rope and cache update exactly as DeepseekV3Attention.
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+        kv = self.kv_a_proj_with_mqa(x)
+        kv_latent, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)
+        k_pe = k_pe.reshape(B, L, 1, self.qk_rope_head_dim).transpose(0, 2, 1, 3)
+        kv_latent = mx.expand_dims(self.kv_a_layernorm(kv_latent), axis=1)
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe, offset)
+        cache_attend = getattr(cache, "attend", None)
+        if cache_attend is not None:
+            q_lat = _nt(wk, q_nope.astype(mx.float32)).swapaxes(-1, -2)
+            out = cache_attend(q_lat, q_pe.astype(mx.float32), kv_latent, k_pe,
+                               scale=self.scale, mask=mask)
+            out = _nt(wv, out.astype(mx.float32)).swapaxes(-1, -2)
+        else:
+            if cache is not None:
+                kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
+            out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask)
+        out = out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out)
+
+
+def patch_attention(model) -> int:
+    """Route the MLA attention layers of ``model`` (see the module docstring), in place;
+    returns how many layers will use the float32 path (layers with other up-projection
+    layouts keep mlx-lm's call). Wraps the layer's current class, so it composes with
+    other class swaps of these layers (``_moequant_base`` keeps naming mlx-lm's class,
+    which ``moequant.unpatch`` restores). Idempotent."""
+    bases = _attention_classes()
+    n = 0
+    for _, m in model.named_modules():
+        cur = type(m)
+        base = getattr(cur, "_moequant_base", cur)
+        if base not in bases:
+            continue
+        if not issubclass(cur, _FusedMLA):
+            if cur not in _mla_classes:
+                _mla_classes[cur] = type(f"MLA{cur.__name__}", (_FusedMLA, cur),
+                                         {"_moequant_base": base})
+            m.__class__ = _mla_classes[cur]
+        n += int(_dense_weights(m) is not None)
+    return n

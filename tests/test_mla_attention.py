@@ -1,0 +1,198 @@
+"""moequant.patch's MLA attention (mla_attention): float32 attention on the CPU with the
+dense per-head up-projections, expanded (prefill) or absorbed (decode) form, on
+matmul_nt and softmax_rows. Oracles: float64 numpy for the two ops; mlx-lm's own
+DeepseekV3Attention (float32 activations) for the layer, greedy tokens and logits."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+import moequant
+from moequant import mla_attention
+from moequant.ops import matmul_nt, softmax_rows
+from moequant.testing import tiny_deepseek
+
+PROMPT = mx.array(list(range(40, 52)))  # 12 tokens
+
+
+def greedy(model, n=12, prompt=PROMPT):
+    return [int(t) for t, _ in generate_step(prompt, model, max_tokens=n)]
+
+
+def incremental_logits(model, tokens, first):
+    """Logits of a `first`-token prefill then one-token steps, with a prompt cache."""
+    cache = make_prompt_cache(model)
+    out = [model(tokens[:, :first], cache=cache)]
+    for i in range(first, tokens.shape[1]):
+        out.append(model(tokens[:, i : i + 1], cache=cache))
+    return mx.concatenate(out, axis=1)
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@pytest.mark.parametrize(
+    "sa,sb",
+    [((7, 5), (13, 5)), ((3, 7, 5), (3, 13, 5)), ((2, 1, 6, 16), (2, 1, 8, 16)),
+     ((4, 33, 64), (4, 17, 64)), ((1, 2, 96, 300), (1, 2, 64, 300)), ((2, 0, 3), (2, 4, 3)),
+     ((2, 3, 0), (2, 4, 0))],
+)
+def test_matmul_nt_matches_float64(sa, sb):
+    rng = np.random.default_rng(sum(sa) + sum(sb))
+    a = rng.standard_normal(sa).astype(np.float32)
+    b = rng.standard_normal(sb).astype(np.float32)
+    y = np.array(matmul_nt(mx.array(a), mx.array(b)))
+    want = a.astype(np.float64) @ np.swapaxes(b, -1, -2).astype(np.float64)
+    assert y.shape == want.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * max(1, sa[-1]) ** 0.5)
+
+
+def test_matmul_nt_bad_arguments():
+    a = mx.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="float32"):
+        matmul_nt(a.astype(mx.bfloat16), a)
+    with pytest.raises(ValueError, match="leading dimensions"):
+        matmul_nt(a, mx.zeros((3, 3, 4)))
+    with pytest.raises(ValueError, match="last dimensions"):
+        matmul_nt(a, mx.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="same number"):
+        matmul_nt(a, mx.zeros((3, 4)))
+
+
+def test_softmax_rows_matches_float64():
+    rng = np.random.default_rng(3)
+    s = (rng.standard_normal((2, 3, 5, 40)) * 4).astype(np.float32)
+    mask = np.arange(5)[:, None] + 35 >= np.arange(40)[None]
+    mask[1] = False  # a fully masked row: uniform, as softmax over equal minima
+    p = np.array(softmax_rows(mx.array(s), mx.array(mask), scale=0.7))
+    x = np.where(mask, s.astype(np.float64) * 0.7, -np.inf)
+    x = x - np.where(mask.any(-1, keepdims=True), x.max(-1, keepdims=True), 0)
+    e = np.where(mask, np.exp(x), 0)
+    want = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+    want[..., 1, :] = 1 / 40
+    np.testing.assert_allclose(p, want, rtol=2e-6, atol=1e-7)
+    p = np.array(softmax_rows(mx.array(s), None, scale=0.3))
+    e = np.exp(s * 0.3 - (s * 0.3).max(-1, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(-1, keepdims=True), rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        softmax_rows(mx.array(s), mx.array(mask[:, :39]))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        softmax_rows(mx.array(s), mx.array(mask.astype(np.float32)))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (6, 32), (8, 64)])
+def test_greedy_and_logits_match_mlx_lm(bits, group_size):
+    model, _ = tiny_deepseek.build(seed=21, bits=bits, group_size=group_size)
+    tokens = mx.array([list(range(30, 50))])
+    want_tokens, want_full = greedy(model), model(tokens)
+    want_incr = incremental_logits(model, tokens, 13)
+    assert mla_attention.patch_attention(model) == len(model.model.layers)
+    assert all(type(l.self_attn).__name__.startswith("MLA") for l in model.model.layers)
+    # The 20-token forward (expanded form), a 13-token prefill then decode steps
+    # (absorbed form at one token), and greedy generation.
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(want_full), atol=3e-5)
+    np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 13)),
+                               np.array(want_incr), atol=3e-5)
+    assert greedy(model) == want_tokens
+    assert moequant.unpatch(model) >= len(model.model.layers)
+    assert not any("_moequant_dense" in l.self_attn.__dict__ for l in model.model.layers)
+    assert greedy(model, 4) == want_tokens[:4]
+
+
+def test_query_chunks_and_forms(monkeypatch):
+    """Tiny score chunks (several query chunks per call) and each form forced give
+    the same logits."""
+    model, _ = tiny_deepseek.build(seed=22)
+    tokens = mx.array([list(range(10, 30))])
+    want = np.array(incremental_logits(model, tokens, 9))
+    moequant.patch(model)
+    monkeypatch.setattr(mla_attention, "SCORE_CHUNK_BYTES", 4 * 4 * 20 * 3)
+    np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 9)), want, atol=3e-5)
+    monkeypatch.setattr(mla_attention, "_absorbed_cost", lambda *a: 0)
+    np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 9)), want, atol=3e-5)
+    monkeypatch.setattr(mla_attention, "_absorbed_cost", lambda *a: float("inf"))
+    np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 9)), want, atol=3e-5)
+
+
+def test_patch_switches_and_bf16_dtype():
+    """patch(model, linear=False) leaves the attention alone unless attention=True; the
+    output keeps the activations' dtype."""
+    model, _ = tiny_deepseek.build(seed=23)
+    moequant.patch(model, linear=False)
+    assert type(model.model.layers[0].self_attn).__name__ == "DeepseekV3Attention"
+    moequant.patch(model, linear=False, attention=True)
+    assert type(model.model.layers[0].self_attn).__name__.startswith("MLA")
+    bf, _ = tiny_deepseek.build(seed=23, dtype=mx.bfloat16)
+    moequant.patch(bf)
+    x = bf.model.embed_tokens(mx.array([[1, 2, 3, 4, 5, 6]]))
+    assert bf.model.layers[0].self_attn(x, mask="causal").dtype == mx.bfloat16
+
+
+def test_weights_replaced_after_patch_are_used():
+    model, _ = tiny_deepseek.build(seed=24)
+    other, _ = tiny_deepseek.build(seed=25)
+    tokens = mx.array([list(range(5, 15))])
+    want = np.array(other(tokens))
+    moequant.patch(model)
+    model(tokens)
+    model.update(other.parameters())
+    np.testing.assert_allclose(np.array(model(tokens)), want, atol=3e-5)
+
+
+def test_quantized_kv_cache_goes_to_the_class_below(monkeypatch):
+    """A quantized KV cache (mlx-lm's QuantizedKVCache or h14kv's latent one: a ``bits``
+    attribute) is not this module's: the call goes to the class below the patch."""
+    from mlx_lm.models import deepseek_v3
+
+    model, _ = tiny_deepseek.build(seed=26)
+    moequant.patch(model)
+    seen = []
+    monkeypatch.setattr(deepseek_v3.DeepseekV3Attention, "__call__",
+                        lambda self, x, mask=None, cache=None: seen.append(cache) or x)
+
+    class Quantized(KVCache):
+        bits = 8
+
+    x = mx.zeros((1, 1, model.args.hidden_size))
+    c = Quantized()
+    assert model.model.layers[0].self_attn(x, None, c) is x and seen == [c]
+    model.model.layers[0].self_attn(x, None, KVCache())
+    assert len(seen) == 1
+
+
+class _AttendCache(KVCache):
+    """A cache with the ``attend`` seam (mla_attention's docstring): latent attention
+    computed here in float64 numpy, to check what the layer hands over and does with it."""
+
+    calls = 0
+
+    def attend(self, q_latent, q_pe, kv_latent, k_pe, *, scale, mask):
+        type(self).calls += 1
+        lat, pe = self.update_and_fetch(kv_latent, k_pe)
+        q, qp = np.array(q_latent, np.float64), np.array(q_pe, np.float64)
+        lat, pe = np.array(lat, np.float64), np.array(pe, np.float64)
+        s = scale * (q @ np.swapaxes(lat, -1, -2) + qp @ np.swapaxes(pe, -1, -2))
+        if mask is not None:
+            s = np.where(np.array(mask), s, -np.inf)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        return mx.array(((e / e.sum(-1, keepdims=True)) @ lat).astype(np.float32))
+
+
+def test_cache_attend_seam():
+    model, _ = tiny_deepseek.build(seed=27)
+    tokens = mx.array([list(range(60, 75))])
+    want = np.array(incremental_logits(model, tokens, 8))
+    moequant.patch(model)
+    cache = [_AttendCache() for _ in model.model.layers]
+    out = [model(tokens[:, :8], cache=cache)]
+    for i in range(8, tokens.shape[1]):
+        out.append(model(tokens[:, i : i + 1], cache=cache))
+    np.testing.assert_allclose(np.array(mx.concatenate(out, axis=1)), want, atol=3e-5)
+    assert _AttendCache.calls == len(model.model.layers) * 8
