@@ -83,8 +83,9 @@ def _uniform(src: Source, names: List[str]) -> str:
     return first.dtype
 
 
-def plan_pieces(src: Source, unit: Unit, job: Job, piece_bytes: int = PIECE_BYTES) -> List[Piece]:
+def plan_pieces(src: Source, unit: Unit, job: Job, piece_bytes: Optional[int] = None) -> List[Piece]:
     T = src.tensors
+    piece_bytes = piece_bytes or PIECE_BYTES
     if job.kind == "experts":
         # Experts lo..hi of each source group stacked into one input array per group.
         groups = [job.sources] if src.cfg.scheme is None else [job.sources[0::3], job.sources[1::3]]

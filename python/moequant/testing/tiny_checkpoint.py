@@ -216,7 +216,9 @@ def make_checkpoint(
                 base = name[: -len("weight_packed")]
                 n, k = exp.shape[0], exp.shape[1] * 8
                 if random_codes:
-                    words = int4.pack(rng.integers(-8, 8, (n, k), dtype=np.int8))
+                    # Uniform random words are uniform codes over [-8, 7] in every nibble
+                    # (and ~100x faster to make than packing drawn codes).
+                    words = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32).view(np.int32)
                     scale = bf16_round((rng.random((n, k // int4_group), dtype=np.float32) + 0.1)
                                        * np.float32(0.004))
                 else:
