@@ -122,9 +122,9 @@ GPU_BW = 800e9
 
 def fit_ops_per_group(n_slots):
     """float ops of one g64 group from the algorithm (metal/requantize_fit.h): the
-    candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (4 starts x up to 6 rounds x
+    candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (4 starts x up to 3 rounds x
     slots x 11 + solves), 1 + 9 exact errors (slots x 12) and the min-max pass."""
-    ncand, starts, cap = 64, 4, 6
+    ncand, starts, cap = 64, 4, 3
     return (ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20)
             + 10 * n_slots * 12 + n_slots * 6)
 

@@ -81,13 +81,13 @@ def test_float_kernels_match_cpu(lib, src):
 
 
 def test_mutation_is_caught(tmp_path):
-    """A copy whose Lloyd cap is 1 instead of 6 must disagree with the CPU."""
+    """A copy whose candidate grid step is 0.07 instead of 0.08 must disagree."""
     for f in ("requantize_fit.metal", "requantize_fit.h", "quant_math.h"):
         shutil.copy(REPO_ROOT / "metal" / f, tmp_path / f)
     h = tmp_path / "requantize_fit.h"
     text = h.read_text()
-    assert "#define MQ_FIT_LLOYD_CAP 6" in text
-    h.write_text(text.replace("#define MQ_FIT_LLOYD_CAP 6", "#define MQ_FIT_LLOYD_CAP 1"))
+    assert "#define MQ_FIT_GRID_STEP 0.08f" in text
+    h.write_text(text.replace("#define MQ_FIT_GRID_STEP 0.08f", "#define MQ_FIT_GRID_STEP 0.07f"))
     bad = MetalLibrary(tmp_path / "requantize_fit.metal",
                        only=["requantize_fit_int4_bfloat16_bfloat16"])
     rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ GRID = 8  # candidates per axis
 GRID_STEP = f32(0.08)
 GRID_OFFSET = 2
 STARTS = 4
-LLOYD_CAP = 6
+LLOYD_CAP = 3
 ACCEPT = f32(2.0**-12)
 EPS = f32(1e-7)
 
