@@ -1,18 +1,20 @@
 """`moequant convert`: stream an INT4 compressed-tensors (or bf16) Kimi / DeepSeek-V3
 checkpoint into a mixed-bit MLX model that stock ``mlx_lm.load`` reads.
 
-The work goes unit by unit (a decoder layer, then embeddings + head), tensor by tensor:
-routed experts are read straight into an (E, N, K/8) stack and requantized in one
-``requantize_int4`` call; other weights go through ``mx.quantize`` (CPU) of the bf16
-source; names and layout follow mlx-lm's sanitize (experts stacked into ``switch_mlp``,
-``kv_b_proj`` split into ``embed_q``/``unembed_out``). Shards of a unit are written as
-soon as their tensors exist, so memory holds about one layer whatever the depth.
+The work goes unit by unit (a decoder layer, then embeddings + head), module by module,
+in pieces of a few experts or a block of rows (convert_pipeline: read, quantize and
+write overlap on three threads, memory holds a few pieces whatever the model): routed
+experts go through ``requantize_int4``, other weights through ``mx.quantize`` (CPU) of the
+bf16 source, or both through the mse fit when the recipe asks for it; names and layout
+follow mlx-lm's sanitize (experts stacked into ``switch_mlp``, ``kv_b_proj`` split into
+``embed_q``/``unembed_out``). Each shard is written in place and renamed into place when
+complete.
 
 Nothing is lost: a journal in DST records finished units against the source's
-fingerprint and the planned output, so a rerun resumes at the first unfinished unit;
-the index and config.json are written last and atomically (mlx-lm needs config.json).
-A lock on DST keeps a second conversion out while one runs; --overwrite removes only the
-files the journal or moequant_recipe.json says moequant wrote.
+fingerprint, the planned output and the fit, so a rerun resumes at the first unfinished
+unit; the index and config.json are written last and atomically (mlx-lm needs
+config.json). A lock on DST keeps a second conversion out while one runs; --overwrite
+removes only the files the journal or moequant_recipe.json says moequant wrote.
 """
 
 from __future__ import annotations
@@ -223,8 +225,9 @@ def expert_sensitivity(src: Source, units: List[Unit]):
                     wq, qs, qb = _quantize(inputs[0], d)
                 w_hat = mx.dequantize(wq, qs.astype(mx.float32), qb.astype(mx.float32),
                                       group_size=d.group_size, bits=d.bits)
-                err += float(mx.sum((w_hat - w) ** 2).item())
-                ref += float(mx.sum(w**2).item())
+                # Sums in float64: MLX's float32 sum of ~1e6 squares is off by ~1e-4.
+                err += mx.sum(((w_hat - w) ** 2).astype(mx.float64), stream=mx.cpu).item()
+                ref += mx.sum((w**2).astype(mx.float64), stream=mx.cpu).item()
         return err / max(ref, 1e-30)
 
     return measure
