@@ -8,6 +8,18 @@ Each route runs in a fresh process; peak memory is the process's VmHWM (Linux) o
 ru_maxrss. Input GB/s = source safetensors bytes / wall time.
 
     python bench/bench_convert.py [--experts 16] [--layers 4] [--recipe alis-3.6]
+
+With ``--full-dims`` it converts a full-dimension 2-layer Kimi checkpoint instead (every
+dimension Kimi's except the vocabulary: 384 experts of 7168x2048, 64 heads, dense
+intermediate 18432; layer 0 dense, layer 1 MoE; 10.8 GB) and puts the conversion next
+to its I/O floor measured in the same run: reading the source files cold plus writing
+and fsyncing as many bytes as the conversion writes, on the same file systems. "Cold"
+without root: every source file is dropped from the page cache with
+posix_fadvise(POSIX_FADV_DONTNEED) before each measured read, and the bytes still
+resident afterwards are counted (mincore) and printed. mlx-lm's route is not run there
+(it would hold the whole dequantized model, ~40 GB).
+
+    python bench/bench_convert.py --full-dims --workdir /tmp/benchfull [--fit mse]
 """
 
 from __future__ import annotations
@@ -24,12 +36,15 @@ import time
 from pathlib import Path
 
 OURS = r"""
-import json, sys, time
+import json, resource, sys, time
 from moequant.convert import convert
+fit = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
 t0 = time.perf_counter()
-r = convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+r = convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, fit=fit)
 wall = time.perf_counter() - t0
-print(json.dumps({"wall": wall, "out_bytes": r.total_bytes, "peak": PEAK()}))
+u = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall": wall, "out_bytes": r.total_bytes, "peak": PEAK(), "user": u.ru_utime,
+                  "sys": u.ru_stime, "minflt": u.ru_minflt, "stages": r.stages}))
 """
 
 MLX_LM = r"""
@@ -71,8 +86,8 @@ def PEAK():
 """
 
 
-def run_route(code, src, dst, recipe):
-    r = subprocess.run([sys.executable, "-c", PEAK + code, str(src), str(dst), recipe],
+def run_route(code, src, dst, recipe, *extra):
+    r = subprocess.run([sys.executable, "-c", PEAK + code, str(src), str(dst), recipe, *extra],
                        capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"route failed:\n{r.stderr[-3000:]}")
@@ -87,14 +102,161 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoder layers, layer 0 dense (default: %(default)s)")
     ap.add_argument("--recipe", default="alis-3.6",
                     help="recipe for both routes (default: %(default)s)")
+    ap.add_argument("--full-dims", action="store_true",
+                    help="convert a full-dimension 2-layer Kimi checkpoint (10.8 GB; needs ~20 GB "
+                    "of free disk) and compare with the I/O floor measured in the same run; "
+                    "--experts and --layers are ignored")
+    ap.add_argument("--fit", choices=("minmax", "mse"), default=None,
+                    help="override the recipe's fit (--full-dims only; default: the recipe's)")
     ap.add_argument("--workdir", default=None,
                     help="where the fixture and both outputs go; an existing fixture there is "
                     "reused (default: a new temporary directory)")
     return ap
 
 
+# Kimi-K2.5's text dimensions, except the vocabulary (163840 would add 4.7 GB of
+# embeddings and head that say nothing about the expert path).
+KIMI_DIMS = {"hidden_size": 7168, "moe_intermediate_size": 2048, "n_routed_experts": 384,
+             "num_experts_per_tok": 8, "intermediate_size": 18432, "num_attention_heads": 64,
+             "num_key_value_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512,
+             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+             "vocab_size": 1024}
+CHUNK = 32 << 20
+
+
+def drop_cache(paths) -> int:
+    """Drop the files' pages from the page cache (no root needed: posix_fadvise
+    DONTNEED on clean pages) and return how many bytes are still resident."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    sizes = [resident_bytes(p) for p in paths]
+    return -1 if min(sizes) < 0 else sum(sizes)
+
+
+def resident_bytes(path) -> int:
+    """Bytes of ``path`` in the page cache, from util-linux's fincore (mincore); -1 when
+    it is not installed."""
+    try:
+        r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                           capture_output=True, text=True, check=True)
+        return int(r.stdout.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return -1
+
+
+def cold_read_seconds(paths) -> float:
+    buf = bytearray(CHUNK)
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def write_seconds(path, nbytes: int) -> float:
+    """Write ``nbytes`` of incompressible bytes in CHUNK writes and fsync (a conversion
+    fsyncs every shard before putting it in place)."""
+    buf = os.urandom(CHUNK)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[:min(left, CHUNK)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wall = time.perf_counter() - t0
+    os.unlink(path)
+    return wall
+
+
+def mb(n: int) -> str:
+    return "unknown (no fincore)" if n < 0 else f"{n / 1e6:.0f} MB"
+
+
+def floor(files, work, out_bytes):
+    left = drop_cache(files)
+    read = cold_read_seconds(files)
+    drop_cache(files)
+    write = write_seconds(work / "floor.bin", out_bytes)
+    return {"read": read, "write": write, "resident_before_read": left}
+
+
+def main_full(args):
+    from moequant import get_num_threads
+    from moequant.checkpoint import Source
+    from moequant.plan import make_plan
+    from moequant.testing import make_checkpoint
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-full-"))
+    src = work / "src-full"
+    free = shutil.disk_usage(work).free
+    print(f"free disk at {work}: {free / 1e9:.1f} GB; available memory: "
+          f"{next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemAvailable')) / 1e6:.1f} GB")
+    if not (src / "config.json").exists():
+        if free < 22e9:
+            sys.exit(f"need ~22 GB free at {work} (fixture 10.8 GB + output ~8 GB + floor file)")
+        shutil.rmtree(src, ignore_errors=True)
+        t0 = time.perf_counter()
+        make_checkpoint(src, "kimi_k25", layers=2, shards=16, random_codes=True, text_overrides=KIMI_DIMS)
+        print(f"fixture generated in {time.perf_counter() - t0:.1f} s")
+    files = sorted(str(p) for p in src.glob("*.safetensors"))
+    in_bytes = sum(os.path.getsize(p) for p in files)
+    source = Source.open(src)
+    moe_layer = source.unit_input_bytes(source.units[1])
+    plan = make_plan(src, args.recipe)
+    out_bytes = sum(r.bytes for r in plan.rows)
+    print(f"fixture: kimi_k25, 2 layers at Kimi's dims (vocab 1024), {in_bytes / 1e9:.2f} GB in "
+          f"{len(files)} files; MoE layer source {moe_layer / 1e9:.2f} GB; recipe {args.recipe}"
+          f"{' --fit ' + args.fit if args.fit else ''}, output {out_bytes / 1e9:.2f} GB")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs: timings "
+          f"noisy), moequant threads {get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+
+    before = floor(files, work, out_bytes)
+    dst = work / "out-full"
+    shutil.rmtree(dst, ignore_errors=True)
+    left = drop_cache(files)
+    ours = run_route(OURS, src, dst, args.recipe, args.fit or "-")
+    shutil.rmtree(dst, ignore_errors=True)
+    after = floor(files, work, out_bytes)
+
+    print(f"\n{'measurement':<34} {'wall s':>8} {'GB/s':>7}")
+    for name, f in (("before", before), ("after", after)):
+        print(f"{'floor ' + name + ': cold read':<34} {f['read']:>8.2f} {in_bytes / f['read'] / 1e9:>7.2f}"
+              f"   (resident before: {mb(f['resident_before_read'])})")
+        print(f"{'floor ' + name + ': write + fsync':<34} {f['write']:>8.2f} {out_bytes / f['write'] / 1e9:>7.2f}")
+    fl = min(before["read"], after["read"]) + min(before["write"], after["write"])
+    fl_max = max(min(before["read"], after["read"]), min(before["write"], after["write"]))
+    print(f"{'moequant convert':<34} {ours['wall']:>8.2f} {in_bytes / ours['wall'] / 1e9:>7.2f}"
+          f"   (resident before: {mb(left)})")
+    st = ours["stages"]
+    print(f"\nconvert: user {ours['user']:.1f} s, system {ours['sys']:.1f} s, "
+          f"{ours['minflt'] / 1e6:.2f} M minor page faults, peak RSS {ours['peak'] / 1e9:.2f} GB")
+    print(f"main thread: computing {st['compute']:.1f} s ({st['compute'] / ours['wall']:.0%} of wall), "
+          f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s")
+    ratio, ratio_max = fl / ours["wall"], fl_max / ours["wall"]
+    rss_ok = ours["peak"] <= 1.5 * moe_layer
+    print(f"I/O floor (best cold read + best write of the two floor runs) {fl:.2f} s: convert runs at "
+          f"{ratio:.0%} of it (target >= 60%: {'met' if ratio >= 0.6 else 'NOT met'}); "
+          f"against max(read, write) = {fl_max:.2f} s (perfect overlap of reading and writing): "
+          f"{ratio_max:.0%}")
+    print(f"peak RSS {ours['peak'] / 1e9:.2f} GB = {ours['peak'] / moe_layer:.2f}x one MoE layer's source "
+          f"bytes (target <= 1.5x: {'met' if rss_ok else 'NOT met'})")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     args = build_parser().parse_args()
+    if args.full_dims:
+        return main_full(args)
 
     from moequant import get_num_threads
     from moequant.testing import make_checkpoint

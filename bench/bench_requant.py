@@ -6,6 +6,12 @@ Kimi expert matrices (gate/up 2048 x 7168, down 7168 x 2048), INT4 g32 bf16 scal
 fraction of the read bandwidth measured in this same run with the same thread count.
 
     python bench/bench_requant.py [--repeat 5] [--threads 1 2] [--device gpu]
+
+Then the mse fit (``requantize_int4(fit="mse")``) side by side with min-max and the MLX
+path on the same shapes: ns per group per core, input GB/s, the projection for Kimi's
+whole expert set (KIMI_GROUPS g64 groups) in core-hours, and the squared-error ratio
+against min-max. ``--metal`` adds the Metal fit kernel's device bytes per group measured
+on the emulator and a *predicted* GPU time (no Metal here; see --help).
 """
 
 from __future__ import annotations
@@ -45,7 +51,118 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="where both paths run (gpu: Metal, macOS only; --threads then only "
                     "sizes the CPU bandwidth probe)")
+    ap.add_argument("--fit-bits", type=int, nargs="+", default=[3, 4],
+                    help="bit widths of the mse-fit table (default: 3 4; none: --fit-bits 0)")
+    ap.add_argument("--metal", action="store_true",
+                    help="also run the Metal fit kernel on the emulator (bytes per group) and "
+                         "print a predicted GPU time")
     return ap
+
+
+# Kimi-K2's routed experts: 60 MoE layers x 384 experts x 3 matrices of 2048 x 7168,
+# in groups of 64.
+KIMI_GROUPS = 60 * 384 * 3 * 2048 * 7168 // 64
+
+
+def fit_table(args, data):
+    """The mse fit vs min-max vs the MLX path, per shape, bits and thread count."""
+    from moequant.testing import fit_reference as fr  # noqa: F401  (documents the fit)
+
+    header = (f"{'shape':>11} {'bits':>4} {'thr':>3} {'mlx ms':>8} {'minmax ms':>9} "
+              f"{'mse ms':>8} {'mse ns/grp/core':>15} {'mse GB/s':>8} {'Kimi core-h':>11} "
+              f"{'err mse/mm':>10}")
+    print()
+    print(f"mse fit (path: {moequant.ops._ext.fit_path()})")
+    print(header)
+    print("-" * len(header))
+    worst = 0.0
+    for threads in args.threads:
+        moequant.set_num_threads(threads)
+        for (rows, K), (packed, scales) in data.items():
+            in_bytes = packed.nbytes + scales.nbytes
+            groups = rows * K // 64
+            s32 = scales.astype(mx.float32)
+            for bits in args.fit_bits:
+                def mlx_path():
+                    w = mx.dequantize(packed.view(mx.uint32), s32, -8 * s32, group_size=32,
+                                      bits=4, stream=mx.cpu)
+                    mx.eval(mx.quantize(w, group_size=64, bits=bits, stream=mx.cpu))
+
+                def minmax():
+                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64))
+
+                def mse():
+                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64,
+                                                     fit="mse"))
+
+                t_mlx = best_time(mlx_path, 1)
+                t_mm = best_time(minmax, args.repeat)
+                t_ms = best_time(mse, max(1, args.repeat // 2))
+                ns = t_ms * threads / groups * 1e9
+                worst = max(worst, ns)
+                w = mx.dequantize(packed.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4)
+                errs = []
+                for fit in ("minmax", "mse"):
+                    o = moequant.requantize_int4(packed, scales, bits=bits, group_size=64, fit=fit)
+                    d = mx.dequantize(*o, group_size=64, bits=bits).astype(mx.float32)
+                    errs.append(mx.sum(mx.square(w - d)).item())
+                print(f"{rows:>5}x{K:<5} {bits:>4} {threads:>3} {t_mlx * 1e3:>8.1f} "
+                      f"{t_mm * 1e3:>9.2f} {t_ms * 1e3:>8.1f} {ns:>15.0f} "
+                      f"{in_bytes / t_ms / 1e9:>8.2f} {KIMI_GROUPS * ns * 1e-9 / 3600:>11.2f} "
+                      f"{errs[1] / errs[0]:>10.3f}")
+    moequant.set_num_threads(0)
+    print(f"ns/grp/core: wall time x threads / groups (g64); Kimi core-h: {KIMI_GROUPS:.3g} "
+          f"groups x ns/grp/core; err: squared weight error of mx.dequantize(output) vs the "
+          f"INT4 weights, mse over min-max. Worst ns/grp/core above: {worst:.0f}.")
+
+
+# Figures of the *prediction* (not measured: no Metal here). An M2 Ultra-class GPU:
+# ~27 TFLOPS float32 peak, ~800 GB/s. The fit kernel runs one thread per group with
+# ~2.5 KB of per-thread arrays (register spills) and data-dependent loops, so the
+# compute figure is an optimistic bound: it assumes 10% of peak.
+GPU_FLOPS = 27e12 * 0.10
+GPU_BW = 800e9
+
+
+def fit_ops_per_group(n_slots):
+    """float ops of one g64 group from the algorithm (metal/requantize_fit.h): the
+    candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (4 starts x up to 3 rounds x
+    slots x 11 + solves), 1 + 9 exact errors (slots x 12) and the min-max pass."""
+    ncand, starts, cap = 64, 4, 3
+    return (ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20)
+            + 10 * n_slots * 12 + n_slots * 6)
+
+
+def metal_table(data):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from metal_emulator import MetalLibrary
+    from metal_emulator import requantize_check as rq
+    from metal_emulator import requantize_fit_check as fc
+
+    lib = MetalLibrary(Path(__file__).resolve().parents[1] / "metal" / "requantize_fit.metal",
+                       only=["requantize_fit_int4_bfloat16_bfloat16"])
+    (rows, K), (packed, scales) = next(iter(data.items()))
+    rows = 16  # a slice: the emulator runs GPU threads as fibers on one core
+    p = np.array(packed[:rows].view(mx.uint32))
+    sc = scales[:rows]
+    print()
+    print("Metal mse-fit kernel on the emulator (bytes measured; time is a PREDICTION)")
+    for bits in (3, 4):
+        _, _, _, res = fc.run_int4(lib, p, rq.to_numpy(sc), None, bits, 64, 32, "bfloat16",
+                                   "bfloat16", count_unique=True)
+        groups = rows * K // 64
+        rd, wr = res.bytes_read / groups, res.bytes_written / groups
+        ops = fit_ops_per_group(32)
+        t = max(ops / GPU_FLOPS, (rd + wr) / GPU_BW)
+        print(f"  {bits}-bit g64: {rd:.0f} B read + {wr:.0f} B written per group "
+              f"(unique: {res.unique_bytes_read / groups:.0f} + "
+              f"{res.unique_bytes_written / groups:.0f}); ~{ops} float ops per group; "
+              f"PREDICTED {t * 1e9:.1f} ns/group -> Kimi experts in "
+              f"{KIMI_GROUPS * t / 60:.1f} min (assumes {GPU_FLOPS / 1e12:.1f} TFLOPS "
+              f"effective, {GPU_BW / 1e9:.0f} GB/s)")
 
 
 def main():
@@ -105,6 +222,11 @@ def main():
         "single-threaded whatever 'thr' says); ours: requantize_int4 on 'thr' threads;\n"
         "read GB/s: best of 5 threaded numpy sums of 1 GiB on 'thr' threads (bench/bandwidth.py)."
     )
+    if any(args.fit_bits):
+        args.fit_bits = [b for b in args.fit_bits if b]
+        fit_table(args, data)
+    if args.metal:
+        metal_table(data)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@
 #include "quantized_linear/quantized_linear.h"
 #include "requantize/requantize.h"
 #include "requantize/requantize_cpu.h"
+#include "requantize/fit_cpu.h"
+#include "requantize/requantize_mse.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -43,6 +45,39 @@ NB_MODULE(_ext, m) {
       "src_group_size"_a = 32,
       "dtype"_a = nb::none(),
       "stream"_a = nb::none());
+
+  // The mse fit (python/moequant/ops.py documents both).
+  m.def(
+      "requantize_int4_fit",
+      &moequant::requantize_int4_fit,
+      "packed"_a,
+      "scales"_a,
+      "importance"_a.none(),
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a = 64,
+      "src_group_size"_a = 32,
+      "dtype"_a = nb::none(),
+      "stream"_a = nb::none());
+  m.def(
+      "quantize_fit",
+      &moequant::quantize_fit,
+      "w"_a,
+      "importance"_a.none(),
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a = 64,
+      "dtype"_a = nb::none(),
+      "stream"_a = nb::none());
+  m.def(
+      "check_quantize_args",
+      &moequant::check_quantize_args,
+      "w"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a,
+      "dtype"_a = nb::none());
+  m.def("fit_path", &moequant::fit::fit_path);
 
   // Projections cross as (weight, scales, biases, bits, group_size) tuples; the
   // Python wrapper (moequant.ops.moe_swiglu) accepts QuantizedSwitchLinear too.

@@ -145,6 +145,35 @@ def test_output_files_config_and_plan_agree(ckpt, tmp_path):
     assert make_plan(src, "alis-3.6").bytes == res.total_bytes
 
 
+def test_small_pieces_give_the_same_files(ckpt, tmp_path, monkeypatch):
+    """Experts and matrix rows cut into many small pieces (a few experts, a few rows,
+    several per shard, the buffer pool recycled many times) give exactly the files of
+    whole-job pieces, and they match the oracle."""
+    from moequant import convert_pipeline
+
+    src = ckpt("kimi_k25", layers=3)
+    convert(src, tmp_path / "whole", "alis-3.6", progress=False)
+    monkeypatch.setattr(convert_pipeline, "PIECE_BYTES", 40_000)
+    import moequant.convert as c
+
+    pieces, real = [], convert_pipeline.plan_pieces
+
+    def recorded(*a, **k):
+        got = real(*a, **k)
+        pieces.extend(got)
+        return got
+
+    monkeypatch.setattr(c, "plan_pieces", recorded)
+    convert(src, tmp_path / "small", "alis-3.6", progress=False)
+    experts = [p for p in pieces if p.job.kind == "experts"]
+    rows = [p for p in pieces if p.job.kind == "dense" and not p.whole]
+    assert len(experts) > 3 * len({id(p.job) for p in experts}) and len(rows) > 20
+    assert any(0 < p.lo for p in rows)
+    check_conversion(src, tmp_path / "small")
+    for f in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "small" / f.name).read_bytes(), f.name
+
+
 def test_dry_run_writes_nothing(ckpt, tmp_path, capsys):
     src = ckpt("kimi_k25", layers=3)
     rc = cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--dry-run"])

@@ -11,6 +11,7 @@ import pytest
 
 from moequant import cli
 from moequant import convert as convert_mod
+from moequant import convert_pipeline
 
 
 @pytest.fixture
@@ -145,16 +146,16 @@ def test_bad_recipe(src, tmp_path, capsys):
 
 def test_full_disk_during_write(src, tmp_path, capsys, monkeypatch):
     """A failing write (ENOSPC from the OS, simulated) names the shard and exits 1."""
-    calls = []
-    real = mx.save_safetensors
+    headers = []
+    real = convert_pipeline.pwrite_all
 
-    def failing(path, *a, **k):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing(fd, data, offset):
+        headers.extend([offset] if offset == 0 else [])  # a shard's header goes first
+        if len(headers) == 2:  # the second shard
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, *a, **k)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(convert_mod.mx, "save_safetensors", failing)
+    monkeypatch.setattr(convert_pipeline, "pwrite_all", failing)
     dst = tmp_path / "out"
     assert run(src, dst) == 1
     err = capsys.readouterr().err

@@ -279,12 +279,13 @@ def test_offsets_into_another_tensor_refused_end_to_end(src, tmp_path, capsys):
 SLOW_CONVERT = textwrap.dedent("""
     import sys, time
     import moequant.convert as c
-    real = c.write_shard
-    def slow(path, tensors):
+    import moequant.convert_pipeline as p
+    real = p.finish_shard
+    def slow(fd, tmp, path):
         print("writing", flush=True)
         time.sleep(0.5)
-        return real(path, tensors)
-    c.write_shard = slow
+        return real(fd, tmp, path)
+    p.finish_shard = slow
     c.convert(sys.argv[1], sys.argv[2], "alis-3.6", progress=False, max_shard_bytes=300_000)
 """)
 

@@ -8,6 +8,7 @@ import pytest
 
 from moequant import cli
 from moequant import convert as convert_mod
+from moequant import convert_pipeline
 from moequant.convert import convert
 
 SHARD = 300_000  # small shards: several per unit
@@ -18,16 +19,17 @@ def shard_bytes(path):
 
 
 def interrupt_after(monkeypatch, n):
-    real = convert_mod.write_shard
+    """Interrupt the conversion when its (n+1)-th shard is about to be put in place."""
+    real = convert_pipeline.finish_shard
     calls = []
 
-    def flaky(path, tensors):
+    def flaky(fd, tmp, path):
         if len(calls) == n:
             raise KeyboardInterrupt
         calls.append(path)
-        return real(path, tensors)
+        return real(fd, tmp, path)
 
-    monkeypatch.setattr(convert_mod, "write_shard", flaky)
+    monkeypatch.setattr(convert_pipeline, "finish_shard", flaky)
     return calls
 
 

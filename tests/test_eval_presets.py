@@ -7,7 +7,7 @@ from moequant import evaluate as ev
 from moequant.convert import convert
 from moequant.testing.tiny_checkpoint import make_checkpoint
 
-PRESETS = ("int4-native", "uniform-4", "alis-3.6", "uniform-3")
+PRESETS = ("int4-native", "uniform-4", "alis-3.6", "uniform-3", "alis-3.6-mse")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,16 @@ def _float32_loader(path, fused=False):
     model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a,
                           model.parameters()))
     return model
+
+
+def test_mse_fit_lowers_kl_at_identical_size(builds, tmp_path):
+    """alis-3.6-mse against alis-3.6: byte for byte the same files' sizes, and a lower KL
+    from the same reference on the same windows (bench/RESULTS.md has a longer run)."""
+    sizes = {p: sorted((f.name, f.stat().st_size) for f in (builds / p).glob("*.safetensors"))
+             for p in ("alis-3.6", "alis-3.6-mse")}
+    assert sizes["alis-3.6"] == sizes["alis-3.6-mse"]
+    kl = {p: run(builds, p, tmp_path / "cache")["kl"]["mean"] for p in ("alis-3.6", "alis-3.6-mse")}
+    assert 0 < kl["alis-3.6-mse"] < kl["alis-3.6"], kl
 
 
 def test_fused_path_gives_the_same_report(builds, tmp_path):

@@ -30,14 +30,13 @@ mx::Shape out_shape(const mx::Shape& packed_shape, int last) {
 
 } // namespace
 
-std::tuple<mx::array, mx::array, mx::array> requantize_int4(
+void check_requantize_int4_args(
     const mx::array& packed,
     const mx::array& scales,
     int bits,
     int group_size,
     int src_group_size,
-    std::optional<mx::Dtype> dtype,
-    mx::StreamOrDevice s) {
+    std::optional<mx::Dtype> dtype) {
   // Every check happens here, when the graph is built, so that bad input never
   // reaches a kernel.
   if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
@@ -89,7 +88,19 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
   if (K > std::numeric_limits<int>::max()) {
     fail("rows of " + std::to_string(K) + " weights are too long (at most 2^31 - 1).");
   }
+}
 
+std::tuple<mx::array, mx::array, mx::array> requantize_int4(
+    const mx::array& packed,
+    const mx::array& scales,
+    int bits,
+    int group_size,
+    int src_group_size,
+    std::optional<mx::Dtype> dtype,
+    mx::StreamOrDevice s) {
+  check_requantize_int4_args(packed, scales, bits, group_size, src_group_size, dtype);
+  mx::Dtype out_dtype = dtype.value_or(scales.dtype());
+  const long long K = static_cast<long long>(packed.shape(-1)) * 8;
   check_metal_stream(s, "requantize_int4");
   auto stream = mx::to_stream(s);
   if (stream.device == mx::Device::cpu && !cpu::requantize_cpu_supported()) {

@@ -22,6 +22,16 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
     std::optional<mx::Dtype> dtype,
     mx::StreamOrDevice s = {});
 
+// The argument checks of requantize_int4 (std::invalid_argument naming the argument);
+// shared with requantize_int4_fit.
+void check_requantize_int4_args(
+    const mx::array& packed,
+    const mx::array& scales,
+    int bits,
+    int group_size,
+    int src_group_size,
+    std::optional<mx::Dtype> dtype);
+
 class RequantizeInt4 : public mx::Primitive, public MetalDispatch {
  public:
   RequantizeInt4(mx::Stream stream, int bits, int group_size, int src_group_size)

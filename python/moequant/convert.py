@@ -1,18 +1,20 @@
 """`moequant convert`: stream an INT4 compressed-tensors (or bf16) Kimi / DeepSeek-V3
 checkpoint into a mixed-bit MLX model that stock ``mlx_lm.load`` reads.
 
-The work goes unit by unit (a decoder layer, then embeddings + head), tensor by tensor:
-routed experts are read straight into an (E, N, K/8) stack and requantized in one
-``requantize_int4`` call; other weights go through ``mx.quantize`` (CPU) of the bf16
-source; names and layout follow mlx-lm's sanitize (experts stacked into ``switch_mlp``,
-``kv_b_proj`` split into ``embed_q``/``unembed_out``). Shards of a unit are written as
-soon as their tensors exist, so memory holds about one layer whatever the depth.
+The work goes unit by unit (a decoder layer, then embeddings + head), module by module,
+in pieces of a few experts or a block of rows (convert_pipeline: read, quantize and
+write overlap on three threads, memory holds a few pieces whatever the model): routed
+experts go through ``requantize_int4``, other weights through ``mx.quantize`` (CPU) of the
+bf16 source, or both through the mse fit when the recipe asks for it; names and layout
+follow mlx-lm's sanitize (experts stacked into ``switch_mlp``, ``kv_b_proj`` split into
+``embed_q``/``unembed_out``). Each shard is written in place and renamed into place when
+complete.
 
 Nothing is lost: a journal in DST records finished units against the source's
-fingerprint and the planned output, so a rerun resumes at the first unfinished unit;
-the index and config.json are written last and atomically (mlx-lm needs config.json).
-A lock on DST keeps a second conversion out while one runs; --overwrite removes only the
-files the journal or moequant_recipe.json says moequant wrote.
+fingerprint, the planned output and the fit, so a rerun resumes at the first unfinished
+unit; the index and config.json are written last and atomically (mlx-lm needs
+config.json). A lock on DST keeps a second conversion out while one runs; --overwrite
+removes only the files the journal or moequant_recipe.json says moequant wrote.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import shutil
 import stat
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -39,11 +39,11 @@ from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.layout import all_items
 from .checkpoint.files import read_text
-from .checkpoint.safetensors_io import MX_STORAGE, read_into, read_numpy
+from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, plan_pieces, read_sync
 from .errors import UserError
 from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
-from .recipes import PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+from .recipes import FITS, PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
 JOURNAL = ".moequant-journal.json"
@@ -120,78 +120,32 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass
-class JobInputs:
-    """A job's input buffers, allocated as MLX arrays on the main thread (MLX streams are
-    per thread) and filled in place by the reader thread through writable numpy views,
-    so tensor bytes go from the file to MLX memory in one copy."""
-
-    groups: List[List[str]]  # source names stacked into each buffer
-    dtypes: List[str]
-    arrays: List[mx.array]
-    views: List[np.ndarray]
-
-    def result(self) -> List[mx.array]:
-        return [a.view(mx.bfloat16) if dt == "BF16" else a for a, dt in zip(self.arrays, self.dtypes)]
-
-
-def allocate_job(src: Source, job: Job) -> JobInputs:
-    if job.kind != "experts":
-        groups, stacked = [[n] for n in job.sources], False
-    elif src.cfg.scheme is None:
-        groups, stacked = [job.sources], True
-    else:
-        groups, stacked = [job.sources[0::3], job.sources[1::3]], True
-    dtypes, arrays = [], []
-    for names in groups:
-        first = src.tensors[names[0]]
-        for n in names:
-            if src.tensors[n].dtype != first.dtype:
-                raise CheckpointError(f"{src.tensors[n].file}: tensor {n} has dtype "
-                                      f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}")
-        if first.dtype not in MX_STORAGE:
-            raise CheckpointError(f"{first.file}: tensor {first.name} has unsupported dtype {first.dtype}")
-        shape = (len(names), *first.shape) if stacked else first.shape
-        dtypes.append(first.dtype)
-        arrays.append(mx.zeros(shape, MX_STORAGE[first.dtype]))
-    mx.eval(arrays)
-    views = [np.asarray(memoryview(a)) for a in arrays]
-    return JobInputs(groups, dtypes, arrays, views)
-
-
-def fill_job(src: Source, job: Job, inputs: JobInputs) -> JobInputs:
-    """Read the job's tensors into its buffers (the reader thread; file reads release the
-    GIL), checking INT4 experts' weight_shape values against the config."""
-    if job.kind == "experts" and src.cfg.scheme is not None:
-        E, n, k = job.items[0].shape
-        for name in job.sources[2::3]:
-            info = src.tensors[name]
-            value = read_numpy(info).tolist()
-            if value != [n, k]:
-                raise CheckpointError(f"{info.file}: tensor {name} says shape {value}, but "
-                                      f"config.json implies {[n, k]}")
-    for names, view in zip(inputs.groups, inputs.views):
-        if len(names) == 1 and job.kind != "experts":
-            read_into(src.tensors[names[0]], view)
-        else:
-            for i, name in enumerate(names):
-                read_into(src.tensors[name], view[i])
-    return inputs
-
-
 def read_job(src: Source, job: Job) -> List[mx.array]:
-    """Allocate and read synchronously (used outside the pipelined loop)."""
-    return fill_job(src, job, allocate_job(src, job)).result()
+    """A whole job's input arrays, read synchronously (outside the pipeline)."""
+    (piece,) = plan_pieces(src, None, job, piece_bytes=1 << 62)
+    return read_sync(piece)
 
 
 # --------------------------------------------------------------------------- computing
 
 
 def _quantize(w: mx.array, d: Optional[Decision]) -> List[mx.array]:
+    """A bf16 weight as the build stores it: bf16, or (codes, bf16 scales, bf16 biases)."""
     w = w.astype(mx.bfloat16)
     if d is None:
         return [w]
-    return list(mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu))
+    if d.fit == "minmax":  # exactly mx.quantize, as every MLX build
+        return list(mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu))
+    from .ops import quantize
+
+    return list(quantize(w, bits=d.bits, group_size=d.group_size, fit=d.fit, dtype=mx.bfloat16))
+
+
+def _requantize(packed: mx.array, scales: mx.array, d: Decision, src_group_size: int) -> List[mx.array]:
+    """INT4 experts as the build stores them (bf16 scales and biases)."""
+    kw = {} if d.fit == "minmax" else {"fit": d.fit}
+    return list(requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
+                                src_group_size=src_group_size, dtype=mx.bfloat16, **kw))
 
 
 def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[Item, List[mx.array]]]:
@@ -226,9 +180,7 @@ def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[It
         w = mx.dequantize(packed, scales.astype(mx.float32), -8 * scales.astype(mx.float32),
                           group_size=gs, bits=4)
         return [(it, [w.astype(mx.bfloat16)])]
-    wq, s, b = requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
-                               src_group_size=gs, dtype=mx.bfloat16)
-    return [(it, [wq, s, b])]
+    return [(it, _requantize(packed, scales, d, gs))]
 
 
 AUTO_SAMPLE_EXPERTS = 16
@@ -239,7 +191,10 @@ def expert_sensitivity(src: Source, units: List[Unit]):
     module at the quantization it would otherwise get, against the exact source weights,
     measured before any output is written on an evenly spaced sample of at most
     AUTO_SAMPLE_EXPERTS experts per layer: all 384 of Kimi's would re-read a third of the
-    checkpoint, 16 re-read about 1.4% of it. The loss is an estimate from that sample."""
+    checkpoint, 16 re-read about 1.4% of it. The loss is an estimate from that sample.
+
+    The error is the build's own: the decision's fit, bf16 scales and biases as stored,
+    dequantized exactly in float32 (what `inspect --source` reports)."""
     jobs = {it.path: j for u in units for j in u.jobs for it in j.items}
     per = 3 if src.cfg.scheme else 1  # source tensors per expert
 
@@ -264,14 +219,15 @@ def expert_sensitivity(src: Source, units: List[Unit]):
                     # (u - 8) * s exactly: subtract in integers, one float rounding.
                     w = mx.dequantize(packed, mx.ones_like(s), mx.zeros_like(s), group_size=gs, bits=4)
                     w = (w - 8) * mx.repeat(s, gs, axis=-1)
-                    wq, qs, qb = requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
-                                                 src_group_size=gs, dtype=mx.float32)
+                    wq, qs, qb = _requantize(packed, scales, d, gs)
                 else:
                     w = inputs[0].astype(mx.float32)
-                    wq, qs, qb = mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu)
-                w_hat = mx.dequantize(wq, qs, qb, group_size=d.group_size, bits=d.bits)
-                err += float(mx.sum((w_hat - w) ** 2).item())
-                ref += float(mx.sum(w**2).item())
+                    wq, qs, qb = _quantize(inputs[0], d)
+                w_hat = mx.dequantize(wq, qs.astype(mx.float32), qb.astype(mx.float32),
+                                      group_size=d.group_size, bits=d.bits)
+                # Sums in float64: MLX's float32 sum of ~1e6 squares is off by ~1e-4.
+                err += mx.sum(((w_hat - w) ** 2).astype(mx.float64), stream=mx.cpu).item()
+                ref += mx.sum((w**2).astype(mx.float64), stream=mx.cpu).item()
         return err / max(ref, 1e-30)
 
     return measure
@@ -287,58 +243,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise ConvertError(f"{path}: cannot write: {e.strerror or e}") from e
-
-
-def write_shard(path: Path, tensors: Dict[str, mx.array]) -> int:
-    """Write a shard under a temporary name (invisible to mlx-lm's model*.safetensors
-    glob), then rename it into place."""
-    tmp = path.with_name(f".partial-{path.name}")
-    try:
-        mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
-        os.replace(tmp, path)
-        return path.stat().st_size
-    except (OSError, RuntimeError, ValueError) as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise ConvertError(f"{path}: cannot write shard: {getattr(e, 'strerror', None) or e}") from e
-
-
-class ShardWriter:
-    """Writes shards on a background thread (mx.save_safetensors releases the GIL), one at
-    a time: the next shard's tensors are computed while the previous one is written, and
-    memory holds at most the shard being written plus the one being filled. A unit enters
-    the journal once all its shards are on disk."""
-
-    def __init__(self, dst: Path, out: "OutputPlan", journal: dict, jpath: Path):
-        self.dst, self.out, self.journal, self.jpath = dst, out, journal, jpath
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write")
-        self.inflight = deque()  # (shard index, future), in submission order
-
-    def submit(self, si: int, tensors: Dict[str, mx.array]) -> None:
-        path = self.dst / self.out.shards[si].name
-        self.drain()
-        self.inflight.append((si, self.pool.submit(write_shard, path, tensors)))
-
-    def _finish_oldest(self) -> None:
-        si, fut = self.inflight.popleft()
-        shard = self.out.shards[si]
-        self.journal["sizes"][shard.name] = fut.result()
-        if self.out.unit_shards[shard.unit][-1] == si:
-            self.journal["done"].append(shard.unit)
-            _atomic_write_text(self.jpath, json.dumps(self.journal))
-
-    def drain(self) -> None:
-        while self.inflight:
-            self._finish_oldest()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.pool.shutdown(wait=True)
-        return False
 
 
 def _plain_name(n) -> bool:
@@ -472,7 +376,7 @@ def check_destination(dst: Path, src: Path, overwrite: bool) -> str:
 
 
 def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str, digest: str,
-                        planned: List[str]) -> dict:
+                        planned: List[str], fits: Optional[List[str]] = None) -> dict:
     """Under the lock: check DST again, remove the files an earlier conversion wrote when
     overwriting (and only those), and return the journal to continue from (empty for a
     fresh start). ``planned``: the names this conversion will write."""
@@ -505,6 +409,13 @@ def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str,
         if journal["fingerprint"] != fingerprint:
             raise DestinationError(f"{dst} holds an unfinished conversion of a different or "
                                    "changed source; rerun with --overwrite to start over")
+        if fits is not None and "fit" in journal and journal["fit"] != fits:
+            # Shards of one fit must not be finished with another: the build would be
+            # neither, and its recipe file would misstate one half.
+            raise DestinationError(
+                f"{dst} holds an unfinished conversion made with fit {'+'.join(journal['fit']) or 'none'}, "
+                f"and this run asks for {'+'.join(fits) or 'none'}; rerun with the same --fit / "
+                "recipe to resume, or with --overwrite to start over")
         if journal["plan"] != digest:
             raise DestinationError(f"{dst} holds an unfinished conversion with a different "
                                    "recipe or options; rerun with --overwrite to start over")
@@ -557,6 +468,7 @@ def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
     config["moequant"] = {
         "version": __version__, "recipe": res.recipe.name,
         "source": f"compressed-tensors INT4 g{cfg.scheme.group_size}" if cfg.scheme else "bf16",
+        "fit": res.fits(),
         "selected_layers": {f"rule {i} {res.recipe.rules[i]['match']}": layers
                             for i, layers in res.selected.items()},
     }
@@ -566,25 +478,56 @@ def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
 # --------------------------------------------------------------------------- progress
 
 
+# Prior for the ETA before any mse piece has been timed: source bytes of the mse fit
+# cost about this many times the bytes of the min-max fit (which runs at disk speed).
+MSE_COST_PRIOR = 8.0
+
+
 class Progress:
     """A one-line progress bar on stderr (bytes read, units, rate, ETA); without a
-    terminal, one line per finished unit."""
+    terminal, one line per finished unit.
 
-    def __init__(self, total_bytes: int, units: int, enabled: bool):
-        self.total, self.units, self.enabled = max(total_bytes, 1), units, enabled
-        self.t0 = self.last = time.perf_counter()
+    The ETA adds up each kind of work left at its own measured rate: bytes re-quantized
+    with the mse fit take several times longer than min-max ones (which go at about disk
+    speed), so one overall bytes-per-second rate would promise too early an end."""
+
+    def __init__(self, totals: Dict[str, int], units: int, enabled: bool):
+        self.totals = {k: v for k, v in totals.items() if v}
+        self.total = max(sum(self.totals.values()), 1)
+        self.units, self.enabled = units, enabled
+        self.done = {k: 0 for k in self.totals}
+        self.spent = {k: 0.0 for k in self.totals}
+        self.t0 = self.last = self.mark = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
-    def update(self, done_bytes: int, done_units: int, name: str, unit_finished: bool) -> None:
+    def eta(self) -> float:
+        rate = {k: self.done[k] / self.spent[k] for k in self.totals if self.done[k] and self.spent[k] > 0}
+        if not rate:
+            return 0.0
+        prior = {"mse": MSE_COST_PRIOR}
+        # A kind not measured yet: the measured kind's rate scaled by the prior cost ratio.
+        ref_kind, ref = next(iter(rate.items()))
+        left = 0.0
+        for k, total in self.totals.items():
+            r = rate.get(k, ref * prior.get(ref_kind, 1.0) / prior.get(k, 1.0))
+            left += (total - self.done[k]) / r
+        return left
+
+    def update(self, kind: str, nbytes: int, done_units: int, name: str, unit_finished: bool) -> None:
         now = time.perf_counter()
+        if kind in self.done:
+            self.done[kind] += nbytes
+            self.spent[kind] += now - self.mark
+        self.mark = now
         if not self.enabled or (not unit_finished and (not self.tty or now - self.last < 0.2)):
             return
         self.last = now
         el = now - self.t0
-        frac = min(done_bytes / self.total, 1.0)
-        eta = el / frac - el if frac > 0 else 0.0
-        line = (f"[{'#' * int(frac * 24):<24}] {fmt_bytes(done_bytes)} / {fmt_bytes(self.total)}  "
-                f"units {done_units}/{self.units} ({name})  {done_bytes / max(el, 1e-9) / 1e9:.2f} GB/s  "
+        done = sum(self.done.values())
+        frac = min(done / self.total, 1.0)
+        eta = self.eta()
+        line = (f"[{'#' * int(frac * 24):<24}] {fmt_bytes(done)} / {fmt_bytes(self.total)}  "
+                f"units {done_units}/{self.units} ({name})  {done / max(el, 1e-9) / 1e9:.2f} GB/s  "
                 f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
@@ -592,6 +535,79 @@ class Progress:
     def close(self):
         if self.enabled and self.tty:
             print(file=sys.stderr)
+
+
+def piece_kind(piece, res: Resolution) -> str:
+    """'mse' when the piece is re-quantized with the mse fit, else 'minmax'."""
+    ds = [res.decisions.get(it.path) for it in piece.job.items]
+    return "mse" if any(d is not None and not d.repack and d.fit == "mse" for d in ds) else "minmax"
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Path, journal: dict,
+                  jpath: Path, bar: "Progress") -> int:
+    """Read, compute and write every piece (see convert_pipeline); a unit enters the
+    journal once all its shards are on disk. Returns the source bytes read and where
+    the main thread's time went (computing, waiting for the reader, for the writer)."""
+    prefix = src.cfg.prefix
+    finished: set = set()
+
+    def on_shard(si: int, size: int) -> None:  # writer thread
+        shard = out.shards[si]
+        journal["sizes"][shard.name] = size
+        finished.add(si)
+        if all(i in finished for i in out.unit_shards[shard.unit]):
+            journal["done"].append(shard.unit)
+            _atomic_write_text(jpath, json.dumps(journal))
+
+    read_bytes, ok = 0, False
+    stages = {"compute": 0.0, "wait_read": 0.0, "wait_write": 0.0}
+    clock = time.perf_counter
+    reader = Reader(pieces, max((p.nbytes for p in pieces), default=1))
+    writer = ShardWriter(dst, out, on_shard)
+    try:
+        for n, piece in enumerate(pieces):
+            t = clock()
+            got, buf = reader.next()
+            assert got is piece
+            t1 = clock()
+            stages["wait_read"] += t1 - t
+            slices = []
+            for it, arrays in compute_job(src, piece.sub_job(), piece_arrays(buf[0], piece), res):
+                mx.eval(arrays)
+                for (suffix, _, _), arr in zip(output_tensors(it, res.decisions[it.path]), arrays):
+                    name = prefix + it.path + suffix
+                    shape, dtype = out.tensor_meta[name]
+                    want = shape if piece.whole else (piece.hi - piece.lo, *shape[1:])
+                    if tuple(arr.shape) != want or arr.dtype != getattr(mx, dtype):
+                        raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, "
+                                             f"planned {want} {dtype}")
+                    row = 0 if piece.whole else tensor_bytes(shape[1:], dtype) * piece.lo
+                    slices.append((name, row, arr))
+            t2 = clock()
+            stages["compute"] += t2 - t1
+            writer.submit(slices, lambda buf=buf: reader.release(buf))
+            stages["wait_write"] += clock() - t2
+            del slices, buf
+            read_bytes += piece.source_bytes
+            last = n + 1 == len(pieces) or pieces[n + 1].unit is not piece.unit
+            bar.update(piece_kind(piece, res), piece.source_bytes, len(journal["done"]),
+                       piece.unit.name, last)
+        t = clock()
+        writer.close(ok=True)
+        stages["wait_write"] += clock() - t
+        ok = True
+    except WriteError as e:
+        raise ConvertError(str(e)) from e.__cause__
+    finally:
+        if not ok:
+            writer.close(ok=False)
+        reader.close()
+    bar.update("", 0, len(journal["done"]), "written", True)
+    bar.close()
+    return read_bytes, stages
 
 
 # --------------------------------------------------------------------------- driver
@@ -611,6 +627,8 @@ class ConvertResult:
     units_skipped: int
     dry_run: bool = False
     shards: List[str] = field(default_factory=list)
+    # Main thread's seconds computing / waiting for reads / waiting for writes.
+    stages: Dict[str, float] = field(default_factory=dict)
 
     @property
     def bpw(self) -> float:
@@ -639,8 +657,10 @@ def convert(
     threads: Optional[int] = None,
     progress: bool = True,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    fit: Optional[str] = None,
 ) -> ConvertResult:
-    """Convert ``hf_path`` into ``mlx_path``; see the module docstring.
+    """Convert ``hf_path`` into ``mlx_path``; see the module docstring. ``fit`` overrides
+    the recipe's fit of every re-quantized module (``minmax`` or ``mse``).
 
     Raises CheckpointError / RecipeError / DestinationError for bad input (before any
     output is written, except for damage found while reading tensors) and ConvertError
@@ -658,7 +678,7 @@ def convert(
         isinstance(r.get("layers"), dict) and r["layers"].get("select") == "auto" for r in spec.rules)
     res = resolve(spec, items, num_layers=cfg.num_layers,
                   int4_group=cfg.scheme.group_size if cfg.scheme else None,
-                  upgrade_layers=upgrade,
+                  upgrade_layers=upgrade, fit=fit,
                   sensitivity=expert_sensitivity(src, units) if needs_auto and not dry_run else None)
     out = plan_output(units, res, cfg.prefix, max_shard_bytes)
     planned_rows = summarize(items, res.decisions)
@@ -683,7 +703,8 @@ def convert(
         raise DestinationError(f"--mlx-path {dst}: cannot create: {e.strerror or e}") from None
     # One conversion per DST at a time: the lock covers every check and write in it.
     with DestinationLock(dst):
-        journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned)
+        journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned,
+                                      res.fits())
         done = set()
         for u in journal.get("done", []):
             shard_ok = all((dst / out.shards[i].name).exists()
@@ -692,7 +713,7 @@ def convert(
             if shard_ok:
                 done.add(u)
         journal = {"version": 1, "moequant": __version__, "source": str(src.path),
-                   "fingerprint": fingerprint, "plan": digest, "done": sorted(done),
+                   "fingerprint": fingerprint, "plan": digest, "fit": res.fits(), "done": sorted(done),
                    "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
                              for u in done for i in out.unit_shards.get(u, [])},
                    "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL})}
@@ -711,43 +732,12 @@ def convert(
             raise ConvertError(f"{dst}: needs {remaining / 1e9:.2f} GB more but only "
                                f"{free / 1e9:.2f} GB is free")
 
-        input_total = sum(src.unit_input_bytes(u) for u in todo)
-        bar = Progress(input_total, len(units), progress)
-        read_bytes = 0
-        jobs = [(u, j) for u in todo for j in u.jobs]
-        with ThreadPoolExecutor(1, thread_name_prefix="moequant-read") as reader, \
-                ShardWriter(dst, out, journal, jpath) as writer:
-            # Read one job ahead and write behind, so file IO overlaps quantization.
-            def read_ahead(k):
-                if k < len(jobs):
-                    return reader.submit(fill_job, src, jobs[k][1], allocate_job(src, jobs[k][1]))
-
-            ahead = read_ahead(0)
-            pending: Dict[int, Dict[str, mx.array]] = {}
-            for n, (unit, job) in enumerate(jobs):
-                inputs = ahead.result().result()
-                ahead = read_ahead(n + 1)
-                for it, arrays in compute_job(src, job, inputs, res):
-                    names = [cfg.prefix + it.path + suffix for suffix, _, _ in
-                             output_tensors(it, res.decisions[it.path])]
-                    mx.eval(arrays)
-                    for name, arr in zip(names, arrays):
-                        shape, dtype = out.tensor_meta[name]
-                        if tuple(arr.shape) != shape or arr.dtype != getattr(mx, dtype):
-                            raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
-                        si = out.tensor_shard[name]
-                        pending.setdefault(si, {})[name] = arr
-                        if len(pending[si]) == len(out.shards[si].tensors):
-                            writer.submit(si, pending.pop(si))
-                del inputs
-                read_bytes += sum(src.tensors[s].nbytes for s in job.sources)
-                finished = n + 1 == len(jobs) or jobs[n + 1][0] is not unit
-                if finished:
-                    mx.clear_cache()
-                bar.update(read_bytes, len(journal["done"]), unit.name, finished)
-            writer.drain()
-            bar.update(read_bytes, len(journal["done"]), "written", True)
-            bar.close()
+        pieces = [p for u in todo for j in u.jobs for p in plan_pieces(src, u, j)]
+        totals: Dict[str, int] = {}
+        for p in pieces:
+            totals[piece_kind(p, res)] = totals.get(piece_kind(p, res), 0) + p.source_bytes
+        bar = Progress(totals, len(units), progress)
+        read_bytes, stages = _run_pipeline(src, res, out, pieces, dst, journal, jpath, bar)
 
         copy_side_files(side, dst)
         _atomic_write_text(dst / RECIPE_FILE, json.dumps(
@@ -761,7 +751,7 @@ def convert(
         jpath.unlink()
         return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
                              time.perf_counter() - t0, read_bytes, len(todo), len(done),
-                             shards=[s.name for s in out.shards])
+                             shards=[s.name for s in out.shards], stages=stages)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -772,6 +762,10 @@ def add_arguments(p):
     p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
     p.add_argument("--recipe", default="alis-3.6",
                    help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
+    p.add_argument("--fit", choices=FITS, default=None,
+                   help="How scales and biases are fitted, for every re-quantized module "
+                        "(overrides the recipe): minmax (MLX's rule) or mse (least squares: "
+                        "lower error at the same size, slower).")
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
@@ -788,7 +782,7 @@ def run(args) -> int:
     try:
         result = convert(args.hf_path, args.mlx_path, args.recipe, upgrade_layers=args.upgrade_layers,
                          dry_run=args.dry_run, overwrite=args.overwrite, threads=args.threads,
-                         progress=not args.quiet)
+                         progress=not args.quiet, fit=args.fit)
     except ConvertError as e:
         print(f"moequant convert: error: {e}", file=sys.stderr)
         return 1

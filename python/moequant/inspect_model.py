@@ -207,10 +207,28 @@ def _float32(a):
     return a.astype(mx.float32)
 
 
+def recorded_fits(model_dir: Path) -> Dict[str, str]:
+    """module path -> the fit moequant_recipe.json says made it (empty for a build
+    without one, or made before fits were recorded)."""
+    path = Path(model_dir) / "moequant_recipe.json"
+    if not path.is_file():
+        return {}
+    try:
+        modules = json.loads(read_text(path)).get("modules")
+    except (json.JSONDecodeError, RecursionError, AttributeError, UserError):
+        return {}
+    if not isinstance(modules, dict):
+        return {}
+    return {p: m["fit"] for p, m in modules.items() if isinstance(m, dict) and isinstance(m.get("fit"), str)}
+
+
 def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None) -> dict:
     """Relative Frobenius error ||W_build - W_int4|| / ||W_int4|| of every re-quantized
     routed-expert tensor against the exact dequantization of its INT4 source, summarized
     per (layer, projection), per projection and per layer.
+
+    The error is measured on what the build stores, so it is exact whichever fit made
+    it; the fit recorded in moequant_recipe.json is reported next to it.
 
     Both sides are computed exactly in float32: the source as (u - 8) * scale, the build
     as q * scale + bias with its bf16 scales and biases widened first (dequantizing in
@@ -228,6 +246,7 @@ def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None
     dst = read_headers(model_dir)
     desc = desc or describe(model_dir)
     by_path = {m["path"]: m for m in desc["modules"]}
+    fits = recorded_fits(model_dir)
     found: Dict[Tuple[str, int, str], List[int]] = defaultdict(list)
     for name in src:
         m = _SOURCE_EXPERT.match(name)
@@ -273,7 +292,7 @@ def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None
             errs.append(float(np.linalg.norm(got.astype(np.float64) - exact)) / den if den else 0.0)
         errs = np.array(errs)
         per.append({"layer": layer, "proj": proj, "bits": bits, "group_size": gs,
-                    "source_group_size": src_gs,
+                    "source_group_size": src_gs, "fit": fits.get(path),
                     "experts": len(errs), "mean": float(errs.mean()), "max": float(errs.max()),
                     "per_expert": errs.tolist()})
 
@@ -317,17 +336,20 @@ def format_report(d: dict, errors: Optional[dict] = None) -> str:
                      f"{b.get('down_proj', '-'):<8} {b.get('attention', '-'):<10} "
                      f"{l['params']:>15,} {_gb(l['bytes']):>14} {l['bits_per_weight']:>7.3f}")
     if errors:
+        fits = sorted({r["fit"] or "not recorded" for r in errors["per_layer_proj"]})
         lines += ["", f"routed-expert error vs INT4 source ({errors['source']}): {errors['metric']}",
-                  f"{'layer':>5} " + " ".join(f"{p:>22}" for p in PROJS)]
+                  f"fit: {', '.join(fits)} (from moequant_recipe.json)",
+                  f"{'layer':>5} " + " ".join(f"{p:>26}" for p in PROJS)]
         cell = {(r["layer"], r["proj"]): r for r in errors["per_layer_proj"]}
         for layer in errors["per_layer"]:
             row = []
             for p in PROJS:
                 r = cell.get((int(layer), p))
-                row.append(f"{r['bits']}b {r['mean']:.4f} (max {r['max']:.4f})" if r else "-")
-            lines.append(f"{layer:>5} " + " ".join(f"{c:>22}" for c in row))
+                fit = {"mse": "mse ", "minmax": ""}.get(r["fit"], "") if r else ""
+                row.append(f"{r['bits']}b {fit}{r['mean']:.4f} (max {r['max']:.4f})" if r else "-")
+            lines.append(f"{layer:>5} " + " ".join(f"{c:>26}" for c in row))
         lines.append("mean " + " ".join(f"{errors['per_proj'][p]['mean']:>22.4f}" if p in errors["per_proj"]
-                                       else f"{'-':>22}" for p in PROJS))
+                                       else f"{'-':>26}" for p in PROJS))
     return "\n".join(lines)
 
 

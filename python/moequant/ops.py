@@ -27,6 +27,37 @@ def metal_available() -> bool:
 has_metal: bool = metal_available()
 
 
+FITS = ("minmax", "mse")
+
+
+def _check_fit(fn: str, fit) -> str:
+    if fit not in FITS:
+        raise ValueError(f"{fn}: fit must be 'minmax' or 'mse', got {fit!r}")
+    return fit
+
+
+def _check_importance(fn: str, importance, K: int) -> Optional[mx.array]:
+    """importance as a float32 (K,) array, or None; ValueError naming the argument."""
+    if importance is None:
+        return None
+    try:
+        h = importance if isinstance(importance, mx.array) else mx.array(importance)
+    except Exception as e:  # noqa: BLE001 - anything unconvertible is a bad argument
+        raise ValueError(f"{fn}: importance must be an array of K = {K} weights ({e})") from e
+    if h.ndim != 1 or h.shape[0] != K:
+        raise ValueError(
+            f"{fn}: importance must have shape ({K},) (one weight per input channel), "
+            f"got {tuple(h.shape)}")
+    if not (mx.issubdtype(h.dtype, mx.floating) or mx.issubdtype(h.dtype, mx.integer)
+            or h.dtype == mx.bool_):
+        raise ValueError(f"{fn}: importance must be real-valued, got {h.dtype}")
+    h = h.astype(mx.float32)
+    ok = mx.all(mx.isfinite(h) & (h >= 0)).item()
+    if not ok:
+        raise ValueError(f"{fn}: importance must be finite and non-negative")
+    return h
+
+
 def requantize_int4(
     packed: mx.array,
     scales: mx.array,
@@ -35,6 +66,8 @@ def requantize_int4(
     group_size: int = 64,
     src_group_size: int = 32,
     dtype: Optional[mx.Dtype] = None,
+    fit: str = "minmax",
+    importance: Optional[mx.array] = None,
     stream=None,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     """Re-quantize compressed-tensors INT4 weights to MLX's affine format in one pass.
@@ -43,19 +76,144 @@ def requantize_int4(
     lowest bits first, stored as ``q + 8``; ``scales`` (``(..., K/src_group_size)``,
     float32/float16/bfloat16) gives the source weight ``(u - 8) * scale``.
 
-    Returns ``(wq, scales, biases)`` as ``mx.quantize(W, group_size, bits)`` would on the
-    CPU for ``W = (u - 8) * float32(scale)``, bit for bit; scales and biases are then
-    rounded to ``dtype`` (default: the dtype of the input scales).
+    ``fit="minmax"`` (default) returns ``(wq, scales, biases)`` as
+    ``mx.quantize(W, group_size, bits)`` would on the CPU for
+    ``W = (u - 8) * float32(scale)``, bit for bit; scales and biases are then rounded to
+    ``dtype`` (default: the dtype of the input scales).
+
+    ``fit="mse"`` stores, per group, the (scale, bias) in ``dtype`` and the codes that
+    minimize ``sum_k h_k (W_k - dequantize(...)_k)^2`` as far as the fit finds (see
+    README, "The mse fit"); a group keeps min-max whenever the fit is not better, so no
+    group is worse than ``mx.quantize``. Same layout, loads in stock mlx-lm.
+    ``importance`` (length K, finite, non-negative, e.g. mean squared activations per
+    input channel) gives the weights h_k (default 1); it needs ``fit="mse"``.
     """
-    return _ext.requantize_int4(
+    _check_fit("requantize_int4", fit)
+    if fit == "minmax":
+        if importance is not None:
+            raise ValueError("requantize_int4: importance needs fit='mse'")
+        return _ext.requantize_int4(
+            packed,
+            scales,
+            bits=bits,
+            group_size=group_size,
+            src_group_size=src_group_size,
+            dtype=dtype,
+            stream=stream,
+        )
+    K = int(packed.shape[-1]) * 8 if isinstance(packed, mx.array) and packed.ndim else 0
+    h = _check_importance("requantize_int4", importance, K)
+    if not hasattr(_ext, "requantize_int4_fit"):
+        return _fit_numpy_int4(packed, scales, h, bits, group_size, src_group_size, dtype)
+    return _ext.requantize_int4_fit(
         packed,
         scales,
+        h,
         bits=bits,
         group_size=group_size,
         src_group_size=src_group_size,
         dtype=dtype,
         stream=stream,
     )
+
+
+def quantize(
+    w: mx.array,
+    *,
+    bits: int,
+    group_size: int = 64,
+    fit: str = "mse",
+    dtype: Optional[mx.Dtype] = None,
+    importance: Optional[mx.array] = None,
+    stream=None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """Affine-quantize float weights ``w`` (``(..., K)``, float32/float16/bfloat16) in
+    ``mx.quantize``'s layout: ``(wq uint32 (..., K*bits/32), scales, biases)`` with
+    scales and biases in ``dtype`` (default ``w.dtype``).
+
+    ``fit="mse"`` (default): the error-optimal fit of ``requantize_int4(fit="mse")``
+    on the float32 values of ``w``, never worse per group than ``mx.quantize``;
+    ``importance`` (length K, finite, non-negative) weights each input channel's
+    squared error. ``fit="minmax"``: exactly ``mx.quantize`` (scales and biases then
+    rounded to ``dtype``). bits 2/3/4/5/6/8, group sizes 32/64/128.
+    """
+    _check_fit("quantize", fit)
+    if not isinstance(w, mx.array):
+        raise ValueError(f"quantize: w must be an mx.array, got {type(w).__name__}")
+    if fit == "minmax":
+        if importance is not None:
+            raise ValueError("quantize: importance needs fit='mse'")
+        _check_quantize_args(w, bits, group_size, dtype)
+        wq, s, b = mx.quantize(w, group_size=group_size, bits=bits, stream=stream)
+        out = dtype or w.dtype
+        return wq, s.astype(out, stream=stream), b.astype(out, stream=stream)
+    K = int(w.shape[-1]) if w.ndim else 0
+    h = _check_importance("quantize", importance, K)
+    if not hasattr(_ext, "quantize_fit"):
+        _check_quantize_args(w, bits, group_size, dtype)
+        return _fit_numpy_float(w, h, bits, group_size, dtype)
+    return _ext.quantize_fit(w, h, bits=bits, group_size=group_size, dtype=dtype, stream=stream)
+
+
+def _check_quantize_args(w, bits, group_size, dtype):
+    if isinstance(bits, bool) or bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"quantize: bits must be one of 2, 3, 4, 5, 6, 8; got {bits!r}")
+    if isinstance(group_size, bool) or group_size not in (32, 64, 128):
+        raise ValueError(f"quantize: group_size must be 32, 64 or 128; got {group_size!r}")
+    if w.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"quantize: w must be float32, float16 or bfloat16; got {w.dtype}")
+    if w.ndim < 2 or w.shape[-1] == 0 or w.shape[-1] % group_size:
+        raise ValueError(
+            f"quantize: w must have at least 2 dimensions and a last axis divisible by "
+            f"group_size = {group_size}; got shape {tuple(w.shape)}")
+    if dtype is not None and dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"quantize: dtype must be float32, float16 or bfloat16; got {dtype}")
+
+
+_NP_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+
+def _fit_numpy_out(wq, s, b, shape, bits, group_size, out):
+    import numpy as np
+
+    lead = tuple(shape[:-1])
+    K = shape[-1]
+    return (mx.array(wq.reshape(*lead, K * bits // 32)),
+            mx.array(s.reshape(*lead, K // group_size)).astype(out),
+            mx.array(b.reshape(*lead, K // group_size)).astype(out))
+
+
+def _fit_numpy_int4(packed, scales, h, bits, group_size, src_group_size, dtype):
+    # Interim backend (the numpy reference) until the native kernel lands.
+    import numpy as np
+
+    from . import int4
+    from .testing import fit_reference as fr
+
+    for name, v, ok in (("bits", bits, (2, 3, 4, 5, 6, 8)), ("group_size", group_size, (32, 64, 128)),
+                        ("src_group_size", src_group_size, (32, 64, 128))):
+        if v not in ok:
+            raise ValueError(f"requantize_int4: {name} must be one of {ok}; got {v!r}")
+    out = dtype or scales.dtype
+    K = packed.shape[-1] * 8
+    codes = int4.unpack(np.array(packed.view(mx.uint32)).reshape(-1, K // 8))
+    sc = np.array(scales.astype(mx.float32)).reshape(codes.shape[0], -1)
+    wq, s, b, _ = fr.fit_int4(codes, sc, bits, group_size, src_group_size, _NP_NAMES[out],
+                              None if h is None else np.array(h))
+    return _fit_numpy_out(wq, s, b, packed.shape[:-1] + [K], bits, group_size, out)
+
+
+def _fit_numpy_float(w, h, bits, group_size, dtype):
+    import numpy as np
+
+    from .testing import fit_reference as fr
+
+    out = dtype or w.dtype
+    K = w.shape[-1]
+    x = np.array(w.astype(mx.float32)).reshape(-1, K)
+    wq, s, b, _ = fr.fit_float(x, bits, group_size, _NP_NAMES[out],
+                               None if h is None else np.array(h))
+    return _fit_numpy_out(wq, s, b, w.shape, bits, group_size, out)
 
 
 def get_num_threads() -> int:

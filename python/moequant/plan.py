@@ -45,7 +45,8 @@ def item_bytes(item: Item, d: Optional[Decision]) -> int:
 def describe(d: Optional[Decision], item: Item) -> str:
     if d is None:
         return "fp32" if item.dtype == "float32" else "bf16"
-    return f"{d.bits}-bit g{d.group_size}" + (" (INT4 repack)" if d.repack else "")
+    return (f"{d.bits}-bit g{d.group_size}" + (" (INT4 repack)" if d.repack else "")
+            + (f" {d.fit}" if not d.repack and d.fit != "minmax" else ""))
 
 
 @dataclass

@@ -184,3 +184,44 @@ def slice_info(info: TensorInfo, i: int) -> TensorInfo:
     per = info.nbytes // n
     return replace(info, name=f"{info.name}[{i}]", shape=info.shape[1:], start=info.start + i * per,
                    nbytes=per)
+
+
+def rows_info(info: TensorInfo, lo: int, hi: int) -> TensorInfo:
+    """Slices lo..hi along the first axis, kept as one tensor (a block of rows)."""
+    n = info.shape[0]
+    if not 0 <= lo <= hi <= n:
+        raise IndexError(f"{info.name}: rows {lo}:{hi} of {n}")
+    per = info.nbytes // n if n else 0
+    return replace(info, name=f"{info.name}[{lo}:{hi}]", shape=(hi - lo, *info.shape[1:]),
+                   start=info.start + lo * per, nbytes=(hi - lo) * per)
+
+
+# MLX dtype names (as in plan.output_tensors) -> safetensors dtype.
+ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32", "int32": "I32"}
+
+
+def shard_header(tensors, metadata=None) -> Tuple[bytes, Dict[str, int]]:
+    """The header of a safetensors file holding ``tensors`` [(name, shape, MLX dtype name)]
+    in that order, data tiled without gaps, and each tensor's absolute byte offset.
+    The JSON is padded with spaces to a multiple of 8 bytes, so every tensor starts
+    8-byte aligned (as the reference writer does)."""
+    head: Dict[str, object] = {"__metadata__": dict(metadata or {})}
+    sizes, off = [], 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * DTYPE_BITS[ST_DTYPE[dtype]] // 8
+        head[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        sizes.append((name, off))
+        off += nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: base + o for name, o in sizes}
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (a C-contiguous buffer) at ``offset`` (os.pwrite may write
+    less than asked, at most ~2 GiB per call on Linux)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + (1 << 30)], offset + done)

@@ -3,7 +3,7 @@ quantization, resolved against a model layout.
 
 A recipe is a JSON object ``{"description": ..., "rules": [rule, ...]}``. Each rule is
 
-    {"match": PATTERN, ["layers": LAYERS,] "bits": B, "group_size": G}   or
+    {"match": PATTERN, ["layers": LAYERS,] "bits": B, "group_size": G[, "fit": FIT]}   or
     {"match": PATTERN, ["layers": LAYERS,] "keep": true}
 
 PATTERN is a glob over the canonical module path (``*`` crosses dots), e.g.
@@ -14,6 +14,12 @@ layers: a list of indices, or a selection among the layers the pattern matches:
 rounded, at least 1; without "per", C layers), or ``{"select": "mlx_mixed"}`` (mlx-lm's
 mixed-recipe ``use_more_bits`` layers). ``spread`` spaces the layers evenly; ``auto``
 takes the layers whose modules lose most at the quantization they would otherwise get.
+
+FIT chooses how each group's scale and bias are found: ``minmax`` (the default; MLX's
+``mx.quantize`` rule, what every published MLX build uses) or ``mse`` (a per-group
+least-squares fit of the same storage format: the same file size, a lower weight error,
+more compute; never worse than ``minmax`` group by group). ``--fit`` on the command line
+overrides every rule's fit.
 
 The first matching rule wins; an unmatched module stays unquantized. Only quantizable
 modules (Linear, Embedding, MultiLinear, SwitchLinear) are considered: the router, norms
@@ -41,6 +47,7 @@ from .presets import ALIASES, PRESETS
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+FITS = ("minmax", "mse")
 
 
 class RecipeError(UserError):
@@ -52,9 +59,17 @@ class Decision:
     bits: int
     group_size: int
     repack: bool = False  # INT4 experts kept as they are (no re-quantization)
+    fit: str = "minmax"  # how scales and biases are chosen (FITS); moot for a repack
 
     def as_config(self) -> dict:
+        """mlx-lm's per-module entry (the fit changes values, not the format)."""
         return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+
+    def record(self) -> dict:
+        """The per-module entry of moequant_recipe.json."""
+        if self.repack:
+            return self.as_config() | {"repacked_int4": True}
+        return self.as_config() | {"fit": self.fit}
 
 
 @dataclass
@@ -91,7 +106,7 @@ class Resolution:
                                    for l in sorted(loss, key=lambda l: (-loss[l], l)))
                 lines.append(f"{head}: auto chose layers {layers}, the {len(layers)} of "
                              f"{len(loss)} with the largest measured relative squared error "
-                             f"at {d.bits}-bit g{d.group_size} (layer: error, * chosen): {ranked}")
+                             f"at {d.bits}-bit g{d.group_size} fit {d.fit} (layer: error, * chosen): {ranked}")
             elif i in self.auto_pending:
                 lines.append(f"{head}: {len(layers)} layer(s) to be chosen by measured error "
                              "during conversion (auto); sizes do not depend on which")
@@ -108,9 +123,14 @@ class Resolution:
             "auto_losses": {str(k): {str(l): v for l, v in loss.items()}
                             for k, (_, loss) in self.auto_losses.items()},
             "notes": self.notes,
-            "modules": {prefix + p: (d.as_config() | ({"repacked_int4": True} if d.repack else {}))
-                        if d else "unquantized" for p, d in self.decisions.items()},
+            "fit": self.fits(),
+            "modules": {prefix + p: d.record() if d else "unquantized"
+                        for p, d in self.decisions.items()},
         }
+
+    def fits(self) -> List[str]:
+        """The fits of the re-quantized modules, sorted (empty when nothing is)."""
+        return sorted({d.fit for d in self.decisions.values() if d is not None and not d.repack})
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -135,7 +155,7 @@ def validate_spec(spec, where: str) -> dict:
         here = f"{where}: rule {i}"
         if not isinstance(r, dict) or not isinstance(r.get("match"), str):
             raise RecipeError(f"{here}: needs a 'match' pattern string")
-        unknown = set(r) - {"match", "layers", "bits", "group_size", "keep"}
+        unknown = set(r) - {"match", "layers", "bits", "group_size", "keep", "fit"}
         if unknown:
             raise RecipeError(f"{here}: unknown keys {sorted(unknown)}")
         if r["match"].startswith("re:"):
@@ -144,13 +164,15 @@ def validate_spec(spec, where: str) -> dict:
             except re.error as e:
                 raise RecipeError(f"{here}: bad regex: {e}") from e
         if r.get("keep"):
-            if "bits" in r or "group_size" in r:
-                raise RecipeError(f"{here}: 'keep' excludes bits and group_size")
+            if "bits" in r or "group_size" in r or "fit" in r:
+                raise RecipeError(f"{here}: 'keep' excludes bits, group_size and fit")
         else:
             if not _is_int(r.get("bits")) or r["bits"] not in BITS:
                 raise RecipeError(f"{here}: bits must be one of {BITS} (or use \"keep\": true)")
             if not _is_int(r.get("group_size")) or r["group_size"] not in GROUP_SIZES:
                 raise RecipeError(f"{here}: group_size must be one of {GROUP_SIZES}")
+            if "fit" in r and r["fit"] not in FITS:
+                raise RecipeError(f"{here}: fit must be one of {FITS}")
         if "layers" in r:
             _check_layers(r["layers"], here)
     return spec
@@ -212,11 +234,14 @@ Sensitivity = Callable[[List[Item], Decision], float]
 
 
 def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_group: Optional[int],
-            upgrade_layers=None, sensitivity: Optional[Sensitivity] = None) -> Resolution:
+            upgrade_layers=None, sensitivity: Optional[Sensitivity] = None,
+            fit: Optional[str] = None) -> Resolution:
     """Apply the recipe to the layout's items.
 
     int4_group: the source group size when routed experts are INT4 (None for bf16).
     upgrade_layers: overrides every spread/auto selection ('spread', 'auto' or a list).
+    fit: overrides every rule's fit (--fit); the layers of an 'auto' rule are ranked by
+    the error of the fit they would otherwise get.
     sensitivity(items_of_one_layer, decision) -> loss, used by 'auto' selections; without
     it (e.g. when planning) 'auto' falls back to the spread layers, which give the same size.
     """
@@ -246,7 +271,10 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
             res.notes.append(f"{it.path}: input dim {it.shape[-1]} is not a multiple of "
                              f"group size {r['group_size']}; left unquantized")
             return None
-        return Decision(r["bits"], r["group_size"])
+        return Decision(r["bits"], r["group_size"], fit=fit or r.get("fit", "minmax"))
+
+    if fit is not None and fit not in FITS:
+        raise RecipeError(f"--fit {fit!r}: expected one of {', '.join(FITS)}")
 
     # Layer sets, rule by rule; a selection sees only the layers its pattern matches.
     rule_layers: Dict[int, set] = {}
@@ -292,5 +320,5 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
     return res
 
 
-__all__ = ["Recipe", "RecipeError", "Decision", "Resolution", "PRESETS", "load_recipe",
+__all__ = ["Recipe", "RecipeError", "Decision", "Resolution", "PRESETS", "FITS", "load_recipe",
            "resolve", "parse_upgrade_layers", "spread"]

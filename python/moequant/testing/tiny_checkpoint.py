@@ -204,55 +204,73 @@ def make_checkpoint(
             return mx.ones(shape, dtype=mx.bfloat16)
         return mx.array(bf16_bits(bf16_normal(shape))).view(mx.bfloat16)
 
-    # Name -> array in layout order, so each layer lands in one or two shards.
-    ordered = []
-    for unit in units:
-        for job in unit.jobs:
-            ordered += job.sources
-    tensors = {}
-    for name in ordered:
-        exp = expect[name]
-        if name.endswith(".weight_packed"):
-            base = name[: -len("weight_packed")]
-            n, k = exp.shape[0], exp.shape[1] * 8
-            if random_codes:
-                words = int4.pack(rng.integers(-8, 8, (n, k), dtype=np.int8))
-                scale = bf16_round((rng.random((n, k // int4_group), dtype=np.float32) + 0.1)
-                                   * np.float32(0.004))
-            else:
-                words, scale = ct_quantize(bf16_normal((n, k)), int4_group)
-            tensors[name] = mx.array(words)
-            tensors[base + "weight_scale"] = mx.array(bf16_bits(scale)).view(mx.bfloat16)
-            tensors[base + "weight_shape"] = mx.array(np.array([n, k], dtype=np.int32))
-        elif name not in tensors:
-            tensors[name] = as_mx(name, exp.shape, exp.kind)
+    # Names in layout order, so each layer lands in one or two shards; tensors are made
+    # shard by shard (a full-dimension fixture does not fit in memory at once).
+    ordered = [n for unit in units for job in unit.jobs for n in job.sources]
+    sizes = {n: _nbytes(expect[n]) for n in ordered}
+
+    def generate():
+        for name in ordered:
+            exp = expect[name]
+            if name.endswith(".weight_packed"):
+                base = name[: -len("weight_packed")]
+                n, k = exp.shape[0], exp.shape[1] * 8
+                if random_codes:
+                    # Uniform random words are uniform codes over [-8, 7] in every nibble
+                    # (and ~100x faster to make than packing drawn codes).
+                    words = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32).view(np.int32)
+                    scale = bf16_round((rng.random((n, k // int4_group), dtype=np.float32) + 0.1)
+                                       * np.float32(0.004))
+                else:
+                    words, scale = ct_quantize(bf16_normal((n, k)), int4_group)
+                yield name, mx.array(words)
+                yield base + "weight_scale", mx.array(bf16_bits(scale)).view(mx.bfloat16)
+                yield base + "weight_shape", mx.array(np.array([n, k], dtype=np.int32))
+            elif not name.endswith((".weight_scale", ".weight_shape")):
+                yield name, as_mx(name, exp.shape, exp.kind)
+        if flavour == "kimi_k25":
+            yield "vision_tower.patch_embed.proj.weight", mx.zeros((64, 3, 14, 14), mx.bfloat16)
+            yield "mm_projector.proj.0.weight", mx.zeros((256, 64), mx.bfloat16)
+        if mtp_layer:
+            p = cfg.prefix + f"model.layers.{layers}."
+            yield p + "eh_proj.weight", mx.zeros((256, 512), mx.bfloat16)
+            yield p + "enorm.weight", mx.ones((256,), mx.bfloat16)
+
     if flavour == "kimi_k25":
-        tensors["vision_tower.patch_embed.proj.weight"] = mx.zeros((64, 3, 14, 14), mx.bfloat16)
-        tensors["mm_projector.proj.0.weight"] = mx.zeros((256, 64), mx.bfloat16)
+        sizes["vision_tower.patch_embed.proj.weight"] = 64 * 3 * 14 * 14 * 2
+        sizes["mm_projector.proj.0.weight"] = 256 * 64 * 2
     if mtp_layer:
         p = cfg.prefix + f"model.layers.{layers}."
-        tensors[p + "eh_proj.weight"] = mx.zeros((256, 512), mx.bfloat16)
-        tensors[p + "enorm.weight"] = mx.ones((256,), mx.bfloat16)
-
-    _write_shards(dst, tensors, shards)
+        sizes[p + "eh_proj.weight"], sizes[p + "enorm.weight"] = 256 * 512 * 2, 256 * 2
+    _write_shards(dst, sizes, generate(), shards)
     return dst
 
 
-def _write_shards(dst: Path, tensors: dict, shards: int) -> None:
-    names = list(tensors)
-    total = sum(tensors[n].nbytes for n in names)
+def _nbytes(exp) -> int:
+    return int(np.prod(exp.shape)) * (4 if exp.kind in ("fp32", "packed", "shape") else 2)
+
+
+def _write_shards(dst: Path, sizes: dict, tensors, shards: int) -> None:
+    """sizes: name -> bytes, in order; tensors: (name, array) in the same order."""
+    names = list(sizes)
+    total = sum(sizes.values())
     per = total / shards
     groups, acc = [[]], 0
     for n in names:
         if acc >= per * len(groups) and len(groups) < shards:
             groups.append([])
         groups[-1].append(n)
-        acc += tensors[n].nbytes
+        acc += sizes[n]
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors"
-        mx.save_safetensors(str(dst / fname), {n: tensors[n] for n in group},
-                            metadata={"format": "pt"})
+        part = {}
+        for n in group:
+            name, arr = next(tensors)
+            assert name == n and arr.nbytes == sizes[n], (name, n)
+            part[name] = arr
+        mx.save_safetensors(str(dst / fname), part, metadata={"format": "pt"})
+        del part
         weight_map.update({n: fname for n in group})
     (dst / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,413 @@
+// The error-optimal affine fit (fit="mse") of one group: shared by the CPU kernels
+// (csrc/requantize/fit_cpu.cpp, fit_avx2.cpp) and the Metal kernel
+// (metal/requantize_fit.metal). python/moequant/testing/fit_reference.py is the
+// executable specification; this header is its arithmetic, op for op, in float32
+// (no FMA contraction, see quant_math.h; true divisions through MQ_DIV; fixed orders).
+//
+// A group is n slots (value v, weight c, present p), n a multiple of 8, at most
+// MQ_FIT_MAX_SLOTS: one slot per weight for float input, one per (source block of 32,
+// nibble) for INT4 input. The steps (details in fit_reference.py):
+//   1. min-max as mx.quantize, its exact error E_mm;
+//   2. t = (v - min) * (1 / R); a grid of candidate ranges, each with its codes, the
+//      closed-form 2x2 least squares and its error;
+//   3. Lloyd from the best MQ_FIT_STARTS candidates;
+//   4. the best fit in weight units rounded to the output dtype T and its 3x3
+//      neighbouring T values, codes re-assigned, exact errors;
+//   5. the fit replaces min-max only when its error is below E_mm (1 - 2^-12).
+// The driver mq_fit_group is generic over a backend B that evaluates steps 2-4 on its
+// vectors (mq_fit_scalar below; AVX2 in fit_avx2.cpp); per lane the operations are
+// the generic templates here, so every backend gives the same bits.
+#pragma once
+
+#include "quant_math.h"
+
+#define MQ_FIT_GRID 8 // candidates per axis: a, b = (i - 2) * 0.08, i = 0..7
+#define MQ_FIT_GRID_OFFSET 2
+#define MQ_FIT_GRID_STEP 0.08f
+#define MQ_FIT_NCAND (MQ_FIT_GRID * MQ_FIT_GRID)
+#define MQ_FIT_STARTS 4
+#define MQ_FIT_LLOYD_CAP 3
+#define MQ_FIT_ACCEPT 0.000244140625f // 2^-12
+#define MQ_FIT_MAX_SLOTS 128
+
+#ifdef __METAL_VERSION__
+#define MQ_INF INFINITY
+#else
+#define MQ_INF __builtin_inff()
+#endif
+
+// ---- per-lane operations, generic over float or a SIMD vector F ---------------------
+// A backend vector type provides +, -, *, mq_div, mq_rint, mq_lt, mq_eq, mq_and,
+// mq_andnot, mq_sel(mask, a, b) with the semantics of the float versions here.
+
+MQ_INLINE float mq_div(float a, float b) {
+  return MQ_DIV(a, b);
+}
+MQ_INLINE float mq_rint(float x) {
+  return MQ_RINT(x);
+}
+MQ_INLINE bool mq_lt(float a, float b) {
+  return a < b;
+}
+MQ_INLINE bool mq_eq(float a, float b) {
+  return a == b;
+}
+MQ_INLINE bool mq_and(bool a, bool b) {
+  return a && b;
+}
+MQ_INLINE bool mq_andnot(bool a, bool b) { // !a && b
+  return !a && b;
+}
+MQ_INLINE float mq_sel(bool m, float a, float b) {
+  return m ? a : b;
+}
+MQ_INLINE bool mq_any(bool m) {
+  return m;
+}
+
+// clamp(x, 0, n) as `x < 0 ? 0 : x`, then `n < x ? n : x`.
+template <typename F>
+MQ_INLINE F mq_fit_clamp(F x, F n) {
+  x = mq_sel(mq_lt(x, F(0.0f)), F(0.0f), x);
+  return mq_sel(mq_lt(n, x), n, x);
+}
+
+// Least squares t ~ sig * q + beta from the code statistics, and its error
+// T2 - sig S3 - beta T1; invalid fits (det <= 0 or sig <= 0, NaN included) get +inf.
+template <typename F, typename M>
+MQ_INLINE void mq_fit_solve(
+    F S0, F T1, F T2, F S1, F S2, F S3,
+    MQ_THREAD F& sig, MQ_THREAD F& beta, MQ_THREAD F& err, MQ_THREAD M& ok) {
+  F det = S2 * S0 - S1 * S1;
+  sig = mq_div(S3 * S0 - S1 * T1, det);
+  beta = mq_div(S2 * T1 - S1 * S3, det);
+  err = (T2 - sig * S3) - beta * T1;
+  ok = mq_and(mq_lt(F(0.0f), det), mq_lt(F(0.0f), sig));
+  err = mq_sel(ok, err, F(MQ_INF));
+}
+
+// S1 = sum c q, S2 = sum (c q) q, S3 = sum (c t) q over the slots in order, with
+// q = clamp(rint((t - lo) * inv), 0, n).
+template <typename F>
+MQ_INLINE void mq_fit_stats(
+    const MQ_THREAD float* t, const MQ_THREAD float* c, const MQ_THREAD float* ct, int n,
+    F lo, F inv, F nb, MQ_THREAD F& S1, MQ_THREAD F& S2, MQ_THREAD F& S3) {
+  S1 = F(0.0f);
+  S2 = F(0.0f);
+  S3 = F(0.0f);
+  for (int j = 0; j < n; ++j) {
+    F q = mq_fit_clamp(mq_rint((F(t[j]) - lo) * inv), nb);
+    F cq = F(c[j]) * q;
+    S1 = S1 + cq;
+    S2 = S2 + cq * q;
+    S3 = S3 + F(ct[j]) * q;
+  }
+}
+
+// Candidate k of the grid: lo = a and inv = 1 / s, s = ((1 - a) - b) / n.
+MQ_INLINE float mq_fit_grid_value(int i) {
+  return float(i - MQ_FIT_GRID_OFFSET) * MQ_FIT_GRID_STEP;
+}
+
+// Lloyd iterations for a vector of starts (lanes). `active` lanes iterate until
+// their code statistics repeat (a fixed point: further rounds change nothing, so
+// lanes of one vector may run extra rounds) or the cap; the best error seen per lane
+// is kept (strict <).
+template <typename F, typename M>
+MQ_INLINE void mq_fit_lloyd(
+    const MQ_THREAD float* t, const MQ_THREAD float* c, const MQ_THREAD float* ct, int n,
+    F S0, F T1, F T2, F nb, F sig, F beta, F P1, F P2, F P3, M active,
+    MQ_THREAD F& best_e, MQ_THREAD F& best_s, MQ_THREAD F& best_b) {
+  for (int it = 0; it < MQ_FIT_LLOYD_CAP; ++it) {
+    if (!mq_any(active)) {
+      break;
+    }
+    F inv = mq_div(F(1.0f), sig);
+    F N1, N2, N3;
+    mq_fit_stats(t, c, ct, n, beta, inv, nb, N1, N2, N3);
+    F s2, b2, e2;
+    M valid;
+    mq_fit_solve(S0, T1, T2, N1, N2, N3, s2, b2, e2, valid);
+    active = mq_and(active, valid);
+    M better = mq_and(active, mq_lt(e2, best_e));
+    best_e = mq_sel(better, e2, best_e);
+    best_s = mq_sel(better, s2, best_s);
+    best_b = mq_sel(better, b2, best_b);
+    M same = mq_and(mq_and(mq_eq(N1, P1), mq_eq(N2, P2)), mq_eq(N3, P3));
+    active = mq_andnot(same, active);
+    sig = mq_sel(active, s2, sig);
+    beta = mq_sel(active, b2, beta);
+    P1 = N1;
+    P2 = N2;
+    P3 = N3;
+  }
+}
+
+// ---- the output dtype T -------------------------------------------------------------
+// mq_t<T>: round a float to T (nearest, ties to even) and back; step to the
+// neighbouring T value. Specialized per platform below for T's bit pattern.
+
+template <typename T>
+MQ_INLINE float mq_round_t(float x) {
+  return float(T(x));
+}
+
+#ifdef __METAL_VERSION__
+// T's bit pattern (CPU twins in csrc/requantize/fit_cpu.h).
+template <typename T>
+struct mq_tbits;
+template <>
+struct mq_tbits<float> {
+  static uint get(float x) { return metal::as_type<uint>(x); }
+  static float put(uint b) { return metal::as_type<float>(b); }
+  static uint sign() { return 0x80000000u; }
+};
+template <>
+struct mq_tbits<half> {
+  static uint get(float x) { return uint(metal::as_type<ushort>(half(x))); }
+  static float put(uint b) { return float(metal::as_type<half>(ushort(b))); }
+  static uint sign() { return 0x8000u; }
+};
+template <>
+struct mq_tbits<bfloat> {
+  static uint get(float x) { return metal::as_type<uint>(x) >> 16; }
+  static float put(uint b) { return metal::as_type<float>(b << 16); }
+  static uint sign() { return 0x8000u; }
+};
+#endif
+
+// The T value next to x (a finite T value) towards +inf (d > 0) or -inf (d < 0).
+template <typename T, typename Bits>
+MQ_INLINE float mq_step_t(float x, int d) {
+  if (d == 0) {
+    return x;
+  }
+  mq_u32 b = Bits::get(x);
+  const mq_u32 sign = Bits::sign();
+  if ((b & ~sign) == 0u) {
+    b = d > 0 ? 1u : (sign | 1u);
+  } else if ((x > 0.0f) == (d > 0)) {
+    b = b + 1u;
+  } else {
+    b = b - 1u;
+  }
+  return Bits::put(b);
+}
+
+// One slot of the exact reconstruction error: code, then
+// c * (v - round_T(round_T(q * s) + b))^2. RT rounds a lane to T.
+template <typename F, typename RT>
+MQ_INLINE F mq_fit_term(F v, F c, F q, F s, F b) {
+  F d = RT::round(RT::round(q * s) + b);
+  F r = v - d;
+  return c * (r * r);
+}
+
+// ---- the scalar backend (the CPU scalar path and the Metal kernel) ------------------
+
+// Rounding of scalar lanes to T.
+template <typename T>
+struct mq_rt_scalar {
+  static MQ_INLINE float round(float x) { return mq_round_t<T>(x); }
+};
+
+// Group data handed to a backend.
+struct mq_fit_slots {
+  float v[MQ_FIT_MAX_SLOTS];
+  float c[MQ_FIT_MAX_SLOTS];
+  float t[MQ_FIT_MAX_SLOTS];
+  float ct[MQ_FIT_MAX_SLOTS];
+  int n;
+};
+
+// Combination of the 8 interleaved partial sums.
+MQ_INLINE float mq_fit_tree8(const MQ_THREAD float* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+template <typename T>
+struct mq_fit_scalar {
+  // Step 2: every candidate's least-squares fit (sig, beta, err) and its statistics.
+  static MQ_INLINE void candidates(
+      const MQ_THREAD mq_fit_slots& g, float S0, float T1, float T2, float nb,
+      MQ_THREAD float* sig, MQ_THREAD float* beta, MQ_THREAD float* err,
+      MQ_THREAD float* S1, MQ_THREAD float* S2, MQ_THREAD float* S3) {
+    for (int k = 0; k < MQ_FIT_NCAND; ++k) {
+      const float a = mq_fit_grid_value(k / MQ_FIT_GRID);
+      const float b = mq_fit_grid_value(k % MQ_FIT_GRID);
+      const float inv = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, nb));
+      mq_fit_stats(g.t, g.c, g.ct, g.n, a, inv, nb, S1[k], S2[k], S3[k]);
+      bool ok;
+      mq_fit_solve(S0, T1, T2, S1[k], S2[k], S3[k], sig[k], beta[k], err[k], ok);
+    }
+  }
+  // Step 3 for the starts (rank order); per start the best (err, sig, beta).
+  static MQ_INLINE void lloyd(
+      const MQ_THREAD mq_fit_slots& g, float S0, float T1, float T2, float nb,
+      const MQ_THREAD float* sig, const MQ_THREAD float* beta, const MQ_THREAD float* err,
+      const MQ_THREAD float* S1, const MQ_THREAD float* S2, const MQ_THREAD float* S3,
+      MQ_THREAD float* best_e, MQ_THREAD float* best_s, MQ_THREAD float* best_b) {
+    for (int r = 0; r < MQ_FIT_STARTS; ++r) {
+      best_e[r] = err[r];
+      best_s[r] = sig[r];
+      best_b[r] = beta[r];
+      mq_fit_lloyd(g.t, g.c, g.ct, g.n, S0, T1, T2, nb, sig[r], beta[r], S1[r], S2[r],
+                   S3[r], err[r] < MQ_INF, best_e[r], best_s[r], best_b[r]);
+    }
+  }
+  // Step 4 / 1: the exact error with stored (s, b); codes clamp(rint((v - b) * inv))
+  // (mm = false) or MLX's clamp(rint((v - mb) / ms)) with its unrounded (ms, mb).
+  static MQ_INLINE float error(
+      const MQ_THREAD mq_fit_slots& g, float s, float b, float inv, float nb, bool mm,
+      float ms, float mb) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < g.n; ++j) {
+      float q = mm ? mq_fit_clamp(MQ_RINT(MQ_DIV(g.v[j] - mb, ms)), nb)
+                   : mq_fit_clamp(MQ_RINT((g.v[j] - b) * inv), nb);
+      acc[j & 7] = acc[j & 7] + mq_fit_term<float, mq_rt_scalar<T>>(g.v[j], g.c[j], q, s, b);
+    }
+    return mq_fit_tree8(acc);
+  }
+};
+
+// ---- the driver ---------------------------------------------------------------------
+
+struct mq_fit_result {
+  float scale; // T values, as float
+  float bias;
+  float inv; // codes: clamp(rint((v - bias) * inv)) when fit, else MLX's rule with mm
+  mq_affine mm; // MLX's unrounded min-max parameters
+  bool fit;
+};
+
+// The code of value v under the result (float32, as every backend computes it).
+MQ_INLINE mq_u32 mq_fit_code(MQ_THREAD const mq_fit_result& r, float v, float nb) {
+  float q = r.fit ? mq_fit_clamp(MQ_RINT((v - r.bias) * r.inv), nb)
+                  : mq_fit_clamp(MQ_RINT(MQ_DIV(v - r.mm.bias, r.mm.scale)), nb);
+  return q == q ? (mq_u32)q : 0u; // NaN (non-finite groups keep min-max): code 0
+}
+
+// g.v, g.c and n are set; present[j] marks slots that hold at least one weight.
+template <typename T, typename Bits, typename B>
+MQ_INLINE mq_fit_result mq_fit_group(
+    MQ_THREAD mq_fit_slots& g, const MQ_THREAD bool* present, int bits) {
+  const float nb = float((1 << bits) - 1);
+  const int n = g.n;
+  // MLX's min/max loop (NaN never taken), then its parameters.
+  float wmin = MQ_INF;
+  float wmax = -MQ_INF;
+  bool finite = true;
+  for (int j = 0; j < n; ++j) {
+    if (present[j]) {
+      const float x = g.v[j];
+      wmin = x < wmin ? x : wmin;
+      wmax = wmax < x ? x : wmax;
+      finite = finite && (x - x == 0.0f);
+    }
+    finite = finite && (g.c[j] - g.c[j] == 0.0f);
+  }
+  mq_fit_result res;
+  res.mm = mq_affine_params(wmin, wmax, nb);
+  res.scale = mq_round_t<T>(res.mm.scale);
+  res.bias = mq_round_t<T>(res.mm.bias);
+  res.inv = 0.0f;
+  res.fit = false;
+  const float e_mm =
+      B::error(g, res.scale, res.bias, 0.0f, nb, true, res.mm.scale, res.mm.bias);
+
+  const float R = wmax - wmin;
+  if (!(finite && R - R == 0.0f && R > 0.0f)) {
+    return res;
+  }
+  const float invR = MQ_DIV(1.0f, R);
+  float S0 = 0.0f, T1 = 0.0f, T2 = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    g.t[j] = (g.v[j] - wmin) * invR;
+    g.ct[j] = g.c[j] * g.t[j];
+    S0 = S0 + g.c[j];
+    T1 = T1 + g.ct[j];
+    T2 = T2 + g.ct[j] * g.t[j];
+  }
+
+  // Step 2, then the best MQ_FIT_STARTS in stable order (strict <, first kept).
+  float sig[MQ_FIT_NCAND], beta[MQ_FIT_NCAND], err[MQ_FIT_NCAND];
+  float S1[MQ_FIT_NCAND], S2[MQ_FIT_NCAND], S3[MQ_FIT_NCAND];
+  B::candidates(g, S0, T1, T2, nb, sig, beta, err, S1, S2, S3);
+  float be[MQ_FIT_STARTS];
+  int bi[MQ_FIT_STARTS];
+  for (int r = 0; r < MQ_FIT_STARTS; ++r) {
+    be[r] = MQ_INF;
+    bi[r] = -1;
+  }
+  for (int k = 0; k < MQ_FIT_NCAND; ++k) {
+    const float e = err[k];
+    if (e < be[MQ_FIT_STARTS - 1]) {
+      int p = MQ_FIT_STARTS - 1;
+      while (p > 0 && e < be[p - 1]) {
+        be[p] = be[p - 1];
+        bi[p] = bi[p - 1];
+        --p;
+      }
+      be[p] = e;
+      bi[p] = k;
+    }
+  }
+  if (bi[0] < 0) {
+    return res;
+  }
+  float ssig[MQ_FIT_STARTS], sbeta[MQ_FIT_STARTS], serr[MQ_FIT_STARTS];
+  float s1[MQ_FIT_STARTS], s2[MQ_FIT_STARTS], s3[MQ_FIT_STARTS];
+  for (int r = 0; r < MQ_FIT_STARTS; ++r) {
+    const int k = bi[r] < 0 ? 0 : bi[r];
+    ssig[r] = sig[k];
+    sbeta[r] = beta[k];
+    serr[r] = bi[r] < 0 ? MQ_INF : err[k];
+    s1[r] = S1[k];
+    s2[r] = S2[k];
+    s3[r] = S3[k];
+  }
+  // Step 3.
+  float best_e[MQ_FIT_STARTS], best_s[MQ_FIT_STARTS], best_b[MQ_FIT_STARTS];
+  B::lloyd(g, S0, T1, T2, nb, ssig, sbeta, serr, s1, s2, s3, best_e, best_s, best_b);
+  float e_t = best_e[0], s_t = best_s[0], b_t = best_b[0];
+  for (int r = 1; r < MQ_FIT_STARTS; ++r) {
+    if (best_e[r] < e_t) {
+      e_t = best_e[r];
+      s_t = best_s[r];
+      b_t = best_b[r];
+    }
+  }
+  if (!(e_t < MQ_INF)) {
+    return res;
+  }
+
+  // Step 4: weight units, T, the 3x3 neighbours in (scale, bias) order.
+  const float s0 = mq_round_t<T>(s_t * R);
+  const float b0 = mq_round_t<T>(wmin + b_t * R);
+  float e_best = MQ_INF, s_best = 0.0f, b_best = 0.0f, i_best = 0.0f;
+  for (int ds = -1; ds <= 1; ++ds) {
+    const float sT = mq_step_t<T, Bits>(s0, ds);
+    for (int db = -1; db <= 1; ++db) {
+      const float bT = mq_step_t<T, Bits>(b0, db);
+      if (!(sT - sT == 0.0f && sT != 0.0f && bT - bT == 0.0f)) {
+        continue;
+      }
+      const float inv = MQ_DIV(1.0f, sT);
+      const float e = B::error(g, sT, bT, inv, nb, false, 0.0f, 0.0f);
+      if (e < e_best) {
+        e_best = e;
+        s_best = sT;
+        b_best = bT;
+        i_best = inv;
+      }
+    }
+  }
+  // Step 5.
+  if (e_best < e_mm - e_mm * MQ_FIT_ACCEPT) {
+    res.scale = s_best;
+    res.bias = b_best;
+    res.inv = i_best;
+    res.fit = true;
+  }
+  return res;
+}
