@@ -22,13 +22,19 @@ SEQ, NS = 48, 3
 BY_RANK = Path(__file__).with_name("rank_args_worker.py")
 
 
-def launch(argv, timeout=240, env=None):
-    """Two ranks of ``argv`` (a python command line) on localhost."""
-    return subprocess.run(
+def launch(argv, timeout=240, env=None, ok=True):
+    """Two ranks of ``argv`` (a python command line) on localhost. ``ok``: assert that
+    every rank exited with 0 (mlx.launch's own status is 0 whatever the ranks did; it
+    reports a failed rank in a warning)."""
+    r = subprocess.run(
         [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
          "--starting-port", str(free_port_pair()), sys.executable, *argv],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
+    if ok:
+        assert r.returncode == 0 and "exited with code" not in r.stderr \
+            and "was killed" not in r.stderr, r.stdout + r.stderr
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def test_ranks_that_disagree_fail_fast_on_every_rank(models, tmp_path, what):
     else:
         other[other.index("--model") + 1] = str(tmp_path / "nowhere")
     t0 = time.perf_counter()
-    r = launch([str(BY_RANK), json.dumps([base, other])], timeout=120)
+    r = launch([str(BY_RANK), json.dumps([base, other])], timeout=120, ok=False)
     took = time.perf_counter() - t0
     assert took < 60, took
     err = r.stderr
@@ -215,7 +221,7 @@ def test_generate_and_serve_refuse_ranks_that_disagree(moe_model, models, cmd):
         other = ["-m", "moequant", cmd, "--model", str(models["q4"])]
         want = "the ranks disagree on model"
     t0 = time.perf_counter()
-    r = launch([str(BY_RANK), json.dumps([base, other])], timeout=120)
+    r = launch([str(BY_RANK), json.dumps([base, other])], timeout=120, ok=False)
     assert time.perf_counter() - t0 < 60
     for rank in (0, 1):
         assert f"moequant {cmd} (rank {rank} of 2): error: {want}" in r.stderr, r.stderr

@@ -1387,6 +1387,8 @@ def run(args) -> int:
         fused=args.fused and env_enabled(),
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
     )
+    if report is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     print(format_report(report))
     if args.output:
         out = Path(args.output)
