@@ -8,6 +8,8 @@ from .ops import (
     get_num_threads,
     has_metal,
     huge_pages,
+    mla_cpu_path,
+    mla_decode_attention,
     moe_cpu_path,
     moe_prefill,
     moe_swiglu,
@@ -32,5 +34,7 @@ __all__ = [
     "set_num_threads",
     "has_metal",
     "huge_pages",
+    "mla_decode_attention",
+    "mla_cpu_path",
 ]
 __version__ = "0.1.0"

@@ -156,11 +156,19 @@ def patch(model: nn.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS, linear: boo
         ok = layout_supported(m)
         object.__setattr__(m, "_moequant_layout_ok", ok)
         n += int(ok)
+    # Last, so it wraps any other swap of the attention classes: MLA layers read a
+    # quantized latent cache (kv_bits) with moequant's attention (kv_cache.py).
+    from .kv_cache import patch_kv_cache
+
+    patch_kv_cache(model)
     return n
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo ``patch``; returns how many blocks were restored."""
+    from .kv_cache import unpatch_kv_cache
+
+    unpatch_kv_cache(model)
     n = 0
     for _, m in model.named_modules():
         base = getattr(type(m), "_moequant_base", None)
