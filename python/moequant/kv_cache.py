@@ -30,7 +30,6 @@ Memory per token and layer: ``(R + DR) * bits / 8`` bytes of codes plus
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -38,6 +37,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from .mlx_lm_patch import _block_classes
 from .ops import mla_decode_attention
 
 SUPPORTED_BITS = (4, 8)
@@ -233,16 +233,6 @@ class _QuantizedCacheAttention:
         return super().__call__(x, mask, cache)
 
 
-def _attention_classes():
-    out = []
-    for mod, name in _ATTENTION:
-        try:
-            out.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
-
-
 def _make_cache(model):
     return [MLAKVCache() for _ in model.layers]
 
@@ -253,7 +243,7 @@ def patch_kv_cache(model) -> int:
     other class swap of the attention layers applied before it (the mixin wraps the
     current class; ``_moequant_base`` keeps naming the original, for ``unpatch``).
     Idempotent."""
-    bases = _attention_classes()
+    bases = _block_classes(_ATTENTION)
     n = 0
     for _, m in model.named_modules():
         cur = type(m)

@@ -53,9 +53,10 @@ _SUPPORTED_GROUPS = (32, 64, 128)
 _fused_classes: Dict[type, type] = {}
 
 
-def _block_classes():
+def _block_classes(pairs=_BLOCKS):
+    """The classes of ``pairs`` ((module, class) names) that this mlx-lm has."""
     out = []
-    for mod, name in _BLOCKS:
+    for mod, name in pairs:
         try:
             out.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
