@@ -212,3 +212,45 @@ def test_unpatch_restores(built):
     moequant.unpatch(model)
     assert not hasattr(model, "make_cache")
     assert type(model.model.layers[0].self_attn).__name__ == "DeepseekV3Attention"
+
+
+def test_kimi_k25_build(ckpt, tmp_path):
+    """A converted tiny Kimi-K2.5 (mlx-lm's kimi_k25 model, rope dim 32: group 32)
+    decodes with 8- and 4-bit caches as mlx-lm's attention does on the dequantized
+    cache; group 64 is refused naming the rope dimension."""
+    from mlx_lm import load
+
+    from moequant.convert import convert
+
+    convert(ckpt("kimi_k25"), tmp_path / "k", "int4-native", progress=False)
+    model, _ = load(str(tmp_path / "k"))
+    assert moequant.patch(model) >= 1 and type(model).__module__.endswith("kimi_k25")
+    assert isinstance(make_prompt_cache(model)[0], MLAKVCache)
+    # A bf16 model: the two paths round differently (ours accumulates in float32). One
+    # layer, the same input (so the same cached codes), at bf16 tolerance (the reference
+    # keeps the float32 dequantized latent through embed_q, ours rounds it to bf16):
+    from mlx_lm.models.base import create_causal_mask
+
+    attn = model.layers[1].self_attn
+    rng = np.random.default_rng(0)
+    for bits in (8, 4):
+        ours, ref = MLAQuantizedKVCache(32, bits), DequantizedKVCache(bits, 32)
+        x = mx.array(rng.standard_normal((1, 20, attn.hidden_size)).astype(np.float32)).astype(mx.bfloat16)
+        mask = create_causal_mask(20)
+        for step in range(3):
+            a = np.array(attn(x, mask, cache=ours).astype(mx.float32))
+            b = np.array(attn(x, mask, cache=ref).astype(mx.float32))
+            assert np.abs(a - b).max() < 5e-2 * np.abs(b).max(), (bits, step)
+            x, mask = x[:, -1:] * 0.5, None
+    # The whole model, fed the same tokens: in the upper layers the two paths' keys
+    # differ by rounding, which at 8 bits rarely moves a code; logits stay close.
+    ours = [MLAQuantizedKVCache(32, 8) for _ in model.layers]
+    ref = [DequantizedKVCache(8, 32) for _ in model.layers]
+    tokens = PROMPT[None]
+    for step in range(5):
+        a = np.array(model(tokens, cache=ours)[:, -1].astype(mx.float32))
+        b = np.array(model(tokens, cache=ref)[:, -1].astype(mx.float32))
+        assert np.abs(a - b).max() < 3e-2 * np.abs(b).max(), step
+        tokens = mx.array([[int(np.argmax(b))]])
+    with pytest.raises(ValueError, match="qk_rope_head_dim 32"):
+        greedy(model, 2, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
