@@ -92,3 +92,42 @@ def test_plan_kv_table_reproduces_the_card():
     assert j["bytes_per_token_layer"] == {"fp16": 1152, "int8 codes": 576, "8-bit g64": 612,
                                           "4-bit g64": 324}
     assert j["rows"][0]["fp16"] == 32768 * 1152 * 61
+
+
+def test_serve_kv_bits(model_dir, tmp_path):
+    """`moequant serve --kv-bits 8 --quantized-kv-start 0` answers chat completions (two
+    requests: the second reuses the server's prompt cache)."""
+    import os
+    import time
+
+    from test_moe_cli import free_port, post
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port),
+         "--kv-bits", "8", "--quantized-kv-start", "0"],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        body = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6,
+                "temperature": 0.0}
+        deadline = time.time() + 120
+        while True:
+            try:
+                status, reply = post(port, body, timeout=60)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    pytest.fail("server did not answer:\n" + log.read())
+                time.sleep(0.5)
+        assert status == 200, reply
+        assert reply["usage"]["completion_tokens"] >= 1
+        status, again = post(port, body, timeout=60)
+        assert status == 200 and again["choices"][0]["message"] == reply["choices"][0]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
