@@ -18,6 +18,8 @@
 #include "common/thread_pool.h"
 #include "dense_gemm/dense_gemm.h"
 #include "softmax_rows/softmax_rows.h"
+#include "mla_attention/mla_attention.h"
+#include "mla_attention/mla_attention_cpu.h"
 #include "moe_swiglu/moe_swiglu.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 #include "qgemm/qgemm.h"
@@ -173,6 +175,24 @@ NB_MODULE(_ext, m) {
       },
       "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a, "group_size"_a, "n0"_a, "n1"_a,
       "m0"_a = 0, "m1"_a = -1, "rows"_a = nb::none());
+
+  m.def(
+      "mla_decode_attention",
+      &moequant::mla_decode_attention,
+      "q_lat"_a,
+      "q_pe"_a,
+      "lat_w"_a,
+      "lat_s"_a,
+      "lat_b"_a,
+      "pe_w"_a,
+      "pe_s"_a,
+      "pe_b"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "bits"_a,
+      "group_size"_a,
+      "stream"_a = nb::none());
+  m.def("mla_cpu_path", &moequant::cpu::mla_cpu_path);
 
   m.def(
       "advise_huge_pages",

@@ -25,6 +25,7 @@ COVERED = {
     "requantize_int4_": "tests/test_metal_requantize.py",
     "moe_gate_up_": "tests/test_moe_metal_emulated.py",
     "moe_down_": "tests/test_moe_metal_emulated.py",
+    "mla_decode_": "tests/test_mla_attention_metal_emulated.py",
 }
 
 

@@ -45,3 +45,32 @@ def test_two_ranks_match_one_process(tmp_path, mode, patched):
     assert by_rank[0]["size"] == 2
     assert (by_rank[0]["patched"], by_rank[1]["patched"]) == patched
     assert by_rank[0]["tokens"] == want and by_rank[1]["tokens"] == want
+
+
+def test_pipeline_with_kv_bits(tmp_path):
+    """Two pipelined ranks decoding with an 8-bit latent KV cache (moequant.patch on each
+    rank) give the tokens of one patched process with the same cache."""
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
+    if not Path(launcher).exists():
+        pytest.skip("mlx.launch not found")
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    import moequant
+
+    cfg = dict(tiny_deepseek.TINY_CONFIG, num_hidden_layers=4, kv_lora_rank=128, qk_rope_head_dim=64)
+    model, cfg = tiny_deepseek.build(cfg, seed=7, group_size=32)
+    path = tiny_deepseek.save(model, cfg, tmp_path / "m")
+    one, _ = load(str(path))
+    moequant.patch(one)
+    prompt = mx.array(list(range(40, 52)))
+    want = [int(t) for t, _ in generate_step(prompt, one, max_tokens=10, kv_bits=8, quantized_kv_start=0)]
+    r = subprocess.run(
+        [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+         "--starting-port", str(free_port_pair()),
+         sys.executable, str(WORKER), str(path), "fused", "10", "pipeline", "8"],
+        capture_output=True, text=True, timeout=180,
+    )
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    assert all(l["tokens"] == want for l in lines)

@@ -10,6 +10,8 @@ from .ops import (
     huge_pages,
     metal_available,
     metal_status,
+    mla_cpu_path,
+    mla_decode_attention,
     moe_cpu_path,
     moe_prefill,
     moe_swiglu,
@@ -38,6 +40,8 @@ __all__ = [
     "metal_available",
     "metal_status",
     "huge_pages",
+    "mla_decode_attention",
+    "mla_cpu_path",
 ]
 __version__ = "0.1.0"
 

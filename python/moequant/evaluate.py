@@ -359,9 +359,15 @@ def windows_fingerprint(windows: np.ndarray) -> str:
 # --------------------------------------------------------------------------- per-position math
 
 
-def log_probs(model, window: mx.array) -> mx.array:
-    """(T,) tokens -> (T-1, V) float32 log-probabilities of tokens 1..T-1."""
-    logits = model(window[None, :-1])[0].astype(mx.float32)
+def log_probs(model, window: mx.array, kv: Optional[dict] = None) -> mx.array:
+    """(T,) tokens -> (T-1, V) float32 log-probabilities of tokens 1..T-1; with ``kv``
+    (kv_cache.logits_with_cache's keywords) through a quantized latent KV cache."""
+    if kv:
+        from .kv_cache import logits_with_cache
+
+        logits = logits_with_cache(model, window[None, :-1], **kv)[0].astype(mx.float32)
+    else:
+        logits = model(window[None, :-1])[0].astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
@@ -858,14 +864,15 @@ class ReferenceCache:
             raise
 
 
-def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, progress: Progress):
+def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, progress: Progress,
+                          kv: Optional[dict] = None):
     """Run the build over the cached windows; per-position arrays (see ``summarize``)."""
     ref = cache.load()
     vocab = cache.meta()["vocab_size"]
     rows = []
     for i in range(windows.shape[0]):
         w = mx.array(windows[i])
-        lp = log_probs(model, w)
+        lp = log_probs(model, w, kv)
         if lp.shape[-1] != vocab:
             raise _user_error(
                 f"the build's vocabulary ({lp.shape[-1]}) differs from the reference's ({vocab})"
@@ -1056,6 +1063,7 @@ def evaluate(
     progress: bool = True,
     loader: Callable = load_model,
     group=None,
+    kv: Optional[dict] = None,
 ) -> Optional[dict]:
     """The whole evaluation; returns the JSON report. The reference is loaded, run and
     released before the build is loaded (``loader`` is injectable for tests). ``fused``
@@ -1071,7 +1079,7 @@ def evaluate(
     if group.size() > 1:
         return _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
                                      seed, top_k, cache_dir, near_tie, fused,
-                                     trust_remote_code, progress, loader)
+                                     trust_remote_code, progress, loader, kv)
     p = _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
                  near_tie, trust_remote_code)
     windows = p["windows"]
@@ -1087,10 +1095,10 @@ def evaluate(
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    per_pos = _run_build(p["build_path"], cache, windows, loader, fused, progress)
+    per_pos = _run_build(p["build_path"], cache, windows, loader, fused, progress, kv)
     t_build = time.perf_counter() - t0
     return _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples,
-                   near_tie, t_ref, t_build)
+                   near_tie, t_ref, t_build, kv)
 
 
 def _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
@@ -1121,7 +1129,7 @@ def _open_cache(p: dict, ref_fp: str, cache_dir, top_k) -> "ReferenceCache":
 
 
 def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, near_tie,
-            t_ref, t_build) -> dict:
+            t_ref, t_build, kv=None) -> dict:
     windows = p["windows"]
     report = summarize(per_pos, near_tie)
     return {
@@ -1129,6 +1137,7 @@ def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, nea
         "reference": str(p["ref_path"]),
         "model": str(p["build_path"]),
         "fused": fused,
+        "kv_cache": kv,
         "data": {"source": data or "python-stdlib (default corpus)", "seed": seed,
                  "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
                  "requested_windows": num_samples},
@@ -1143,7 +1152,8 @@ def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, nea
 
 
 def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples, seed, top_k,
-                          cache_dir, near_tie, fused, trust_remote_code, progress, loader):
+                          cache_dir, near_tie, fused, trust_remote_code, progress, loader,
+                          kv=None):
     """``evaluate`` across the ranks of ``group``. Every rank checks its own arguments,
     files and data, and all ranks must agree on them (``distributed.agree``: the models'
     config and weight index, the tokenizer, the windows, the options) before anything is
@@ -1165,7 +1175,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
                  distributed.model_identity(p["build_path"]),
                  "tokenizer": p["tok_fp"], "token windows (--data, --seq-len, --num-samples, "
                  "--seed)": p["win_fp"], "--top-k-cache": top_k, "--near-tie": near_tie,
-                 "--fused": fused}
+                 "--fused": fused, "--kv-bits and its options": kv}
     except UserError as e:
         facts, error = {}, e
     distributed.agree(group, facts, error, what)
@@ -1226,8 +1236,8 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     splits["build"] = distributed.gather(group, distributed.layer_split(model))
     bar = Progress(windows.shape[0], "build    ", show)
     try:
-        per_pos = (compare_against_cache(model, state["cache"], windows, bar) if leader
-                   else _follow(model, windows))
+        per_pos = (compare_against_cache(model, state["cache"], windows, bar, kv) if leader
+                   else _follow(model, windows, kv))
     finally:
         bar.close()
         del model
@@ -1237,7 +1247,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     if not leader:
         return None
     r = _report(p, per_pos, state["cache"], meta, reused, fused, data, seed, num_samples,
-                near_tie, t_ref, t_build)
+                near_tie, t_ref, t_build, kv)
     r["distributed"] = {"ranks": group.size(), "mode": "pipeline",
                         "layers_per_rank": splits,
                         "layers_note": "[start, end) of the decoder layers each rank held "
@@ -1245,11 +1255,11 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     return r
 
 
-def _follow(model, windows: np.ndarray) -> None:
+def _follow(model, windows: np.ndarray, kv: Optional[dict] = None) -> None:
     """A non-zero rank's share of a pass: the same forward passes as rank 0, in the
     same order (each one's collectives pair with rank 0's)."""
     for i in range(windows.shape[0]):
-        mx.eval(log_probs(model, mx.array(windows[i])))
+        mx.eval(log_probs(model, mx.array(windows[i]), kv))
 
 
 def _size(n: float) -> str:
@@ -1284,11 +1294,11 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
         mx.clear_cache()
 
 
-def _run_build(path, cache, windows, loader, fused, show):
+def _run_build(path, cache, windows, loader, fused, show, kv=None):
     model = loader(path, fused=fused)
     bar = Progress(windows.shape[0], "build    ", show)
     try:
-        return compare_against_cache(model, cache, windows, bar)
+        return compare_against_cache(model, cache, windows, bar, kv)
     finally:
         bar.close()
         del model
@@ -1323,6 +1333,10 @@ def format_report(r: dict) -> str:
     lines = [f"reference: {r['reference']}", f"build:     {r['model']}",
              f"data:      {r['data']['source']} (seed {r['data']['seed']}), "
              f"top-{r['cache']['top_k']} cache{' (reused)' if r['cache']['reused'] else ''}", ""]
+    if r.get("kv_cache"):
+        kv = r["kv_cache"]
+        lines.insert(-1, f"build KV:  {kv['bits']}-bit g{kv['group_size']} latent cache after "
+                         f"{kv['quantized_kv_start']} tokens, {kv['prefill_step_size']} tokens per call")
     lines += [f"{a:<{width}}  {b}" for a, b in rows]
     lines += ["", f"near-tie: {r['definitions']['near_tie']}",
               "KL uses the reference's top-k plus one tail bucket (a lower bound; exact at k = vocab);",
@@ -1371,6 +1385,17 @@ def add_arguments(p):
                         "MOEQUANT_FUSED=0 does the same.")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).")
+    k = p.add_argument_group("KV cache of the build's pass (mlx-lm's flags; the reference runs "
+                             "without a cache)")
+    k.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
+                   help="Run the build through a 4/8-bit MLA latent KV cache, prefilled in steps "
+                        "of --prefill-step-size tokens. With --ref equal to --model this measures "
+                        "what the quantized cache costs against the 16-bit one.")
+    k.add_argument("--kv-group-size", type=int, default=64, help="KV cache group size (default 64).")
+    k.add_argument("--quantized-kv-start", type=int, default=0,
+                   help="Tokens cached in 16 bits before the cache is quantized (default 0).")
+    k.add_argument("--prefill-step-size", type=int, default=256,
+                   help="Tokens per model call with --kv-bits (default 256).")
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
@@ -1380,12 +1405,23 @@ def run(args) -> int:
         check_output(args.output)
     from .mlx_lm_patch import env_enabled
 
+    kv = None
+    if args.kv_bits is not None:
+        from .kv_cache import check_kv_args
+        from .mlx_lm_cli import _read_config
+
+        check_kv_args(args, _read_config(args.model))
+        if args.prefill_step_size < 1:
+            raise _user_error(f"--prefill-step-size must be >= 1; got {args.prefill_step_size}")
+        kv = dict(bits=args.kv_bits, group_size=args.kv_group_size,
+                  quantized_kv_start=args.quantized_kv_start,
+                  prefill_step_size=args.prefill_step_size)
     report = evaluate(
         args.ref, args.model, data=args.data, seq_len=args.seq_len,
         num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
         cache_dir=args.cache, near_tie=args.near_tie,
         fused=args.fused and env_enabled(),
-        trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code, progress=not args.no_progress, kv=kv,
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return 0

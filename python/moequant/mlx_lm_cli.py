@@ -122,6 +122,10 @@ def _patching(load_fn, args, load_error=None):
         model = out[0]
         if args.no_fused or not mlx_lm_patch.env_enabled():
             print("[moequant] fused MoE path: off", file=sys.stderr, flush=True)
+            # --kv-bits still needs the MLA latent cache and its attention.
+            from .kv_cache import patch_kv_cache
+
+            patch_kv_cache(model)
         else:
             n = mlx_lm_patch.patch(model, max_tokens=args.fused_max_tokens)
             print(f"[moequant] fused MoE path: {n} MoE blocks", file=sys.stderr, flush=True)
@@ -135,6 +139,16 @@ def _patching(load_fn, args, load_error=None):
     return load
 
 
+def _read_config(model) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(model) / "config.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
 def _user_error(e, path):
     from .cli import UserError
 
@@ -144,6 +158,11 @@ def _user_error(e, path):
 def run_mlx_lm_main(module, args, loaders=("load",), load_error=_user_error) -> int:
     """Run ``module.main()`` with ``args`` and patched loaders; a loader's exception is
     raised as ``load_error(exception, path)`` (default: a UserError, exit code 2)."""
+    # Registers the MLA cache classes for mlx-lm's load_prompt_cache (--prompt-cache-file
+    # is read before the model) and checks --kv-bits against the model.
+    from . import kv_cache
+
+    kv_cache.check_kv_args(args, _read_config(getattr(args, "model", None)))
     saved = {name: getattr(module, name) for name in loaders}
     for name, fn in saved.items():
         setattr(module, name, _patching(fn, args, load_error))

@@ -53,9 +53,10 @@ _SUPPORTED_GROUPS = (32, 64, 128)
 _fused_classes: Dict[type, type] = {}
 
 
-def _block_classes():
+def _block_classes(pairs=_BLOCKS):
+    """The classes of ``pairs`` ((module, class) names) that this mlx-lm has."""
     out = []
-    for mod, name in _BLOCKS:
+    for mod, name in pairs:
         try:
             out.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -167,11 +168,19 @@ def patch(
         ok = layout_supported(m)
         object.__setattr__(m, "_moequant_layout_ok", ok)
         n += int(ok)
+    # Last, so it wraps any other swap of the attention classes: MLA layers read a
+    # quantized latent cache (kv_bits) with moequant's attention (kv_cache.py).
+    from .kv_cache import patch_kv_cache
+
+    patch_kv_cache(model)
     return n
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo ``patch``; returns how many blocks were restored."""
+    from .kv_cache import unpatch_kv_cache
+
+    unpatch_kv_cache(model)
     n = 0
     for _, m in model.named_modules():
         base = getattr(type(m), "_moequant_base", None)

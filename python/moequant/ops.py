@@ -420,3 +420,57 @@ def qgemm_path() -> str:
     """The micro-kernel of the quantized GEMM: "avx2" or "scalar" (MOEQUANT_CPU_PATH caps
     it like the row kernels)."""
     return _ext.qgemm_path()
+
+
+QuantTriple = Tuple[mx.array, mx.array, mx.array]
+
+
+def mla_decode_attention(
+    q_lat: mx.array,
+    q_pe: mx.array,
+    latent: QuantTriple,
+    k_pe: QuantTriple,
+    *,
+    scale: float,
+    bits: int,
+    group_size: int,
+    stream=None,
+) -> mx.array:
+    """One decode step of MLA's absorbed attention, read directly from a quantized
+    latent cache.
+
+    ``q_lat`` ``(B, H, R)`` is the query mapped into latent space (``embed_q(q_nope)``),
+    ``q_pe`` ``(B, H, DR)`` its roped part; ``latent`` and ``k_pe`` are the cache's
+    ``(codes, scales, biases)`` as ``mx.quantize`` makes them for ``(B, T, R)`` and
+    ``(B, T, DR)`` (a ``(B, 1, T, ...)`` head axis is accepted and dropped). Returns
+    ``softmax_t(scale * (q_lat . latent_t + q_pe . k_pe_t)) @ latent`` ``(B, H, R)`` in
+    ``q_lat``'s dtype (``unembed_out`` then maps it to the value heads). 4 or 8 bits,
+    group size 32/64/128 dividing R and DR.
+
+    CPU: dequantizes on the fly in float32, accumulates in float32, numerically stable
+    (online) softmax; every cached byte is read once per call; threads over position
+    chunks x heads, chunks merged in a fixed order (the result does not depend on the
+    thread count). GPU streams compose MLX ops. Bad arguments raise ValueError naming
+    the argument when the graph is built.
+    """
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"mla_decode_attention: {name} must be an int, got {v!r}")
+    parts = []
+    for name, t in (("latent", latent), ("k_pe", k_pe)):
+        if not isinstance(t, (tuple, list)) or len(t) != 3:
+            raise ValueError(f"mla_decode_attention: {name} must be (codes, scales, biases)")
+        for a in t:
+            if not isinstance(a, mx.array):
+                raise ValueError(f"mla_decode_attention: {name} holds a {type(a).__name__}, "
+                                 "not an mx.array")
+            parts.append(a.squeeze(1) if a.ndim == 4 and a.shape[1] == 1 else a)
+    return _ext.mla_decode_attention(
+        q_lat, q_pe, *parts, scale=float(scale), bits=bits, group_size=group_size, stream=stream
+    )
+
+
+def mla_cpu_path() -> str:
+    """The kernel mla_decode_attention runs on the CPU: "avx2" or "scalar"
+    (MOEQUANT_CPU_PATH=scalar caps it)."""
+    return _ext.mla_cpu_path()

@@ -187,6 +187,53 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(head + [format_table(plan.rows, total)])
 
 
+# --------------------------------------------------------------------------- KV cache
+
+KV_CONTEXTS = (32768, 131072)  # 32K and 128K, then the model's maximum context
+
+
+def kv_cache_table(text: dict, group_size: int = 64) -> Optional[dict]:
+    """Bytes of the MLA latent KV cache (all layers, one sequence) at 32K, 128K and the
+    model's max context: fp16/bf16, the int8 codes alone (the model card's "int8"
+    column), and moequant's 8-bit and 4-bit caches with their scales and biases
+    (kv_cache.bytes_per_token). None for a config without MLA."""
+    from .kv_cache import bytes_per_token, mla_dims
+
+    dims = mla_dims(text)
+    if dims is None:
+        return None
+    r, dr = dims
+    layers = text["num_hidden_layers"]
+    contexts = list(KV_CONTEXTS)
+    mx_ctx = text.get("max_position_embeddings")
+    if isinstance(mx_ctx, int) and mx_ctx > 0 and mx_ctx not in contexts:
+        contexts.append(mx_ctx)
+    per_tok = {"fp16": bytes_per_token(r, dr), "int8 codes": bytes_per_token(r, dr, dtype_bytes=1)}
+    for bits in (8, 4):
+        if r % group_size == 0 and dr % group_size == 0:
+            per_tok[f"{bits}-bit g{group_size}"] = bytes_per_token(r, dr, bits, group_size)
+    return {"kv_lora_rank": r, "qk_rope_head_dim": dr, "layers": layers,
+            "max_context": mx_ctx, "bytes_per_token_layer": per_tok,
+            "rows": [{"context": n, **{k: n * v * layers for k, v in per_tok.items()}}
+                     for n in contexts]}
+
+
+def format_kv_table(kv: dict) -> str:
+    cols = list(kv["bytes_per_token_layer"])
+    lines = [f"KV cache (MLA latent {kv['kv_lora_rank']} + rope {kv['qk_rope_head_dim']} values "
+             f"per token and layer, {kv['layers']} layers; one sequence)",
+             f"{'context':<16}" + "".join(f"{c:>14}" for c in cols)]
+    for row in kv["rows"]:
+        n = row["context"]
+        name = f"{n // 1024}K" + (" (max)" if n == kv["max_context"] else "")
+        lines.append(f"{name:<16}" + "".join(f"{row[c] / 1e9:>11.1f} GB" for c in cols))
+    lines.append("per token, all layers: " + ", ".join(
+        f"{c} {v * kv['layers'] / 1e3:.1f} KB" for c, v in kv["bytes_per_token_layer"].items()))
+    lines.append("int8 codes: the codes alone (the model card's int8 column); 8-bit/4-bit: "
+                 "moequant generate --kv-bits, with their bf16 scales and biases.")
+    return "\n".join(lines)
+
+
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--hf-path", help="Source checkpoint directory (headers are validated).")
@@ -199,5 +246,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    kv = kv_cache_table(plan.cfg.text)
+    if args.json:
+        print(json.dumps(dict(plan.to_json(), kv_cache=kv), indent=2))
+    else:
+        print(format_plan(plan) + (f"\n\n{format_kv_table(kv)}" if kv else ""))
     return 0

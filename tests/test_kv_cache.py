@@ -1,0 +1,256 @@
+"""The quantized MLA latent KV cache (moequant.kv_cache) in mlx-lm's generation: the
+upstream crash it fixes, logits against mlx-lm's own attention on the dequantized
+cache, greedy decode, quantized_kv_start, prompt-cache save/load, trim, bytes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+import moequant
+from moequant import kv_cache
+from moequant.kv_cache import MLAKVCache, MLAQuantizedKVCache, bytes_per_token
+from moequant.testing import tiny_deepseek
+
+# The tiny DeepSeek-V3 with cache dims that group sizes divide (latent 128, rope 64).
+KV_CONFIG = dict(tiny_deepseek.TINY_CONFIG, kv_lora_rank=128, qk_rope_head_dim=64)
+PROMPT = mx.array([(5 * i) % 300 + 10 for i in range(30)])
+
+
+@pytest.fixture(scope="module")
+def built():
+    model, cfg = tiny_deepseek.build(KV_CONFIG, seed=3)
+    return model, cfg
+
+
+def greedy(model, n=12, prompt=PROMPT, **kw):
+    return [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, **kw)]
+
+
+class DequantizedKVCache(KVCache):
+    """Oracle: mlx-lm's own KVCache holding quantize->dequantize of what it is given
+    (float32), so mlx-lm's own attention computes attention on the dequantized cache."""
+
+    def __init__(self, bits, group_size):
+        super().__init__()
+        # Not named bits/group_size: mlx-lm's attention takes a cache with `bits` for its
+        # own quantized cache.
+        self.q = dict(group_size=group_size, bits=bits)
+
+    def update_and_fetch(self, keys, values):
+        rt = [mx.dequantize(*mx.quantize(a, **self.q), **self.q).astype(mx.float32)
+              for a in (keys, values)]
+        return super().update_and_fetch(*rt)
+
+
+def test_mlx_lm_alone_crashes_with_kv_bits(built):
+    """The upstream bug this fixes (mlx-lm 0.32.2): kv_bits on DeepSeek-V3 crashes."""
+    model, cfg = tiny_deepseek.build(KV_CONFIG, seed=3)
+    with pytest.raises(AttributeError, match="swapaxes"):
+        greedy(model, 3, kv_bits=8, quantized_kv_start=0)
+
+
+@pytest.mark.parametrize("bits,gs", [(8, 64), (4, 64), (8, 32), (4, 32)])
+def test_attention_matches_mlx_lm_on_dequantized_cache(built, bits, gs):
+    """One MLA layer: a 30-token prefill (several query tokens against the quantized
+    cache, chunked dequantization) then 3 decode steps (the fused kernel), outputs
+    against mlx-lm's own attention on a cache holding the dequantized values."""
+    from mlx_lm.models.base import create_causal_mask
+
+    model, cfg = built
+    moequant.patch(model)
+    attn = model.model.layers[1].self_attn
+    ours, ref = MLAQuantizedKVCache(group_size=gs, bits=bits), DequantizedKVCache(bits, gs)
+    rng = np.random.default_rng(bits + gs)
+    x = mx.array(rng.standard_normal((1, 30, cfg["hidden_size"])).astype(np.float32))
+    mask = create_causal_mask(30)
+    for step in range(4):
+        a, b = np.array(attn(x, mask, cache=ours)), np.array(attn(x, mask, cache=ref))
+        assert np.abs(a - b).max() < 2e-5 * np.abs(b).max(), step
+        x = mx.array(rng.standard_normal((1, 1, cfg["hidden_size"])).astype(np.float32))
+        mask = None
+    assert ours.offset == 33
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_model_logits_close_to_dequantized_reference(built, bits):
+    """The whole model (3 layers, MoE routing amplifies float noise) with the quantized
+    cache against mlx-lm's attention on the dequantized cache: logits agree closely."""
+    model, _ = built
+    moequant.patch(model)
+    ours = [MLAQuantizedKVCache(group_size=64, bits=bits) for _ in model.layers]
+    ref = [DequantizedKVCache(bits, 64) for _ in model.layers]
+    tokens = PROMPT[None]
+    for step in range(4):
+        a, b = np.array(model(tokens, cache=ours)[:, -1]), np.array(model(tokens, cache=ref)[:, -1])
+        assert np.abs(a - b).max() < 1e-3 * np.abs(b).max(), step
+        assert np.argmax(a) == np.argmax(b)
+        tokens = mx.array([[int(np.argmax(b))]])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("fused", [True, False])
+def test_greedy_decode(bits, fused):
+    model, _ = tiny_deepseek.build(KV_CONFIG, seed=3)
+    want = greedy(model)
+    if fused:
+        moequant.patch(model)
+    else:
+        kv_cache.patch_kv_cache(model)
+    assert isinstance(make_prompt_cache(model)[0], MLAKVCache)
+    assert greedy(model) == want  # fp16 cache: mlx-lm's own attention
+    cache = make_prompt_cache(model)
+    got = greedy(model, prompt_cache=cache, kv_bits=bits, quantized_kv_start=0)
+    assert all(isinstance(c, MLAQuantizedKVCache) and c.bits == bits for c in cache)
+    # The prompt itself runs before the switch (mlx-lm quantizes after a call).
+    assert len(got) == 12 and got[0] == want[0]
+    if bits == 8:
+        assert got == want  # the tiny model's logits are peaked enough
+    # Quantized from the first token on: mlx-lm's attention on the dequantized cache
+    # decodes the same tokens.
+    ours = greedy(model, prompt_cache=[MLAQuantizedKVCache(64, bits) for _ in model.layers])
+    assert ours == greedy(model, prompt_cache=[DequantizedKVCache(bits, 64) for _ in model.layers])
+
+
+def test_quantized_kv_start(built):
+    model, _ = built
+    moequant.patch(model)
+    cache = make_prompt_cache(model)
+    steps = generate_step(PROMPT, model, max_tokens=12, prompt_cache=cache, kv_bits=8,
+                          quantized_kv_start=35, prefill_step_size=16)
+    kinds = []
+    for _ in steps:
+        kinds.append((cache[0].offset, type(cache[0]).__name__))
+    # Stays fp16 until the offset reaches 35 after a step, then 8-bit.
+    assert all(k == "MLAKVCache" for o, k in kinds if o < 35)
+    assert kinds[-1][1] == "MLAQuantizedKVCache"
+
+
+def test_save_load_round_trip(built, tmp_path):
+    model, _ = built
+    moequant.patch(model)
+    cache = [MLAQuantizedKVCache(group_size=64, bits=8) for _ in model.layers]
+    tok = int(mx.argmax(model(PROMPT[None], cache=cache)[0, -1]))
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache(str(f), cache, {"model": "tiny"})
+    loaded, meta = load_prompt_cache(str(f), return_metadata=True)
+    assert meta == {"model": "tiny"}
+    assert [type(c) for c in loaded] == [MLAQuantizedKVCache] * len(cache)
+    for a, b in zip(loaded, cache):
+        assert (a.offset, a.bits, a.group_size) == (b.offset, b.bits, b.group_size) == (30, 8, 64)
+        for x, y in zip(a.state[0] + a.state[1], b.state[0] + b.state[1]):
+            assert mx.array_equal(x, y)
+    # Registered by name where mlx-lm's loader looks.
+    assert mlx_cache.MLAQuantizedKVCache is MLAQuantizedKVCache
+    rest = greedy(model, 8, prompt=mx.array([tok]), prompt_cache=loaded)
+    assert rest == greedy(model, 8, prompt=mx.array([tok]), prompt_cache=cache)
+    # The same as one uninterrupted run with an 8-bit cache from the start.
+    fresh = [MLAQuantizedKVCache(group_size=64, bits=8) for _ in model.layers]
+    assert greedy(model, 9, prompt_cache=fresh) == [tok] + rest
+
+
+def test_fp16_mla_cache_round_trip(built, tmp_path):
+    model, _ = built
+    moequant.patch(model)
+    cache = make_prompt_cache(model)
+    greedy(model, 2, prompt_cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert type(loaded[0]) is MLAKVCache and loaded[0].offset == cache[0].offset
+
+
+def test_trim(built):
+    """Trimming k tokens then feeding them again gives the same logits (speculative
+    decoding's rollback)."""
+    model, _ = built
+    moequant.patch(model)
+    cache = [MLAQuantizedKVCache(group_size=64, bits=4) for _ in model.layers]
+    model(PROMPT[None], cache=cache)
+    extra = mx.array([[11, 12, 13]])
+    want = np.array(model(extra, cache=cache))
+    assert all(c.is_trimmable() for c in cache)
+    assert mlx_cache.trim_prompt_cache(cache, 3) == 3 and cache[0].offset == 30
+    got = np.array(model(extra, cache=cache))
+    assert np.array_equal(got, want)
+
+
+def test_bytes_match_formula(built):
+    model, _ = built
+    moequant.patch(model)
+    R, DR = KV_CONFIG["kv_lora_rank"], KV_CONFIG["qk_rope_head_dim"]
+    for bits in (8, 4):
+        cache = [MLAQuantizedKVCache(group_size=64, bits=bits) for _ in model.layers]
+        model(mx.array([list(range(10, 10 + 256))]), cache=cache)  # one full step of 256
+        mx.eval([c.state for c in cache])
+        # float32 model: 4-byte scales and biases.
+        per = bytes_per_token(R, DR, bits, 64, dtype_bytes=4)
+        assert cache[0].nbytes == 256 * per
+        model(mx.array([[5, 6, 7]]), cache=cache)
+        lat, pe, n, *_ = cache[0].state
+        assert n == 259 and sum(a.nbytes for a in lat + pe) == 259 * per
+    assert bytes_per_token(512, 64) * 61 == 70272  # Kimi, bf16: 68.6 KiB per token
+    assert bytes_per_token(512, 64, 8, 64) == 612 and bytes_per_token(512, 64, 4, 64) == 324
+
+
+def test_group_size_that_does_not_divide_the_rope_dim():
+    """The default tiny fixture's rope part has 16 values: a clear error naming it."""
+    model, _ = tiny_deepseek.build(seed=1)
+    moequant.patch(model)
+    with pytest.raises(ValueError, match="qk_rope_head_dim 16"):
+        greedy(model, 2, kv_bits=8, quantized_kv_start=0)
+    with pytest.raises(ValueError, match="kv_bits must be 4 or 8"):
+        MLAQuantizedKVCache(bits=3)
+
+
+def test_unpatch_restores(built):
+    model, _ = built
+    moequant.patch(model)
+    moequant.unpatch(model)
+    assert not hasattr(model, "make_cache")
+    assert type(model.model.layers[0].self_attn).__name__ == "DeepseekV3Attention"
+
+
+def test_kimi_k25_build(ckpt, tmp_path):
+    """A converted tiny Kimi-K2.5 (mlx-lm's kimi_k25 model, rope dim 32: group 32)
+    decodes with 8- and 4-bit caches as mlx-lm's attention does on the dequantized
+    cache; group 64 is refused naming the rope dimension."""
+    from mlx_lm import load
+
+    from moequant.convert import convert
+
+    convert(ckpt("kimi_k25"), tmp_path / "k", "int4-native", progress=False)
+    model, _ = load(str(tmp_path / "k"))
+    assert moequant.patch(model) >= 1 and type(model).__module__.endswith("kimi_k25")
+    assert isinstance(make_prompt_cache(model)[0], MLAKVCache)
+    # A bf16 model: the two paths round differently (ours accumulates in float32). One
+    # layer, the same input (so the same cached codes), at bf16 tolerance (the reference
+    # keeps the float32 dequantized latent through embed_q, ours rounds it to bf16):
+    from mlx_lm.models.base import create_causal_mask
+
+    attn = model.layers[1].self_attn
+    rng = np.random.default_rng(0)
+    for bits in (8, 4):
+        ours, ref = MLAQuantizedKVCache(32, bits), DequantizedKVCache(bits, 32)
+        x = mx.array(rng.standard_normal((1, 20, attn.hidden_size)).astype(np.float32)).astype(mx.bfloat16)
+        mask = create_causal_mask(20)
+        for step in range(3):
+            a = np.array(attn(x, mask, cache=ours).astype(mx.float32))
+            b = np.array(attn(x, mask, cache=ref).astype(mx.float32))
+            assert np.abs(a - b).max() < 5e-2 * np.abs(b).max(), (bits, step)
+            x, mask = x[:, -1:] * 0.5, None
+    # The whole model, fed the same tokens: in the upper layers the two paths' keys
+    # differ by rounding, which at 8 bits rarely moves a code; logits stay close.
+    ours = [MLAQuantizedKVCache(32, 8) for _ in model.layers]
+    ref = [DequantizedKVCache(8, 32) for _ in model.layers]
+    tokens = PROMPT[None]
+    for step in range(5):
+        a = np.array(model(tokens, cache=ours)[:, -1].astype(mx.float32))
+        b = np.array(model(tokens, cache=ref)[:, -1].astype(mx.float32))
+        assert np.abs(a - b).max() < 3e-2 * np.abs(b).max(), step
+        tokens = mx.array([[int(np.argmax(b))]])
+    with pytest.raises(ValueError, match="qk_rope_head_dim 32"):
+        greedy(model, 2, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
