@@ -1,12 +1,10 @@
 // The mse fit on the GPU: one thread per output group, the scalar backend of
 // requantize_fit.h (the CPU scalar path runs the same code, so the bits agree).
-// Launch contract (RequantizeFit::eval_gpu, csrc/requantize/requantize_mse.cpp):
-//   buffers: 0 packed (INT4) | w (float), 1 src scales | importance, 2 importance | -,
-//            3 wq, 4 scales, 5 biases; constants 6 n_groups, 7 groups_per_row, 8 bits,
-//            9 group_size, 10 src_group_size; threadgroups of 64 threads, 1-D.
+// Launch contract: requantize_fit_launch.h (RequantizeFit::encode dispatches it).
 #include <metal_stdlib>
 
 #include "requantize_fit.h"
+#include "requantize_fit_launch.h"
 
 using namespace metal;
 
@@ -28,17 +26,17 @@ inline void mq_fit_store(thread const uchar* q, int n, int bits, device uint* ou
 
 template <typename SrcT, typename OutT>
 [[kernel]] void requantize_fit_int4(
-    const device uint* packed [[buffer(0)]],
-    const device SrcT* src_scales [[buffer(1)]],
-    const device float* importance [[buffer(2)]],
-    device uint* wq [[buffer(3)]],
-    device OutT* scales [[buffer(4)]],
-    device OutT* biases [[buffer(5)]],
-    constant uint& n_groups [[buffer(6)]],
-    constant uint& groups_per_row [[buffer(7)]],
-    constant uint& bits [[buffer(8)]],
-    constant uint& group_size [[buffer(9)]],
-    constant uint& src_group_size [[buffer(10)]],
+    const device uint* packed [[buffer(MQ_FIT_PACKED)]],
+    const device SrcT* src_scales [[buffer(MQ_FIT_SRC_SCALES)]],
+    const device float* importance [[buffer(MQ_FIT_INT4_IMPORTANCE)]],
+    device uint* wq [[buffer(MQ_FIT_WQ)]],
+    device OutT* scales [[buffer(MQ_FIT_SCALES)]],
+    device OutT* biases [[buffer(MQ_FIT_BIASES)]],
+    constant uint& n_groups [[buffer(MQ_FIT_N_GROUPS)]],
+    constant uint& groups_per_row [[buffer(MQ_FIT_GROUPS_PER_ROW)]],
+    constant uint& bits [[buffer(MQ_FIT_BITS)]],
+    constant uint& group_size [[buffer(MQ_FIT_GROUP_SIZE)]],
+    constant uint& src_group_size [[buffer(MQ_FIT_SRC_GROUP_SIZE)]],
     uint gid [[thread_position_in_grid]]) {
   if (gid >= n_groups) {
     return;
@@ -93,15 +91,15 @@ template <typename SrcT, typename OutT>
 
 template <typename SrcT, typename OutT>
 [[kernel]] void quantize_fit(
-    const device SrcT* x [[buffer(0)]],
-    const device float* importance [[buffer(1)]],
-    device uint* wq [[buffer(3)]],
-    device OutT* scales [[buffer(4)]],
-    device OutT* biases [[buffer(5)]],
-    constant uint& n_groups [[buffer(6)]],
-    constant uint& groups_per_row [[buffer(7)]],
-    constant uint& bits [[buffer(8)]],
-    constant uint& group_size [[buffer(9)]],
+    const device SrcT* x [[buffer(MQ_FIT_W)]],
+    const device float* importance [[buffer(MQ_FIT_FLOAT_IMPORTANCE)]],
+    device uint* wq [[buffer(MQ_FIT_WQ)]],
+    device OutT* scales [[buffer(MQ_FIT_SCALES)]],
+    device OutT* biases [[buffer(MQ_FIT_BIASES)]],
+    constant uint& n_groups [[buffer(MQ_FIT_N_GROUPS)]],
+    constant uint& groups_per_row [[buffer(MQ_FIT_GROUPS_PER_ROW)]],
+    constant uint& bits [[buffer(MQ_FIT_BITS)]],
+    constant uint& group_size [[buffer(MQ_FIT_GROUP_SIZE)]],
     uint gid [[thread_position_in_grid]]) {
   if (gid >= n_groups) {
     return;
@@ -131,9 +129,9 @@ template <typename SrcT, typename OutT>
 }
 
 #define MQ_INSTANTIATE_FIT(sname, SrcT, oname, OutT)                                    \
-  template [[host_name("requantize_fit_int4_" #sname "_" #oname)]] [[kernel]]          \
+  template [[host_name(MQ_FIT_INT4_NAME(sname, oname))]] [[kernel]]          \
   decltype(requantize_fit_int4<SrcT, OutT>) requantize_fit_int4<SrcT, OutT>;            \
-  template [[host_name("quantize_fit_" #sname "_" #oname)]] [[kernel]]                  \
+  template [[host_name(MQ_FIT_FLOAT_NAME(sname, oname))]] [[kernel]]                  \
   decltype(quantize_fit<SrcT, OutT>) quantize_fit<SrcT, OutT>;
 
 #define MQ_FIT_OUT(sname, SrcT)                  \

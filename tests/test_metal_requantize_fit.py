@@ -82,7 +82,7 @@ def test_float_kernels_match_cpu(lib, src):
 
 def test_mutation_is_caught(tmp_path):
     """A copy whose candidate grid step is 0.07 instead of 0.08 must disagree."""
-    for f in ("requantize_fit.metal", "requantize_fit.h", "quant_math.h"):
+    for f in ("requantize_fit.metal", "requantize_fit.h", "requantize_fit_launch.h", "quant_math.h"):
         shutil.copy(REPO_ROOT / "metal" / f, tmp_path / f)
     h = tmp_path / "requantize_fit.h"
     text = h.read_text()

@@ -11,11 +11,7 @@
 #include "requantize/requantize.h"
 #include "requantize/requantize_cpu.h"
 
-#ifdef _METAL_
-#include "common/metal_library.h"
-#include "mlx/backend/metal/device.h"
-#include "mlx/backend/metal/utils.h"
-#endif
+#include "requantize_fit_launch.h"
 
 namespace moequant {
 
@@ -86,6 +82,7 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4_fit(
     std::optional<mx::Dtype> dtype,
     mx::StreamOrDevice s) {
   check_requantize_int4_args(packed, scales, bits, group_size, src_group_size, dtype);
+  check_metal_stream(s, "requantize_int4");
   auto stream = mx::to_stream(s);
   const int K = packed.shape(-1) * 8;
   auto h = importance_or_ones("requantize_int4", importance, K, stream);
@@ -106,6 +103,7 @@ std::tuple<mx::array, mx::array, mx::array> quantize_fit(
     std::optional<mx::Dtype> dtype,
     mx::StreamOrDevice s) {
   check_quantize_args(w, bits, group_size, dtype);
+  check_metal_stream(s, "quantize");
   auto stream = mx::to_stream(s);
   const int K = w.shape(-1);
   auto h = importance_or_ones("quantize", importance, K, stream);
@@ -173,59 +171,56 @@ void RequantizeFit::eval_cpu(
   });
 }
 
-#ifdef _METAL_
-void RequantizeFit::eval_gpu(
+// ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so
+// that the emulator tests execute it too; geometry and indices from requantize_fit_launch.h.
+
+void RequantizeFit::encode(
+    KernelEncoder& enc,
     const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-  }
+    const std::vector<mx::array>& outputs) const {
   const auto& x = inputs[0];
-  const int K = int4_ ? x.shape(-1) * 8 : x.shape(-1);
+  const long long K = int4_ ? static_cast<long long>(x.shape(-1)) * 8 : x.shape(-1);
   const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  const size_t total = (x.size() / x.shape(-1)) * groups_per_row;
+  const size_t total = (x.size() / x.shape(-1)) * size_t(groups_per_row);
+  if (total == 0) {
+    return;
+  }
   if (total > std::numeric_limits<uint32_t>::max()) {
     throw std::runtime_error(
         "[moequant.requantize_fit] more than 2^32 groups in one call on the GPU; "
         "split the tensor.");
   }
   const uint32_t n_groups = static_cast<uint32_t>(total);
-  const uint32_t bits = bits_, g = group_size_, sg = int4_ ? src_group_size_ : 32;
+  const uint32_t bits = bits_, g = group_size_;
   const auto& src = int4_ ? inputs[1] : x;
-  std::ostringstream kname;
-  kname << (int4_ ? "requantize_fit_int4_" : "quantize_fit_") << mx::type_to_name(src) << "_"
-        << mx::type_to_name(outputs[1]);
-  auto kernel = d.get_kernel(kname.str(), metal_library(d));
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
-  // The launch contract of metal/requantize_fit.metal: buffers 0-5, constants 6-10.
-  int i = 0;
-  for (const auto& in : inputs) {
-    enc.set_input_array(in, i++);
+  enc.set_kernel(
+      launch::fit_kernel_name(int4_, dtype_str(src.dtype()), dtype_str(outputs[1].dtype())));
+  if (int4_) {
+    enc.set_input(inputs[0], MQ_FIT_PACKED);
+    enc.set_input(inputs[1], MQ_FIT_SRC_SCALES);
+    enc.set_input(inputs[2], MQ_FIT_INT4_IMPORTANCE);
+  } else {
+    enc.set_input(inputs[0], MQ_FIT_W);
+    enc.set_input(inputs[1], MQ_FIT_FLOAT_IMPORTANCE);
   }
-  if (!int4_) {
-    enc.set_input_array(x, i++); // unused slot: keeps one buffer layout for both kernels
+  enc.set_output(outputs[0], MQ_FIT_WQ);
+  enc.set_output(outputs[1], MQ_FIT_SCALES);
+  enc.set_output(outputs[2], MQ_FIT_BIASES);
+  enc.set_scalar(n_groups, MQ_FIT_N_GROUPS);
+  enc.set_scalar(groups_per_row, MQ_FIT_GROUPS_PER_ROW);
+  enc.set_scalar(bits, MQ_FIT_BITS);
+  enc.set_scalar(g, MQ_FIT_GROUP_SIZE);
+  if (int4_) {
+    enc.set_scalar(static_cast<uint32_t>(src_group_size_), MQ_FIT_SRC_GROUP_SIZE);
   }
-  for (auto& o : outputs) {
-    enc.set_output_array(o, i++);
-  }
-  enc.set_bytes(n_groups, 6);
-  enc.set_bytes(groups_per_row, 7);
-  enc.set_bytes(bits, 8);
-  enc.set_bytes(g, 9);
-  enc.set_bytes(sg, 10);
-  // One thread per group; the kernel returns early past the end.
-  const uint32_t tg = 64;
-  enc.dispatch_threadgroups(MTL::Size((n_groups + tg - 1) / tg, 1, 1), MTL::Size(tg, 1, 1));
+  enc.dispatch_threadgroups(
+      {(n_groups + MQ_FIT_THREADS - 1) / MQ_FIT_THREADS, 1, 1}, {MQ_FIT_THREADS, 1, 1});
 }
-#else
-void RequantizeFit::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "[moequant.requantize_fit] this build of moequant has no Metal support; "
-      "use a CPU stream.");
+
+void RequantizeFit::eval_gpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  eval_metal(stream(), *this, outputs, inputs, "requantize_fit");
 }
-#endif
 
 } // namespace moequant

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "mlx/ops.h"
+#include "common/kernel_encoder.h"
 #include "mlx/primitives.h"
 
 namespace moequant {
@@ -37,7 +38,7 @@ void check_quantize_args(const mx::array& w, int bits, int group_size,
                          std::optional<mx::Dtype> dtype);
 
 // Inputs: INT4 {packed uint32, scales, importance f32 (K)}; float {w, importance}.
-class RequantizeFit : public mx::Primitive {
+class RequantizeFit : public mx::Primitive, public MetalDispatch {
  public:
   RequantizeFit(mx::Stream stream, bool int4, int bits, int group_size, int src_group_size)
       : mx::Primitive(stream),
@@ -56,6 +57,11 @@ class RequantizeFit : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  // The Metal dispatch (requantize_mse.cpp), run by eval_gpu and by the emulator tests.
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
 
  private:
   bool int4_;
