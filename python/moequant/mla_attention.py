@@ -41,11 +41,11 @@ cached latents (B, H, L, kv_lora_rank); this module applies ``unembed_out`` and 
 
 from __future__ import annotations
 
-import importlib
 from typing import Dict
 
 import mlx.core as mx
 
+from .mlx_lm_patch import import_classes
 from .ops import matmul_nt, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
@@ -55,16 +55,6 @@ _ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
 SCORE_CHUNK_BYTES = 64 << 20
 
 _mla_classes: Dict[type, type] = {}
-
-
-def _attention_classes():
-    out = []
-    for mod, name in _ATTENTION:
-        try:
-            out.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
 
 
 def _dense(m):
@@ -235,7 +225,7 @@ def patch_attention(model) -> int:
     layouts keep mlx-lm's call). Wraps the layer's current class, so it composes with
     other class swaps of these layers (``_moequant_base`` keeps naming mlx-lm's class,
     which ``moequant.unpatch`` restores). Idempotent."""
-    bases = _attention_classes()
+    bases = import_classes(_ATTENTION)
     n = 0
     for _, m in model.named_modules():
         cur = type(m)
