@@ -45,6 +45,7 @@ class Clock:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # partial results survive an interrupted run
     import moequant
     from mlx_lm.models.cache import make_prompt_cache
     from moequant.testing import tiny_deepseek
