@@ -65,7 +65,9 @@ def _dense(m):
     if isinstance(m, QuantizedMultiLinear):
         if getattr(m, "mode", "affine") != "affine" or m.get("biases") is None:
             return None
-        w = mx.dequantize(m["weight"], m["scales"], m["biases"],
+        # float32 scales and biases: scale * q + bias exactly, not rounded to bf16.
+        f32 = mx.float32
+        w = mx.dequantize(m["weight"], m["scales"].astype(f32), m["biases"].astype(f32),
                           group_size=m.group_size, bits=m.bits)
     elif isinstance(m, MultiLinear):
         w = m["weight"]
