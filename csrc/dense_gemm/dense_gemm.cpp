@@ -39,7 +39,11 @@ void run(const Args& p) {
   const int64_t nblocks = (p.N + kRowBlock - 1) / kRowBlock;
   const int64_t per = blocks_per_item(p.K);
   const int64_t items_per_batch = (nblocks + per - 1) / per;
-  dynamic_for(p.batch * items_per_batch, 1, [&](auto&& claim) {
+  // Claims of at least ~1M multiply-adds: a decode step's products (a few heads of one
+  // query) run on the calling thread instead of paying a pool handoff each.
+  const int64_t item_macs = std::max<int64_t>(1, p.M * p.K * per * kRowBlock);
+  const auto grain = static_cast<std::size_t>(std::max<int64_t>(1, (int64_t(1) << 20) / item_macs));
+  dynamic_for(p.batch * items_per_batch, grain, [&](auto&& claim) {
     alignas(64) float tile[kNR * kRowBlock];
     std::vector<float> apad(static_cast<std::size_t>(kNR) * p.K);
     claim([&](std::size_t i0, std::size_t i1) {

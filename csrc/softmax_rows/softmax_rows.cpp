@@ -109,7 +109,9 @@ void SoftmaxRows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
     if (a.S == 0) {
       return;
     }
-    parallel_for(static_cast<std::size_t>(a.rows), 16, [&](std::size_t r0, std::size_t r1) {
+    // Chunks of at least ~64K elements: short rows (decode) stay on the calling thread.
+    const auto chunk = static_cast<std::size_t>(std::max<int64_t>(1, (int64_t(1) << 16) / a.S));
+    parallel_for(static_cast<std::size_t>(a.rows), chunk, [&](std::size_t r0, std::size_t r1) {
       for (std::size_t r = r0; r < r1; ++r) {
         row(a, static_cast<int64_t>(r));
       }

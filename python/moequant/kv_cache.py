@@ -37,7 +37,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from .mlx_lm_patch import _block_classes
+from .mlx_lm_patch import import_classes
 from .ops import mla_decode_attention
 
 SUPPORTED_BITS = (4, 8)
@@ -243,7 +243,7 @@ def patch_kv_cache(model) -> int:
     other class swap of the attention layers applied before it (the mixin wraps the
     current class; ``_moequant_base`` keeps naming the original, for ``unpatch``).
     Idempotent."""
-    bases = _block_classes(_ATTENTION)
+    bases = import_classes(_ATTENTION)
     n = 0
     for _, m in model.named_modules():
         cur = type(m)

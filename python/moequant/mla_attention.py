@@ -41,11 +41,11 @@ cached latents (B, H, L, kv_lora_rank); this module applies ``unembed_out`` and 
 
 from __future__ import annotations
 
-import importlib
 from typing import Dict
 
 import mlx.core as mx
 
+from .mlx_lm_patch import import_classes
 from .ops import matmul_nt, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
@@ -57,16 +57,6 @@ SCORE_CHUNK_BYTES = 64 << 20
 _mla_classes: Dict[type, type] = {}
 
 
-def _attention_classes():
-    out = []
-    for mod, name in _ATTENTION:
-        try:
-            out.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
-
-
 def _dense(m):
     """The float32 (H, out, in) weight of a MultiLinear or affine QuantizedMultiLinear,
     or None for another layout."""
@@ -75,7 +65,9 @@ def _dense(m):
     if isinstance(m, QuantizedMultiLinear):
         if getattr(m, "mode", "affine") != "affine" or m.get("biases") is None:
             return None
-        w = mx.dequantize(m["weight"], m["scales"], m["biases"],
+        # float32 scales and biases: scale * q + bias exactly, not rounded to bf16.
+        f32 = mx.float32
+        w = mx.dequantize(m["weight"], m["scales"].astype(f32), m["biases"].astype(f32),
                           group_size=m.group_size, bits=m.bits)
     elif isinstance(m, MultiLinear):
         w = m["weight"]
@@ -235,7 +227,7 @@ def patch_attention(model) -> int:
     layouts keep mlx-lm's call). Wraps the layer's current class, so it composes with
     other class swaps of these layers (``_moequant_base`` keeps naming mlx-lm's class,
     which ``moequant.unpatch`` restores). Idempotent."""
-    bases = _attention_classes()
+    bases = import_classes(_ATTENTION)
     n = 0
     for _, m in model.named_modules():
         cur = type(m)

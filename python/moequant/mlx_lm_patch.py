@@ -53,15 +53,19 @@ _SUPPORTED_GROUPS = (32, 64, 128)
 _fused_classes: Dict[type, type] = {}
 
 
-def _block_classes(pairs=_BLOCKS):
-    """The classes of ``pairs`` ((module, class) names) that this mlx-lm has."""
+def import_classes(specs) -> tuple:
+    """The classes named by (module, class) pairs that this mlx-lm has."""
     out = []
-    for mod, name in pairs:
+    for mod, name in specs:
         try:
             out.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
             continue
     return tuple(out)
+
+
+def _block_classes():
+    return import_classes(_BLOCKS)
 
 
 def env_enabled(default: bool = True) -> bool:

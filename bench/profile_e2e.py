@@ -1,0 +1,122 @@
+"""Where the time of bench_moe's e2e model goes: a decode step split by module (MoE
+blocks, dense MLP, the attention's projections and core, norms, lm_head, the rest), and
+one prefill forward of N tokens. Times are the process's CPU time (all its threads) as
+well as wall time: on a shared machine the CPU time is the steadier of the two, and on a
+quiet one wall ~ CPU / threads for the threaded parts. The per-module split evaluates
+each module's output before and after it (barriers): their sum exceeds the plain step.
+
+    python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import E2E_CONFIG  # noqa: E402
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="profile_e2e.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="activation dtype of the model (default bfloat16)")
+    ap.add_argument("--tokens", type=int, default=16, help="decode steps timed (default 16)")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="also time one forward of this many tokens (default 0: none)")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="mlx-lm's own paths (no moequant.patch)")
+    return ap
+
+
+class Clock:
+    def __init__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+
+    def read(self):
+        return time.perf_counter() - self.w, time.process_time() - self.c
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # partial results survive an interrupted run
+    import moequant
+    from mlx_lm.models.cache import make_prompt_cache
+    from moequant.testing import tiny_deepseek
+
+    dtype = getattr(mx, args.dtype)
+    model, _ = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
+    if not args.no_fused:
+        moequant.patch(model)
+    who = "mlx-lm" if args.no_fused else "moequant.patch"
+    print(f"# e2e model ({args.dtype}, 4-bit g64), {who}; moequant threads {moequant.get_num_threads()}")
+
+    if args.prefill:
+        x = mx.array([[1 + i % (E2E_CONFIG["vocab_size"] - 1) for i in range(args.prefill)]])
+        mx.eval(model(x[:, :32], cache=make_prompt_cache(model)))  # warm-up
+        clk = Clock()
+        mx.eval(model(x, cache=make_prompt_cache(model)))
+        w, c = clk.read()
+        print(f"prefill {args.prefill} tokens: wall {w:.2f} s ({args.prefill / w:.1f} tok/s), cpu {c:.2f} s")
+
+    def decode(n, cache, tok):
+        for _ in range(n):
+            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+            mx.eval(tok)
+        return tok
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(1, 17))]), cache=cache))
+    tok = decode(3, cache, mx.array([[16]]))
+    n = args.tokens
+    clk = Clock()
+    tok = decode(n, cache, tok)
+    w, c = clk.read()
+    print(f"decode: wall {w / n * 1e3:.1f} ms/token ({n / w:.1f} tok/s), cpu {c / n * 1e3:.1f} ms/token")
+
+    acc = collections.defaultdict(float)
+
+    def timed_call(name, fn):
+        def call(*a, **k):
+            mx.eval(*[v for v in a if isinstance(v, mx.array)])
+            t = time.process_time()
+            y = fn(*a, **k)
+            mx.eval(y)
+            acc[name] += time.process_time() - t
+            return y
+        return call
+
+    def wrap(obj, attr, name):
+        m = getattr(obj, attr)
+        proxy = type("Timed", (), {"__call__": staticmethod(timed_call(name, type(m).__call__.__get__(m)))})
+        object.__setattr__(obj, attr, proxy())
+
+    for layer in model.model.layers:
+        for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
+            wrap(layer.self_attn, p, "attention " + p)
+        wrap(layer, "mlp", "MoE block" if hasattr(layer.mlp, "switch_mlp") else "dense MLP")
+        wrap(layer, "input_layernorm", "norms")
+        wrap(layer, "post_attention_layernorm", "norms")
+    wrap(model, "lm_head", "lm_head")
+    if not args.no_fused:
+        from moequant import mla_attention
+
+        mla_attention.attend = timed_call("attention core (mla_attention.attend)", mla_attention.attend)
+    clk = Clock()
+    decode(n, cache, tok)
+    _, c = clk.read()
+    print(f"with barriers: cpu {c / n * 1e3:.1f} ms/token, of which (cpu ms/token):")
+    for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:40s} {v / n * 1e3:7.2f}  {100 * v / c:4.0f}%")
+    rest = c - sum(acc.values())
+    print(f"  {'rest (embedding, rope, cache, glue)':40s} {rest / n * 1e3:7.2f}  {100 * rest / c:4.0f}%")
+
+
+if __name__ == "__main__":
+    main()
