@@ -239,3 +239,26 @@ def test_inexact_division_mode_has_teeth(tmp_path):
                        only=[rq.kernel_name(*c) for c in DIV_CONFIGS])
     with pytest.raises(AssertionError, match="differs from the CPU op"):
         _div_suite(lib)
+
+
+def test_div_rn_is_ieee_division_under_inexact_divide(tmp_path):
+    """mq_div_rn itself, with every divide() off by up to 3 ulps: bit-equal to IEEE
+    float32 division (numpy) over quotients spanning 2^-60..2^60, both signs, exact
+    quotients and the operand magnitudes requantization meets."""
+    rng = np.random.default_rng(17)
+    n = 1 << 15
+    a = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    b = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    a[:64] = np.arange(64, dtype=np.float32) * 3  # exact quotients
+    b[:64] = 3.0
+    a[64:128] = rng.integers(-255, 256, 64).astype(np.float32) * np.float32(0.0123)
+    b[64:128] = np.float32(0.0123)  # code-like quotients near integers
+    b[b == 0] = 1.0
+    out = np.empty_like(a)
+    lib = MetalLibrary(REPO_ROOT / "tests" / "metal_emulator" / "kernels" / "div_check.metal",
+                       include_dirs=[REPO_ROOT / "metal"], div_ulps=3, cache=tmp_path)
+    lib.run("div_rn", buffers={0: a, 1: b, 2: out, 3: np.uint32(n)}, grid=(n // 256, 1, 1),
+            threadgroup=(256, 1, 1))
+    want = a / b
+    bad = np.flatnonzero(out.view(np.uint32) != want.view(np.uint32))
+    assert bad.size == 0, (bad.size, a[bad[:3]], b[bad[:3]], out[bad[:3]], want[bad[:3]])
