@@ -25,6 +25,8 @@ COVERED = {
     "requantize_int4_": "tests/test_metal_requantize.py",
     "moe_gate_up_": "tests/test_moe_metal_emulated.py",
     "moe_down_": "tests/test_moe_metal_emulated.py",
+    "requantize_fit_int4_": "tests/test_metal_requantize_fit.py",
+    "quantize_fit_": "tests/test_metal_requantize_fit.py",
 }
 
 
