@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "sizes the CPU bandwidth probe)")
     ap.add_argument("--fit-bits", type=int, nargs="+", default=[3, 4],
                     help="bit widths of the mse-fit table (default: 3 4; none: --fit-bits 0)")
+    ap.add_argument("--error-table", action="store_true",
+                    help="print only the mse fit's squared-error table (generators of "
+                         "moequant.testing.fit_reference, 512 x 2048 each) and exit")
     ap.add_argument("--metal", action="store_true",
                     help="also run the Metal fit kernel on the emulator (bytes per group) and "
                          "print a predicted GPU time")
@@ -69,8 +72,8 @@ def fit_table(args, data):
     from moequant.testing import fit_reference as fr  # noqa: F401  (documents the fit)
 
     header = (f"{'shape':>11} {'bits':>4} {'thr':>3} {'mlx ms':>8} {'minmax ms':>9} "
-              f"{'mse ms':>8} {'mse ns/grp/core':>15} {'mse GB/s':>8} {'Kimi core-h':>11} "
-              f"{'err mse/mm':>10}")
+              f"{'mse ms':>8} {'mse ns/grp/core':>15} {'cpu ns/grp':>10} {'mse MB/s':>8} "
+              f"{'Kimi core-h':>11} {'err mse/mm':>10}")
     print()
     print(f"mse fit (path: {moequant.ops._ext.fit_path()})")
     print(header)
@@ -97,7 +100,11 @@ def fit_table(args, data):
 
                 t_mlx = best_time(mlx_path, 1)
                 t_mm = best_time(minmax, args.repeat)
+                c0 = time.process_time()
                 t_ms = best_time(mse, max(1, args.repeat // 2))
+                # CPU seconds of all threads per run (warm-up included): less sensitive
+                # than wall time to other processes on a shared machine.
+                cpu = (time.process_time() - c0) / (1 + max(1, args.repeat // 2))
                 ns = t_ms * threads / groups * 1e9
                 worst = max(worst, ns)
                 w = mx.dequantize(packed.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4)
@@ -107,13 +114,15 @@ def fit_table(args, data):
                     d = mx.dequantize(*o, group_size=64, bits=bits).astype(mx.float32)
                     errs.append(mx.sum(mx.square(w - d)).item())
                 print(f"{rows:>5}x{K:<5} {bits:>4} {threads:>3} {t_mlx * 1e3:>8.1f} "
-                      f"{t_mm * 1e3:>9.2f} {t_ms * 1e3:>8.1f} {ns:>15.0f} "
-                      f"{in_bytes / t_ms / 1e9:>8.2f} {KIMI_GROUPS * ns * 1e-9 / 3600:>11.2f} "
+                      f"{t_mm * 1e3:>9.2f} {t_ms * 1e3:>8.1f} {ns:>15.0f} {cpu / groups * 1e9:>10.0f} "
+                      f"{in_bytes / t_ms / 1e6:>8.1f} {KIMI_GROUPS * ns * 1e-9 / 3600:>11.2f} "
                       f"{errs[1] / errs[0]:>10.3f}")
     moequant.set_num_threads(0)
-    print(f"ns/grp/core: wall time x threads / groups (g64); Kimi core-h: {KIMI_GROUPS:.3g} "
-          f"groups x ns/grp/core; err: squared weight error of mx.dequantize(output) vs the "
-          f"INT4 weights, mse over min-max. Worst ns/grp/core above: {worst:.0f}.")
+    print(f"ns/grp/core: best wall time x threads / groups (g64); cpu ns/grp: process CPU "
+          f"time per group (mean over the runs); MB/s: INT4 input (words + scales) per wall "
+          f"second; Kimi core-h: {KIMI_GROUPS:.3g} groups x ns/grp/core; err: squared weight "
+          f"error of mx.dequantize(output) vs the INT4 weights, mse over min-max. "
+          f"Worst ns/grp/core above: {worst:.0f}.")
 
 
 # Figures of the *prediction* (not measured: no Metal here). An M2 Ultra-class GPU:
@@ -165,8 +174,42 @@ def metal_table(data):
               f"effective, {GPU_BW / 1e9:.0f} GB/s)")
 
 
+def error_table():
+    """Squared weight error of the mse fit relative to min-max (mx.quantize's rule), per
+    generator, bits and group size, with bf16 scales (1.0 = no gain)."""
+    from moequant.testing import fit_reference as fr
+
+    rng = np.random.default_rng(0)
+    gens = {
+        "flat codes, 10x spread": fr.kimi_like_int4(rng, 512, 2048, codes="flat"),
+        "gaussian codes, 10x": fr.kimi_like_int4(rng, 512, 2048, codes="gaussian"),
+        "laplace codes, 10x": fr.kimi_like_int4(rng, 512, 2048, codes="laplace"),
+        "ct of gaussian W, 10x": fr.ct_gaussian_int4(rng, 512, 2048, spread=10.0),
+        "ct of gaussian W, 1x": fr.ct_gaussian_int4(rng, 512, 2048, spread=1.0),
+    }
+    cols = [(b, g) for b in (2, 3, 4, 5, 6) for g in (64,)] + [(3, 32), (3, 128), (4, 32), (4, 128)]
+    print(f"{'generator':<24}" + "".join(f"{f'{b}b g{g}':>9}" for b, g in cols))
+    for name, (q, s) in gens.items():
+        words = mx.array(moequant.int4.pack(q))
+        scales = mx.array(s).astype(mx.bfloat16)
+        s32 = scales.astype(mx.float32)
+        w = mx.dequantize(words.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4)
+        row = f"{name:<24}"
+        for b, g in cols:
+            e = []
+            for fit in ("minmax", "mse"):
+                o = moequant.requantize_int4(words, scales, bits=b, group_size=g, fit=fit)
+                d = mx.dequantize(*o, group_size=g, bits=b).astype(mx.float32)
+                e.append(np.square(np.array(w, np.float64) - np.array(d, np.float64)).sum())
+            row += f"{e[1] / e[0]:>9.3f}"
+        print(row)
+
+
 def main():
     args = build_parser().parse_args()
+    if args.error_table:
+        error_table()
+        return
     if args.device == "gpu" and not moequant.metal_available():
         print(f"bench_requant.py: --device gpu: {moequant.metal_status()[1]}", file=sys.stderr)
         raise SystemExit(2)

@@ -212,12 +212,16 @@ struct mq_rt_scalar {
 };
 
 // Group data handed to a backend.
+// v, c: the n slots. t, cc, ct: (v - min) / R, c and c t of the m slots with c > 0, in
+// slot order: the code statistics skip the others, whose terms are exactly +0.
 struct mq_fit_slots {
   float v[MQ_FIT_MAX_SLOTS];
   float c[MQ_FIT_MAX_SLOTS];
   float t[MQ_FIT_MAX_SLOTS];
+  float cc[MQ_FIT_MAX_SLOTS];
   float ct[MQ_FIT_MAX_SLOTS];
   int n;
+  int m;
 };
 
 // Combination of the 8 interleaved partial sums.
@@ -236,7 +240,7 @@ struct mq_fit_scalar {
       const float a = mq_fit_grid_value(k / MQ_FIT_GRID);
       const float b = mq_fit_grid_value(k % MQ_FIT_GRID);
       const float inv = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, nb));
-      mq_fit_stats(g.t, g.c, g.ct, g.n, a, inv, nb, S1[k], S2[k], S3[k]);
+      mq_fit_stats(g.t, g.cc, g.ct, g.m, a, inv, nb, S1[k], S2[k], S3[k]);
       bool ok;
       mq_fit_solve(S0, T1, T2, S1[k], S2[k], S3[k], sig[k], beta[k], err[k], ok);
     }
@@ -251,7 +255,7 @@ struct mq_fit_scalar {
       best_e[r] = err[r];
       best_s[r] = sig[r];
       best_b[r] = beta[r];
-      mq_fit_lloyd(g.t, g.c, g.ct, g.n, S0, T1, T2, nb, sig[r], beta[r], S1[r], S2[r],
+      mq_fit_lloyd(g.t, g.cc, g.ct, g.m, S0, T1, T2, nb, sig[r], beta[r], S1[r], S2[r],
                    S3[r], err[r] < MQ_INF, best_e[r], best_s[r], best_b[r]);
     }
   }
@@ -321,13 +325,21 @@ MQ_INLINE mq_fit_result mq_fit_group(
   }
   const float invR = MQ_DIV(1.0f, R);
   float S0 = 0.0f, T1 = 0.0f, T2 = 0.0f;
+  int m = 0;
   for (int j = 0; j < n; ++j) {
-    g.t[j] = (g.v[j] - wmin) * invR;
-    g.ct[j] = g.c[j] * g.t[j];
+    const float t = (g.v[j] - wmin) * invR;
+    const float ct = g.c[j] * t;
     S0 = S0 + g.c[j];
-    T1 = T1 + g.ct[j];
-    T2 = T2 + g.ct[j] * g.t[j];
+    T1 = T1 + ct;
+    T2 = T2 + ct * t;
+    if (g.c[j] > 0.0f) {
+      g.t[m] = t;
+      g.cc[m] = g.c[j];
+      g.ct[m] = ct;
+      ++m;
+    }
   }
+  g.m = m;
 
   // Step 2, then the best MQ_FIT_STARTS in stable order (strict <, first kept).
   float sig[MQ_FIT_NCAND], beta[MQ_FIT_NCAND], err[MQ_FIT_NCAND];

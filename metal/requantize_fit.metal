@@ -45,7 +45,12 @@ template <typename SrcT, typename OutT>
   const uint row = gid / groups_per_row;
   const uint g = gid % groups_per_row;
   const ulong K = ulong(groups_per_row) * G;
-  const device uint* w = packed + row * (K / 8) + ulong(g) * (G / 8);
+  // The group's words in registers: device memory sees each input byte once.
+  const device uint* wp = packed + row * (K / 8) + ulong(g) * (G / 8);
+  uint w[MQ_FIT_MAX_SLOTS / 8];
+  for (uint i = 0; i < G / 8; ++i) {
+    w[i] = wp[i];
+  }
   const device SrcT* ss = src_scales + row * (K / src_group_size);
   const device float* h = importance + ulong(g) * G;
   mq_fit_slots s;

@@ -26,6 +26,8 @@ COVERED = {
     "moe_gate_up_": "tests/test_moe_metal_emulated.py",
     "moe_down_": "tests/test_moe_metal_emulated.py",
     "mla_decode_": "tests/test_mla_attention_metal_emulated.py",
+    "requantize_fit_int4_": "tests/test_metal_requantize_fit.py",
+    "quantize_fit_": "tests/test_metal_requantize_fit.py",
 }
 
 

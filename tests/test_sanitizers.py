@@ -2,8 +2,8 @@
 the extension.
 
 The CMake project is configured into a temporary directory with -fsanitize=address,
-undefined (UBSan errors are fatal), and tests/test_requantize.py,
-tests/test_moe_swiglu.py and tests/test_mla_attention.py run in a child pytest with libasan preloaded (the python
+undefined (UBSan errors are fatal), and tests/test_requantize.py, test_requantize_fit.py,
+test_moe_swiglu.py and test_mla_decode_attention.py run in a child pytest with libasan preloaded (the python
 binary is not instrumented) and the sanitized module in place of moequant._ext
 (tests/sanitizer_plugin.py). Any sanitizer report fails the run. Skipped only when the
 C++ compiler has no sanitizer runtime. MOEQUANT_SANITIZE_BUILD_DIR keeps the build
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("tests/test_requantize.py", "tests/test_moe_swiglu.py", "tests/test_mla_attention.py")
+TESTS = ("tests/test_requantize.py", "tests/test_requantize_fit.py", "tests/test_moe_swiglu.py",
+         "tests/test_mla_decode_attention.py")
 SANITIZE = "-fsanitize=address,undefined"
 # How reports start (ASan; UBSan prints "file:line:col: runtime error: ...").
 REPORT_MARKERS = ("ERROR: AddressSanitizer", ": runtime error: ")

@@ -88,8 +88,8 @@ struct fit_avx2 {
       const V8 inv0 = mq_div(V8(1.0f), mq_div((V8(1.0f) - a0) - b, vnb));
       const V8 inv1 = mq_div(V8(1.0f), mq_div((V8(1.0f) - a1) - b, vnb));
       V8 p1(0.0f), p2(0.0f), p3(0.0f), r1(0.0f), r2(0.0f), r3(0.0f);
-      for (int j = 0; j < g.n; ++j) {
-        const V8 t(g.t[j]), c(g.c[j]), ct(g.ct[j]);
+      for (int j = 0; j < g.m; ++j) {
+        const V8 t(g.t[j]), c(g.cc[j]), ct(g.ct[j]);
         const V8 q0 = mq_fit_clamp(mq_rint((t - a0) * inv0), vnb);
         const V8 q1 = mq_fit_clamp(mq_rint((t - a1) * inv1), vnb);
         const V8 cq0 = c * q0, cq1 = c * q1;
@@ -134,7 +134,7 @@ struct fit_avx2 {
     }
     V8 be(_mm256_load_ps(l[2])), bs(_mm256_load_ps(l[0])), bb(_mm256_load_ps(l[1]));
     M8 active = mq_lt(V8(0.0f), V8(_mm256_load_ps(act)));
-    mq_fit_lloyd(g.t, g.c, g.ct, g.n, V8(S0), V8(T1), V8(T2), V8(nb),
+    mq_fit_lloyd(g.t, g.cc, g.ct, g.m, V8(S0), V8(T1), V8(T2), V8(nb),
                  V8(_mm256_load_ps(l[0])), V8(_mm256_load_ps(l[1])),
                  V8(_mm256_load_ps(l[3])), V8(_mm256_load_ps(l[4])),
                  V8(_mm256_load_ps(l[5])), active, be, bs, bb);

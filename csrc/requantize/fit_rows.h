@@ -30,18 +30,25 @@ struct cpu_tbits<mlx::core::bfloat16_t> {
   static uint32_t sign() { return 0x8000u; }
 };
 
-// Codes (bytes < 2^bits) -> MLX's little-endian bitstream.
+// Codes (bytes < 2^bits, n a multiple of 8) -> MLX's little-endian bitstream.
+template <int BITS>
+void pack_codes_b(const uint8_t* q, int n, uint8_t* dst) {
+  for (int i = 0; i < n; i += 8) {
+    mq_u64 x;
+    std::memcpy(&x, q + i, 8);
+    x = mq_pack8<BITS>(x);
+    std::memcpy(dst + BITS * (i / 8), &x, BITS); // little-endian hosts (x86, arm64)
+  }
+}
+
 inline void pack_codes(const uint8_t* q, int n, int bits, uint8_t* dst) {
-  uint64_t acc = 0;
-  int na = 0;
-  for (int i = 0; i < n; ++i) {
-    acc |= static_cast<uint64_t>(q[i]) << na;
-    na += bits;
-    while (na >= 8) {
-      *dst++ = static_cast<uint8_t>(acc);
-      acc >>= 8;
-      na -= 8;
-    }
+  switch (bits) {
+    case 2: return pack_codes_b<2>(q, n, dst);
+    case 3: return pack_codes_b<3>(q, n, dst);
+    case 4: return pack_codes_b<4>(q, n, dst);
+    case 5: return pack_codes_b<5>(q, n, dst);
+    case 6: return pack_codes_b<6>(q, n, dst);
+    default: return pack_codes_b<8>(q, n, dst);
   }
 }
 

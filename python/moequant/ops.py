@@ -103,8 +103,6 @@ def requantize_int4(
         )
     K = int(packed.shape[-1]) * 8 if isinstance(packed, mx.array) and packed.ndim else 0
     h = _check_importance("requantize_int4", importance, K)
-    if not hasattr(_ext, "requantize_int4_fit"):
-        return _fit_numpy_int4(packed, scales, h, bits, group_size, src_group_size, dtype)
     return _ext.requantize_int4_fit(
         packed,
         scales,
@@ -143,77 +141,13 @@ def quantize(
     if fit == "minmax":
         if importance is not None:
             raise ValueError("quantize: importance needs fit='mse'")
-        _check_quantize_args(w, bits, group_size, dtype)
+        _ext.check_quantize_args(w, bits=bits, group_size=group_size, dtype=dtype)
         wq, s, b = mx.quantize(w, group_size=group_size, bits=bits, stream=stream)
         out = dtype or w.dtype
         return wq, s.astype(out, stream=stream), b.astype(out, stream=stream)
     K = int(w.shape[-1]) if w.ndim else 0
     h = _check_importance("quantize", importance, K)
-    if not hasattr(_ext, "quantize_fit"):
-        _check_quantize_args(w, bits, group_size, dtype)
-        return _fit_numpy_float(w, h, bits, group_size, dtype)
     return _ext.quantize_fit(w, h, bits=bits, group_size=group_size, dtype=dtype, stream=stream)
-
-
-def _check_quantize_args(w, bits, group_size, dtype):
-    if isinstance(bits, bool) or bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"quantize: bits must be one of 2, 3, 4, 5, 6, 8; got {bits!r}")
-    if isinstance(group_size, bool) or group_size not in (32, 64, 128):
-        raise ValueError(f"quantize: group_size must be 32, 64 or 128; got {group_size!r}")
-    if w.dtype not in (mx.float32, mx.float16, mx.bfloat16):
-        raise ValueError(f"quantize: w must be float32, float16 or bfloat16; got {w.dtype}")
-    if w.ndim < 2 or w.shape[-1] == 0 or w.shape[-1] % group_size:
-        raise ValueError(
-            f"quantize: w must have at least 2 dimensions and a last axis divisible by "
-            f"group_size = {group_size}; got shape {tuple(w.shape)}")
-    if dtype is not None and dtype not in (mx.float32, mx.float16, mx.bfloat16):
-        raise ValueError(f"quantize: dtype must be float32, float16 or bfloat16; got {dtype}")
-
-
-_NP_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-
-
-def _fit_numpy_out(wq, s, b, shape, bits, group_size, out):
-    import numpy as np
-
-    lead = tuple(shape[:-1])
-    K = shape[-1]
-    return (mx.array(wq.reshape(*lead, K * bits // 32)),
-            mx.array(s.reshape(*lead, K // group_size)).astype(out),
-            mx.array(b.reshape(*lead, K // group_size)).astype(out))
-
-
-def _fit_numpy_int4(packed, scales, h, bits, group_size, src_group_size, dtype):
-    # Interim backend (the numpy reference) until the native kernel lands.
-    import numpy as np
-
-    from . import int4
-    from .testing import fit_reference as fr
-
-    for name, v, ok in (("bits", bits, (2, 3, 4, 5, 6, 8)), ("group_size", group_size, (32, 64, 128)),
-                        ("src_group_size", src_group_size, (32, 64, 128))):
-        if v not in ok:
-            raise ValueError(f"requantize_int4: {name} must be one of {ok}; got {v!r}")
-    out = dtype or scales.dtype
-    K = packed.shape[-1] * 8
-    codes = int4.unpack(np.array(packed.view(mx.uint32)).reshape(-1, K // 8))
-    sc = np.array(scales.astype(mx.float32)).reshape(codes.shape[0], -1)
-    wq, s, b, _ = fr.fit_int4(codes, sc, bits, group_size, src_group_size, _NP_NAMES[out],
-                              None if h is None else np.array(h))
-    return _fit_numpy_out(wq, s, b, packed.shape[:-1] + [K], bits, group_size, out)
-
-
-def _fit_numpy_float(w, h, bits, group_size, dtype):
-    import numpy as np
-
-    from .testing import fit_reference as fr
-
-    out = dtype or w.dtype
-    K = w.shape[-1]
-    x = np.array(w.astype(mx.float32)).reshape(-1, K)
-    wq, s, b, _ = fr.fit_float(x, bits, group_size, _NP_NAMES[out],
-                               None if h is None else np.array(h))
-    return _fit_numpy_out(wq, s, b, w.shape, bits, group_size, out)
 
 
 def get_num_threads() -> int:
