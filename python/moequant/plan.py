@@ -194,9 +194,25 @@ def add_arguments(p):
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    p.add_argument("--keep-vision", action="store_true",
+                   help="kimi_k25: also size the vision tower and projector kept by "
+                        "`convert --keep-vision` (bf16), as their own row.")
 
 
 def run(args) -> int:
     plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    text_bytes, extra = plan.bytes, []
+    if args.keep_vision:  # the -VLM sibling: the text build plus the vision row
+        from . import vision
+
+        row = vision.config_row(plan.cfg)
+        plan.rows.append(row)
+        extra = vision.plan_lines(text_bytes, row)
+    if args.json:
+        out = plan.to_json()
+        if args.keep_vision:
+            out["text_build_bytes"] = text_bytes
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n".join([format_plan(plan)] + extra))
     return 0
