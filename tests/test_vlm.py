@@ -281,3 +281,17 @@ def test_generate_image_cli(builds, tmp_path):
     r2 = subprocess.run(common[:3] + ["generate", "--model", str(vlm), "--image", str(tmp_path / "nope.png"),
                                       "--prompt", "x"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 2 and "--image" in r2.stderr and "nope.png" in r2.stderr
+
+
+def test_vlm_build_still_loads_in_mlx_lm_as_the_text_model(builds):
+    """mlx-lm's kimi_k25 drops the vision side: the -VLM build runs there as the text
+    build does (same logits, bit for bit)."""
+    from mlx_lm import load
+
+    _, text, vlm = builds
+    ids = mx.array([[10, 40, 77, 123, 9]])
+    outs = []
+    for d in (text, vlm):
+        model, _ = load(str(d))
+        outs.append(np.array(model(ids).astype(mx.float32)))
+    assert np.array_equal(outs[0], outs[1])
