@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from .checkpoint import CheckpointError, Source
 from .errors import UserError
 
-VLM_INSTALL = 'pip install "moequant[vlm]"  (mlx-vlm==0.7.10)'
+VLM_INSTALL = 'pip install "moequant[vlm]" (mlx-vlm 0.7.10)'
 VISION_SHARD = "model-vision.safetensors"
 # Top-level tensor-name prefixes of the vision side of a kimi_k25 checkpoint.
 VISION_PREFIXES = ("vision_tower.", "mm_projector.")
