@@ -19,6 +19,7 @@ removes only the files the journal or moequant_recipe.json says moequant wrote.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import fcntl
 import hashlib
@@ -43,6 +44,7 @@ from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, pla
 from .errors import UserError
 from .ops import requantize_int4, set_num_threads
 from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
+from . import vision
 from .recipes import FITS, PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
@@ -658,6 +660,7 @@ def convert(
     progress: bool = True,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     fit: Optional[str] = None,
+    keep_vision: Optional[bool] = None,
 ) -> ConvertResult:
     """Convert ``hf_path`` into ``mlx_path``; see the module docstring. ``fit`` overrides
     the recipe's fit of every re-quantized module (``minmax`` or ``mse``).
@@ -682,6 +685,8 @@ def convert(
                   sensitivity=expert_sensitivity(src, units) if needs_auto and not dry_run else None)
     out = plan_output(units, res, cfg.prefix, max_shard_bytes)
     planned_rows = summarize(items, res.decisions)
+    vis = vision.plan_part(src, keep_vision, spec.spec)  # --keep-vision: the -VLM sibling
+    planned_rows += [vis.row()] if vis else []
     total_bytes = sum(r.bytes for r in planned_rows)
     total_params = sum(r.params for r in planned_rows)
     expert_rows = [r for r in planned_rows if r.name.startswith("routed")]
@@ -695,7 +700,7 @@ def convert(
     dst = Path(mlx_path)
     fingerprint, digest = src.fingerprint(), out.digest(res)
     planned = sorted({s.name for s in out.shards} | {p.name for p in side}
-                     | {INDEX, "config.json", RECIPE_FILE})
+                     | {INDEX, "config.json", RECIPE_FILE} | ({vision.VISION_SHARD} if vis else set()))
     check_destination(dst, src.path, overwrite)  # refuse before creating anything
     try:
         dst.mkdir(parents=True, exist_ok=True)
@@ -744,10 +749,14 @@ def convert(
             {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
              **res.applied(cfg.prefix), "files": planned}, indent=2, default=str))
         weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
+        if vis:
+            weight_map = dict(sorted({**weight_map, **vis.write(dst, write_shard)}.items()))
         _atomic_write_text(dst / INDEX, json.dumps(
             {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
              "weight_map": weight_map}, indent=4))
-        _atomic_write_text(dst / "config.json", json.dumps(output_config(src, res, items), indent=4))
+        config = output_config(src, res, items)
+        config = vision.output_config(config, cfg.raw) if vis else config
+        _atomic_write_text(dst / "config.json", json.dumps(config, indent=4))
         jpath.unlink()
         return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
                              time.perf_counter() - t0, read_bytes, len(todo), len(done),
@@ -774,6 +783,10 @@ def add_arguments(p):
                         "wrote (any other directory is refused).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--keep-vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="kimi_k25: keep the vision tower and projector (bf16) for mlx-vlm, the "
+                        "language model byte-identical to the text build (default: the recipe's "
+                        "keep_vision, else off).")
 
 
 def run(args) -> int:
@@ -782,7 +795,7 @@ def run(args) -> int:
     try:
         result = convert(args.hf_path, args.mlx_path, args.recipe, upgrade_layers=args.upgrade_layers,
                          dry_run=args.dry_run, overwrite=args.overwrite, threads=args.threads,
-                         progress=not args.quiet, fit=args.fit)
+                         progress=not args.quiet, fit=args.fit, keep_vision=args.keep_vision)
     except ConvertError as e:
         print(f"moequant convert: error: {e}", file=sys.stderr)
         return 1

@@ -36,7 +36,13 @@ def run(args) -> int:
 
     group = distributed.world()
     if group.size() == 1:
+        from .vision import is_vision_build, run_generate_image
+
         check_model_dir(args.model)
+        # mlx-lm's --image needs a model mlx-lm runs images through; its kimi_k25 drops
+        # the tower, so a `convert --keep-vision` build generates through mlx-vlm instead.
+        if getattr(args, "image", None) and is_vision_build(args.model):
+            return run_generate_image(args)
         return run_mlx_lm_main(module, args)
 
     facts, error = {}, None

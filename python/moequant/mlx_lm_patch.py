@@ -17,13 +17,15 @@ the CPU, at any token count (``patch(model, linear=False)`` keeps mlx-lm's).
 Supported blocks: the DeepSeek-V3 family (``deepseek_v3``, and ``kimi_k2``/``kimi_k25``
 which use it), plus ``deepseek_v32`` and ``glm4_moe`` whose MoE block has the same form:
 ``y = sum_j scores_j * switch_mlp(x)_j + shared_experts(x)``, with optional
-tensor-parallel ``sharding_group``.
+tensor-parallel ``sharding_group``; and mlx-vlm's copy of the DeepSeek-V3 block (the
+language model of its ``kimi_k25``, the -VLM sibling), once mlx-vlm is imported.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Dict, Optional
 
 import mlx.core as mx
@@ -47,6 +49,12 @@ _BLOCKS = (
     ("mlx_lm.models.glm4_moe", "MoE"),
 )
 
+# mlx-vlm's own copy of the DeepSeek-V3 block (its kimi_k25 language model: the -VLM
+# sibling), same form as mlx-lm's, on mlx-vlm's own switch layers. Looked up only once
+# mlx_vlm is imported (a model it loaded), so text-only use never imports it.
+_VLM_BLOCKS = (("mlx_vlm.models.deepseek_v3.language", "DeepseekV3MoE"),)
+_VLM_SWITCH = "mlx_vlm.models.switch_layers"
+
 _SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _SUPPORTED_GROUPS = (32, 64, 128)
 
@@ -65,7 +73,9 @@ def import_classes(specs) -> tuple:
 
 
 def _block_classes():
-    return import_classes(_BLOCKS)
+    # mlx-vlm's copy of the DeepSeek-V3 block only once mlx-vlm is in use (importing it
+    # here would pull its heavy dependencies into every patch).
+    return import_classes(_BLOCKS + (_VLM_BLOCKS if "mlx_vlm" in sys.modules else ()))
 
 
 def env_enabled(default: bool = True) -> bool:
@@ -76,10 +86,21 @@ def env_enabled(default: bool = True) -> bool:
     return v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
-def _proj_supported(p) -> bool:
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+def _switch_classes(name: str) -> tuple:
+    """mlx-lm's switch-layer class ``name``, and mlx-vlm's when it is imported."""
+    from mlx_lm.models import switch_layers
 
-    if not isinstance(p, QuantizedSwitchLinear):
+    out = [getattr(switch_layers, name)]
+    if "mlx_vlm" in sys.modules:
+        try:
+            out.append(getattr(importlib.import_module(_VLM_SWITCH), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def _proj_supported(p) -> bool:
+    if not isinstance(p, _switch_classes("QuantizedSwitchLinear")):
         return False
     try:
         # The op's own layout checks (affine, biases, no global scale or output bias).
@@ -91,10 +112,8 @@ def _proj_supported(p) -> bool:
 
 def layout_supported(block) -> bool:
     """Whether the block's routed experts can run on the fused op."""
-    from mlx_lm.models.switch_layers import SwiGLU
-
     sm = getattr(block, "switch_mlp", None)
-    if sm is None or not isinstance(getattr(sm, "activation", None), SwiGLU):
+    if sm is None or not isinstance(getattr(sm, "activation", None), _switch_classes("SwiGLU")):
         return False
     return all(_proj_supported(getattr(sm, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 

@@ -242,13 +242,26 @@ def add_arguments(p):
     p.add_argument("--upgrade-layers", default=None,
                    help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    p.add_argument("--keep-vision", action="store_true",
+                   help="kimi_k25: also size the vision tower and projector kept by "
+                        "`convert --keep-vision` (bf16), as their own row.")
 
 
 def run(args) -> int:
     plan = make_plan(args.hf_path or args.config, args.recipe, args.upgrade_layers)
     kv = kv_cache_table(plan.cfg.text)
+    text_bytes, extra = plan.bytes, []
+    if args.keep_vision:  # the -VLM sibling: the text build plus the vision row
+        from . import vision
+
+        row = vision.config_row(plan.cfg)
+        plan.rows.append(row)
+        extra = vision.plan_lines(text_bytes, row)
     if args.json:
-        print(json.dumps(dict(plan.to_json(), kv_cache=kv), indent=2))
+        out = dict(plan.to_json(), kv_cache=kv)
+        if args.keep_vision:
+            out["text_build_bytes"] = text_bytes
+        print(json.dumps(out, indent=2))
     else:
-        print(format_plan(plan) + (f"\n\n{format_kv_table(kv)}" if kv else ""))
+        print("\n".join([format_plan(plan)] + extra) + (f"\n\n{format_kv_table(kv)}" if kv else ""))
     return 0

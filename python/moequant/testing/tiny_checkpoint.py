@@ -128,9 +128,9 @@ def full_config(flavour: str, text: dict, int4_group: Optional[int]) -> dict:
             "eos_token_id": text["eos_token_id"],
             "pad_token_id": 0,
             "tie_word_embeddings": False,
-            "media_placeholder_token_id": 3,
+            "media_placeholder_token_id": MEDIA_PAD_ID,
             "text_config": text,
-            "vision_config": {"vt_hidden_size": 64, "vt_num_hidden_layers": 1, "patch_size": 14},
+            "vision_config": dict(TINY_VISION_CONFIG),
         }
     text["model_type"] = flavour
     if qc:
@@ -138,19 +138,45 @@ def full_config(flavour: str, text: dict, int4_group: Optional[int]) -> dict:
     return text
 
 
+# A tiny MoonViT (upstream Kimi-K2.5 vision_config keys; moequant.vision adds the keys
+# mlx-vlm reads). Head size 32: the 2-D rotary embedding needs a multiple of 4.
+TINY_VISION_CONFIG = {
+    "vt_hidden_size": 64, "vt_num_hidden_layers": 2, "vt_num_attention_heads": 2,
+    "vt_intermediate_size": 128, "patch_size": 14, "init_pos_emb_height": 8,
+    "init_pos_emb_width": 8, "merge_kernel_size": [2, 2],
+}
+SPECIALS = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
+            "<|im_system|>"]
+# kimi_k25 only: the image placeholder mlx-vlm's processor expands (one per merged patch).
+MEDIA_PAD = "<|media_pad|>"
+MEDIA_PAD_ID = len(SPECIALS)
+
+# Text content renders as before; list content (mlx-vlm's image messages) renders its
+# text parts and one MEDIA_PAD per image.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% for m in messages %}<|im_{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|media_pad|>{% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
     "{% if add_generation_prompt %}<|im_assistant|>{% endif %}"
 )
 
 
-def write_tokenizer(dst: Path) -> int:
+def write_tokenizer(dst: Path, vision: bool = False) -> int:
     """The shared test tokenizer with Kimi-like special tokens, plus the kind of side
-    files a Kimi repo ships (copied by the converter). Returns its vocabulary size."""
-    specials = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
-                "<|im_system|>"]
+    files a Kimi repo ships (copied by the converter). Returns its vocabulary size.
+    ``vision``: also the image placeholder token and the processor's files."""
+    specials = SPECIALS + ([MEDIA_PAD] if vision else [])
     n = tokenizer.write_tokenizer(dst, 320, specials=specials, eos="<|eos|>", bos="<|bos|>",
                                   model_max_length=4096)
+    if vision:
+        # The keys mlx-vlm's KimiK25Processor reads from preprocessor_config.json.
+        (dst / "preprocessor_config.json").write_text(json.dumps({"media_proc_cfg": {
+            "patch_size": 14, "in_patch_limit": 16384, "merge_kernel_size": [2, 2],
+            "patch_limit_on_one_side": 512, "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5]}}, indent=2))
+        for f in ("kimi_k25_processor.py", "kimi_k25_vision_processing.py"):
+            (dst / f).write_text("# Stands in for the repo's remote-code processor module.\n")
     (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (dst / "tokenization_tiny.py").write_text(
         "# Stands in for a repo's remote-code tokenizer module; the converter copies it.\n")
@@ -189,7 +215,7 @@ def make_checkpoint(
         text.pop("rope_scaling")
     config = full_config(flavour, text, int4_group)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(dst)
+    write_tokenizer(dst, vision=flavour == "kimi_k25")
 
     cfg = read_config(dst)
     units, expect = build_layout(cfg)
@@ -208,6 +234,11 @@ def make_checkpoint(
     # shard by shard (a full-dimension fixture does not fit in memory at once).
     ordered = [n for unit in units for job in unit.jobs for n in job.sources]
     sizes = {n: _nbytes(expect[n]) for n in ordered}
+    vision = {}
+    if flavour == "kimi_k25":
+        from ..vision import vision_tensors
+
+        vision = vision_tensors(config["vision_config"], text["hidden_size"])
 
     def generate():
         for name in ordered:
@@ -228,17 +259,20 @@ def make_checkpoint(
                 yield base + "weight_shape", mx.array(np.array([n, k], dtype=np.int32))
             elif not name.endswith((".weight_scale", ".weight_shape")):
                 yield name, as_mx(name, exp.shape, exp.kind)
-        if flavour == "kimi_k25":
-            yield "vision_tower.patch_embed.proj.weight", mx.zeros((64, 3, 14, 14), mx.bfloat16)
-            yield "mm_projector.proj.0.weight", mx.zeros((256, 64), mx.bfloat16)
+        # A real tiny MoonViT + projector, upstream names and layout (moequant.vision).
+        for name, (shape, _) in vision.items():
+            if "norm" in name and name.endswith(".weight"):
+                yield name, mx.ones(shape, dtype=mx.bfloat16)
+            else:
+                yield name, mx.array(bf16_bits(bf16_normal(shape, 0.1))).view(mx.bfloat16)
         if mtp_layer:
             p = cfg.prefix + f"model.layers.{layers}."
             yield p + "eh_proj.weight", mx.zeros((256, 512), mx.bfloat16)
             yield p + "enorm.weight", mx.ones((256,), mx.bfloat16)
 
     if flavour == "kimi_k25":
-        sizes["vision_tower.patch_embed.proj.weight"] = 64 * 3 * 14 * 14 * 2
-        sizes["mm_projector.proj.0.weight"] = 256 * 64 * 2
+        for name, (shape, _) in vision.items():
+            sizes[name] = 2 * int(np.prod(shape))
     if mtp_layer:
         p = cfg.prefix + f"model.layers.{layers}."
         sizes[p + "eh_proj.weight"], sizes[p + "enorm.weight"] = 256 * 512 * 2, 256 * 2
