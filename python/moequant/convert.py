@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
@@ -245,6 +244,22 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise ConvertError(f"{path}: cannot write: {e.strerror or e}") from e
+
+
+def write_shard(path: Path, tensors: Dict[str, mx.array]) -> int:
+    """A small shard written whole (the -VLM build's vision tensors): under a temporary
+    name (invisible to mlx-lm's model*.safetensors glob), then renamed into place."""
+    tmp = path.with_name(f".partial-{path.name}")
+    try:
+        mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
+        os.replace(tmp, path)
+        return path.stat().st_size
+    except (OSError, RuntimeError, ValueError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ConvertError(f"{path}: cannot write shard: {getattr(e, 'strerror', None) or e}") from e
 
 
 def _plain_name(n) -> bool:
