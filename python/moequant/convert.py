@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from . import __version__
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
