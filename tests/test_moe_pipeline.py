@@ -50,9 +50,7 @@ def test_two_ranks_match_one_process(tmp_path, mode, patched):
 def test_pipeline_with_kv_bits(tmp_path):
     """Two pipelined ranks decoding with an 8-bit latent KV cache (moequant.patch on each
     rank) give the tokens of one patched process with the same cache."""
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
-    if not Path(launcher).exists():
-        pytest.skip("mlx.launch not found")
+    launcher = process_util.launcher()
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
@@ -67,7 +65,7 @@ def test_pipeline_with_kv_bits(tmp_path):
     want = [int(t) for t, _ in generate_step(prompt, one, max_tokens=10, kv_bits=8, quantized_kv_start=0)]
     r = subprocess.run(
         [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(free_port_pair()),
+         "--starting-port", str(process_util.free_port_pair()),
          sys.executable, str(WORKER), str(path), "fused", "10", "pipeline", "8"],
         capture_output=True, text=True, timeout=180,
     )
