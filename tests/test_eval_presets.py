@@ -69,9 +69,11 @@ def test_fused_path_gives_the_same_report(builds, tmp_path):
     linear layers and MLA attention on moequant's float32-accumulating paths) and mlx-lm's
     own paths give the same report up to bf16 rounding: these builds run bf16
     activations, which MLX's CPU kernels round after each projection and moequant's at
-    the end of each (float32 builds agree to float32 noise: test_eval_models). The fused
-    report is the closer one to the float32-activation report. Measured: KL 0.001065
-    fused, 0.001023 mlx-lm, 0.001052 float32 (SE 4.9e-5); the random weights give
+    the end of each (float32 builds agree to float32 noise: test_eval_models). Both stay
+    well within one SE of the float32-activation report; which of the two is closer
+    depends on rounding details (the bf16 row kernels' fixed-point x moved it): measured
+    KL 0.001065 fused, 0.001023 mlx-lm, 0.001052 float32 (SE 4.9e-5) before the AVX2
+    integer rows, 0.001013 fused, 0.001018 mlx-lm, 0.001026 float32 after; the random weights give
     near-uniform distributions (perplexity ~400 over 384 tokens) where every flip is a
     near-tie, 88 fused, 102 mlx-lm, 89 float32 of 252 positions."""
     fused = run(builds, "alis-3.6", tmp_path / "c")
@@ -83,7 +85,8 @@ def test_fused_path_gives_the_same_report(builds, tmp_path):
     assert fused["fused"] is True and plain["fused"] is False
     se = plain["kl"]["se"]
     assert abs(fused["kl"]["mean"] - plain["kl"]["mean"]) < 1.0 * se
-    assert abs(fused["kl"]["mean"] - truth["kl"]["mean"]) < abs(plain["kl"]["mean"] - truth["kl"]["mean"])
+    assert abs(fused["kl"]["mean"] - truth["kl"]["mean"]) < 0.5 * se
+    assert abs(plain["kl"]["mean"] - truth["kl"]["mean"]) < 0.5 * se
     for who in ("reference", "build"):
         f, p = fused["perplexity"][who], plain["perplexity"][who]
         assert abs(f["ppl"] - p["ppl"]) < 0.2 * p["se"], who

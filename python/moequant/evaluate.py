@@ -923,10 +923,10 @@ def load_model(path: Path, fused: bool = False, group=None):
             raise _user_error("--fused: this moequant build has no fused MoE path (moequant.patch)")
         # Everything, as `moequant generate` runs a model. These paths accumulate in
         # float32 where MLX's CPU kernels round bf16 builds' intermediate sums to bf16, so
-        # a bf16 report moves by bf16 rounding noise, towards the float32 truth: on the
-        # tiny presets KL is 0.27 SE from the float32-activation report, mlx-lm's bf16
-        # paths 0.6 SE (test_eval_presets); float32 builds agree to float32 noise
-        # (test_eval_models). And MLX's CPU kernels make a 2048-token window ~30x slower.
+        # a bf16 report moves by bf16 rounding noise: on the tiny presets both it and
+        # mlx-lm's bf16 paths stay within 0.5 SE of the float32-activation report
+        # (test_eval_presets); float32 builds agree to float32 noise (test_eval_models).
+        # And MLX's CPU kernels make a 2048-token window ~30x slower.
         patch(model)
     return model
 
