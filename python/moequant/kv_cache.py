@@ -37,6 +37,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from .mla_attention import project
 from .mlx_lm_patch import import_classes
 from .ops import mla_decode_attention
 
@@ -142,24 +143,6 @@ for _cls in (MLAKVCache, MLAQuantizedKVCache):
 # --------------------------------------------------------------------------- attention
 
 
-def _project(attn, x, offset):
-    """The layer's queries and new latent entries, as DeepseekV3Attention makes them:
-    q_nope (B, H, L, dn), roped q_pe (B, H, L, dr), kv_latent (B, 1, L, R), roped
-    k_pe (B, 1, L, dr)."""
-    B, L, _ = x.shape
-    if attn.q_lora_rank is None:
-        q = attn.q_proj(x)
-    else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-    q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
-    q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
-    kv = attn.kv_a_proj_with_mqa(x)
-    latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
-    k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
-    latent = mx.expand_dims(attn.kv_a_layernorm(latent), axis=1)
-    return q_nope, attn.rope(q_pe, offset), latent, attn.rope(k_pe, offset)
-
-
 def _dequantize(t, c0, c1, group_size, bits):
     w, s, b = (a[..., c0:c1, :] for a in t)
     return mx.dequantize(w, s, b, group_size=group_size, bits=bits).astype(mx.float32)
@@ -204,7 +187,7 @@ def mla_attention(attn, x, mask, cache: MLAQuantizedKVCache):
     query in latent space against the quantized cache with ``mla_decode_attention``,
     then ``unembed_out``; more tokens: ``_prefill``."""
     B, L, _ = x.shape
-    q_nope, q_pe, latent, k_pe = _project(attn, x, cache.offset)
+    q_nope, q_pe, latent, k_pe = project(attn, x, cache.offset)
     cache.update_and_fetch(latent, k_pe)
     if L == 1:
         q_lat = attn.embed_q(q_nope)  # (B, H, 1, R)

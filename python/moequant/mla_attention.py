@@ -193,20 +193,8 @@ class _FusedMLA:
             return super().__call__(x, mask, cache)
         wk, wv = dense
         B, L, _ = x.shape
-        # Projections, norm, rope and cache update exactly as DeepseekV3Attention.
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
-        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
-        kv = self.kv_a_proj_with_mqa(x)
-        kv_latent, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)
-        k_pe = k_pe.reshape(B, L, 1, self.qk_rope_head_dim).transpose(0, 2, 1, 3)
-        kv_latent = mx.expand_dims(self.kv_a_layernorm(kv_latent), axis=1)
         offset = cache.offset if cache is not None else 0
-        q_pe = self.rope(q_pe, offset)
-        k_pe = self.rope(k_pe, offset)
+        q_nope, q_pe, kv_latent, k_pe = project(self, x, offset)
         cache_attend = getattr(cache, "attend", None)
         if cache_attend is not None:
             q_lat = _nt(wk, q_nope.astype(mx.float32)).swapaxes(-1, -2)
@@ -219,6 +207,25 @@ class _FusedMLA:
             out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask)
         out = out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out)
+
+
+def project(attn, x, offset):
+    """The layer's queries and new latent entries, as DeepseekV3Attention makes them
+    (projections, norm, rope; shared with moequant.kv_cache):
+    q_nope (B, H, L, dn), roped q_pe (B, H, L, dr), kv_latent (B, 1, L, R), roped
+    k_pe (B, 1, L, dr)."""
+    B, L, _ = x.shape
+    if attn.q_lora_rank is None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
+    q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
+    kv = attn.kv_a_proj_with_mqa(x)
+    latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
+    k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
+    latent = mx.expand_dims(attn.kv_a_layernorm(latent), axis=1)
+    return q_nope, attn.rope(q_pe, offset), latent, attn.rope(k_pe, offset)
 
 
 def patch_attention(model) -> int:
