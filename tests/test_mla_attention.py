@@ -121,6 +121,33 @@ def test_query_chunks_and_forms(monkeypatch):
     np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 9)), want, atol=3e-5)
 
 
+@pytest.mark.parametrize("L,S", [(11, 11), (7, 12)])
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_causal_chunks_skip_future_positions(monkeypatch, L, S, absorbed):
+    """With mask="causal" each query chunk stops at its last query's position; the
+    result equals the full-width attention with the same mask as a boolean array, and
+    the float64 reference."""
+    rng = np.random.default_rng(L * 31 + S)
+    B, H, dn, dr, R, dv = 1, 3, 8, 4, 16, 8
+    f = lambda *sh: mx.array(rng.standard_normal(sh).astype(np.float32))
+    q_nope, q_pe, lat, kpe, wk, wv = f(B, H, L, dn), f(B, H, L, dr), f(B, 1, S, R), f(B, 1, S, dr), f(H, R, dn), f(H, dv, R)
+    monkeypatch.setattr(mla_attention, "CAUSAL_CHUNK", 3)
+    monkeypatch.setattr(mla_attention, "_absorbed_cost", (lambda *a: 0) if absorbed else (lambda *a: float("inf")))
+    got = np.array(mla_attention.attend(q_nope, q_pe, lat, kpe, wk, wv, 0.3, "causal"))
+    allowed = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
+    full = np.array(mla_attention.attend(q_nope, q_pe, lat, kpe, wk, wv, 0.3, mx.array(allowed)))
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6)
+    # float64: k = latent @ wk, v = latent @ wv^T per head.
+    d = lambda a: np.array(a).astype(np.float64)
+    k = np.einsum("bsr,hrn->bhsn", d(lat)[:, 0], d(wk))
+    v = np.einsum("bsr,hvr->bhsv", d(lat)[:, 0], d(wv))
+    s = 0.3 * (np.einsum("bhln,bhsn->bhls", d(q_nope), k) + np.einsum("bhld,bsd->bhls", d(q_pe), d(kpe)[:, 0]))
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bhls,bhsv->bhlv", p, v), rtol=1e-4, atol=1e-5)
+
+
 def test_patch_switches_and_bf16_dtype():
     """patch(model, linear=False) leaves the attention alone unless attention=True; the
     output keeps the activations' dtype."""
