@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -26,6 +28,24 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};
 
+// Workers spin (pause loop) this long after a job before parking: a decode step calls
+// the pool once per layer op, tens of microseconds apart, and a condition-variable wake
+// costs about as much as a small layer's whole kernel on a VM. MOEQUANT_SPIN_US sets it
+// (0: park at once).
+int spin_us() {
+  static const int us = [] {
+    const char* env = std::getenv("MOEQUANT_SPIN_US");
+    return env ? std::max(0, std::atoi(env)) : 300;
+  }();
+  return us;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_ia32_pause();
+#endif
+}
+
 class Pool {
  public:
   static Pool& instance() {
@@ -39,35 +59,46 @@ class Pool {
     // One job at a time; concurrent callers (several MLX streams) take turns.
     std::lock_guard<std::mutex> job_lock(job_mutex_);
     ensure_workers(n_tasks - 1);
+    // The job's state is one word, (generation, tasks, next task): a worker claims a
+    // task by a compare-and-swap that also checks the generation, so a late worker can
+    // never claim a task of a later job, nor read this job's task pointer after it ended.
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    task_ = &task;
+    error_ = nullptr;
+    completed_.store(0, std::memory_order_relaxed);
+    state_.store((gen << 32) | (static_cast<uint64_t>(n_tasks) << 16), std::memory_order_release);
     {
+      // Parked workers re-check the state under m_: no lost wake-up.
       std::lock_guard<std::mutex> lk(m_);
-      task_ = &task;
-      n_tasks_ = n_tasks;
-      next_.store(1);
-      pending_ = n_tasks - 1;
-      error_ = nullptr;
-      ++generation_;
     }
     cv_.notify_all();
-    // The calling thread takes task 0 and then helps with the rest.
-    work(task, 0);
-    for (int i; (i = next_.fetch_add(1)) < n_tasks;) {
-      work(task, i);
-      std::lock_guard<std::mutex> lk(m_);
-      --pending_;
+    // The calling thread takes tasks too, then waits for the ones workers hold.
+    for (int i; (i = claim(gen)) >= 0;) {
+      work(task, i, n_tasks);
     }
-    // Wait for every worker that picked up this job to leave it, so none can reach a
-    // stale task after the next job resets the counters.
-    std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [&] { return pending_ == 0 && active_ == 0; });
-    task_ = nullptr;
+    wait_done(n_tasks);
     if (error_) {
       std::rethrow_exception(error_);
     }
   }
 
  private:
-  void work(const std::function<void(int)>& task, int i) {
+  // The next task of job `gen`, or -1 when none is left (or another job is current).
+  int claim(uint64_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const int next = static_cast<int>(s & 0xFFFF);
+      const int n = static_cast<int>((s >> 16) & 0xFFFF);
+      if ((s >> 32) != gen || next >= n) {
+        return -1;
+      }
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        return next;
+      }
+    }
+  }
+
+  void work(const std::function<void(int)>& task, int i, int n_tasks) {
     try {
       task(i);
     } catch (...) {
@@ -76,38 +107,56 @@ class Pool {
         error_ = std::current_exception();
       }
     }
+    if (completed_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_tasks) {
+      std::lock_guard<std::mutex> lk(m_);
+      done_cv_.notify_all();
+    }
+  }
+
+  void wait_done(int n_tasks) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto budget = std::chrono::microseconds(spin_us());
+    for (int it = 0; completed_.load(std::memory_order_acquire) < n_tasks; ++it) {
+      cpu_relax();
+      if ((it & 63) == 63 && std::chrono::steady_clock::now() - t0 > budget) {
+        std::unique_lock<std::mutex> lk(m_);
+        done_cv_.wait(lk, [&] { return completed_.load(std::memory_order_acquire) >= n_tasks; });
+        break;
+      }
+    }
   }
 
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
-      workers_.emplace_back([this] { loop(); });
+      // The job about to be published is new to the worker, however late it starts.
+      workers_.emplace_back([this, seen = state_.load() >> 32] { loop(seen); });
     }
   }
 
-  void loop() {
-    unsigned long seen = 0;
+  void loop(uint64_t seen) {
     for (;;) {
-      const std::function<void(int)>* task;
-      int n_tasks;
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
-        task = task_;
-        n_tasks = n_tasks_;
-        if (task == nullptr) {
-          continue;
+      // Wait for a new job: spin first, then park.
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto budget = std::chrono::microseconds(spin_us());
+      uint64_t gen;
+      for (int it = 0;; ++it) {
+        gen = state_.load(std::memory_order_acquire) >> 32;
+        if (gen != seen) {
+          break;
         }
-        ++active_;
+        cpu_relax();
+        if ((it & 63) == 63 && std::chrono::steady_clock::now() - t0 > budget) {
+          std::unique_lock<std::mutex> lk(m_);
+          cv_.wait(lk, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
+          gen = state_.load(std::memory_order_acquire) >> 32;
+          break;
+        }
       }
-      for (int i; (i = next_.fetch_add(1)) < n_tasks;) {
-        work(*task, i);
-        std::lock_guard<std::mutex> lk(m_);
-        --pending_;
+      seen = gen;
+      // task_ is read only after a successful claim of this job: it is this job's then.
+      for (int i; (i = claim(gen)) >= 0;) {
+        work(*task_, i, static_cast<int>((state_.load(std::memory_order_relaxed) >> 16) & 0xFFFF));
       }
-      std::lock_guard<std::mutex> lk(m_);
-      --active_;
-      done_cv_.notify_all();
     }
   }
 
@@ -117,11 +166,8 @@ class Pool {
   std::condition_variable done_cv_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* task_ = nullptr;
-  int n_tasks_ = 0;
-  std::atomic<int> next_{0};
-  int pending_ = 0;
-  int active_ = 0;
-  unsigned long generation_ = 0;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> completed_{0};
   std::exception_ptr error_;
 };
 

@@ -151,6 +151,10 @@ RowsFn rows_avx512(int bits, SType s);
 RowsFn rows_vnni(int bits, SType s, int digits);
 // Defined in moe_rows_avx2int.cpp; null for bits without a word layout.
 RowsFn rows_avx2int(int bits, SType s, int levels);
+// X[i] = clamp(round_half_even(double(v[i]) * inv), -xmax, xmax) for i < n, the
+// integer layouts' fixed point of one group (moe_swiglu_cpu.cpp, fixed_point), with
+// AVX2 (every CPU with an integer layout has it); bit-identical to the scalar loop.
+void round_scaled_avx2(const float* v, int n, double inv, int xmax, int32_t* X);
 #endif
 
 } // namespace moequant::cpu

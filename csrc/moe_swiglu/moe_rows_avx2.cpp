@@ -2,6 +2,9 @@
 // flags; it is only called after a run-time CPU check).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "moe_swiglu/moe_rows.h"
 
 namespace moequant::cpu {
@@ -98,6 +101,25 @@ struct V {
 
 RowsFn rows_avx2(int bits, SType s) {
   return pick_simd<V>(bits, s);
+}
+
+void round_scaled_avx2(const float* v, int n, double inv, int xmax, int32_t* X) {
+  const __m256d vi = _mm256_set1_pd(inv);
+  const __m256d hi = _mm256_set1_pd(static_cast<double>(xmax));
+  const __m256d lo = _mm256_set1_pd(-static_cast<double>(xmax));
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    // The product is exact-rounded as in the scalar loop; rounding to the nearest
+    // integer (ties to even) is what its add-and-remove of 1.5 * 2^52 does.
+    __m256d q = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + i)), vi);
+    q = _mm256_round_pd(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_pd(_mm256_max_pd(q, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(X + i), _mm256_cvttpd_epi32(q));
+  }
+  for (; i < n; ++i) {
+    const double q = std::nearbyint(static_cast<double>(v[i]) * inv);
+    X[i] = static_cast<int32_t>(std::min(std::max(q, -double(xmax)), double(xmax)));
+  }
 }
 
 RowsFn rows_avx2int(int bits, SType s, int levels) {
