@@ -28,16 +28,18 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};
 
-// Workers spin (pause loop) this long after a job before parking: a decode step calls
-// the pool once per layer op, tens of microseconds apart, and a condition-variable wake
-// costs about as much as a small layer's whole kernel on a VM. MOEQUANT_SPIN_US sets it
-// (0: park at once).
+// Workers spin this long after a job before parking: a decode step calls the pool once
+// per layer op, tens of microseconds apart, and a condition-variable wake costs about as
+// much as a small layer's whole kernel on a VM. MOEQUANT_SPIN_US sets it (0: park at
+// once); read per job. MOEQUANT_SPIN_YIELD=1 spins with sched_yield instead of pause.
 int spin_us() {
-  static const int us = [] {
-    const char* env = std::getenv("MOEQUANT_SPIN_US");
-    return env ? std::max(0, std::atoi(env)) : 300;
-  }();
-  return us;
+  const char* env = std::getenv("MOEQUANT_SPIN_US");
+  return env ? std::max(0, std::atoi(env)) : 300;
+}
+
+bool spin_yield() {
+  const char* env = std::getenv("MOEQUANT_SPIN_YIELD");
+  return env && env[0] == '1';
 }
 
 inline void cpu_relax() {
@@ -138,14 +140,19 @@ class Pool {
       // Wait for a new job: spin first, then park.
       const auto t0 = std::chrono::steady_clock::now();
       const auto budget = std::chrono::microseconds(spin_us());
+      const bool yield = spin_yield();
       uint64_t gen;
       for (int it = 0;; ++it) {
         gen = state_.load(std::memory_order_acquire) >> 32;
         if (gen != seen) {
           break;
         }
-        cpu_relax();
-        if ((it & 63) == 63 && std::chrono::steady_clock::now() - t0 > budget) {
+        if (yield) {
+          std::this_thread::yield();
+        } else {
+          cpu_relax();
+        }
+        if ((yield || (it & 63) == 63) && std::chrono::steady_clock::now() - t0 > budget) {
           std::unique_lock<std::mutex> lk(m_);
           cv_.wait(lk, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
           gen = state_.load(std::memory_order_acquire) >> 32;

@@ -47,10 +47,14 @@ void linear_gemm(const LinearArgs& a, float* y) {
 }
 
 void linear_gemv(const LinearArgs& a, float* y) {
-  // x in float once per call (bf16/f16 activations converted here only).
+  // x in float once per call (bf16/f16 activations converted here only; float32 x is
+  // read in place).
   const std::size_t K = a.W.K;
-  std::vector<float> xf(a.M * K);
-  load_floats(a.x, a.xdtype, xf.size(), xf.data());
+  std::vector<float> xf(a.xdtype == mx::float32 ? 0 : a.M * K);
+  if (!xf.empty()) {
+    load_floats(a.x, a.xdtype, xf.size(), xf.data());
+  }
+  const float* xp = xf.empty() ? static_cast<const float*>(a.x) : xf.data();
   QMat m;
   m.w = reinterpret_cast<const uint8_t*>(a.W.w);
   m.scales = a.W.scales;
@@ -61,7 +65,7 @@ void linear_gemv(const LinearArgs& a, float* y) {
   m.experts = 1;
   m.rows = static_cast<int>(a.W.N);
   m.cols = static_cast<int>(K);
-  dense_rows(xf.data(), a.M, m, y, a.xdtype);
+  dense_rows(xp, a.M, m, y, a.xdtype);
 }
 
 } // namespace

@@ -1,0 +1,128 @@
+"""Decode of a full-dimension Kimi layer pair (dense layer 0 + MoE layer 1 at Kimi's
+dims: hidden 7168, 64 heads, MLA latent 512, dense MLP 18432, 384 experts of 2048 top-8)
+against the roofline of its own bytes per token, moequant.patch on the CPU.
+
+The model is a converted checkpoint (``moequant convert``), e.g. of the full-dims fixture
+that ``bench_convert.py --full-dims`` generates (``make_checkpoint`` at Kimi's dims with
+``random_codes=True``). With ``--convert-from SRC`` this script converts SRC into
+``--model`` first (skipped when --model already holds a converted model).
+
+    python bench/bench_kimi_pair.py --model DIR [--convert-from SRC] [--recipe alis-3.6]
+                                    [--tokens 8] [--dtype bfloat16]
+
+Bytes per token are every parameter once, the routed experts for k of E, the embedding
+for one row (bench_moe.bytes_per_token); the roofline time is that over the read
+bandwidth probe (bench/bandwidth.py) measured in the same run, before and after (the
+higher is used). Also printed: the weight codes per token by bit width, from which the
+instruction-throughput bound of a host follows (codes / (its kernel rate x threads),
+bench_linear.py --kernel-rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bandwidth import read_bandwidth  # noqa: E402
+from bench_moe import bytes_per_token  # noqa: E402
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="bench_kimi_pair.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="converted model directory")
+    ap.add_argument("--convert-from", default=None,
+                    help="convert this checkpoint into --model first (if --model has no config.json)")
+    ap.add_argument("--recipe", default="alis-3.6", help="recipe of --convert-from (default alis-3.6)")
+    ap.add_argument("--tokens", type=int, default=8, help="decode steps timed (default 8)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="activation dtype (default bfloat16: the model's own)")
+    return ap
+
+
+def codes_per_token(model, cfg):
+    """Quantized weight codes one decode step reads, by bit width (experts k of E)."""
+    k, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
+    by_bits = collections.Counter()
+    for path, m in model.named_modules():
+        bits = getattr(m, "bits", None)
+        w = m.get("weight") if hasattr(m, "get") else None
+        if bits is None or w is None or w.dtype != mx.uint32:
+            continue
+        codes = w.size * 32 // bits
+        if ".switch_mlp." in path + ".":
+            codes = codes * k // E
+        elif "embed_tokens" in path:
+            codes //= w.shape[0]
+        by_bits[bits] += codes
+    return by_bits
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    import moequant
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from moequant.evaluate import load_model
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        if not args.convert_from:
+            sys.exit(f"bench_kimi_pair.py: {model_dir} has no config.json and no --convert-from was given")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "moequant", "convert", "--hf-path", args.convert_from,
+                        "--mlx-path", str(model_dir), "--recipe", args.recipe], check=True)
+        print(f"# converted {args.convert_from} ({args.recipe}) in {time.perf_counter() - t:.0f} s")
+
+    mx.set_default_device(mx.cpu)
+    bw0 = read_bandwidth()
+    model = load_model(model_dir, fused=True)
+    cfg = model.args.__dict__ if hasattr(model, "args") else {}
+    text = getattr(model, "language_model", model)
+    targs = getattr(text, "args", None)
+    cfg = dict(vars(targs)) if targs is not None else cfg
+    if args.dtype == "float32":
+        model.set_dtype(mx.float32, lambda d: mx.issubdtype(d, mx.floating))
+    nbytes = bytes_per_token(model, cfg)
+    codes = codes_per_token(model, cfg)
+    print(f"# {model_dir}: {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
+          f"{cfg.get('n_routed_experts')} experts top-{cfg.get('num_experts_per_tok')}; activations "
+          f"{args.dtype}; moequant threads {moequant.get_num_threads()}, rows {moequant.moe_cpu_path()}")
+    print(f"# bytes per token {nbytes / 1e6:.1f} MB; codes per token "
+          + ", ".join(f"{b}-bit {n / 1e6:.1f} M" for b, n in sorted(codes.items())))
+
+    def step(tok, cache):
+        y = model(tok, cache=cache)[:, -1:].argmax(-1)
+        mx.eval(y)
+        return y
+
+    cache = make_prompt_cache(model)
+    tok = step(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache)
+    for _ in range(2):  # warm-up
+        tok = step(tok, cache)
+    ts = []
+    for _ in range(args.tokens):
+        t = time.perf_counter()
+        tok = step(tok, cache)
+        ts.append(time.perf_counter() - t)
+    bw1 = read_bandwidth()
+    bw = max(bw0, bw1)
+    ts.sort()
+    med = ts[len(ts) // 2]
+    roof = nbytes / (bw * 1e9)
+    print(f"# read bandwidth {bw0:.2f} GB/s before, {bw1:.2f} GB/s after")
+    print(f"kimi pair decode ({args.dtype}): median {med * 1e3:.1f} ms/token (best {ts[0] * 1e3:.1f}), "
+          f"{1 / med:.2f} tok/s; roofline {roof * 1e3:.1f} ms/token ({nbytes / 1e6:.1f} MB at {bw:.2f} GB/s): "
+          f"{med / roof:.2f}x the roofline time ({100 * roof / med:.0f}% of it)")
+
+
+if __name__ == "__main__":
+    main()
