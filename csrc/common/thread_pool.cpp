@@ -28,13 +28,15 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};
 
-// Workers spin this long after a job before parking: a decode step calls the pool once
-// per layer op, tens of microseconds apart, and a condition-variable wake costs about as
-// much as a small layer's whole kernel on a VM. MOEQUANT_SPIN_US sets it (0: park at
-// once); read per job. MOEQUANT_SPIN_YIELD=1 spins with sched_yield instead of pause.
+// Workers may spin this long after a job before parking (MOEQUANT_SPIN_US, read per job;
+// MOEQUANT_SPIN_YIELD=1 spins with sched_yield instead of pause): a condition-variable
+// wake costs tens of microseconds on a VM. Off by default: on a 2-core host a spinning
+// worker holds the core that MLX's stream thread and Python need between calls, and
+// made isolated decode calls 1.5-2.5x slower in the median (bench/RESULTS.md, issue 15
+// session 3).
 int spin_us() {
   const char* env = std::getenv("MOEQUANT_SPIN_US");
-  return env ? std::max(0, std::atoi(env)) : 300;
+  return env ? std::max(0, std::atoi(env)) : 0;
 }
 
 bool spin_yield() {
