@@ -8,7 +8,9 @@ matrix; small jobs (norms, the router, kv_b_proj) are one piece. Three threads o
 * the main thread computes the piece (requantize_int4 / quantize, MLX's own threads),
 * the writer puts each output slice at its final byte offset in its shard: the shard's
   safetensors header is known from the plan, so a shard is written in place, fsynced
-  and renamed into place when its last byte is written.
+  and renamed into place when its last byte is written; each slice's writeback starts
+  as soon as it is written (Linux: sync_file_range), with at most WRITEBACK_BYTES in
+  flight.
 
 Why pieces and a fixed buffer pool: allocating a whole (384, 2048, 7168) stack per job
 faulted in fresh pages for every job (millions of minor faults, most of the conversion's
@@ -19,8 +21,10 @@ memory holds a few pieces whatever the model.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +46,30 @@ PIECE_BYTES = 32 << 20
 # outputs are being written (an output may alias its input: a repack, a bf16 copy).
 POOL_BUFFERS = 5
 ALIGN = 64
+# Output bytes whose writeback may be in flight before the writer waits for the oldest:
+# writeback starts as each slice is written (sync_file_range) instead of when the
+# kernel's dirty thresholds are crossed, so the disk writes while the conversion reads
+# and computes, dirty memory stays small and each shard's closing fsync finds little left.
+WRITEBACK_BYTES = 256 << 20
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None: without it the kernel schedules writeback."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SFR = _sync_file_range()
+_SFR_WRITE, _SFR_WAIT = 2, 1 | 2 | 4  # start writeback; wait before, write, wait after
 
 
 @dataclass
@@ -235,6 +263,8 @@ class ShardWriter:
         self.open: Dict[int, _OpenShard] = {}
         self.todo: "queue.Queue" = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
+        self.inflight: "collections.deque" = collections.deque()  # (shard, offset, bytes)
+        self.inflight_bytes = 0
         self.thread = threading.Thread(target=self._run, name="moequant-write", daemon=True)
         self.thread.start()
 
@@ -289,13 +319,36 @@ class ShardWriter:
         try:
             sh = self._shard(si)
             pwrite_all(sh.fd, memoryview(arr), sh.offsets[name] + off)
+            self._writeback(sh, sh.offsets[name] + off, arr.nbytes)
             sh.remaining -= arr.nbytes
             if sh.remaining == 0:
                 del self.open[si]
+                self._forget(sh)
                 finish_shard(sh.fd, sh.tmp, path)
                 self.on_shard(si, sh.size)
         except OSError as e:
             raise WriteError(f"{path}: cannot write shard: {e.strerror or e}") from e
+
+    def _writeback(self, sh: _OpenShard, off: int, n: int) -> None:
+        """Start the range's writeback; past WRITEBACK_BYTES in flight, wait for the oldest
+        range and drop its clean pages from the page cache (a hint: errors surface at
+        the shard's fsync)."""
+        if _SFR is None or n == 0:
+            return
+        _SFR(sh.fd, off, n, _SFR_WRITE)
+        self.inflight.append((sh, off, n))
+        self.inflight_bytes += n
+        while self.inflight_bytes > WRITEBACK_BYTES:
+            old, o, m = self.inflight.popleft()
+            self.inflight_bytes -= m
+            if _SFR(old.fd, o, m, _SFR_WAIT) == 0:
+                os.posix_fadvise(old.fd, o, m, os.POSIX_FADV_DONTNEED)
+
+    def _forget(self, sh: _OpenShard) -> None:
+        """Drop a shard's ranges before its descriptor is closed."""
+        keep = [r for r in self.inflight if r[0] is not sh]
+        self.inflight = collections.deque(keep)
+        self.inflight_bytes = sum(r[2] for r in keep)
 
     def close(self, ok: bool) -> None:
         """Wait for the queued writes (ok) or drop them; then remove any shard left
@@ -320,6 +373,7 @@ class ShardWriter:
                     except queue.Empty:
                         pass
         self.thread.join()
+        self.inflight.clear()
         for sh in self.open.values():
             os.close(sh.fd)
             try:
@@ -340,6 +394,8 @@ def finish_shard(fd: int, tmp: Path, path: Path) -> None:
     interrupt a conversion here)."""
     try:
         os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # written and durable: not worth page cache
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
