@@ -5,6 +5,7 @@ axis of its outputs: a few experts of a routed-expert stack, a block of rows of 
 matrix; small jobs (norms, the router, kv_b_proj) are one piece. Three threads overlap:
 
 * the reader fills a piece's source tensors into one of a few preallocated buffers,
+  with the next pieces' byte ranges already queued at the disk (POSIX_FADV_WILLNEED),
 * the main thread computes the piece (requantize_int4 / quantize, MLX's own threads),
 * the writer puts each output slice at its final byte offset in its shard: the shard's
   safetensors header is known from the plan, so a shard is written in place, fsynced
@@ -45,6 +46,8 @@ PIECE_BYTES = 32 << 20
 # Input buffers: one being read, one or two waiting, one being computed, one whose
 # outputs are being written (an output may alias its input: a repack, a bf16 copy).
 POOL_BUFFERS = 5
+# Pieces whose source bytes the reader asks the kernel to fetch ahead of reading them.
+PREFETCH_PIECES = 2
 ALIGN = 64
 # Output bytes whose writeback may be in flight before the writer waits for the oldest:
 # writeback starts as each slice is written (sync_file_range) instead of when the
@@ -87,6 +90,7 @@ class Piece:
     checks: List[Tuple[TensorInfo, List[int]]]  # INT4 weight_shape tensors and their value
     nbytes: int
     source_bytes: int
+    prefetched: bool = False
 
     def sub_job(self) -> Job:
         """The job restricted to this piece (items' first dimension hi - lo)."""
@@ -183,6 +187,30 @@ def piece_arrays(buf: mx.array, piece: Piece) -> List[mx.array]:
     return out
 
 
+def prefetch_piece(piece: Piece) -> None:
+    """Ask the kernel to start reading a coming piece's source bytes (POSIX_FADV_WILLNEED
+    queues the whole ranges at once), so the disk works on it while the reader copies
+    the current piece; a hint: errors surface when the piece is read."""
+    if not hasattr(os, "posix_fadvise") or piece.prefetched:
+        return
+    piece.prefetched = True
+    by_file: Dict[Path, List[TensorInfo]] = {}
+    for info, _ in piece.reads:
+        by_file.setdefault(info.file, []).append(info)
+    for path, infos in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            for info in infos:
+                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def read_sync(piece: Piece) -> List[mx.array]:
     """Read a piece into a buffer of its own (outside the pipeline, e.g. sampling)."""
     buf, view = new_buffer(piece.nbytes)
@@ -220,7 +248,9 @@ class Reader:
 
     def _run(self):
         try:
-            for piece in self.pieces:
+            for i, piece in enumerate(self.pieces):
+                for ahead in self.pieces[i + 1:i + 1 + PREFETCH_PIECES]:
+                    prefetch_piece(ahead)
                 buf = self._take_free()
                 read_piece(piece, buf[1])
                 self.ready.put((piece, buf))
