@@ -218,8 +218,7 @@ def error_ceiling():
     gain is below 30 % (64 x 2048 each; squared error over min-max's; numpy, ~1-2 min)."""
     from moequant.testing import fit_reference as fr
 
-    dense = dict(GRID=32, GRID_STEP=np.float32(0.02), GRID_OFFSET_LOW=10, GRID_OFFSET_HIGH=10,
-                 STARTS=8, LLOYD_CAP=10)
+    dense = dict(GRID=32, GRID_STEP=np.float32(0.02), GRID_OFFSET=10, STARTS=8, LLOYD_CAP=10)
     built = {k: getattr(fr, k) for k in dense}
     rng = np.random.default_rng(0)
     print(f"{'generator':<20} {'bits':>4} {'as built':>9} {'dense search':>12}")
