@@ -241,6 +241,8 @@ def main_full(args):
           f"{ours['minflt'] / 1e6:.2f} M minor page faults, peak RSS {ours['peak'] / 1e9:.2f} GB")
     print(f"main thread: computing {st['compute']:.1f} s ({st['compute'] / ours['wall']:.0%} of wall), "
           f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s")
+    parts = sorted((k for k in st if k.startswith("compute ")), key=lambda k: -st[k])
+    print("computing by job kind and fit: " + ", ".join(f"{k[8:]} {st[k]:.1f} s" for k in parts))
     ratio, ratio_max = fl / ours["wall"], fl_max / ours["wall"]
     rss_ok = ours["peak"] <= 1.5 * moe_layer
     print(f"I/O floor (best cold read + best write of the two floor runs) {fl:.2f} s: convert runs at "

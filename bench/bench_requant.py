@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--error-table", action="store_true",
                     help="print only the mse fit's squared-error table (generators of "
                          "moequant.testing.fit_reference, 512 x 2048 each) and exit")
+    ap.add_argument("--error-ceiling", action="store_true",
+                    help="print the fit's error next to a dense search's (the best affine fit "
+                         "of the format, numerically) on the Gaussian/Laplace code generators "
+                         "and exit")
     ap.add_argument("--metal", action="store_true",
                     help="also run the Metal fit kernel on the emulator (bytes per group) and "
                          "print a predicted GPU time")
@@ -135,9 +139,11 @@ GPU_BW = 800e9
 
 def fit_ops_per_group(n_slots):
     """float ops of one g64 group from the algorithm (metal/requantize_fit.h): the
-    candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (4 starts x up to 3 rounds x
+    candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (STARTS x up to LLOYD_CAP rounds x
     slots x 11 + solves), 1 + 9 exact errors (slots x 12) and the min-max pass."""
-    ncand, starts, cap = 64, 4, 3
+    from moequant.testing import fit_reference as fr
+
+    ncand, starts, cap = fr.GRID * fr.GRID, fr.STARTS, fr.LLOYD_CAP
     return (ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20)
             + 10 * n_slots * 12 + n_slots * 6)
 
@@ -205,10 +211,43 @@ def error_table():
         print(row)
 
 
+def error_ceiling():
+    """How close the fit is to the best affine fit of this format: the same specification
+    (fit_reference) with a 32 x 32 candidate grid over [-0.2, 0.42], Lloyd from the best
+    8 for up to 10 rounds, against the fit as built, on the code generators whose 3-bit
+    gain is below 30 % (64 x 2048 each; squared error over min-max's; numpy, ~1-2 min)."""
+    from moequant.testing import fit_reference as fr
+
+    dense = dict(GRID=32, GRID_STEP=np.float32(0.02), GRID_OFFSET=10, STARTS=8, LLOYD_CAP=10)
+    built = {k: getattr(fr, k) for k in dense}
+    rng = np.random.default_rng(0)
+    print(f"{'generator':<20} {'bits':>4} {'as built':>9} {'dense search':>12}")
+    for codes in ("gaussian", "laplace"):
+        q, s = fr.kimi_like_int4(rng, 64, 2048, codes=codes)
+        v, c, p = fr.int4_slots(q, s, 64, 32)
+        for bits in (3, 4):
+            row = []
+            for consts in (built, dense):
+                for k, x in consts.items():
+                    setattr(fr, k, x)
+                e = np.zeros(2)
+                for i in range(0, len(v), 512):
+                    _, _, _, e_mm, e_fit, _ = fr.fit_groups(v[i:i + 512], c[i:i + 512],
+                                                            p[i:i + 512], bits, "bfloat16")
+                    e += [e_mm.astype(np.float64).sum(), e_fit.astype(np.float64).sum()]
+                row.append(e[1] / e[0])
+            for k, x in built.items():
+                setattr(fr, k, x)
+            print(f"{codes + ' codes, 10x':<20} {bits:>4} {row[0]:>9.4f} {row[1]:>12.4f}")
+
+
 def main():
     args = build_parser().parse_args()
     if args.error_table:
         error_table()
+        return
+    if args.error_ceiling:
+        error_ceiling()
         return
     if args.device == "gpu" and not moequant.metal_available():
         print(f"bench_requant.py: --device gpu: {moequant.metal_status()[1]}", file=sys.stderr)

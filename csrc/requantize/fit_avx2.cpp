@@ -1,12 +1,14 @@
 // The mse fit's AVX2 path: steps 2-4 of metal/requantize_fit.h on 8 lanes. The
-// candidate grid runs 8 candidates per vector, Lloyd its 4 starts in one vector, the
-// exact errors 8 slots per vector (lane j = the partial sum of slots j mod 8). Per lane
+// candidate grid runs 8 candidates per vector (two vectors per pass over the slots),
+// Lloyd its starts in one vector, the exact errors 8 slots per vector (lane j = the
+// partial sum of slots j mod 8); INT4 nibble counts and codes by byte shuffles. Per lane
 // the operations are the header's, so the result equals the scalar path bit for bit.
-// Built with -mavx2 -mf16c and no FMA contraction (CMakeLists.txt).
+// Built with -mavx2 -mf16c -mpopcnt and no FMA contraction (CMakeLists.txt).
 #include "requantize/fit_cpu.h"
 
 #include <immintrin.h>
 
+#include <array>
 #include <cstring>
 
 #include "mlx/types/half_types.h"
@@ -72,24 +74,55 @@ struct rt8<mlx::core::bfloat16_t> {
 
 template <typename T>
 struct fit_avx2 {
+  // Candidate k's range start lo = a and 1 / s, as the scalar backend computes them:
+  // they depend on the bits only, so they are made once per bit width.
+  static constexpr int NV = (MQ_FIT_NCAND + 7) / 8; // vectors of candidates
+  struct cand_table {
+    alignas(32) float lo[8 * NV];
+    alignas(32) float inv[8 * NV];
+  };
+  static const cand_table& table(float nb) {
+    static const auto t = [] {
+      std::array<cand_table, 9> r{};
+      for (int bits = 1; bits <= 8; ++bits) {
+        const float n = static_cast<float>((1 << bits) - 1);
+        for (int k = 0; k < 8 * NV; ++k) {
+          const int kk = k < MQ_FIT_NCAND ? k : MQ_FIT_NCAND - 1; // padding lanes repeat
+          const float a = mq_fit_grid_value(kk / MQ_FIT_GRID);
+          const float b = mq_fit_grid_value(kk % MQ_FIT_GRID);
+          r[bits].lo[k] = a;
+          r[bits].inv[k] = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, n));
+        }
+      }
+      return r;
+    }();
+    return t[__builtin_ctz(static_cast<unsigned>(nb) + 1u)];
+  }
+
   static void candidates(
       const mq_fit_slots& g, float S0, float T1, float T2, float nb, float* sig,
       float* beta, float* err, float* S1, float* S2, float* S3) {
-    static_assert(MQ_FIT_GRID == 8, "one vector per value of a");
-    alignas(32) float bl[8];
-    for (int i = 0; i < 8; ++i) {
-      bl[i] = mq_fit_grid_value(i);
-    }
-    const V8 b(_mm256_load_ps(bl)), vnb(nb);
-    // Two values of a per pass over the slots (the slot broadcasts are shared); per
-    // lane the operations of mq_fit_stats and mq_fit_solve.
-    for (int ia = 0; ia < MQ_FIT_GRID; ia += 2) {
-      const V8 a0(mq_fit_grid_value(ia)), a1(mq_fit_grid_value(ia + 1));
-      const V8 inv0 = mq_div(V8(1.0f), mq_div((V8(1.0f) - a0) - b, vnb));
-      const V8 inv1 = mq_div(V8(1.0f), mq_div((V8(1.0f) - a1) - b, vnb));
+    const cand_table& ct = table(nb);
+    alignas(32) float o[6][8 * NV];
+    const V8 vnb(nb);
+    // Per lane the operations of mq_fit_stats and mq_fit_solve; two candidate vectors
+    // per pass over the slots share the slot broadcasts.
+    auto finish = [&](int v, const V8& p1, const V8& p2, const V8& p3) {
+      V8 sg, be, er;
+      M8 ok;
+      mq_fit_solve(V8(S0), V8(T1), V8(T2), p1, p2, p3, sg, be, er, ok);
+      const V8* r[6] = {&sg, &be, &er, &p1, &p2, &p3};
+      for (int f = 0; f < 6; ++f) {
+        _mm256_store_ps(o[f] + 8 * v, r[f]->v);
+      }
+    };
+    int v = 0;
+    for (; v + 2 <= NV; v += 2) {
+      const V8 a0(_mm256_load_ps(ct.lo + 8 * v)), a1(_mm256_load_ps(ct.lo + 8 * v + 8));
+      const V8 inv0(_mm256_load_ps(ct.inv + 8 * v)), inv1(_mm256_load_ps(ct.inv + 8 * v + 8));
       V8 p1(0.0f), p2(0.0f), p3(0.0f), r1(0.0f), r2(0.0f), r3(0.0f);
       for (int j = 0; j < g.m; ++j) {
-        const V8 t(g.t[j]), c(g.cc[j]), ct(g.ct[j]);
+        const V8 t(g.t[j]), c(g.cc[j]), cu(g.ct[j]);
         const V8 q0 = mq_fit_clamp(mq_rint((t - a0) * inv0), vnb);
         const V8 q1 = mq_fit_clamp(mq_rint((t - a1) * inv1), vnb);
         const V8 cq0 = c * q0, cq1 = c * q1;
@@ -97,22 +130,28 @@ struct fit_avx2 {
         r1 = r1 + cq1;
         p2 = p2 + cq0 * q0;
         r2 = r2 + cq1 * q1;
-        p3 = p3 + ct * q0;
-        r3 = r3 + ct * q1;
+        p3 = p3 + cu * q0;
+        r3 = r3 + cu * q1;
       }
-      const V8* st[2][3] = {{&p1, &p2, &p3}, {&r1, &r2, &r3}};
-      for (int u = 0; u < 2; ++u) {
-        const int k = 8 * (ia + u);
-        V8 sg, be, er;
-        M8 ok;
-        mq_fit_solve(V8(S0), V8(T1), V8(T2), *st[u][0], *st[u][1], *st[u][2], sg, be, er, ok);
-        _mm256_storeu_ps(S1 + k, st[u][0]->v);
-        _mm256_storeu_ps(S2 + k, st[u][1]->v);
-        _mm256_storeu_ps(S3 + k, st[u][2]->v);
-        _mm256_storeu_ps(sig + k, sg.v);
-        _mm256_storeu_ps(beta + k, be.v);
-        _mm256_storeu_ps(err + k, er.v);
+      finish(v, p1, p2, p3);
+      finish(v + 1, r1, r2, r3);
+    }
+    if (v < NV) {
+      const V8 a0(_mm256_load_ps(ct.lo + 8 * v)), inv0(_mm256_load_ps(ct.inv + 8 * v));
+      V8 p1(0.0f), p2(0.0f), p3(0.0f);
+      for (int j = 0; j < g.m; ++j) {
+        const V8 t(g.t[j]), c(g.cc[j]), cu(g.ct[j]);
+        const V8 q0 = mq_fit_clamp(mq_rint((t - a0) * inv0), vnb);
+        const V8 cq0 = c * q0;
+        p1 = p1 + cq0;
+        p2 = p2 + cq0 * q0;
+        p3 = p3 + cu * q0;
       }
+      finish(v, p1, p2, p3);
+    }
+    float* dst[6] = {sig, beta, err, S1, S2, S3};
+    for (int f = 0; f < 6; ++f) {
+      std::memcpy(dst[f], o[f], sizeof(float) * MQ_FIT_NCAND);
     }
   }
 
@@ -167,10 +206,45 @@ struct fit_avx2 {
 
 #include "requantize/fit_rows.h"
 
+// mq_rows_scalar on vectors: nibble counts by byte compares, codes by a 16-entry table.
+struct rows_avx2 {
+  static void counts(const uint8_t* in, int* cnt) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m256i nib = _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(x, m));
+    for (int u = 0; u < 16; ++u) {
+      const __m256i eq = _mm256_cmpeq_epi8(nib, _mm256_set1_epi8(static_cast<char>(u)));
+      cnt[u] = _mm_popcnt_u32(static_cast<unsigned>(_mm256_movemask_epi8(eq)));
+    }
+  }
+  static void codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in,
+                    uint8_t* out) {
+    // mq_fit_code per lane: the same float ops, NaN -> 0.
+    const V8 vnb(nb);
+    __m256i qi[2];
+    for (int h = 0; h < 2; ++h) {
+      const V8 x(_mm256_loadu_ps(v + 8 * h));
+      const V8 q = r.fit ? mq_fit_clamp(mq_rint((x - V8(r.bias)) * V8(r.inv)), vnb)
+                         : mq_fit_clamp(mq_rint(mq_div(x - V8(r.mm.bias), V8(r.mm.scale))), vnb);
+      qi[h] = _mm256_cvttps_epi32(_mm256_and_ps(q.v, _mm256_cmp_ps(q.v, q.v, _CMP_ORD_Q)));
+    }
+    // 16 int32 in [0, 255] -> 16 bytes in order.
+    __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(qi[0], qi[1]), 0xD8);
+    const __m128i lut = _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(x, m));
+    const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_unpackhi_epi8(lo, hi));
+  }
+};
+
 } // namespace
 
 void fit_groups_avx2(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1) {
-  fit_groups_dispatch<fit_avx2>(a, int4, g0, g1);
+  fit_groups_dispatch<fit_avx2, rows_avx2>(a, int4, g0, g1);
 }
 
 } // namespace moequant::fit

@@ -1,6 +1,7 @@
 // The mse fit on the CPU: the scalar path, the path choice and the threading.
 #include "requantize/fit_cpu.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -15,14 +16,15 @@ namespace {
 } // namespace
 
 void fit_groups_scalar(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1) {
-  fit_groups_dispatch<mq_fit_scalar>(a, int4, g0, g1);
+  fit_groups_dispatch<mq_fit_scalar, mq_rows_scalar>(a, int4, g0, g1);
 }
 
 namespace {
 
 bool use_avx2() {
 #if defined(__x86_64__) && defined(MOEQUANT_FIT_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("popcnt");
   const char* e = std::getenv("MOEQUANT_CPU_PATH");
   return ok && !(e && std::string(e) == "scalar");
 #else
@@ -30,8 +32,11 @@ bool use_avx2() {
 #endif
 }
 
-void run(const FitArgs& a, bool int4) {
+void run(FitArgs a, bool int4) {
   const std::size_t groups = a.rows * static_cast<std::size_t>(a.K / a.group_size);
+  // All-ones importance (the default): INT4 slot weights are the nibble counts.
+  a.unit_importance = a.importance == nullptr ||
+      std::all_of(a.importance, a.importance + a.K, [](float x) { return x == 1.0f; });
   const bool avx2 = use_avx2();
   // Groups are independent: any split gives the same bits. ~1 us each, so claims of
   // 64 groups keep the pool's overhead small and the cores balanced.

@@ -16,6 +16,7 @@ struct FitArgs {
   const void* src_scales = nullptr; // INT4: rows x K/src_group_size, src_dtype
   const void* w = nullptr; // float input: rows x K, src_dtype
   const float* importance = nullptr; // K weights or nullptr
+  bool unit_importance = false; // importance all ones (or absent): set by fit_int4/fit_float
   uint8_t* wq = nullptr; // rows x K*bits/8 bytes
   void* scales = nullptr; // rows x K/group_size, out_dtype
   void* biases = nullptr;

@@ -3,7 +3,8 @@
 // fit_avx2.cpp), so that no inline code compiled for AVX2 can be merged by the linker
 // into the baseline path.
 //
-// Needs: FitArgs, mq_fit_group (requantize_fit.h), and the backend template B<T>.
+// Needs: FitArgs, mq_fit_group (requantize_fit.h), the backend template B<T> and the
+// row helpers H (INT4 nibble counts and codes; mq_rows_scalar below or a SIMD twin).
 
 template <typename T>
 struct cpu_tbits;
@@ -52,7 +53,32 @@ inline void pack_codes(const uint8_t* q, int n, int bits, uint8_t* dst) {
   }
 }
 
-template <typename SrcT, typename OutT, template <typename> class B>
+// Row helpers of the INT4 input, scalar: the count of each nibble among a block's 32,
+// and a block's 32 output codes (codes of the block's 16 slot values v, picked by nibble).
+struct mq_rows_scalar {
+  static void counts(const uint8_t* in, int* cnt) {
+    for (int u = 0; u < 16; ++u) {
+      cnt[u] = 0;
+    }
+    for (int k = 0; k < 16; ++k) {
+      cnt[in[k] & 0x0F] += 1;
+      cnt[in[k] >> 4] += 1;
+    }
+  }
+  static void codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in,
+                    uint8_t* out) {
+    uint8_t lut[16];
+    for (int u = 0; u < 16; ++u) {
+      lut[u] = static_cast<uint8_t>(mq_fit_code(r, v[u], nb));
+    }
+    for (int k = 0; k < 16; ++k) {
+      out[2 * k] = lut[in[k] & 0x0F];
+      out[2 * k + 1] = lut[in[k] >> 4];
+    }
+  }
+};
+
+template <typename SrcT, typename OutT, template <typename> class B, class H>
 void fit_groups_impl(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1) {
   const int G = a.group_size;
   const int gpr = a.K / G;
@@ -74,13 +100,23 @@ void fit_groups_impl(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1
       s.n = 16 * nblk;
       for (int b = 0; b < nblk; ++b) {
         const float sc = static_cast<float>(ss[(g * G + 32 * b) / a.src_group_size]);
-        int cnt[16] = {0};
-        float c[16] = {0.0f};
-        for (int k = 0; k < 32; ++k) {
-          const uint8_t byte = in[16 * b + k / 2];
-          const int u = (k & 1) ? (byte >> 4) : (byte & 0x0F);
-          cnt[u] += 1;
-          c[u] = c[u] + (h ? h[32 * b + k] : 1.0f);
+        int cnt[16];
+        H::counts(in + 16 * b, cnt);
+        float c[16];
+        if (a.unit_importance) {
+          // The channel-order sum of cnt ones is exactly cnt (integers below 2^24).
+          for (int u = 0; u < 16; ++u) {
+            c[u] = static_cast<float>(cnt[u]);
+          }
+        } else {
+          for (int u = 0; u < 16; ++u) {
+            c[u] = 0.0f;
+          }
+          for (int k = 0; k < 32; ++k) {
+            const uint8_t byte = in[16 * b + k / 2];
+            const int u = (k & 1) ? (byte >> 4) : (byte & 0x0F);
+            c[u] = c[u] + (h ? h[32 * b + k] : 1.0f);
+          }
         }
         for (int u = 0; u < 16; ++u) {
           s.v[16 * b + u] = static_cast<float>(u - MQ_INT4_OFFSET) * sc;
@@ -105,14 +141,7 @@ void fit_groups_impl(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1
       const uint8_t* in = a.packed + row * (static_cast<std::size_t>(a.K) / 2) +
           static_cast<std::size_t>(g) * G / 2;
       for (int b = 0; b < G / 32; ++b) {
-        uint8_t lut[16];
-        for (int u = 0; u < 16; ++u) {
-          lut[u] = static_cast<uint8_t>(mq_fit_code(r, s.v[16 * b + u], nb));
-        }
-        for (int k = 0; k < 32; ++k) {
-          const uint8_t byte = in[16 * b + k / 2];
-          codes[32 * b + k] = lut[(k & 1) ? (byte >> 4) : (byte & 0x0F)];
-        }
+        H::codes(r, s.v + 16 * b, nb, in + 16 * b, codes + 32 * b);
       }
     } else {
       for (int j = 0; j < G; ++j) {
@@ -123,26 +152,26 @@ void fit_groups_impl(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1
   }
 }
 
-template <template <typename> class B, typename SrcT>
+template <template <typename> class B, class H, typename SrcT>
 void fit_groups_out(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1) {
   switch (a.out_dtype) {
     case mlx::core::float32:
-      return fit_groups_impl<SrcT, float, B>(a, int4, g0, g1);
+      return fit_groups_impl<SrcT, float, B, H>(a, int4, g0, g1);
     case mlx::core::float16:
-      return fit_groups_impl<SrcT, mlx::core::float16_t, B>(a, int4, g0, g1);
+      return fit_groups_impl<SrcT, mlx::core::float16_t, B, H>(a, int4, g0, g1);
     default:
-      return fit_groups_impl<SrcT, mlx::core::bfloat16_t, B>(a, int4, g0, g1);
+      return fit_groups_impl<SrcT, mlx::core::bfloat16_t, B, H>(a, int4, g0, g1);
   }
 }
 
-template <template <typename> class B>
+template <template <typename> class B, class H>
 void fit_groups_dispatch(const FitArgs& a, bool int4, std::size_t g0, std::size_t g1) {
   switch (a.src_dtype) {
     case mlx::core::float32:
-      return fit_groups_out<B, float>(a, int4, g0, g1);
+      return fit_groups_out<B, H, float>(a, int4, g0, g1);
     case mlx::core::float16:
-      return fit_groups_out<B, mlx::core::float16_t>(a, int4, g0, g1);
+      return fit_groups_out<B, H, mlx::core::float16_t>(a, int4, g0, g1);
     default:
-      return fit_groups_out<B, mlx::core::bfloat16_t>(a, int4, g0, g1);
+      return fit_groups_out<B, H, mlx::core::bfloat16_t>(a, int4, g0, g1);
   }
 }

@@ -605,6 +605,9 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
                     slices.append((name, row, arr))
             t2 = clock()
             stages["compute"] += t2 - t1
+            # Where the computing goes, by job kind and fit (bench_convert prints it).
+            key = f"compute {piece.job.kind} {piece_kind(piece, res)}"
+            stages[key] = stages.get(key, 0.0) + (t2 - t1)
             writer.submit(slices, lambda buf=buf: reader.release(buf))
             stages["wait_write"] += clock() - t2
             del slices, buf

@@ -5,10 +5,13 @@ axis of its outputs: a few experts of a routed-expert stack, a block of rows of 
 matrix; small jobs (norms, the router, kv_b_proj) are one piece. Three threads overlap:
 
 * the reader fills a piece's source tensors into one of a few preallocated buffers,
+  with the next pieces' byte ranges already queued at the disk (POSIX_FADV_WILLNEED),
 * the main thread computes the piece (requantize_int4 / quantize, MLX's own threads),
 * the writer puts each output slice at its final byte offset in its shard: the shard's
   safetensors header is known from the plan, so a shard is written in place, fsynced
-  and renamed into place when its last byte is written.
+  and renamed into place when its last byte is written; each slice's writeback starts
+  as soon as it is written (Linux: sync_file_range), with at most WRITEBACK_BYTES in
+  flight.
 
 Why pieces and a fixed buffer pool: allocating a whole (384, 2048, 7168) stack per job
 faulted in fresh pages for every job (millions of minor faults, most of the conversion's
@@ -19,8 +22,10 @@ memory holds a few pieces whatever the model.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +46,33 @@ PIECE_BYTES = 32 << 20
 # Input buffers: one being read, one or two waiting, one being computed, one whose
 # outputs are being written (an output may alias its input: a repack, a bf16 copy).
 POOL_BUFFERS = 5
+# Pieces whose source bytes the reader asks the kernel to fetch ahead of reading them.
+PREFETCH_PIECES = 2
 ALIGN = 64
+# Output bytes whose writeback may be in flight before the writer waits for the oldest:
+# writeback starts as each slice is written (sync_file_range) instead of when the
+# kernel's dirty thresholds are crossed, so the disk writes while the conversion reads
+# and computes, dirty memory stays small and each shard's closing fsync finds little left.
+WRITEBACK_BYTES = 256 << 20
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None: without it the kernel schedules writeback."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SFR = _sync_file_range()
+_SFR_WRITE, _SFR_WAIT = 2, 1 | 2 | 4  # start writeback; wait before, write, wait after
 
 
 @dataclass
@@ -59,6 +90,7 @@ class Piece:
     checks: List[Tuple[TensorInfo, List[int]]]  # INT4 weight_shape tensors and their value
     nbytes: int
     source_bytes: int
+    prefetched: bool = False
 
     def sub_job(self) -> Job:
         """The job restricted to this piece (items' first dimension hi - lo)."""
@@ -155,6 +187,30 @@ def piece_arrays(buf: mx.array, piece: Piece) -> List[mx.array]:
     return out
 
 
+def prefetch_piece(piece: Piece) -> None:
+    """Ask the kernel to start reading a coming piece's source bytes (POSIX_FADV_WILLNEED
+    queues the whole ranges at once), so the disk works on it while the reader copies
+    the current piece; a hint: errors surface when the piece is read."""
+    if not hasattr(os, "posix_fadvise") or piece.prefetched:
+        return
+    piece.prefetched = True
+    by_file: Dict[Path, List[TensorInfo]] = {}
+    for info, _ in piece.reads:
+        by_file.setdefault(info.file, []).append(info)
+    for path, infos in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            for info in infos:
+                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def read_sync(piece: Piece) -> List[mx.array]:
     """Read a piece into a buffer of its own (outside the pipeline, e.g. sampling)."""
     buf, view = new_buffer(piece.nbytes)
@@ -192,7 +248,9 @@ class Reader:
 
     def _run(self):
         try:
-            for piece in self.pieces:
+            for i, piece in enumerate(self.pieces):
+                for ahead in self.pieces[i + 1:i + 1 + PREFETCH_PIECES]:
+                    prefetch_piece(ahead)
                 buf = self._take_free()
                 read_piece(piece, buf[1])
                 self.ready.put((piece, buf))
@@ -235,6 +293,8 @@ class ShardWriter:
         self.open: Dict[int, _OpenShard] = {}
         self.todo: "queue.Queue" = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
+        self.inflight: "collections.deque" = collections.deque()  # (shard, offset, bytes)
+        self.inflight_bytes = 0
         self.thread = threading.Thread(target=self._run, name="moequant-write", daemon=True)
         self.thread.start()
 
@@ -289,13 +349,36 @@ class ShardWriter:
         try:
             sh = self._shard(si)
             pwrite_all(sh.fd, memoryview(arr), sh.offsets[name] + off)
+            self._writeback(sh, sh.offsets[name] + off, arr.nbytes)
             sh.remaining -= arr.nbytes
             if sh.remaining == 0:
                 del self.open[si]
+                self._forget(sh)
                 finish_shard(sh.fd, sh.tmp, path)
                 self.on_shard(si, sh.size)
         except OSError as e:
             raise WriteError(f"{path}: cannot write shard: {e.strerror or e}") from e
+
+    def _writeback(self, sh: _OpenShard, off: int, n: int) -> None:
+        """Start the range's writeback; past WRITEBACK_BYTES in flight, wait for the oldest
+        range and drop its clean pages from the page cache (a hint: errors surface at
+        the shard's fsync)."""
+        if _SFR is None or n == 0:
+            return
+        _SFR(sh.fd, off, n, _SFR_WRITE)
+        self.inflight.append((sh, off, n))
+        self.inflight_bytes += n
+        while self.inflight_bytes > WRITEBACK_BYTES:
+            old, o, m = self.inflight.popleft()
+            self.inflight_bytes -= m
+            if _SFR(old.fd, o, m, _SFR_WAIT) == 0:
+                os.posix_fadvise(old.fd, o, m, os.POSIX_FADV_DONTNEED)
+
+    def _forget(self, sh: _OpenShard) -> None:
+        """Drop a shard's ranges before its descriptor is closed."""
+        keep = [r for r in self.inflight if r[0] is not sh]
+        self.inflight = collections.deque(keep)
+        self.inflight_bytes = sum(r[2] for r in keep)
 
     def close(self, ok: bool) -> None:
         """Wait for the queued writes (ok) or drop them; then remove any shard left
@@ -320,6 +403,7 @@ class ShardWriter:
                     except queue.Empty:
                         pass
         self.thread.join()
+        self.inflight.clear()
         for sh in self.open.values():
             os.close(sh.fd)
             try:
@@ -340,6 +424,8 @@ def finish_shard(fd: int, tmp: Path, path: Path) -> None:
     interrupt a conversion here)."""
     try:
         os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # written and durable: not worth page cache
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
