@@ -295,3 +295,111 @@ def test_vlm_build_still_loads_in_mlx_lm_as_the_text_model(builds):
         model, _ = load(str(d))
         outs.append(np.array(model(ids).astype(mx.float32)))
     assert np.array_equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------- quantized projector
+
+PROJ = {"bits": 8, "group_size": 32}
+
+
+@pytest.fixture(scope="module")
+def qproj_build(builds, tmp_path_factory):
+    """The -VLM build again, with the recipe's vision_projector quantizing the projector."""
+    from moequant.recipes import PRESETS
+
+    src, _, _ = builds
+    root = tmp_path_factory.mktemp("vlm_qproj")
+    recipe = root / "alis-3.6-qproj.json"
+    recipe.write_text(json.dumps({**PRESETS["alis-3.6"], "keep_vision": True, "vision_projector": PROJ}))
+    dry = convert(src, root / "out", str(recipe), progress=False, dry_run=True)
+    return convert(src, root / "out", str(recipe), progress=False).mlx_path, dry
+
+
+def test_quantized_projector_is_mx_quantize_of_the_source(builds, qproj_build):
+    """The projector's linears are mx.quantize of the source bf16 weights, bit for bit (the
+    min-max fit); every other vision tensor and every language-model shard is unchanged."""
+    src, _, vlm = builds
+    out, dry = qproj_build
+    got, plain = mx.load(str(out / vision.VISION_SHARD)), mx.load(str(vlm / vision.VISION_SHARD))
+    srcw = {}
+    for f in src.glob("*.safetensors"):
+        srcw.update(mx.load(str(f)))
+    for p in vision.PROJECTOR_LINEARS:
+        wq, s, b = mx.quantize(srcw[p + ".weight"], group_size=PROJ["group_size"], bits=PROJ["bits"])
+        assert got[p + ".weight"].dtype == mx.uint32 and s.dtype == mx.bfloat16
+        for suffix, want in ((".weight", wq), (".scales", s), (".biases", b)):
+            assert np.array_equal(np.array(got[p + suffix].view(mx.uint16 if suffix != ".weight" else mx.uint32)),
+                                  np.array(want.view(mx.uint16 if suffix != ".weight" else mx.uint32))), p + suffix
+        assert np.array_equal(np.array(got[p + ".bias"].view(mx.uint16)), np.array(plain[p + ".bias"].view(mx.uint16)))
+    others = set(plain) - {p + ".weight" for p in vision.PROJECTOR_LINEARS}
+    assert set(got) == others | {p + sfx for p in vision.PROJECTOR_LINEARS for sfx in (".weight", ".scales", ".biases")}
+    for n in others:
+        assert np.array_equal(np.array(got[n].view(mx.uint16)), np.array(plain[n].view(mx.uint16))), n
+    for shard in set(index(vlm).values()) - {vision.VISION_SHARD}:
+        assert (out / shard).read_bytes() == (vlm / shard).read_bytes(), shard
+    # config: mlx-vlm's per-module entries; the record says what was done
+    cfg = json.loads((out / "config.json").read_text())
+    for p in vision.PROJECTOR_LINEARS:
+        assert cfg["quantization"][p] == {**PROJ, "mode": "affine"}
+    assert cfg["moequant"]["vision_projector"] == {**PROJ, "mode": "affine", "fit": "minmax"}
+    # the planned row (dry run) is what was written
+    row = next(r for r in dry.rows if r.name == "vision tower")
+    assert row.bytes == sum(a.nbytes for a in got.values())
+    assert row.kinds.get("8-bit g32") == sum(math.prod(srcw[p + ".weight"].shape) for p in vision.PROJECTOR_LINEARS)
+
+
+@needs_vlm
+def test_quantized_projector_loads_in_mlx_vlm_and_generates(qproj_build, tmp_path):
+    import mlx.nn as nn
+
+    out, _ = qproj_build
+    model, processor, n = vision.load_vlm(out, fused=True)
+    for i in (0, 2):
+        lin = model.mm_projector.proj[i]
+        assert isinstance(lin, nn.QuantizedLinear), type(lin)
+        assert (lin.bits, lin.group_size) == (PROJ["bits"], PROJ["group_size"])
+    assert not isinstance(model.vision_tower.blocks[0].attn.wqkv, nn.QuantizedLinear)
+    assert n == 2
+    assert len(_greedy_image(model, processor, png(tmp_path / "q.png", 4))) == 6
+
+
+def test_vision_projector_recipe_field_is_checked(ckpt, tmp_path, capsys):
+    from moequant.recipes import PRESETS
+
+    src = ckpt("kimi_k25")
+    recipe = tmp_path / "r.json"
+    for field, msg in (({"bits": 7, "group_size": 64}, "vision_projector: bits must be one of"),
+                       ({"bits": 8, "group_size": 48}, "vision_projector: group_size must be one of"),
+                       ({"bits": 8, "group_size": 64, "fit": "best"}, "vision_projector: fit must be one of"),
+                       ({"bits": 8, "group_size": 64, "scale": 1}, r"vision_projector: unknown keys \['scale'\]"),
+                       ("8bit", "vision_projector: an object")):
+        recipe.write_text(json.dumps({**PRESETS["alis-3.6"], "keep_vision": True, "vision_projector": field}))
+        assert main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"),
+                     "--recipe", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert str(recipe) in err and len(__import__("re").findall(msg, err)) == 1, (field, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_plan_sizes_a_quantized_projector(tmp_path, capsys):
+    """plan --keep-vision with a recipe's vision_projector: the bf16 tower plus the two
+    linears at 8 bits g64 (codes, and bf16 scale and bias per group), by formula; a group
+    size that does not divide the projector's input is refused naming the tensor."""
+    from moequant.recipes import PRESETS
+
+    cfgp = CONFIGS / "kimi_k25.json"
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({**PRESETS["alis-3.6"], "vision_projector": {"bits": 8, "group_size": 64}}))
+    assert main(["plan", "--config", str(cfgp), "--keep-vision", "--json"]) == 0
+    bf16 = next(c for c in json.loads(capsys.readouterr().out)["components"] if c["name"] == "vision tower")
+    assert main(["plan", "--config", str(cfgp), "--keep-vision", "--json", "--recipe", str(recipe)]) == 0
+    q = next(c for c in json.loads(capsys.readouterr().out)["components"] if c["name"] == "vision tower")
+    lin = (4 * 1152) ** 2 + 7168 * 4 * 1152  # proj.0 and proj.2 weights
+    assert q["params"] == bf16["params"]
+    assert q["bytes"] == bf16["bytes"] - 2 * lin + lin + 2 * 2 * lin // 64
+    cfg = json.loads(cfgp.read_text())
+    cfg["vision_config"] = {**cfg["vision_config"], "vt_hidden_size": 40, "vt_num_attention_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["plan", "--config", str(tmp_path / "config.json"), "--keep-vision", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "group_size 64 does not divide the input size 160 of mm_projector.proj.0.weight" in err, err

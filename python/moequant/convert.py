@@ -773,7 +773,7 @@ def convert(
             {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
              "weight_map": weight_map}, indent=4))
         config = output_config(src, res, items)
-        config = vision.output_config(config, cfg.raw) if vis else config
+        config = vision.output_config(config, cfg.raw, vis.projector) if vis else config
         _atomic_write_text(dst / "config.json", json.dumps(config, indent=4))
         jpath.unlink()
         return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
@@ -802,7 +802,8 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     p.add_argument("--keep-vision", action=argparse.BooleanOptionalAction, default=None,
-                   help="kimi_k25: keep the vision tower and projector (bf16) for mlx-vlm, the "
+                   help="kimi_k25: keep the vision tower and projector (bf16; the recipe field "
+                        "vision_projector may quantize the projector) for mlx-vlm, the "
                         "language model byte-identical to the text build (default: the recipe's "
                         "keep_vision, else off).")
 

@@ -244,7 +244,7 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.add_argument("--keep-vision", action="store_true",
                    help="kimi_k25: also size the vision tower and projector kept by "
-                        "`convert --keep-vision` (bf16), as their own row.")
+                        "`convert --keep-vision` (bf16, or the recipe's vision_projector), as their own row.")
 
 
 def run(args) -> int:
@@ -254,7 +254,7 @@ def run(args) -> int:
     if args.keep_vision:  # the -VLM sibling: the text build plus the vision row
         from . import vision
 
-        row = vision.config_row(plan.cfg)
+        row = vision.config_row(plan.cfg, plan.resolution.recipe.spec)
         plan.rows.append(row)
         extra = vision.plan_lines(text_bytes, row)
     if args.json:

@@ -8,6 +8,8 @@ lookup accepts the text build's per-module keys as they are). This module adds:
 * the vision tensors, copied in their source dtype (bf16) into one more shard, renamed
   and laid out as mlx-vlm's sanitize leaves them (``encoder.`` dropped, ``wqkv``/``wo``
   under ``attn.``, the patch-embedding convolution in MLX's (O, H, W, I) order);
+  a recipe's ``vision_projector`` field ({"bits", "group_size", "fit"}) quantizes the
+  projector's two linears instead (the tower itself always stays in its source dtype);
 * ``vision_config`` with mlx-vlm's keys (``depth``, ``embed_dim``, ...) filled in from
   the upstream ``vt_*`` keys, which mlx-vlm does not read;
 * nothing else: processor / preprocessor configs and remote-code files are side files,
@@ -31,6 +33,8 @@ VLM_INSTALL = 'pip install "moequant[vlm]" (mlx-vlm 0.7.10)'
 VISION_SHARD = "model-vision.safetensors"
 # Top-level tensor-name prefixes of the vision side of a kimi_k25 checkpoint.
 VISION_PREFIXES = ("vision_tower.", "mm_projector.")
+# The projector's linears (mlx-vlm module paths): what a recipe's vision_projector quantizes.
+PROJECTOR_LINEARS = ("mm_projector.proj.0", "mm_projector.proj.2")
 
 # Upstream vision_config key -> mlx-vlm's VisionConfig key (mlx_vlm/models/kimi_k25/config.py).
 _VT_KEYS = {
@@ -162,6 +166,73 @@ def keep_vision_requested(flag: Optional[bool], recipe_spec: dict) -> bool:
     return v
 
 
+def projector_decision(recipe_spec: dict):
+    """The recipe's ``vision_projector`` field (checked by recipes.validate_spec) as a
+    Decision, or None: the projector stays in its source dtype."""
+    from .recipes import Decision
+
+    vp = recipe_spec.get("vision_projector")
+    if vp is None:
+        return None
+    return Decision(vp["bits"], vp["group_size"], fit=vp.get("fit", "minmax"))
+
+
+def _projector_item(mlx_name: str, shape, dtype: str):
+    """The Item of one projector linear (``mlx_name`` its weight), or None for any other
+    vision tensor: the one place that says which vision tensors a recipe may quantize."""
+    from .checkpoint.layout import Item
+
+    path = mlx_name[: -len(".weight")]
+    if path not in PROJECTOR_LINEARS or not mlx_name.endswith(".weight"):
+        return None
+    return Item(path, None, "vision tower", "linear", tuple(shape), dtype)
+
+
+# A vision tensor kept in its source dtype: plan's description of it.
+_FLOAT_KIND = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def vision_layout(expect, dtypes: Dict[str, str], projector):
+    """Per upstream vision tensor: (params, description, [(mlx-vlm name, shape, dtype)]) of
+    what the vision shard holds for it. ``dtypes`` maps upstream names to "bfloat16" /
+    "float16" / "float32". The projector's linears quantized by the recipe follow
+    plan.output_tensors, like every language-model module."""
+    from .plan import describe, output_tensors
+
+    out = []
+    for name, (shape, mlx_name) in expect.items():
+        item = _projector_item(mlx_name, shape, dtypes[name])
+        if item is None or projector is None:
+            out.append((math.prod(shape), _FLOAT_KIND[dtypes[name]], [(mlx_name, shape, dtypes[name])]))
+        else:
+            out.append((item.params, describe(projector, item),
+                        [(item.path + sfx, s, t) for sfx, s, t in output_tensors(item, projector)]))
+    return out
+
+
+def layout_row(layout):
+    """plan's row for the vision side from ``vision_layout``."""
+    from .plan import ComponentRow, tensor_bytes
+
+    row = ComponentRow("vision tower", 0, 0, {})
+    for params, kind, tensors in layout:
+        row.params += params
+        row.kinds[kind] = row.kinds.get(kind, 0) + params
+        row.bytes += sum(tensor_bytes(s, t) for _, s, t in tensors)
+    return row
+
+
+def check_projector(expect, projector, where) -> None:
+    """Refuse a vision_projector group size that does not divide a linear's input size."""
+    if projector is None:
+        return
+    for name, (shape, mlx_name) in expect.items():
+        if _projector_item(mlx_name, shape, "bfloat16") is not None and shape[-1] % projector.group_size:
+            raise VisionError(f"{where}: recipe field vision_projector: group_size "
+                              f"{projector.group_size} does not divide the input size {shape[-1]} "
+                              f"of {name}")
+
+
 def check_source(src: Source) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     """The vision tensors of ``src``, checked against its config: every expected tensor
     present with its shape, in bf16 (or f16/f32), nothing unexpected."""
@@ -188,78 +259,88 @@ def check_source(src: Source) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return expect
 
 
-def read_vision(src: Source, expect) -> Dict[str, "object"]:
-    """mlx-vlm name -> mx.array (source dtype), conv weight in MLX order."""
+def read_vision(src: Source, expect, projector=None) -> Dict[str, "object"]:
+    """mlx-vlm name -> mx.array: the source dtype, the conv weight in MLX order, and the
+    projector's linears quantized (``ops.quantize``, bf16 scales) when ``projector``."""
     import mlx.core as mx
 
+    from . import ops
     from .checkpoint.safetensors_io import read_mx
 
     out = {}
-    for name, (_, mlx_name) in expect.items():
+    for name, (shape, mlx_name) in expect.items():
         arr = read_mx(src.tensors[name])
         if name.endswith("patch_embed.proj.weight"):
             arr = mx.contiguous(arr.transpose(0, 2, 3, 1))
-        out[mlx_name] = arr
+        item = _projector_item(mlx_name, shape, "bfloat16")
+        if item is not None and projector is not None:
+            wq, scales, biases = ops.quantize(arr, bits=projector.bits, group_size=projector.group_size,
+                                              fit=projector.fit, dtype=mx.bfloat16)
+            out.update({f"{item.path}.weight": wq, f"{item.path}.scales": scales,
+                        f"{item.path}.biases": biases})
+        else:
+            out[mlx_name] = arr
     return out
 
 
-def vision_plan_bytes(src: Source, expect) -> Tuple[int, int]:
-    """(params, bytes) of the vision shard (source dtypes kept)."""
-    params = sum(math.prod(s) for s, _ in expect.values())
-    nbytes = sum(src.tensors[n].nbytes for n in expect)
-    return params, nbytes
-
-
-def output_config(config: dict, raw: dict) -> dict:
-    """Add the vision side back to the text build's config (``config``, from convert)."""
+def output_config(config: dict, raw: dict, projector=None) -> dict:
+    """Add the vision side back to the text build's config (``config``, from convert):
+    mlx-vlm's vision_config and, for a quantized projector, its per-module entries."""
     config = dict(config)
     config["vision_config"] = mlx_vlm_vision_config(raw["vision_config"])
-    config["moequant"] = {**config.get("moequant", {}), "keep_vision": True}
+    record = {"keep_vision": True}
+    if projector is not None:
+        entries = {p: projector.as_config() for p in PROJECTOR_LINEARS}
+        for key in ("quantization", "quantization_config"):
+            if isinstance(config.get(key), dict):
+                config[key] = dict(sorted({**config[key], **entries}.items()))
+        record["vision_projector"] = projector.record()
+    config["moequant"] = {**config.get("moequant", {}), **record}
     return dict(sorted(config.items()))
 
 
-def weight_names(expect) -> List[str]:
-    return sorted(m for _, m in expect.values())
+_ST_TO_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 class VisionPart:
     """The vision side of one --keep-vision conversion: what to check, copy and report."""
 
-    def __init__(self, src: Source):
+    def __init__(self, src: Source, projector=None):
         self.src = src
+        self.projector = projector
         self.expect = check_source(src)
-        self.params, self.bytes = vision_plan_bytes(src, self.expect)
+        check_projector(self.expect, projector, src.path)
+        self.layout = vision_layout(
+            self.expect, {n: _ST_TO_DTYPE[src.tensors[n].dtype] for n in self.expect}, projector)
 
     def row(self):
-        from .plan import ComponentRow
-
-        kinds = {}
-        for n in self.expect:
-            d = self.src.tensors[n].dtype.lower()
-            kinds[d] = kinds.get(d, 0) + math.prod(self.src.tensors[n].shape)
-        return ComponentRow("vision tower", self.params, self.bytes, kinds)
+        return layout_row(self.layout)
 
     def write(self, dst: Path, write_shard) -> Dict[str, str]:
         """Write the vision shard with ``write_shard`` (convert's atomic writer); returns
         its weight-map entries."""
-        write_shard(dst / VISION_SHARD, read_vision(self.src, self.expect))
-        return {m: VISION_SHARD for m in weight_names(self.expect)}
+        tensors = read_vision(self.src, self.expect, self.projector)
+        write_shard(dst / VISION_SHARD, tensors)
+        return {m: VISION_SHARD for m in sorted(tensors)}
 
 
 def plan_part(src: Source, flag: Optional[bool], recipe_spec: dict) -> Optional[VisionPart]:
     """convert's hook: None for a text build, else the checked vision side."""
-    return VisionPart(src) if keep_vision_requested(flag, recipe_spec) else None
+    if not keep_vision_requested(flag, recipe_spec):
+        return None
+    return VisionPart(src, projector_decision(recipe_spec))
 
 
-def config_row(cfg):
-    """plan --keep-vision from a config alone: the vision row, kept in bf16."""
-    from .plan import ComponentRow
-
+def config_row(cfg, recipe_spec: Optional[dict] = None):
+    """plan --keep-vision from a config alone: the vision row (the tower in bf16, the
+    projector as the recipe's vision_projector says)."""
     if not cfg.prefix or not isinstance(cfg.raw.get("vision_config"), dict):
         raise VisionError(f"{cfg.path}: --keep-vision needs a kimi_k25 config with a "
                           f"vision_config (this one is {cfg.flavour})")
-    n = vision_params(cfg.raw)
-    return ComponentRow("vision tower", n, 2 * n, {"bf16": n})
+    expect = vision_tensors(cfg.raw["vision_config"], cfg.text["hidden_size"])
+    projector = projector_decision(recipe_spec or {})
+    check_projector(expect, projector, cfg.path)
+    return layout_row(vision_layout(expect, {n: "bfloat16" for n in expect}, projector))
 
 
 def plan_lines(text_bytes: int, row) -> List[str]:

@@ -167,15 +167,29 @@ def validate_spec(spec, where: str) -> dict:
             if "bits" in r or "group_size" in r or "fit" in r:
                 raise RecipeError(f"{here}: 'keep' excludes bits, group_size and fit")
         else:
-            if not _is_int(r.get("bits")) or r["bits"] not in BITS:
-                raise RecipeError(f"{here}: bits must be one of {BITS} (or use \"keep\": true)")
-            if not _is_int(r.get("group_size")) or r["group_size"] not in GROUP_SIZES:
-                raise RecipeError(f"{here}: group_size must be one of {GROUP_SIZES}")
-            if "fit" in r and r["fit"] not in FITS:
-                raise RecipeError(f"{here}: fit must be one of {FITS}")
+            _check_format(r, here, " (or use \"keep\": true)")
         if "layers" in r:
             _check_layers(r["layers"], here)
+    vp = spec.get("vision_projector")  # --keep-vision builds: quantize the projector's linears
+    if vp is not None:
+        here = f"{where}: vision_projector"
+        if not isinstance(vp, dict):
+            raise RecipeError(f"{here}: an object {{\"bits\", \"group_size\"[, \"fit\"]}}")
+        unknown = set(vp) - {"bits", "group_size", "fit"}
+        if unknown:
+            raise RecipeError(f"{here}: unknown keys {sorted(unknown)}")
+        _check_format(vp, here)
     return spec
+
+
+def _check_format(r: dict, here: str, hint: str = "") -> None:
+    """bits, group_size and the optional fit of a rule or of vision_projector."""
+    if not _is_int(r.get("bits")) or r["bits"] not in BITS:
+        raise RecipeError(f"{here}: bits must be one of {BITS}{hint}")
+    if not _is_int(r.get("group_size")) or r["group_size"] not in GROUP_SIZES:
+        raise RecipeError(f"{here}: group_size must be one of {GROUP_SIZES}")
+    if "fit" in r and r["fit"] not in FITS:
+        raise RecipeError(f"{here}: fit must be one of {FITS}")
 
 
 def _check_layers(layers, here):
