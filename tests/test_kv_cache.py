@@ -355,3 +355,19 @@ def test_v32_trim_and_save_load(built_v32, tmp_path):
     tok = mx.array([7])
     assert greedy(model, 6, prompt=tok, prompt_cache=loaded) == \
         greedy(model, 6, prompt=tok, prompt_cache=cache)
+
+
+def test_v32_plan_counts_the_indexer_cache():
+    """`moequant plan` on a deepseek_v32 config: the latent columns as for DeepSeek-V3,
+    plus the indexer's 16-bit key cache (keys and mlx-lm's same-size zero values), which
+    --kv-bits leaves unquantized."""
+    from moequant.plan import format_kv_table, kv_cache_table
+
+    cfg = dict(model_type="deepseek_v32", num_hidden_layers=61, kv_lora_rank=512,
+               qk_rope_head_dim=64, index_head_dim=128, max_position_embeddings=163840)
+    kv = kv_cache_table(cfg)
+    assert kv["bytes_per_token_layer"]["8-bit g64"] == 612
+    assert kv["indexer_bytes_per_token_layer"] == 2 * 128 * 2
+    text = format_kv_table(kv)
+    assert "indexer's cache" in text and "128K 4.1 GB" in text
+    assert "indexer" not in format_kv_table(kv_cache_table(dict(cfg, index_head_dim=None)))
