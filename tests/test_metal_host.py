@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import moequant
-from mla_reference import mla_decode_reference
+from mla_reference import make_case, mla_decode_reference
 from moe_reference import make_proj, moe_reference, rel_err
 
 ON_METAL = sys.platform == "darwin" and mx.metal.is_available() and moequant.metal_available()
@@ -73,13 +73,7 @@ def test_without_metal_gpu_calls_say_why():
 
 def mla_case(rng, B=1, H=6, T=300, R=128, DR=64, bits=8, gs=64, qdtype=mx.float32,
              sdtype=mx.float32):
-    q = mx.array(rng.standard_normal((B, H, R)).astype(np.float32) * 0.3).astype(qdtype)
-    qp = mx.array(rng.standard_normal((B, H, DR)).astype(np.float32) * 0.3).astype(qdtype)
-    lat = mx.quantize(mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype),
-                      group_size=gs, bits=bits)
-    pe = mx.quantize(mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype),
-                     group_size=gs, bits=bits)
-    return q, qp, lat, pe
+    return make_case(rng, B, H, T, R, DR, bits, gs, qdtype, sdtype, spread=0.3)
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux builds have no Metal backend")

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mla_reference import mla_decode_reference, rel_err
+from mla_reference import make_case, mla_decode_reference, rel_err
 
 metal_emulator = pytest.importorskip(
     "metal_emulator", reason="the metal_emulator test package (tests/metal_emulator) is not importable"
@@ -75,13 +75,7 @@ def run_metal(q_lat, q_pe, lat, pe, scale, bits, gs, chunk, schedule="forward", 
 
 
 def case(rng, B, H, T, R, DR, bits, gs, qdtype=mx.float32, sdtype=mx.float32):
-    q_lat = mx.array(rng.standard_normal((B, H, R)).astype(np.float32) * 0.3).astype(qdtype)
-    q_pe = mx.array(rng.standard_normal((B, H, DR)).astype(np.float32) * 0.3).astype(qdtype)
-    lat = mx.quantize(mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype),
-                      group_size=gs, bits=bits)
-    pe = mx.quantize(mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype),
-                     group_size=gs, bits=bits)
-    return q_lat, q_pe, lat, pe
+    return make_case(rng, B, H, T, R, DR, bits, gs, qdtype, sdtype, spread=0.3)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
