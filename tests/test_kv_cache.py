@@ -371,3 +371,27 @@ def test_v32_plan_counts_the_indexer_cache():
     text = format_kv_table(kv)
     assert "indexer's cache" in text and "128K 4.1 GB" in text
     assert "indexer" not in format_kv_table(kv_cache_table(dict(cfg, index_head_dim=None)))
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v32"])
+def test_decode_without_metal_kernels_uses_mlx_ops(arch, monkeypatch):
+    """A GPU default device in a build without moequant's Metal kernels: decode steps
+    take the chunked MLX-ops path (same tokens), not a RuntimeError from the kernel. The
+    device check is faked on the CPU (this machine has no GPU)."""
+    from moequant import ops
+
+    cfg = V32_CONFIG if arch == "deepseek_v32" else KV_CONFIG
+    model, _ = tiny_deepseek.build(cfg, seed=3)
+    moequant.patch(model)
+    want = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8, quantized_kv_start=0)
+    calls = []
+    monkeypatch.setattr(ops, "has_metal", False)
+    monkeypatch.setattr(kv_cache, "mla_decode_attention", lambda *a, **k: calls.append(1))
+    real = mx.default_device
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    try:
+        got = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8,
+                     quantized_kv_start=0)
+    finally:
+        monkeypatch.setattr(mx, "default_device", real)
+    assert got == want and not calls

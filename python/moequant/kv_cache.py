@@ -37,6 +37,7 @@ Memory per token and layer: ``(R + DR) * bits / 8`` bytes of codes plus
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -45,6 +46,7 @@ from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
 from .mla_attention import project
 from .mlx_lm_patch import import_classes
+from . import ops
 from .ops import mla_decode_attention
 
 SUPPORTED_BITS = (4, 8)
@@ -210,7 +212,12 @@ def _prefill(attn, q_nope, q_pe, cache, mask):
 
 def _decode(attn, q_nope, q_pe, lat, pe, cache):
     """One query token against the quantized triples lat/pe with the fused kernel, then
-    ``unembed_out``: (B, H, 1, v_head_dim)."""
+    ``unembed_out``: (B, H, 1, v_head_dim). On a GPU without moequant's Metal kernels
+    (a build whose metallib failed), the chunked MLX-ops path instead."""
+    if mx.default_device() != mx.cpu and not ops.has_metal:
+        view = SimpleNamespace(keys=lat, values=pe, offset=lat[0].shape[-2],
+                               group_size=cache.group_size, bits=cache.bits)
+        return _prefill(attn, q_nope, q_pe, view, None)
     q_lat = attn.embed_q(q_nope)  # (B, H, 1, R)
     out = mla_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], lat, pe, scale=attn.scale,
                                bits=cache.bits, group_size=cache.group_size)
