@@ -193,6 +193,24 @@ NB_MODULE(_ext, m) {
       "group_size"_a,
       "stream"_a = nb::none());
   m.def("mla_cpu_path", &moequant::cpu::mla_cpu_path);
+  m.def(
+      "_mla_decode_attention_metal_graph",
+      &moequant::mla_decode_attention_metal_graph,
+      "q_lat"_a,
+      "q_pe"_a,
+      "lat_w"_a,
+      "lat_s"_a,
+      "lat_b"_a,
+      "pe_w"_a,
+      "pe_s"_a,
+      "pe_b"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "bits"_a,
+      "group_size"_a,
+      "stream"_a = nb::none(),
+      "Test only: mla_decode_attention's Metal form on any stream, for "
+      "_metal_dispatch_plan (not evaluable on the CPU).");
 
   m.def(
       "advise_huge_pages",

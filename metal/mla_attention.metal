@@ -5,14 +5,13 @@ using namespace metal;
 
 #include "mla_attention.h"
 
-// mla_decode_partial_<q dtype>_<scales dtype>_b<bits>
-#define MLA_INST_PARTIAL(tn, T, sn, S, b)                                        \
-  template [[host_name("mla_decode_partial_" #tn "_" #sn "_b" #b)]] [[kernel]]  \
+// Names: MQ_MLA_PARTIAL_NAME / MQ_MLA_MERGE_NAME (mla_attention_launch.h).
+#define MLA_INST_PARTIAL(tn, T, sn, S, b)                                \
+  template [[host_name(MQ_MLA_PARTIAL_NAME(tn, sn, b))]] [[kernel]]     \
   decltype(mla_decode_partial<T, S, b>) mla_decode_partial<T, S, b>;
 
-// mla_decode_merge_<out dtype>
-#define MLA_INST_MERGE(tn, T)                                        \
-  template [[host_name("mla_decode_merge_" #tn)]] [[kernel]]        \
+#define MLA_INST_MERGE(tn, T)                                \
+  template [[host_name(MQ_MLA_MERGE_NAME(tn))]] [[kernel]]  \
   decltype(mla_decode_merge<T>) mla_decode_merge<T>;
 
 #define MLA_INST_SCALES(tn, T, sn, S) \

@@ -31,6 +31,18 @@ def mla_decode_reference(q_lat, q_pe, latent, k_pe, scale, group_size, bits) -> 
     return np.einsum("bht,btr->bhr", p, lat)
 
 
+def make_case(rng, B, H, T, R, DR, bits, gs, qdtype=mx.float32, sdtype=mx.float32, spread=1.0):
+    """Random queries (B, H, R) and (B, H, DR), and a (B, T, R) / (B, T, DR) cache
+    quantized by mx.quantize: (q_lat, q_pe, latent triple, k_pe triple)."""
+    q_lat = mx.array(rng.standard_normal((B, H, R)).astype(np.float32) * spread).astype(qdtype)
+    q_pe = mx.array(rng.standard_normal((B, H, DR)).astype(np.float32) * spread).astype(qdtype)
+    lat = mx.quantize(mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype),
+                      group_size=gs, bits=bits)
+    pe = mx.quantize(mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype),
+                     group_size=gs, bits=bits)
+    return q_lat, q_pe, lat, pe
+
+
 def rel_err(y, ref) -> float:
     y = np.asarray(y, dtype=np.float64)
     return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))

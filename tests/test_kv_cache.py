@@ -256,3 +256,142 @@ def test_kimi_k25_build(ckpt, tmp_path):
         tokens = mx.array([[int(np.argmax(b))]])
     with pytest.raises(ValueError, match="qk_rope_head_dim 32"):
         greedy(model, 2, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+
+
+# ---- deepseek_v32: MLA plus the indexer of DeepSeek sparse attention ------------------
+V32_CONFIG = tiny_deepseek.TINY_V32_CONFIG  # index_topk 8: short prompts go sparse
+
+
+@pytest.fixture(scope="module")
+def built_v32():
+    return tiny_deepseek.build(V32_CONFIG, seed=3)
+
+
+def v32_cache(model, lat):
+    return [mlx_cache.CacheList(lat(), KVCache()) for _ in model.layers]
+
+
+def test_v32_mlx_lm_alone_ignores_kv_bits(built_v32):
+    """Upstream (mlx-lm 0.32.2): deepseek_v32's CacheList has no to_quantized, so
+    kv_bits is silently ignored: the cache stays 16-bit. With the patch it is quantized."""
+    model, _ = tiny_deepseek.build(V32_CONFIG, seed=3)
+    cache = make_prompt_cache(model)
+    greedy(model, 3, prompt_cache=cache, kv_bits=8, quantized_kv_start=0)
+    assert type(cache[0][0]) is KVCache
+    moequant.patch(model)
+    cache = make_prompt_cache(model)
+    greedy(model, 3, prompt_cache=cache, kv_bits=8, quantized_kv_start=0)
+    assert isinstance(cache[0], kv_cache.MLACacheList)
+    assert isinstance(cache[0][0], MLAQuantizedKVCache) and type(cache[0][1]) is KVCache
+
+
+@pytest.mark.parametrize("bits,gs", [(8, 64), (4, 64), (4, 32)])
+@pytest.mark.parametrize("prefill", [5, 30])
+def test_v32_attention_matches_mlx_lm_on_dequantized_cache(built_v32, bits, gs, prefill):
+    """One deepseek_v32 attention layer, against mlx-lm's own on a cache holding the
+    dequantized values (the indexer reads the same inputs, so it picks the same
+    positions). A 5-token prefill is dense (T <= index_topk 8) and its decode steps cross
+    into the sparse path (the quantized rows gathered); a 30-token prefill is sparse from
+    the start (mlx-lm's sparse mask through the chunked prefill)."""
+    from mlx_lm.models.base import create_causal_mask
+
+    model, cfg = built_v32
+    moequant.patch(model)
+    attn = model.model.layers[1].self_attn
+    ours = mlx_cache.CacheList(MLAQuantizedKVCache(group_size=gs, bits=bits), KVCache())
+    ref = mlx_cache.CacheList(DequantizedKVCache(bits, gs), KVCache())
+    rng = np.random.default_rng(bits + gs + prefill)
+    x = mx.array(rng.standard_normal((1, prefill, cfg["hidden_size"])).astype(np.float32))
+    mask = create_causal_mask(prefill)
+    for step in range(6):
+        a, b = np.array(attn(x, mask, cache=ours)), np.array(attn(x, mask, cache=ref))
+        assert np.abs(a - b).max() < 2e-5 * np.abs(b).max(), step
+        x = mx.array(rng.standard_normal((1, 1, cfg["hidden_size"])).astype(np.float32))
+        mask = None
+    assert ours[0].offset == prefill + 5 and ours[1].offset == prefill + 5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_v32_greedy_decode(built_v32, bits):
+    """mlx-lm's generate with kv_bits on the patched deepseek_v32: no crash; 8 bits
+    decodes the 16-bit cache's tokens; quantized from the first token on, the tokens of
+    mlx-lm's attention on the dequantized cache."""
+    model, _ = tiny_deepseek.build(V32_CONFIG, seed=3)
+    want = greedy(model)
+    moequant.patch(model)
+    assert greedy(model, prompt_cache=make_prompt_cache(model)) == want
+    cache = make_prompt_cache(model)
+    got = greedy(model, prompt_cache=cache, kv_bits=bits, quantized_kv_start=0)
+    assert all(isinstance(c[0], MLAQuantizedKVCache) and c[0].bits == bits for c in cache)
+    assert len(got) == 12 and got[0] == want[0]
+    if bits == 8:
+        assert got == want
+    ours = greedy(model, prompt_cache=v32_cache(model, lambda: MLAQuantizedKVCache(64, bits)))
+    assert ours == greedy(model, prompt_cache=v32_cache(model, lambda: DequantizedKVCache(bits, 64)))
+
+
+def test_v32_trim_and_save_load(built_v32, tmp_path):
+    """Trim (both caches) then the same tokens again gives the same logits; a prompt
+    cache saved and reloaded by mlx-lm continues as the original."""
+    model, _ = built_v32
+    moequant.patch(model)
+    cache = make_prompt_cache(model)
+    for c in cache:
+        c.to_quantized(group_size=64, bits=4)
+    model(PROMPT[None], cache=cache)
+    extra = mx.array([[11, 12, 13]])
+    want = np.array(model(extra, cache=cache))
+    assert mlx_cache.can_trim_prompt_cache(cache)
+    assert mlx_cache.trim_prompt_cache(cache, 3) == 3
+    assert cache[0].offset == 30 and cache[0][1].offset == 30
+    assert np.array_equal(np.array(model(extra, cache=cache)), want)
+
+    f = tmp_path / "v32.safetensors"
+    save_prompt_cache(str(f), cache)
+    loaded = load_prompt_cache(str(f))
+    assert [type(c) for c in loaded] == [kv_cache.MLACacheList] * len(cache)
+    assert all(isinstance(c[0], MLAQuantizedKVCache) and (c[0].bits, c[0].offset) == (4, 33)
+               and c[1].offset == 33 for c in loaded)
+    tok = mx.array([7])
+    assert greedy(model, 6, prompt=tok, prompt_cache=loaded) == \
+        greedy(model, 6, prompt=tok, prompt_cache=cache)
+
+
+def test_v32_plan_counts_the_indexer_cache():
+    """`moequant plan` on a deepseek_v32 config: the latent columns as for DeepSeek-V3,
+    plus the indexer's 16-bit key cache (keys and mlx-lm's same-size zero values), which
+    --kv-bits leaves unquantized."""
+    from moequant.plan import format_kv_table, kv_cache_table
+
+    cfg = dict(model_type="deepseek_v32", num_hidden_layers=61, kv_lora_rank=512,
+               qk_rope_head_dim=64, index_head_dim=128, max_position_embeddings=163840)
+    kv = kv_cache_table(cfg)
+    assert kv["bytes_per_token_layer"]["8-bit g64"] == 612
+    assert kv["indexer_bytes_per_token_layer"] == 2 * 128 * 2
+    text = format_kv_table(kv)
+    assert "indexer's cache" in text and "128K 4.1 GB" in text
+    assert "indexer" not in format_kv_table(kv_cache_table(dict(cfg, index_head_dim=None)))
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v32"])
+def test_decode_without_metal_kernels_uses_mlx_ops(arch, monkeypatch):
+    """A GPU default device in a build without moequant's Metal kernels: decode steps
+    take the chunked MLX-ops path (same tokens), not a RuntimeError from the kernel. The
+    device check is faked on the CPU (this machine has no GPU)."""
+    from moequant import ops
+
+    cfg = V32_CONFIG if arch == "deepseek_v32" else KV_CONFIG
+    model, _ = tiny_deepseek.build(cfg, seed=3)
+    moequant.patch(model)
+    want = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8, quantized_kv_start=0)
+    calls = []
+    monkeypatch.setattr(ops, "has_metal", False)
+    monkeypatch.setattr(kv_cache, "mla_decode_attention", lambda *a, **k: calls.append(1))
+    real = mx.default_device
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    try:
+        got = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8,
+                     quantized_kv_start=0)
+    finally:
+        monkeypatch.setattr(mx, "default_device", real)
+    assert got == want and not calls

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import moequant
+from mla_reference import make_case, mla_decode_reference
 from moe_reference import make_proj, moe_reference, rel_err
 
 ON_METAL = sys.platform == "darwin" and mx.metal.is_available() and moequant.metal_available()
@@ -56,9 +57,23 @@ def test_without_metal_gpu_calls_say_why():
                                        stream=mx.gpu).value)
     with pytest.raises(ValueError, match=r"moe_prefill\] has no GPU kernel"):
         moequant.moe_prefill(x, idx, sc, g, u, d, stream=mx.gpu)
+    q, qp, lat, pe = mla_case(np.random.default_rng(1))
+    with pytest.raises(RuntimeError, match=r"\[moequant.mla_decode_attention\] a GPU stream "
+                       r"needs moequant's Metal kernels, but .*Use stream=mx.cpu"):
+        moequant.mla_decode_attention(q, qp, lat, pe, scale=0.1, bits=8, group_size=64,
+                                      stream=mx.gpu)
+    # Bad arguments are named first, as on every backend.
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        moequant.mla_decode_attention(q, qp, lat, pe, scale=0.1, bits=6, group_size=64,
+                                      stream=mx.gpu)
     # The CPU ops are unaffected.
     assert rel_err(moequant.moe_swiglu(x, idx, sc, g, u, d, stream=mx.cpu),
                    moe_reference(x, idx, sc, g, u, d)) < 2e-6
+
+
+def mla_case(rng, B=1, H=6, T=300, R=128, DR=64, bits=8, gs=64, qdtype=mx.float32,
+             sdtype=mx.float32):
+    return make_case(rng, B, H, T, R, DR, bits, gs, qdtype, sdtype, spread=0.3)
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux builds have no Metal backend")
@@ -98,3 +113,25 @@ def test_moe_swiglu_gpu_out_of_range_ids_give_nan_rows():
     bad[1, 0] = 4
     y = np.array(moequant.moe_swiglu(x, mx.array(bad), sc, g, u, d, stream=mx.gpu))
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not ON_METAL, reason="needs macOS with a Metal GPU and moequant's metallib; "
+                    "on Linux the kernels run on the emulator (test_mla_attention_metal_emulated)")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs,R,DR", [(32, 96, 32), (64, 512, 64), (128, 256, 128)])
+@pytest.mark.parametrize("qdtype,sdtype,tol", [(mx.float32, "float32", 2e-5),
+                                               (mx.bfloat16, "bfloat16", 1e-2),
+                                               (mx.float16, "float16", 2e-3),
+                                               (mx.float32, "bfloat16", 2e-5)])
+def test_mla_decode_attention_gpu_matches_cpu_and_oracle(bits, gs, R, DR, qdtype, sdtype, tol):
+    """T = 700: three chunks of the Metal form, the last ragged; two batch rows."""
+    rng = np.random.default_rng(bits * 11 + gs)
+    c = mla_case(rng, B=2, H=6, T=700, R=R, DR=DR, bits=bits, gs=gs, qdtype=qdtype,
+                 sdtype=getattr(mx, sdtype))
+    gpu = moequant.mla_decode_attention(*c, scale=0.1, bits=bits, group_size=gs, stream=mx.gpu)
+    cpu = moequant.mla_decode_attention(*c, scale=0.1, bits=bits, group_size=gs, stream=mx.cpu)
+    want = mla_decode_reference(*c, 0.1, gs, bits)
+    assert gpu.dtype == qdtype and gpu.shape == c[0].shape
+    assert rel_err(gpu.astype(mx.float32), want) < tol
+    assert rel_err(gpu.astype(mx.float32), np.array(cpu.astype(mx.float32)).astype(np.float64)) \
+        < 2 * tol

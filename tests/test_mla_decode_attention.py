@@ -8,17 +8,7 @@ import numpy as np
 import pytest
 
 import moequant
-from mla_reference import mla_decode_reference, rel_err
-
-
-def make_case(rng, B, H, T, R, DR, bits, gs, qdtype=mx.float32, sdtype=mx.float32, spread=1.0):
-    q_lat = mx.array(rng.standard_normal((B, H, R)).astype(np.float32) * spread).astype(qdtype)
-    q_pe = mx.array(rng.standard_normal((B, H, DR)).astype(np.float32) * spread).astype(qdtype)
-    lat = mx.quantize(mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype),
-                      group_size=gs, bits=bits)
-    pe = mx.quantize(mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype),
-                     group_size=gs, bits=bits)
-    return q_lat, q_pe, lat, pe
+from mla_reference import make_case, mla_decode_reference, rel_err
 
 
 def run(c, scale, bits, gs):

@@ -5,6 +5,7 @@
 
 #include "common/checks.h"
 #include "mla_attention/mla_attention_cpu.h"
+#include "mla_attention_launch.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace moequant {
@@ -27,9 +28,8 @@ cpu::MlaDtype mla_dtype(mx::Dtype t) {
                           : (t == mx::float16 ? cpu::MlaDtype::f16 : cpu::MlaDtype::bf16);
 }
 
-} // namespace
-
-mx::array mla_decode_attention(
+// The argument checks shared by both forms (std::invalid_argument naming the argument).
+void check_args(
     const mx::array& q_lat,
     const mx::array& q_pe,
     const mx::array& lat_w,
@@ -38,10 +38,8 @@ mx::array mla_decode_attention(
     const mx::array& pe_w,
     const mx::array& pe_s,
     const mx::array& pe_b,
-    float scale,
     int bits,
-    int group_size,
-    mx::StreamOrDevice s) {
+    int group_size) {
   if (!(bits == 4 || bits == 8)) {
     fail("bits must be 4 or 8; got " + std::to_string(bits) + ".");
   }
@@ -90,22 +88,32 @@ mx::array mla_decode_attention(
            dtype_str(a->dtype()) + ".");
     }
   }
-  auto st = mx::to_stream(s);
-  if (st.device == mx::Device::gpu) {
-    // Until the Metal kernel (metal/mla_attention.h) is dispatched from here, GPU
-    // streams compose MLX's own ops: dequantize, matmuls, a precise softmax.
-    auto deq = [&](const mx::array& w, const mx::array& sc, const mx::array& bi) {
-      return mx::astype(mx::dequantize(w, sc, bi, group_size, bits, "affine", std::nullopt, mx::float32, st),
-                        mx::float32, st);
-    };
-    auto lat = deq(lat_w, lat_s, lat_b); // (B, T, R)
-    auto pe = deq(pe_w, pe_s, pe_b);
-    auto f = [&](const mx::array& q) { return mx::astype(q, mx::float32, st); };
-    auto sc = mx::add(mx::matmul(f(q_lat), mx::swapaxes(lat, 1, 2, st), st),
-                      mx::matmul(f(q_pe), mx::swapaxes(pe, 1, 2, st), st), st);
-    auto p = mx::softmax(mx::multiply(sc, mx::array(scale), st), std::vector<int>{-1}, true, st);
-    return mx::astype(mx::matmul(p, lat, st), q_lat.dtype(), st);
+}
+
+} // namespace
+
+mx::array mla_decode_attention(
+    const mx::array& q_lat,
+    const mx::array& q_pe,
+    const mx::array& lat_w,
+    const mx::array& lat_s,
+    const mx::array& lat_b,
+    const mx::array& pe_w,
+    const mx::array& pe_s,
+    const mx::array& pe_b,
+    float scale,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  // Bad arguments are refused the same way on every backend, before the Metal check.
+  check_args(q_lat, q_pe, lat_w, lat_s, lat_b, pe_w, pe_s, pe_b, bits, group_size);
+  if (wants_gpu(s)) {
+    check_metal_stream(s, "mla_decode_attention");
+    return mla_decode_attention_metal_graph(
+        q_lat, q_pe, lat_w, lat_s, lat_b, pe_w, pe_s, pe_b, scale, bits, group_size, s);
   }
+  auto st = mx::to_stream(s);
+  const int B = q_lat.shape(0), H = q_lat.shape(1), R = q_lat.shape(2);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   return mx::array(
       {B, H, R},
@@ -113,6 +121,42 @@ mx::array mla_decode_attention(
       std::make_shared<MlaDecodeAttention>(st, scale, bits, group_size),
       {c(mx::astype(q_lat, mx::float32, st)), c(mx::astype(q_pe, mx::float32, st)), c(lat_w),
        c(lat_s), c(lat_b), c(pe_w), c(pe_s), c(pe_b)});
+}
+
+mx::array mla_decode_attention_metal_graph(
+    const mx::array& q_lat,
+    const mx::array& q_pe,
+    const mx::array& lat_w,
+    const mx::array& lat_s,
+    const mx::array& lat_b,
+    const mx::array& pe_w,
+    const mx::array& pe_s,
+    const mx::array& pe_b,
+    float scale,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  check_args(q_lat, q_pe, lat_w, lat_s, lat_b, pe_w, pe_s, pe_b, bits, group_size);
+  const int B = q_lat.shape(0), H = q_lat.shape(1), R = q_lat.shape(2), DR = q_pe.shape(2);
+  const int T = lat_w.shape(1);
+  // The kernel keeps a head's query in registers (MQ_MLA_VPL values per lane) and a
+  // block of rows in threadgroup memory.
+  if (R > 32 * MQ_MLA_VPL || DR > 32 * MQ_MLA_VPL_PE || R + DR > MQ_MLA_ROW) {
+    fail("the Metal kernel takes a latent dimension up to " + std::to_string(32 * MQ_MLA_VPL) +
+         ", a rope dimension up to " + std::to_string(32 * MQ_MLA_VPL_PE) + " and " +
+         std::to_string(MQ_MLA_ROW) + " in all; got " + std::to_string(R) + " and " +
+         std::to_string(DR) + ". Use stream=mx.cpu.");
+  }
+  auto st = mx::to_stream(s);
+  const int chunk = launch::mla_metal_chunk(T);
+  const int nc = (T + chunk - 1) / chunk;
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto parts = mx::array::make_arrays(
+      {{B, nc, H, 2}, {B, nc, H, R}},
+      {mx::float32, mx::float32},
+      std::make_shared<MlaDecodePartial>(st, scale, bits, group_size, chunk),
+      {c(q_lat), c(q_pe), c(lat_w), c(lat_s), c(lat_b), c(pe_w), c(pe_s), c(pe_b)});
+  return mx::array({B, H, R}, q_lat.dtype(), std::make_shared<MlaDecodeMerge>(st), parts);
 }
 
 bool MlaDecodeAttention::is_equivalent(const mx::Primitive& other) const {
@@ -173,8 +217,90 @@ void MlaDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& o
 }
 
 void MlaDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  // The op builder sends GPU streams to MLX ops (see mla_decode_attention).
-  throw std::runtime_error("[moequant.mla_decode_attention] no GPU dispatch of its own yet.");
+  // The op builder gives GPU streams the Metal form (MlaDecodePartial, MlaDecodeMerge).
+  throw std::runtime_error("[moequant.mla_decode_attention] the fused CPU form has no GPU evaluation.");
+}
+
+bool MlaDecodePartial::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MlaDecodePartial&>(other);
+  return scale_ == o.scale_ && bits_ == o.bits_ && group_size_ == o.group_size_ &&
+      chunk_ == o.chunk_;
+}
+
+std::vector<mx::Shape> MlaDecodePartial::output_shapes(const std::vector<mx::array>& in) {
+  const int B = in[0].shape(0), H = in[0].shape(1), R = in[0].shape(2), T = in[2].shape(1);
+  const int nc = (T + chunk_ - 1) / chunk_;
+  return {{B, nc, H, 2}, {B, nc, H, R}};
+}
+
+std::vector<mx::Shape> MlaDecodeMerge::output_shapes(const std::vector<mx::array>& in) {
+  return {{in[1].shape(0), in[1].shape(2), in[1].shape(3)}};
+}
+
+void MlaDecodePartial::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[moequant.mla_decode_attention] the Metal form runs on GPU streams only; on the CPU "
+      "the op is one fused primitive.");
+}
+
+void MlaDecodeMerge::eval_cpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[moequant.mla_decode_attention] the Metal form runs on GPU streams only; on the CPU "
+      "the op is one fused primitive.");
+}
+
+// ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so
+// that the emulator tests execute it too; geometry, indices and names from
+// mla_attention_launch.h.
+
+void MlaDecodePartial::encode(
+    KernelEncoder& enc,
+    const std::vector<mx::array>& in,
+    const std::vector<mx::array>& out) const {
+  const uint32_t B = in[0].shape(0), H = in[0].shape(1), R = in[0].shape(2);
+  const uint32_t DR = in[1].shape(2), T = in[2].shape(1), nc = out[0].shape(1);
+  enc.set_kernel(launch::mla_decode_partial_name(
+      dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), bits_));
+  const int bufs[8] = {MQ_MLA_Q_LAT, MQ_MLA_Q_PE, MQ_MLA_LAT_W, MQ_MLA_LAT_S,
+                       MQ_MLA_LAT_B, MQ_MLA_PE_W, MQ_MLA_PE_S,  MQ_MLA_PE_B};
+  for (int i = 0; i < 8; ++i) {
+    enc.set_input(in[i], bufs[i]);
+  }
+  enc.set_output(out[0], MQ_MLA_PART_ML);
+  enc.set_output(out[1], MQ_MLA_PART_ACC);
+  enc.set_scalar(H, MQ_MLA_H);
+  enc.set_scalar(T, MQ_MLA_T);
+  enc.set_scalar(R, MQ_MLA_R);
+  enc.set_scalar(DR, MQ_MLA_DR);
+  enc.set_scalar(static_cast<uint32_t>(group_size_), MQ_MLA_GS);
+  enc.set_scalar(static_cast<uint32_t>(chunk_), MQ_MLA_CHUNK);
+  enc.set_scalar(scale_, MQ_MLA_SCALE);
+  enc.dispatch_threadgroups({nc, (H + MQ_MLA_SG - 1) / MQ_MLA_SG, B}, {32, MQ_MLA_SG, 1});
+}
+
+void MlaDecodeMerge::encode(
+    KernelEncoder& enc,
+    const std::vector<mx::array>& in,
+    const std::vector<mx::array>& out) const {
+  const uint32_t B = in[1].shape(0), nc = in[1].shape(1), H = in[1].shape(2);
+  const uint32_t R = in[1].shape(3);
+  enc.set_kernel(launch::mla_decode_merge_name(dtype_str(out[0].dtype())));
+  enc.set_input(in[0], MQ_MLM_PART_ML);
+  enc.set_input(in[1], MQ_MLM_PART_ACC);
+  enc.set_output(out[0], MQ_MLM_OUT);
+  enc.set_scalar(H, MQ_MLM_H);
+  enc.set_scalar(R, MQ_MLM_R);
+  enc.set_scalar(nc, MQ_MLM_NC);
+  enc.dispatch_threadgroups({H, B, 1}, {32, 1, 1});
+}
+
+void MlaDecodePartial::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  eval_metal(stream(), *this, out, in, "mla_decode_attention");
+}
+
+void MlaDecodeMerge::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs{out};
+  eval_metal(stream(), *this, outs, in, "mla_decode_attention");
 }
 
 } // namespace moequant

@@ -1,8 +1,11 @@
 // mla_decode_attention: one decode step of MLA's absorbed attention read directly from
 // an affine-quantized (4/8-bit) latent KV cache. CPU kernel in mla_attention_cpu.*,
-// Metal twin in metal/mla_attention.{h,metal}.
+// Metal twin in metal/mla_attention.{h,metal}: on a GPU stream the op is two primitives,
+// one per Metal kernel (MlaDecodePartial, MlaDecodeMerge), dispatched through
+// KernelEncoder like moe_swiglu.
 #pragma once
 
+#include "common/kernel_encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -15,6 +18,24 @@ namespace mx = mlx::core;
 // (B, T, DR/group_size), scales and biases of one float dtype. Returns (B, H, R) in
 // q_lat's dtype: softmax_t(scale * (q_lat . latent_t + q_pe . k_pe_t)) . latent.
 mx::array mla_decode_attention(
+    const mx::array& q_lat,
+    const mx::array& q_pe,
+    const mx::array& lat_w,
+    const mx::array& lat_s,
+    const mx::array& lat_b,
+    const mx::array& pe_w,
+    const mx::array& pe_s,
+    const mx::array& pe_b,
+    float scale,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s = {});
+
+// The op's Metal form (the graph a GPU stream gets) built on any stream, without the
+// check that Metal can run: the emulator tests record its host dispatch on Linux
+// (bound as moequant._ext._mla_decode_attention_metal_graph). Its primitives have no
+// CPU evaluation.
+mx::array mla_decode_attention_metal_graph(
     const mx::array& q_lat,
     const mx::array& q_pe,
     const mx::array& lat_w,
@@ -44,6 +65,51 @@ class MlaDecodeAttention : public mx::UnaryPrimitive {
   float scale_;
   int bits_;
   int group_size_;
+};
+
+// Metal kernel A (mla_decode_partial): inputs q_lat, q_pe (one float dtype), lat_w/s/b,
+// pe_w/s/b -> per (batch, chunk, head) softmax state: ml (B, nc, H, 2) = (max, sum) and
+// acc (B, nc, H, R), float32.
+class MlaDecodePartial : public mx::Primitive, public MetalDispatch {
+ public:
+  MlaDecodePartial(mx::Stream stream, float scale, int bits, int group_size, int chunk)
+      : mx::Primitive(stream), scale_(scale), bits_(bits), group_size_(group_size), chunk_(chunk) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MoequantMlaDecodePartial";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
+
+ private:
+  float scale_;
+  int bits_;
+  int group_size_;
+  int chunk_;
+};
+
+// Metal kernel B (mla_decode_merge): ml, acc -> (B, H, R) in the output dtype.
+class MlaDecodeMerge : public mx::UnaryPrimitive, public MetalDispatch {
+ public:
+  explicit MlaDecodeMerge(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MoequantMlaDecodeMerge";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  void encode(
+      KernelEncoder& enc,
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const override;
 };
 
 } // namespace moequant

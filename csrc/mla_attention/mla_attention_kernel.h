@@ -20,6 +20,7 @@ namespace moequant::cpu::MLA_NS {
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 inline v8 ld(const float* p) {
   v8 v;
@@ -32,9 +33,40 @@ inline void st(float* p, v8 v) {
 inline v8 splat(float x) {
   return v8{x, x, x, x, x, x, x, x};
 }
-inline float hsum(v8 v) {
-  // A fixed pairwise order: the same sum on every ISA.
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+// The sums of a, b, c, d in lanes 0..3 (lanes 4..7 repeat them): a transposed
+// reduction, 3 adds and 6 shuffles for 4 sums, in a fixed order on every ISA.
+inline v8 hsum4(v8 a, v8 b, v8 c, v8 d) {
+  const v8 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+      __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+      __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+  // x = [a', a'', c', c'', b', b'', d', d'']
+  const v8 x = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+      __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(x, x, 0, 4, 2, 6, 0, 4, 2, 6) +
+      __builtin_shufflevector(x, x, 1, 5, 3, 7, 1, 5, 3, 7);
+}
+
+// e^x of 8 lanes (Cephes' expf: 2^n e^r, |r| <= ln2/2, degree-5 polynomial; within 2
+// ulp of expf for x in [-87, 88], clamped outside, NaN kept): the softmax's weights
+// without a libm call per score.
+inline v8 exp8(v8 x) {
+  const v8i nan = x != x;
+  v8 y = x < splat(-87.0f) ? splat(-87.0f) : x;
+  y = y > splat(88.0f) ? splat(88.0f) : y;
+  const v8 fx = y * splat(1.44269504088896341f) + splat(0.5f);
+  v8 t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8);
+  t = t > fx ? t - splat(1.0f) : t; // floor
+  const v8 r = (y - t * splat(0.693359375f)) - t * splat(-2.12194440e-4f);
+  v8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  const v8i n = __builtin_convertvector(t, v8i);
+  return nan ? x : p * (v8)((n + 127) << 23); // 2^n from its exponent bits
 }
 
 inline float to_float(const void* p, int64_t i, MlaDtype t) {
@@ -138,19 +170,20 @@ void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* 
     for (int j = nb; j < ((nb + 3) & ~3); ++j) {
       std::memset(rows + j * rs, 0, sizeof(float) * rs);
     }
-    // Scores, 2 heads x 4 positions at a time (the rope part is a second dot).
+    // Scores, 2 heads x 4 positions at a time: the latent and rope dots accumulate in
+    // the same registers, reduced 4 at a time (rows past nb are zeros; their scores are
+    // written to p but never read).
     for (int h = 0; h < nh; h += 2) {
       const int hh = h + 1 < nh ? h + 1 : h; // odd tail: recompute the last head
       for (int j = 0; j < nb; j += 4) {
         v8 d[2][4] = {};
         dots_2x4(ql + int64_t(h0 + h) * R, ql + int64_t(h0 + hh) * R, rows + j * rs, rs, R, d);
-        v8 e[2][4] = {};
         dots_2x4(qp + int64_t(h0 + h) * DR, qp + int64_t(h0 + hh) * DR, rows + j * rs + R, rs, DR,
-                 e);
-        for (int u = 0; u < 4 && j + u < nb; ++u) {
-          p[h * kMlaBlock + j + u] = a.scale * (hsum(d[0][u]) + hsum(e[0][u]));
-          p[hh * kMlaBlock + j + u] = a.scale * (hsum(d[1][u]) + hsum(e[1][u]));
-        }
+                 d);
+        const v8 s0 = hsum4(d[0][0], d[0][1], d[0][2], d[0][3]) * splat(a.scale);
+        const v8 s1 = hsum4(d[1][0], d[1][1], d[1][2], d[1][3]) * splat(a.scale);
+        std::memcpy(p + h * kMlaBlock + j, &s0, 4 * sizeof(float));
+        std::memcpy(p + hh * kMlaBlock + j, &s1, 4 * sizeof(float));
       }
     }
     // Online softmax: rescale a head's running sums when its max grows.
@@ -169,36 +202,44 @@ void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* 
         }
         m[h] = mb;
       }
+      // A NaN score (NaN query) propagates through sum and acc.
+      for (int j = 0; j < kMlaBlock; j += 8) {
+        st(ph + j, exp8(ld(ph + j) - splat(mb)));
+      }
       float sum = 0.0f;
       for (int j = 0; j < nb; ++j) {
-        // A NaN score (NaN query) propagates through sum and acc.
-        ph[j] = std::exp(ph[j] - mb);
         sum += ph[j];
       }
       l[h] += sum;
     }
-    // acc[h] += sum_j p[h][j] * latent_j, 16 values x 2 heads per register block.
+    // acc[h] += sum_j p[h][j] * latent_j, 32 values x 2 heads per register block (each
+    // weight broadcast once per 4 row vectors).
     for (int h = 0; h < nh; h += 2) {
       const bool two = h + 1 < nh;
       float* a0 = acc + int64_t(h) * R;
       float* a1 = acc + int64_t(two ? h + 1 : h) * R;
       const float* p0 = p + h * kMlaBlock;
       const float* p1 = p + (two ? h + 1 : h) * kMlaBlock;
-      for (int r = 0; r < R; r += 16) {
-        v8 x0 = ld(a0 + r), x1 = ld(a0 + r + 8), y0 = ld(a1 + r), y1 = ld(a1 + r + 8);
-        for (int j = 0; j < nb; ++j) {
-          const v8 w0 = ld(rows + j * rs + r), w1 = ld(rows + j * rs + r + 8);
-          const v8 s0 = splat(p0[j]), s1 = splat(p1[j]);
-          x0 += s0 * w0;
-          x1 += s0 * w1;
-          y0 += s1 * w0;
-          y1 += s1 * w1;
+      for (int r = 0; r < R; r += 32) {
+        v8 x[4], y[4];
+        for (int q = 0; q < 4; ++q) {
+          x[q] = ld(a0 + r + 8 * q);
+          y[q] = ld(a1 + r + 8 * q);
         }
-        st(a0 + r, x0);
-        st(a0 + r + 8, x1);
-        if (two) {
-          st(a1 + r, y0);
-          st(a1 + r + 8, y1);
+        for (int j = 0; j < nb; ++j) {
+          const float* w = rows + j * rs + r;
+          const v8 s0 = splat(p0[j]), s1 = splat(p1[j]);
+          for (int q = 0; q < 4; ++q) {
+            const v8 wq = ld(w + 8 * q);
+            x[q] += s0 * wq;
+            y[q] += s1 * wq;
+          }
+        }
+        for (int q = 0; q < 4; ++q) {
+          st(a0 + r + 8 * q, x[q]);
+          if (two) {
+            st(a1 + r + 8 * q, y[q]);
+          }
         }
       }
     }

@@ -22,6 +22,12 @@ crashes on the first token: ``'list' object has no attribute 'swapaxes'``).
   runs ``mla_attention`` (decode: the fused ``ops.mla_decode_attention`` kernel;
   several tokens: the cache dequantized chunk by chunk); with any other cache the
   layer's own ``__call__`` runs. ``moequant.patch`` calls it.
+* deepseek_v32 (MLA plus the indexer of DeepSeek sparse attention): its per-layer
+  ``CacheList(latent, indexer keys)`` becomes an ``MLACacheList`` whose ``to_quantized``
+  quantizes the latent cache only (the indexer scores all cached keys in the model's
+  dtype), and ``mla_attention_v32`` reads the quantized latent at the positions the
+  indexer picks (mlx-lm's own CacheList has no ``to_quantized``: its ``--kv-bits``
+  silently keeps the 16-bit cache there).
 
 Memory per token and layer: ``(R + DR) * bits / 8`` bytes of codes plus
 ``2 * (R + DR) / group_size`` scales and biases in the model's dtype
@@ -31,14 +37,16 @@ Memory per token and layer: ``(R + DR) * bits / 8`` bytes of codes plus
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models import cache as _mlx_cache
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
 from .mla_attention import project
 from .mlx_lm_patch import import_classes
+from . import ops
 from .ops import mla_decode_attention
 
 SUPPORTED_BITS = (4, 8)
@@ -50,6 +58,9 @@ PREFILL_CHUNK = 4096
 
 # MLA attention classes whose __call__ mla_attention reproduces (module, class).
 _ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
+# deepseek_v32: the same MLA plus an indexer (DeepSeek sparse attention) with its own
+# key cache; mla_attention_v32 reproduces its __call__.
+_ATTENTION_V32 = (("mlx_lm.models.deepseek_v32", "DeepseekV32Attention"),)
 
 
 def check_kv_quantization(bits, group_size, latent_dim=None, rope_dim=None) -> None:
@@ -135,8 +146,25 @@ class MLAQuantizedKVCache(QuantizedKVCache):
         return self.offset
 
 
+class MLACacheList(CacheList):
+    """deepseek_v32's per-layer CacheList(latent cache, indexer cache) with what mlx-lm's
+    ``kv_bits`` switch needs: ``offset`` and ``to_quantized``, which quantizes the latent
+    cache only (the indexer scores every cached key in the model's dtype; mlx-lm's own
+    CacheList has neither, so ``--kv-bits`` silently did nothing on deepseek_v32)."""
+
+    @property
+    def offset(self):
+        return self.caches[0].offset
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "MLACacheList":
+        lat = self.caches[0]
+        if isinstance(lat, MLAKVCache):
+            self.caches = (lat.to_quantized(group_size=group_size, bits=bits), *self.caches[1:])
+        return self
+
+
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.
-for _cls in (MLAKVCache, MLAQuantizedKVCache):
+for _cls in (MLAKVCache, MLAQuantizedKVCache, MLACacheList):
     setattr(_mlx_cache, _cls.__name__, _cls)
 
 
@@ -182,6 +210,20 @@ def _prefill(attn, q_nope, q_pe, cache, mask):
     return (acc / den).astype(q_nope.dtype)
 
 
+def _decode(attn, q_nope, q_pe, lat, pe, cache):
+    """One query token against the quantized triples lat/pe with the fused kernel, then
+    ``unembed_out``: (B, H, 1, v_head_dim). On a GPU without moequant's Metal kernels
+    (a build whose metallib failed), the chunked MLX-ops path instead."""
+    if mx.default_device() != mx.cpu and not ops.has_metal:
+        view = SimpleNamespace(keys=lat, values=pe, offset=lat[0].shape[-2],
+                               group_size=cache.group_size, bits=cache.bits)
+        return _prefill(attn, q_nope, q_pe, view, None)
+    q_lat = attn.embed_q(q_nope)  # (B, H, 1, R)
+    out = mla_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], lat, pe, scale=attn.scale,
+                               bits=cache.bits, group_size=cache.group_size)
+    return attn.unembed_out(out[:, :, None])
+
+
 def mla_attention(attn, x, mask, cache: MLAQuantizedKVCache):
     """DeepseekV3Attention.__call__ with an MLAQuantizedKVCache. Decode (one token): the
     query in latent space against the quantized cache with ``mla_decode_attention``,
@@ -190,14 +232,51 @@ def mla_attention(attn, x, mask, cache: MLAQuantizedKVCache):
     q_nope, q_pe, latent, k_pe = project(attn, x, cache.offset)
     cache.update_and_fetch(latent, k_pe)
     if L == 1:
-        q_lat = attn.embed_q(q_nope)  # (B, H, 1, R)
-        lat, pe = cache.fetch()
-        out = mla_decode_attention(
-            q_lat[:, :, 0], q_pe[:, :, 0], lat, pe,
-            scale=attn.scale, bits=cache.bits, group_size=cache.group_size)
-        out = attn.unembed_out(out[:, :, None])  # (B, H, 1, v_head_dim)
+        out = _decode(attn, q_nope, q_pe, *cache.fetch(), cache)
     else:
         out = _prefill(attn, q_nope, q_pe, cache, mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def mla_attention_v32(attn, x, mask, caches: CacheList):
+    """DeepseekV32Attention.__call__ with CacheList(MLAQuantizedKVCache, indexer cache).
+    The indexer (its own keys, in the model's dtype) picks ``index_topk`` cached
+    positions per query once the cache holds more; the attention is MLA's over those
+    positions. Decode: the quantized rows at the picked positions are gathered (codes,
+    scales and biases: exact) and read by the fused kernel; more tokens: ``_prefill``
+    with mlx-lm's sparse mask (the picked positions, and the causal mask)."""
+    B, L, _ = x.shape
+    cache, index_cache = caches[0], caches[1]
+    q_nope, q_pe, latent, k_pe, qr = project(attn, x, cache.offset, with_qr=True)
+    cache.update_and_fetch(latent, k_pe)
+    topk = attn.indexer(x, qr, mask, cache=index_cache)
+    if topk is not None:
+        topk = mx.stop_gradient(topk)  # (B, 1, L, index_topk)
+    if L == 1 and mask is None:
+        lat, pe = cache.fetch()
+        if topk is not None:
+            idx = topk[:, :, 0, :, None]  # (B, 1, k, 1)
+
+            def pick(t):
+                return tuple(mx.take_along_axis(
+                    a, mx.broadcast_to(idx, idx.shape[:-1] + (a.shape[-1],)), axis=2) for a in t)
+
+            lat, pe = pick(lat), pick(pe)
+        out = _decode(attn, q_nope, q_pe, lat, pe, cache)
+    else:
+        if topk is not None:
+            shape = list(topk.shape)
+            shape[-1] = cache.offset
+            sparse = mx.put_along_axis(mx.zeros(shape, dtype=mx.bool_), topk, mx.array(True),
+                                       axis=-1)
+            if isinstance(mask, str):
+                mask = mx.arange(cache.offset - L, cache.offset)[:, None] >= \
+                    mx.arange(cache.offset)[None]
+            mask = sparse if mask is None else sparse & mask
+        out = _prefill(attn, q_nope, q_pe, cache, mask)
+    # The indexer's cache is evaluated with this step even when its top-k is unused (as
+    # mlx-lm ties it to the latent cache), so its graph does not grow step after step.
+    out = mx.depends(out, [index_cache.keys, index_cache.values])
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -213,11 +292,17 @@ class _QuantizedCacheAttention:
     def __call__(self, x, mask=None, cache=None):
         if isinstance(cache, MLAQuantizedKVCache):
             return mla_attention(self, x, mask, cache)
+        if isinstance(cache, CacheList) and isinstance(cache[0], MLAQuantizedKVCache):
+            return mla_attention_v32(self, x, mask, cache)
         return super().__call__(x, mask, cache)
 
 
 def _make_cache(model):
     return [MLAKVCache() for _ in model.layers]
+
+
+def _make_cache_v32(model):
+    return [MLACacheList(MLAKVCache(), KVCache()) for _ in model.layers]
 
 
 def patch_kv_cache(model) -> int:
@@ -226,24 +311,31 @@ def patch_kv_cache(model) -> int:
     other class swap of the attention layers applied before it (the mixin wraps the
     current class; ``_moequant_base`` keeps naming the original, for ``unpatch``).
     Idempotent."""
-    bases = import_classes(_ATTENTION)
+    v32 = import_classes(_ATTENTION_V32)
+    bases = import_classes(_ATTENTION) + v32
     n = 0
+    has_v32 = False
     for _, m in model.named_modules():
         cur = type(m)
+        base = getattr(cur, "_moequant_base", cur)
         if issubclass(cur, _QuantizedCacheAttention):
             n += 1
+            has_v32 |= base in v32
             continue
-        base = getattr(cur, "_moequant_base", cur)
         if base not in bases:
             continue
+        has_v32 |= base in v32
         if cur not in _kv_classes:
             _kv_classes[cur] = type(f"KV{cur.__name__}", (_QuantizedCacheAttention, cur),
                                     {"_moequant_base": base})
         m.__class__ = _kv_classes[cur]
         n += 1
-    # The model's caches: MLAKVCache instead of mlx-lm's default KVCache (models with
-    # a make_cache of their own, e.g. deepseek_v32's indexer caches, keep theirs).
-    if n and not hasattr(type(model), "make_cache"):
+    # The model's caches: MLAKVCache instead of mlx-lm's default KVCache; deepseek_v32's
+    # CacheList(latent, indexer) becomes an MLACacheList (other models with a make_cache
+    # of their own keep theirs).
+    if n and has_v32:
+        object.__setattr__(model, "make_cache", lambda: _make_cache_v32(model))
+    elif n and not hasattr(type(model), "make_cache"):
         object.__setattr__(model, "make_cache", lambda: _make_cache(model))
     return n
 

@@ -221,23 +221,27 @@ class _FusedMLA:
         return self.o_proj(out)
 
 
-def project(attn, x, offset):
+def project(attn, x, offset, with_qr=False):
     """The layer's queries and new latent entries, as DeepseekV3Attention makes them
     (projections, norm, rope; shared with moequant.kv_cache):
     q_nope (B, H, L, dn), roped q_pe (B, H, L, dr), kv_latent (B, 1, L, R), roped
-    k_pe (B, 1, L, dr)."""
+    k_pe (B, 1, L, dr); with ``with_qr``, also the normed query latent qr (B, L,
+    q_lora_rank) that deepseek_v32's indexer reads."""
     B, L, _ = x.shape
+    qr = None
     if attn.q_lora_rank is None:
         q = attn.q_proj(x)
     else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+        qr = attn.q_a_layernorm(attn.q_a_proj(x))
+        q = attn.q_b_proj(qr)
     q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
     q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
     kv = attn.kv_a_proj_with_mqa(x)
     latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
     k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
     latent = mx.expand_dims(attn.kv_a_layernorm(latent), axis=1)
-    return q_nope, attn.rope(q_pe, offset), latent, attn.rope(k_pe, offset)
+    out = (q_nope, attn.rope(q_pe, offset), latent, attn.rope(k_pe, offset))
+    return out + (qr,) if with_qr else out
 
 
 def patch_attention(model) -> int:

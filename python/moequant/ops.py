@@ -384,8 +384,9 @@ def mla_decode_attention(
     CPU: dequantizes on the fly in float32, accumulates in float32, numerically stable
     (online) softmax; every cached byte is read once per call; threads over position
     chunks x heads, chunks merged in a fixed order (the result does not depend on the
-    thread count). GPU streams compose MLX ops. Bad arguments raise ValueError naming
-    the argument when the graph is built.
+    thread count). GPU streams run moequant's Metal kernels (metal/mla_attention.metal,
+    R <= 512, DR <= 128); without them a GPU stream raises RuntimeError saying why. Bad
+    arguments raise ValueError naming the argument when the graph is built.
     """
     for name, v in (("bits", bits), ("group_size", group_size)):
         if isinstance(v, bool) or not isinstance(v, int):

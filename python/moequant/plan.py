@@ -212,10 +212,15 @@ def kv_cache_table(text: dict, group_size: int = 64) -> Optional[dict]:
     for bits in (8, 4):
         if r % group_size == 0 and dr % group_size == 0:
             per_tok[f"{bits}-bit g{group_size}"] = bytes_per_token(r, dr, bits, group_size)
-    return {"kv_lora_rank": r, "qk_rope_head_dim": dr, "layers": layers,
-            "max_context": mx_ctx, "bytes_per_token_layer": per_tok,
-            "rows": [{"context": n, **{k: n * v * layers for k, v in per_tok.items()}}
-                     for n in contexts]}
+    out = {"kv_lora_rank": r, "qk_rope_head_dim": dr, "layers": layers,
+           "max_context": mx_ctx, "bytes_per_token_layer": per_tok,
+           "rows": [{"context": n, **{k: n * v * layers for k, v in per_tok.items()}}
+                    for n in contexts]}
+    if isinstance(text.get("index_head_dim"), int):
+        # deepseek_v32's indexer keeps its own 16-bit keys (and mlx-lm a zeros array of
+        # the same size as their values) next to every column: kv_cache.MLACacheList.
+        out["indexer_bytes_per_token_layer"] = 2 * bytes_per_token(text["index_head_dim"], 0)
+    return out
 
 
 def format_kv_table(kv: dict) -> str:
@@ -231,6 +236,12 @@ def format_kv_table(kv: dict) -> str:
         f"{c} {v * kv['layers'] / 1e3:.1f} KB" for c, v in kv["bytes_per_token_layer"].items()))
     lines.append("int8 codes: the codes alone (the model card's int8 column); 8-bit/4-bit: "
                  "moequant generate --kv-bits, with their bf16 scales and biases.")
+    ix = kv.get("indexer_bytes_per_token_layer")
+    if ix:
+        lines.append(f"plus the sparse-attention indexer's cache (16-bit keys and mlx-lm's same-size zero values, not quantized): "
+                     f"{ix * kv['layers'] / 1e3:.1f} KB per token, " + ", ".join(
+                         f"{row['context'] // 1024}K {row['context'] * ix * kv['layers'] / 1e9:.1f} GB"
+                         for row in kv["rows"]))
     return "\n".join(lines)
 
 

@@ -46,6 +46,20 @@ TINY_CONFIG = dict(
 )
 
 
+# deepseek_v32: the same MLA and MoE plus the indexer of DeepSeek sparse attention
+# (index_topk positions per query once the cache holds more; small here so that short
+# prompts exercise it). Cache dims that group sizes divide (latent 128, rope 64).
+TINY_V32_CONFIG = dict(
+    TINY_CONFIG,
+    model_type="deepseek_v32",
+    kv_lora_rank=128,
+    qk_rope_head_dim=64,
+    index_head_dim=64,
+    index_n_heads=2,
+    index_topk=8,
+)
+
+
 def build(
     config: Optional[dict] = None,
     *,
@@ -58,11 +72,12 @@ def build(
     """Returns (model, config). Weights are random with a scale that gives peaked
     logits; every Linear/SwitchLinear is quantized to (bits, group_size), and the
     routed experts' gate/up/down to ``expert_bits`` when given."""
-    from mlx_lm.models import deepseek_v3
+    import importlib
 
     cfg = dict(TINY_CONFIG if config is None else config)
+    arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
     mx.random.seed(seed)
-    model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(cfg))
+    model = arch.Model(arch.ModelArgs.from_dict(cfg))
     # Larger weights than the default init make the next-token choice decisive.
     model.update(
         tree_map(
