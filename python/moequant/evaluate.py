@@ -34,7 +34,6 @@ import shutil
 import stat
 import sys
 import sysconfig
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +43,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .progress import Progress
 
 CACHE_FORMAT = "moequant-eval-reference-cache"
 CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
@@ -305,7 +305,7 @@ def model_fingerprint(model_dir: Path, progress: bool = False) -> str:
     if todo:
         total = sum(stats[f].st_size for f in todo)
         bar = Progress(total, "hashing reference weights", progress and total >= (1 << 30),
-                       unit="GB", scale=1e-9)
+                       fmt=lambda n: f"{n / 1e9:.1f} GB")
         start = time.time_ns()
         try:
             with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
@@ -492,49 +492,6 @@ def _concat(rows: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     out["window"] = np.concatenate([np.full(r["kl"].size, i) for i, r in enumerate(rows)])
     return out
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """A one-line text progress bar on stderr (``update`` may be called from threads)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, stream=None,
-                 unit: str = "", scale: float = 1.0):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.unit, self.scale = unit, scale
-        self.stream = stream or sys.stderr
-        self.done, self.t0 = 0, time.perf_counter()
-        self._lock = threading.Lock()
-        self._draw()
-
-    def _count(self, n) -> str:
-        return f"{n * self.scale:.1f}" if self.unit else f"{n}"
-
-    def _draw(self):
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / max(1, self.total))
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * (self.total - self.done) if self.done else 0.0
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{self._count(self.done)}/{self._count(self.total)}{self.unit} "
-            f"{el:.0f}s eta {eta:.0f}s"
-        )
-        self.stream.flush()
-
-    def update(self, n: int = 1):
-        with self._lock:
-            self.done += n
-            self._draw()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # --------------------------------------------------------------------------- passes

@@ -231,7 +231,7 @@ class VisionPart:
         self.params, self.bytes = vision_plan_bytes(src, self.expect)
 
     def row(self):
-        from .plan import ComponentRow
+        from .layout import ComponentRow
 
         kinds = {}
         for n in self.expect:
@@ -253,7 +253,7 @@ def plan_part(src: Source, flag: Optional[bool], recipe_spec: dict) -> Optional[
 
 def config_row(cfg):
     """plan --keep-vision from a config alone: the vision row, kept in bf16."""
-    from .plan import ComponentRow
+    from .layout import ComponentRow
 
     if not cfg.prefix or not isinstance(cfg.raw.get("vision_config"), dict):
         raise VisionError(f"{cfg.path}: --keep-vision needs a kimi_k25 config with a "
@@ -263,7 +263,7 @@ def config_row(cfg):
 
 
 def plan_lines(text_bytes: int, row) -> List[str]:
-    from .plan import fmt_bytes
+    from .layout import fmt_bytes
 
     return [f"-VLM sibling (--keep-vision): text build {fmt_bytes(text_bytes)} + vision tower and "
             f"projector {fmt_bytes(row.bytes)} ({row.bytes / 2**30:.2f} GiB) = "
