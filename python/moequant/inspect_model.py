@@ -20,7 +20,8 @@ import numpy as np
 
 from .checkpoint.config import SOURCE_GROUP_SIZES
 from .checkpoint.files import read_text
-from .checkpoint.safetensors_io import TensorInfo, read_header, read_mx, slice_info
+from .checkpoint.safetensors_io import TensorInfo, read_mx, slice_info
+from .checkpoint.source import read_tensors
 from .errors import UserError
 
 SUFFIXES = ("weight", "scales", "biases", "bias", "global_scale", "e_score_correction_bias")
@@ -35,15 +36,8 @@ _SOURCE_EXPERT = re.compile(
 
 
 def read_headers(model_dir: Path) -> Dict[str, TensorInfo]:
-    """name -> TensorInfo for every tensor of every .safetensors file, from the headers,
-    validated (offsets, sizes, truncation) by the checkpoint layer's reader."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{model_dir}: no .safetensors files")
-    out = {}
-    for f in files:
-        out.update(read_header(f)[0])
-    return out
+    """name -> TensorInfo for every tensor of the model directory (checkpoint.source)."""
+    return read_tensors(model_dir)[0]
 
 
 def component_of(path: str) -> str:
