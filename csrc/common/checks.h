@@ -4,6 +4,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/quant_formats.h"
 #include "mlx/array.h"
 
 namespace moequant {

@@ -21,14 +21,7 @@ namespace {
 // (E, rows, cols/group_size) of one float dtype. Returns E.
 int check_proj(const char* name, const QuantProj& p, int rows, int cols, int experts) {
   std::string n(name);
-  if (!(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 5 || p.bits == 6 ||
-        p.bits == 8)) {
-    fail(n + ": bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(p.bits) + ".");
-  }
-  if (!(p.group_size == 32 || p.group_size == 64 || p.group_size == 128)) {
-    fail(n + ": group_size must be 32, 64 or 128; got " + std::to_string(p.group_size) +
-         ".");
-  }
+  check_bits_group("[moequant.moe_swiglu] " + n + ": ", p.bits, p.group_size);
   if (p.weight.dtype() != mx::uint32) {
     fail(n + ": weight must be uint32 (packed codes); got " + dtype_str(p.weight.dtype()) +
          ".");

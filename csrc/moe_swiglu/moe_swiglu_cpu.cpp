@@ -363,22 +363,9 @@ void rows_scalar(const RowRun& r, int nrows, const Prep& p, int G, float* out, f
 
 template <typename S>
 RowsFn scalar_bits(int bits) {
-  switch (bits) {
-    case 2:
-      return &rows_scalar<2, S>;
-    case 3:
-      return &rows_scalar<3, S>;
-    case 4:
-      return &rows_scalar<4, S>;
-    case 5:
-      return &rows_scalar<5, S>;
-    case 6:
-      return &rows_scalar<6, S>;
-    case 8:
-      return &rows_scalar<8, S>;
-    default:
-      throw std::invalid_argument("[moe_swiglu] unsupported bits");
-  }
+  return dispatch_bits(
+      bits, [](auto b) -> RowsFn { return &rows_scalar<decltype(b)::value, S>; },
+      []() -> RowsFn { throw std::invalid_argument("[moe_swiglu] unsupported bits"); });
 }
 
 RowsFn pick(const QMat& m, Layout L) {

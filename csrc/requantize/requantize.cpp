@@ -18,10 +18,6 @@ namespace {
   throw std::invalid_argument("[moequant.requantize_int4] " + msg);
 }
 
-bool valid_group(int g) {
-  return g == 32 || g == 64 || g == 128;
-}
-
 mx::Shape out_shape(const mx::Shape& packed_shape, int last) {
   mx::Shape s = packed_shape;
   s.back() = last;
@@ -39,17 +35,8 @@ void check_requantize_int4_args(
     std::optional<mx::Dtype> dtype) {
   // Every check happens here, when the graph is built, so that bad input never
   // reaches a kernel.
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  if (!valid_group(group_size)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
-  if (!valid_group(src_group_size)) {
-    fail(
-        "src_group_size must be 32, 64 or 128; got " + std::to_string(src_group_size) +
-        ".");
-  }
+  check_bits_group("[moequant.requantize_int4] ", bits, group_size);
+  check_group_size("[moequant.requantize_int4] ", "src_group_size", src_group_size);
   if (packed.dtype() != mx::int32 && packed.dtype() != mx::uint32) {
     fail("packed must be int32 or uint32 (eight 4-bit codes per word); got " +
          dtype_str(packed.dtype()) + ".");

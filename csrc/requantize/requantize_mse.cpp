@@ -54,12 +54,7 @@ void check_quantize_args(const mx::array& w, int bits, int group_size,
   auto fail = [](const std::string& m) {
     throw std::invalid_argument("[moequant.quantize] " + m);
   };
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  if (!(group_size == 32 || group_size == 64 || group_size == 128)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
+  check_bits_group("[moequant.quantize] ", bits, group_size);
   if (!is_float(w.dtype())) {
     fail("w must be float32, float16 or bfloat16; got " + dtype_str(w.dtype()) + ".");
   }

@@ -23,6 +23,7 @@ from .checkpoint.files import read_text
 from .checkpoint.safetensors_io import TensorInfo, read_mx, slice_info
 from .checkpoint.source import read_tensors
 from .errors import UserError
+from .quant_formats import BITS
 
 SUFFIXES = ("weight", "scales", "biases", "bias", "global_scale", "e_score_correction_bias")
 # compressed-tensors INT4 modules of a source checkpoint (routed experts)
@@ -75,7 +76,7 @@ def _quant_params(path: str, w_cols: int, s_cols: int, q: dict) -> Tuple[int, in
         return int(entry["bits"]), int(entry.get("group_size") or q.get("group_size") or 64)
     gs = int(q.get("group_size") or 64)
     bits, rem = divmod(w_cols * 32, s_cols * gs)
-    if rem == 0 and bits in (2, 3, 4, 5, 6, 8):
+    if rem == 0 and bits in BITS:
         return bits, gs
     bits = int(q.get("bits") or 4)
     return bits, (w_cols * 32 // bits) // s_cols
