@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 #include "requantize/requantize_cpu.h"
@@ -146,15 +147,7 @@ void RequantizeInt4::eval_cpu(
   args.src_dtype = scales.dtype();
   args.out_dtype = outputs[1].dtype();
 
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(packed);
-  enc.set_input_array(scales);
-  for (auto& o : outputs) {
-    enc.set_output_array(o);
-  }
-  // The inputs stay alive until the stream has run this task (MLX holds them as the
-  // primitive's inputs), so raw pointers are safe here.
-  enc.dispatch([args]() { cpu::requantize_int4(args); });
+  enqueue_cpu(stream(), {packed, scales}, outputs, [args]() { cpu::requantize_int4(args); });
 }
 
 // ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so

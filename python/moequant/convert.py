@@ -43,10 +43,10 @@ from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, pla
 from .errors import UserError
 from .ops import requantize_int4, set_num_threads
 from .layout import expert_bpw, fmt_bytes, output_tensors, summarize, tensor_bytes
-from .plan import format_table
+from .plan import add_recipe_arguments, format_table
 from .progress import Progress
 from . import vision
-from .recipes import FITS, PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+from .recipes import FITS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
 JOURNAL = ".moequant-journal.json"
@@ -755,14 +755,11 @@ def finalize_output(dst: Path, src: Source, res: Resolution, out: OutputPlan, it
 def add_arguments(p):
     p.add_argument("--hf-path", required=True, help="Source checkpoint directory (local).")
     p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
-    p.add_argument("--recipe", default="alis-3.6",
-                   help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
+    add_recipe_arguments(p)
     p.add_argument("--fit", choices=FITS, default=None,
                    help="How scales and biases are fitted, for every re-quantized module "
                         "(overrides the recipe): minmax (MLX's rule) or mse (least squares: "
                         "lower error at the same size, slower).")
-    p.add_argument("--upgrade-layers", default=None,
-                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an output directory moequant wrote, removing only the files it "

@@ -165,13 +165,18 @@ def format_kv_table(kv: dict) -> str:
     return "\n".join(lines)
 
 
+def add_recipe_arguments(p):
+    """--recipe and --upgrade-layers, the same for plan and convert."""
+    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
+    p.add_argument("--upgrade-layers", default=None,
+                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+
+
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--hf-path", help="Source checkpoint directory (headers are validated).")
     g.add_argument("--config", help="A config.json (or its directory): plan from the config alone.")
-    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
-    p.add_argument("--upgrade-layers", default=None,
-                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+    add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.add_argument("--keep-vision", action="store_true",
                    help="kimi_k25: also size the vision tower and projector kept by "
