@@ -161,16 +161,11 @@ void RequantizeInt4::encode(
   const auto& scales = inputs[1];
   const long long K = static_cast<long long>(packed.shape(-1)) * 8;
   const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  const size_t total_groups = (packed.size() / packed.shape(-1)) * size_t(groups_per_row);
-  if (total_groups == 0) {
+  const uint32_t n_groups =
+      gpu_group_count("requantize_int4", packed.size() / packed.shape(-1), groups_per_row);
+  if (n_groups == 0) {
     return;
   }
-  if (total_groups > std::numeric_limits<uint32_t>::max()) {
-    throw std::runtime_error(
-        "[moequant.requantize_int4] more than 2^32 groups in one call on the GPU; "
-        "split the tensor.");
-  }
-  const uint32_t n_groups = static_cast<uint32_t>(total_groups);
   enc.set_kernel(launch::requantize_int4_name(
       bits_, group_size_, src_group_size_, dtype_str(scales.dtype()),
       dtype_str(outputs[1].dtype())));

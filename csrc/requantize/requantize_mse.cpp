@@ -176,16 +176,11 @@ void RequantizeFit::encode(
   const auto& x = inputs[0];
   const long long K = int4_ ? static_cast<long long>(x.shape(-1)) * 8 : x.shape(-1);
   const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  const size_t total = (x.size() / x.shape(-1)) * size_t(groups_per_row);
-  if (total == 0) {
+  const uint32_t n_groups =
+      gpu_group_count("requantize_fit", x.size() / x.shape(-1), groups_per_row);
+  if (n_groups == 0) {
     return;
   }
-  if (total > std::numeric_limits<uint32_t>::max()) {
-    throw std::runtime_error(
-        "[moequant.requantize_fit] more than 2^32 groups in one call on the GPU; "
-        "split the tensor.");
-  }
-  const uint32_t n_groups = static_cast<uint32_t>(total);
   const uint32_t bits = bits_, g = group_size_;
   const auto& src = int4_ ? inputs[1] : x;
   enc.set_kernel(
