@@ -1166,7 +1166,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
         if action == "build":
             model = loader(p["ref_path"], fused=fused, group=group)
             splits["reference"] = distributed.gather(group, distributed.layer_split(model))
-            bar = Progress(windows.shape[0], "reference", show)
+            bar = Progress(windows.shape[0], "reference", show, every=0)
             try:
                 if leader:
                     state["cache"].write(model, windows, top_k, state["meta"], bar)
@@ -1187,7 +1187,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     t0 = time.perf_counter()
     model = loader(p["build_path"], fused=fused, group=group)
     splits["build"] = distributed.gather(group, distributed.layer_split(model))
-    bar = Progress(windows.shape[0], "build    ", show)
+    bar = Progress(windows.shape[0], "build    ", show, every=0)
     try:
         per_pos = (compare_against_cache(model, state["cache"], windows, bar, kv) if leader
                    else _follow(model, windows, kv))
@@ -1237,7 +1237,7 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
     _check_cache_space(cache, windows, k_planned)
     # Locals die with this frame, so the reference is released when it returns.
     model = loader(path, fused=fused)
-    bar = Progress(windows.shape[0], "reference", show)
+    bar = Progress(windows.shape[0], "reference", show, every=0)
     try:
         cache.write(model, windows, k, meta, bar)
     finally:
@@ -1249,7 +1249,7 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
 
 def _run_build(path, cache, windows, loader, fused, show, kv=None):
     model = loader(path, fused=fused)
-    bar = Progress(windows.shape[0], "build    ", show)
+    bar = Progress(windows.shape[0], "build    ", show, every=0)
     try:
         return compare_against_cache(model, cache, windows, bar, kv)
     finally:

@@ -1,6 +1,6 @@
 """The one progress bar (convert, eval): a line on stderr, redrawn in place on a
 terminal (at most every 0.2 s); without one, a line per ``update(..., force=True)``, at
-the end, and at most one every 10 s in between.
+the end, and at most one every 10 s in between (``every`` overrides both intervals).
 
 The ETA adds up each kind of work left at its own measured rate: convert's bytes
 re-quantized with the mse fit take several times longer than min-max ones (which go at
@@ -24,7 +24,8 @@ def fmt_eta(seconds: float) -> str:
 class Progress:
     def __init__(self, total: Union[int, Dict[str, int]], label: str = "", enabled: bool = True,
                  *, stream=None, fmt: Callable[[float], str] = str,
-                 costs: Optional[Dict[str, float]] = None, rate: Optional[Callable] = None):
+                 costs: Optional[Dict[str, float]] = None, rate: Optional[Callable] = None,
+                 every: Optional[float] = None):
         """``total``: the amount of work, or amount per kind; ``fmt`` formats amounts;
         ``rate(done, seconds)`` an optional throughput field (e.g. GB/s)."""
         totals = total if isinstance(total, dict) else {"": total}
@@ -34,6 +35,7 @@ class Progress:
         self.costs = costs or {}
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+        self.every = every if every is not None else (0.2 if self.tty else 10.0)
         self.done = {k: 0 for k in self.totals}
         self.spent = {k: 0.0 for k in self.totals}
         self.t0 = self.last = self.mark = time.perf_counter()
@@ -63,8 +65,7 @@ class Progress:
                 self.done[kind] += n
                 self.spent[kind] += now - self.mark
             self.mark = now
-            every = 0.2 if self.tty else 10.0
-            if force or now - self.last >= every or self.done_total >= self.total:
+            if force or now - self.last >= self.every or self.done_total >= self.total:
                 self._draw(now, status)
 
     def _draw(self, now: float, status: str) -> None:
@@ -75,7 +76,7 @@ class Progress:
         frac = min(done / self.total, 1.0) if self.total else 1.0
         width = 24
         line = (f"{self.label + ' ' if self.label else ''}[{'#' * int(frac * width):<{width}}] "
-                f"{self.fmt(done)} / {self.fmt(self.total)}{'  ' + status if status else ''}"
+                f"{self.fmt(done)}/{self.fmt(self.total)}{'  ' + status if status else ''}"
                 f"{'  ' + self.rate(done, el) if self.rate else ''}  "
                 f"{fmt_eta(el)} elapsed, ETA {fmt_eta(self.eta())}")
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
