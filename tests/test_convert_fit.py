@@ -9,7 +9,8 @@ import pytest
 from moequant import cli
 from moequant import convert as convert_mod
 from moequant import convert_pipeline
-from moequant.convert import Progress, convert
+from moequant import progress as progress_mod
+from moequant.convert import convert
 from moequant.plan import make_plan
 from moequant.recipes import PRESETS, RecipeError, load_recipe
 
@@ -119,16 +120,16 @@ def test_eta_counts_mse_bytes_at_their_own_rate(monkeypatch):
     """Minmax bytes measured at 1 GB/s; before any mse piece is timed, mse bytes are
     assumed MSE_COST_PRIOR times slower; once timed, their measured rate is used."""
     now = [0.0]
-    monkeypatch.setattr(convert_mod.time, "perf_counter", lambda: now[0])
-    bar = Progress({"minmax": 10**9, "mse": 10**9}, 2, enabled=False)
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    bar = convert_mod.progress_bar({"minmax": 10**9, "mse": 10**9}, enabled=False)
     now[0] = 0.5
-    bar.update("minmax", 5 * 10**8, 0, "layer 0", False)
+    bar.update(5 * 10**8, "minmax")
     prior = convert_mod.MSE_COST_PRIOR
     assert bar.eta() == pytest.approx(0.5 + prior * 1.0)
     now[0] = 1.0
-    bar.update("minmax", 5 * 10**8, 1, "layer 0", True)
+    bar.update(5 * 10**8, "minmax", force=True)
     now[0] = 3.0  # mse at 0.125 GB/s
-    bar.update("mse", 25 * 10**7, 1, "layer 1", False)
+    bar.update(25 * 10**7, "mse")
     assert bar.eta() == pytest.approx(75 * 10**7 / 0.125e9)
 
 

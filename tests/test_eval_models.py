@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from moequant import evaluate as ev
-from moequant.cli import UserError, main
+from moequant.cli import main
+from moequant.errors import UserError
 from moequant.testing.tiny_mlx import make_tiny_model, quantize_tiny, write_tokenizer
 
 SEQ, NS = 64, 4

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from test_sanitizers import _tool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -112,7 +112,6 @@ def test_head_axis_of_the_cache_is_accepted():
     (dict(bits="8"), "bits must be an int"),
 ])
 def test_bad_arguments(change, msg):
-    rng = np.random.default_rng(0)
     R, gs = change.get("R", 64), change.get("gs", 64)
     q_lat = mx.zeros((1, 2, R))
     q_pe = change.get("q_pe", mx.zeros((1, 2, 64)))

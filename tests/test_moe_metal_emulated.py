@@ -165,7 +165,7 @@ def test_every_instantiation_runs():
 def test_out_of_range_expert_ids(lib):
     """The documented behaviour (README, "Out-of-range expert ids"): never read out of
     bounds (the emulator checks every access), and the tokens with such an id get a NaN
-    output row on the GPU, while the other tokens are exact; the CPU raises."""
+    output row, while the other tokens are exact: the same rows as the CPU op's."""
     rng = np.random.default_rng(3)
     x, idx, sc, g, u, d = case(rng, 4, 256, 64, 2, 3, (4, 4, 4), (64, 64, 64))
     bad = np.array(idx)
@@ -179,5 +179,5 @@ def test_out_of_range_expert_ids(lib):
     assert rel_err(mx.array(y[:1]), want) < 2e-6
     import moequant
 
-    with pytest.raises(RuntimeError, match="out of range for 4 experts"):
-        mx.eval(moequant.moe_swiglu(x, bad, sc, g, u, d, stream=mx.cpu))
+    cpu = np.array(moequant.moe_swiglu(x, bad, sc, g, u, d, stream=mx.cpu))
+    np.testing.assert_array_equal(np.isnan(cpu), np.isnan(y))

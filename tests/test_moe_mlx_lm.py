@@ -8,7 +8,7 @@ from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 import moequant
-from moequant import mlx_lm_patch
+from moequant import mlx_lm_patch, ops
 from moequant.testing import tiny_deepseek
 
 PROMPT = mx.array(list(range(40, 52)))  # 12 tokens: 11 x 4 pairs, too few for moe_prefill
@@ -130,6 +130,38 @@ def test_prefill_threshold_and_unsupported_layouts(fused_calls, prefill_calls):
 
     plain = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(tiny_deepseek.TINY_CONFIG))
     assert moequant.patch(plain) == 0
+
+
+def test_projections_checked_once_and_again_after_an_update(monkeypatch):
+    """The patched block checks its projections once, not on every call; replacing an
+    expert array (model.update) makes it check, and use, the new ones."""
+    model, _ = tiny_deepseek.build(seed=7, expert_bits=(3, 3, 4))
+    block = model.model.layers[1].mlp
+    moequant.patch(model)
+    checks = []
+    real = ops.as_projection
+
+    def counting(p, name="projection"):
+        if not isinstance(p, tuple):  # a module's layout checked (a tuple is only unpacked)
+            checks.append(name)
+        return real(p, name)
+
+    monkeypatch.setattr(mlx_lm_patch, "as_projection", counting)
+    monkeypatch.setattr(ops, "as_projection", counting)
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(0))
+    first = block(x)
+    for _ in range(3):
+        assert mx.array_equal(block(x), first).item()
+    assert checks == []  # patch() checked them; no call re-checks
+
+    sm = block.switch_mlp
+    sm.down_proj.update({"scales": sm.down_proj.scales * 2})
+    got = block(x)
+    assert checks == ["gate_proj", "up_proj", "down_proj"]
+    moequant.unpatch(model)
+    want = block(x)
+    assert (mx.abs(got - want).max() / mx.abs(want).max()).item() < 1e-5
+    assert not mx.allclose(got, first).item()
 
 
 def test_env_switch(monkeypatch):

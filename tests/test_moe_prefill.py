@@ -139,10 +139,6 @@ def test_errors_and_empty():
         moequant.moe_prefill(x[:1], idx, sc, g, u, d)
     with pytest.raises(ValueError, match="down: weight must have shape"):
         moequant.moe_prefill(x, idx, sc, g, u, g)
-    with pytest.raises(RuntimeError, match=r"moe_prefill\] expert id [45] is out of range for 4 experts"):
-        mx.eval(moequant.moe_prefill(x, idx + 2, sc, g, u, d))
-    with pytest.raises(RuntimeError, match="expert id -1 .*is out of range"):
-        mx.eval(moequant.moe_prefill(x, idx - 1, sc, g, u, d))
     y = moequant.moe_prefill(mx.zeros((0, 128)), mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), g, u, d)
     assert y.shape == (0, 128)
     mx.eval(y)

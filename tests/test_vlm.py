@@ -4,7 +4,6 @@ its language model byte-identical to the text build, its MoE blocks patched."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

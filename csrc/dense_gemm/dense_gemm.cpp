@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
 #include "common/thread_pool.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "qgemm/qgemm.h"
@@ -132,13 +133,8 @@ void MatmulNT::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   Args p{in[0].data<float>(), in[1].data<float>(), out.data<float>(),
          in[0].shape(0), in[0].shape(1), in[1].shape(1), in[0].shape(2)};
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& i : in) {
-    enc.set_input_array(i);
-  }
-  enc.set_output_array(out);
   // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  enc.dispatch([p]() {
+  enqueue_cpu(stream(), in, {out}, [p]() {
     if (p.M == 0 || p.N == 0 || p.batch == 0) {
       return;
     }

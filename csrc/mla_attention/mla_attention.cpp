@@ -43,9 +43,7 @@ void check_args(
   if (!(bits == 4 || bits == 8)) {
     fail("bits must be 4 or 8; got " + std::to_string(bits) + ".");
   }
-  if (!(group_size == 32 || group_size == 64 || group_size == 128)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
+  check_group_size("[moequant.mla_decode_attention] ", "group_size", group_size);
   if (!is_float(q_lat.dtype()) || q_pe.dtype() != q_lat.dtype()) {
     fail("q_lat and q_pe must be float32, float16 or bfloat16 of one dtype; got " +
          dtype_str(q_lat.dtype()) + " and " + dtype_str(q_pe.dtype()) + ".");

@@ -169,16 +169,20 @@ void run_batch(const PrefillArgs& a, std::size_t t0, std::size_t t1) {
 
 } // namespace
 
-void moe_prefill(const PrefillArgs& a) {
-  if (a.T == 0) {
+void moe_prefill(const PrefillArgs& args) {
+  if (args.T == 0) {
     return;
   }
-  check_expert_ids(a.idx, a.T * a.k, a.gate.experts, "moe_prefill");
+  // Out-of-range ids: computed as expert 0, then their tokens' rows NaN (SafeIds).
+  const SafeIds safe(args.idx, args.T, args.k, args.gate.experts);
+  PrefillArgs a = args;
+  a.idx = safe.ids();
   const std::size_t widest = std::max(a.gate.cols, a.gate.rows);
   const std::size_t batch = std::max<std::size_t>(1, kPairBytes / (sizeof(float) * a.k * widest));
   for (std::size_t t0 = 0; t0 < a.T; t0 += batch) {
     run_batch(a, t0, std::min(a.T, t0 + batch));
   }
+  safe.nan_rows(a.gate.cols, a.xdtype, a.y);
 }
 
 } // namespace moequant::cpu

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/quant_formats.h"
+
 namespace moequant::cpu {
 
 // A vector prepared for one matrix layout: natural order, its sums per affine group,

@@ -241,16 +241,9 @@ void int_rows(const RowRun& r, int nrows, const Prep& p, int G, float* out, floa
 
 template <SType ST, int ND>
 RowsFn pick_bits(int bits) {
-  switch (bits) {
-    case 2:
-      return &int_rows<2, ST, ND>;
-    case 3:
-      return &int_rows<3, ST, ND>;
-    case 4:
-      return &int_rows<4, ST, ND>;
-    default:
-      return nullptr;
-  }
+  return dispatch_bits<BitList<2, 3, 4>>(
+      bits, [](auto b) -> RowsFn { return &int_rows<decltype(b)::value, ST, ND>; },
+      []() -> RowsFn { return nullptr; });
 }
 
 template <int ND>

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 #include "moe_swiglu_launch.h"
@@ -21,14 +22,7 @@ namespace {
 // (E, rows, cols/group_size) of one float dtype. Returns E.
 int check_proj(const char* name, const QuantProj& p, int rows, int cols, int experts) {
   std::string n(name);
-  if (!(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 5 || p.bits == 6 ||
-        p.bits == 8)) {
-    fail(n + ": bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(p.bits) + ".");
-  }
-  if (!(p.group_size == 32 || p.group_size == 64 || p.group_size == 128)) {
-    fail(n + ": group_size must be 32, 64 or 128; got " + std::to_string(p.group_size) +
-         ".");
-  }
+  check_bits_group("[moequant.moe_swiglu] " + n + ": ", p.bits, p.group_size);
   if (p.weight.dtype() != mx::uint32) {
     fail(n + ": weight must be uint32 (packed codes); got " + dtype_str(p.weight.dtype()) +
          ".");
@@ -248,13 +242,8 @@ void MoeGateUp::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   a.gate = qmat(in[2], in[3], in[4], gate_);
   a.up = qmat(in[5], in[6], in[7], up_);
   a.h = out.data<float>();
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& i : in) {
-    enc.set_input_array(i);
-  }
-  enc.set_output_array(out);
   // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  enc.dispatch([a]() { cpu::moe_gate_up(a); });
+  enqueue_cpu(stream(), in, {out}, [a]() { cpu::moe_gate_up(a); });
 }
 
 void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
@@ -268,12 +257,7 @@ void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   a.down = qmat(in[3], in[4], in[5], down_);
   a.y = out.data<void>();
   a.ydtype = out.dtype();
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& i : in) {
-    enc.set_input_array(i);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([a]() { cpu::moe_down(a); });
+  enqueue_cpu(stream(), in, {out}, [a]() { cpu::moe_down(a); });
 }
 
 bool MoePrefill::is_equivalent(const mx::Primitive& other) const {
@@ -298,12 +282,7 @@ void MoePrefill::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   a.up = qmat(in[6], in[7], in[8], up_);
   a.down = qmat(in[9], in[10], in[11], down_);
   a.y = out.data<void>();
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& i : in) {
-    enc.set_input_array(i);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([a]() { cpu::moe_prefill(a); });
+  enqueue_cpu(stream(), in, {out}, [a]() { cpu::moe_prefill(a); });
 }
 
 void MoePrefill::eval_gpu(const std::vector<mx::array>&, mx::array&) {

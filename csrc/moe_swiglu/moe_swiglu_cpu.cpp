@@ -382,22 +382,9 @@ void rows_scalar(const RowRun& r, int nrows, const Prep& p, int G, float* out, f
 
 template <typename S>
 RowsFn scalar_bits(int bits) {
-  switch (bits) {
-    case 2:
-      return &rows_scalar<2, S>;
-    case 3:
-      return &rows_scalar<3, S>;
-    case 4:
-      return &rows_scalar<4, S>;
-    case 5:
-      return &rows_scalar<5, S>;
-    case 6:
-      return &rows_scalar<6, S>;
-    case 8:
-      return &rows_scalar<8, S>;
-    default:
-      throw std::invalid_argument("[moe_swiglu] unsupported bits");
-  }
+  return dispatch_bits(
+      bits, [](auto b) -> RowsFn { return &rows_scalar<decltype(b)::value, S>; },
+      []() -> RowsFn { throw std::invalid_argument("[moe_swiglu] unsupported bits"); });
 }
 
 RowsFn pick(const QMat& m, Layout L) {
@@ -446,23 +433,27 @@ RowRun run_of(const QMat& m, uint32_t e, int row) {
 
 } // namespace
 
-std::size_t first_bad_expert_id(const uint32_t* idx, std::size_t n, int experts) {
-  for (std::size_t i = 0; i < n; ++i) {
-    if (idx[i] >= static_cast<uint32_t>(experts)) {
-      return i;
+SafeIds::SafeIds(const uint32_t* idx, std::size_t T, int k, int experts) : idx_(idx) {
+  for (std::size_t p = 0; p < T * k; ++p) {
+    if (idx[p] >= static_cast<uint32_t>(experts)) {
+      if (copy_.empty()) {
+        copy_.assign(idx, idx + T * k);
+      }
+      copy_[p] = 0;
+      if (bad_tokens_.empty() || bad_tokens_.back() != p / k) {
+        bad_tokens_.push_back(p / k);
+      }
     }
   }
-  return n;
 }
 
-void check_expert_ids(const uint32_t* idx, std::size_t n, int experts, const char* op) {
-  const std::size_t i = first_bad_expert_id(idx, n, experts);
-  if (i < n) {
-    // 0xFFFFFFFF is also what the op builder makes of 64-bit ids beyond 32 bits.
-    throw std::out_of_range(
-        std::string("[moequant.") + op + "] expert id " + std::to_string(static_cast<int32_t>(idx[i])) +
-        (idx[i] == 0xFFFFFFFFu ? " (or a 64-bit id outside [0, 2^32))" : "") +
-        " is out of range for " + std::to_string(experts) + " experts.");
+void SafeIds::nan_rows(std::size_t cols, mx::Dtype dtype, void* y) const {
+  if (bad_tokens_.empty()) {
+    return;
+  }
+  const std::vector<float> nan(cols, std::numeric_limits<float>::quiet_NaN());
+  for (std::size_t t : bad_tokens_) {
+    store_floats(nan.data(), cols, dtype, static_cast<uint8_t*>(y) + t * cols * mx::size_of(dtype));
   }
 }
 
@@ -533,14 +524,17 @@ const char* moe_cpu_path() {
   }
 }
 
-void moe_gate_up(const GateUpArgs& a) {
-  const int D = a.gate.cols;
-  const int I = a.gate.rows;
-  const std::size_t n_pairs = a.T * a.k;
+void moe_gate_up(const GateUpArgs& args) {
+  const int D = args.gate.cols;
+  const int I = args.gate.rows;
+  const std::size_t n_pairs = args.T * args.k;
   if (n_pairs == 0) {
     return;
   }
-  check_expert_ids(a.idx, n_pairs, a.gate.experts);
+  // A bad id's pairs compute expert 0; moe_down makes their tokens' rows NaN.
+  const SafeIds safe(args.idx, args.T, args.k, args.gate.experts);
+  GateUpArgs a = args;
+  a.idx = safe.ids();
   const Path path = current_path();
 
   // x in float once per call; bf16/f16 activations are converted here only.
@@ -585,21 +579,16 @@ void moe_gate_up(const GateUpArgs& a) {
   });
 }
 
-void moe_down(const DownArgs& a) {
-  const int D = a.down.rows;
-  const int I = a.down.cols;
-  const std::size_t n_pairs = a.T * a.k;
-  if (a.T == 0) {
+void moe_down(const DownArgs& args) {
+  const int D = args.down.rows;
+  const int I = args.down.cols;
+  const std::size_t n_pairs = args.T * args.k;
+  if (args.T == 0) {
     return;
   }
-  if (first_bad_expert_id(a.idx, n_pairs, a.down.experts) < n_pairs) {
-    // The gate/up pass, queued before this one on the same stream, has raised for these
-    // ids already; a second exception would surface at the caller's next, unrelated
-    // mx.eval. So this pass only refuses to read out of range: NaN rows, no throw.
-    std::vector<float> nan(a.T * static_cast<std::size_t>(D), std::numeric_limits<float>::quiet_NaN());
-    store_floats(nan.data(), nan.size(), a.ydtype, a.y);
-    return;
-  }
+  const SafeIds safe(args.idx, args.T, args.k, args.down.experts);
+  DownArgs a = args;
+  a.idx = safe.ids();
   const Path path = current_path();
   // h is float32; its digits follow the activations' precision (y has x's dtype).
   const Layout ld = layout_for(a.down.bits, path, a.ydtype);
@@ -650,6 +639,7 @@ void moe_down(const DownArgs& a) {
       });
     });
   }
+  safe.nan_rows(D, a.ydtype, a.y);
 }
 
 void dense_rows(const float* x, std::size_t T, const QMat& m, float* y, mx::Dtype act) {

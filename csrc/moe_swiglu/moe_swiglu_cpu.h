@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "mlx/dtype.h"
 
@@ -64,11 +65,26 @@ void moe_gate_up(const GateUpArgs& args);
 void moe_down(const DownArgs& args);
 void moe_prefill(const PrefillArgs& args); // moe_prefill_cpu.cpp
 
-// Throws std::out_of_range (RuntimeError in Python) naming the first id in idx[0, n)
-// that is not below `experts`; `op` names the op in the message.
-// Index of the first id >= experts, or n when all are in range.
-std::size_t first_bad_expert_id(const uint32_t* idx, std::size_t n, int experts);
-void check_expert_ids(const uint32_t* idx, std::size_t n, int experts, const char* op = "moe_swiglu");
+// Out-of-range expert ids, one behaviour on every backend (a Metal kernel cannot
+// raise): never read; the output row of each token with such an id is NaN, the other
+// tokens are exact. The ids are data, seen only when the kernels run.
+class SafeIds {
+ public:
+  // idx: T x k ids; an id >= experts (64-bit ids outside 32 bits arrive as 0xFFFFFFFF).
+  SafeIds(const uint32_t* idx, std::size_t T, int k, int experts);
+  // The ids to compute with: idx itself, or a copy with each bad id replaced by expert 0
+  // (its result is discarded).
+  const uint32_t* ids() const {
+    return copy_.empty() ? idx_ : copy_.data();
+  }
+  // Overwrites the rows (of `cols` values of dtype) of the tokens with a bad id with NaN.
+  void nan_rows(std::size_t cols, mlx::core::Dtype dtype, void* y) const;
+
+ private:
+  const uint32_t* idx_;
+  std::vector<uint32_t> copy_;
+  std::vector<std::size_t> bad_tokens_;
+};
 
 // x's dtype <-> float32.
 void load_floats(const void* src, mlx::core::Dtype dtype, std::size_t n, float* dst);

@@ -170,12 +170,9 @@ void gemm(
   if (x.K() != K) {
     fail("x has " + std::to_string(x.K()) + " columns, W has " + std::to_string(K) + ".");
   }
-  if (!(W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 ||
-        W.bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(W.bits) + ".");
-  }
-  if (!(G == 32 || G == 64 || G == 128) || K % G != 0) {
-    fail("group_size must be 32, 64 or 128 and divide K.");
+  check_bits_group("[moequant.qgemm] ", W.bits, G);
+  if (K % G != 0) {
+    fail("group_size must divide K.");
   }
   if (W.sb_dtype != mx::float32 && W.sb_dtype != mx::float16 && W.sb_dtype != mx::bfloat16) {
     fail("scales and biases must be float32, float16 or bfloat16.");

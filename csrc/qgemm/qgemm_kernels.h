@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/quant_formats.h"
+
 namespace moequant::qgemm {
 
 // Rows of x per packed block (the micro-kernel's row count; m0 in gemm must be a
@@ -29,22 +31,9 @@ using KernelFn = void (*)(const float* xb, const float* wd, int64_t ldw, int kc,
 // F<B> (a function pointer) for B in 2/3/4/5/6/8, null for other widths.
 template <template <int> class F>
 auto pick_bits(int bits) -> decltype(F<2>::fn) {
-  switch (bits) {
-    case 2:
-      return F<2>::fn;
-    case 3:
-      return F<3>::fn;
-    case 4:
-      return F<4>::fn;
-    case 5:
-      return F<5>::fn;
-    case 6:
-      return F<6>::fn;
-    case 8:
-      return F<8>::fn;
-    default:
-      return nullptr;
-  }
+  using Fn = decltype(F<2>::fn);
+  return dispatch_bits(
+      bits, [](auto b) -> Fn { return F<decltype(b)::value>::fn; }, []() -> Fn { return nullptr; });
 }
 
 struct Kernels {

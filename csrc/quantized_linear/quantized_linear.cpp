@@ -25,12 +25,7 @@ mx::array quantized_linear(
     int bits,
     int group_size,
     mx::StreamOrDevice s) {
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  if (!(group_size == 32 || group_size == 64 || group_size == 128)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
+  check_bits_group("[moequant.quantized_linear] ", bits, group_size);
   if (!is_float(x.dtype())) {
     fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
   }

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 #include "requantize/requantize_cpu.h"
@@ -16,10 +17,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument("[moequant.requantize_int4] " + msg);
-}
-
-bool valid_group(int g) {
-  return g == 32 || g == 64 || g == 128;
 }
 
 mx::Shape out_shape(const mx::Shape& packed_shape, int last) {
@@ -39,17 +36,8 @@ void check_requantize_int4_args(
     std::optional<mx::Dtype> dtype) {
   // Every check happens here, when the graph is built, so that bad input never
   // reaches a kernel.
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  if (!valid_group(group_size)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
-  if (!valid_group(src_group_size)) {
-    fail(
-        "src_group_size must be 32, 64 or 128; got " + std::to_string(src_group_size) +
-        ".");
-  }
+  check_bits_group("[moequant.requantize_int4] ", bits, group_size);
+  check_group_size("[moequant.requantize_int4] ", "src_group_size", src_group_size);
   if (packed.dtype() != mx::int32 && packed.dtype() != mx::uint32) {
     fail("packed must be int32 or uint32 (eight 4-bit codes per word); got " +
          dtype_str(packed.dtype()) + ".");
@@ -159,15 +147,7 @@ void RequantizeInt4::eval_cpu(
   args.src_dtype = scales.dtype();
   args.out_dtype = outputs[1].dtype();
 
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(packed);
-  enc.set_input_array(scales);
-  for (auto& o : outputs) {
-    enc.set_output_array(o);
-  }
-  // The inputs stay alive until the stream has run this task (MLX holds them as the
-  // primitive's inputs), so raw pointers are safe here.
-  enc.dispatch([args]() { cpu::requantize_int4(args); });
+  enqueue_cpu(stream(), {packed, scales}, outputs, [args]() { cpu::requantize_int4(args); });
 }
 
 // ---- Metal: the host dispatch, written against KernelEncoder (common/kernel_encoder.h) so
@@ -181,16 +161,11 @@ void RequantizeInt4::encode(
   const auto& scales = inputs[1];
   const long long K = static_cast<long long>(packed.shape(-1)) * 8;
   const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  const size_t total_groups = (packed.size() / packed.shape(-1)) * size_t(groups_per_row);
-  if (total_groups == 0) {
+  const uint32_t n_groups =
+      gpu_group_count("requantize_int4", packed.size() / packed.shape(-1), groups_per_row);
+  if (n_groups == 0) {
     return;
   }
-  if (total_groups > std::numeric_limits<uint32_t>::max()) {
-    throw std::runtime_error(
-        "[moequant.requantize_int4] more than 2^32 groups in one call on the GPU; "
-        "split the tensor.");
-  }
-  const uint32_t n_groups = static_cast<uint32_t>(total_groups);
   enc.set_kernel(launch::requantize_int4_name(
       bits_, group_size_, src_group_size_, dtype_str(scales.dtype()),
       dtype_str(outputs[1].dtype())));

@@ -15,6 +15,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "common/quant_formats.h"
 #include "common/thread_pool.h"
 #include "mlx/types/half_types.h"
 #include "quant_math.h"
@@ -303,34 +304,22 @@ void requantize_rows(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
 }
 
 template <typename SrcT, typename OutT>
-void dispatch_bits(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
-  switch (a.bits) {
-    case 2:
-      return requantize_rows<2, SrcT, OutT>(a, r0, r1);
-    case 3:
-      return requantize_rows<3, SrcT, OutT>(a, r0, r1);
-    case 4:
-      return requantize_rows<4, SrcT, OutT>(a, r0, r1);
-    case 5:
-      return requantize_rows<5, SrcT, OutT>(a, r0, r1);
-    case 6:
-      return requantize_rows<6, SrcT, OutT>(a, r0, r1);
-    case 8:
-      return requantize_rows<8, SrcT, OutT>(a, r0, r1);
-    default:
-      throw std::invalid_argument("[requantize_int4] unsupported bits");
-  }
+void run_bits(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
+  dispatch_bits(
+      a.bits,
+      [&](auto b) { requantize_rows<decltype(b)::value, SrcT, OutT>(a, r0, r1); },
+      [] { throw std::invalid_argument("[requantize_int4] unsupported bits"); });
 }
 
 template <typename SrcT>
 void dispatch_out(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
   switch (a.out_dtype) {
     case mx::float32:
-      return dispatch_bits<SrcT, float>(a, r0, r1);
+      return run_bits<SrcT, float>(a, r0, r1);
     case mx::float16:
-      return dispatch_bits<SrcT, mx::float16_t>(a, r0, r1);
+      return run_bits<SrcT, mx::float16_t>(a, r0, r1);
     case mx::bfloat16:
-      return dispatch_bits<SrcT, mx::bfloat16_t>(a, r0, r1);
+      return run_bits<SrcT, mx::bfloat16_t>(a, r0, r1);
     default:
       throw std::invalid_argument("[requantize_int4] unsupported output dtype");
   }

@@ -54,12 +54,7 @@ void check_quantize_args(const mx::array& w, int bits, int group_size,
   auto fail = [](const std::string& m) {
     throw std::invalid_argument("[moequant.quantize] " + m);
   };
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8; got " + std::to_string(bits) + ".");
-  }
-  if (!(group_size == 32 || group_size == 64 || group_size == 128)) {
-    fail("group_size must be 32, 64 or 128; got " + std::to_string(group_size) + ".");
-  }
+  check_bits_group("[moequant.quantize] ", bits, group_size);
   if (!is_float(w.dtype())) {
     fail("w must be float32, float16 or bfloat16; got " + dtype_str(w.dtype()) + ".");
   }
@@ -181,16 +176,11 @@ void RequantizeFit::encode(
   const auto& x = inputs[0];
   const long long K = int4_ ? static_cast<long long>(x.shape(-1)) * 8 : x.shape(-1);
   const uint32_t groups_per_row = static_cast<uint32_t>(K / group_size_);
-  const size_t total = (x.size() / x.shape(-1)) * size_t(groups_per_row);
-  if (total == 0) {
+  const uint32_t n_groups =
+      gpu_group_count("requantize_fit", x.size() / x.shape(-1), groups_per_row);
+  if (n_groups == 0) {
     return;
   }
-  if (total > std::numeric_limits<uint32_t>::max()) {
-    throw std::runtime_error(
-        "[moequant.requantize_fit] more than 2^32 groups in one call on the GPU; "
-        "split the tensor.");
-  }
-  const uint32_t n_groups = static_cast<uint32_t>(total);
   const uint32_t bits = bits_, g = group_size_;
   const auto& src = int4_ ? inputs[1] : x;
   enc.set_kernel(

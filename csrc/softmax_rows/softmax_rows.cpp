@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
 #include "common/thread_pool.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -100,12 +101,7 @@ void SoftmaxRows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   Args a{in[0].data<float>(), in.size() > 1 ? in[1].data<bool>() : nullptr,
          out.data<float>(), in[0].shape(0),
          in.size() > 1 ? in[1].shape(0) : 1, in[0].shape(1), scale_};
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& i : in) {
-    enc.set_input_array(i);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([a]() {
+  enqueue_cpu(stream(), in, {out}, [a]() {
     if (a.S == 0) {
       return;
     }

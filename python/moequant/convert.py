@@ -42,9 +42,11 @@ from .checkpoint.files import read_text
 from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, plan_pieces, read_sync
 from .errors import UserError
 from .ops import requantize_int4, set_num_threads
-from .plan import fmt_bytes, format_table, output_tensors, summarize, tensor_bytes
+from .layout import expert_bpw, fmt_bytes, output_tensors, summarize, tensor_bytes
+from .plan import add_recipe_arguments, format_table
+from .progress import Progress
 from . import vision
-from .recipes import FITS, PRESETS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
+from .recipes import FITS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
 JOURNAL = ".moequant-journal.json"
@@ -80,6 +82,7 @@ class OutputPlan:
     tensor_shard: Dict[str, int]
     unit_shards: Dict[int, List[int]]
     tensor_meta: Dict[str, Tuple[Tuple[int, ...], str]]
+    item_tensors: Dict[str, List[str]]  # item path -> its output names, in output_tensors order
 
     def digest(self, res: Resolution) -> str:
         h = hashlib.sha256()
@@ -94,12 +97,14 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
     is the unit of resumption); a tensor larger than the limit gets a shard of its own."""
     groups: List[Tuple[int, List[str], int]] = []
     meta: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    item_tensors: Dict[str, List[str]] = {}
     for u in units:
         start = len(groups)
         for job in u.jobs:
             for it in job.items:
                 for suffix, shape, dtype in output_tensors(it, res.decisions[it.path]):
                     name = prefix + it.path + suffix
+                    item_tensors.setdefault(it.path, []).append(name)
                     nb = tensor_bytes(shape, dtype)
                     meta[name] = (tuple(shape), dtype)
                     if len(groups) == start or groups[-1][2] + nb > max_shard:
@@ -115,7 +120,7 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
     unit_shards: Dict[int, List[int]] = {}
     for i, s in enumerate(shards):
         unit_shards.setdefault(s.unit, []).append(i)
-    return OutputPlan(shards, tensor_shard, unit_shards, meta)
+    return OutputPlan(shards, tensor_shard, unit_shards, meta, item_tensors)
 
 
 # --------------------------------------------------------------------------- reading
@@ -500,58 +505,10 @@ def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
 MSE_COST_PRIOR = 8.0
 
 
-class Progress:
-    """A one-line progress bar on stderr (bytes read, units, rate, ETA); without a
-    terminal, one line per finished unit.
-
-    The ETA adds up each kind of work left at its own measured rate: bytes re-quantized
-    with the mse fit take several times longer than min-max ones (which go at about disk
-    speed), so one overall bytes-per-second rate would promise too early an end."""
-
-    def __init__(self, totals: Dict[str, int], units: int, enabled: bool):
-        self.totals = {k: v for k, v in totals.items() if v}
-        self.total = max(sum(self.totals.values()), 1)
-        self.units, self.enabled = units, enabled
-        self.done = {k: 0 for k in self.totals}
-        self.spent = {k: 0.0 for k in self.totals}
-        self.t0 = self.last = self.mark = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def eta(self) -> float:
-        rate = {k: self.done[k] / self.spent[k] for k in self.totals if self.done[k] and self.spent[k] > 0}
-        if not rate:
-            return 0.0
-        prior = {"mse": MSE_COST_PRIOR}
-        # A kind not measured yet: the measured kind's rate scaled by the prior cost ratio.
-        ref_kind, ref = next(iter(rate.items()))
-        left = 0.0
-        for k, total in self.totals.items():
-            r = rate.get(k, ref * prior.get(ref_kind, 1.0) / prior.get(k, 1.0))
-            left += (total - self.done[k]) / r
-        return left
-
-    def update(self, kind: str, nbytes: int, done_units: int, name: str, unit_finished: bool) -> None:
-        now = time.perf_counter()
-        if kind in self.done:
-            self.done[kind] += nbytes
-            self.spent[kind] += now - self.mark
-        self.mark = now
-        if not self.enabled or (not unit_finished and (not self.tty or now - self.last < 0.2)):
-            return
-        self.last = now
-        el = now - self.t0
-        done = sum(self.done.values())
-        frac = min(done / self.total, 1.0)
-        eta = self.eta()
-        line = (f"[{'#' * int(frac * 24):<24}] {fmt_bytes(done)} / {fmt_bytes(self.total)}  "
-                f"units {done_units}/{self.units} ({name})  {done / max(el, 1e-9) / 1e9:.2f} GB/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+def progress_bar(totals: Dict[str, int], enabled: bool) -> Progress:
+    """Source bytes per kind of work ('minmax', 'mse': see piece_kind), their rate and ETA."""
+    return Progress(totals, enabled=enabled, fmt=fmt_bytes, costs={"mse": MSE_COST_PRIOR},
+                    rate=lambda done, el: f"{done / max(el, 1e-9) / 1e9:.2f} GB/s")
 
 
 def piece_kind(piece, res: Resolution) -> str:
@@ -564,11 +521,10 @@ def piece_kind(piece, res: Resolution) -> str:
 
 
 def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Path, journal: dict,
-                  jpath: Path, bar: "Progress") -> int:
+                  jpath: Path, bar: Progress) -> int:
     """Read, compute and write every piece (see convert_pipeline); a unit enters the
     journal once all its shards are on disk. Returns the source bytes read and where
     the main thread's time went (computing, waiting for the reader, for the writer)."""
-    prefix = src.cfg.prefix
     finished: set = set()
 
     def on_shard(si: int, size: int) -> None:  # writer thread
@@ -594,8 +550,7 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
             slices = []
             for it, arrays in compute_job(src, piece.sub_job(), piece_arrays(buf[0], piece), res):
                 mx.eval(arrays)
-                for (suffix, _, _), arr in zip(output_tensors(it, res.decisions[it.path]), arrays):
-                    name = prefix + it.path + suffix
+                for name, arr in zip(out.item_tensors[it.path], arrays):
                     shape, dtype = out.tensor_meta[name]
                     want = shape if piece.whole else (piece.hi - piece.lo, *shape[1:])
                     if tuple(arr.shape) != want or arr.dtype != getattr(mx, dtype):
@@ -613,8 +568,8 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
             del slices, buf
             read_bytes += piece.source_bytes
             last = n + 1 == len(pieces) or pieces[n + 1].unit is not piece.unit
-            bar.update(piece_kind(piece, res), piece.source_bytes, len(journal["done"]),
-                       piece.unit.name, last)
+            bar.update(piece.source_bytes, piece_kind(piece, res),
+                       f"units {len(journal['done'])}/{len(src.units)} ({piece.unit.name})", force=last)
         t = clock()
         writer.close(ok=True)
         stages["wait_write"] += clock() - t
@@ -625,7 +580,7 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
         if not ok:
             writer.close(ok=False)
         reader.close()
-    bar.update("", 0, len(journal["done"]), "written", True)
+    bar.update(0, "", f"units {len(journal['done'])}/{len(src.units)} (written)", force=True)
     bar.close()
     return read_bytes, stages
 
@@ -707,16 +662,13 @@ def convert(
     planned_rows += [vis.row()] if vis else []
     total_bytes = sum(r.bytes for r in planned_rows)
     total_params = sum(r.params for r in planned_rows)
-    expert_rows = [r for r in planned_rows if r.name.startswith("routed")]
-    expert_bpw = sum(r.bytes for r in expert_rows) * 8 / max(1, sum(r.params for r in expert_rows))
     side = src.side_files(skip=(JOURNAL, RECIPE_FILE, LOCK))
     if dry_run:
         return ConvertResult(Path(mlx_path), res, planned_rows, total_bytes, total_params,
-                             expert_bpw, time.perf_counter() - t0, 0, 0, 0, True,
+                             expert_bpw(planned_rows), time.perf_counter() - t0, 0, 0, 0, True,
                              [s.name for s in out.shards])
 
     dst = Path(mlx_path)
-    fingerprint, digest = src.fingerprint(), out.digest(res)
     planned = sorted({s.name for s in out.shards} | {p.name for p in side}
                      | {INDEX, "config.json", RECIPE_FILE} | ({vision.VISION_SHARD} if vis else set()))
     check_destination(dst, src.path, overwrite)  # refuse before creating anything
@@ -726,28 +678,8 @@ def convert(
         raise DestinationError(f"--mlx-path {dst}: cannot create: {e.strerror or e}") from None
     # One conversion per DST at a time: the lock covers every check and write in it.
     with DestinationLock(dst):
-        journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned,
-                                      res.fits())
-        done = set()
-        for u in journal.get("done", []):
-            shard_ok = all((dst / out.shards[i].name).exists()
-                           and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
-                           for i in out.unit_shards.get(u, []))
-            if shard_ok:
-                done.add(u)
-        journal = {"version": 1, "moequant": __version__, "source": str(src.path),
-                   "fingerprint": fingerprint, "plan": digest, "fit": res.fits(), "done": sorted(done),
-                   "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
-                             for u in done for i in out.unit_shards.get(u, [])},
-                   "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL})}
-        jpath = dst / JOURNAL
-        _atomic_write_text(jpath, json.dumps(journal))
-        for n in planned:
-            (dst / f".partial-{n}").unlink(missing_ok=True)
-        # An index or config from an earlier attempt must not make DST look complete.
-        for name in ("config.json", INDEX):
-            (dst / name).unlink(missing_ok=True)
-
+        journal, jpath = reconcile_journal(dst, src, res, out, planned, overwrite)
+        done = set(journal["done"])
         todo = [u for u in units if u.index not in done]
         remaining = sum(out.shards[i].nbytes for u in todo for i in out.unit_shards.get(u.index, []))
         free = shutil.disk_usage(dst).free
@@ -759,26 +691,65 @@ def convert(
         totals: Dict[str, int] = {}
         for p in pieces:
             totals[piece_kind(p, res)] = totals.get(piece_kind(p, res), 0) + p.source_bytes
-        bar = Progress(totals, len(units), progress)
+        bar = progress_bar(totals, progress)
         read_bytes, stages = _run_pipeline(src, res, out, pieces, dst, journal, jpath, bar)
 
-        copy_side_files(side, dst)
-        _atomic_write_text(dst / RECIPE_FILE, json.dumps(
-            {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
-             **res.applied(cfg.prefix), "files": planned}, indent=2, default=str))
-        weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
-        if vis:
-            weight_map = dict(sorted({**weight_map, **vis.write(dst, write_shard)}.items()))
-        _atomic_write_text(dst / INDEX, json.dumps(
-            {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
-             "weight_map": weight_map}, indent=4))
-        config = output_config(src, res, items)
-        config = vision.output_config(config, cfg.raw, vis.projector) if vis else config
-        _atomic_write_text(dst / "config.json", json.dumps(config, indent=4))
+        finalize_output(dst, src, res, out, items, side, planned, vis, total_bytes, total_params)
         jpath.unlink()
-        return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw,
+        return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw(planned_rows),
                              time.perf_counter() - t0, read_bytes, len(todo), len(done),
                              shards=[s.name for s in out.shards], stages=stages)
+
+
+def reconcile_journal(dst: Path, src: Source, res: Resolution, out: OutputPlan, planned: List[str],
+                      overwrite: bool) -> Tuple[dict, Path]:
+    """Check DST against an earlier attempt's journal (prepare_destination), keep the units
+    whose shards are all on disk at their recorded sizes, and write the journal this run
+    starts from; clear partial files and the completion markers (index, config.json).
+    Returns (journal, its path)."""
+    fingerprint, digest = src.fingerprint(), out.digest(res)
+    journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned, res.fits())
+    done = set()
+    for u in journal.get("done", []):
+        shard_ok = all((dst / out.shards[i].name).exists()
+                       and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
+                       for i in out.unit_shards.get(u, []))
+        if shard_ok:
+            done.add(u)
+    journal = {"version": 1, "moequant": __version__, "source": str(src.path),
+               "fingerprint": fingerprint, "plan": digest, "fit": res.fits(), "done": sorted(done),
+               "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
+                         for u in done for i in out.unit_shards.get(u, [])},
+               "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL})}
+    jpath = dst / JOURNAL
+    _atomic_write_text(jpath, json.dumps(journal))
+    for n in planned:
+        (dst / f".partial-{n}").unlink(missing_ok=True)
+    # An index or config from an earlier attempt must not make DST look complete.
+    for name in ("config.json", INDEX):
+        (dst / name).unlink(missing_ok=True)
+    return journal, jpath
+
+
+def finalize_output(dst: Path, src: Source, res: Resolution, out: OutputPlan, items: List[Item],
+                    side: List[Path], planned: List[str], vis, total_bytes: int,
+                    total_params: int) -> None:
+    """Once every shard is on disk: the side files, the recipe record, the index and,
+    last, config.json (what makes DST a model mlx-lm loads)."""
+    cfg = src.cfg
+    copy_side_files(side, dst)
+    _atomic_write_text(dst / RECIPE_FILE, json.dumps(
+        {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
+         **res.applied(cfg.prefix), "files": planned}, indent=2, default=str))
+    weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
+    if vis:
+        weight_map = dict(sorted({**weight_map, **vis.write(dst, write_shard)}.items()))
+    _atomic_write_text(dst / INDEX, json.dumps(
+        {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
+         "weight_map": weight_map}, indent=4))
+    config = output_config(src, res, items)
+    config = vision.output_config(config, cfg.raw, vis.projector) if vis else config
+    _atomic_write_text(dst / "config.json", json.dumps(config, indent=4))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -787,14 +758,11 @@ def convert(
 def add_arguments(p):
     p.add_argument("--hf-path", required=True, help="Source checkpoint directory (local).")
     p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
-    p.add_argument("--recipe", default="alis-3.6",
-                   help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
+    add_recipe_arguments(p)
     p.add_argument("--fit", choices=FITS, default=None,
                    help="How scales and biases are fitted, for every re-quantized module "
                         "(overrides the recipe): minmax (MLX's rule) or mse (least squares: "
                         "lower error at the same size, slower).")
-    p.add_argument("--upgrade-layers", default=None,
-                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an output directory moequant wrote, removing only the files it "

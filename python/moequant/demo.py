@@ -72,8 +72,8 @@ def run(args) -> int:
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    from .cli import UserError
     from .convert import convert
+    from .errors import UserError
     from .mlx_lm_patch import patch
     from .testing import make_checkpoint
 

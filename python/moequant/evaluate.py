@@ -34,7 +34,6 @@ import shutil
 import stat
 import sys
 import sysconfig
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +43,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .progress import Progress
 
 CACHE_FORMAT = "moequant-eval-reference-cache"
 CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
@@ -76,10 +76,6 @@ def near_tie_definition(threshold: float) -> str:
     )
 
 
-def _user_error(msg: str) -> Exception:
-    return UserError(msg)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -100,9 +96,9 @@ def _render_chat(tokenizer, messages, where: str) -> str:
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
-        raise _user_error(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise _user_error(f"{where}: chat messages need a chat template, the tokenizer has none")
+        raise UserError(f"{where}: chat messages need a chat template, the tokenizer has none")
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
@@ -115,12 +111,12 @@ def load_documents(data: Optional[str], tokenizer) -> List[Tuple[str, Callable[[
         return [(str(p), lambda p=p: _read_text(p) or "") for p in default_corpus()]
     path = Path(data)
     if not path.exists():
-        raise _user_error(f"--data {data}: no such file or directory")
+        raise UserError(f"--data {data}: no such file or directory")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         docs = [(str(p), lambda p=p: _read_text(p) or "") for p in files]
         if not docs:
-            raise _user_error(f"--data {data}: the directory holds no files")
+            raise UserError(f"--data {data}: the directory holds no files")
         return docs
     if path.suffix == ".jsonl":
         docs = []
@@ -132,18 +128,18 @@ def load_documents(data: Optional[str], tokenizer) -> List[Tuple[str, Callable[[
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise _user_error(f"{where}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{where}: not valid JSON ({e.msg})") from None
                 if isinstance(obj, dict) and "messages" in obj:
                     text = _render_chat(tokenizer, obj["messages"], where)
                 elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
                     text = obj["text"]
                 else:
-                    raise _user_error(f"{where}: expected an object with 'messages' or 'text'")
+                    raise UserError(f"{where}: expected an object with 'messages' or 'text'")
                 docs.append((where, lambda t=text: t))
         return docs
     text = _read_text(path)
     if text is None:
-        raise _user_error(f"--data {data}: not a UTF-8 text file")
+        raise UserError(f"--data {data}: not a UTF-8 text file")
     return [(str(path), lambda: text)]
 
 
@@ -181,9 +177,9 @@ def make_windows(
     until there are ``num_samples * seq_len`` tokens; cut into (n, seq_len) int32 windows.
     Fewer windows come back when the data is too short for ``num_samples``."""
     if seq_len < 2:
-        raise _user_error(f"--seq-len {seq_len}: must be at least 2")
+        raise UserError(f"--seq-len {seq_len}: must be at least 2")
     if num_samples < 1:
-        raise _user_error(f"--num-samples {num_samples}: must be at least 1")
+        raise UserError(f"--num-samples {num_samples}: must be at least 1")
     order = np.random.default_rng(seed).permutation(len(docs))
     need = seq_len * num_samples
     tokens: List[int] = []
@@ -196,7 +192,7 @@ def make_windows(
                 break
     n = min(num_samples, len(tokens) // seq_len)
     if n == 0:
-        raise _user_error(
+        raise UserError(
             f"--seq-len {seq_len} is larger than {data_name} ({len(tokens)} tokens)"
         )
     return np.asarray(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
@@ -258,7 +254,7 @@ def _flock(path: Path, exclusive: bool, waiting: Optional[str] = None):
         if not exclusive:  # a read-only location: published caches are immutable, read them
             yield
             return
-        raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot create the lock file {path}: {e.strerror or e}") from None
     try:
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
@@ -309,7 +305,7 @@ def model_fingerprint(model_dir: Path, progress: bool = False) -> str:
     if todo:
         total = sum(stats[f].st_size for f in todo)
         bar = Progress(total, "hashing reference weights", progress and total >= (1 << 30),
-                       unit="GB", scale=1e-9)
+                       fmt=lambda n: f"{n / 1e9:.1f} GB")
         start = time.time_ns()
         try:
             with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
@@ -496,49 +492,6 @@ def _concat(rows: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     out["window"] = np.concatenate([np.full(r["kl"].size, i) for i, r in enumerate(rows)])
     return out
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """A one-line text progress bar on stderr (``update`` may be called from threads)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, stream=None,
-                 unit: str = "", scale: float = 1.0):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.unit, self.scale = unit, scale
-        self.stream = stream or sys.stderr
-        self.done, self.t0 = 0, time.perf_counter()
-        self._lock = threading.Lock()
-        self._draw()
-
-    def _count(self, n) -> str:
-        return f"{n * self.scale:.1f}" if self.unit else f"{n}"
-
-    def _draw(self):
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / max(1, self.total))
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * (self.total - self.done) if self.done else 0.0
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{self._count(self.done)}/{self._count(self.total)}{self.unit} "
-            f"{el:.0f}s eta {eta:.0f}s"
-        )
-        self.stream.flush()
-
-    def update(self, n: int = 1):
-        with self._lock:
-            self.done += n
-            self._draw()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # --------------------------------------------------------------------------- passes
@@ -775,13 +728,13 @@ class ReferenceCache:
             reason = "no meta.json (not a complete moequant eval cache)"
             if self.owned:
                 return reason
-            raise _user_error(f"--cache {self.path}: {reason}; give a new or empty directory")
+            raise UserError(f"--cache {self.path}: {reason}; give a new or empty directory")
         try:
             meta, arrays = self.open()
         except CacheInvalid as e:
             if self.owned:
                 return str(e)
-            raise _user_error(f"{e}: the reference cache is damaged (remove {self.path} to "
+            raise UserError(f"{e}: the reference cache is damaged (remove {self.path} to "
                               "rebuild it)") from None
         why = self.mismatch(meta, want, top_k)
         if why is None:
@@ -789,7 +742,7 @@ class ReferenceCache:
         self._opened = None
         if self.owned:
             return why
-        raise _user_error(f"{self.meta_path}: {why}")
+        raise UserError(f"{self.meta_path}: {why}")
 
     # ------------------------------------------------------------------ writing (exclusive lock held)
 
@@ -833,7 +786,7 @@ class ReferenceCache:
                 if not writers:  # the vocabulary size is known only now
                     vocab = lp.shape[-1]
                     if k is not None and k > vocab:
-                        raise _user_error(f"--top-k-cache {k} is larger than the vocabulary ({vocab})")
+                        raise UserError(f"--top-k-cache {k} is larger than the vocabulary ({vocab})")
                     k = k or min(DEFAULT_TOP_K, vocab)
                     writers = {f: _NpyWriter(tmp / f"{f}.npy",
                                              (n, t, k) if f.startswith("topk") else (n, t),
@@ -859,7 +812,7 @@ class ReferenceCache:
                 wr.file.close()
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
-                raise _user_error(f"cannot write the reference cache {self.path}: "
+                raise UserError(f"cannot write the reference cache {self.path}: "
                                   f"{e.strerror or e}") from None
             raise
 
@@ -874,7 +827,7 @@ def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, pro
         w = mx.array(windows[i])
         lp = log_probs(model, w, kv)
         if lp.shape[-1] != vocab:
-            raise _user_error(
+            raise UserError(
                 f"the build's vocabulary ({lp.shape[-1]}) differs from the reference's ({vocab})"
             )
         r = {f: mx.array(np.asarray(ref[f][i])) for f in ReferenceCache.FIELDS}
@@ -909,7 +862,7 @@ def load_model(path: Path, fused: bool = False, group=None):
         try:
             model, _ = sharded_load(str(path), pipeline_group=group)
         except (ValueError, OSError) as e:
-            raise _user_error(f"{path}: cannot pipeline-load the model across "
+            raise UserError(f"{path}: cannot pipeline-load the model across "
                               f"{group.size()} ranks: {e}") from None
     else:
         from mlx_lm.utils import load_model as mlx_load_model
@@ -920,7 +873,7 @@ def load_model(path: Path, fused: bool = False, group=None):
 
         patch = getattr(moequant, "patch", None)
         if patch is None:
-            raise _user_error("--fused: this moequant build has no fused MoE path (moequant.patch)")
+            raise UserError("--fused: this moequant build has no fused MoE path (moequant.patch)")
         # Everything, as `moequant generate` runs a model. These paths accumulate in
         # float32 where MLX's CPU kernels round bf16 builds' intermediate sums to bf16, so
         # a bf16 report moves by bf16 rounding noise: on the tiny presets both it and
@@ -952,9 +905,9 @@ def _check_writable(path: Path, arg: str, given) -> None:
     while not os.path.lexists(q) and q != q.parent:
         q = q.parent
     if not q.is_dir():
-        raise _user_error(f"{arg} {given}: {q} is not a directory")
+        raise UserError(f"{arg} {given}: {q} is not a directory")
     if not os.access(q, os.W_OK | os.X_OK):
-        raise _user_error(f"{arg} {given}: {q} is not writable")
+        raise UserError(f"{arg} {given}: {q} is not writable")
 
 
 def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=50, seed=0,
@@ -963,7 +916,7 @@ def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=
     a user error naming the argument. Returns (reference dir, its config, build dir)."""
     def integer(name, value, low):
         if not _is_int(value) or value < low:
-            raise _user_error(f"{name} {value!r}: must be an integer >= {low}")
+            raise UserError(f"{name} {value!r}: must be an integer >= {low}")
 
     integer("--seq-len", seq_len, 2)
     integer("--num-samples", num_samples, 1)
@@ -972,23 +925,23 @@ def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=
         integer("--top-k-cache", top_k, 2)
     if isinstance(near_tie, bool) or not isinstance(near_tie, (int, float)) \
             or not 0 <= near_tie <= 1:
-        raise _user_error(f"--near-tie {near_tie!r}: must be a probability in [0, 1]")
+        raise UserError(f"--near-tie {near_tie!r}: must be a probability in [0, 1]")
     ref_path, ref_cfg = _check_model_dir(ref_dir, "--ref")
     build_path, _ = _check_model_dir(model_dir, "--model")
     vocab = _config_int(ref_cfg, "vocab_size")
     if top_k is not None and vocab is not None and top_k > vocab:
-        raise _user_error(f"--top-k-cache {top_k} is larger than the reference's vocabulary "
+        raise UserError(f"--top-k-cache {top_k} is larger than the reference's vocabulary "
                           f"({vocab}, {ref_path / 'config.json'})")
     max_pos = _config_int(ref_cfg, "max_position_embeddings")
     if max_pos is not None and seq_len > max_pos:
-        raise _user_error(f"--seq-len {seq_len} is longer than the reference's "
+        raise UserError(f"--seq-len {seq_len} is longer than the reference's "
                           f"max_position_embeddings ({max_pos}, {ref_path / 'config.json'})")
     if data is not None and not (os.path.isfile(data) or os.path.isdir(data)):
-        raise _user_error(f"--data {data}: no such file or directory" if not os.path.lexists(data)
+        raise UserError(f"--data {data}: no such file or directory" if not os.path.lexists(data)
                           else f"--data {data}: not a regular file or a directory")
     if cache_dir is not None:
         if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
-            raise _user_error(f"--cache {cache_dir}: exists and is not a directory")
+            raise UserError(f"--cache {cache_dir}: exists and is not a directory")
         if not os.path.isdir(cache_dir):  # an existing cache may be read from a read-only place
             _check_writable(Path(cache_dir).resolve(), "--cache", cache_dir)
     else:
@@ -1001,10 +954,10 @@ def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=
 
 def check_output(output: str) -> None:
     if os.path.isdir(output):
-        raise _user_error(f"--output {output}: is a directory")
+        raise UserError(f"--output {output}: is a directory")
     parent = Path(output).parent
     if not parent.is_dir():
-        raise _user_error(f"--output {output}: the directory {parent} does not exist")
+        raise UserError(f"--output {output}: the directory {parent} does not exist")
     _check_writable(parent, "--output", output)
 
 
@@ -1014,7 +967,7 @@ def _load_tokenizer(path: Path, arg: str, trust_remote_code: bool = False):
     try:
         return load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise _user_error(f"{arg} {path}: cannot load its tokenizer ({e})") from None
+        raise UserError(f"{arg} {path}: cannot load its tokenizer ({e})") from None
 
 
 def default_cache_dir(ref_fp: str, windows_fp: str, top_k: Optional[int]) -> Path:
@@ -1110,7 +1063,7 @@ def _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
     tok_fp = tokenizer_fingerprint(ref_tok)
     if tokenizer_fingerprint(_load_tokenizer(build_path, "--model", trust_remote_code)) != tok_fp:
-        raise _user_error(
+        raise UserError(
             f"--model {model_dir}: its tokenizer differs from the reference's ({ref_dir}); "
             "KL is only defined over the same vocabulary"
         )
@@ -1213,7 +1166,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
         if action == "build":
             model = loader(p["ref_path"], fused=fused, group=group)
             splits["reference"] = distributed.gather(group, distributed.layer_split(model))
-            bar = Progress(windows.shape[0], "reference", show)
+            bar = Progress(windows.shape[0], "reference", show, every=0)
             try:
                 if leader:
                     state["cache"].write(model, windows, top_k, state["meta"], bar)
@@ -1234,7 +1187,7 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     t0 = time.perf_counter()
     model = loader(p["build_path"], fused=fused, group=group)
     splits["build"] = distributed.gather(group, distributed.layer_split(model))
-    bar = Progress(windows.shape[0], "build    ", show)
+    bar = Progress(windows.shape[0], "build    ", show, every=0)
     try:
         per_pos = (compare_against_cache(model, state["cache"], windows, bar, kv) if leader
                    else _follow(model, windows, kv))
@@ -1275,7 +1228,7 @@ def _check_cache_space(cache, windows, k_planned) -> None:
     except OSError:
         free = None
     if free is not None and need > free:
-        raise _user_error(f"the reference cache needs {_size(need)}, {where} has "
+        raise UserError(f"the reference cache needs {_size(need)}, {where} has "
                           f"{_size(free)} free (lower --num-samples, --seq-len or "
                           "--top-k-cache, or give --cache elsewhere)")
 
@@ -1284,7 +1237,7 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
     _check_cache_space(cache, windows, k_planned)
     # Locals die with this frame, so the reference is released when it returns.
     model = loader(path, fused=fused)
-    bar = Progress(windows.shape[0], "reference", show)
+    bar = Progress(windows.shape[0], "reference", show, every=0)
     try:
         cache.write(model, windows, k, meta, bar)
     finally:
@@ -1296,7 +1249,7 @@ def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show
 
 def _run_build(path, cache, windows, loader, fused, show, kv=None):
     model = loader(path, fused=fused)
-    bar = Progress(windows.shape[0], "build    ", show)
+    bar = Progress(windows.shape[0], "build    ", show, every=0)
     try:
         return compare_against_cache(model, cache, windows, bar, kv)
     finally:
@@ -1412,7 +1365,7 @@ def run(args) -> int:
 
         check_kv_args(args, _read_config(args.model))
         if args.prefill_step_size < 1:
-            raise _user_error(f"--prefill-step-size must be >= 1; got {args.prefill_step_size}")
+            raise UserError(f"--prefill-step-size must be >= 1; got {args.prefill_step_size}")
         kv = dict(bits=args.kv_bits, group_size=args.kv_group_size,
                   quantized_kv_start=args.quantized_kv_start,
                   prefill_step_size=args.prefill_step_size)

@@ -20,8 +20,10 @@ import numpy as np
 
 from .checkpoint.config import SOURCE_GROUP_SIZES
 from .checkpoint.files import read_text
-from .checkpoint.safetensors_io import TensorInfo, read_header, read_mx, slice_info
+from .checkpoint.safetensors_io import TensorInfo, read_mx, slice_info
+from .checkpoint.source import read_tensors
 from .errors import UserError
+from .quant_formats import BITS
 
 SUFFIXES = ("weight", "scales", "biases", "bias", "global_scale", "e_score_correction_bias")
 # compressed-tensors INT4 modules of a source checkpoint (routed experts)
@@ -35,15 +37,8 @@ _SOURCE_EXPERT = re.compile(
 
 
 def read_headers(model_dir: Path) -> Dict[str, TensorInfo]:
-    """name -> TensorInfo for every tensor of every .safetensors file, from the headers,
-    validated (offsets, sizes, truncation) by the checkpoint layer's reader."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{model_dir}: no .safetensors files")
-    out = {}
-    for f in files:
-        out.update(read_header(f)[0])
-    return out
+    """name -> TensorInfo for every tensor of the model directory (checkpoint.source)."""
+    return read_tensors(model_dir)[0]
 
 
 def component_of(path: str) -> str:
@@ -81,7 +76,7 @@ def _quant_params(path: str, w_cols: int, s_cols: int, q: dict) -> Tuple[int, in
         return int(entry["bits"]), int(entry.get("group_size") or q.get("group_size") or 64)
     gs = int(q.get("group_size") or 64)
     bits, rem = divmod(w_cols * 32, s_cols * gs)
-    if rem == 0 and bits in (2, 3, 4, 5, 6, 8):
+    if rem == 0 and bits in BITS:
         return bits, gs
     bits = int(q.get("bits") or 4)
     return bits, (w_cols * 32 // bits) // s_cols

@@ -48,9 +48,10 @@ from .mla_attention import project
 from .mlx_lm_patch import import_classes
 from . import ops
 from .ops import mla_decode_attention
+from .quant_formats import GROUP_SIZES
 
 SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUPS = (32, 64, 128)
+SUPPORTED_GROUPS = GROUP_SIZES
 
 # Cached positions dequantized at a time by the prefill path (several query tokens):
 # bounds its temporary memory to about this many positions whatever the context.

@@ -112,7 +112,7 @@ def check_model_dir(path, arg: str = "--model") -> dict:
 
 
 def _patching(load_fn, args, load_error=None):
-    load_error = load_error or _user_error
+    load_error = load_error or _load_error
 
     def load(*a, **k):
         try:
@@ -149,13 +149,13 @@ def _read_config(model) -> dict:
         return {}
 
 
-def _user_error(e, path):
-    from .cli import UserError
+def _load_error(e, path):
+    from .errors import UserError
 
     return UserError(f"--model {path}: cannot load the model: {type(e).__name__}: {e}")
 
 
-def run_mlx_lm_main(module, args, loaders=("load",), load_error=_user_error) -> int:
+def run_mlx_lm_main(module, args, loaders=("load",), load_error=_load_error) -> int:
     """Run ``module.main()`` with ``args`` and patched loaders; a loader's exception is
     raised as ``load_error(exception, path)`` (default: a UserError, exit code 2)."""
     # Registers the MLA cache classes for mlx-lm's load_prompt_cache (--prompt-cache-file

@@ -31,6 +31,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import quant_formats
 from .ops import as_projection, has_metal, moe_prefill, moe_swiglu, quantized_linear
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
@@ -54,9 +55,6 @@ _BLOCKS = (
 # mlx_vlm is imported (a model it loaded), so text-only use never imports it.
 _VLM_BLOCKS = (("mlx_vlm.models.deepseek_v3.language", "DeepseekV3MoE"),)
 _VLM_SWITCH = "mlx_vlm.models.switch_layers"
-
-_SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-_SUPPORTED_GROUPS = (32, 64, 128)
 
 _fused_classes: Dict[type, type] = {}
 
@@ -99,23 +97,52 @@ def _switch_classes(name: str) -> tuple:
     return tuple(out)
 
 
-def _proj_supported(p) -> bool:
+def _checked(p, name: str):
+    """(weight, scales, biases, bits, group_size) of a projection the fused op runs, else None."""
     if not isinstance(p, _switch_classes("QuantizedSwitchLinear")):
-        return False
+        return None
     try:
         # The op's own layout checks (affine, biases, no global scale or output bias).
-        *_, bits, group_size = as_projection(p)
+        proj = as_projection(p, name)
     except ValueError:
-        return False
-    return bits in _SUPPORTED_BITS and group_size in _SUPPORTED_GROUPS
+        return None
+    return proj if quant_formats.supported(*proj[3:]) else None
+
+
+_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _projections(block):
+    sm = getattr(block, "switch_mlp", None)
+    if sm is None or not isinstance(getattr(sm, "activation", None), _switch_classes("SwiGLU")):
+        return None
+    projs = tuple(_checked(getattr(sm, n, None), n) for n in _PROJS)
+    return None if None in projs else projs
 
 
 def layout_supported(block) -> bool:
     """Whether the block's routed experts can run on the fused op."""
+    return _projections(block) is not None
+
+
+def _proj_arrays(block) -> tuple:
     sm = getattr(block, "switch_mlp", None)
-    if sm is None or not isinstance(getattr(sm, "activation", None), _switch_classes("SwiGLU")):
-        return False
-    return all(_proj_supported(getattr(sm, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+    return tuple(getattr(getattr(sm, n, None), a, None) for n in _PROJS
+                 for a in ("weight", "scales", "biases"))
+
+
+def checked_projections(block):
+    """The block's (gate, up, down) as checked (weight, scales, biases, bits, group_size)
+    tuples, or None when its layout is unsupported. Checked once and cached on the
+    block; checked again only when one of its arrays was replaced (model.update,
+    load_weights), which an identity test per array detects."""
+    arrays = _proj_arrays(block)
+    cached = getattr(block, "_moequant_projs", None)
+    if cached is not None and all(a is b for a, b in zip(cached[0], arrays)):
+        return cached[1]
+    projs = _projections(block)
+    object.__setattr__(block, "_moequant_projs", (arrays, projs))
+    return projs
 
 
 class _FusedMoE:
@@ -126,8 +153,9 @@ class _FusedMoE:
     def __call__(self, x):
         n_tokens = x.size // x.shape[-1]
         on_cpu = mx.default_device() == mx.cpu
+        projs = checked_projections(self)
         if (
-            not self._moequant_layout_ok
+            projs is None
             or not (on_cpu or has_metal)
             or (n_tokens > self._moequant_max_tokens and not on_cpu)
         ):
@@ -138,13 +166,12 @@ class _FusedMoE:
 
             x = sum_gradients(group)(x)
         inds, scores = self.gate(x)
-        sm = self.switch_mlp
         op = moe_swiglu
         if n_tokens > self._moequant_max_tokens:
-            k, experts = inds.shape[-1], sm.gate_proj.weight.shape[0]
+            k, experts = inds.shape[-1], projs[0][0].shape[0]
             if n_tokens * k >= PREFILL_MIN_PAIRS * experts:
                 op = moe_prefill
-        y = op(x, inds, scores, sm.gate_proj, sm.up_proj, sm.down_proj)
+        y = op(x, inds, scores, *projs)
         if getattr(self, "shared_experts", None) is not None:
             y = y + self.shared_experts(x)
         if group is not None:
@@ -188,9 +215,8 @@ def patch(
         m.__class__ = _fused_class(base)
         # Instance attributes that are not arrays stay out of the parameter tree.
         object.__setattr__(m, "_moequant_max_tokens", int(max_tokens))
-        ok = layout_supported(m)
-        object.__setattr__(m, "_moequant_layout_ok", ok)
-        n += int(ok)
+        object.__setattr__(m, "_moequant_projs", None)  # check afresh
+        n += int(checked_projections(m) is not None)
     # Last, so it wraps any other swap of the attention classes: MLA layers read a
     # quantized latent cache (kv_bits) with moequant's attention (kv_cache.py).
     from .kv_cache import patch_kv_cache
@@ -211,6 +237,7 @@ def unpatch(model: nn.Module) -> int:
             m.__class__ = base
             # The MLA patch's dense float32 up-projections (mla_attention).
             m.__dict__.pop("_moequant_dense", None)
+            m.__dict__.pop("_moequant_projs", None)
             n += 1
     return n
 
@@ -228,8 +255,7 @@ def _linear_layout_ok(m) -> bool:
     try:
         return (
             getattr(m, "mode", "affine") == "affine"
-            and m.bits in _SUPPORTED_BITS
-            and m.group_size in _SUPPORTED_GROUPS
+            and quant_formats.supported(m.bits, m.group_size)
             and m.get("biases") is not None
             and m["weight"].ndim == 2
             and m["weight"].dtype == mx.uint32

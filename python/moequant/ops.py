@@ -243,8 +243,8 @@ def moe_swiglu(
 
     Expert ids (any integer dtype; 64-bit ids outside 32 bits are never narrowed into
     range) are data, so they are checked when the kernels run: an id outside [0, E) is
-    never read; the CPU raises RuntimeError, Metal (a kernel cannot raise) makes the
-    output row of each token with such an id NaN. Everything else, shapes and dtypes
+    never read, and the output row of each token with such an id is NaN, on every
+    backend (a Metal kernel cannot raise). Everything else, shapes and dtypes
     included (hidden size at least 1, at most 2^31 - 1 tokens, one scales dtype for gate
     and up), is checked when the graph is built (ValueError), the same on every backend.
 

@@ -1,64 +1,18 @@
 """`moequant plan`: what a recipe does to a model, from config.json (and, when the
 checkpoint is there, its validated safetensors headers) without reading tensor data.
-
-Sizes are exact: a quantized (..., K) weight takes K*bits/32 uint32 words per row plus a
-bf16 scale and a bf16 bias per group (bits + 32/group_size bits per weight); unquantized
-tensors keep their dtype (bf16; the router's e_score_correction_bias stays float32).
-"""
+The sizes come from `layout` (the same definition convert writes by)."""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
-from .checkpoint import COMPONENTS, Item, Source, SourceConfig, read_config
+from .checkpoint import Item, Source, SourceConfig, read_config
 from .checkpoint.layout import all_items, build_layout
-from .recipes import PRESETS, Decision, Resolution, load_recipe, parse_upgrade_layers, resolve
-
-ITEMSIZE = {"bfloat16": 2, "float32": 4}
-SCALE_BYTES = 2  # scales and biases are written in bf16
-
-
-def output_tensors(item: Item, d: Optional[Decision]) -> List[Tuple[str, Tuple[int, ...], str]]:
-    """(suffix, shape, dtype) of the tensors an item becomes; suffix is appended to its path."""
-    if not item.quantizable:
-        return [("", item.shape, item.dtype)]
-    if d is None:
-        return [(".weight", item.shape, "bfloat16")]
-    *lead, k = item.shape
-    return [(".weight", (*lead, k * d.bits // 32), "uint32"),
-            (".scales", (*lead, k // d.group_size), "bfloat16"),
-            (".biases", (*lead, k // d.group_size), "bfloat16")]
-
-
-def tensor_bytes(shape, dtype) -> int:
-    return math.prod(shape) * (4 if dtype in ("uint32", "float32") else 2)
-
-
-def item_bytes(item: Item, d: Optional[Decision]) -> int:
-    return sum(tensor_bytes(s, t) for _, s, t in output_tensors(item, d))
-
-
-def describe(d: Optional[Decision], item: Item) -> str:
-    if d is None:
-        return "fp32" if item.dtype == "float32" else "bf16"
-    return (f"{d.bits}-bit g{d.group_size}" + (" (INT4 repack)" if d.repack else "")
-            + (f" {d.fit}" if not d.repack and d.fit != "minmax" else ""))
-
-
-@dataclass
-class ComponentRow:
-    name: str
-    params: int = 0
-    bytes: int = 0
-    kinds: Dict[str, int] = None  # description -> params
-
-    @property
-    def bpw(self) -> float:
-        return self.bytes * 8 / self.params if self.params else 0.0
+from .layout import ComponentRow, expert_bpw, fmt_bytes, summarize
+from .recipes import PRESETS, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 
 @dataclass
@@ -86,8 +40,7 @@ class Plan:
 
     @property
     def expert_bpw(self) -> float:
-        rs = [r for r in self.rows if r.name.startswith("routed")]
-        return sum(r.bytes for r in rs) * 8 / max(1, sum(r.params for r in rs))
+        return expert_bpw(self.rows)
 
     def to_json(self) -> dict:
         return {
@@ -104,21 +57,6 @@ class Plan:
             "expert_bits_per_weight": self.expert_bpw,
             "input_bytes": self.input_bytes,
         }
-
-
-def summarize(items: List[Item], decisions: Dict[str, Optional[Decision]],
-              sizes: Optional[Dict[str, int]] = None) -> List[ComponentRow]:
-    """Per-component rows. ``sizes`` (path -> bytes) overrides predicted sizes, e.g. with
-    the bytes actually written."""
-    rows = {c: ComponentRow(c, 0, 0, {}) for c in COMPONENTS}
-    for it in items:
-        d = decisions.get(it.path)
-        r = rows[it.component]
-        r.params += it.params
-        r.bytes += sizes[it.path] if sizes is not None else item_bytes(it, d)
-        desc = describe(d, it)
-        r.kinds[desc] = r.kinds.get(desc, 0) + it.params
-    return [r for r in rows.values() if r.params]
 
 
 def make_plan(src, recipe: str, upgrade_layers=None, sensitivity=None) -> Plan:
@@ -147,13 +85,6 @@ def _fmt_params(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{suf}"
     return str(n)
-
-
-def fmt_bytes(n: float) -> str:
-    for div, suf in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if n >= div:
-            return f"{n / div:.2f} {suf}"
-    return f"{int(n)} B"
 
 
 def _share(x: float) -> str:
@@ -245,13 +176,18 @@ def format_kv_table(kv: dict) -> str:
     return "\n".join(lines)
 
 
+def add_recipe_arguments(p):
+    """--recipe and --upgrade-layers, the same for plan and convert."""
+    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
+    p.add_argument("--upgrade-layers", default=None,
+                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+
+
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--hf-path", help="Source checkpoint directory (headers are validated).")
     g.add_argument("--config", help="A config.json (or its directory): plan from the config alone.")
-    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
-    p.add_argument("--upgrade-layers", default=None,
-                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+    add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.add_argument("--keep-vision", action="store_true",
                    help="kimi_k25: also size the vision tower and projector kept by "

@@ -177,7 +177,7 @@ def _serve(server, host, port, model_provider, served_id, model_arg, vocab):
             httpd.shutdown()
             httpd.server_close()
     if isinstance(generator.error, _LoadError):
-        from .cli import UserError
+        from .errors import UserError
 
         raise UserError(str(generator.error))
     if generator.error is not None:

@@ -197,7 +197,7 @@ def vision_layout(expect, dtypes: Dict[str, str], projector):
     what the vision shard holds for it. ``dtypes`` maps upstream names to "bfloat16" /
     "float16" / "float32". The projector's linears quantized by the recipe follow
     plan.output_tensors, like every language-model module."""
-    from .plan import describe, output_tensors
+    from .layout import describe, output_tensors
 
     out = []
     for name, (shape, mlx_name) in expect.items():
@@ -212,7 +212,7 @@ def vision_layout(expect, dtypes: Dict[str, str], projector):
 
 def layout_row(layout):
     """plan's row for the vision side from ``vision_layout``."""
-    from .plan import ComponentRow, tensor_bytes
+    from .layout import ComponentRow, tensor_bytes
 
     row = ComponentRow("vision tower", 0, 0, {})
     for params, kind, tensors in layout:
@@ -344,7 +344,7 @@ def config_row(cfg, recipe_spec: Optional[dict] = None):
 
 
 def plan_lines(text_bytes: int, row) -> List[str]:
-    from .plan import fmt_bytes
+    from .layout import fmt_bytes
 
     return [f"-VLM sibling (--keep-vision): text build {fmt_bytes(text_bytes)} + vision tower and "
             f"projector {fmt_bytes(row.bytes)} ({row.bytes / 2**30:.2f} GiB) = "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..quant_formats import GROUP_SIZES
 from .errors import CheckpointError
 from .files import read_text, resolve_inside
 
@@ -29,7 +30,7 @@ REQUIRED_INT = (
     "v_head_dim",
 )
 MOE_INT = ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
-SOURCE_GROUP_SIZES = (32, 64, 128)
+SOURCE_GROUP_SIZES = GROUP_SIZES  # requantize_int4's src_group_size: the kernels' group sizes
 
 # Bounds checked before any table is built from the config, so an absurd value is
 # refused at once instead of filling memory: ~10x Kimi-K2 (61 layers, 384 experts,

@@ -8,7 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .config import SourceConfig, read_config
 from .errors import CheckpointError
@@ -41,7 +41,7 @@ class Source:
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a directory")
         cfg = read_config(path)
-        tensors, headers = _read_tensors(path)
+        tensors, headers = read_tensors(path)
         index = path / INDEX
         check_counts(cfg, tensors, index if os.path.lexists(index) else path)
         src = cls(path, cfg, tensors, headers)
@@ -123,7 +123,11 @@ def _missing_message(name: str, src: Source, where) -> str:
     return f"{where}: tensor {name} is missing from the checkpoint"
 
 
-def _read_tensors(path: Path):
+def read_tensors(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, bytes]]:
+    """Every tensor of the model directory ``path`` (name -> TensorInfo, from the
+    validated headers: read_header) and each shard's raw header. With an index, only
+    the shards and tensors it lists (each one checked to exist); without, every
+    *.safetensors file. The one reader of a directory's headers (convert, plan, inspect)."""
     index = path / INDEX
     if os.path.lexists(index):
         index = resolve_inside(path, INDEX, "file", path)

@@ -43,10 +43,9 @@ from ..checkpoint.errors import CheckpointError
 from ..checkpoint.files import read_text
 from ..checkpoint.layout import Item
 from ..errors import UserError
+from ..quant_formats import BITS, GROUP_SIZES
 from .presets import ALIASES, PRESETS
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
 FITS = ("minmax", "mse")
 
 
