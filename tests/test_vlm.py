@@ -4,6 +4,7 @@ its language model byte-identical to the text build, its MoE blocks patched."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
