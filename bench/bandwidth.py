@@ -51,11 +51,21 @@ def read_bandwidth(gib: float = 1.0, threads: int = 0, reps: int = 5, huge_pages
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="GiB summed per repetition (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads (default: moequant's thread count, MOEQUANT_NUM_THREADS or all cores)")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions, the best reported (default: %(default)s)")
-    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
-                    help="read from 4 KiB pages instead of transparent huge pages")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads (default: moequant's thread count, MOEQUANT_NUM_THREADS or all cores)",
+    )
+    ap.add_argument(
+        "--reps", type=int, default=5, help="repetitions, the best reported (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="read from 4 KiB pages instead of transparent huge pages",
+    )
     return ap
 
 
@@ -63,5 +73,7 @@ if __name__ == "__main__":
     a = build_parser().parse_args()
     gbs = read_bandwidth(a.gib, a.threads, a.reps, a.huge_pages)
     pages = "huge pages" if a.huge_pages else "4 KiB pages"
-    print(f"read bandwidth: {gbs:.2f} GB/s ({a.threads or moequant.get_num_threads()} threads, "
-          f"{a.gib:g} GiB, best of {a.reps}, {pages})")
+    print(
+        f"read bandwidth: {gbs:.2f} GB/s ({a.threads or moequant.get_num_threads()} threads, "
+        f"{a.gib:g} GiB, best of {a.reps}, {pages})"
+    )

@@ -87,8 +87,11 @@ def PEAK():
 
 
 def run_route(code, src, dst, recipe, *extra):
-    r = subprocess.run([sys.executable, "-c", PEAK + code, str(src), str(dst), recipe, *extra],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK + code, str(src), str(dst), recipe, *extra],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         sys.exit(f"route failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -96,31 +99,55 @@ def run_route(code, src, dst, recipe, *extra):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", type=int, default=16,
-                    help="routed experts per MoE layer of the generated fixture (default: %(default)s)")
-    ap.add_argument("--layers", type=int, default=4,
-                    help="decoder layers, layer 0 dense (default: %(default)s)")
-    ap.add_argument("--recipe", default="alis-3.6",
-                    help="recipe for both routes (default: %(default)s)")
-    ap.add_argument("--full-dims", action="store_true",
-                    help="convert a full-dimension 2-layer Kimi checkpoint (10.8 GB; needs ~20 GB "
-                    "of free disk) and compare with the I/O floor measured in the same run; "
-                    "--experts and --layers are ignored")
-    ap.add_argument("--fit", choices=("minmax", "mse"), default=None,
-                    help="override the recipe's fit (--full-dims only; default: the recipe's)")
-    ap.add_argument("--workdir", default=None,
-                    help="where the fixture and both outputs go; an existing fixture there is "
-                    "reused (default: a new temporary directory)")
+    ap.add_argument(
+        "--experts",
+        type=int,
+        default=16,
+        help="routed experts per MoE layer of the generated fixture (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--layers", type=int, default=4, help="decoder layers, layer 0 dense (default: %(default)s)"
+    )
+    ap.add_argument("--recipe", default="alis-3.6", help="recipe for both routes (default: %(default)s)")
+    ap.add_argument(
+        "--full-dims",
+        action="store_true",
+        help="convert a full-dimension 2-layer Kimi checkpoint (10.8 GB; needs ~20 GB "
+        "of free disk) and compare with the I/O floor measured in the same run; "
+        "--experts and --layers are ignored",
+    )
+    ap.add_argument(
+        "--fit",
+        choices=("minmax", "mse"),
+        default=None,
+        help="override the recipe's fit (--full-dims only; default: the recipe's)",
+    )
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="where the fixture and both outputs go; an existing fixture there is "
+        "reused (default: a new temporary directory)",
+    )
     return ap
 
 
 # Kimi-K2.5's text dimensions, except the vocabulary (163840 would add 4.7 GB of
 # embeddings and head that say nothing about the expert path).
-KIMI_DIMS = {"hidden_size": 7168, "moe_intermediate_size": 2048, "n_routed_experts": 384,
-             "num_experts_per_tok": 8, "intermediate_size": 18432, "num_attention_heads": 64,
-             "num_key_value_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512,
-             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-             "vocab_size": 1024}
+KIMI_DIMS = {
+    "hidden_size": 7168,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 384,
+    "num_experts_per_tok": 8,
+    "intermediate_size": 18432,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "vocab_size": 1024,
+}
 CHUNK = 32 << 20
 
 
@@ -142,8 +169,12 @@ def resident_bytes(path) -> int:
     """Bytes of ``path`` in the page cache, from util-linux's fincore (mincore); -1 when
     it is not installed."""
     try:
-        r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return int(r.stdout.split()[0])
     except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
         return -1
@@ -168,7 +199,7 @@ def write_seconds(path, nbytes: int) -> float:
     try:
         left = nbytes
         while left > 0:
-            left -= os.write(fd, buf[:min(left, CHUNK)])
+            left -= os.write(fd, buf[: min(left, CHUNK)])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -198,8 +229,10 @@ def main_full(args):
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-full-"))
     src = work / "src-full"
     free = shutil.disk_usage(work).free
-    print(f"free disk at {work}: {free / 1e9:.1f} GB; available memory: "
-          f"{next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemAvailable')) / 1e6:.1f} GB")
+    print(
+        f"free disk at {work}: {free / 1e9:.1f} GB; available memory: "
+        f"{next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemAvailable')) / 1e6:.1f} GB"
+    )
     if not (src / "config.json").exists():
         if free < 22e9:
             sys.exit(f"need ~22 GB free at {work} (fixture 10.8 GB + output ~8 GB + floor file)")
@@ -213,11 +246,15 @@ def main_full(args):
     moe_layer = source.unit_input_bytes(source.units[1])
     plan = make_plan(src, args.recipe)
     out_bytes = sum(r.bytes for r in plan.rows)
-    print(f"fixture: kimi_k25, 2 layers at Kimi's dims (vocab 1024), {in_bytes / 1e9:.2f} GB in "
-          f"{len(files)} files; MoE layer source {moe_layer / 1e9:.2f} GB; recipe {args.recipe}"
-          f"{' --fit ' + args.fit if args.fit else ''}, output {out_bytes / 1e9:.2f} GB")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs: timings "
-          f"noisy), moequant threads {get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"fixture: kimi_k25, 2 layers at Kimi's dims (vocab 1024), {in_bytes / 1e9:.2f} GB in "
+        f"{len(files)} files; MoE layer source {moe_layer / 1e9:.2f} GB; recipe {args.recipe}"
+        f"{' --fit ' + args.fit if args.fit else ''}, output {out_bytes / 1e9:.2f} GB"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs: timings "
+        f"noisy), moequant threads {get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
 
     before = floor(files, work, out_bytes)
     dst = work / "out-full"
@@ -229,28 +266,42 @@ def main_full(args):
 
     print(f"\n{'measurement':<34} {'wall s':>8} {'GB/s':>7}")
     for name, f in (("before", before), ("after", after)):
-        print(f"{'floor ' + name + ': cold read':<34} {f['read']:>8.2f} {in_bytes / f['read'] / 1e9:>7.2f}"
-              f"   (resident before: {mb(f['resident_before_read'])})")
-        print(f"{'floor ' + name + ': write + fsync':<34} {f['write']:>8.2f} {out_bytes / f['write'] / 1e9:>7.2f}")
+        print(
+            f"{'floor ' + name + ': cold read':<34} {f['read']:>8.2f} {in_bytes / f['read'] / 1e9:>7.2f}"
+            f"   (resident before: {mb(f['resident_before_read'])})"
+        )
+        print(
+            f"{'floor ' + name + ': write + fsync':<34} {f['write']:>8.2f} {out_bytes / f['write'] / 1e9:>7.2f}"
+        )
     fl = min(before["read"], after["read"]) + min(before["write"], after["write"])
     fl_max = max(min(before["read"], after["read"]), min(before["write"], after["write"]))
-    print(f"{'moequant convert':<34} {ours['wall']:>8.2f} {in_bytes / ours['wall'] / 1e9:>7.2f}"
-          f"   (resident before: {mb(left)})")
+    print(
+        f"{'moequant convert':<34} {ours['wall']:>8.2f} {in_bytes / ours['wall'] / 1e9:>7.2f}"
+        f"   (resident before: {mb(left)})"
+    )
     st = ours["stages"]
-    print(f"\nconvert: user {ours['user']:.1f} s, system {ours['sys']:.1f} s, "
-          f"{ours['minflt'] / 1e6:.2f} M minor page faults, peak RSS {ours['peak'] / 1e9:.2f} GB")
-    print(f"main thread: computing {st['compute']:.1f} s ({st['compute'] / ours['wall']:.0%} of wall), "
-          f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s")
+    print(
+        f"\nconvert: user {ours['user']:.1f} s, system {ours['sys']:.1f} s, "
+        f"{ours['minflt'] / 1e6:.2f} M minor page faults, peak RSS {ours['peak'] / 1e9:.2f} GB"
+    )
+    print(
+        f"main thread: computing {st['compute']:.1f} s ({st['compute'] / ours['wall']:.0%} of wall), "
+        f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s"
+    )
     parts = sorted((k for k in st if k.startswith("compute ")), key=lambda k: -st[k])
     print("computing by job kind and fit: " + ", ".join(f"{k[8:]} {st[k]:.1f} s" for k in parts))
     ratio, ratio_max = fl / ours["wall"], fl_max / ours["wall"]
     rss_ok = ours["peak"] <= 1.5 * moe_layer
-    print(f"I/O floor (best cold read + best write of the two floor runs) {fl:.2f} s: convert runs at "
-          f"{ratio:.0%} of it (target >= 60%: {'met' if ratio >= 0.6 else 'NOT met'}); "
-          f"against max(read, write) = {fl_max:.2f} s (perfect overlap of reading and writing): "
-          f"{ratio_max:.0%}")
-    print(f"peak RSS {ours['peak'] / 1e9:.2f} GB = {ours['peak'] / moe_layer:.2f}x one MoE layer's source "
-          f"bytes (target <= 1.5x: {'met' if rss_ok else 'NOT met'})")
+    print(
+        f"I/O floor (best cold read + best write of the two floor runs) {fl:.2f} s: convert runs at "
+        f"{ratio:.0%} of it (target >= 60%: {'met' if ratio >= 0.6 else 'NOT met'}); "
+        f"against max(read, write) = {fl_max:.2f} s (perfect overlap of reading and writing): "
+        f"{ratio_max:.0%}"
+    )
+    print(
+        f"peak RSS {ours['peak'] / 1e9:.2f} GB = {ours['peak'] / moe_layer:.2f}x one MoE layer's source "
+        f"bytes (target <= 1.5x: {'met' if rss_ok else 'NOT met'})"
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -267,20 +318,38 @@ def main():
     src = work / "src"
     if not (src / "config.json").exists():
         t0 = time.perf_counter()
-        make_checkpoint(src, "kimi_k25", layers=args.layers, shards=4, random_codes=True,
-                        text_overrides={
-                            "hidden_size": 7168, "moe_intermediate_size": 2048,
-                            "n_routed_experts": args.experts, "num_experts_per_tok": 2,
-                            "intermediate_size": 2048, "num_attention_heads": 4,
-                            "num_key_value_heads": 4, "q_lora_rank": 512, "kv_lora_rank": 512,
-                            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-                            "vocab_size": 1024})
+        make_checkpoint(
+            src,
+            "kimi_k25",
+            layers=args.layers,
+            shards=4,
+            random_codes=True,
+            text_overrides={
+                "hidden_size": 7168,
+                "moe_intermediate_size": 2048,
+                "n_routed_experts": args.experts,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 2048,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "q_lora_rank": 512,
+                "kv_lora_rank": 512,
+                "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64,
+                "v_head_dim": 128,
+                "vocab_size": 1024,
+            },
+        )
         print(f"fixture generated in {time.perf_counter() - t0:.1f} s")
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    print(f"fixture: kimi_k25, {args.layers} layers, {args.experts} experts of 7168x2048, "
-          f"{in_bytes / 1e9:.2f} GB of safetensors; recipe {args.recipe}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-          f"moequant threads {get_num_threads()}")
+    print(
+        f"fixture: kimi_k25, {args.layers} layers, {args.experts} experts of 7168x2048, "
+        f"{in_bytes / 1e9:.2f} GB of safetensors; recipe {args.recipe}"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
+        f"moequant threads {get_num_threads()}"
+    )
 
     results = {}
     for name, code in (("moequant convert", OURS), ("mlx-lm route", MLX_LM)):
@@ -291,13 +360,17 @@ def main():
 
     print(f"\n{'route':<18} {'wall s':>8} {'input GB/s':>11} {'peak GB':>8} {'output GB':>10}")
     for name, r in results.items():
-        print(f"{name:<18} {r['wall']:>8.2f} {in_bytes / r['wall'] / 1e9:>11.3f} "
-              f"{r['peak'] / 1e9:>8.2f} {r['out_bytes'] / 1e9:>10.3f}")
+        print(
+            f"{name:<18} {r['wall']:>8.2f} {in_bytes / r['wall'] / 1e9:>11.3f} "
+            f"{r['peak'] / 1e9:>8.2f} {r['out_bytes'] / 1e9:>10.3f}"
+        )
     ours, theirs = results["moequant convert"], results["mlx-lm route"]
     speedup, mem = theirs["wall"] / ours["wall"], ours["peak"] / theirs["peak"]
     ok = speedup >= 5 and mem <= 1 / 3
-    print(f"\nspeedup {speedup:.1f}x, peak memory {mem:.2f}x of mlx-lm's "
-          f"(target >= 5x and <= 0.33x: {'met' if ok else 'NOT met'})")
+    print(
+        f"\nspeedup {speedup:.1f}x, peak memory {mem:.2f}x of mlx-lm's "
+        f"(target >= 5x and <= 0.33x: {'met' if ok else 'NOT met'})"
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

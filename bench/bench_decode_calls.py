@@ -26,15 +26,25 @@ GROUP = 64
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="bench_decode_calls.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["16x2048", "576x7168", "512x8192", "2048x2048",
-                                                    "8192x512", "7168x8192"],
-                    help="N x K of W (default: fixed-cost, kv_a, equal-size and o_proj shapes)")
+    ap = argparse.ArgumentParser(
+        prog="bench_decode_calls.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["16x2048", "576x7168", "512x8192", "2048x2048", "8192x512", "7168x8192"],
+        help="N x K of W (default: fixed-cost, kv_a, equal-size and o_proj shapes)",
+    )
     ap.add_argument("--bits", type=int, nargs="+", default=[4], help="bit widths (default 4)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="pool sizes (default 1 2)")
-    ap.add_argument("--calls", type=int, default=200,
-                    help="timed calls per row (default 200; a tenth of it above 10 M codes)")
+    ap.add_argument(
+        "--calls",
+        type=int,
+        default=200,
+        help="timed calls per row (default 200; a tenth of it above 10 M codes)",
+    )
     return ap
 
 
@@ -65,8 +75,11 @@ def main(argv=None):
     shapes = [tuple(map(int, s.lower().split("x"))) for s in args.shapes]
     x0 = mx.zeros((1, 16))
     mx.eval(x0)
-    print("# rows %s; mx.eval of one add: median %.1f us, min %.1f us"
-          % (moequant.moe_cpu_path(), *time_call(lambda: x0 + 1, args.calls)), flush=True)
+    print(
+        "# rows %s; mx.eval of one add: median %.1f us, min %.1f us"
+        % (moequant.moe_cpu_path(), *time_call(lambda: x0 + 1, args.calls)),
+        flush=True,
+    )
     saved = moequant.get_num_threads()
     try:
         for th in args.threads:
@@ -75,14 +88,20 @@ def main(argv=None):
                 for bits in args.bits:
                     w, s, b = make_weight(N, K, bits)
                     for dt in (mx.float32, mx.bfloat16):
-                        x = mx.array(np.random.default_rng(0).standard_normal((1, K)).astype(np.float32)).astype(dt)
+                        x = mx.array(
+                            np.random.default_rng(0).standard_normal((1, K)).astype(np.float32)
+                        ).astype(dt)
                         mx.eval(x)
                         n = args.calls if N * K < 10_000_000 else max(10, args.calls // 10)
-                        med, mn = time_call(lambda: moequant.quantized_linear(
-                            x, w, s, b, bits=bits, group_size=GROUP), n)
-                        print(f"threads {th} {N:5d}x{K:5d} {bits}b x={'f32 ' if dt == mx.float32 else 'bf16'}:"
-                              f" median {med:8.1f} us  min {mn:8.1f} us  {N * K / mn / 1e3 / th:5.2f} G codes/s"
-                              f" per thread at the minimum", flush=True)
+                        med, mn = time_call(
+                            lambda: moequant.quantized_linear(x, w, s, b, bits=bits, group_size=GROUP), n
+                        )
+                        print(
+                            f"threads {th} {N:5d}x{K:5d} {bits}b x={'f32 ' if dt == mx.float32 else 'bf16'}:"
+                            f" median {med:8.1f} us  min {mn:8.1f} us  {N * K / mn / 1e3 / th:5.2f} G codes/s"
+                            f" per thread at the minimum",
+                            flush=True,
+                        )
     finally:
         moequant.set_num_threads(saved)
 

@@ -35,15 +35,23 @@ from bench_moe import bytes_per_token  # noqa: E402
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="bench_kimi_pair.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bench_kimi_pair.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help="converted model directory")
-    ap.add_argument("--convert-from", default=None,
-                    help="convert this checkpoint into --model first (if --model has no config.json)")
+    ap.add_argument(
+        "--convert-from",
+        default=None,
+        help="convert this checkpoint into --model first (if --model has no config.json)",
+    )
     ap.add_argument("--recipe", default="alis-3.6", help="recipe of --convert-from (default alis-3.6)")
     ap.add_argument("--tokens", type=int, default=8, help="decode steps timed (default 8)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                    help="activation dtype (default bfloat16: the model's own)")
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="activation dtype (default bfloat16: the model's own)",
+    )
     return ap
 
 
@@ -68,9 +76,9 @@ def codes_per_token(model, cfg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    import moequant
     from mlx_lm.models.cache import make_prompt_cache
 
+    import moequant
     from moequant.evaluate import load_model
 
     model_dir = Path(args.model)
@@ -78,8 +86,21 @@ def main(argv=None):
         if not args.convert_from:
             sys.exit(f"bench_kimi_pair.py: {model_dir} has no config.json and no --convert-from was given")
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "moequant", "convert", "--hf-path", args.convert_from,
-                        "--mlx-path", str(model_dir), "--recipe", args.recipe], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moequant",
+                "convert",
+                "--hf-path",
+                args.convert_from,
+                "--mlx-path",
+                str(model_dir),
+                "--recipe",
+                args.recipe,
+            ],
+            check=True,
+        )
         print(f"# converted {args.convert_from} ({args.recipe}) in {time.perf_counter() - t:.0f} s")
 
     mx.set_default_device(mx.cpu)
@@ -93,11 +114,15 @@ def main(argv=None):
         model.set_dtype(mx.float32, lambda d: mx.issubdtype(d, mx.floating))
     nbytes = bytes_per_token(model, cfg)
     codes = codes_per_token(model, cfg)
-    print(f"# {model_dir}: {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
-          f"{cfg.get('n_routed_experts')} experts top-{cfg.get('num_experts_per_tok')}; activations "
-          f"{args.dtype}; moequant threads {moequant.get_num_threads()}, rows {moequant.moe_cpu_path()}")
-    print(f"# bytes per token {nbytes / 1e6:.1f} MB; codes per token "
-          + ", ".join(f"{b}-bit {n / 1e6:.1f} M" for b, n in sorted(codes.items())))
+    print(
+        f"# {model_dir}: {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
+        f"{cfg.get('n_routed_experts')} experts top-{cfg.get('num_experts_per_tok')}; activations "
+        f"{args.dtype}; moequant threads {moequant.get_num_threads()}, rows {moequant.moe_cpu_path()}"
+    )
+    print(
+        f"# bytes per token {nbytes / 1e6:.1f} MB; codes per token "
+        + ", ".join(f"{b}-bit {n / 1e6:.1f} M" for b, n in sorted(codes.items()))
+    )
 
     def step(tok, cache):
         y = model(tok, cache=cache)[:, -1:].argmax(-1)
@@ -119,9 +144,11 @@ def main(argv=None):
     med = ts[len(ts) // 2]
     roof = nbytes / (bw * 1e9)
     print(f"# read bandwidth {bw0:.2f} GB/s before, {bw1:.2f} GB/s after")
-    print(f"kimi pair decode ({args.dtype}): median {med * 1e3:.1f} ms/token (best {ts[0] * 1e3:.1f}), "
-          f"{1 / med:.2f} tok/s; roofline {roof * 1e3:.1f} ms/token ({nbytes / 1e6:.1f} MB at {bw:.2f} GB/s): "
-          f"{med / roof:.2f}x the roofline time ({100 * roof / med:.0f}% of it)")
+    print(
+        f"kimi pair decode ({args.dtype}): median {med * 1e3:.1f} ms/token (best {ts[0] * 1e3:.1f}), "
+        f"{1 / med:.2f} tok/s; roofline {roof * 1e3:.1f} ms/token ({nbytes / 1e6:.1f} MB at {bw:.2f} GB/s): "
+        f"{med / roof:.2f}x the roofline time ({100 * roof / med:.0f}% of it)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,17 +51,33 @@ def time_step(fn, steps, single_call_s=10.0):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072],
-                    help="cached tokens per row (default: %(default)s)")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                    help="the model's dtype: the 16-bit cache, the queries, the quantized cache's "
-                         "scales and biases (default: %(default)s, Kimi's)")
+    ap.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[4096, 32768, 131072],
+        help="cached tokens per row (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="the model's dtype: the 16-bit cache, the queries, the quantized cache's "
+        "scales and biases (default: %(default)s, Kimi's)",
+    )
     ap.add_argument("--heads", type=int, default=64, help="attention heads (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=7, help="timed steps per row, median (default: %(default)s)")
-    ap.add_argument("--mlx-ops", action="store_true",
-                    help="also time the step composed from mx.quantized_matmul on the quantized cache")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="moequant's CPU threads (default: MOEQUANT_NUM_THREADS or all cores)")
+    ap.add_argument(
+        "--mlx-ops",
+        action="store_true",
+        help="also time the step composed from mx.quantized_matmul on the quantized cache",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="moequant's CPU threads (default: MOEQUANT_NUM_THREADS or all cores)",
+    )
     return ap
 
 
@@ -72,10 +88,14 @@ def main(a) -> None:
     H = a.heads
     bw = read_bandwidth()
     peak = _ext.fma_peak_gflops()
-    print(f"# {H} heads, latent {R} + rope {DR}, {a.dtype}; threads {moequant.get_num_threads()}, "
-          f"kernel {moequant.mla_cpu_path()}; read bandwidth {bw:.2f} GB/s, FMA peak {peak:.1f} GFLOP/s")
-    print(f"{'tokens':>8} {'path':<22} {'ms':>9} {'vs 16-bit':>9} {'cache MB':>9} {'GB/s':>7} "
-          f"{'of bw':>6} {'GFLOP/s':>8} {'of peak':>7}")
+    print(
+        f"# {H} heads, latent {R} + rope {DR}, {a.dtype}; threads {moequant.get_num_threads()}, "
+        f"kernel {moequant.mla_cpu_path()}; read bandwidth {bw:.2f} GB/s, FMA peak {peak:.1f} GFLOP/s"
+    )
+    print(
+        f"{'tokens':>8} {'path':<22} {'ms':>9} {'vs 16-bit':>9} {'cache MB':>9} {'GB/s':>7} "
+        f"{'of bw':>6} {'GFLOP/s':>8} {'of peak':>7}"
+    )
     rng = np.random.default_rng(0)
     scale = (128 + 64) ** -0.5
     results = []
@@ -98,8 +118,9 @@ def main(a) -> None:
             mx.eval(ql, qp)
 
             def ours(ql=ql, qp=qp, bits=bits):
-                return moequant.mla_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], ql, qp, scale=scale,
-                                                     bits=bits, group_size=GROUP)
+                return moequant.mla_decode_attention(
+                    q_lat[:, :, 0], q_pe[:, :, 0], ql, qp, scale=scale, bits=bits, group_size=GROUP
+                )
 
             nb = T * bytes_per_token(R, DR, bits, GROUP)
 
@@ -121,8 +142,11 @@ def main(a) -> None:
             gbs = nbytes / s / 1e9
             gfl = flops / s / 1e9
             results.append((T, name, s))
-            print(f"{T:>8} {name:<22} {s * 1e3:>9.2f}{'*' if n == 1 else ' '}{base / s:>8.2f}x {nbytes / 1e6:>9.1f} {gbs:>7.2f} "
-                  f"{gbs / bw:>6.1%} {gfl:>8.1f} {gfl / peak:>7.1%}", flush=True)
+            print(
+                f"{T:>8} {name:<22} {s * 1e3:>9.2f}{'*' if n == 1 else ' '}{base / s:>8.2f}x {nbytes / 1e6:>9.1f} {gbs:>7.2f} "
+                f"{gbs / bw:>6.1%} {gfl:>8.1f} {gfl / peak:>7.1%}",
+                flush=True,
+            )
         del lat, pe
     bw2 = read_bandwidth()
     print(f"# after: read bandwidth {bw2:.2f} GB/s; * one call (the warm-up took over 10 s)")

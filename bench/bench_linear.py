@@ -90,28 +90,57 @@ def make_weight(N, K, bits, huge_pages):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8], help="bit widths (default: 4 6 8)")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                    help="Kimi projections to run (default: all)")
-    ap.add_argument("--gemm-rows", type=int, nargs="*", default=[64, 256],
-                    help="batch sizes of the GEMM rows (default: 64 256; none for decode only)")
-    ap.add_argument("--gemv-rows", type=int, nargs="*", default=[1],
-                    help="decode row counts, each at float32 and bfloat16 (default: 1)")
-    ap.add_argument("--mlx-gemm-rows", type=int, default=64,
-                    help="largest batch timed for mx.quantized_matmul (it runs at ~2 GFLOP/s "
-                    "on CPUs; default: 64)")
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(SHAPES),
+        choices=list(SHAPES),
+        help="Kimi projections to run (default: all)",
+    )
+    ap.add_argument(
+        "--gemm-rows",
+        type=int,
+        nargs="*",
+        default=[64, 256],
+        help="batch sizes of the GEMM rows (default: 64 256; none for decode only)",
+    )
+    ap.add_argument(
+        "--gemv-rows",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="decode row counts, each at float32 and bfloat16 (default: 1)",
+    )
+    ap.add_argument(
+        "--mlx-gemm-rows",
+        type=int,
+        default=64,
+        help="largest batch timed for mx.quantized_matmul (it runs at ~2 GFLOP/s on CPUs; default: 64)",
+    )
     ap.add_argument("--steps", type=int, default=7, help="timed calls of ours per row (default: 7)")
     ap.add_argument("--mlx-steps", type=int, default=2, help="timed calls of MLX's (default: 2)")
-    ap.add_argument("--lm-head", action="store_true",
-                    help="also the 163840 x 7168 lm_head (about 1 GB at 6 bits)")
+    ap.add_argument(
+        "--lm-head", action="store_true", help="also the 163840 x 7168 lm_head (about 1 GB at 6 bits)"
+    )
     ap.add_argument("--quick", action="store_true", help="q_a, o_proj and dense_up at 6 bits only")
-    ap.add_argument("--kernel-rate", action="store_true",
-                    help="only the row kernels' compute rate per path (cache-resident, one thread)")
-    ap.add_argument("--ref-bandwidth", type=float, default=None,
-                    help="GB/s the --kernel-rate fractions refer to (default: this run's probe; "
-                    "on a loaded machine the probe reads low, give a quiet run's figure)")
-    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
-                    help="leave the weights on the pages MLX allocated (the bandwidth probe reads "
-                    "huge pages)")
+    ap.add_argument(
+        "--kernel-rate",
+        action="store_true",
+        help="only the row kernels' compute rate per path (cache-resident, one thread)",
+    )
+    ap.add_argument(
+        "--ref-bandwidth",
+        type=float,
+        default=None,
+        help="GB/s the --kernel-rate fractions refer to (default: this run's probe; "
+        "on a loaded machine the probe reads low, give a quiet run's figure)",
+    )
+    ap.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="leave the weights on the pages MLX allocated (the bandwidth probe reads huge pages)",
+    )
     return ap
 
 
@@ -125,16 +154,20 @@ def kernel_rate(args, bw, threads):
     paths = [p for p in CPU_PATHS[1 : CPU_PATHS.index(best) + 1]]
     saved_env, saved_threads = os.environ.get("MOEQUANT_CPU_PATH"), moequant.get_num_threads()
     moequant.set_num_threads(1)
-    print(f"# row-kernel compute rate: {N} x {K} g{GROUP}, 1 thread, fastest of 60 calls, G codes/s per"
-          f" core; in brackets the fraction of {bw:.2f} GB/s it would fill on {threads} threads",
-          flush=True)
+    print(
+        f"# row-kernel compute rate: {N} x {K} g{GROUP}, 1 thread, fastest of 60 calls, G codes/s per"
+        f" core; in brackets the fraction of {bw:.2f} GB/s it would fill on {threads} threads",
+        flush=True,
+    )
     try:
         for bits in args.bits:
             w, s, b = make_weight(N, K, bits, False)
             code_bytes = (w.nbytes + s.nbytes + b.nbytes) / (N * K)
             cells = []
             for dt in (mx.float32, mx.bfloat16):
-                x = mx.array(np.random.default_rng(bits).standard_normal((1, K)).astype(np.float32)).astype(dt)
+                x = mx.array(np.random.default_rng(bits).standard_normal((1, K)).astype(np.float32)).astype(
+                    dt
+                )
                 mx.eval(x)
                 # The paths take turns call by call, in alternating order: on a host whose
                 # speed drifts, timing one path after the other biased the comparison.
@@ -142,12 +175,20 @@ def kernel_rate(args, bw, threads):
                 for rep in range(60):
                     for path in paths if rep % 2 else paths[::-1]:
                         os.environ["MOEQUANT_CPU_PATH"] = path
-                        fastest[path] = min(fastest[path], time_calls(lambda: moequant.quantized_linear(
-                            x, w, s, b, bits=bits, group_size=GROUP), 1, 1)[0])
+                        fastest[path] = min(
+                            fastest[path],
+                            time_calls(
+                                lambda: moequant.quantized_linear(x, w, s, b, bits=bits, group_size=GROUP),
+                                1,
+                                1,
+                            )[0],
+                        )
                 for path in paths:
                     rate = N * K / fastest[path] / 1e9
-                    cells.append(f"x={'bf16' if dt == mx.bfloat16 else 'f32':<4} {path:>8} {rate:5.2f}"
-                                 f" ({100 * rate * threads * code_bytes / bw:4.0f}%)")
+                    cells.append(
+                        f"x={'bf16' if dt == mx.bfloat16 else 'f32':<4} {path:>8} {rate:5.2f}"
+                        f" ({100 * rate * threads * code_bytes / bw:4.0f}%)"
+                    )
             print(f"  {bits}-bit  " + "  ".join(cells), flush=True)
             del w, s, b
     finally:
@@ -172,14 +213,20 @@ def main():
     )
     bw = read_bandwidth()
     peak = _ext.fma_peak_gflops(1.0)
-    print(f"# read bandwidth {bw:.2f} GB/s (threaded numpy sum of 1 GiB, best of 5); FMA peak "
-          f"{peak:.1f} GFLOP/s ({threads} threads)", flush=True)
+    print(
+        f"# read bandwidth {bw:.2f} GB/s (threaded numpy sum of 1 GiB, best of 5); FMA peak "
+        f"{peak:.1f} GFLOP/s ({threads} threads)",
+        flush=True,
+    )
     if args.kernel_rate:
         kernel_rate(args, args.ref_bandwidth or bw, threads)
         return
     shapes = [(n, SHAPES[n]) for n in args.shapes] + ([("lm_head", LM_HEAD)] if args.lm_head else [])
-    print(f"{'shape':>11} {'N x K':>13} {'b':>1} {'M':>4} {'x':>4} {'MB':>6} {'ours ms':>8} {'cpu ms':>7}"
-          f" {'mlx ms':>9} {'speedup':>7} {'GB/s':>6} {'GFLOP/s':>7}  {'diff':>7}", flush=True)
+    print(
+        f"{'shape':>11} {'N x K':>13} {'b':>1} {'M':>4} {'x':>4} {'MB':>6} {'ours ms':>8} {'cpu ms':>7}"
+        f" {'mlx ms':>9} {'speedup':>7} {'GB/s':>6} {'GFLOP/s':>7}  {'diff':>7}",
+        flush=True,
+    )
     rows = []
     for name, (N, K) in shapes:
         for bits in args.bits:
@@ -207,25 +254,45 @@ def main():
                     tm, diff = float("nan"), float("nan")
                 gbs = nbytes / t / 1e9
                 gfl = 2.0 * M * N * K / t / 1e9
-                r = dict(name=name, N=N, K=K, bits=bits, M=M, x="bf16" if dt == mx.bfloat16 else "f32",
-                         mb=nbytes / 1e6, t=t, c=c / threads, tm=tm, gbs=gbs, gfl=gfl, diff=diff)
+                r = dict(
+                    name=name,
+                    N=N,
+                    K=K,
+                    bits=bits,
+                    M=M,
+                    x="bf16" if dt == mx.bfloat16 else "f32",
+                    mb=nbytes / 1e6,
+                    t=t,
+                    c=c / threads,
+                    tm=tm,
+                    gbs=gbs,
+                    gfl=gfl,
+                    diff=diff,
+                )
                 rows.append(r)
-                print(f"{name:>11} {N:>6}x{K:<6} {bits} {M:>4} {r['x']:>4} {r['mb']:6.1f} {t * 1e3:8.2f}"
-                      f" {r['c'] * 1e3:7.2f} {tm * 1e3:9.2f} {tm / t:6.1f}x {gbs:6.2f} {gfl:7.1f}  {diff:7.1e}",
-                      flush=True)
+                print(
+                    f"{name:>11} {N:>6}x{K:<6} {bits} {M:>4} {r['x']:>4} {r['mb']:6.1f} {t * 1e3:8.2f}"
+                    f" {r['c'] * 1e3:7.2f} {tm * 1e3:9.2f} {tm / t:6.1f}x {gbs:6.2f} {gfl:7.1f}  {diff:7.1e}",
+                    flush=True,
+                )
             del w, s, b
     bw2 = read_bandwidth()
     peak2 = _ext.fma_peak_gflops(1.0)
     top, ptop = max(bw, bw2), max(peak, peak2)
     print(f"# after: read bandwidth {bw2:.2f} GB/s, FMA peak {peak2:.1f} GFLOP/s", flush=True)
-    print(f"# decode rows (M <= 4) as a fraction of the higher bandwidth probe ({top:.2f} GB/s), batch rows"
-          f" of the higher FMA peak ({ptop:.1f} GFLOP/s); by cpu time in brackets:", flush=True)
+    print(
+        f"# decode rows (M <= 4) as a fraction of the higher bandwidth probe ({top:.2f} GB/s), batch rows"
+        f" of the higher FMA peak ({ptop:.1f} GFLOP/s); by cpu time in brackets:",
+        flush=True,
+    )
     for r in rows:
         if r["M"] <= 4:
             frac = f"{r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}% of bw ({100 * r['mb'] / 1e3 / r['c'] / top:4.0f}%)"
         elif ptop > 0:
-            frac = (f"{r['gfl']:6.1f} GFLOP/s = {100 * r['gfl'] / ptop:4.0f}% of FMA peak"
-                    f" ({100 * 2 * r['M'] * r['N'] * r['K'] / r['c'] / 1e9 / ptop:4.0f}%)")
+            frac = (
+                f"{r['gfl']:6.1f} GFLOP/s = {100 * r['gfl'] / ptop:4.0f}% of FMA peak"
+                f" ({100 * 2 * r['M'] * r['N'] * r['K'] / r['c'] / 1e9 / ptop:4.0f}%)"
+            )
         else:  # no AVX2 (MOEQUANT_CPU_PATH=scalar): the probe has no portable loop
             frac = f"{r['gfl']:6.1f} GFLOP/s (no FMA-peak probe on this path)"
         print(f"  {r['name']:>11} {r['bits']}-bit M {r['M']:>4} x={r['x']:<4} {frac}", flush=True)

@@ -188,10 +188,16 @@ def launch_geometry():
     reads 32 codes per step, with the scale and bias of their group."""
     rows, e, d = 4096, 2, 64
     z = (mx.zeros((e, rows, d * 4 // 32), mx.uint32), mx.zeros((e, rows, 1)), mx.zeros((e, rows, 1)), 4, 64)
-    zd = (mx.zeros((e, d, rows * 4 // 32), mx.uint32), mx.zeros((e, d, rows // 64)),
-          mx.zeros((e, d, rows // 64)), 4, 64)
-    y = moequant.moe_swiglu(mx.zeros((1, d)), mx.zeros((1, 1), mx.uint32), mx.ones((1, 1)), z, z, zd,
-                            stream=mx.cpu)
+    zd = (
+        mx.zeros((e, d, rows * 4 // 32), mx.uint32),
+        mx.zeros((e, d, rows // 64)),
+        mx.zeros((e, d, rows // 64)),
+        4,
+        64,
+    )
+    y = moequant.moe_swiglu(
+        mx.zeros((1, d)), mx.zeros((1, 1), mx.uint32), mx.ones((1, 1)), z, z, zd, stream=mx.cpu
+    )
     launch = moequant._ext._metal_dispatch_plan([y])["launches"][0]
     sg = launch["threadgroup"][1]
     return sg, rows // launch["grid"][0] // sg
@@ -215,8 +221,12 @@ def metal_bytes(bits, gs, xsize=2, ssize=2, D=D, I=I, k=K):
     extra_x = -(-I // rows_tg) * k * MQ_SG * D * xsize
     extra_h = -(-D // rows_tg) * MQ_SG * k * I * 4
     written = k * I * 4 + D * xsize
-    return dict(minimum=minimum, loads=minimum + extra_sb + extra_x + extra_h,
-                dram=minimum + k * I * 4, written=written)
+    return dict(
+        minimum=minimum,
+        loads=minimum + extra_sb + extra_x + extra_h,
+        dram=minimum + k * I * 4,
+        written=written,
+    )
 
 
 def metal_report():
@@ -361,8 +371,12 @@ def prefill_op_bench(args):
     """moe_prefill against moe_swiglu (the GEMV) on one MoE layer of the e2e model's
     shape (D 2048, I 1024, 32 experts, top-8, 4-bit g64, float32 x) over token counts:
     where the batched op starts to pay (mlx_lm_patch.PREFILL_MIN_PAIRS)."""
-    E, Dm, Im, k = E2E_CONFIG["n_routed_experts"], E2E_CONFIG["hidden_size"], \
-        E2E_CONFIG["moe_intermediate_size"], E2E_CONFIG["num_experts_per_tok"]
+    E, Dm, Im, k = (
+        E2E_CONFIG["n_routed_experts"],
+        E2E_CONFIG["hidden_size"],
+        E2E_CONFIG["moe_intermediate_size"],
+        E2E_CONFIG["num_experts_per_tok"],
+    )
     projs = [random_proj(E, Im, Dm, 4, 64), random_proj(E, Im, Dm, 4, 64), random_proj(E, Dm, Im, 4, 64)]
     rng = np.random.default_rng(0)
     for T in (4, 8, 16, 32, 64, 256, 2048):
@@ -391,35 +405,49 @@ def prefill_op_bench(args):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", type=int, default=64,
-                    help="routed experts of the benchmarked layer (default: %(default)s)")
+    ap.add_argument(
+        "--experts",
+        type=int,
+        default=64,
+        help="routed experts of the benchmarked layer (default: %(default)s)",
+    )
     ap.add_argument("--steps", type=int, default=12, help="timed steps of the fused op")
     ap.add_argument("--mlx-steps", type=int, default=3, help="timed steps of the mlx chain")
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end decode tok/s")
-    ap.add_argument("--e2e-tokens", type=int, default=24,
-                    help="tokens decoded per end-to-end run (default: %(default)s)")
     ap.add_argument(
-        "--prefill-lengths", type=lambda v: [int(t) for t in v.split(",") if t], default=[256, 2048],
+        "--e2e-tokens", type=int, default=24, help="tokens decoded per end-to-end run (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--prefill-lengths",
+        type=lambda v: [int(t) for t in v.split(",") if t],
+        default=[256, 2048],
         help="e2e prefill lengths in tokens (default 256,2048; empty: none)",
     )
     ap.add_argument(
-        "--prefill-dtypes", type=lambda v: v.split(","), default=["float32"],
+        "--prefill-dtypes",
+        type=lambda v: v.split(","),
+        default=["float32"],
         help="activation dtypes whose e2e prefill is timed (default float32: mlx-lm's "
         "2048-token prefill takes minutes per dtype)",
     )
     ap.add_argument("--e2e-only", action="store_true", help="skip the layer benchmark")
     ap.add_argument(
-        "--prefill-op", action="store_true",
+        "--prefill-op",
+        action="store_true",
         help="only moe_prefill vs moe_swiglu on one e2e-shaped MoE layer over token counts",
     )
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
-        "--device", choices=["cpu", "gpu"], default="cpu",
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
         help="where both paths run (gpu: Metal, macOS only; the bandwidth probe stays a "
         "CPU numpy sum over the same unified memory)",
     )
     ap.add_argument(
-        "--no-huge-pages", dest="huge_pages", action="store_false",
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
         help="leave the weights on the pages MLX allocated (4 KiB unless glibc was told otherwise)",
     )
     return ap
@@ -460,7 +488,10 @@ def main():
         top = max(bw, bw2)
         print(f"# ours as a fraction of the higher probe ({top:.2f} GB/s):", flush=True)
         for r in rows:
-            print(f"  {r['recipe']:>12} x={r['x']:<8} {r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}%", flush=True)
+            print(
+                f"  {r['recipe']:>12} x={r['x']:<8} {r['gbs']:6.2f} GB/s = {100 * r['gbs'] / top:4.0f}%",
+                flush=True,
+            )
     if args.e2e or args.e2e_only:
         e2e_bench(args, top)
 

@@ -42,27 +42,54 @@ def best_time(fn, repeat):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5,
-                    help="timed runs per case, the best one reported (default: %(default)s)")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
-                    help="thread counts to run (default: 1 and all cores)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6],
-                    help="output bit widths (default: 3 4 6)")
-    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                    help="where both paths run (gpu: Metal, macOS only; --threads then only "
-                    "sizes the CPU bandwidth probe)")
-    ap.add_argument("--fit-bits", type=int, nargs="+", default=[3, 4],
-                    help="bit widths of the mse-fit table (default: 3 4; none: --fit-bits 0)")
-    ap.add_argument("--error-table", action="store_true",
-                    help="print only the mse fit's squared-error table (generators of "
-                         "moequant.testing.fit_reference, 512 x 2048 each) and exit")
-    ap.add_argument("--error-ceiling", action="store_true",
-                    help="print the fit's error next to a dense search's (the best affine fit "
-                         "of the format, numerically) on the Gaussian/Laplace code generators "
-                         "and exit")
-    ap.add_argument("--metal", action="store_true",
-                    help="also run the Metal fit kernel on the emulator (bytes per group) and "
-                         "print a predicted GPU time")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="timed runs per case, the best one reported (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, os.cpu_count() or 1],
+        help="thread counts to run (default: 1 and all cores)",
+    )
+    ap.add_argument(
+        "--bits", type=int, nargs="+", default=[3, 4, 6], help="output bit widths (default: 3 4 6)"
+    )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where both paths run (gpu: Metal, macOS only; --threads then only "
+        "sizes the CPU bandwidth probe)",
+    )
+    ap.add_argument(
+        "--fit-bits",
+        type=int,
+        nargs="+",
+        default=[3, 4],
+        help="bit widths of the mse-fit table (default: 3 4; none: --fit-bits 0)",
+    )
+    ap.add_argument(
+        "--error-table",
+        action="store_true",
+        help="print only the mse fit's squared-error table (generators of "
+        "moequant.testing.fit_reference, 512 x 2048 each) and exit",
+    )
+    ap.add_argument(
+        "--error-ceiling",
+        action="store_true",
+        help="print the fit's error next to a dense search's (the best affine fit "
+        "of the format, numerically) on the Gaussian/Laplace code generators "
+        "and exit",
+    )
+    ap.add_argument(
+        "--metal",
+        action="store_true",
+        help="also run the Metal fit kernel on the emulator (bytes per group) and print a predicted GPU time",
+    )
     return ap
 
 
@@ -75,9 +102,11 @@ def fit_table(args, data):
     """The mse fit vs min-max vs the MLX path, per shape, bits and thread count."""
     from moequant.testing import fit_reference as fr  # noqa: F401  (documents the fit)
 
-    header = (f"{'shape':>11} {'bits':>4} {'thr':>3} {'mlx ms':>8} {'minmax ms':>9} "
-              f"{'mse ms':>8} {'mse ns/grp/core':>15} {'cpu ns/grp':>10} {'mse MB/s':>8} "
-              f"{'Kimi core-h':>11} {'err mse/mm':>10}")
+    header = (
+        f"{'shape':>11} {'bits':>4} {'thr':>3} {'mlx ms':>8} {'minmax ms':>9} "
+        f"{'mse ms':>8} {'mse ns/grp/core':>15} {'cpu ns/grp':>10} {'mse MB/s':>8} "
+        f"{'Kimi core-h':>11} {'err mse/mm':>10}"
+    )
     print()
     print(f"mse fit (path: {moequant.ops._ext.fit_path()})")
     print(header)
@@ -90,17 +119,18 @@ def fit_table(args, data):
             groups = rows * K // 64
             s32 = scales.astype(mx.float32)
             for bits in args.fit_bits:
+
                 def mlx_path():
-                    w = mx.dequantize(packed.view(mx.uint32), s32, -8 * s32, group_size=32,
-                                      bits=4, stream=mx.cpu)
+                    w = mx.dequantize(
+                        packed.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4, stream=mx.cpu
+                    )
                     mx.eval(mx.quantize(w, group_size=64, bits=bits, stream=mx.cpu))
 
                 def minmax():
                     mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64))
 
                 def mse():
-                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64,
-                                                     fit="mse"))
+                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64, fit="mse"))
 
                 t_mlx = best_time(mlx_path, 1)
                 t_mm = best_time(minmax, args.repeat)
@@ -117,16 +147,20 @@ def fit_table(args, data):
                     o = moequant.requantize_int4(packed, scales, bits=bits, group_size=64, fit=fit)
                     d = mx.dequantize(*o, group_size=64, bits=bits).astype(mx.float32)
                     errs.append(mx.sum(mx.square(w - d)).item())
-                print(f"{rows:>5}x{K:<5} {bits:>4} {threads:>3} {t_mlx * 1e3:>8.1f} "
-                      f"{t_mm * 1e3:>9.2f} {t_ms * 1e3:>8.1f} {ns:>15.0f} {cpu / groups * 1e9:>10.0f} "
-                      f"{in_bytes / t_ms / 1e6:>8.1f} {KIMI_GROUPS * ns * 1e-9 / 3600:>11.2f} "
-                      f"{errs[1] / errs[0]:>10.3f}")
+                print(
+                    f"{rows:>5}x{K:<5} {bits:>4} {threads:>3} {t_mlx * 1e3:>8.1f} "
+                    f"{t_mm * 1e3:>9.2f} {t_ms * 1e3:>8.1f} {ns:>15.0f} {cpu / groups * 1e9:>10.0f} "
+                    f"{in_bytes / t_ms / 1e6:>8.1f} {KIMI_GROUPS * ns * 1e-9 / 3600:>11.2f} "
+                    f"{errs[1] / errs[0]:>10.3f}"
+                )
     moequant.set_num_threads(0)
-    print(f"ns/grp/core: best wall time x threads / groups (g64); cpu ns/grp: process CPU "
-          f"time per group (mean over the runs); MB/s: INT4 input (words + scales) per wall "
-          f"second; Kimi core-h: {KIMI_GROUPS:.3g} groups x ns/grp/core; err: squared weight "
-          f"error of mx.dequantize(output) vs the INT4 weights, mse over min-max. "
-          f"Worst ns/grp/core above: {worst:.0f}.")
+    print(
+        f"ns/grp/core: best wall time x threads / groups (g64); cpu ns/grp: process CPU "
+        f"time per group (mean over the runs); MB/s: INT4 input (words + scales) per wall "
+        f"second; Kimi core-h: {KIMI_GROUPS:.3g} groups x ns/grp/core; err: squared weight "
+        f"error of mx.dequantize(output) vs the INT4 weights, mse over min-max. "
+        f"Worst ns/grp/core above: {worst:.0f}."
+    )
 
 
 # Figures of the *prediction* (not measured: no Metal here). An M2 Ultra-class GPU:
@@ -144,8 +178,7 @@ def fit_ops_per_group(n_slots):
     from moequant.testing import fit_reference as fr
 
     ncand, starts, cap = fr.GRID * fr.GRID, fr.STARTS, fr.LLOYD_CAP
-    return (ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20)
-            + 10 * n_slots * 12 + n_slots * 6)
+    return ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20) + 10 * n_slots * 12 + n_slots * 6
 
 
 def metal_table(data):
@@ -157,8 +190,10 @@ def metal_table(data):
     from metal_emulator import requantize_check as rq
     from metal_emulator import requantize_fit_check as fc
 
-    lib = MetalLibrary(Path(__file__).resolve().parents[1] / "metal" / "requantize_fit.metal",
-                       only=["requantize_fit_int4_bfloat16_bfloat16"])
+    lib = MetalLibrary(
+        Path(__file__).resolve().parents[1] / "metal" / "requantize_fit.metal",
+        only=["requantize_fit_int4_bfloat16_bfloat16"],
+    )
     (rows, K), (packed, scales) = next(iter(data.items()))
     rows = 16  # a slice: the emulator runs GPU threads as fibers on one core
     p = np.array(packed[:rows].view(mx.uint32))
@@ -166,18 +201,21 @@ def metal_table(data):
     print()
     print("Metal mse-fit kernel on the emulator (bytes measured; time is a PREDICTION)")
     for bits in (3, 4):
-        _, _, _, res = fc.run_int4(lib, p, rq.to_numpy(sc), None, bits, 64, 32, "bfloat16",
-                                   "bfloat16", count_unique=True)
+        _, _, _, res = fc.run_int4(
+            lib, p, rq.to_numpy(sc), None, bits, 64, 32, "bfloat16", "bfloat16", count_unique=True
+        )
         groups = rows * K // 64
         rd, wr = res.bytes_read / groups, res.bytes_written / groups
         ops = fit_ops_per_group(32)
         t = max(ops / GPU_FLOPS, (rd + wr) / GPU_BW)
-        print(f"  {bits}-bit g64: {rd:.0f} B read + {wr:.0f} B written per group "
-              f"(unique: {res.unique_bytes_read / groups:.0f} + "
-              f"{res.unique_bytes_written / groups:.0f}); ~{ops} float ops per group; "
-              f"PREDICTED {t * 1e9:.1f} ns/group -> Kimi experts in "
-              f"{KIMI_GROUPS * t / 60:.1f} min (assumes {GPU_FLOPS / 1e12:.1f} TFLOPS "
-              f"effective, {GPU_BW / 1e9:.0f} GB/s)")
+        print(
+            f"  {bits}-bit g64: {rd:.0f} B read + {wr:.0f} B written per group "
+            f"(unique: {res.unique_bytes_read / groups:.0f} + "
+            f"{res.unique_bytes_written / groups:.0f}); ~{ops} float ops per group; "
+            f"PREDICTED {t * 1e9:.1f} ns/group -> Kimi experts in "
+            f"{KIMI_GROUPS * t / 60:.1f} min (assumes {GPU_FLOPS / 1e12:.1f} TFLOPS "
+            f"effective, {GPU_BW / 1e9:.0f} GB/s)"
+        )
 
 
 def error_table():
@@ -232,8 +270,9 @@ def error_ceiling():
                     setattr(fr, k, x)
                 e = np.zeros(2)
                 for i in range(0, len(v), 512):
-                    _, _, _, e_mm, e_fit, _ = fr.fit_groups(v[i:i + 512], c[i:i + 512],
-                                                            p[i:i + 512], bits, "bfloat16")
+                    _, _, _, e_mm, e_fit, _ = fr.fit_groups(
+                        v[i : i + 512], c[i : i + 512], p[i : i + 512], bits, "bfloat16"
+                    )
                     e += [e_mm.astype(np.float64).sum(), e_fit.astype(np.float64).sum()]
                 row.append(e[1] / e[0])
             for k, x in built.items():
@@ -254,8 +293,9 @@ def main():
         raise SystemExit(2)
     dev = mx.gpu if args.device == "gpu" else mx.cpu
 
-    print(f"device {args.device}; machine: {platform.machine()}, {os.cpu_count()} cores; "
-          f"mlx {mx.__version__}")
+    print(
+        f"device {args.device}; machine: {platform.machine()}, {os.cpu_count()} cores; mlx {mx.__version__}"
+    )
     rng = np.random.default_rng(0)
     shapes = [(2048, 7168), (7168, 2048)]
     data = {}
@@ -278,17 +318,21 @@ def main():
             in_bytes = packed.nbytes + scales.nbytes
             s32 = scales.astype(mx.float32)
             for bits in args.bits:
+
                 def mlx_path():
                     # Exact dequantization (float32 scale and bias = -8 * scale).
                     w = mx.dequantize(
-                        packed.view(mx.uint32), s32, -8 * s32, group_size=32, bits=4,
+                        packed.view(mx.uint32),
+                        s32,
+                        -8 * s32,
+                        group_size=32,
+                        bits=4,
                         stream=dev,
                     )
                     mx.eval(mx.quantize(w, group_size=64, bits=bits, stream=dev))
 
                 def ours():
-                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64,
-                                                     stream=dev))
+                    mx.eval(moequant.requantize_int4(packed, scales, bits=bits, group_size=64, stream=dev))
 
                 t_mlx = best_time(mlx_path, max(1, args.repeat // 2))
                 t_ours = best_time(ours, args.repeat)

@@ -23,18 +23,26 @@ from bench_moe import E2E_CONFIG  # noqa: E402
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="profile_e2e.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                    help="activation dtype of the model (default bfloat16)")
+    ap = argparse.ArgumentParser(
+        prog="profile_e2e.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="activation dtype of the model (default bfloat16)",
+    )
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed (default 16)")
-    ap.add_argument("--prefill", type=int, default=0,
-                    help="also time one forward of this many tokens (default 0: none)")
-    ap.add_argument("--no-fused", action="store_true",
-                    help="mlx-lm's own paths (no moequant.patch)")
-    ap.add_argument("--wall", action="store_true",
-                    help="split the step by wall time instead of CPU time (on a quiet machine: "
-                    "the pool's spinning workers add CPU time to whatever runs next)")
+    ap.add_argument(
+        "--prefill", type=int, default=0, help="also time one forward of this many tokens (default 0: none)"
+    )
+    ap.add_argument("--no-fused", action="store_true", help="mlx-lm's own paths (no moequant.patch)")
+    ap.add_argument(
+        "--wall",
+        action="store_true",
+        help="split the step by wall time instead of CPU time (on a quiet machine: "
+        "the pool's spinning workers add CPU time to whatever runs next)",
+    )
     return ap
 
 
@@ -49,8 +57,9 @@ class Clock:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # partial results survive an interrupted run
-    import moequant
     from mlx_lm.models.cache import make_prompt_cache
+
+    import moequant
     from moequant.testing import tiny_deepseek
 
     dtype = getattr(mx, args.dtype)
@@ -95,6 +104,7 @@ def main(argv=None):
             mx.eval(y)
             acc[name] += now() - t
             return y
+
         return call
 
     def wrap(obj, attr, name):

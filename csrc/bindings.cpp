@@ -90,10 +90,16 @@ NB_MODULE(_ext, m) {
   };
   // moe_swiglu (decode GEMV) and moe_prefill (batched) share their signature.
   using MoeFn = mx::array (*)(
-      const mx::array&, const mx::array&, const mx::array&, const moequant::QuantProj&,
-      const moequant::QuantProj&, const moequant::QuantProj&, mx::StreamOrDevice);
-  for (auto [name, fn] : {std::pair<const char*, MoeFn>{"moe_swiglu", &moequant::moe_swiglu},
-                          std::pair<const char*, MoeFn>{"moe_prefill", &moequant::moe_prefill}}) {
+      const mx::array&,
+      const mx::array&,
+      const mx::array&,
+      const moequant::QuantProj&,
+      const moequant::QuantProj&,
+      const moequant::QuantProj&,
+      mx::StreamOrDevice);
+  for (auto [name, fn] :
+       {std::pair<const char*, MoeFn>{"moe_swiglu", &moequant::moe_swiglu},
+        std::pair<const char*, MoeFn>{"moe_prefill", &moequant::moe_prefill}}) {
     m.def(
         name,
         [to_proj, fn](
@@ -128,19 +134,36 @@ NB_MODULE(_ext, m) {
       "bits"_a,
       "group_size"_a,
       "stream"_a = nb::none());
-  m.def("matmul_nt", &moequant::matmul_nt, "a"_a, "b"_a, nb::kw_only(),
-        "stream"_a = nb::none());
-  m.def("softmax_rows", &moequant::softmax_rows, "s"_a, "mask"_a = nb::none(), nb::kw_only(),
-        "scale"_a = 1.0f, "stream"_a = nb::none());
+  m.def("matmul_nt", &moequant::matmul_nt, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def(
+      "softmax_rows",
+      &moequant::softmax_rows,
+      "s"_a,
+      "mask"_a = nb::none(),
+      nb::kw_only(),
+      "scale"_a = 1.0f,
+      "stream"_a = nb::none());
   m.def("qgemm_path", &moequant::qgemm::gemm_path);
-  m.def("fma_peak_gflops", &moequant::qgemm::fma_peak_gflops, "seconds"_a = 0.5,
-        nb::call_guard<nb::gil_scoped_release>());
+  m.def(
+      "fma_peak_gflops",
+      &moequant::qgemm::fma_peak_gflops,
+      "seconds"_a = 0.5,
+      nb::call_guard<nb::gil_scoped_release>());
   // Test hook: qgemm::gemm called directly (row ranges, gathered rows of x) on
   // evaluated row-contiguous arrays; returns (m1 - m0, n1 - n0) float32.
   m.def(
       "_qgemm",
-      [](mx::array x, mx::array w, mx::array s, mx::array b, int bits, int group_size,
-         int64_t n0, int64_t n1, int64_t m0, int64_t m1, std::optional<mx::array> rows) {
+      [](mx::array x,
+         mx::array w,
+         mx::array s,
+         mx::array b,
+         int bits,
+         int group_size,
+         int64_t n0,
+         int64_t n1,
+         int64_t m0,
+         int64_t m1,
+         std::optional<mx::array> rows) {
         mx::array r = rows ? mx::astype(*rows, mx::int64) : mx::array(0);
         mx::eval({x, w, s, b, r});
         for (auto* a : {&x, &w, &s, &b}) {
@@ -157,24 +180,43 @@ NB_MODULE(_ext, m) {
           }
         }
         moequant::qgemm::QuantWeight W{
-            w.data<uint32_t>(), s.data<void>(), b.data<void>(), s.dtype(), bits, group_size,
-            w.shape(0), x.shape(1)};
+            w.data<uint32_t>(),
+            s.data<void>(),
+            b.data<void>(),
+            s.dtype(),
+            bits,
+            group_size,
+            w.shape(0),
+            x.shape(1)};
         if (w.shape(1) * 32 != x.shape(1) * bits) {
           throw std::invalid_argument("_qgemm: w does not match x's K");
         }
         const moequant::qgemm::Activations xa(
-            x.data<void>(), x.dtype(), M, x.shape(1), x.shape(1),
+            x.data<void>(),
+            x.dtype(),
+            M,
+            x.shape(1),
+            x.shape(1),
             rows ? r.data<int64_t>() : nullptr);
         if (m1 < 0) {
           m1 = M;
         }
         std::vector<float> y(std::max<int64_t>(0, (m1 - m0) * (n1 - n0)));
         moequant::qgemm::gemm(xa, W, n0, n1, y.data(), n1 - n0, m0, m1);
-        return mx::array(y.begin(), {static_cast<int>(m1 - m0), static_cast<int>(n1 - n0)},
-                         mx::float32);
+        return mx::array(
+            y.begin(), {static_cast<int>(m1 - m0), static_cast<int>(n1 - n0)}, mx::float32);
       },
-      "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a, "group_size"_a, "n0"_a, "n1"_a,
-      "m0"_a = 0, "m1"_a = -1, "rows"_a = nb::none());
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "bits"_a,
+      "group_size"_a,
+      "n0"_a,
+      "n1"_a,
+      "m0"_a = 0,
+      "m1"_a = -1,
+      "rows"_a = nb::none());
 
   m.def(
       "mla_decode_attention",
@@ -219,7 +261,8 @@ NB_MODULE(_ext, m) {
         if (!a.is_available()) {
           throw std::invalid_argument("advise_huge_pages: the array is not evaluated.");
         }
-        return moequant::advise_huge_pages(a.data<uint8_t>(), a.data_size() * a.itemsize(), collapse);
+        return moequant::advise_huge_pages(
+            a.data<uint8_t>(), a.data_size() * a.itemsize(), collapse);
       },
       "array"_a,
       "collapse"_a = true);

@@ -64,7 +64,7 @@ def check_conversion(src_dir, out_dir):
         for key in list(src):
             if not key.startswith(prefix + p + "."):
                 continue
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if ".experts." in rest:
                 continue
             if rest.endswith("kv_b_proj.weight"):
@@ -76,8 +76,10 @@ def check_conversion(src_dir, out_dir):
                 seen.add(key)
             else:
                 check_module(rest[: -len(".weight")], src[key])
-        if f"{prefix}{p}.mlp.experts.0.down_proj.weight_packed" in src or \
-                f"{prefix}{p}.mlp.experts.0.down_proj.weight" in src:
+        if (
+            f"{prefix}{p}.mlp.experts.0.down_proj.weight_packed" in src
+            or f"{prefix}{p}.mlp.experts.0.down_proj.weight" in src
+        ):
             E = text["n_routed_experts"]
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 base = [f"{prefix}{p}.mlp.experts.{e}.{proj}" for e in range(E)]

@@ -14,8 +14,9 @@ def dequantize64(w, s, b, group_size, bits) -> np.ndarray:
     """Exact (float64) s * q + b of mx.quantize's codes: unpacked by mx.dequantize with
     unit scales and zero biases (exact small integers), then scaled in float64."""
     ones = mx.ones(s.shape, mx.float32)
-    q = np.array(mx.dequantize(w, ones, mx.zeros_like(ones), group_size=group_size, bits=bits),
-                 dtype=np.float64)
+    q = np.array(
+        mx.dequantize(w, ones, mx.zeros_like(ones), group_size=group_size, bits=bits), dtype=np.float64
+    )
     sg, bg = (np.repeat(f64(x), group_size, axis=-1) for x in (s, b))
     return q * sg + bg
 
@@ -36,10 +37,12 @@ def make_case(rng, B, H, T, R, DR, bits, gs, qdtype=mx.float32, sdtype=mx.float3
     quantized by mx.quantize: (q_lat, q_pe, latent triple, k_pe triple)."""
     q_lat = mx.array(rng.standard_normal((B, H, R)).astype(np.float32) * spread).astype(qdtype)
     q_pe = mx.array(rng.standard_normal((B, H, DR)).astype(np.float32) * spread).astype(qdtype)
-    lat = mx.quantize(mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype),
-                      group_size=gs, bits=bits)
-    pe = mx.quantize(mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype),
-                     group_size=gs, bits=bits)
+    lat = mx.quantize(
+        mx.array(rng.standard_normal((B, T, R)).astype(np.float32)).astype(sdtype), group_size=gs, bits=bits
+    )
+    pe = mx.quantize(
+        mx.array(rng.standard_normal((B, T, DR)).astype(np.float32)).astype(sdtype), group_size=gs, bits=bits
+    )
     return q_lat, q_pe, lat, pe
 
 

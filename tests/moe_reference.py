@@ -52,8 +52,7 @@ def moe_reference(x, indices, scores, gate, up, down) -> np.ndarray:
     u = mx.array(used)
     # Only the experts that are used are dequantized (Kimi-sized tests stay small).
     Wg, Wu, Wd = (
-        dict(zip(used, dequantize64(w[u], s[u], b[u], bits, gs)))
-        for w, s, b, bits, gs in (gate, up, down)
+        dict(zip(used, dequantize64(w[u], s[u], b[u], bits, gs))) for w, s, b, bits, gs in (gate, up, down)
     )
     y = np.zeros_like(xs)
     for t in range(xs.shape[0]):

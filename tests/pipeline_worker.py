@@ -26,8 +26,10 @@ def main():
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, **kv)]
     # generate_step leaves one step in flight; finish it on every rank before exiting.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
-    print(json.dumps({"rank": group.rank(), "size": group.size(), "patched": patched,
-                      "tokens": tokens}), flush=True)
+    print(
+        json.dumps({"rank": group.rank(), "size": group.size(), "patched": patched, "tokens": tokens}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ def post(port, body, path="/v1/chat/completions", timeout=120):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        c.request("POST" if body is not None else "GET", path, data if body is not None else None,
-                  {"Content-Type": "application/json"})
+        c.request(
+            "POST" if body is not None else "GET",
+            path,
+            data if body is not None else None,
+            {"Content-Type": "application/json"},
+        )
         r = c.getresponse()
         return r.status, r.read()
     finally:

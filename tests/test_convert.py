@@ -20,8 +20,7 @@ def greedy_generate(path, n=6):
     from mlx_lm.sample_utils import make_sampler
 
     model, tok = mlx_lm.load(str(path))
-    text = mlx_lm.generate(model, tok, "The quick brown fox", max_tokens=n,
-                           sampler=make_sampler(temp=0.0))
+    text = mlx_lm.generate(model, tok, "The quick brown fox", max_tokens=n, sampler=make_sampler(temp=0.0))
     return model, tok, text
 
 
@@ -44,9 +43,17 @@ def test_alis_bit_exact_and_loadable(ckpt, tmp_path, flavour):
             assert bits[f"model.layers.{l}.mlp.switch_mlp.down_proj"] == (3, 64)
     others = {p: b for p, b in bits.items() if "switch_mlp" not in p}
     assert others and all(b == (6, 64) for b in others.values()), others
-    assert {p.split(".")[-1] for p in others} >= {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                                                   "embed_q", "unembed_out", "o_proj", "embed_tokens",
-                                                   "lm_head", "down_proj"}
+    assert {p.split(".")[-1] for p in others} >= {
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "embed_q",
+        "unembed_out",
+        "o_proj",
+        "embed_tokens",
+        "lm_head",
+        "down_proj",
+    }
     # Routed-expert bits/weight from the written tensors: 3.5 and 4.5, not mlx-lm's 5.0.
     out = load_dir(tmp_path / "out")
     prefix = "language_model." if flavour == "kimi_k25" else ""
@@ -54,7 +61,11 @@ def test_alis_bit_exact_and_loadable(ckpt, tmp_path, flavour):
         for proj in ("gate_proj", "down_proj"):
             p = f"{prefix}model.layers.{l}.mlp.switch_mlp.{proj}"
             nbytes = sum(out[p + s].nbytes for s in (".weight", ".scales", ".biases"))
-            E, N, K = out[p + ".scales"].shape[0], out[p + ".scales"].shape[1], 128 if proj == "down_proj" else 256
+            E, N, K = (
+                out[p + ".scales"].shape[0],
+                out[p + ".scales"].shape[1],
+                128 if proj == "down_proj" else 256,
+            )
             bpw = nbytes * 8 / (E * N * K)
             assert bpw == (4.5 if (proj == "down_proj" and l in down4) else 3.5)
     assert res.expert_bpw == pytest.approx((3.5 * 11 + 4.5) / 12)
@@ -120,8 +131,15 @@ def test_output_files_config_and_plan_agree(ckpt, tmp_path):
     out = tmp_path / "out"
     res = convert(src, out, "alis-3.6", progress=False, max_shard_bytes=400_000)
     names = sorted(p.name for p in out.iterdir())
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tiktoken.model",
-              "tokenization_tiny.py", "generation_config.json", "moequant_recipe.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "tiktoken.model",
+        "tokenization_tiny.py",
+        "generation_config.json",
+        "moequant_recipe.json",
+    ):
         assert f in names
     assert not any(n.startswith(".") for n in names), names  # no journal or partial files left
     shards = [n for n in names if n.endswith(".safetensors")]
@@ -136,7 +154,11 @@ def test_output_files_config_and_plan_agree(ckpt, tmp_path):
     assert "quantization_config" not in cfg["text_config"] and "vision_config" not in cfg
     assert cfg["quantization"] == cfg["quantization_config"]
     q = cfg["quantization"]
-    assert q["language_model.model.layers.1.mlp.switch_mlp.gate_proj"] == {"group_size": 64, "bits": 3, "mode": "affine"}
+    assert q["language_model.model.layers.1.mlp.switch_mlp.gate_proj"] == {
+        "group_size": 64,
+        "bits": 3,
+        "mode": "affine",
+    }
     assert q["language_model.lm_head"]["bits"] == 6
     assert not any(".mlp.gate" == k[-9:] for k in q)  # the router is never quantized
     assert not any(k.startswith(("vision_tower", "mm_projector")) for k in weights)
@@ -186,15 +208,32 @@ def test_cli_subprocess_convert_and_load_without_moequant(ckpt, tmp_path):
     """The CLI end to end, and a loader process that never imports moequant."""
     src = ckpt("kimi_k25", layers=3)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "moequant", "convert", "--hf-path", str(src),
-                        "--mlx-path", str(out), "--recipe", "alis-3.6", "--threads", "2"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moequant",
+            "convert",
+            "--hf-path",
+            str(src),
+            "--mlx-path",
+            str(out),
+            "--recipe",
+            "alis-3.6",
+            "--threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "units 4/4" in r.stderr and "total" in r.stdout and "GB/s" in r.stdout
-    code = ("import sys, mlx_lm; from mlx_lm.sample_utils import make_sampler; "
-            f"m, t = mlx_lm.load({str(out)!r}); "
-            "print(len(mlx_lm.generate(m, t, 'The quick', max_tokens=3, sampler=make_sampler(temp=0.0))) >= 0); "
-            "assert 'moequant' not in sys.modules")
+    code = (
+        "import sys, mlx_lm; from mlx_lm.sample_utils import make_sampler; "
+        f"m, t = mlx_lm.load({str(out)!r}); "
+        "print(len(mlx_lm.generate(m, t, 'The quick', max_tokens=3, sampler=make_sampler(temp=0.0))) >= 0); "
+        "assert 'moequant' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "True" in r.stdout, r.stderr
 
@@ -210,8 +249,9 @@ def test_inspect_agrees_with_convert(ckpt, tmp_path):
     assert d["recipe"]["moequant"]["recipe"] == "alis-3.6"
 
 
-@pytest.mark.parametrize("recipe,mlx_args", [("mixed-3-6", {"quant_predicate": "mixed_3_6"}),
-                                             ("uniform-4", {"q_bits": 4})])
+@pytest.mark.parametrize(
+    "recipe,mlx_args", [("mixed-3-6", {"quant_predicate": "mixed_3_6"}), ("uniform-4", {"q_bits": 4})]
+)
 def test_bf16_source_equals_mlx_lm_convert(ckpt, tmp_path, recipe, mlx_args):
     """On a plain bf16 checkpoint mlx-lm's own convert quantizes everything itself, so its
     output is a second oracle: every tensor must be identical, name, dtype and bytes."""
@@ -222,5 +262,7 @@ def test_bf16_source_equals_mlx_lm_convert(ckpt, tmp_path, recipe, mlx_args):
     mlx_convert(str(src), str(tmp_path / "ref"), quantize=True, q_group_size=64, **mlx_args)
     ours, ref = load_dir(tmp_path / "ours"), load_dir(tmp_path / "ref")
     assert set(ours) == set(ref)
-    bad = [k for k in ref if not (ours[k].dtype == ref[k].dtype and bool(mx.array_equal(ours[k], ref[k]).item()))]
+    bad = [
+        k for k in ref if not (ours[k].dtype == ref[k].dtype and bool(mx.array_equal(ours[k], ref[k]).item()))
+    ]
     assert not bad, bad[:5]

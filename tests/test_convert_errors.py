@@ -9,9 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moequant import cli
+from moequant import cli, convert_pipeline
 from moequant import convert as convert_mod
-from moequant import convert_pipeline
 
 
 @pytest.fixture
@@ -43,8 +42,12 @@ CONFIG_CASES = {
     "8-bit": (lambda c: weights_of(c).update(num_bits=8), "8-bit"),
     "group 16": (lambda c: weights_of(c).update(group_size=16), "group_size"),
     "no groups": (lambda c: c["text_config"]["quantization_config"].pop("config_groups"), "config_groups"),
-    "contradictory": (lambda c: c.update(quantization_config={**c["text_config"]["quantization_config"],
-                                                              "format": "float-quantized"}), "differs"),
+    "contradictory": (
+        lambda c: c.update(
+            quantization_config={**c["text_config"]["quantization_config"], "format": "float-quantized"}
+        ),
+        "differs",
+    ),
     "awq": (lambda c: c["text_config"]["quantization_config"].update(quant_method="awq"), "quant_method"),
     "model type": (lambda c: c.update(model_type="llama"), "model_type 'llama'"),
     "missing field": (lambda c: c["text_config"].pop("kv_lora_rank"), "kv_lora_rank"),
@@ -106,8 +109,9 @@ def test_zero_point_refused(src, tmp_path, capsys):
     name = "language_model.model.layers.1.mlp.experts.0.up_proj.weight_zero_point"
     index_path = src / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    path = _rewrite(src, name.replace("zero_point", "scale"),
-                    lambda t: t.update({name: mx.zeros((128, 1), mx.int32)}))
+    path = _rewrite(
+        src, name.replace("zero_point", "scale"), lambda t: t.update({name: mx.zeros((128, 1), mx.int32)})
+    )
     index["weight_map"][name] = path.name
     index_path.write_text(json.dumps(index))
     assert run(src, tmp_path / "out") == 2
@@ -165,8 +169,9 @@ def test_full_disk_during_write(src, tmp_path, capsys, monkeypatch):
 
 
 def test_not_enough_space_up_front(src, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(convert_mod.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(
+        convert_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000)
+    )
     assert run(src, tmp_path / "out") == 1
     assert "only 0.00 GB is free" in capsys.readouterr().err
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from moequant import cli
+from moequant import cli, convert_pipeline
 from moequant import convert as convert_mod
-from moequant import convert_pipeline
 from moequant import progress as progress_mod
 from moequant.convert import convert
 from moequant.plan import make_plan
@@ -19,11 +18,14 @@ def run(*args):
     return cli.main(["convert", *map(str, args), "--quiet"])
 
 
-@pytest.mark.parametrize("rule,message", [
-    ({"match": "*", "bits": 3, "group_size": 64, "fit": "lsq"}, "fit must be one of"),
-    ({"match": "*", "bits": 3, "group_size": 64, "fit": 1}, "fit must be one of"),
-    ({"match": "*", "keep": True, "fit": "mse"}, "'keep' excludes bits, group_size and fit"),
-])
+@pytest.mark.parametrize(
+    "rule,message",
+    [
+        ({"match": "*", "bits": 3, "group_size": 64, "fit": "lsq"}, "fit must be one of"),
+        ({"match": "*", "bits": 3, "group_size": 64, "fit": 1}, "fit must be one of"),
+        ({"match": "*", "keep": True, "fit": "mse"}, "'keep' excludes bits, group_size and fit"),
+    ],
+)
 def test_bad_fit_in_a_recipe_is_refused(tmp_path, rule, message):
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"rules": [rule]}))
@@ -44,8 +46,9 @@ def test_bad_fit_flag_is_exit_2(ckpt, tmp_path, capsys):
 def test_mse_preset_has_alis_allocation_and_identical_size(ckpt):
     """alis-3.6-mse: alis-3.6's bits, groups and layers, fit mse on the routed experts
     (min-max elsewhere, like the int4-native reference), and exactly the same bytes."""
-    assert [dict(r, fit="mse") if "switch_mlp" in r["match"] else r
-            for r in PRESETS["alis-3.6"]["rules"]] == PRESETS["alis-3.6-mse"]["rules"]
+    assert [
+        dict(r, fit="mse") if "switch_mlp" in r["match"] else r for r in PRESETS["alis-3.6"]["rules"]
+    ] == PRESETS["alis-3.6-mse"]["rules"]
     src = ckpt("kimi_k25", layers=5)
     a, b = make_plan(src, "alis-3.6"), make_plan(src, "alis-3.6-mse")
     assert a.bytes == b.bytes
@@ -156,15 +159,24 @@ def _exact_errors(src, out, prefix=""):
         wq, s, b = O[base + ".weight"], O[key], O[base + ".biases"]
         k = s.shape[-1] * 64  # alis-3.6: group 64
         bits = wq.shape[-1] * 32 // k
-        q = np.array(mx.dequantize(wq, mx.ones_like(s, dtype=mx.float32), mx.zeros_like(s, dtype=mx.float32),
-                                   group_size=64, bits=bits)).astype(np.float64)
+        q = np.array(
+            mx.dequantize(
+                wq,
+                mx.ones_like(s, dtype=mx.float32),
+                mx.zeros_like(s, dtype=mx.float32),
+                group_size=64,
+                bits=bits,
+            )
+        ).astype(np.float64)
         sc = np.repeat(np.array(s.astype(mx.float32)).astype(np.float64), 64, axis=-1)
         bi = np.repeat(np.array(b.astype(mx.float32)).astype(np.float64), 64, axis=-1)
         w_hat = q * sc + bi
         row = []
         for e in range(wq.shape[0]):
             p = f"{prefix}model.layers.{layer}.mlp.experts.{e}.{proj}"
-            w = np.array(dequantize_exact(S[p + ".weight_packed"], S[p + ".weight_scale"], 32)).astype(np.float64)
+            w = np.array(dequantize_exact(S[p + ".weight_packed"], S[p + ".weight_scale"], 32)).astype(
+                np.float64
+            )
             row.append(np.linalg.norm(w_hat[e] - w) / np.linalg.norm(w))
         errs[(layer, proj)] = row
     return errs
@@ -211,10 +223,12 @@ def test_mse_build_same_size_lower_error_and_loads_in_mlx_lm(mse_builds):
     tc = load_dir(mse_builds / "all")
     assert not bool(mx.array_equal(ta[attn + ".scales"], tc[attn + ".scales"]).item())
     assert json.loads((mse_builds / "all" / "moequant_recipe.json").read_text())["fit"] == ["mse"]
-    code = ("import sys, mlx_lm; from mlx_lm.sample_utils import make_sampler; "
-            f"m, t = mlx_lm.load({str(b)!r}); "
-            "out = mlx_lm.generate(m, t, 'The quick', max_tokens=4, sampler=make_sampler(temp=0.0)); "
-            "print('generated', len(t.encode(out))); assert 'moequant' not in sys.modules")
+    code = (
+        "import sys, mlx_lm; from mlx_lm.sample_utils import make_sampler; "
+        f"m, t = mlx_lm.load({str(b)!r}); "
+        "out = mlx_lm.generate(m, t, 'The quick', max_tokens=4, sampler=make_sampler(temp=0.0)); "
+        "print('generated', len(t.encode(out))); assert 'moequant' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "generated" in r.stdout, r.stderr
 
@@ -258,9 +272,19 @@ def test_auto_ranks_layers_by_the_error_of_the_fit_used(mse_builds, tmp_path):
                 continue
             # relative squared error over all experts: sum ||dW||^2 / sum ||W||^2
             p = f"model.layers.{layer}.mlp.experts.{{}}.down_proj"
-            norms = [float(np.sum(np.array(dequantize_exact(
-                S[p.format(e) + ".weight_packed"], S[p.format(e) + ".weight_scale"], 32)
-            ).astype(np.float64) ** 2)) for e in range(8)]
+            norms = [
+                float(
+                    np.sum(
+                        np.array(
+                            dequantize_exact(
+                                S[p.format(e) + ".weight_packed"], S[p.format(e) + ".weight_scale"], 32
+                            )
+                        ).astype(np.float64)
+                        ** 2
+                    )
+                )
+                for e in range(8)
+            ]
             rel = errs[(layer, "down_proj")]
             want = sum(r * r * n for r, n in zip(rel, norms)) / sum(norms)
             assert loss == pytest.approx(want, rel=1e-4), (fit, layer)

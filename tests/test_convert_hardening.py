@@ -151,9 +151,22 @@ def test_fifo_shard_does_not_block(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[2]
     shard.unlink()
     os.mkfifo(shard)
-    proc = subprocess.run([sys.executable, "-m", "moequant", "convert", "--hf-path", str(src),
-                           "--mlx-path", str(tmp_path / "out"), "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moequant",
+            "convert",
+            "--hf-path",
+            str(src),
+            "--mlx-path",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert shard.name in proc.stderr and "FIFO" in proc.stderr
 
@@ -251,14 +264,15 @@ def _rewrite_header(shard, fn):
     """Rewrite a real shard's header in place (the data region unchanged)."""
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     new = fn(header)
     new = new if isinstance(new, bytes) else json.dumps(new).encode()
-    shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
 def test_offsets_into_another_tensor_refused_end_to_end(src, tmp_path, capsys):
     shard = sorted(src.glob("model-*.safetensors"))[1]
+
     def alias(header):
         packed = sorted(k for k in header if k.endswith("up_proj.weight_packed"))
         a, b = packed[0], packed[1]
@@ -293,8 +307,13 @@ SLOW_CONVERT = textwrap.dedent("""
 def test_concurrent_convert_into_one_destination(src, tmp_path, capsys):
     dst = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert child.stdout.readline().strip() == "writing", child.stderr.read()
         assert run(src, dst) == 2
@@ -325,8 +344,13 @@ def test_kill_9_then_resume_is_byte_identical(src, tmp_path):
 
     dst = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         for _ in range(3):  # two shards written, the third being written
             assert child.stdout.readline().strip() == "writing", child.stderr.read()
@@ -362,10 +386,13 @@ HEADER_CASES = {
     "JSON list": lambda h: b"[1, 2, 3]",
     "JSON string": lambda h: b'"a header"',
     "100k-deep nesting": lambda h: b"[" * 100_000 + b"]" * 100_000,
-    "float offsets": lambda h: {k: (dict(v, data_offsets=[float(x) for x in v["data_offsets"]])
-                                    if k != "__metadata__" else v) for k, v in h.items()},
-    "float shape": lambda h: {k: (dict(v, shape=[float(x) for x in v["shape"]])
-                                  if k != "__metadata__" else v) for k, v in h.items()},
+    "float offsets": lambda h: {
+        k: (dict(v, data_offsets=[float(x) for x in v["data_offsets"]]) if k != "__metadata__" else v)
+        for k, v in h.items()
+    },
+    "float shape": lambda h: {
+        k: (dict(v, shape=[float(x) for x in v["shape"]]) if k != "__metadata__" else v) for k, v in h.items()
+    },
 }
 
 
@@ -398,20 +425,27 @@ def _group(c):
 
 CONFIG_CASES = {
     "moe_layer_freq 0": (lambda c: _text(c).update(moe_layer_freq=0), "moe_layer_freq"),
-    "first_k_dense_replace string": (lambda c: _text(c).update(first_k_dense_replace="1"),
-                                     "first_k_dense_replace"),
-    "first_k_dense_replace null": (lambda c: _text(c).update(first_k_dense_replace=None),
-                                   "first_k_dense_replace"),
-    "quantization_config string": (lambda c: _text(c).update(quantization_config="int4"),
-                                   "quantization_config"),
-    "quantization_config list": (lambda c: _text(c).update(quantization_config=[]),
-                                 "quantization_config"),
+    "first_k_dense_replace string": (
+        lambda c: _text(c).update(first_k_dense_replace="1"),
+        "first_k_dense_replace",
+    ),
+    "first_k_dense_replace null": (
+        lambda c: _text(c).update(first_k_dense_replace=None),
+        "first_k_dense_replace",
+    ),
+    "quantization_config string": (
+        lambda c: _text(c).update(quantization_config="int4"),
+        "quantization_config",
+    ),
+    "quantization_config list": (lambda c: _text(c).update(quantization_config=[]), "quantization_config"),
     "config_groups entry string": (
         lambda c: _text(c)["quantization_config"]["config_groups"].update(group_0="int4"),
-        "config_groups.group_0"),
+        "config_groups.group_0",
+    ),
     "config_groups entry list": (
         lambda c: _text(c)["quantization_config"]["config_groups"].update(group_0=[1]),
-        "config_groups.group_0"),
+        "config_groups.group_0",
+    ),
     "group_size 32.0": (lambda c: _group(c)["weights"].update(group_size=32.0), "group_size"),
     "num_bits 4.0": (lambda c: _group(c)["weights"].update(num_bits=4.0), "4.0-bit"),
     "bool for an int": (lambda c: _text(c).update(num_experts_per_tok=True), "num_experts_per_tok"),
@@ -425,8 +459,11 @@ def test_malformed_config_is_exit_2(src, tmp_path, capsys, case):
     cfg = json.loads((src / "config.json").read_text())
     fn(cfg)
     (src / "config.json").write_text(json.dumps(cfg))
-    for argv in (["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--quiet"],
-                 ["plan", "--hf-path", str(src)], ["plan", "--config", str(src / "config.json")]):
+    for argv in (
+        ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--quiet"],
+        ["plan", "--hf-path", str(src)],
+        ["plan", "--config", str(src / "config.json")],
+    ):
         assert cli.main(argv) == 2, argv
         err = one_line_error(capsys)
         assert "config.json" in err and key in err, err

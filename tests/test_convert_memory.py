@@ -27,17 +27,26 @@ print(json.dumps({"rss": rss, "mlx_peak": mx.get_peak_memory(), "input": r.input
                   "output": r.total_bytes}))
 """
 
-BIG = {"hidden_size": 1024, "moe_intermediate_size": 512, "n_routed_experts": 32,
-       "intermediate_size": 1024}
+BIG = {"hidden_size": 1024, "moe_intermediate_size": 512, "n_routed_experts": 32, "intermediate_size": 1024}
 
 
 def probe(tmp_path, layers, experts=32, piece_bytes=None):
     name = f"{layers}-{experts}"
-    src = make_checkpoint(tmp_path / f"src{name}", "kimi_k2", layers=layers, shards=4,
-                          text_overrides=dict(BIG, n_routed_experts=experts), random_codes=True)
-    r = subprocess.run([sys.executable, "-c", PROBE, str(src), str(tmp_path / f"out{name}")]
-                       + ([str(piece_bytes)] if piece_bytes else []),
-                       capture_output=True, text=True, check=True)
+    src = make_checkpoint(
+        tmp_path / f"src{name}",
+        "kimi_k2",
+        layers=layers,
+        shards=4,
+        text_overrides=dict(BIG, n_routed_experts=experts),
+        random_codes=True,
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(src), str(tmp_path / f"out{name}")]
+        + ([str(piece_bytes)] if piece_bytes else []),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 
-from moequant import cli
+from moequant import cli, convert_pipeline
 from moequant import convert as convert_mod
-from moequant import convert_pipeline
 from moequant.convert import convert
 
 SHARD = 300_000  # small shards: several per unit

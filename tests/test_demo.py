@@ -20,4 +20,3 @@ def test_demo_workdir_keeps_files_for_the_other_commands(tmp_path, capsys):
     for c in cmds[:3]:
         assert cli.main(c) == 0, c
     assert (tmp_path / "kimi-mlx-uniform-4" / "config.json").exists()
-

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from moequant import evaluate as ev
-from process_util import free_port, free_port_pair, launcher, post, wait_for_server
 from moequant.testing.tiny_mlx import make_tiny_model, quantize_tiny
+from process_util import free_port, free_port_pair, launcher, post, wait_for_server
 
 SEQ, NS = 48, 3
 BY_RANK = Path(__file__).with_name("rank_args_worker.py")
@@ -27,13 +27,28 @@ def launch(argv, timeout=240, env=None, ok=True):
     every rank exited with 0 (mlx.launch's own status is 0 whatever the ranks did; it
     reports a failed rank in a warning)."""
     r = subprocess.run(
-        [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(free_port_pair()), sys.executable, *argv],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [
+            launcher(),
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(free_port_pair()),
+            sys.executable,
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if ok:
-        assert r.returncode == 0 and "exited with code" not in r.stderr \
-            and "was killed" not in r.stderr, r.stdout + r.stderr
+        assert r.returncode == 0 and "exited with code" not in r.stderr and "was killed" not in r.stderr, (
+            r.stdout + r.stderr
+        )
     return r
 
 
@@ -41,19 +56,43 @@ def launch(argv, timeout=240, env=None, ok=True):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     ref = make_tiny_model(root / "ref", seed=0, scale=8.0)
-    return {"root": root, "ref": ref, "q4": quantize_tiny(ref, root / "q4", 4),
-            "q3": quantize_tiny(ref, root / "q3", 3)}
+    return {
+        "root": root,
+        "ref": ref,
+        "q4": quantize_tiny(ref, root / "q4", 4),
+        "q3": quantize_tiny(ref, root / "q3", 3),
+    }
 
 
 def eval_args(models, build, cache, out=None):
-    a = ["-m", "moequant", "eval", "--ref", str(models["ref"]), "--model", str(models[build]),
-         "--seq-len", str(SEQ), "--num-samples", str(NS), "--cache", str(cache), "--no-progress"]
+    a = [
+        "-m",
+        "moequant",
+        "eval",
+        "--ref",
+        str(models["ref"]),
+        "--model",
+        str(models[build]),
+        "--seq-len",
+        str(SEQ),
+        "--num-samples",
+        str(NS),
+        "--cache",
+        str(cache),
+        "--no-progress",
+    ]
     return a + (["--output", str(out)] if out else [])
 
 
 def test_two_rank_eval_gives_the_one_process_report(models, tmp_path):
-    one = ev.evaluate(str(models["ref"]), str(models["q4"]), seq_len=SEQ, num_samples=NS,
-                      cache_dir=str(tmp_path / "c1"), progress=False)
+    one = ev.evaluate(
+        str(models["ref"]),
+        str(models["q4"]),
+        seq_len=SEQ,
+        num_samples=NS,
+        cache_dir=str(tmp_path / "c1"),
+        progress=False,
+    )
     out = tmp_path / "r.json"
     r = launch(eval_args(models, "q4", tmp_path / "c2", out))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -76,8 +115,9 @@ def test_two_rank_eval_gives_the_one_process_report(models, tmp_path):
     assert not two["cache"]["reused"]
     # The cache was written once, by rank 0, and is reused by the next run: a run with a
     # different build against it computes no reference pass.
-    assert sorted(p.name for p in (tmp_path / "c2").iterdir()) == \
-        sorted(["meta.json"] + [f"{f}.npy" for f in ev.ReferenceCache.FIELDS])
+    assert sorted(p.name for p in (tmp_path / "c2").iterdir()) == sorted(
+        ["meta.json"] + [f"{f}.npy" for f in ev.ReferenceCache.FIELDS]
+    )
     out3 = tmp_path / "r3.json"
     r = launch(eval_args(models, "q3", tmp_path / "c2", out3))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -107,8 +147,11 @@ def test_ranks_that_disagree_fail_fast_on_every_rank(models, tmp_path, what):
         # ranks' codes in its warnings; its own exit status stays 0).
         assert f"moequant eval (rank {rank} of 2): error:" in err, err
         assert re.search(f"Node with rank {rank} (exited with code (2|-15)|was killed)", err), err
-    want = {"build": "the ranks disagree on build model", "data": "the ranks disagree on token windows",
-            "missing": "rank 1 of 2: --model"}[what]
+    want = {
+        "build": "the ranks disagree on build model",
+        "data": "the ranks disagree on token windows",
+        "missing": "rank 1 of 2: --model",
+    }[what]
     assert want in err, err
     assert not (tmp_path / "c").exists()  # nothing was written
 
@@ -135,8 +178,17 @@ def generated_text(stdout: str) -> str:
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_two_rank_generate_prints_the_one_process_tokens(moe_model, mode):
-    common = ["-m", "moequant", "generate", "--model", str(moe_model), "--prompt", "hello",
-              "--max-tokens", "12"]
+    common = [
+        "-m",
+        "moequant",
+        "generate",
+        "--model",
+        str(moe_model),
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "12",
+    ]
     one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     two = launch(common + (["--pipeline"] if mode == "pipeline" else []))
@@ -154,10 +206,15 @@ def start_server(argv, log_path):
     port = free_port()
     log = open(log_path, "w+")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-    wait_for_server(port, proc, log, on_fail=lambda: os.killpg(proc.pid, signal.SIGTERM),
-                    seconds=120)
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    wait_for_server(port, proc, log, on_fail=lambda: os.killpg(proc.pid, signal.SIGTERM), seconds=120)
 
     def stop():
         os.killpg(proc.pid, signal.SIGTERM)
@@ -171,8 +228,12 @@ def start_server(argv, log_path):
 
 
 def chat(port, stream: bool) -> str:
-    body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 10,
-            "temperature": 0.0, "stream": stream}
+    body = {
+        "messages": [{"role": "user", "content": "tell me a story"}],
+        "max_tokens": 10,
+        "temperature": 0.0,
+        "stream": stream,
+    }
     status, raw = post(port, body)
     assert status == 200, raw
     if not stream:
@@ -181,7 +242,7 @@ def chat(port, stream: bool) -> str:
     lines = [l for l in raw.decode().splitlines() if l.startswith("data: ")]
     assert lines[-1] == "data: [DONE]", lines[-3:]
     for l in lines[:-1]:
-        for c in json.loads(l[len("data: "):])["choices"]:
+        for c in json.loads(l[len("data: ") :])["choices"]:
             text.append(c.get("delta", {}).get("content") or "")
     return "".join(text)
 
@@ -198,9 +259,22 @@ def test_two_rank_serve_answers_like_one_process(moe_model, tmp_path, mode):
     assert want and want == want_stream
     extra = ["--pipeline"] if mode == "pipeline" else []
     port2, stop2 = start_server(
-        [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(free_port_pair()), sys.executable, *serve, *extra],
-        tmp_path / "two.log")
+        [
+            launcher(),
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(free_port_pair()),
+            sys.executable,
+            *serve,
+            *extra,
+        ],
+        tmp_path / "two.log",
+    )
     try:
         assert chat(port2, stream=False) == want
         assert chat(port2, stream=True) == want

@@ -22,14 +22,16 @@ def _expand(path: str):
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
-    return [p for alt in m.group(1).split(",") for p in _expand(path[:m.start()] + alt + path[m.end():])]
+    return [p for alt in m.group(1).split(",") for p in _expand(path[: m.start()] + alt + path[m.end() :])]
 
 
 def referenced_files(doc: Path):
     text = doc.read_text()
     refs = set(re.findall(r"\]\(([\w./-]+)\)", text))  # markdown links
     refs |= set(re.findall(r"(?<![\w/.~-])([\w./-]+\.md)\b", text))  # any *.md named
-    refs |= {t for t in re.findall(r"(?<![\w/.~<-])((?:%s)/[\w./{},-]*)" % "|".join(map(re.escape, TOP)), text)}
+    refs |= {
+        t for t in re.findall(r"(?<![\w/.~<-])((?:%s)/[\w./{},-]*)" % "|".join(map(re.escape, TOP)), text)
+    }
     return sorted(r.rstrip(".,") for r in refs if not r.startswith(("http:", "https:")))
 
 
@@ -62,14 +64,14 @@ def test_bench_flags_have_help(script):
     undocumented = [a.option_strings or a.dest for a in ap._actions if not a.help]
     assert not undocumented, f"{script.name}: flags without help: {undocumented}"
     # The description is the whole module docstring: never cut mid-sentence.
-    assert ap.description and ap.description.strip() == (
-        sys.modules[f"bench_{script.stem}"].__doc__.strip())
+    assert ap.description and ap.description.strip() == (sys.modules[f"bench_{script.stem}"].__doc__.strip())
 
 
 @pytest.mark.parametrize("script", BENCH, ids=lambda p: p.name)
 def test_bench_help_runs(script):
-    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: {script.name}"), r.stdout[:200]
 

@@ -21,6 +21,7 @@ def no_model_loads(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
+
     monkeypatch.setattr(mlx_lm.utils, "load_model", refuse)
 
 
@@ -40,7 +41,10 @@ def _cases(tmp):
         (["--top-k-cache", "-5"], "--top-k-cache -5: must be"),
         (["--seq-len", "1"], "--seq-len 1: must be an integer >= 2"),
         (["--seq-len", "-3"], "--seq-len -3: must be"),
-        (["--seq-len", "5000"], "--seq-len 5000 is longer than the reference's max_position_embeddings (1024"),
+        (
+            ["--seq-len", "5000"],
+            "--seq-len 5000 is longer than the reference's max_position_embeddings (1024",
+        ),
         (["--num-samples", "0"], "--num-samples 0: must be an integer >= 1"),
         (["--num-samples", "-2"], "--num-samples -2: must be"),
         (["--seed", "-1"], "--seed -1: must be an integer >= 0"),
@@ -60,8 +64,19 @@ def _cases(tmp):
 
 def test_every_argument_is_checked_before_a_model_loads(ref, tmp_path, capsys, no_model_loads):
     for extra, says in _cases(tmp_path):
-        argv = ["eval", "--ref", str(ref), "--model", str(ref), "--seq-len", "32",
-                "--num-samples", "2", "--no-progress", *extra]
+        argv = [
+            "eval",
+            "--ref",
+            str(ref),
+            "--model",
+            str(ref),
+            "--seq-len",
+            "32",
+            "--num-samples",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
         assert main(argv) == 2, extra
         out = capsys.readouterr()
         lines = out.err.strip().splitlines()
@@ -90,15 +105,31 @@ def test_long_documents_do_not_warn(tmp_path, caplog):
 
 
 def test_a_cache_that_cannot_fit_is_refused_before_the_reference_loads(
-        ref, tmp_path, capsys, no_model_loads, monkeypatch):
+    ref, tmp_path, capsys, no_model_loads, monkeypatch
+):
     import shutil
 
     from moequant import evaluate
 
-    monkeypatch.setattr(evaluate.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5))
-    rc = main(["eval", "--ref", str(ref), "--model", str(ref), "--seq-len", "32",
-               "--num-samples", "2", "--no-progress", "--cache", str(tmp_path / "c")])
+    monkeypatch.setattr(
+        evaluate.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5)
+    )
+    rc = main(
+        [
+            "eval",
+            "--ref",
+            str(ref),
+            "--model",
+            str(ref),
+            "--seq-len",
+            "32",
+            "--num-samples",
+            "2",
+            "--no-progress",
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
     err = capsys.readouterr().err
     need = 2 * 31 * (8 * 512 + 8)  # windows x predicted positions x (k = vocab 512)
     assert rc == 2 and f"the reference cache needs {need / 1e6:.2f} MB" in err, err

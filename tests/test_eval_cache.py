@@ -31,9 +31,16 @@ def models(tmp_path_factory):
 
 
 def kwargs(models, cache, **kw):
-    return {"ref_dir": str(models["ref"]), "model_dir": str(models["build"]), "seq_len": SEQ,
-            "num_samples": NS, "top_k": K, "cache_dir": None if cache is None else str(cache),
-            "progress": False, **kw}
+    return {
+        "ref_dir": str(models["ref"]),
+        "model_dir": str(models["build"]),
+        "seq_len": SEQ,
+        "num_samples": NS,
+        "top_k": K,
+        "cache_dir": None if cache is None else str(cache),
+        "progress": False,
+        **kw,
+    }
 
 
 def numbers(report):
@@ -62,8 +69,9 @@ def truth(models, tmp_path_factory):
 def start(models, cache, tmp_path, name, gate=None):
     err = tmp_path / f"{name}.err"
     args = [sys.executable, str(WORKER), json.dumps(kwargs(models, cache, progress=True))]
-    proc = subprocess.Popen(args + ([str(gate)] if gate else []), stdout=subprocess.PIPE,
-                            stderr=open(err, "w"), text=True)
+    proc = subprocess.Popen(
+        args + ([str(gate)] if gate else []), stdout=subprocess.PIPE, stderr=open(err, "w"), text=True
+    )
     return proc, err
 
 
@@ -91,8 +99,7 @@ def test_two_concurrent_runs_share_one_cache_safely(models, truth, tmp_path, mon
     a, a_err = start(models, None, tmp_path, "a", gate=gate)
     wait_until("run A half-way through the reference", lambda: "1/4" in a_err.read_text(), [a])
     b, b_err = start(models, None, tmp_path, "b")
-    wait_until("run B waiting for A's build",
-               lambda: "waiting for another run" in b_err.read_text(), [a, b])
+    wait_until("run B waiting for A's build", lambda: "waiting for another run" in b_err.read_text(), [a, b])
     gate.touch()
     ra, rb = finish(a, a_err), finish(b, b_err)
     assert not ra["cache"]["reused"] and rb["cache"]["reused"]
@@ -128,6 +135,7 @@ def test_interrupted_build_in_process_cleans_up(models, tmp_path):
             if len(calls) == 2:
                 raise KeyboardInterrupt
             return model(x)
+
         return interrupted
 
     with pytest.raises(KeyboardInterrupt):
@@ -197,10 +205,12 @@ def missing(c):
 
 def meta_disagrees(c):
     """meta.json consistent in itself, but it says 3 windows where the arrays hold 4."""
+
     def edit(m):
         m["num_windows"] = 3
         for e in m["arrays"].values():
             e["shape"][0] = 3
+
     _edit_meta(c, edit)
 
 
@@ -251,21 +261,36 @@ def no_model_loads(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
+
     monkeypatch.setattr(mlx_lm.utils, "load_model", refuse)
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_bad_cache_at_a_user_location_is_refused(name, models, truth, tmp_path, capsys,
-                                                  no_model_loads):
+def test_bad_cache_at_a_user_location_is_refused(name, models, truth, tmp_path, capsys, no_model_loads):
     """Item 2: a user's --cache directory is never deleted: a bad one is refused, exit 2, in
     one line naming the file, before any model is loaded."""
     corrupt, culprit = CORRUPTIONS[name]
     cache = tmp_path / "c"
     shutil.copytree(truth["pristine"], cache)
     corrupt(cache)
-    rc = main(["eval", "--ref", str(models["ref"]), "--model", str(models["build"]),
-               "--seq-len", str(SEQ), "--num-samples", str(NS), "--top-k-cache", str(K),
-               "--cache", str(cache), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--ref",
+            str(models["ref"]),
+            "--model",
+            str(models["build"]),
+            "--seq-len",
+            str(SEQ),
+            "--num-samples",
+            str(NS),
+            "--top-k-cache",
+            str(K),
+            "--cache",
+            str(cache),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = err.strip().splitlines()
@@ -274,10 +299,10 @@ def test_bad_cache_at_a_user_location_is_refused(name, models, truth, tmp_path, 
 
 
 # One of each kind of check (every kind is refused above; a rebuild costs two model runs).
-@pytest.mark.parametrize("name", ["id_past_vocab", "truncated", "missing", "meta_disagrees",
-                                  "checksum", "meta_not_json"])
-def test_bad_cache_at_the_default_location_is_rebuilt(name, models, truth, tmp_path, capfd,
-                                                      monkeypatch):
+@pytest.mark.parametrize(
+    "name", ["id_past_vocab", "truncated", "missing", "meta_disagrees", "checksum", "meta_not_json"]
+)
+def test_bad_cache_at_the_default_location_is_rebuilt(name, models, truth, tmp_path, capfd, monkeypatch):
     corrupt, culprit = CORRUPTIONS[name]
     monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "root"))
     cache = tmp_path / "root" / truth["key"]
@@ -309,15 +334,14 @@ def _middle_tensor(shard: Path):
     and last MiB of the shard: the bytes the old fingerprint never read."""
     raw = shard.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     size, mib = len(raw), 1 << 20
     best = None
     for name, t in header.items():
         if name == "__metadata__":
             continue
         b, e = (8 + n + o for o in t["data_offsets"])
-        if b >= mib and e <= size - mib and t["dtype"] == "F32" and \
-                (best is None or e - b > best[2]):
+        if b >= mib and e <= size - mib and t["dtype"] == "F32" and (best is None or e - b > best[2]):
             best = (name, b, e - b)
     assert best is not None and best[0].endswith("weight"), header.keys()
     return best
@@ -351,9 +375,24 @@ def test_a_changed_tensor_mid_shard_invalidates_the_cache(models, tmp_path, monk
     assert after["kl"]["mean"] != before["kl"]["mean"]
     # The user's own cache made for the old bytes is refused, not reused.
     capsys.readouterr()
-    rc = main(["eval", "--ref", str(ref), "--model", str(models["build"]), "--seq-len", str(SEQ),
-               "--num-samples", str(NS), "--top-k-cache", str(K), "--cache", str(mine),
-               "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--ref",
+            str(ref),
+            "--model",
+            str(models["build"]),
+            "--seq-len",
+            str(SEQ),
+            "--num-samples",
+            str(NS),
+            "--top-k-cache",
+            str(K),
+            "--cache",
+            str(mine),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "another reference model" in capsys.readouterr().err
 
 
@@ -392,10 +431,26 @@ def test_a_failed_write_leaves_no_cache(models, tmp_path, capsys, monkeypatch):
         if self.size > 4096:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(self, b)
+
     monkeypatch.setattr(ev._NpyWriter, "_put", put)
-    rc = main(["eval", "--ref", str(models["ref"]), "--model", str(models["build"]),
-               "--seq-len", str(SEQ), "--num-samples", str(NS), "--top-k-cache", str(K),
-               "--cache", str(tmp_path / "c"), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--ref",
+            str(models["ref"]),
+            "--model",
+            str(models["build"]),
+            "--seq-len",
+            str(SEQ),
+            "--num-samples",
+            str(NS),
+            "--top-k-cache",
+            str(K),
+            "--cache",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock"]

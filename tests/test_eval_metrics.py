@@ -47,9 +47,12 @@ def make_case(seed=0, noise=1.5):
 
 def oracle(windows, ref_logits, build_logits, k, near_tie=0.1):
     """Every reported number, straight from the definitions, in float64."""
+
     def logsoftmax(z):
         z = z.astype(np.float64)
-        return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        return (
+            z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        )
 
     lp, lq = logsoftmax(ref_logits), logsoftmax(build_logits)
     rows = {k_: [] for k_ in ("kl", "flip", "rp", "bp", "brp", "rbp", "near", "rnll", "bnll", "win")}
@@ -82,12 +85,21 @@ def oracle(windows, ref_logits, build_logits, k, near_tie=0.1):
         wm = np.array([x[r["win"] == w].mean() for w in range(lp.shape[0])])
         return x.mean(), x.std(ddof=1) / math.sqrt(n), wm.std(ddof=1) / math.sqrt(wm.size)
 
-    out = {"kl": mse(r["kl"]), "median": np.median(r["kl"]), "flips": int(f.sum()),
-           "kl_flipped": r["kl"][f].mean(), "kl_unflipped": r["kl"][~f].mean(),
-           "rp": r["rp"][f].mean(), "bp": r["bp"][f].mean(), "brp": r["brp"][f].mean(),
-           "rbp": np.nanmean(r["rbp"][f]), "rbp_known": int((~np.isnan(r["rbp"][f])).sum()),
-           "max": r["kl"].max(),
-           "near": int(r["near"].sum()), "n": n}
+    out = {
+        "kl": mse(r["kl"]),
+        "median": np.median(r["kl"]),
+        "flips": int(f.sum()),
+        "kl_flipped": r["kl"][f].mean(),
+        "kl_unflipped": r["kl"][~f].mean(),
+        "rp": r["rp"][f].mean(),
+        "bp": r["bp"][f].mean(),
+        "brp": r["brp"][f].mean(),
+        "rbp": np.nanmean(r["rbp"][f]),
+        "rbp_known": int((~np.isnan(r["rbp"][f])).sum()),
+        "max": r["kl"].max(),
+        "near": int(r["near"].sum()),
+        "n": n,
+    }
     for name in ("rnll", "bnll"):
         m, se, se_w = mse(r[name])
         out[name] = (math.exp(m), math.exp(m) * se, math.exp(m) * se_w)

@@ -33,14 +33,19 @@ def models(tmp_path_factory):
 
 
 def run_eval(models, build, tmp_path, **kw):
-    kw = {"seq_len": SEQ, "num_samples": NS, "cache_dir": str(tmp_path / "cache"),
-          "progress": False, **kw}
+    kw = {"seq_len": SEQ, "num_samples": NS, "cache_dir": str(tmp_path / "cache"), "progress": False, **kw}
     return ev.evaluate(str(models["ref"]), str(models[build] if build in models else build), **kw)
 
 
 def test_a_build_against_itself_has_zero_kl(models, tmp_path):
-    r = ev.evaluate(str(models[3]), str(models[3]), seq_len=SEQ, num_samples=NS,
-                    cache_dir=str(tmp_path / "c"), progress=False)
+    r = ev.evaluate(
+        str(models[3]),
+        str(models[3]),
+        seq_len=SEQ,
+        num_samples=NS,
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     assert abs(r["kl"]["mean"]) < 1e-6 and r["kl"]["max"] < 1e-5
     assert r["flips"]["count"] == 0
     assert r["positions"] == NS * (SEQ - 1)
@@ -72,8 +77,9 @@ def test_cached_path_equals_side_by_side_on_real_models(models, tmp_path):
     r = run_eval(models, 3, tmp_path, top_k=32, fused=False)  # the oracle runs mlx-lm's paths
     tok = load_tokenizer(models["ref"])
     windows = ev.make_windows(ev.load_documents(None, tok), tok, SEQ, NS, seed=0)
-    direct = ev.summarize(ev.compare_side_by_side(
-        load_model(models["ref"])[0], load_model(models[3])[0], windows, 32))
+    direct = ev.summarize(
+        ev.compare_side_by_side(load_model(models["ref"])[0], load_model(models[3])[0], windows, 32)
+    )
     for key in ("kl", "flips"):
         assert r[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), key
     for key in ("reference", "build"):
@@ -112,8 +118,10 @@ def test_chat_jsonl_directory_and_text_data(models, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
     tok = load_tokenizer(models["ref"])
-    msgs = [{"role": "user", "content": "def fibonacci(n): " * 20},
-            {"role": "assistant", "content": "for i in range(10): yield i * i " * 20}]
+    msgs = [
+        {"role": "user", "content": "def fibonacci(n): " * 20},
+        {"role": "assistant", "content": "for i in range(10): yield i * i " * 20},
+    ]
     jl = tmp_path / "chat.jsonl"
     jl.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(3)) + "\n")
     docs = ev.load_documents(str(jl), tok)
@@ -131,8 +139,9 @@ def test_chat_jsonl_directory_and_text_data(models, tmp_path):
     r = run_eval(models, 4, tmp_path, data=str(d), num_samples=3)
     assert r["data"]["windows"] == 3 and r["kl"]["mean"] > 0
     # Short data: fewer windows than asked for, said so in the table.
-    short = run_eval(models, 4, tmp_path, data=str(d / "a.py"), num_samples=50,
-                     cache_dir=str(tmp_path / "short"))
+    short = run_eval(
+        models, 4, tmp_path, data=str(d / "a.py"), num_samples=50, cache_dir=str(tmp_path / "short")
+    )
     n = len(tok.encode("import os\n" * 200, add_special_tokens=False)) // SEQ
     assert short["data"]["windows"] == n < 50
     assert f"only {n} of the 50 requested" in ev.format_report(short)
@@ -144,8 +153,16 @@ def _cli(*argv):
 
 def test_cli_writes_table_and_json(models, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = _cli("--ref", str(models["ref"]), "--model", str(models[3]), "--cache", str(tmp_path / "c"),
-              "--output", str(out))
+    rc = _cli(
+        "--ref",
+        str(models["ref"]),
+        "--model",
+        str(models[3]),
+        "--cache",
+        str(tmp_path / "c"),
+        "--output",
+        str(out),
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "KL(ref||build) mean" in text and "top-1 flip rate" in text
@@ -228,7 +245,23 @@ def test_fused_report_equals_mlx_lm_paths(models, tmp_path, bits):
 
 
 def test_progress_bar_on_stderr(models, tmp_path, capsys):
-    assert main(["eval", "--seq-len", str(SEQ), "--num-samples", "2", "--ref", str(models["ref"]),
-                 "--model", str(models[2]), "--cache", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--seq-len",
+                str(SEQ),
+                "--num-samples",
+                "2",
+                "--ref",
+                str(models["ref"]),
+                "--model",
+                str(models[2]),
+                "--cache",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "reference [" in err and "build     [" in err and "2/2" in err

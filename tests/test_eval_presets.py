@@ -20,9 +20,16 @@ def builds(tmp_path_factory):
 
 
 def run(builds, preset, cache, seed=0):
-    return ev.evaluate(str(builds / "int4-native"), str(builds / preset), seq_len=64,
-                       num_samples=4, top_k=64, seed=seed, cache_dir=str(cache),
-                       progress=False)
+    return ev.evaluate(
+        str(builds / "int4-native"),
+        str(builds / preset),
+        seq_len=64,
+        num_samples=4,
+        top_k=64,
+        seed=seed,
+        cache_dir=str(cache),
+        progress=False,
+    )
 
 
 def test_presets_ordered_by_bits(builds, tmp_path):
@@ -49,16 +56,19 @@ def _float32_loader(path, fused=False):
     from mlx_lm.utils import load_model
 
     model, _ = load_model(path)
-    model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a, model.parameters())
+    )
     return model
 
 
 def test_mse_fit_lowers_kl_at_identical_size(builds, tmp_path):
     """alis-3.6-mse against alis-3.6: byte for byte the same files' sizes, and a lower KL
     from the same reference on the same windows (bench/RESULTS.md has a longer run)."""
-    sizes = {p: sorted((f.name, f.stat().st_size) for f in (builds / p).glob("*.safetensors"))
-             for p in ("alis-3.6", "alis-3.6-mse")}
+    sizes = {
+        p: sorted((f.name, f.stat().st_size) for f in (builds / p).glob("*.safetensors"))
+        for p in ("alis-3.6", "alis-3.6-mse")
+    }
     assert sizes["alis-3.6"] == sizes["alis-3.6-mse"]
     kl = {p: run(builds, p, tmp_path / "cache")["kl"]["mean"] for p in ("alis-3.6", "alis-3.6-mse")}
     assert 0 < kl["alis-3.6-mse"] < kl["alis-3.6"], kl
@@ -78,10 +88,16 @@ def test_fused_path_gives_the_same_report(builds, tmp_path):
     near-tie, 88 fused, 102 mlx-lm, 89 float32 of 252 positions."""
     fused = run(builds, "alis-3.6", tmp_path / "c")
     kw = dict(seq_len=64, num_samples=4, top_k=64, seed=0, progress=False, fused=False)
-    plain = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"),
-                        cache_dir=str(tmp_path / "p"), **kw)
-    truth = ev.evaluate(str(builds / "int4-native"), str(builds / "alis-3.6"),
-                        cache_dir=str(tmp_path / "t"), loader=_float32_loader, **kw)
+    plain = ev.evaluate(
+        str(builds / "int4-native"), str(builds / "alis-3.6"), cache_dir=str(tmp_path / "p"), **kw
+    )
+    truth = ev.evaluate(
+        str(builds / "int4-native"),
+        str(builds / "alis-3.6"),
+        cache_dir=str(tmp_path / "t"),
+        loader=_float32_loader,
+        **kw,
+    )
     assert fused["fused"] is True and plain["fused"] is False
     se = plain["kl"]["se"]
     assert abs(fused["kl"]["mean"] - plain["kl"]["mean"]) < 1.0 * se

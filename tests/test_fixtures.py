@@ -40,5 +40,6 @@ def test_fixture_shapes_and_tokenizer(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(src))
     ids = tok.encode("The quick brown fox")
     assert tok.decode(ids) == "The quick brown fox"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True).endswith("<|im_assistant|>")
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    ).endswith("<|im_assistant|>")

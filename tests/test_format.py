@@ -30,7 +30,9 @@ def _need(module: str):
 def test_ruff_check():
     _need("ruff")
     r = _run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "."])
-    assert r.returncode == 0, f"ruff check found problems (tools/format.sh fixes import order):\n{r.stdout}{r.stderr}"
+    assert r.returncode == 0, (
+        f"ruff check found problems (tools/format.sh fixes import order):\n{r.stdout}{r.stderr}"
+    )
 
 
 def test_ruff_format():

@@ -12,8 +12,8 @@ import moequant
 from moequant import int4
 from moequant.cli import main
 from moequant.inspect_model import describe, expert_errors
-from moequant.testing.tiny_mlx import TINY_DEEPSEEK_CONFIG, make_tiny_model, quantize_tiny
 from moequant.testing.tiny_checkpoint import bf16_round, ct_quantize
+from moequant.testing.tiny_mlx import TINY_DEEPSEEK_CONFIG, make_tiny_model, quantize_tiny
 
 E = TINY_DEEPSEEK_CONFIG["n_routed_experts"]
 H = TINY_DEEPSEEK_CONFIG["hidden_size"]
@@ -46,7 +46,9 @@ def test_composition_matches_mlx_lm(mixed):
     quantized = [m for m in d["modules"] if m["bits"] is not None]
     assert len(quantized) > 20
     for m in quantized:
-        assert (loaded[m["path"]].bits, loaded[m["path"]].group_size) == (m["bits"], m["group_size"]), m["path"]
+        assert (loaded[m["path"]].bits, loaded[m["path"]].group_size) == (m["bits"], m["group_size"]), m[
+            "path"
+        ]
     assert d["layers"]["1"]["bits"]["down_proj"] == "3-bit"
     assert d["layers"]["2"]["bits"]["down_proj"] == "6-bit"
     assert d["layers"]["2"]["bits"]["gate_proj"] == "3-bit"
@@ -101,8 +103,13 @@ def _oracle(exact, layer, proj, e, bits):
     words, scales = exact[(layer, proj, e)]
     w = mx.array(int4.dequantize(words, np.array(scales.astype(mx.float32)), 32))
     wq, s, b = mx.quantize(w, group_size=64, bits=bits, stream=mx.cpu)
-    back = mx.dequantize(wq, s.astype(mx.bfloat16).astype(mx.float32),
-                         b.astype(mx.bfloat16).astype(mx.float32), group_size=64, bits=bits)
+    back = mx.dequantize(
+        wq,
+        s.astype(mx.bfloat16).astype(mx.float32),
+        b.astype(mx.bfloat16).astype(mx.float32),
+        group_size=64,
+        bits=bits,
+    )
     back, w = np.array(back).astype(np.float64), np.array(w).astype(np.float64)
     return float(np.linalg.norm(back - w) / np.linalg.norm(w))
 
@@ -123,8 +130,7 @@ def test_expert_error_against_int4_source(mixed, tmp_path):
     assert 0.05 < err["per_proj"]["gate_proj"]["mean"] < 0.5  # 3-bit g64 of INT4 weights
 
     # Experts stored in the wrong order are caught: unrelated weights, error ~ sqrt(2).
-    bad = expert_errors(_converted(mixed, tmp_path / "swapped", exact, swap_experts=True),
-                        tmp_path / "src")
+    bad = expert_errors(_converted(mixed, tmp_path / "swapped", exact, swap_experts=True), tmp_path / "src")
     assert bad["per_proj"]["gate_proj"]["mean"] > 1.0
 
 
@@ -143,8 +149,9 @@ def test_kimi_k25_prefixed_source_and_cli(mixed, tmp_path, capsys):
 def test_inspect_bad_input_is_exit_2(mixed, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     (tmp_path / "no_experts").mkdir()
-    mx.save_safetensors(str(tmp_path / "no_experts" / "model.safetensors"),
-                        {"model.norm.weight": mx.ones((4,))})
+    mx.save_safetensors(
+        str(tmp_path / "no_experts" / "model.safetensors"), {"model.norm.weight": mx.ones((4,))}
+    )
     assert main(["inspect", str(mixed), "--source", str(tmp_path / "no_experts")]) == 2
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "model.safetensors").write_bytes(b"\0" * 8)
@@ -182,8 +189,13 @@ def _source_oracle(src, layer, proj, e, bits, gs, prefix=""):
     src_gs = words.shape[-1] * 8 // scales.shape[-1]
     w = mx.array(int4.dequantize(words, scales, src_gs))
     wq, s, b = mx.quantize(w, group_size=gs, bits=bits, stream=mx.cpu)
-    back = mx.dequantize(wq, s.astype(mx.bfloat16).astype(mx.float32),
-                         b.astype(mx.bfloat16).astype(mx.float32), group_size=gs, bits=bits)
+    back = mx.dequantize(
+        wq,
+        s.astype(mx.bfloat16).astype(mx.float32),
+        b.astype(mx.bfloat16).astype(mx.float32),
+        group_size=gs,
+        bits=bits,
+    )
     back, w = np.array(back).astype(np.float64), np.array(w).astype(np.float64)
     return float(np.linalg.norm(back - w) / np.linalg.norm(w))
 
@@ -197,8 +209,7 @@ def test_source_group_sizes_and_lossless_native_is_exactly_zero(ckpt, tmp_path, 
     src = ckpt("kimi_k2", layers=2, int4_group=group)
     convert(src, tmp_path / "native", "int4-native", progress=False)
     native = expert_errors(tmp_path / "native", src)
-    assert native["per_layer_proj"] and all(r["source_group_size"] == group
-                                            for r in native["per_layer_proj"])
+    assert native["per_layer_proj"] and all(r["source_group_size"] == group for r in native["per_layer_proj"])
     assert all(e == 0.0 for r in native["per_layer_proj"] for e in r["per_expert"])
     assert all(r["group_size"] == group and r["bits"] == 4 for r in native["per_layer_proj"])
 

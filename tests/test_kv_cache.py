@@ -42,8 +42,7 @@ class DequantizedKVCache(KVCache):
         self.q = dict(group_size=group_size, bits=bits)
 
     def update_and_fetch(self, keys, values):
-        rt = [mx.dequantize(*mx.quantize(a, **self.q), **self.q).astype(mx.float32)
-              for a in (keys, values)]
+        rt = [mx.dequantize(*mx.quantize(a, **self.q), **self.q).astype(mx.float32) for a in (keys, values)]
         return super().update_and_fetch(*rt)
 
 
@@ -120,8 +119,15 @@ def test_quantized_kv_start(built):
     model, _ = built
     moequant.patch(model)
     cache = make_prompt_cache(model)
-    steps = generate_step(PROMPT, model, max_tokens=12, prompt_cache=cache, kv_bits=8,
-                          quantized_kv_start=35, prefill_step_size=16)
+    steps = generate_step(
+        PROMPT,
+        model,
+        max_tokens=12,
+        prompt_cache=cache,
+        kv_bits=8,
+        quantized_kv_start=35,
+        prefill_step_size=16,
+    )
     kinds = []
     for _ in steps:
         kinds.append((cache[0].offset, type(cache[0]).__name__))
@@ -350,11 +356,14 @@ def test_v32_trim_and_save_load(built_v32, tmp_path):
     save_prompt_cache(str(f), cache)
     loaded = load_prompt_cache(str(f))
     assert [type(c) for c in loaded] == [kv_cache.MLACacheList] * len(cache)
-    assert all(isinstance(c[0], MLAQuantizedKVCache) and (c[0].bits, c[0].offset) == (4, 33)
-               and c[1].offset == 33 for c in loaded)
+    assert all(
+        isinstance(c[0], MLAQuantizedKVCache) and (c[0].bits, c[0].offset) == (4, 33) and c[1].offset == 33
+        for c in loaded
+    )
     tok = mx.array([7])
-    assert greedy(model, 6, prompt=tok, prompt_cache=loaded) == \
-        greedy(model, 6, prompt=tok, prompt_cache=cache)
+    assert greedy(model, 6, prompt=tok, prompt_cache=loaded) == greedy(
+        model, 6, prompt=tok, prompt_cache=cache
+    )
 
 
 def test_v32_plan_counts_the_indexer_cache():
@@ -363,8 +372,14 @@ def test_v32_plan_counts_the_indexer_cache():
     --kv-bits leaves unquantized."""
     from moequant.plan import format_kv_table, kv_cache_table
 
-    cfg = dict(model_type="deepseek_v32", num_hidden_layers=61, kv_lora_rank=512,
-               qk_rope_head_dim=64, index_head_dim=128, max_position_embeddings=163840)
+    cfg = dict(
+        model_type="deepseek_v32",
+        num_hidden_layers=61,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        index_head_dim=128,
+        max_position_embeddings=163840,
+    )
     kv = kv_cache_table(cfg)
     assert kv["bytes_per_token_layer"]["8-bit g64"] == 612
     assert kv["indexer_bytes_per_token_layer"] == 2 * 128 * 2
@@ -390,8 +405,7 @@ def test_decode_without_metal_kernels_uses_mlx_ops(arch, monkeypatch):
     real = mx.default_device
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     try:
-        got = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8,
-                     quantized_kv_start=0)
+        got = greedy(model, 6, prompt_cache=make_prompt_cache(model), kv_bits=8, quantized_kv_start=0)
     finally:
         monkeypatch.setattr(mx, "default_device", real)
     assert got == want and not calls

@@ -22,8 +22,9 @@ def model_dir(tmp_path_factory):
 
 
 def moequant(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "moequant", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moequant", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def text(r):
@@ -62,17 +63,31 @@ def test_generate_prompt_cache_file(model_dir, tmp_path):
     model(mx.array(tok.encode("hello"))[None], cache=cache)
     f = tmp_path / "p.safetensors"
     save_prompt_cache(str(f), cache, {"model": str(model_dir), "tokenizer_config": "{}"})
-    r = moequant("generate", "--model", str(model_dir), "--prompt-cache-file", str(f), "--prompt",
-                 " there", "--max-tokens", "5", "--kv-bits", "8")
+    r = moequant(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt-cache-file",
+        str(f),
+        "--prompt",
+        " there",
+        "--max-tokens",
+        "5",
+        "--kv-bits",
+        "8",
+    )
     assert r.returncode == 0, r.stderr
     assert "Generation: 5 tokens" in r.stdout
 
 
-@pytest.mark.parametrize("flags,msg", [
-    (["--kv-bits", "3"], "--kv-bits must be 4 or 8"),
-    (["--kv-bits", "8", "--kv-group-size", "128"], "qk_rope_head_dim 64"),
-    (["--kv-bits", "8", "--quantized-kv-start", "-1"], "--quantized-kv-start must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--kv-bits", "3"], "--kv-bits must be 4 or 8"),
+        (["--kv-bits", "8", "--kv-group-size", "128"], "qk_rope_head_dim 64"),
+        (["--kv-bits", "8", "--quantized-kv-start", "-1"], "--quantized-kv-start must be >= 0"),
+    ],
+)
 def test_generate_bad_kv_flags(model_dir, flags, msg):
     r = moequant("generate", "--model", str(model_dir), "--prompt", "hi", *flags)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
@@ -89,8 +104,7 @@ def test_plan_kv_table_reproduces_the_card():
         assert cells[0].split()[-1] == fp16 and cells[1].split()[-1] == int8, rows[ctx]
     assert "256K (max)" in r.stdout
     j = json.loads(moequant("plan", "--config", str(KIMI), "--json").stdout)["kv_cache"]
-    assert j["bytes_per_token_layer"] == {"fp16": 1152, "int8 codes": 576, "8-bit g64": 612,
-                                          "4-bit g64": 324}
+    assert j["bytes_per_token_layer"] == {"fp16": 1152, "int8 codes": 576, "8-bit g64": 612, "4-bit g64": 324}
     assert j["rows"][0]["fp16"] == 32768 * 1152 * 61
 
 
@@ -107,12 +121,27 @@ def test_serve_kv_bits(model_dir, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port),
-         "--kv-bits", "8", "--quantized-kv-start", "0"],
-        stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "moequant",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--kv-bits",
+            "8",
+            "--quantized-kv-start",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
-        body = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6,
-                "temperature": 0.0}
+        body = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6, "temperature": 0.0}
         deadline = time.time() + 120
         while True:
             try:

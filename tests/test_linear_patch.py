@@ -38,7 +38,9 @@ def linear_calls(monkeypatch):
 def test_greedy_tokens_match_mlx_lm(bits, group_size, linear_calls):
     model, _ = tiny_deepseek.build(seed=11, bits=bits, group_size=group_size)
     want = greedy(model)
-    n_linear = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    n_linear = sum(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    )
     assert moequant.patch_linear(model) == n_linear > 10
     assert greedy(model) == want
     # The 11-token prefill and the one-token steps both ran the kernel.
@@ -65,14 +67,21 @@ def _tied_llama(seed):
     from mlx_lm.models import llama
 
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=320,
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=320,
         tie_word_embeddings=True,
     )
     mx.random.seed(seed)
     model = llama.Model(args)
-    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.08 if p.ndim > 1 else p,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda p: mx.random.normal(p.shape) * 0.08 if p.ndim > 1 else p, model.parameters())
+    )
     nn.quantize(model, group_size=64, bits=6)
     mx.eval(model.parameters())
     return model
@@ -113,14 +122,14 @@ def test_bf16_input_follows_mlx_dtype(linear_calls):
     moequant.patch_linear(nn.Sequential(lin))
     x = mx.random.normal((2, 128)).astype(mx.bfloat16)
     y = lin(x)
-    ref = mx.quantized_matmul(x, lin.weight, lin.scales, lin.biases, transpose=True,
-                              group_size=64, bits=4)
+    ref = mx.quantized_matmul(x, lin.weight, lin.scales, lin.biases, transpose=True, group_size=64, bits=4)
     assert y.dtype == ref.dtype == mx.float32
     assert mx.allclose(y, ref, rtol=1e-4, atol=1e-4).item()
 
 
-@pytest.mark.parametrize("no_fused,env,patched", [(False, None, True), (True, None, False),
-                                                  (False, "0", False)])
+@pytest.mark.parametrize(
+    "no_fused,env,patched", [(False, None, True), (True, None, False), (False, "0", False)]
+)
 def test_cli_switches(no_fused, env, patched, monkeypatch):
     """The CLIs' loaders (moequant generate/serve): --no-fused and MOEQUANT_FUSED=0 leave
     the linear layers on mlx-lm's path too."""

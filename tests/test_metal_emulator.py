@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 from metal_emulator import (
-    HERE, REPO_ROOT, MetalCompileError, MetalEmulatorError, MetalLibrary, MetalLintError,
-    clang_available, lint_file,
+    HERE,
+    REPO_ROOT,
+    MetalCompileError,
+    MetalEmulatorError,
+    MetalLibrary,
+    MetalLintError,
+    clang_available,
+    lint_file,
 )
 
 HARNESS = HERE / "kernels" / "harness.metal"
@@ -49,10 +55,15 @@ def run_tg_sum(lib, dtype, schedule, n=1000, tg=256, seed=0):
     x = np.random.default_rng(seed).standard_normal(n).astype(dtype)
     n_tg = (n + tg - 1) // tg
     out = np.zeros(n_tg, np.float32)
-    lib.run(f"tg_sum_{'float' if dtype == np.float32 else 'half'}",
-            {0: x, 1: out, 2: np.uint32(n)}, grid=(n_tg, 1, 1), threadgroup=(tg, 1, 1),
-            schedule=schedule, seed=seed)
-    want = np.array([x[i * tg:(i + 1) * tg].astype(np.float64).sum() for i in range(n_tg)])
+    lib.run(
+        f"tg_sum_{'float' if dtype == np.float32 else 'half'}",
+        {0: x, 1: out, 2: np.uint32(n)},
+        grid=(n_tg, 1, 1),
+        threadgroup=(tg, 1, 1),
+        schedule=schedule,
+        seed=seed,
+    )
+    want = np.array([x[i * tg : (i + 1) * tg].astype(np.float64).sum() for i in range(n_tg)])
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
 
 
@@ -76,20 +87,29 @@ def run_all_schedules(lib):
 
 TG_SUM_MUTATIONS = {
     # name: (old, new, expected error text or None for wrong output)
-    "missing-barrier": ("  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid == 0)",
-                        "  if (sgid == 0)", None),
+    "missing-barrier": (
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid == 0)",
+        "  if (sgid == 0)",
+        None,
+    ),
     "off-by-one-partials": ("lid < n_sg ? partial[lid]", "lid <= n_sg ? partial[lid]", None),
-    "wrong-lane": ("if (lane == 0) {\n    partial", "if (lane == 1 && sgid > 0) {\n    partial",
-                   None),
-    "early-return-before-barrier": ("  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
-                                    "  if (lid >= 200) {\n    return;\n  }\n"
-                                    "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
-                                    r"exited"),
-    "barrier-in-branch": ("partial[sgid] = v;\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
-                          "partial[sgid] = v;\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n  }",
-                          r"barrier|deadlock"),
-    "divergent-collectives": ("v = simd_sum(v);", "v = lane < 16 ? simd_sum(v) : simd_max(v);",
-                              r"divergent simd collectives"),
+    "wrong-lane": ("if (lane == 0) {\n    partial", "if (lane == 1 && sgid > 0) {\n    partial", None),
+    "early-return-before-barrier": (
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
+        "  if (lid >= 200) {\n    return;\n  }\n"
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (sgid",
+        r"exited",
+    ),
+    "barrier-in-branch": (
+        "partial[sgid] = v;\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "partial[sgid] = v;\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n  }",
+        r"barrier|deadlock",
+    ),
+    "divergent-collectives": (
+        "v = simd_sum(v);",
+        "v = lane < 16 ? simd_sum(v) : simd_max(v);",
+        r"divergent simd collectives",
+    ),
 }
 
 
@@ -118,9 +138,18 @@ def build_selftest(cxx, flags, out: Path) -> Path:
 
     src = out.with_suffix(".cpp")
     src.write_text(generate_source(HARNESS, cxx))
-    cmd = [cxx, "-std=c++20", "-O1", *kernel_flags(cxx), *flags, str(src),
-           str(RUNTIME_DIR / "msl_runtime.cpp"), str(HERE / "native" / "selftest_main.cpp"),
-           "-o", str(out)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        *kernel_flags(cxx),
+        *flags,
+        str(src),
+        str(RUNTIME_DIR / "msl_runtime.cpp"),
+        str(HERE / "native" / "selftest_main.cpp"),
+        "-o",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     return out
@@ -128,8 +157,9 @@ def build_selftest(cxx, flags, out: Path) -> Path:
 
 @pytest.mark.parametrize("switch", ["asm", "ucontext"])
 def test_selftest_native(tmp_path, switch):
-    exe = build_selftest(shutil.which("g++"), ["-DMSL_USE_UCONTEXT"] if switch == "ucontext"
-                         else [], tmp_path / "selftest")
+    exe = build_selftest(
+        shutil.which("g++"), ["-DMSL_USE_UCONTEXT"] if switch == "ucontext" else [], tmp_path / "selftest"
+    )
     r = subprocess.run([str(exe)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
@@ -138,8 +168,10 @@ def test_selftest_arm64_under_qemu(tmp_path):
     """aarch64 Linux: the ucontext fiber switch and the shim on a different ISA."""
     cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if cxx is None or qemu is None:
-        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: "
-                    "g++-aarch64-linux-gnu qemu-user; .ci/run installs them)")
+        pytest.skip(
+            "needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: "
+            "g++-aarch64-linux-gnu qemu-user; .ci/run installs them)"
+        )
     exe = build_selftest(cxx, ["-static"], tmp_path / "selftest")
     r = subprocess.run([qemu, str(exe)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
@@ -174,11 +206,10 @@ def expected_collectives(x, active=32):
 def test_collectives(lib, schedule):
     x = np.random.default_rng(1).standard_normal(64).astype(np.float32)
     out = np.zeros((64, 12), np.float32)
-    lib.run("collectives", {0: x, 1: out}, grid=(1, 1, 1), threadgroup=(64, 1, 1),
-            schedule=schedule)
+    lib.run("collectives", {0: x, 1: out}, grid=(1, 1, 1), threadgroup=(64, 1, 1), schedule=schedule)
     for sg in range(2):
-        want = expected_collectives(x[32 * sg:32 * (sg + 1)].astype(np.float64))
-        np.testing.assert_allclose(out[32 * sg:32 * (sg + 1)], want, rtol=1e-5, atol=1e-5)
+        want = expected_collectives(x[32 * sg : 32 * (sg + 1)].astype(np.float64))
+        np.testing.assert_allclose(out[32 * sg : 32 * (sg + 1)], want, rtol=1e-5, atol=1e-5)
 
 
 def test_partial_simdgroup(lib):
@@ -195,8 +226,11 @@ def test_partial_simdgroup(lib):
 
 
 # ---- an MLX-style quantized GEMV ------------------------------------------------------
-QMV = {"qmv4_float_g64": ("float32", 64), "qmv4_half_g32": ("float16", 32),
-       "qmv4_bfloat_g128": ("bfloat16", 128)}
+QMV = {
+    "qmv4_float_g64": ("float32", 64),
+    "qmv4_half_g32": ("float16", 32),
+    "qmv4_bfloat_g128": ("bfloat16", 128),
+}
 
 
 def run_qmv4(lib, name, schedule, N=24, K=512):
@@ -208,15 +242,23 @@ def run_qmv4(lib, name, schedule, N=24, K=512):
     w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * 0.1).astype(mxdt)
     wq, s, b = mx.quantize(w, group_size=G, bits=4, stream=mx.cpu)
     x = mx.array(rng.standard_normal(K).astype(np.float32)).astype(mxdt)
-    want = np.array(mx.dequantize(wq, s, b, group_size=G, bits=4, stream=mx.cpu)
-                    .astype(mx.float32)) @ np.array(x.astype(mx.float32))
+    want = np.array(
+        mx.dequantize(wq, s, b, group_size=G, bits=4, stream=mx.cpu).astype(mx.float32)
+    ) @ np.array(x.astype(mx.float32))
     as_np = lambda a: np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
     y = np.zeros(N, np.uint16 if dtype == "bfloat16" else getattr(np, dtype))
-    lib.run(name, {0: np.array(wq), 1: as_np(s), 2: as_np(b), 3: as_np(x), 4: y,
-                   5: np.int32(K)},
-            grid=(1, N // 8, 1), threadgroup=(32, 2, 1), schedule=schedule)
-    got = np.array(mx.array(y).view(mx.bfloat16).astype(mx.float32)) if dtype == "bfloat16" \
+    lib.run(
+        name,
+        {0: np.array(wq), 1: as_np(s), 2: as_np(b), 3: as_np(x), 4: y, 5: np.int32(K)},
+        grid=(1, N // 8, 1),
+        threadgroup=(32, 2, 1),
+        schedule=schedule,
+    )
+    got = (
+        np.array(mx.array(y).view(mx.bfloat16).astype(mx.float32))
+        if dtype == "bfloat16"
         else y.astype(np.float32)
+    )
     tol = 1e-4 if dtype == "float32" else 1e-2
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
@@ -227,10 +269,13 @@ def test_qmv4_matches_dequantized_matmul(lib, name, schedule):
     run_qmv4(lib, name, schedule)
 
 
-@pytest.mark.parametrize("old,new", [
-    ("float(byte >> 4)", "float(byte >> 3)"),
-    ("k / G]);\n      const float b", "(k + 8) / G]);\n      const float b"),
-])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("float(byte >> 4)", "float(byte >> 3)"),
+        ("k / G]);\n      const float b", "(k + 8) / G]);\n      const float b"),
+    ],
+)
 def test_qmv4_mutation_is_caught(tmp_path, old, new):
     lib = harness_copy(tmp_path, old, new)
     with pytest.raises((AssertionError, MetalEmulatorError)):
@@ -243,11 +288,22 @@ def test_vec_ops(lib):
     rows, cols = 5, 7
     a = np.random.default_rng(2).standard_normal((rows, cols, 4)).astype(np.float32)
     out = np.zeros((rows, cols, 4), np.float32)
-    lib.run("vec_ops", {0: a, 1: out, 2: np.array([rows, cols], np.uint32)},
-            grid=(2, 2, 1), threadgroup=(4, 4, 1), schedule="random")
-    want = np.stack([np.abs(a).sum(-1), np.clip(a[..., 0], -0.5, 0.5), -a[..., 1],
-                     a[..., 3].astype(np.float16).astype(np.float32)
-                     + np.maximum(a[..., 2], a[..., 3])], -1)
+    lib.run(
+        "vec_ops",
+        {0: a, 1: out, 2: np.array([rows, cols], np.uint32)},
+        grid=(2, 2, 1),
+        threadgroup=(4, 4, 1),
+        schedule="random",
+    )
+    want = np.stack(
+        [
+            np.abs(a).sum(-1),
+            np.clip(a[..., 0], -0.5, 0.5),
+            -a[..., 1],
+            a[..., 3].astype(np.float16).astype(np.float32) + np.maximum(a[..., 2], a[..., 3]),
+        ],
+        -1,
+    )
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
@@ -255,49 +311,82 @@ def test_vec_ops(lib):
 def test_threadgroup_argument(lib, schedule):
     x = np.arange(256, dtype=np.float32)
     y = np.zeros_like(x)
-    lib.run("tg_reverse", {0: x, 1: y}, grid=(4, 1, 1), threadgroup=(64, 1, 1),
-            threadgroup_memory={0: 64 * 4}, schedule=schedule)
+    lib.run(
+        "tg_reverse",
+        {0: x, 1: y},
+        grid=(4, 1, 1),
+        threadgroup=(64, 1, 1),
+        threadgroup_memory={0: 64 * 4},
+        schedule=schedule,
+    )
     np.testing.assert_array_equal(y, x.reshape(4, 64)[:, ::-1].ravel())
 
 
 # ---- errors ---------------------------------------------------------------------------
 def test_threadgroup_memory_limit(lib):
-    with pytest.raises(MetalEmulatorError, match=r"threadgroup memory of 36000 bytes \(with "
-                                                 r"big\) exceeds the 32768-byte limit"):
+    with pytest.raises(
+        MetalEmulatorError,
+        match=r"threadgroup memory of 36000 bytes \(with "
+        r"big\) exceeds the 32768-byte limit",
+    ):
         lib.run("tg_too_big", {0: np.zeros(64, np.float32)}, threadgroup=(64, 1, 1))
     with pytest.raises(MetalEmulatorError, match="limit"):
-        lib.run("tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
-                threadgroup=(64, 1, 1), threadgroup_memory={0: 40000})
+        lib.run(
+            "tg_reverse",
+            {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
+            threadgroup=(64, 1, 1),
+            threadgroup_memory={0: 40000},
+        )
     with pytest.raises(MetalEmulatorError, match=r"threadgroup_memory"):
-        lib.run("tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
-                threadgroup=(64, 1, 1))
+        lib.run(
+            "tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)}, threadgroup=(64, 1, 1)
+        )
 
 
 def test_out_of_bounds_is_reported(lib):
     x = np.arange(128, dtype=np.float32)
-    with pytest.raises(MetalEmulatorError, match=r"out-of-bounds write of 4 bytes at byte "
-                                                 r"offset 508 of buffer\(1\) \(508 bytes\)"):
-        lib.run("tg_reverse", {0: x, 1: np.zeros(127, np.float32)}, grid=(2, 1, 1),
-                threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
+    with pytest.raises(
+        MetalEmulatorError,
+        match=r"out-of-bounds write of 4 bytes at byte "
+        r"offset 508 of buffer\(1\) \(508 bytes\)",
+    ):
+        lib.run(
+            "tg_reverse",
+            {0: x, 1: np.zeros(127, np.float32)},
+            grid=(2, 1, 1),
+            threadgroup=(64, 1, 1),
+            threadgroup_memory={0: 256},
+        )
     with pytest.raises(MetalEmulatorError, match=r"out-of-bounds read .* of buffer\(0\)"):
-        lib.run("tg_reverse", {0: x[:100].copy(), 1: np.zeros(128, np.float32)},
-                grid=(2, 1, 1), threadgroup=(64, 1, 1), threadgroup_memory={0: 256},
-                schedule="reverse")
+        lib.run(
+            "tg_reverse",
+            {0: x[:100].copy(), 1: np.zeros(128, np.float32)},
+            grid=(2, 1, 1),
+            threadgroup=(64, 1, 1),
+            threadgroup_memory={0: 256},
+            schedule="reverse",
+        )
 
 
-@pytest.mark.parametrize("old,new,where", [
-    ("buf[lid] = x[gid];", "buf[lid + 1] = x[gid];",
-     r"256 of \[\[threadgroup\(0\)\]\] \(256 bytes\)"),
-    ("partial[sgid] = v;", "partial[sgid + 32] = v;", r"128 of partial \(128 bytes\)"),
-    ("partial[sgid] = v;", "partial[int(sgid) - 1] = v;", r"-4 of partial \(128 bytes\)"),
-])
+@pytest.mark.parametrize(
+    "old,new,where",
+    [
+        ("buf[lid] = x[gid];", "buf[lid + 1] = x[gid];", r"256 of \[\[threadgroup\(0\)\]\] \(256 bytes\)"),
+        ("partial[sgid] = v;", "partial[sgid + 32] = v;", r"128 of partial \(128 bytes\)"),
+        ("partial[sgid] = v;", "partial[int(sgid) - 1] = v;", r"-4 of partial \(128 bytes\)"),
+    ],
+)
 def test_threadgroup_out_of_bounds_write_is_reported(tmp_path, old, new, where):
     lib = harness_copy(tmp_path, old, new)
-    with pytest.raises(MetalEmulatorError, match="threadgroup memory written out of bounds at "
-                       "byte offset " + where):
+    with pytest.raises(
+        MetalEmulatorError, match="threadgroup memory written out of bounds at byte offset " + where
+    ):
         run_all_schedules(lib) if "partial" in old else lib.run(
-            "tg_reverse", {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
-            threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
+            "tg_reverse",
+            {0: np.zeros(64, np.float32), 1: np.zeros(64, np.float32)},
+            threadgroup=(64, 1, 1),
+            threadgroup_memory={0: 256},
+        )
 
 
 def test_binding_errors(lib):
@@ -305,8 +394,7 @@ def test_binding_errors(lib):
     y = np.zeros(64, np.float32)
     y.flags.writeable = False
     with pytest.raises(MetalEmulatorError, match=r"read-only"):
-        lib.run("tg_reverse", {0: x, 1: y}, threadgroup=(64, 1, 1),
-                threadgroup_memory={0: 256})
+        lib.run("tg_reverse", {0: x, 1: y}, threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
     with pytest.raises(MetalEmulatorError, match=r"buffer\(1\) .* not bound"):
         lib.run("tg_reverse", {0: x}, threadgroup=(64, 1, 1), threadgroup_memory={0: 256})
     with pytest.raises(MetalEmulatorError, match=r"4 bytes but 8 bytes"):
@@ -320,8 +408,14 @@ def test_binding_errors(lib):
 def test_bytes_counted(lib):
     x = np.arange(256, dtype=np.float32)
     y = np.zeros_like(x)
-    res = lib.run("tg_reverse", {0: x, 1: y}, grid=(4, 1, 1), threadgroup=(64, 1, 1),
-                  threadgroup_memory={0: 256}, count_unique=True)
+    res = lib.run(
+        "tg_reverse",
+        {0: x, 1: y},
+        grid=(4, 1, 1),
+        threadgroup=(64, 1, 1),
+        threadgroup_memory={0: 256},
+        count_unique=True,
+    )
     assert (res.bytes_read, res.bytes_written) == (1024, 1024)
     assert (res.unique_bytes_read, res.unique_bytes_written) == (1024, 1024)
     assert res.threadgroup_memory == 256
@@ -337,11 +431,13 @@ LINT_CASES = {
     "double": ("  const float n_bins", "  double unused = 0;\n  const float n_bins"),
     "std": ("  const float n_bins", "  float unused = std::max(1.0f, 2.0f);\n  const float n_bins"),
     "static-local": ("  const float n_bins", "  static int calls = 0;\n  const float n_bins"),
-    "recursion": ("#include \"quant_math.h\"\n",
-                  "#include \"quant_math.h\"\n"
-                  "inline int mq_even(int n);\n"
-                  "inline int mq_odd(int n) { return n == 0 ? 0 : mq_even(n - 1); }\n"
-                  "inline int mq_even(int n) { return n == 0 ? 1 : mq_odd(n - 1); }\n"),
+    "recursion": (
+        '#include "quant_math.h"\n',
+        '#include "quant_math.h"\n'
+        "inline int mq_even(int n);\n"
+        "inline int mq_odd(int n) { return n == 0 ? 0 : mq_even(n - 1); }\n"
+        "inline int mq_even(int n) { return n == 0 ? 1 : mq_odd(n - 1); }\n",
+    ),
 }
 
 
@@ -368,8 +464,9 @@ def test_cache_key_covers_includes(tmp_path):
     build = lambda: MetalLibrary(d / "requantize.metal", only=only, cache=tmp_path).so_path
     first = build()
     assert build() == first
-    (d / "quant_math.h").write_text((d / "quant_math.h").read_text().replace(
-        "const float eps = 1e-7f;", "const float eps = 2e-7f;"))
+    (d / "quant_math.h").write_text(
+        (d / "quant_math.h").read_text().replace("const float eps = 1e-7f;", "const float eps = 2e-7f;")
+    )
     assert build() != first
 
 
@@ -386,13 +483,14 @@ def test_every_metal_kernel_is_covered():
     for src in sorted((REPO_ROOT / "metal").glob("*.metal")):
         for name in MetalLibrary(src).kernels:
             assert any(name.startswith(p) for p in COVERED), (
-                f"{src.name}: kernel {name} has no emulator test; add its tests and its "
-                f"prefix to COVERED")
+                f"{src.name}: kernel {name} has no emulator test; add its tests and its prefix to COVERED"
+            )
 
 
 # ---- strict mode (clang address spaces) ------------------------------------------------
-needs_clang = pytest.mark.skipif(not clang_available(), reason="strict mode needs clang++ >= 15 "
-                                 "(apt-get install clang-19)")
+needs_clang = pytest.mark.skipif(
+    not clang_available(), reason="strict mode needs clang++ >= 15 (apt-get install clang-19)"
+)
 
 ADDRESS_SPACE_KERNEL = """
 #include <metal_stdlib>
@@ -435,10 +533,11 @@ def test_device_pointer_mismatch_rejected_in_both_modes(tmp_path):
 def test_strict_mode_runs_the_real_kernels(tmp_path):
     from metal_emulator import requantize_check as rq
 
-    only = [rq.kernel_name(4, 64, 32, "float32", "bfloat16"),
-            rq.kernel_name(3, 128, 64, "bfloat16", "float16")]
-    lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", strict=True, only=only,
-                       cache=tmp_path)
+    only = [
+        rq.kernel_name(4, 64, 32, "float32", "bfloat16"),
+        rq.kernel_name(3, 128, 64, "bfloat16", "float16"),
+    ]
+    lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", strict=True, only=only, cache=tmp_path)
     packed, scales = rq.make_inputs(np.random.default_rng(4), (9, 512), 64, "bfloat16")
     rq.check(lib, packed, scales, 3, 128, 64, "bfloat16", "float16", "random")
     for schedule in ("forward", "reverse"):
@@ -461,8 +560,9 @@ def test_conversions_round_to_nearest_even(lib):
     # Exact ties for bfloat16 (low 16 bits 0x8000) and for half, with both parities.
     bits[:64] = (bits[:64] & 0xFFFF0000) | 0x8000
     ties_half = (np.arange(1, 65, dtype=np.float32) * 2**-10 + 1) + 2**-11
-    x = np.concatenate([bits.view(np.float32), ties_half,
-                        np.array([np.inf, -np.inf, np.nan, 65520.0, 3.0e38], np.float32)])
+    x = np.concatenate(
+        [bits.view(np.float32), ties_half, np.array([np.inf, -np.inf, np.nan, 65520.0, 3.0e38], np.float32)]
+    )
     xs = np.resize(x, (x.size + 7) // 8 * 8)  # whole threadgroups of 8
     b = np.zeros(xs.size, np.uint16)
     h = np.zeros(xs.size, np.float16)
@@ -470,8 +570,9 @@ def test_conversions_round_to_nearest_even(lib):
     np.testing.assert_array_equal(b, bfloat16_rne(xs))
     with np.errstate(over="ignore"):
         want_h = xs.astype(np.float16)
-    np.testing.assert_array_equal(h.view(np.uint16)[~np.isnan(want_h)],
-                                  want_h.view(np.uint16)[~np.isnan(want_h)])
+    np.testing.assert_array_equal(
+        h.view(np.uint16)[~np.isnan(want_h)], want_h.view(np.uint16)[~np.isnan(want_h)]
+    )
     assert np.isnan(h[np.isnan(want_h)]).all()
 
 
@@ -489,31 +590,43 @@ using namespace metal;
 }
 """)
     lib = MetalLibrary(p, cache=tmp_path)
-    with pytest.raises(MetalEmulatorError, match=r"deadlock .* 1 thread\(s\) wait at "
-                       r"threadgroup_barrier .* 31 lane\(s\) of simdgroup 0 wait at simd_sum"):
+    with pytest.raises(
+        MetalEmulatorError,
+        match=r"deadlock .* 1 thread\(s\) wait at "
+        r"threadgroup_barrier .* 31 lane\(s\) of simdgroup 0 wait at simd_sum",
+    ):
         lib.run("k", {0: np.zeros(32, np.float32)}, threadgroup=(32, 1, 1))
 
 
 def test_non_uniform_shuffle_delta_is_reported(lib, tmp_path):
-    lib = harness_copy(tmp_path, "o[3] = simd_shuffle_down(v, 3);",
-                       "o[3] = simd_shuffle_down(v, lane % 2);")
-    with pytest.raises(MetalEmulatorError, match=r"simd_shuffle_down .* lane \d+ passes [01], "
-                       r"lane \d+ passes [01]; Metal requires the same value in every lane"):
-        lib.run("collectives", {0: np.zeros(32, np.float32), 1: np.zeros(32 * 12, np.float32)},
-                threadgroup=(32, 1, 1))
+    lib = harness_copy(tmp_path, "o[3] = simd_shuffle_down(v, 3);", "o[3] = simd_shuffle_down(v, lane % 2);")
+    with pytest.raises(
+        MetalEmulatorError,
+        match=r"simd_shuffle_down .* lane \d+ passes [01], "
+        r"lane \d+ passes [01]; Metal requires the same value in every lane",
+    ):
+        lib.run(
+            "collectives",
+            {0: np.zeros(32, np.float32), 1: np.zeros(32 * 12, np.float32)},
+            threadgroup=(32, 1, 1),
+        )
 
 
 def test_threadgroup_initializer_is_rejected(tmp_path):
-    with pytest.raises(MetalCompileError, match=r"harness\.metal:\d+: threadgroup variables "
-                       r"cannot have initializers"):
-        harness_copy(tmp_path, "threadgroup float partial[32];",
-                     "threadgroup float partial[32] = {};")
+    with pytest.raises(
+        MetalCompileError,
+        match=r"harness\.metal:\d+: threadgroup variables "
+        r"cannot have initializers",
+    ):
+        harness_copy(tmp_path, "threadgroup float partial[32];", "threadgroup float partial[32] = {};")
 
 
 def test_compile_errors_point_at_metal_lines(tmp_path):
     p = tmp_path / "bad.metal"
-    p.write_text("#include <metal_stdlib>\nusing namespace metal;\n"
-                 "[[kernel]] void k(device float* y [[buffer(0)]]) {\n"
-                 "  y[0] = undefined_name;\n}\n")
+    p.write_text(
+        "#include <metal_stdlib>\nusing namespace metal;\n"
+        "[[kernel]] void k(device float* y [[buffer(0)]]) {\n"
+        "  y[0] = undefined_name;\n}\n"
+    )
     with pytest.raises(MetalCompileError, match=r"bad\.metal:4"):
         MetalLibrary(p, cache=tmp_path)

@@ -22,13 +22,22 @@ MISSING = "/nonexistent/moequant-test/metal"
 
 def _cmake(build: Path, *defs: str) -> list[str]:
     cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
-    assert cmake, "cmake not found: `pip install \".[test]\"` installs it"
+    assert cmake, 'cmake not found: `pip install ".[test]"` installs it'
     ninja = _tool("ninja", "BIN_DIR", "ninja")
     gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-    return [cmake, "-S", str(ROOT), "-B", str(build), *gen,
-            f"-DPython_EXECUTABLE={sys.executable}",
-            # Only the fallback is under test: build fast.
-            "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CXX_FLAGS_RELEASE=-O0 -g0", *defs]
+    return [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        *gen,
+        f"-DPython_EXECUTABLE={sys.executable}",
+        # Only the fallback is under test: build fast.
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DCMAKE_CXX_FLAGS_RELEASE=-O0 -g0",
+        *defs,
+    ]
 
 
 def _run(cmd, timeout=1800):
@@ -58,7 +67,7 @@ def test_auto_falls_back_to_cpu_only(tmp_path):
 
     # The staged module as moequant._ext (whatever moequant install is on the path: an
     # editable one's import hook would win over PYTHONPATH), then import moequant.
-    probe = r'''
+    probe = r"""
 import importlib.util, sys, warnings
 import mlx.core as mx, numpy as np
 spec = importlib.util.spec_from_file_location("moequant._ext", EXT)
@@ -85,9 +94,10 @@ except RuntimeError as e:
     print("GPU:", e)
 else:
     raise AssertionError("a GPU-stream call did not raise")
-'''.replace("EXT", repr(str(ext)))
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=300)
+""".replace("EXT", repr(str(ext)))
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WARN:" in r.stdout and "GPU:" in r.stdout
 
@@ -97,8 +107,9 @@ else:
     (build / "moequant_metallib.stamp").unlink(missing_ok=True)
     r = _run([cmake, "--build", str(build)])
     assert r.returncode != 0
-    assert (f"moequant (MOEQUANT_METAL=on): the Metal compiler ({MISSING}) failed"
-            in " ".join((r.stdout + r.stderr).split()))
+    assert f"moequant (MOEQUANT_METAL=on): the Metal compiler ({MISSING}) failed" in " ".join(
+        (r.stdout + r.stderr).split()
+    )
 
     r = _run(_cmake(build, "-DMOEQUANT_METAL=sometimes"))
     assert r.returncode != 0

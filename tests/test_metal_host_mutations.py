@@ -49,19 +49,27 @@ def moe_case():
 
 def requantize_case():
     packed, scales = rq.make_inputs(np.random.default_rng(6), (37, 512), 32, "float32")
-    return list(moequant.requantize_int4(mx.array(packed), scales, bits=4, group_size=64,
-                                         src_group_size=32, stream=mx.cpu))
+    return list(
+        moequant.requantize_int4(
+            mx.array(packed), scales, bits=4, group_size=64, src_group_size=32, stream=mx.cpu
+        )
+    )
 
 
 def fit_case():
     packed, scales = rq.make_inputs(np.random.default_rng(7), (37, 512), 32, "bfloat16")
-    return list(moequant.requantize_int4(mx.array(packed), scales, bits=3, group_size=64,
-                                         src_group_size=32, fit="mse", stream=mx.cpu))
+    return list(
+        moequant.requantize_int4(
+            mx.array(packed), scales, bits=3, group_size=64, src_group_size=32, fit="mse", stream=mx.cpu
+        )
+    )
 
 
-CASES = {"moe_swiglu": (moe_case, "moe_swiglu.metal"),
-         "requantize_int4": (requantize_case, "requantize.metal"),
-         "requantize_fit": (fit_case, "requantize_fit.metal")}
+CASES = {
+    "moe_swiglu": (moe_case, "moe_swiglu.metal"),
+    "requantize_int4": (requantize_case, "requantize.metal"),
+    "requantize_fit": (fit_case, "requantize_fit.metal"),
+}
 
 
 def _signature(plan, aid):
@@ -78,8 +86,12 @@ def mutations(plan):
     for li, la in enumerate(plan["launches"]):
         arrays = [(i, aid) for i, (kind, aid) in sorted(la["buffers"].items()) if kind == "array"]
         pairs = [(arrays[0][0], arrays[1][0])]  # the first two buffers
-        same = [(i, j) for n, (i, a) in enumerate(arrays) for j, b in arrays[n + 1:]
-                if a != b and _signature(plan, a) == _signature(plan, b)]
+        same = [
+            (i, j)
+            for n, (i, a) in enumerate(arrays)
+            for j, b in arrays[n + 1 :]
+            if a != b and _signature(plan, a) == _signature(plan, b)
+        ]
         pairs += same[:1]  # and two of one shape and dtype: only the values can tell
         for i, j in pairs:
             m = copy.deepcopy(plan)
@@ -103,7 +115,8 @@ def mutations(plan):
 def _other(field):
     """Another value of a kernel-name field that has a kernel (a different one)."""
     return {"float32": "float16", "float16": "float32", "bfloat16": "float32"}.get(
-        field, f"b{3 if field != 'b3' else 4}")
+        field, f"b{3 if field != 'b3' else 4}"
+    )
 
 
 def _missing(field):

@@ -31,13 +31,23 @@ def lib():
 @pytest.fixture(scope="module")
 def inputs():
     rng = np.random.default_rng(1234)
-    return {(shape, sg, src): rq.make_inputs(rng, shape, sg, src)
-            for shape in SHAPES for sg in GROUPS for src in DTYPES}
+    return {
+        (shape, sg, src): rq.make_inputs(rng, shape, sg, src)
+        for shape in SHAPES
+        for sg in GROUPS
+        for src in DTYPES
+    }
 
 
 def test_all_instantiations_present(lib):
-    want = {rq.kernel_name(b, g, sg, s, o) for b in BITS for g in GROUPS for sg in GROUPS
-            for s in DTYPES for o in DTYPES}
+    want = {
+        rq.kernel_name(b, g, sg, s, o)
+        for b in BITS
+        for g in GROUPS
+        for sg in GROUPS
+        for s in DTYPES
+        for o in DTYPES
+    }
     assert set(lib.kernels) == want
 
 
@@ -53,8 +63,7 @@ def test_kernel_matches_cpu_op(lib, inputs, bits, g):
                     packed, scales = inputs[(shape, sg, src)]
                     ref = rq.cpu_reference(packed, scales, bits, g, sg, out)
                     for schedule in SCHEDULE_PAIRS[(k + n) % 2]:
-                        rq.check(lib, packed, scales, bits, g, sg, src, out, schedule,
-                                 seed=n, ref=ref)
+                        rq.check(lib, packed, scales, bits, g, sg, src, out, schedule, seed=n, ref=ref)
                 n += 1
 
 
@@ -76,11 +85,10 @@ def test_small_and_kimi_shapes(lib):
     rng = np.random.default_rng(8)
     for shape, g in (((1, 32), 32), ((13, 96), 32), ((2, 64, 7168), 64), ((2, 224, 2048), 64)):
         packed, scales = rq.make_inputs(rng, shape, 32, "bfloat16")
-        for bits in ((3, 4, 6) if shape[-1] > 1000 else BITS):
+        for bits in (3, 4, 6) if shape[-1] > 1000 else BITS:
             ref = rq.cpu_reference(packed, scales, bits, g, 32, "bfloat16")
             for schedule in ("reverse", "random"):
-                rq.check(lib, packed, scales, bits, g, 32, "bfloat16", "bfloat16", schedule,
-                         ref=ref)
+                rq.check(lib, packed, scales, bits, g, 32, "bfloat16", "bfloat16", schedule, ref=ref)
 
 
 def test_matches_mx_quantize_oracle(lib):
@@ -88,10 +96,8 @@ def test_matches_mx_quantize_oracle(lib):
     from int4_reference import oracle
 
     packed, scales = rq.make_inputs(np.random.default_rng(5), (6, 512), 32, "float16")
-    want = oracle(mx.array(packed.view(np.int32)), scales, bits=4, group_size=64,
-                  src_group_size=32)
-    wq, s, b, _ = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float16",
-                                  "float16", schedule="random")
+    want = oracle(mx.array(packed.view(np.int32)), scales, bits=4, group_size=64, src_group_size=32)
+    wq, s, b, _ = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float16", "float16", schedule="random")
     np.testing.assert_array_equal(wq, np.array(want[0]))
     np.testing.assert_array_equal(s, np.array(want[1]))
     np.testing.assert_array_equal(b, np.array(want[2]))
@@ -101,8 +107,7 @@ def test_bytes_moved(lib):
     """Each input byte is read twice (range pass, code pass; the second hits the cache
     on a GPU), each output byte written once, and nothing outside the tensors."""
     packed, scales = rq.make_inputs(np.random.default_rng(0), (37, 512), 32, "float32")
-    *_, res = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float32",
-                              "float16", count_unique=True)
+    *_, res = rq.run_emulated(lib, packed, scales, 4, 64, 32, "float32", "float16", count_unique=True)
     out_bytes = packed.nbytes * 4 // 4 + 2 * 2 * (37 * 512 // 64)
     assert res.unique_bytes_read == packed.nbytes + scales.nbytes
     assert res.unique_bytes_written == res.bytes_written == out_bytes
@@ -113,21 +118,29 @@ def test_bytes_moved(lib):
 
 # ---- mutations: broken copies of the real kernel must be caught -----------------------
 MUTATIONS = {
-    "nibble-mask": ("requantize.h", "(words[i] >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;\n      wmin",
-                    "(words[i] >> (4 * k)) & 0x7u) - MQ_INT4_OFFSET) * s;\n      wmin"),
+    "nibble-mask": (
+        "requantize.h",
+        "(words[i] >> (4 * k)) & 0xFu) - MQ_INT4_OFFSET) * s;\n      wmin",
+        "(words[i] >> (4 * k)) & 0x7u) - MQ_INT4_OFFSET) * s;\n      wmin",
+    ),
     "code-shift": ("requantize.h", "<< (8 * k);", "<< (8 * k + 1);"),
     "flush-shift": ("requantize.h", "acc >>= 32;", "acc >>= 31;"),
     "src-scale-index": ("requantize.h", "(ulong(g) * G) / SG;", "(ulong(g) * G) / SG + 1;"),
     "scale-per-word": ("requantize.h", "sc[i / WORDS_PER_SCALE];\n    ulong", "sc[0];\n    ulong"),
-    "group-offset": ("requantize.h", "ulong(g) * (G * BITS / 32);",
-                     "ulong(g) * (G * BITS / 32) + 1;"),
+    "group-offset": ("requantize.h", "ulong(g) * (G * BITS / 32);", "ulong(g) * (G * BITS / 32) + 1;"),
     "no-tail-guard": ("requantize.h", "if (gid >= n_groups) {\n    return;\n  }", ""),
-    "pack-merge": ("quant_math.h", "(x & 0xFF00FF00FF00FF00ull) >> (8 - B)",
-                   "(x & 0xFF00FF00FF00FF00ull) >> (9 - B)"),
+    "pack-merge": (
+        "quant_math.h",
+        "(x & 0xFF00FF00FF00FF00ull) >> (8 - B)",
+        "(x & 0xFF00FF00FF00FF00ull) >> (9 - B)",
+    ),
 }
 # Configurations the mutated copy is compiled for (only these, to keep builds short).
-MUTATION_CONFIGS = ((4, 64, 32, "float32", "float32"), (3, 32, 64, "bfloat16", "float16"),
-                    (6, 128, 128, "float16", "bfloat16"))
+MUTATION_CONFIGS = (
+    (4, 64, 32, "float32", "float32"),
+    (3, 32, 64, "bfloat16", "float16"),
+    (6, 128, 128, "float16", "bfloat16"),
+)
 
 
 def mutated_metal_dir(tmp_path: Path, file: str, old: str, new: str) -> Path:
@@ -150,8 +163,7 @@ def run_suite_on(lib, inputs_):
 @pytest.fixture(scope="module")
 def mutation_inputs():
     rng = np.random.default_rng(99)
-    return {(sg, src): rq.make_inputs(rng, (37, 512), sg, src)
-            for _, _, sg, src, _ in MUTATION_CONFIGS}
+    return {(sg, src): rq.make_inputs(rng, (37, 512), sg, src) for _, _, sg, src, _ in MUTATION_CONFIGS}
 
 
 def _only():
@@ -161,8 +173,7 @@ def _only():
 def test_unmutated_copy_passes(tmp_path, mutation_inputs):
     """The control: the copying and the reduced build do not break the kernel."""
     d = mutated_metal_dir(tmp_path, "requantize.h", "#pragma once", "#pragma once")
-    run_suite_on(MetalLibrary(d / "requantize.metal", only=_only(), cache=tmp_path),
-                 mutation_inputs)
+    run_suite_on(MetalLibrary(d / "requantize.metal", only=_only(), cache=tmp_path), mutation_inputs)
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
@@ -179,8 +190,9 @@ def test_mutation_is_caught(tmp_path, mutation_inputs, mutation):
 ON_METAL = sys.platform == "darwin" and mx.metal.is_available()
 
 
-@pytest.mark.skipif(not ON_METAL, reason="needs macOS with a Metal GPU; on Linux the "
-                    "kernels run only on the emulator")
+@pytest.mark.skipif(
+    not ON_METAL, reason="needs macOS with a Metal GPU; on Linux the kernels run only on the emulator"
+)
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
 def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
@@ -191,16 +203,20 @@ def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
     for sg in GROUPS:
         for src in DTYPES:
             for out in DTYPES:
-                dt = {"float32": mx.float32, "float16": mx.float16,
-                      "bfloat16": mx.bfloat16}[out]
+                dt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[out]
                 for shape in SHAPES:
                     packed, scales = inputs[(shape, sg, src)]
-                    gpu = moequant.requantize_int4(mx.array(packed), scales, bits=bits,
-                                                   group_size=g, src_group_size=sg, dtype=dt,
-                                                   stream=mx.gpu)
+                    gpu = moequant.requantize_int4(
+                        mx.array(packed),
+                        scales,
+                        bits=bits,
+                        group_size=g,
+                        src_group_size=sg,
+                        dtype=dt,
+                        stream=mx.gpu,
+                    )
                     cpu = rq.cpu_reference(packed, scales, bits, g, sg, out)
-                    emu = rq.run_emulated(lib, packed, scales, bits, g, sg, src,
-                                          out)
+                    emu = rq.run_emulated(lib, packed, scales, bits, g, sg, src, out)
                     for a, b, c in zip(gpu, cpu, emu):
                         np.testing.assert_array_equal(rq.to_numpy(a), b)
                         np.testing.assert_array_equal(c, b)
@@ -210,9 +226,14 @@ def test_gpu_matches_cpu_op_and_emulator(lib, inputs, bits, g):
 # Metal promises a correctly rounded x / y only without fast math (<= 2.5 ulp with it);
 # quant_math.h's mq_div_rn corrects any quotient within a few ulps to the IEEE one. In
 # the emulator's inexact-division mode every divide() is off by up to 3 ulps.
-DIV_CONFIGS = ((2, 64, 32, "bfloat16", "bfloat16"), (3, 64, 32, "bfloat16", "bfloat16"),
-               (4, 32, 128, "float32", "float16"), (5, 128, 32, "float16", "float32"),
-               (6, 64, 64, "bfloat16", "bfloat16"), (8, 128, 128, "float32", "bfloat16"))
+DIV_CONFIGS = (
+    (2, 64, 32, "bfloat16", "bfloat16"),
+    (3, 64, 32, "bfloat16", "bfloat16"),
+    (4, 32, 128, "float32", "float16"),
+    (5, 128, 32, "float16", "float32"),
+    (6, 64, 64, "bfloat16", "bfloat16"),
+    (8, 128, 128, "float32", "bfloat16"),
+)
 
 
 def _div_suite(lib, configs=DIV_CONFIGS):
@@ -226,17 +247,26 @@ def _div_suite(lib, configs=DIV_CONFIGS):
 
 
 def test_exact_codes_with_inexact_division(tmp_path):
-    lib = MetalLibrary(REPO_ROOT / "metal" / "requantize.metal", div_ulps=3, cache=tmp_path,
-                       only=[rq.kernel_name(*c) for c in DIV_CONFIGS])
+    lib = MetalLibrary(
+        REPO_ROOT / "metal" / "requantize.metal",
+        div_ulps=3,
+        cache=tmp_path,
+        only=[rq.kernel_name(*c) for c in DIV_CONFIGS],
+    )
     _div_suite(lib)
 
 
 def test_inexact_division_mode_has_teeth(tmp_path):
     """The control: without the correction the same inexact divides change codes."""
-    d = mutated_metal_dir(tmp_path, "quant_math.h", "#define MQ_DIV(a, b) mq_div_rn((a), (b))",
-                          "#define MQ_DIV(a, b) metal::precise::divide((a), (b))")
-    lib = MetalLibrary(d / "requantize.metal", div_ulps=3, cache=tmp_path,
-                       only=[rq.kernel_name(*c) for c in DIV_CONFIGS])
+    d = mutated_metal_dir(
+        tmp_path,
+        "quant_math.h",
+        "#define MQ_DIV(a, b) mq_div_rn((a), (b))",
+        "#define MQ_DIV(a, b) metal::precise::divide((a), (b))",
+    )
+    lib = MetalLibrary(
+        d / "requantize.metal", div_ulps=3, cache=tmp_path, only=[rq.kernel_name(*c) for c in DIV_CONFIGS]
+    )
     with pytest.raises(AssertionError, match="differs from the CPU op"):
         _div_suite(lib)
 
@@ -255,10 +285,18 @@ def test_div_rn_is_ieee_division_under_inexact_divide(tmp_path):
     b[64:128] = np.float32(0.0123)  # code-like quotients near integers
     b[b == 0] = 1.0
     out = np.empty_like(a)
-    lib = MetalLibrary(REPO_ROOT / "tests" / "metal_emulator" / "kernels" / "div_check.metal",
-                       include_dirs=[REPO_ROOT / "metal"], div_ulps=3, cache=tmp_path)
-    lib.run("div_rn", buffers={0: a, 1: b, 2: out, 3: np.uint32(n)}, grid=(n // 256, 1, 1),
-            threadgroup=(256, 1, 1))
+    lib = MetalLibrary(
+        REPO_ROOT / "tests" / "metal_emulator" / "kernels" / "div_check.metal",
+        include_dirs=[REPO_ROOT / "metal"],
+        div_ulps=3,
+        cache=tmp_path,
+    )
+    lib.run(
+        "div_rn",
+        buffers={0: a, 1: b, 2: out, 3: np.uint32(n)},
+        grid=(n // 256, 1, 1),
+        threadgroup=(256, 1, 1),
+    )
     want = a / b
     bad = np.flatnonzero(out.view(np.uint32) != want.view(np.uint32))
     assert bad.size == 0, (bad.size, a[bad[:3]], b[bad[:3]], out[bad[:3]], want[bad[:3]])

@@ -26,16 +26,22 @@ def lib():
 
 
 def test_all_instantiations_present(lib):
-    want = {f"{k}_{s}_{o}" for k in ("requantize_fit_int4", "quantize_fit")
-            for s in DTYPES for o in DTYPES}
+    want = {f"{k}_{s}_{o}" for k in ("requantize_fit_int4", "quantize_fit") for s in DTYPES for o in DTYPES}
     assert set(lib.kernels) == want
 
 
 def cpu_int4(packed, scales, h, bits, g, sg, out):
-    return moequant.requantize_int4(mx.array(packed), scales, bits=bits, group_size=g,
-                                    src_group_size=sg, dtype=MX_DTYPES[out], fit="mse",
-                                    importance=None if h is None else mx.array(h),
-                                    stream=mx.cpu)
+    return moequant.requantize_int4(
+        mx.array(packed),
+        scales,
+        bits=bits,
+        group_size=g,
+        src_group_size=sg,
+        dtype=MX_DTYPES[out],
+        fit="mse",
+        importance=None if h is None else mx.array(h),
+        stream=mx.cpu,
+    )
 
 
 @pytest.mark.parametrize("src", DTYPES)
@@ -51,8 +57,19 @@ def test_int4_kernels_match_cpu(lib, src):
             scales = mx.array(s).astype(MX_DTYPES[src])
             h = rng.random(256).astype(np.float32) if n % 4 == 0 else None
             want = cpu_int4(packed, scales, h, bits, g, sg, out)
-            got = fc.run_int4(lib, packed, rq.to_numpy(scales), h, bits, g, sg, src, out,
-                              schedule=("forward", "random")[n % 2], seed=n)
+            got = fc.run_int4(
+                lib,
+                packed,
+                rq.to_numpy(scales),
+                h,
+                bits,
+                g,
+                sg,
+                src,
+                out,
+                schedule=("forward", "random")[n % 2],
+                seed=n,
+            )
             fc.assert_equal(f"int4 b{bits} g{g} sg{sg} {src}->{out}", got[:3], want)
             n += 1
 
@@ -62,8 +79,9 @@ def test_int4_structured_rows(lib):
     for bits in (3, 4, 8):
         for out in DTYPES:
             want = cpu_int4(packed, scales, None, bits, 64, 32, out)
-            got = fc.run_int4(lib, packed, rq.to_numpy(scales), None, bits, 64, 32,
-                              "float32", out, schedule="reverse")
+            got = fc.run_int4(
+                lib, packed, rq.to_numpy(scales), None, bits, 64, 32, "float32", out, schedule="reverse"
+            )
             fc.assert_equal(f"structured b{bits} {out}", got[:3], want)
 
 
@@ -74,8 +92,9 @@ def test_float_kernels_match_cpu(lib, src):
     for k, (bits, g) in enumerate(((3, 64), (4, 128), (2, 32), (6, 64))):
         out = DTYPES[k % 3]
         h = rng.random(256).astype(np.float32) if k % 2 else None
-        want = moequant.quantize(w, bits=bits, group_size=g, dtype=MX_DTYPES[out],
-                                 importance=h, stream=mx.cpu)
+        want = moequant.quantize(
+            w, bits=bits, group_size=g, dtype=MX_DTYPES[out], importance=h, stream=mx.cpu
+        )
         got = fc.run_float(lib, rq.to_numpy(w), h, bits, g, src, out)
         fc.assert_equal(f"float b{bits} g{g} {src}->{out}", got[:3], want)
 
@@ -88,8 +107,7 @@ def test_mutation_is_caught(tmp_path):
     text = h.read_text()
     assert "#define MQ_FIT_GRID_STEP 0.08f" in text
     h.write_text(text.replace("#define MQ_FIT_GRID_STEP 0.08f", "#define MQ_FIT_GRID_STEP 0.07f"))
-    bad = MetalLibrary(tmp_path / "requantize_fit.metal",
-                       only=["requantize_fit_int4_bfloat16_bfloat16"])
+    bad = MetalLibrary(tmp_path / "requantize_fit.metal", only=["requantize_fit_int4_bfloat16_bfloat16"])
     rng = np.random.default_rng(0)
     q, s = fr.kimi_like_int4(rng, 8, 512)
     packed = pack_int4(q)

@@ -37,9 +37,15 @@ def incremental_logits(model, tokens, first):
 
 @pytest.mark.parametrize(
     "sa,sb",
-    [((7, 5), (13, 5)), ((3, 7, 5), (3, 13, 5)), ((2, 1, 6, 16), (2, 1, 8, 16)),
-     ((4, 33, 64), (4, 17, 64)), ((1, 2, 96, 300), (1, 2, 64, 300)), ((2, 0, 3), (2, 4, 3)),
-     ((2, 3, 0), (2, 4, 0))],
+    [
+        ((7, 5), (13, 5)),
+        ((3, 7, 5), (3, 13, 5)),
+        ((2, 1, 6, 16), (2, 1, 8, 16)),
+        ((4, 33, 64), (4, 17, 64)),
+        ((1, 2, 96, 300), (1, 2, 64, 300)),
+        ((2, 0, 3), (2, 4, 3)),
+        ((2, 3, 0), (2, 4, 0)),
+    ],
 )
 def test_matmul_nt_matches_float64(sa, sb):
     rng = np.random.default_rng(sum(sa) + sum(sb))
@@ -98,8 +104,9 @@ def test_greedy_and_logits_match_mlx_lm(bits, group_size):
     # The 20-token forward (expanded form), a 13-token prefill then decode steps
     # (absorbed form at one token), and greedy generation.
     np.testing.assert_allclose(np.array(model(tokens)), np.array(want_full), atol=3e-5)
-    np.testing.assert_allclose(np.array(incremental_logits(model, tokens, 13)),
-                               np.array(want_incr), atol=3e-5)
+    np.testing.assert_allclose(
+        np.array(incremental_logits(model, tokens, 13)), np.array(want_incr), atol=3e-5
+    )
     assert greedy(model) == want_tokens
     assert moequant.unpatch(model) >= len(model.model.layers)
     assert not any("_moequant_dense" in l.self_attn.__dict__ for l in model.model.layers)
@@ -130,9 +137,18 @@ def test_causal_chunks_skip_future_positions(monkeypatch, L, S, absorbed):
     rng = np.random.default_rng(L * 31 + S)
     B, H, dn, dr, R, dv = 1, 3, 8, 4, 16, 8
     f = lambda *sh: mx.array(rng.standard_normal(sh).astype(np.float32))
-    q_nope, q_pe, lat, kpe, wk, wv = f(B, H, L, dn), f(B, H, L, dr), f(B, 1, S, R), f(B, 1, S, dr), f(H, R, dn), f(H, dv, R)
+    q_nope, q_pe, lat, kpe, wk, wv = (
+        f(B, H, L, dn),
+        f(B, H, L, dr),
+        f(B, 1, S, R),
+        f(B, 1, S, dr),
+        f(H, R, dn),
+        f(H, dv, R),
+    )
     monkeypatch.setattr(mla_attention, "CAUSAL_CHUNK", 3)
-    monkeypatch.setattr(mla_attention, "_absorbed_cost", (lambda *a: 0) if absorbed else (lambda *a: float("inf")))
+    monkeypatch.setattr(
+        mla_attention, "_absorbed_cost", (lambda *a: 0) if absorbed else (lambda *a: float("inf"))
+    )
     got = np.array(mla_attention.attend(q_nope, q_pe, lat, kpe, wk, wv, 0.3, "causal"))
     allowed = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
     full = np.array(mla_attention.attend(q_nope, q_pe, lat, kpe, wk, wv, 0.3, mx.array(allowed)))
@@ -141,7 +157,9 @@ def test_causal_chunks_skip_future_positions(monkeypatch, L, S, absorbed):
     d = lambda a: np.array(a).astype(np.float64)
     k = np.einsum("bsr,hrn->bhsn", d(lat)[:, 0], d(wk))
     v = np.einsum("bsr,hvr->bhsv", d(lat)[:, 0], d(wv))
-    s = 0.3 * (np.einsum("bhln,bhsn->bhls", d(q_nope), k) + np.einsum("bhld,bsd->bhls", d(q_pe), d(kpe)[:, 0]))
+    s = 0.3 * (
+        np.einsum("bhln,bhsn->bhls", d(q_nope), k) + np.einsum("bhld,bsd->bhls", d(q_pe), d(kpe)[:, 0])
+    )
     s = np.where(allowed, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -182,8 +200,11 @@ def test_quantized_kv_cache_goes_to_the_class_below(monkeypatch):
     model, _ = tiny_deepseek.build(seed=26)
     moequant.patch(model)
     seen = []
-    monkeypatch.setattr(deepseek_v3.DeepseekV3Attention, "__call__",
-                        lambda self, x, mask=None, cache=None: seen.append(cache) or x)
+    monkeypatch.setattr(
+        deepseek_v3.DeepseekV3Attention,
+        "__call__",
+        lambda self, x, mask=None, cache=None: seen.append(cache) or x,
+    )
 
     class Quantized(KVCache):
         bits = 8

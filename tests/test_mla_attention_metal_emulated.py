@@ -58,18 +58,34 @@ def run_metal(q_lat, q_pe, lat, pe, scale, bits, gs, chunk, schedule="forward", 
     bufs = {0: host(q_lat), 1: host(q_pe)}
     for i, a in enumerate((*lat, *pe)):
         bufs[2 + i] = host(a)
-    bufs.update({8: ml, 9: acc, 10: np.uint32(H), 11: np.uint32(T), 12: np.uint32(R),
-                 13: np.uint32(DR), 14: np.uint32(gs), 15: np.uint32(chunk),
-                 16: np.float32(scale)})
+    bufs.update(
+        {
+            8: ml,
+            9: acc,
+            10: np.uint32(H),
+            11: np.uint32(T),
+            12: np.uint32(R),
+            13: np.uint32(DR),
+            14: np.uint32(gs),
+            15: np.uint32(chunk),
+            16: np.float32(scale),
+        }
+    )
     name = f"mla_decode_partial_{qn}_{sn}_b{bits}"
-    ra = lib_for(name).run(name, buffers=bufs, grid=(nc, -(-H // SG), B),
-                           threadgroup=(32, SG, 1), schedule=schedule, **kw)
+    ra = lib_for(name).run(
+        name, buffers=bufs, grid=(nc, -(-H // SG), B), threadgroup=(32, SG, 1), schedule=schedule, **kw
+    )
     odt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[qn]
     out = np.zeros((B, H, R), odt)
     name = f"mla_decode_merge_{qn}"
-    rb = lib_for(name).run(name, buffers={0: ml, 1: acc, 2: out, 3: np.uint32(H), 4: np.uint32(R),
-                                          5: np.uint32(nc)},
-                           grid=(H, B, 1), threadgroup=(32, 1, 1), schedule=schedule, **kw)
+    rb = lib_for(name).run(
+        name,
+        buffers={0: ml, 1: acc, 2: out, 3: np.uint32(H), 4: np.uint32(R), 5: np.uint32(nc)},
+        grid=(H, B, 1),
+        threadgroup=(32, 1, 1),
+        schedule=schedule,
+        **kw,
+    )
     y = mx.array(out).view(mx.bfloat16) if qn == "bfloat16" else mx.array(out)
     return np.array(y.astype(mx.float32)), ra, rb
 
@@ -91,9 +107,10 @@ def test_against_float64(bits, gs, R, DR):
         assert rel_err(y, ref) < 2e-5, schedule
 
 
-@pytest.mark.parametrize("qdtype,sdtype,tol", [(mx.bfloat16, mx.bfloat16, 1e-2),
-                                               (mx.float16, mx.float16, 2e-3),
-                                               (mx.float32, mx.bfloat16, 2e-5)])
+@pytest.mark.parametrize(
+    "qdtype,sdtype,tol",
+    [(mx.bfloat16, mx.bfloat16, 1e-2), (mx.float16, mx.float16, 2e-3), (mx.float32, mx.bfloat16, 2e-5)],
+)
 def test_dtypes(qdtype, sdtype, tol):
     rng = np.random.default_rng(11)
     c = case(rng, 1, 4, 20, 64, 64, 8, 64, qdtype, sdtype)
@@ -118,8 +135,10 @@ def test_kimi_layout_and_bytes():
     per_group = T * words * 4 + T * words * 2 * 2
     assert ra.unique_bytes_read == cache_bytes + q_bytes
     assert ra.bytes_read == (H // SG) * per_group + 2 * q_bytes
-    print(f"\npartial: {ra.bytes_read / 1e6:.2f} MB loaded ({H // SG} head groups x the cache "
-          f"{cache_bytes / 1e3:.1f} KB, scales per word), {ra.unique_bytes_read / 1e3:.1f} KB distinct")
+    print(
+        f"\npartial: {ra.bytes_read / 1e6:.2f} MB loaded ({H // SG} head groups x the cache "
+        f"{cache_bytes / 1e3:.1f} KB, scales per word), {ra.unique_bytes_read / 1e3:.1f} KB distinct"
+    )
 
 
 # ---- the host dispatch (what eval_gpu encodes on a Mac) ----------------------------------
@@ -130,7 +149,8 @@ def run_host_dispatch(q_lat, q_pe, lat, pe, scale, bits, gs, schedule="forward",
     import moequant
 
     y = moequant._ext._mla_decode_attention_metal_graph(
-        q_lat, q_pe, *lat, *pe, scale=scale, bits=bits, group_size=gs, stream=mx.cpu)
+        q_lat, q_pe, *lat, *pe, scale=scale, bits=bits, group_size=gs, stream=mx.cpu
+    )
     plan = metal_plan([y])
     bufs, res = run_plan(plan, lib_for, schedule=schedule, **kw)
     out = result(plan, bufs, 0, y)
@@ -148,22 +168,29 @@ def test_host_dispatch_against_float64(bits, gs, R, DR):
     c = case(rng, 2, 6, T, R, DR, bits, gs)
     y, plan, _ = run_host_dispatch(*c, 0.15, bits, gs, schedule="reverse")
     assert [la["kernel"] for la in plan["launches"]] == [
-        f"mla_decode_partial_float32_float32_b{bits}", "mla_decode_merge_float32"]
+        f"mla_decode_partial_float32_float32_b{bits}",
+        "mla_decode_merge_float32",
+    ]
     assert plan["launches"][0]["grid"] == (2, 2, 2)
     assert plan["launches"][1]["grid"] == (6, 2, 1)
     assert rel_err(y, mla_decode_reference(*c, 0.15, gs, bits)) < 2e-5
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("qdtype,sdtype,tol", [(mx.float32, mx.float32, 2e-5),
-                                               (mx.float32, mx.float16, 2e-5),
-                                               (mx.float32, mx.bfloat16, 2e-5),
-                                               (mx.float16, mx.float32, 2e-3),
-                                               (mx.float16, mx.float16, 2e-3),
-                                               (mx.float16, mx.bfloat16, 2e-3),
-                                               (mx.bfloat16, mx.float32, 1e-2),
-                                               (mx.bfloat16, mx.float16, 1e-2),
-                                               (mx.bfloat16, mx.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "qdtype,sdtype,tol",
+    [
+        (mx.float32, mx.float32, 2e-5),
+        (mx.float32, mx.float16, 2e-5),
+        (mx.float32, mx.bfloat16, 2e-5),
+        (mx.float16, mx.float32, 2e-3),
+        (mx.float16, mx.float16, 2e-3),
+        (mx.float16, mx.bfloat16, 2e-3),
+        (mx.bfloat16, mx.float32, 1e-2),
+        (mx.bfloat16, mx.float16, 1e-2),
+        (mx.bfloat16, mx.bfloat16, 1e-2),
+    ],
+)
 def test_host_dispatch_every_instantiation(bits, qdtype, sdtype, tol):
     """Every kernel the host can name (q dtype x scales dtype x bits, and the merge per
     output dtype) runs and matches the oracle; the CPU op agrees."""
@@ -172,8 +199,7 @@ def test_host_dispatch_every_instantiation(bits, qdtype, sdtype, tol):
     rng = np.random.default_rng(bits * 5 + len(NAMES[qdtype]) + 7 * len(NAMES[sdtype]))
     c = case(rng, 1, 4, 20, 64, 64, bits, 64, qdtype, sdtype)
     y, plan, _ = run_host_dispatch(*c, 0.2, bits, 64, schedule="random")
-    assert plan["launches"][0]["kernel"] == \
-        f"mla_decode_partial_{NAMES[qdtype]}_{NAMES[sdtype]}_b{bits}"
+    assert plan["launches"][0]["kernel"] == f"mla_decode_partial_{NAMES[qdtype]}_{NAMES[sdtype]}_b{bits}"
     assert plan["launches"][1]["kernel"] == f"mla_decode_merge_{NAMES[qdtype]}"
     ref = mla_decode_reference(*c, 0.2, 64, bits)
     assert rel_err(y, ref) < tol
@@ -198,14 +224,26 @@ def test_host_dispatch_chunk_policy():
 
     max_chunks = launch_constant("MQ_MLA_MAX_CHUNKS")
     # (T, chunks): None where only the bound is checked (longer chunks, rounded to TB).
-    for T, want in ((1, 1), (MIN_CHUNK, 1), (MIN_CHUNK + 1, 2),
-                     (MIN_CHUNK * max_chunks, max_chunks),
-                     (MIN_CHUNK * max_chunks + 1, None), (131072 * 2, max_chunks)):
+    for T, want in (
+        (1, 1),
+        (MIN_CHUNK, 1),
+        (MIN_CHUNK + 1, 2),
+        (MIN_CHUNK * max_chunks, max_chunks),
+        (MIN_CHUNK * max_chunks + 1, None),
+        (131072 * 2, max_chunks),
+    ):
         lat = (mx.zeros((1, T, 8), mx.uint32), mx.zeros((1, T, 1)), mx.zeros((1, T, 1)))
         pe = (mx.zeros((1, T, 8), mx.uint32), mx.zeros((1, T, 1)), mx.zeros((1, T, 1)))
         y = moequant._ext._mla_decode_attention_metal_graph(
-            mx.zeros((1, 2, 32)), mx.zeros((1, 2, 32)), *lat, *pe, scale=1.0, bits=8,
-            group_size=32, stream=mx.cpu)
+            mx.zeros((1, 2, 32)),
+            mx.zeros((1, 2, 32)),
+            *lat,
+            *pe,
+            scale=1.0,
+            bits=8,
+            group_size=32,
+            stream=mx.cpu,
+        )
         plan = metal_plan([y])
         grid, consts = plan["launches"][0]["grid"], plan["launches"][0]["buffers"]
         chunk = int(np.frombuffer(consts[launch_constant("MQ_MLA_CHUNK")][1], np.uint32)[0])
@@ -221,10 +259,14 @@ def test_metal_form_refuses_what_the_kernel_cannot_hold():
 
     rng = np.random.default_rng(8)
     c = case(rng, 1, 2, 5, 640, 64, 8, 64)
-    with pytest.raises(ValueError, match=r"the Metal kernel takes a latent dimension up to "
-                       r"512, a rope dimension up to 128 and 640 in all; got 640 and 64"):
-        moequant._ext._mla_decode_attention_metal_graph(*c[:2], *c[2], *c[3], scale=1.0, bits=8,
-                                                        group_size=64, stream=mx.cpu)
+    with pytest.raises(
+        ValueError,
+        match=r"the Metal kernel takes a latent dimension up to "
+        r"512, a rope dimension up to 128 and 640 in all; got 640 and 64",
+    ):
+        moequant._ext._mla_decode_attention_metal_graph(
+            *c[:2], *c[2], *c[3], scale=1.0, bits=8, group_size=64, stream=mx.cpu
+        )
     y = moequant.mla_decode_attention(*c, scale=0.1, bits=8, group_size=64, stream=mx.cpu)
     assert rel_err(np.array(y), mla_decode_reference(*c, 0.1, 64, 8)) < 2e-5
 
@@ -233,7 +275,8 @@ def test_metal_form_is_not_evaluated_on_the_cpu():
     import moequant
 
     c = case(np.random.default_rng(9), 1, 2, 5, 64, 64, 8, 64)
-    y = moequant._ext._mla_decode_attention_metal_graph(*c[:2], *c[2], *c[3], scale=1.0, bits=8,
-                                                        group_size=64, stream=mx.cpu)
+    y = moequant._ext._mla_decode_attention_metal_graph(
+        *c[:2], *c[2], *c[3], scale=1.0, bits=8, group_size=64, stream=mx.cpu
+    )
     with pytest.raises(RuntimeError, match="the Metal form runs on GPU streams only"):
         mx.eval(y)

@@ -50,9 +50,10 @@ def test_kimi_layout_long(cpu_path):
     assert rel_err(np.array(y), mla_decode_reference(*c, 0.1, 64, 8)) < 2e-5
 
 
-@pytest.mark.parametrize("qdtype,sdtype,tol", [(mx.bfloat16, mx.bfloat16, 1e-2),
-                                               (mx.float16, mx.float16, 2e-3),
-                                               (mx.float32, mx.float16, 2e-5)])
+@pytest.mark.parametrize(
+    "qdtype,sdtype,tol",
+    [(mx.bfloat16, mx.bfloat16, 1e-2), (mx.float16, mx.float16, 2e-3), (mx.float32, mx.float16, 2e-5)],
+)
 def test_dtypes(qdtype, sdtype, tol):
     rng = np.random.default_rng(5)
     c = make_case(rng, 1, 6, 300, 128, 64, 4, 64, qdtype, sdtype, spread=0.3)
@@ -102,24 +103,39 @@ def test_head_axis_of_the_cache_is_accepted():
     assert rel_err(np.array(y), mla_decode_reference(q_lat, q_pe, lat, pe, 0.2, 64, 8)) < 2e-5
 
 
-@pytest.mark.parametrize("change,msg", [
-    (dict(bits=3), "bits must be 4 or 8"),
-    (dict(group_size=16), "group_size must be 32, 64 or 128"),
-    (dict(q_pe=mx.zeros((1, 3, 64))), "q_pe must have shape"),
-    (dict(lat_T=0), "the cache is empty"),
-    (dict(pe_s_dtype=mx.float16), "one dtype"),
-    (dict(R=96, gs=64), "must both be multiples of group_size"),
-    (dict(bits="8"), "bits must be an int"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (dict(bits=3), "bits must be 4 or 8"),
+        (dict(group_size=16), "group_size must be 32, 64 or 128"),
+        (dict(q_pe=mx.zeros((1, 3, 64))), "q_pe must have shape"),
+        (dict(lat_T=0), "the cache is empty"),
+        (dict(pe_s_dtype=mx.float16), "one dtype"),
+        (dict(R=96, gs=64), "must both be multiples of group_size"),
+        (dict(bits="8"), "bits must be an int"),
+    ],
+)
 def test_bad_arguments(change, msg):
     R, gs = change.get("R", 64), change.get("gs", 64)
     q_lat = mx.zeros((1, 2, R))
     q_pe = change.get("q_pe", mx.zeros((1, 2, 64)))
     T = change.get("lat_T", 5)
-    lat = tuple(mx.zeros((1, T, n), d) for n, d in ((R // 4, mx.uint32), (R // 64 or 1, mx.float32),
-                                                  (R // 64 or 1, mx.float32)))
-    pe = (mx.zeros((1, 5, 16), mx.uint32), mx.zeros((1, 5, 1), change.get("pe_s_dtype", mx.float32)),
-          mx.zeros((1, 5, 1)))
+    lat = tuple(
+        mx.zeros((1, T, n), d)
+        for n, d in ((R // 4, mx.uint32), (R // 64 or 1, mx.float32), (R // 64 or 1, mx.float32))
+    )
+    pe = (
+        mx.zeros((1, 5, 16), mx.uint32),
+        mx.zeros((1, 5, 1), change.get("pe_s_dtype", mx.float32)),
+        mx.zeros((1, 5, 1)),
+    )
     with pytest.raises(ValueError, match=msg):
-        moequant.mla_decode_attention(q_lat, q_pe, lat, pe, scale=1.0, bits=change.get("bits", 8),
-                                      group_size=change.get("group_size", gs))
+        moequant.mla_decode_attention(
+            q_lat,
+            q_pe,
+            lat,
+            pe,
+            scale=1.0,
+            bits=change.get("bits", 8),
+            group_size=change.get("group_size", gs),
+        )

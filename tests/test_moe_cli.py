@@ -14,8 +14,8 @@ import threading
 import pytest
 
 import process_util
-from process_util import free_port
 from moequant.testing import tiny_deepseek
+from process_util import free_port
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,9 @@ def test_generate_fused_and_not(model_dir):
 
 
 def test_generate_huge_pages(model_dir):
-    r = moequant("generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "4",
-                 "--huge-pages")
+    r = moequant(
+        "generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "4", "--huge-pages"
+    )
     assert r.returncode == 0, r.stderr
     # The tiny model's arrays are below the 4 MiB threshold: nothing to move, said so.
     assert "[moequant] huge pages: 0 MiB moved" in r.stderr
@@ -68,6 +69,7 @@ def test_serve_chat_completion(server):
 
 
 # --- bad --model: one line, exit 2, before anything starts -------------------------------
+
 
 def bad_models(tmp_path, model_dir):
     (tmp_path / "notes").mkdir()
@@ -104,8 +106,11 @@ def test_generate_unloadable_model(corrupt_model_dir):
     r = moequant("generate", "--model", str(corrupt_model_dir), "--prompt", "hi", timeout=60)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        f"moequant generate: error: --model {corrupt_model_dir}: cannot load the model")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"moequant generate: error: --model {corrupt_model_dir}: cannot load the model")
+    )
 
 
 def test_serve_exits_when_the_generation_thread_dies(corrupt_model_dir):
@@ -113,11 +118,15 @@ def test_serve_exits_when_the_generation_thread_dies(corrupt_model_dir):
     # every request with 404 "generation thread died". Now it stops, exit code 2.
     r = moequant("serve", "--model", str(corrupt_model_dir), "--port", str(free_port()), timeout=60)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        f"moequant serve: error: --model {corrupt_model_dir}: cannot load the model")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"moequant serve: error: --model {corrupt_model_dir}: cannot load the model")
+    )
 
 
 # --- requests that used to crash the server, concurrency, /v1/models ---------------------
+
 
 def post(port, body, path="/v1/chat/completions", timeout=120):
     """(status, parsed JSON body) of one request on its own connection."""
@@ -135,7 +144,10 @@ def server(model_dir, tmp_path_factory):
     log = open(tmp / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moequant", "serve", "--model", str(model_dir), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     hi = process_util.wait_for_server(port, proc, log)
     yield port, proc, hi, tmp / "serve.log"

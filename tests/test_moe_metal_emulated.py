@@ -67,7 +67,9 @@ def case(rng, E, D, I, k, T, bits, gs, sdtype="float32", xdtype=mx.float32):
     return x, idx, sc, g, u, d
 
 
-@pytest.mark.parametrize("bits", [(2, 2, 2), (3, 3, 3), (4, 4, 4), (5, 5, 5), (6, 6, 6), (8, 8, 8), (3, 3, 4), (4, 6, 3)])
+@pytest.mark.parametrize(
+    "bits", [(2, 2, 2), (3, 3, 3), (4, 4, 4), (5, 5, 5), (6, 6, 6), (8, 8, 8), (3, 3, 4), (4, 6, 3)]
+)
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_sweep(lib, bits, gs):
     rng = np.random.default_rng(sum(bits) * 100 + gs)
@@ -77,8 +79,10 @@ def test_sweep(lib, bits, gs):
     assert rel_err(y, moe_reference(*c)) < 2e-6
 
 
-@pytest.mark.parametrize("xdtype,sdtype,tol", [(mx.bfloat16, "bfloat16", 1e-2), (mx.float16, "float16", 2e-3),
-                                               (mx.float32, "bfloat16", 2e-6)])
+@pytest.mark.parametrize(
+    "xdtype,sdtype,tol",
+    [(mx.bfloat16, "bfloat16", 1e-2), (mx.float16, "float16", 2e-3), (mx.float32, "bfloat16", 2e-6)],
+)
 def test_dtypes(lib, xdtype, sdtype, tol):
     rng = np.random.default_rng(8)
     c = case(rng, 4, 512, 128, 2, 2, (3, 3, 4), (64, 64, 64), sdtype, xdtype)
@@ -109,9 +113,11 @@ def test_kimi_shape_and_bytes(lib):
     tgs_a, tgs_b = ga[0] * ga[1] * ga[2], gb[0] * gb[1] * gb[2]
     extra_a = tgs_a * (SG * D * xs + tg_threads * 4) + k * 2 * I * (D // 32 - D // G) * 2 * ss
     extra_b = tgs_b * (SG * k * I * 4 + tg_threads * k * 8) + k * D * (I // 32 - I // G) * 2 * ss
-    print(f"\nkernel A: loads {ra.bytes_read / 1e6:.1f} MB, distinct {ra.unique_bytes_read / 1e6:.1f} MB"
-          f" (8 pairs' weights {min_a / 1e6:.1f} MB); kernel B: loads {rb.bytes_read / 1e6:.1f} MB, distinct"
-          f" {rb.unique_bytes_read / 1e6:.1f} MB (8 pairs' weights {min_b / 1e6:.1f} MB)")
+    print(
+        f"\nkernel A: loads {ra.bytes_read / 1e6:.1f} MB, distinct {ra.unique_bytes_read / 1e6:.1f} MB"
+        f" (8 pairs' weights {min_a / 1e6:.1f} MB); kernel B: loads {rb.bytes_read / 1e6:.1f} MB, distinct"
+        f" {rb.unique_bytes_read / 1e6:.1f} MB (8 pairs' weights {min_b / 1e6:.1f} MB)"
+    )
     # What a perfect cache fetches: each distinct expert's weights once (the ids repeat
     # here, 3 distinct), plus x, the ids and scores, and h.
     distinct = sorted(set(pairs))
@@ -169,8 +175,8 @@ def test_out_of_range_expert_ids(lib):
     rng = np.random.default_rng(3)
     x, idx, sc, g, u, d = case(rng, 4, 256, 64, 2, 3, (4, 4, 4), (64, 64, 64))
     bad = np.array(idx)
-    bad[1, 1] = 4          # == E
-    bad[2, 0] = -1         # 0xFFFFFFFF once narrowed
+    bad[1, 1] = 4  # == E
+    bad[2, 0] = -1  # 0xFFFFFFFF once narrowed
     bad = mx.array(bad)
     y, _, _ = run_kernels(lib, x, bad, sc, g, u, d, schedule="random")
     y = np.array(y)

@@ -96,7 +96,9 @@ def test_prompt_cache_and_stream_generate(tmp_path, fused_calls):
         cache = make_prompt_cache(model)
         out = []
         for prompt in ("hello there", " and again"):
-            out.append([r.token for r in stream_generate(model, tok, prompt, max_tokens=12, prompt_cache=cache)])
+            out.append(
+                [r.token for r in stream_generate(model, tok, prompt, max_tokens=12, prompt_cache=cache)]
+            )
         return out
 
     want = two_turns()

@@ -34,10 +34,26 @@ def test_two_ranks_match_one_process(tmp_path, mode, patched):
     want = [int(t) for t, _ in generate_step(prompt, one, max_tokens=12)]
 
     r = subprocess.run(
-        [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(process_util.free_port_pair()),
-         sys.executable, str(WORKER), str(path), "fused", "12", mode],
-        capture_output=True, text=True, timeout=180,
+        [
+            launcher,
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(process_util.free_port_pair()),
+            sys.executable,
+            str(WORKER),
+            str(path),
+            "fused",
+            "12",
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
@@ -64,10 +80,27 @@ def test_pipeline_with_kv_bits(tmp_path):
     prompt = mx.array(list(range(40, 52)))
     want = [int(t) for t, _ in generate_step(prompt, one, max_tokens=10, kv_bits=8, quantized_kv_start=0)]
     r = subprocess.run(
-        [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-         "--starting-port", str(process_util.free_port_pair()),
-         sys.executable, str(WORKER), str(path), "fused", "10", "pipeline", "8"],
-        capture_output=True, text=True, timeout=180,
+        [
+            launcher,
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(process_util.free_port_pair()),
+            sys.executable,
+            str(WORKER),
+            str(path),
+            "fused",
+            "10",
+            "pipeline",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr

@@ -19,8 +19,9 @@ def threads():
     moequant.set_num_threads(0)
 
 
-def routed_case(rng, E, D, I, k, T, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="float32",
-                xdtype="float32", skew=False):
+def routed_case(
+    rng, E, D, I, k, T, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="float32", xdtype="float32", skew=False
+):
     """make_case with T tokens; skew routes most pairs to expert 0 (one large group,
     several small ones, as real routers do)."""
     x, idx, sc, g, u, d = make_case(rng, E, D, I, k, (T,), bits, gs, sdtype, xdtype)

@@ -15,8 +15,7 @@ GROUPS = (32, 64, 128)
 TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1e-2}
 
 
-def make_case(rng, E, D, I, k, lead, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="float32",
-              xdtype="float32"):
+def make_case(rng, E, D, I, k, lead, bits=(4, 4, 4), gs=(64, 64, 64), sdtype="float32", xdtype="float32"):
     gate = make_proj(rng, E, I, D, bits[0], gs[0], sdtype)
     up = make_proj(rng, E, I, D, bits[1], gs[1], sdtype)
     down = make_proj(rng, E, D, I, bits[2], gs[2], sdtype)
@@ -151,7 +150,8 @@ def test_inside_compile():
     x, idx, sc, g, u, d = make_case(rng, 4, 128, 64, 2, (2,))
     f = mx.compile(lambda x, i, s: moequant.moe_swiglu(x, i, s, g, u, d) * 2.0)
     np.testing.assert_allclose(
-        np.array(f(x, idx, sc)), 2.0 * np.array(moequant.moe_swiglu(x, idx, sc, g, u, d)),
+        np.array(f(x, idx, sc)),
+        2.0 * np.array(moequant.moe_swiglu(x, idx, sc, g, u, d)),
         rtol=1e-6,
     )
 
@@ -215,8 +215,14 @@ def test_hidden_size_zero_refused_at_build(cpu_path):
     w, s = mx.zeros((E, I, 0), mx.uint32), mx.zeros((E, I, 0))
     dw, ds = mx.zeros((E, 0, I * 4 // 32), mx.uint32), mx.zeros((E, 0, I // 64))
     with pytest.raises(ValueError, match=r"x \(2, 0\) has hidden size 0"):
-        moequant.moe_swiglu(mx.zeros((2, 0)), mx.zeros((2, 2), mx.int32), mx.ones((2, 2)),
-                            (w, s, s, 4, 64), (w, s, s, 4, 64), (dw, ds, ds, 4, 64))
+        moequant.moe_swiglu(
+            mx.zeros((2, 0)),
+            mx.zeros((2, 2), mx.int32),
+            mx.ones((2, 2)),
+            (w, s, s, 4, 64),
+            (w, s, s, 4, 64),
+            (dw, ds, ds, 4, 64),
+        )
 
 
 def test_intermediate_size_zero_is_zero(cpu_path):
@@ -224,8 +230,14 @@ def test_intermediate_size_zero_is_zero(cpu_path):
     E, D = 4, 128
     w, s = mx.zeros((E, 0, D * 4 // 32), mx.uint32), mx.zeros((E, 0, D // 64))
     dw, ds = mx.zeros((E, D, 0), mx.uint32), mx.zeros((E, D, 0))
-    y = moequant.moe_swiglu(mx.ones((2, D)), mx.zeros((2, 2), mx.int32), mx.ones((2, 2)),
-                            (w, s, s, 4, 64), (w, s, s, 4, 64), (dw, ds, ds, 4, 64))
+    y = moequant.moe_swiglu(
+        mx.ones((2, D)),
+        mx.zeros((2, 2), mx.int32),
+        mx.ones((2, 2)),
+        (w, s, s, 4, 64),
+        (w, s, s, 4, 64),
+        (dw, ds, ds, 4, 64),
+    )
     assert y.shape == (2, D) and not np.any(np.array(y))
 
 

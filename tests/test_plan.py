@@ -51,8 +51,9 @@ def test_plan_cli(capsys):
 def test_plan_from_headers_equals_written_size(ckpt, tmp_path):
     src = ckpt("deepseek_v3", layers=4)
     plan = make_plan(src, "uniform-4")
-    assert plan.input_bytes == sum(p.stat().st_size for p in src.glob("*.safetensors")) - \
-        sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in src.glob("*.safetensors"))
+    assert plan.input_bytes == sum(p.stat().st_size for p in src.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(p.read_bytes()[:8], "little") for p in src.glob("*.safetensors")
+    )
     res = convert(src, tmp_path / "o", "uniform-4", progress=False)
     assert res.total_bytes == plan.bytes
 
@@ -89,8 +90,14 @@ def test_auto_selection_uses_sensitivity():
         seen.append((its[0].path, decision.bits))
         return loss[its[0].layer]
 
-    res = resolve(load_recipe("alis-3.6"), items, num_layers=9, int4_group=32,
-                  upgrade_layers="auto", sensitivity=sensitivity)
+    res = resolve(
+        load_recipe("alis-3.6"),
+        items,
+        num_layers=9,
+        int4_group=32,
+        upgrade_layers="auto",
+        sensitivity=sensitivity,
+    )
     # round(16/60*8) = 2 layers, the two with the largest loss, measured at 3-bit.
     assert res.selected[2] == [3, 7]
     assert all(b == 3 and "down_proj" in p for p, b in seen) and len(seen) == 8
@@ -108,8 +115,21 @@ def test_auto_selection_end_to_end(ckpt, tmp_path, capsys):
     assert res.resolution.selected[2] == [max(losses, key=losses.get)]
     assert all(v > 0 for v in losses.values())
 
-    assert cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "c"),
-                     "--upgrade-layers", "auto", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                "--hf-path",
+                str(src),
+                "--mlx-path",
+                str(tmp_path / "c"),
+                "--upgrade-layers",
+                "auto",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("rule 2 "))
     chosen = res.resolution.selected[2][0]
@@ -159,8 +179,10 @@ def test_absurd_config_refused_at_once(tmp_path, capsys, case):
         cfg["text_config"]["num_hidden_layers"] = 1000
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     cli.build_parser()  # import every command module first: time the refusal, not imports
-    for argv in (["plan", "--config", str(tmp_path / "config.json")],
-                 ["convert", "--hf-path", str(tmp_path), "--mlx-path", str(tmp_path / "o")]):
+    for argv in (
+        ["plan", "--config", str(tmp_path / "config.json")],
+        ["convert", "--hf-path", str(tmp_path), "--mlx-path", str(tmp_path / "o")],
+    ):
         t0 = time.perf_counter()
         assert cli.main(argv) == 2
         assert time.perf_counter() - t0 < 1.0
@@ -169,8 +191,10 @@ def test_absurd_config_refused_at_once(tmp_path, capsys, case):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("key,value,have", [("num_hidden_layers", 900, "hold 4 layers"),
-                                            ("n_routed_experts", 9000, "hold 8 experts")])
+@pytest.mark.parametrize(
+    "key,value,have",
+    [("num_hidden_layers", 900, "hold 4 layers"), ("n_routed_experts", 9000, "hold 8 experts")],
+)
 def test_config_counts_checked_against_headers(ckpt, tmp_path, capsys, key, value, have):
     """With the shards present, a count the headers contradict is refused before the
     tables are built, naming the key (plan --hf-path and convert)."""
@@ -183,8 +207,10 @@ def test_config_counts_checked_against_headers(ckpt, tmp_path, capsys, key, valu
     cfg[key] = value
     (src / "config.json").write_text(json.dumps(cfg))
     cli.build_parser()  # import every command module first: time the refusal, not imports
-    for argv in (["plan", "--hf-path", str(src)],
-                 ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--quiet"]):
+    for argv in (
+        ["plan", "--hf-path", str(src)],
+        ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--quiet"],
+    ):
         t0 = time.perf_counter()
         assert cli.main(argv) == 2
         assert time.perf_counter() - t0 < 1.0
@@ -196,21 +222,30 @@ def test_config_counts_checked_against_headers(ckpt, tmp_path, capsys, key, valu
 def test_recipe_file_and_rules(tmp_path):
     cfg, items = _items(3)
     f = tmp_path / "mine.json"
-    f.write_text(json.dumps({"rules": [
-        {"match": "re:.*switch_mlp\\.(gate|up)_proj", "layers": [2], "bits": 2, "group_size": 32},
-        {"match": "*.switch_mlp.*", "keep": True},
-        {"match": "*embed_tokens", "bits": 8, "group_size": 128},
-    ]}))
+    f.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {"match": "re:.*switch_mlp\\.(gate|up)_proj", "layers": [2], "bits": 2, "group_size": 32},
+                    {"match": "*.switch_mlp.*", "keep": True},
+                    {"match": "*embed_tokens", "bits": 8, "group_size": 128},
+                ]
+            }
+        )
+    )
     res = resolve(load_recipe(str(f)), items, num_layers=3, int4_group=32)
     d = res.decisions
     assert d["model.layers.2.mlp.switch_mlp.up_proj"].bits == 2
     assert d["model.layers.1.mlp.switch_mlp.up_proj"].repack
     assert d["model.embed_tokens"].bits == 8 and d["lm_head"] is None
     assert d["model.layers.1.mlp.gate.weight"] is None  # router: never quantized
-    for bad in ({"rules": []}, {"rules": [{"match": "*", "bits": 4}]},
-                {"rules": [{"match": "*", "keep": True, "bits": 4}]},
-                {"rules": [{"match": "*", "bits": 4, "group_size": 64, "layers": {"select": "x"}}]},
-                {"rules": [{"match": "re:(", "bits": 4, "group_size": 64}]}):
+    for bad in (
+        {"rules": []},
+        {"rules": [{"match": "*", "bits": 4}]},
+        {"rules": [{"match": "*", "keep": True, "bits": 4}]},
+        {"rules": [{"match": "*", "bits": 4, "group_size": 64, "layers": {"select": "x"}}]},
+        {"rules": [{"match": "re:(", "bits": 4, "group_size": 64}]},
+    ):
         f.write_text(json.dumps(bad))
         with pytest.raises(RecipeError):
             load_recipe(str(f))
@@ -240,6 +275,5 @@ def test_full_size_kimi_k25_headers(tmp_path, capsys):
     plan = make_plan(src, "alis-3.6")
     assert plan.input_bytes / 1e9 == pytest.approx(594.2, abs=0.05)
     assert plan.bytes == make_plan(KIMI_K25, "alis-3.6").bytes
-    assert cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"),
-                     "--dry-run"]) == 0
+    assert cli.main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "464.92 GB" in capsys.readouterr().out and not (tmp_path / "out").exists()

@@ -35,6 +35,7 @@ def test_quantize_accepts_exactly_the_listed_formats(bits, group_size):
         mx.eval(wq, s, b)
         assert wq.shape == (4, 256 * bits // 32)
     else:
-        with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 5, 6, 8|"
-                           "group_size must be 32, 64 or 128"):
+        with pytest.raises(
+            ValueError, match="bits must be one of 2, 3, 4, 5, 6, 8|group_size must be 32, 64 or 128"
+        ):
             quantize(w, bits=bits, group_size=group_size)

@@ -69,9 +69,7 @@ def test_dtypes(xdtype, sdtype, cpu_path):
 
 
 # Kimi-like shapes (K of the attention and dense layers), few output rows to stay fast.
-@pytest.mark.parametrize(
-    "K,bits", [(7168, 6), (1536, 4), (512, 8), (8192, 6), (2048, 3), (18432, 5)]
-)
+@pytest.mark.parametrize("K,bits", [(7168, 6), (1536, 4), (512, 8), (8192, 6), (2048, 3), (18432, 5)])
 def test_kimi_shapes(K, bits, cpu_path):
     rng = np.random.default_rng(K + bits)
     for M in (1, 4, 17):

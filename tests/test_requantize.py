@@ -79,9 +79,7 @@ def test_odd_rows_and_one_group_rows():
 
 
 def _from_codes(q, s, src_group_size=32, scale_dtype="float32"):
-    return mx.array(pack_int4(q)), mx.array(np.asarray(s, np.float32)).astype(
-        MX_DTYPES[scale_dtype]
-    )
+    return mx.array(pack_int4(q)), mx.array(np.asarray(s, np.float32)).astype(MX_DTYPES[scale_dtype])
 
 
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)

@@ -67,8 +67,9 @@ def test_int4_matches_reference(bits):
             for src in DTYPES:
                 out = DTYPES[(g + sg + bits) % 3]
                 sg_s = fr.kimi_like_int4(rng, 5, 384, sg=sg)[1]
-                ours, packed, scales = run_int4(q0, sg_s, src, bits=bits, group_size=g,
-                                                src_group_size=sg, dtype=MX_DTYPES[out])
+                ours, packed, scales = run_int4(
+                    q0, sg_s, src, bits=bits, group_size=g, src_group_size=sg, dtype=MX_DTYPES[out]
+                )
                 sf = np.array(scales.astype(mx.float32))
                 wq, s, b, _ = fr.fit_int4(q0, sf, bits, g, sg, out)
                 assert_same(ours, (wq, ref_bits(s, out), ref_bits(b, out)))
@@ -107,8 +108,7 @@ def test_importance_matches_reference():
     h = (rng.random(512) ** 3).astype(np.float32)
     h[100:140] = 0.0
     for bits in (3, 4):
-        ours, packed, scales = run_int4(q, s, "bfloat16", bits=bits, group_size=64,
-                                        importance=mx.array(h))
+        ours, packed, scales = run_int4(q, s, "bfloat16", bits=bits, group_size=64, importance=mx.array(h))
         sf = np.array(scales.astype(mx.float32))
         wq, sr, br, _ = fr.fit_int4(q, sf, bits, 64, 32, "bfloat16", h)
         assert_same(ours, (wq, ref_bits(sr, "bfloat16"), ref_bits(br, "bfloat16")))
@@ -225,8 +225,9 @@ def test_loads_as_quantized_linear():
     x @ dequantize(...)^T."""
     rng = np.random.default_rng(9)
     q, s = fr.kimi_like_int4(rng, 64, 256)
-    wq, sc, bi = moequant.requantize_int4(mx.array(pack_int4(q)), mx.array(s).astype(mx.bfloat16),
-                                         bits=3, group_size=64, fit="mse")
+    wq, sc, bi = moequant.requantize_int4(
+        mx.array(pack_int4(q)), mx.array(s).astype(mx.bfloat16), bits=3, group_size=64, fit="mse"
+    )
     layer = nn.QuantizedLinear(256, 64, bias=False, group_size=64, bits=3)
     layer.weight, layer.scales, layer.biases = wq, sc, bi
     x = mx.array(rng.standard_normal((3, 256)).astype(np.float32)).astype(mx.bfloat16)

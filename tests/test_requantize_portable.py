@@ -36,9 +36,18 @@ def build(compiler, flags, tmp_root):
     exe = tmp_root / f"requant_{key}"
     if not exe.exists():
         cmd = [
-            compiler, "-std=c++20", "-O2", "-ffp-contract=off", *flags,
-            f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'metal'}", f"-I{MLX_INCLUDE}",
-            *map(str, SOURCES), "-o", str(exe), "-lpthread",
+            compiler,
+            "-std=c++20",
+            "-O2",
+            "-ffp-contract=off",
+            *flags,
+            f"-I{ROOT / 'csrc'}",
+            f"-I{ROOT / 'metal'}",
+            f"-I{MLX_INCLUDE}",
+            *map(str, SOURCES),
+            "-o",
+            str(exe),
+            "-lpthread",
         ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
@@ -64,8 +73,19 @@ def run_driver(exe, runner, packed, scales, bits, g, sg, out_dtype, work):
     (work / "scales.bin").write_bytes(raw_bytes(scales))
     rows = packed.size // packed.shape[-1]
     K = packed.shape[-1] * 8
-    cmd = [*runner, str(exe), str(bits), str(g), str(sg), dtype_name(scales), out_dtype,
-           str(rows), str(K), str(work), str(work)]
+    cmd = [
+        *runner,
+        str(exe),
+        str(bits),
+        str(g),
+        str(sg),
+        dtype_name(scales),
+        out_dtype,
+        str(rows),
+        str(K),
+        str(work),
+        str(work),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return out, [(work / f).read_bytes() for f in ("wq.bin", "scales.bin", "biases.bin")]
 
@@ -84,7 +104,11 @@ def compare_with_extension(exe, runner, tmp_path, expect_simd):
         packed, scales = random_int4(rng, (37,), 384, sg, sd)
         out_dtype = "float16" if i % 3 == 0 else sd
         ours = moequant.requantize_int4(
-            packed, scales, bits=bits, group_size=g, src_group_size=sg,
+            packed,
+            scales,
+            bits=bits,
+            group_size=g,
+            src_group_size=sg,
             dtype={"float16": mx.float16, "float32": mx.float32, "bfloat16": mx.bfloat16}[out_dtype],
         )
         stdout, got = run_driver(exe, runner, packed, scales, bits, g, sg, out_dtype, tmp_path / str(i))

@@ -21,8 +21,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("tests/test_requantize.py", "tests/test_requantize_fit.py", "tests/test_moe_swiglu.py",
-         "tests/test_mla_decode_attention.py")
+TESTS = (
+    "tests/test_requantize.py",
+    "tests/test_requantize_fit.py",
+    "tests/test_moe_swiglu.py",
+    "tests/test_mla_decode_attention.py",
+)
 SANITIZE = "-fsanitize=address,undefined"
 # How reports start (ASan; UBSan prints "file:line:col: runtime error: ...").
 REPORT_MARKERS = ("ERROR: AddressSanitizer", ": runtime error: ")
@@ -46,12 +50,15 @@ def _sanitizer_runtime(cxx: str, tmp: Path) -> list[str]:
     interceptor finds the real one), or a skip when the compiler cannot sanitize."""
     src = tmp / "probe.cpp"
     src.write_text("int main() { return 0; }\n")
-    probe = subprocess.run([cxx, SANITIZE, str(src), "-o", str(tmp / "probe")],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [cxx, SANITIZE, str(src), "-o", str(tmp / "probe")], capture_output=True, text=True
+    )
     asan, stdcxx = _runtime(cxx, "libasan.so"), _runtime(cxx, "libstdc++.so")
     if probe.returncode != 0 or not asan or not stdcxx:
-        pytest.skip(f"{cxx} has no AddressSanitizer/UBSan runtime (libasan.so, libubsan.so): "
-                    f"{probe.stderr.strip()[:200] or 'libasan.so not found'}")
+        pytest.skip(
+            f"{cxx} has no AddressSanitizer/UBSan runtime (libasan.so, libubsan.so): "
+            f"{probe.stderr.strip()[:200] or 'libasan.so not found'}"
+        )
     return [asan, stdcxx]
 
 
@@ -68,18 +75,25 @@ def _tool(module: str, attr: str, exe: str) -> str | None:
 
 def _build(cxx: str, build: Path) -> Path:
     cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
-    assert cmake, "cmake not found: `pip install \".[test]\"` installs it"
+    assert cmake, 'cmake not found: `pip install ".[test]"` installs it'
     ninja = _tool("ninja", "BIN_DIR", "ninja")
     gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     flags = f"{SANITIZE} -fno-sanitize-recover=all -fno-omit-frame-pointer"
     configure = [
-        cmake, "-S", str(ROOT), "-B", str(build), *gen,
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        *gen,
         f"-DCMAKE_CXX_COMPILER={cxx}",
         f"-DPython_EXECUTABLE={sys.executable}",
         # -O1: fast enough to run the suite, keeps the line tables (-g1) for reports.
-        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1",
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+        "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1",
         f"-DCMAKE_CXX_FLAGS={flags}",
-        f"-DCMAKE_SHARED_LINKER_FLAGS={SANITIZE}", f"-DCMAKE_MODULE_LINKER_FLAGS={SANITIZE}",
+        f"-DCMAKE_SHARED_LINKER_FLAGS={SANITIZE}",
+        f"-DCMAKE_MODULE_LINKER_FLAGS={SANITIZE}",
     ]
     for cmd in (configure, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -107,12 +121,26 @@ def test_native_ops_under_asan_ubsan(tmp_path):
     r = subprocess.run(
         # --capture=sys: pytest's default fd capture would swallow a report when the
         # sanitizer ends the process; this way it reaches r.stderr.
-        [sys.executable, "-m", "pytest", "-q", "--capture=sys", "-p", "no:cacheprovider",
-         "-p", "sanitizer_plugin", *TESTS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "--capture=sys",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "sanitizer_plugin",
+            *TESTS,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     out = r.stdout + r.stderr
     at = min((out.find(m) for m in REPORT_MARKERS if m in out), default=-1)
-    assert at < 0, f"sanitizer report (exit {r.returncode}):\n{out[max(0, at - 2000):at + 6000]}"
+    assert at < 0, f"sanitizer report (exit {r.returncode}):\n{out[max(0, at - 2000) : at + 6000]}"
     assert r.returncode == 0, f"sanitized native-op tests failed (exit {r.returncode}):\n{out[-6000:]}"
     assert " passed" in r.stdout, out[-2000:]

@@ -64,8 +64,13 @@ def test_language_model_bytes_equal_the_text_build(builds):
     assert tcfg["text_config"] == vcfg["text_config"]
     assert "vision_config" not in tcfg and vcfg["vision_config"]["depth"] == 2
     # Processor configuration and remote code are copied.
-    for f in ("preprocessor_config.json", "kimi_k25_processor.py", "kimi_k25_vision_processing.py",
-              "tokenizer.json", "chat_template.jinja"):
+    for f in (
+        "preprocessor_config.json",
+        "kimi_k25_processor.py",
+        "kimi_k25_vision_processing.py",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ):
         assert (vlm / f).read_bytes() == (src / f).read_bytes(), f
 
 
@@ -100,8 +105,9 @@ def test_vision_table_is_mlx_vlm_module_tree(builds):
     mc.text_config = kimi_k25.TextConfig.from_dict(cfg["text_config"])
     mc.vision_config = kimi_k25.VisionConfig.from_dict(cfg["vision_config"])
     model = kimi_k25.Model(mc)
-    tree = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())
-            if k.startswith(vision.VISION_PREFIXES)}
+    tree = {
+        k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if k.startswith(vision.VISION_PREFIXES)
+    }
     table = vision.vision_tensors(cfg["vision_config"], cfg["text_config"]["hidden_size"])
     mine = {m: (s[0], s[2], s[3], s[1]) if len(s) == 4 else s for s, m in table.values()}
     assert mine == tree
@@ -114,16 +120,18 @@ def test_vision_table_is_mlx_vlm_module_tree(builds):
 def _float32(model):
     from mlx.utils import tree_map
 
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
-                          model.parameters()))
+    model.update(
+        tree_map(
+            lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()
+        )
+    )
 
 
 def _greedy_image(model, processor, image, n=6):
     from mlx_vlm import stream_generate
 
     prompt = vision.image_prompt(model, processor, "Describe the picture.", 1)
-    *_, last = stream_generate(model, processor, prompt, image=[image], max_tokens=n,
-                               temperature=0.0)
+    *_, last = stream_generate(model, processor, prompt, image=[image], max_tokens=n, temperature=0.0)
     return last.token_ids  # every generated token (the final result carries them all)
 
 
@@ -142,11 +150,13 @@ def test_loads_in_mlx_vlm_and_generates_from_an_image(builds, tmp_path):
     assert n_img == 4 and tuple(inputs["image_grid_hws"].tolist()[0]) == (4, 4)
     toks = _greedy_image(model, processor, img)
     assert len(toks) == 6  # the tiny tokenizer's eos never wins on random weights
+
     # The image reaches the language model: another image changes the next-token logits.
     def logits(path):
         x = processor(images=[Image.open(path)], text=[vision.image_prompt(model, processor, "What?", 1)])
         out = model(x["input_ids"], x["pixel_values"], image_grid_hws=x["image_grid_hws"])
         return np.array(out.logits[0, -1].astype(mx.float32))
+
     a, b = logits(img), logits(png(tmp_path / "b.png", 2))
     assert np.abs(a - b).max() > 1e-3
 
@@ -166,7 +176,9 @@ def test_fused_and_unfused_greedy_tokens_equal_for_an_image_prompt(builds, tmp_p
     want = _greedy_image(model, processor, img, 8)
     calls = []
     real = mlx_lm_patch.moe_swiglu
-    monkeypatch.setattr(mlx_lm_patch, "moe_swiglu", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    monkeypatch.setattr(
+        mlx_lm_patch, "moe_swiglu", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+    )
     assert moequant.patch(model) == 2  # layers 1 and 2 are MoE, layer 0 is dense
     got = _greedy_image(model, processor, img, 8)
     assert calls, "the fused op never ran"
@@ -184,8 +196,18 @@ def test_plan_keep_vision_reports_the_vision_row(capsys):
     # MLP 4304, 64 x 64 position table, 2 x 2 merge) and the projector to 7168, in bf16.
     e, i, p, blocks, t = 1152, 4304, 14, 27, 7168
     per_block = 4 * e + (3 * e * e + 3 * e) + (e * e + e) + (i * e + i) + (e * i + e)
-    params = (e * 3 * p * p + e + 64 * 64 * e + blocks * per_block + 2 * e
-              + 2 * e + (4 * e) ** 2 + 4 * e + t * 4 * e + t)
+    params = (
+        e * 3 * p * p
+        + e
+        + 64 * 64 * e
+        + blocks * per_block
+        + 2 * e
+        + 2 * e
+        + (4 * e) ** 2
+        + 4 * e
+        + t * 4 * e
+        + t
+    )
     assert main(["plan", "--config", str(cfgp), "--keep-vision", "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
     row = next(c for c in js["components"] if c["name"] == "vision tower")
@@ -193,14 +215,22 @@ def test_plan_keep_vision_reports_the_vision_row(capsys):
     assert 0.85e9 < row["bytes"] < 0.95e9  # the model card's "+0.9 GB of vision tensors"
     assert js["total_bytes"] == js["text_build_bytes"] + row["bytes"]
     line = next(l for l in out.splitlines() if l.startswith("-VLM sibling"))
-    assert f"text build {fmt_bytes(js['text_build_bytes'])} + vision tower and projector " \
-        f"{fmt_bytes(row['bytes'])}" in line and "464.92 GB" in line  # the model card's 465 GB
+    assert (
+        f"text build {fmt_bytes(js['text_build_bytes'])} + vision tower and projector "
+        f"{fmt_bytes(row['bytes'])}"
+        in line
+        and "464.92 GB" in line
+    )  # the model card's 465 GB
 
 
 def test_keep_vision_needs_a_vision_checkpoint(ckpt, tmp_path, capsys):
     src = ckpt("deepseek_v3")
-    assert main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"),
-                 "--keep-vision", "--quiet"]) == 2
+    assert (
+        main(
+            ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--keep-vision", "--quiet"]
+        )
+        == 2
+    )
     assert "--keep-vision needs a kimi_k25 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["plan", "--config", str(src), "--keep-vision"]) == 2
@@ -221,12 +251,23 @@ def test_missing_or_extra_vision_tensor_is_named(ckpt, tmp_path, capsys):
     idx["weight_map"]["vision_tower.encoder.blocks.2.mlp.fc0.weight"] = shard
     mx.save_safetensors(str(bad / shard), tensors)
     (bad / "model.safetensors.index.json").write_text(json.dumps(idx))
-    assert main(["convert", "--hf-path", str(bad), "--mlx-path", str(tmp_path / "o"),
-                 "--keep-vision", "--dry-run"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "--hf-path",
+                str(bad),
+                "--mlx-path",
+                str(tmp_path / "o"),
+                "--keep-vision",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     assert f"vision tensor {name} is missing" in capsys.readouterr().err
     # without --keep-vision the text build ignores the vision side, as before
-    assert main(["convert", "--hf-path", str(bad), "--mlx-path", str(tmp_path / "o"),
-                 "--dry-run"]) == 0
+    assert main(["convert", "--hf-path", str(bad), "--mlx-path", str(tmp_path / "o"), "--dry-run"]) == 0
 
 
 def test_recipe_field_keep_vision(ckpt, tmp_path):
@@ -273,13 +314,32 @@ def main_raises(argv):
 def test_generate_image_cli(builds, tmp_path):
     _, _, vlm = builds
     img = png(tmp_path / "e.png", 5)
-    common = [sys.executable, "-m", "moequant", "generate", "--model", str(vlm), "--image", img,
-              "--prompt", "Describe it.", "--max-tokens", "5", "--temp", "0"]
+    common = [
+        sys.executable,
+        "-m",
+        "moequant",
+        "generate",
+        "--model",
+        str(vlm),
+        "--image",
+        img,
+        "--prompt",
+        "Describe it.",
+        "--max-tokens",
+        "5",
+        "--temp",
+        "0",
+    ]
     r = subprocess.run(common, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "[moequant] fused MoE path: 2 MoE blocks" in r.stderr
-    r2 = subprocess.run(common[:3] + ["generate", "--model", str(vlm), "--image", str(tmp_path / "nope.png"),
-                                      "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    r2 = subprocess.run(
+        common[:3]
+        + ["generate", "--model", str(vlm), "--image", str(tmp_path / "nope.png"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r2.returncode == 2 and "--image" in r2.stderr and "nope.png" in r2.stderr
 
 
@@ -328,11 +388,17 @@ def test_quantized_projector_is_mx_quantize_of_the_source(builds, qproj_build):
         wq, s, b = mx.quantize(srcw[p + ".weight"], group_size=PROJ["group_size"], bits=PROJ["bits"])
         assert got[p + ".weight"].dtype == mx.uint32 and s.dtype == mx.bfloat16
         for suffix, want in ((".weight", wq), (".scales", s), (".biases", b)):
-            assert np.array_equal(np.array(got[p + suffix].view(mx.uint16 if suffix != ".weight" else mx.uint32)),
-                                  np.array(want.view(mx.uint16 if suffix != ".weight" else mx.uint32))), p + suffix
-        assert np.array_equal(np.array(got[p + ".bias"].view(mx.uint16)), np.array(plain[p + ".bias"].view(mx.uint16)))
+            assert np.array_equal(
+                np.array(got[p + suffix].view(mx.uint16 if suffix != ".weight" else mx.uint32)),
+                np.array(want.view(mx.uint16 if suffix != ".weight" else mx.uint32)),
+            ), p + suffix
+        assert np.array_equal(
+            np.array(got[p + ".bias"].view(mx.uint16)), np.array(plain[p + ".bias"].view(mx.uint16))
+        )
     others = set(plain) - {p + ".weight" for p in vision.PROJECTOR_LINEARS}
-    assert set(got) == others | {p + sfx for p in vision.PROJECTOR_LINEARS for sfx in (".weight", ".scales", ".biases")}
+    assert set(got) == others | {
+        p + sfx for p in vision.PROJECTOR_LINEARS for sfx in (".weight", ".scales", ".biases")
+    }
     for n in others:
         assert np.array_equal(np.array(got[n].view(mx.uint16)), np.array(plain[n].view(mx.uint16))), n
     for shard in set(index(vlm).values()) - {vision.VISION_SHARD}:
@@ -345,7 +411,9 @@ def test_quantized_projector_is_mx_quantize_of_the_source(builds, qproj_build):
     # the planned row (dry run) is what was written
     row = next(r for r in dry.rows if r.name == "vision tower")
     assert row.bytes == sum(a.nbytes for a in got.values())
-    assert row.kinds.get("8-bit g32") == sum(math.prod(srcw[p + ".weight"].shape) for p in vision.PROJECTOR_LINEARS)
+    assert row.kinds.get("8-bit g32") == sum(
+        math.prod(srcw[p + ".weight"].shape) for p in vision.PROJECTOR_LINEARS
+    )
 
 
 @needs_vlm
@@ -368,14 +436,20 @@ def test_vision_projector_recipe_field_is_checked(ckpt, tmp_path, capsys):
 
     src = ckpt("kimi_k25")
     recipe = tmp_path / "r.json"
-    for field, msg in (({"bits": 7, "group_size": 64}, "vision_projector: bits must be one of"),
-                       ({"bits": 8, "group_size": 48}, "vision_projector: group_size must be one of"),
-                       ({"bits": 8, "group_size": 64, "fit": "best"}, "vision_projector: fit must be one of"),
-                       ({"bits": 8, "group_size": 64, "scale": 1}, r"vision_projector: unknown keys \['scale'\]"),
-                       ("8bit", "vision_projector: an object")):
+    for field, msg in (
+        ({"bits": 7, "group_size": 64}, "vision_projector: bits must be one of"),
+        ({"bits": 8, "group_size": 48}, "vision_projector: group_size must be one of"),
+        ({"bits": 8, "group_size": 64, "fit": "best"}, "vision_projector: fit must be one of"),
+        ({"bits": 8, "group_size": 64, "scale": 1}, r"vision_projector: unknown keys \['scale'\]"),
+        ("8bit", "vision_projector: an object"),
+    ):
         recipe.write_text(json.dumps({**PRESETS["alis-3.6"], "keep_vision": True, "vision_projector": field}))
-        assert main(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"),
-                     "--recipe", str(recipe)]) == 2
+        assert (
+            main(
+                ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--recipe", str(recipe)]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert str(recipe) in err and len(__import__("re").findall(msg, err)) == 1, (field, err)
         assert not (tmp_path / "o").exists()
@@ -400,6 +474,9 @@ def test_plan_sizes_a_quantized_projector(tmp_path, capsys):
     cfg = json.loads(cfgp.read_text())
     cfg["vision_config"] = {**cfg["vision_config"], "vt_hidden_size": 40, "vt_num_attention_heads": 2}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert main(["plan", "--config", str(tmp_path / "config.json"), "--keep-vision", "--recipe", str(recipe)]) == 2
+    assert (
+        main(["plan", "--config", str(tmp_path / "config.json"), "--keep-vision", "--recipe", str(recipe)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "group_size 64 does not divide the input size 160 of mm_projector.proj.0.weight" in err, err

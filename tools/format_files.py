@@ -25,9 +25,14 @@ def tracked(root: Path = ROOT) -> list[str]:
 
 
 def cpp_files(root: Path = ROOT) -> list[str]:
-    return sorted(p for p in tracked(root)
-                  if p.endswith(CPP_EXTS) and p.startswith(CPP_DIRS) and not p.startswith(EXCLUDE)
-                  and (root / p).is_file())
+    return sorted(
+        p
+        for p in tracked(root)
+        if p.endswith(CPP_EXTS)
+        and p.startswith(CPP_DIRS)
+        and not p.startswith(EXCLUDE)
+        and (root / p).is_file()
+    )
 
 
 if __name__ == "__main__":

@@ -137,9 +137,8 @@ nb::dict metal_dispatch_plan(const std::vector<mx::array>& arrays) {
   for (auto& n : nodes) {
     auto outs = n.outputs();
     for (auto& o : outs) {
-      outputs[nb::int_(static_cast<uint64_t>(o.id()))] =
-          nb::make_tuple(nb::cast(std::vector<int>(o.shape().begin(), o.shape().end())),
-                         dtype_str(o.dtype()));
+      outputs[nb::int_(static_cast<uint64_t>(o.id()))] = nb::make_tuple(
+          nb::cast(std::vector<int>(o.shape().begin(), o.shape().end())), dtype_str(o.dtype()));
     }
     dynamic_cast<const MetalDispatch&>(n.primitive()).encode(enc, n.inputs(), outs);
   }
@@ -157,9 +156,12 @@ nb::dict metal_dispatch_plan(const std::vector<mx::array>& arrays) {
 }
 
 void register_dispatch_plan(nb::module_& m) {
-  m.def("_metal_dispatch_plan", &metal_dispatch_plan, "arrays"_a,
-        "Test only: the Metal dispatch plan of the moequant primitives behind `arrays`, "
-        "recorded from their host code (see tests/metal_emulator/dispatch.py).");
+  m.def(
+      "_metal_dispatch_plan",
+      &metal_dispatch_plan,
+      "arrays"_a,
+      "Test only: the Metal dispatch plan of the moequant primitives behind `arrays`, "
+      "recorded from their host code (see tests/metal_emulator/dispatch.py).");
 }
 
 } // namespace moequant

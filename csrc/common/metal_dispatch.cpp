@@ -39,10 +39,12 @@ MetalStatus metal_status() {
     std::ifstream f(err);
     std::string line;
     std::getline(f, line);
-    return {false,
-            "its Metal kernels failed to compile when this moequant was built "
-            "(MOEQUANT_METAL=auto kept a CPU-only install): " + line + " (details: " + err +
-                "; reinstall with MOEQUANT_METAL=on to stop at the error)"};
+    return {
+        false,
+        "its Metal kernels failed to compile when this moequant was built "
+        "(MOEQUANT_METAL=auto kept a CPU-only install): " +
+            line + " (details: " + err +
+            "; reinstall with MOEQUANT_METAL=on to stop at the error)"};
   }
 #if MOEQUANT_WITH_METAL
   const std::string lib = dir + "/" MOEQUANT_METALLIB_NAME ".metallib";
@@ -53,9 +55,10 @@ MetalStatus metal_status() {
 #elif defined(MOEQUANT_METAL_OFF)
   return {false, "this build of moequant has Metal turned off (MOEQUANT_METAL=off)"};
 #else
-  return {false,
-          "this build of moequant has no Metal support (MLX has a Metal backend only on "
-          "macOS)"};
+  return {
+      false,
+      "this build of moequant has no Metal support (MLX has a Metal backend only on "
+      "macOS)"};
 #endif
 }
 

@@ -96,7 +96,8 @@ class Pool {
       if ((s >> 32) != gen || next >= n) {
         return -1;
       }
-      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      if (state_.compare_exchange_weak(
+              s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
         return next;
       }
     }

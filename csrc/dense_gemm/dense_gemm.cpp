@@ -54,8 +54,7 @@ void run(const Args& p) {
         const int64_t n1 = std::min(p.N, n0 + per * kRowBlock);
         const float* a = p.a + bt * p.M * p.K;
         float* y = p.y + bt * p.M * p.N;
-        const qgemm::Activations xb(p.b + (bt * p.N + n0) * p.K, mx::float32, n1 - n0, p.K,
-                                    p.K);
+        const qgemm::Activations xb(p.b + (bt * p.N + n0) * p.K, mx::float32, n1 - n0, p.K, p.K);
         for (int64_t m0 = 0; m0 < p.M; m0 += kNR) {
           const int rows = static_cast<int>(std::min<int64_t>(kNR, p.M - m0));
           const float* am = a + m0 * p.K;
@@ -88,23 +87,28 @@ void run(const Args& p) {
 
 mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
   if (a.dtype() != mx::float32 || b.dtype() != mx::float32) {
-    fail("a and b must be float32; got " + dtype_str(a.dtype()) + " and " +
-         dtype_str(b.dtype()) + ".");
+    fail(
+        "a and b must be float32; got " + dtype_str(a.dtype()) + " and " + dtype_str(b.dtype()) +
+        ".");
   }
   if (a.ndim() < 2 || a.ndim() != b.ndim()) {
-    fail("a (..., M, K) and b (..., N, K) must have the same number (>= 2) of dimensions; "
-         "got " + shape_str(a.shape()) + " and " + shape_str(b.shape()) + ".");
+    fail(
+        "a (..., M, K) and b (..., N, K) must have the same number (>= 2) of dimensions; "
+        "got " +
+        shape_str(a.shape()) + " and " + shape_str(b.shape()) + ".");
   }
   const int nd = static_cast<int>(a.ndim());
   for (int i = 0; i < nd - 2; ++i) {
     if (a.shape(i) != b.shape(i)) {
-      fail("a and b must have the same leading dimensions; got " + shape_str(a.shape()) +
-           " and " + shape_str(b.shape()) + ".");
+      fail(
+          "a and b must have the same leading dimensions; got " + shape_str(a.shape()) + " and " +
+          shape_str(b.shape()) + ".");
     }
   }
   if (a.shape(-1) != b.shape(-1)) {
-    fail("a's and b's last dimensions (K) differ: " + shape_str(a.shape()) + " and " +
-         shape_str(b.shape()) + ".");
+    fail(
+        "a's and b's last dimensions (K) differ: " + shape_str(a.shape()) + " and " +
+        shape_str(b.shape()) + ".");
   }
   auto st = mx::to_stream(s);
   if (st.device == mx::Device::gpu) {
@@ -120,8 +124,8 @@ mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s
   auto c = [&](const mx::array& x, int rows) {
     return mx::contiguous(mx::reshape(x, {batch, rows, K}, st), false, st);
   };
-  auto y = mx::array({batch, M, N}, mx::float32, std::make_shared<MatmulNT>(st),
-                     {c(a, M), c(b, N)});
+  auto y =
+      mx::array({batch, M, N}, mx::float32, std::make_shared<MatmulNT>(st), {c(a, M), c(b, N)});
   return mx::reshape(y, out_shape, st);
 }
 
@@ -131,8 +135,14 @@ std::vector<mx::Shape> MatmulNT::output_shapes(const std::vector<mx::array>& in)
 
 void MatmulNT::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  Args p{in[0].data<float>(), in[1].data<float>(), out.data<float>(),
-         in[0].shape(0), in[0].shape(1), in[1].shape(1), in[0].shape(2)};
+  Args p{
+      in[0].data<float>(),
+      in[1].data<float>(),
+      out.data<float>(),
+      in[0].shape(0),
+      in[0].shape(1),
+      in[1].shape(1),
+      in[0].shape(2)};
   // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
   enqueue_cpu(stream(), in, {out}, [p]() {
     if (p.M == 0 || p.N == 0 || p.batch == 0) {

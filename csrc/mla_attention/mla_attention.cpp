@@ -18,8 +18,9 @@ namespace {
 
 void check_shape(const mx::array& a, const mx::Shape& want, const char* name) {
   if (a.shape() != want) {
-    fail(std::string(name) + " must have shape " + shape_str(want) + "; got " +
-         shape_str(a.shape()) + ".");
+    fail(
+        std::string(name) + " must have shape " + shape_str(want) + "; got " +
+        shape_str(a.shape()) + ".");
   }
 }
 
@@ -45,26 +46,30 @@ void check_args(
   }
   check_group_size("[moequant.mla_decode_attention] ", "group_size", group_size);
   if (!is_float(q_lat.dtype()) || q_pe.dtype() != q_lat.dtype()) {
-    fail("q_lat and q_pe must be float32, float16 or bfloat16 of one dtype; got " +
-         dtype_str(q_lat.dtype()) + " and " + dtype_str(q_pe.dtype()) + ".");
+    fail(
+        "q_lat and q_pe must be float32, float16 or bfloat16 of one dtype; got " +
+        dtype_str(q_lat.dtype()) + " and " + dtype_str(q_pe.dtype()) + ".");
   }
   if (q_lat.ndim() != 3 || q_pe.ndim() != 3) {
-    fail("q_lat and q_pe must have shape (B, H, R) and (B, H, DR); got " +
-         shape_str(q_lat.shape()) + " and " + shape_str(q_pe.shape()) + ".");
+    fail(
+        "q_lat and q_pe must have shape (B, H, R) and (B, H, DR); got " + shape_str(q_lat.shape()) +
+        " and " + shape_str(q_pe.shape()) + ".");
   }
   const int B = q_lat.shape(0), H = q_lat.shape(1), R = q_lat.shape(2), DR = q_pe.shape(2);
   check_shape(q_pe, {B, H, DR}, "q_pe");
   if (R % group_size != 0 || DR % group_size != 0) {
-    fail("the latent dimension " + std::to_string(R) + " and the rope dimension " +
-         std::to_string(DR) + " must both be multiples of group_size " +
-         std::to_string(group_size) + ".");
+    fail(
+        "the latent dimension " + std::to_string(R) + " and the rope dimension " +
+        std::to_string(DR) + " must both be multiples of group_size " + std::to_string(group_size) +
+        ".");
   }
   if (lat_w.dtype() != mx::uint32 || pe_w.dtype() != mx::uint32) {
     fail("lat_w and pe_w must be uint32 (packed codes).");
   }
   if (lat_w.ndim() != 3 || lat_w.shape(0) != B) {
-    fail("lat_w must have shape (B=" + std::to_string(B) + ", T, R*bits/32); got " +
-         shape_str(lat_w.shape()) + ".");
+    fail(
+        "lat_w must have shape (B=" + std::to_string(B) + ", T, R*bits/32); got " +
+        shape_str(lat_w.shape()) + ".");
   }
   const int T = lat_w.shape(1);
   if (T < 1) {
@@ -82,8 +87,9 @@ void check_args(
   }
   for (auto* a : {&lat_b, &pe_s, &pe_b}) {
     if (a->dtype() != sd) {
-      fail("scales and biases must all have one dtype (" + dtype_str(sd) + "); got " +
-           dtype_str(a->dtype()) + ".");
+      fail(
+          "scales and biases must all have one dtype (" + dtype_str(sd) + "); got " +
+          dtype_str(a->dtype()) + ".");
     }
   }
 }
@@ -117,8 +123,14 @@ mx::array mla_decode_attention(
       {B, H, R},
       q_lat.dtype(),
       std::make_shared<MlaDecodeAttention>(st, scale, bits, group_size),
-      {c(mx::astype(q_lat, mx::float32, st)), c(mx::astype(q_pe, mx::float32, st)), c(lat_w),
-       c(lat_s), c(lat_b), c(pe_w), c(pe_s), c(pe_b)});
+      {c(mx::astype(q_lat, mx::float32, st)),
+       c(mx::astype(q_pe, mx::float32, st)),
+       c(lat_w),
+       c(lat_s),
+       c(lat_b),
+       c(pe_w),
+       c(pe_s),
+       c(pe_b)});
 }
 
 mx::array mla_decode_attention_metal_graph(
@@ -140,10 +152,11 @@ mx::array mla_decode_attention_metal_graph(
   // The kernel keeps a head's query in registers (MQ_MLA_VPL values per lane) and a
   // block of rows in threadgroup memory.
   if (R > 32 * MQ_MLA_VPL || DR > 32 * MQ_MLA_VPL_PE || R + DR > MQ_MLA_ROW) {
-    fail("the Metal kernel takes a latent dimension up to " + std::to_string(32 * MQ_MLA_VPL) +
-         ", a rope dimension up to " + std::to_string(32 * MQ_MLA_VPL_PE) + " and " +
-         std::to_string(MQ_MLA_ROW) + " in all; got " + std::to_string(R) + " and " +
-         std::to_string(DR) + ". Use stream=mx.cpu.");
+    fail(
+        "the Metal kernel takes a latent dimension up to " + std::to_string(32 * MQ_MLA_VPL) +
+        ", a rope dimension up to " + std::to_string(32 * MQ_MLA_VPL_PE) + " and " +
+        std::to_string(MQ_MLA_ROW) + " in all; got " + std::to_string(R) + " and " +
+        std::to_string(DR) + ". Use stream=mx.cpu.");
   }
   auto st = mx::to_stream(s);
   const int chunk = launch::mla_metal_chunk(T);
@@ -216,7 +229,8 @@ void MlaDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& o
 
 void MlaDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   // The op builder gives GPU streams the Metal form (MlaDecodePartial, MlaDecodeMerge).
-  throw std::runtime_error("[moequant.mla_decode_attention] the fused CPU form has no GPU evaluation.");
+  throw std::runtime_error(
+      "[moequant.mla_decode_attention] the fused CPU form has no GPU evaluation.");
 }
 
 bool MlaDecodePartial::is_equivalent(const mx::Primitive& other) const {
@@ -257,10 +271,17 @@ void MlaDecodePartial::encode(
     const std::vector<mx::array>& out) const {
   const uint32_t B = in[0].shape(0), H = in[0].shape(1), R = in[0].shape(2);
   const uint32_t DR = in[1].shape(2), T = in[2].shape(1), nc = out[0].shape(1);
-  enc.set_kernel(launch::mla_decode_partial_name(
-      dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), bits_));
-  const int bufs[8] = {MQ_MLA_Q_LAT, MQ_MLA_Q_PE, MQ_MLA_LAT_W, MQ_MLA_LAT_S,
-                       MQ_MLA_LAT_B, MQ_MLA_PE_W, MQ_MLA_PE_S,  MQ_MLA_PE_B};
+  enc.set_kernel(
+      launch::mla_decode_partial_name(dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), bits_));
+  const int bufs[8] = {
+      MQ_MLA_Q_LAT,
+      MQ_MLA_Q_PE,
+      MQ_MLA_LAT_W,
+      MQ_MLA_LAT_S,
+      MQ_MLA_LAT_B,
+      MQ_MLA_PE_W,
+      MQ_MLA_PE_S,
+      MQ_MLA_PE_B};
   for (int i = 0; i < 8; ++i) {
     enc.set_input(in[i], bufs[i]);
   }

@@ -69,8 +69,16 @@ void mla_decode_attention(const MlaArgs& a, float* out) {
         continue;
       }
       const size_t at = (size_t(b) * nc + c) * a.H + h0;
-      fn(a, b, c * len, std::min(a.T, (c + 1) * len), h0, h1, &pm[at], &pl[at],
-         &pacc[at * R], scratch.data());
+      fn(a,
+         b,
+         c * len,
+         std::min(a.T, (c + 1) * len),
+         h0,
+         h1,
+         &pm[at],
+         &pl[at],
+         &pacc[at * R],
+         scratch.data());
     }
   });
   // Merge in chunk order: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.

@@ -44,8 +44,17 @@ constexpr int kMlaBlock = 16;
 // Partial softmax state of positions [t0, t1) of batch row b for heads [h0, h1):
 // m[h - h0] (running max of s), l[...] (sum of exp(s - m)), acc[(h - h0) * R + r]
 // (sum of exp(s - m) * latent). scratch holds mla_scratch_floats(R, DR, h1 - h0).
-using MlaChunkFn = void (*)(const MlaArgs&, int b, int t0, int t1, int h0, int h1, float* m,
-                            float* l, float* acc, float* scratch);
+using MlaChunkFn = void (*)(
+    const MlaArgs&,
+    int b,
+    int t0,
+    int t1,
+    int h0,
+    int h1,
+    float* m,
+    float* l,
+    float* acc,
+    float* scratch);
 
 constexpr int64_t mla_scratch_floats(int R, int DR, int heads) {
   return int64_t(kMlaBlock) * (R + DR) + int64_t(heads) * kMlaBlock + R + DR;

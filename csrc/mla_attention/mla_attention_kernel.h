@@ -105,8 +105,15 @@ inline float to_float(const void* p, int64_t i, MlaDtype t) {
 
 // Dequantizes one cached row of n values (groups of gs) to float: s * q + b.
 template <int BITS>
-inline void decode_row(const uint8_t* w, const void* s, const void* b, int64_t g0, int n, int gs,
-                       MlaDtype t, float* out) {
+inline void decode_row(
+    const uint8_t* w,
+    const void* s,
+    const void* b,
+    int64_t g0,
+    int n,
+    int gs,
+    MlaDtype t,
+    float* out) {
   for (int g = 0; g < n / gs; ++g) {
     const float sc = to_float(s, g0 + g, t);
     const float bi = to_float(b, g0 + g, t);
@@ -127,8 +134,8 @@ inline void decode_row(const uint8_t* w, const void* s, const void* b, int64_t g
 }
 
 // Dot products of 2 query rows with 4 cached rows (n a multiple of 8).
-inline void dots_2x4(const float* q0, const float* q1, const float* r, int64_t rs, int n,
-                     v8 (&a)[2][4]) {
+inline void
+dots_2x4(const float* q0, const float* q1, const float* r, int64_t rs, int n, v8 (&a)[2][4]) {
   for (int k = 0; k < n; k += 8) {
     const v8 x0 = ld(q0 + k), x1 = ld(q1 + k);
     for (int j = 0; j < 4; ++j) {
@@ -140,8 +147,17 @@ inline void dots_2x4(const float* q0, const float* q1, const float* r, int64_t r
 }
 
 template <int BITS>
-void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* m, float* l,
-                float* acc, float* scratch) {
+void chunk_impl(
+    const MlaArgs& a,
+    int b,
+    int t0,
+    int t1,
+    int h0,
+    int h1,
+    float* m,
+    float* l,
+    float* acc,
+    float* scratch) {
   const int R = a.R, DR = a.DR, gs = a.group_size, nh = h1 - h0;
   const int64_t wl = int64_t(R) * BITS / 8, wp = int64_t(DR) * BITS / 8;
   const int64_t gl = R / gs, gp = DR / gs;
@@ -163,8 +179,8 @@ void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* 
     for (int j = 0; j < nb; ++j) {
       const int64_t t = int64_t(b) * a.T + tb + j;
       decode_row<BITS>(a.lat_w + t * wl, a.lat_s, a.lat_b, t * gl, R, gs, a.sdtype, rows + j * rs);
-      decode_row<BITS>(a.pe_w + t * wp, a.pe_s, a.pe_b, t * gp, DR, gs, a.sdtype,
-                       rows + j * rs + R);
+      decode_row<BITS>(
+          a.pe_w + t * wp, a.pe_s, a.pe_b, t * gp, DR, gs, a.sdtype, rows + j * rs + R);
     }
     // Rows past the block's end (up to a multiple of 4) are zeros; their scores unused.
     for (int j = nb; j < ((nb + 3) & ~3); ++j) {
@@ -178,8 +194,8 @@ void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* 
       for (int j = 0; j < nb; j += 4) {
         v8 d[2][4] = {};
         dots_2x4(ql + int64_t(h0 + h) * R, ql + int64_t(h0 + hh) * R, rows + j * rs, rs, R, d);
-        dots_2x4(qp + int64_t(h0 + h) * DR, qp + int64_t(h0 + hh) * DR, rows + j * rs + R, rs, DR,
-                 d);
+        dots_2x4(
+            qp + int64_t(h0 + h) * DR, qp + int64_t(h0 + hh) * DR, rows + j * rs + R, rs, DR, d);
         const v8 s0 = hsum4(d[0][0], d[0][1], d[0][2], d[0][3]) * splat(a.scale);
         const v8 s1 = hsum4(d[1][0], d[1][1], d[1][2], d[1][3]) * splat(a.scale);
         std::memcpy(p + h * kMlaBlock + j, &s0, 4 * sizeof(float));
@@ -248,8 +264,17 @@ void chunk_impl(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* 
 
 } // namespace
 
-void chunk(const MlaArgs& a, int b, int t0, int t1, int h0, int h1, float* m, float* l,
-           float* acc, float* scratch) {
+void chunk(
+    const MlaArgs& a,
+    int b,
+    int t0,
+    int t1,
+    int h0,
+    int h1,
+    float* m,
+    float* l,
+    float* acc,
+    float* scratch) {
   if (a.bits == 8) {
     chunk_impl<8>(a, b, t0, t1, h0, h1, m, l, acc, scratch);
   } else {

@@ -39,7 +39,8 @@ constexpr int kTile = 16 * qgemm::detail::kNR;
 qgemm::QuantWeight expert_weight(const QMat& m, uint32_t e) {
   const std::size_t rows = static_cast<std::size_t>(e) * m.rows;
   const std::size_t row_bytes = static_cast<std::size_t>(m.cols) * m.bits / 8;
-  const std::size_t sb_row = static_cast<std::size_t>(m.cols / m.group_size) * mx::size_of(m.sdtype);
+  const std::size_t sb_row =
+      static_cast<std::size_t>(m.cols / m.group_size) * mx::size_of(m.sdtype);
   qgemm::QuantWeight W;
   W.w = reinterpret_cast<const uint32_t*>(m.w + rows * row_bytes);
   W.scales = static_cast<const uint8_t*>(m.scales) + rows * sb_row;
@@ -146,8 +147,13 @@ void run_batch(const PrefillArgs& a, std::size_t t0, std::size_t t1) {
         const int d0 = static_cast<int>(it * kTile);
         const int nr = std::min(kTile, D - d0);
         for (std::size_t g = 0; g < G; ++g) {
-          qgemm::gemm(*ah[g], expert_weight(a.down, groups[g].e), d0, d0 + nr,
-                      o.data() + groups[g].off * nr, nr);
+          qgemm::gemm(
+              *ah[g],
+              expert_weight(a.down, groups[g].e),
+              d0,
+              d0 + nr,
+              o.data() + groups[g].off * nr,
+              nr);
         }
         for (std::size_t t = t0; t < t1; ++t) {
           std::fill(acc.begin(), acc.end(), 0.0f);
@@ -159,8 +165,7 @@ void run_batch(const PrefillArgs& a, std::size_t t0, std::size_t t1) {
               acc[r] += s * op[r];
             }
           }
-          store_floats(acc.data(), nr, a.xdtype,
-                       static_cast<uint8_t*>(a.y) + (t * D + d0) * ysize);
+          store_floats(acc.data(), nr, a.xdtype, static_cast<uint8_t*>(a.y) + (t * D + d0) * ysize);
         }
       }
     });

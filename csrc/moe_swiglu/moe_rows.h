@@ -34,8 +34,8 @@ struct RowRun {
 };
 
 // Computes nrows consecutive rows into out; scratch holds row_scratch(cols) floats.
-using RowsFn = void (*)(const RowRun&, int nrows, const Prep&, int group_size, float* out,
-                        float* scratch);
+using RowsFn =
+    void (*)(const RowRun&, int nrows, const Prep&, int group_size, float* out, float* scratch);
 
 enum class SType { f32, f16, bf16 };
 

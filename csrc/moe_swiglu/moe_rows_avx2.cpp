@@ -1,5 +1,5 @@
-// The SIMD row kernels for AVX2 + FMA + F16C, float and integer (moe_rows_avx2int.inc) (this file is compiled with those
-// flags; it is only called after a run-time CPU check).
+// The SIMD row kernels for AVX2 + FMA + F16C, float and integer (moe_rows_avx2int.inc) (this file
+// is compiled with those flags; it is only called after a run-time CPU check).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -85,10 +85,41 @@ struct V {
       // 12..23 (offsets 4..15) from the high half.
       const __m256i v = _mm256_inserti128_si256(
           _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)), 1);
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)),
+          1);
       const __m256i sh = _mm256_setr_epi8(
-          0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128,
-          4, 5, 6, -128, 7, 8, 9, -128, 10, 11, 12, -128, 13, 14, 15, -128);
+          0,
+          1,
+          2,
+          -128,
+          3,
+          4,
+          5,
+          -128,
+          6,
+          7,
+          8,
+          -128,
+          9,
+          10,
+          11,
+          -128,
+          4,
+          5,
+          6,
+          -128,
+          7,
+          8,
+          9,
+          -128,
+          10,
+          11,
+          12,
+          -128,
+          13,
+          14,
+          15,
+          -128);
       return _mm256_shuffle_epi8(v, sh);
     }
   }

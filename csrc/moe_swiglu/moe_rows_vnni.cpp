@@ -46,13 +46,74 @@ inline void decode(const uint8_t* p, __m512i* q, bool last) {
     // in 3 bytes; 64-bit word w gets the chunks of lanes 2w and 2w + 1 (moe_rows.h:
     // lane l takes chunk 4 * (l % 4) + l / 4); then each output byte takes the 8 bits
     // at its code's offset in its word.
-    const __m512i v = last ? _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p) : _mm512_loadu_si512(p);
+    const __m512i v =
+        last ? _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFull, p) : _mm512_loadu_si512(p);
     const __m512i spread = _mm512_permutexvar_epi8(
         _mm512_set_epi8(
-            0, 0, 47, 46, 45, 35, 34, 33, 0, 0, 23, 22, 21, 11, 10, 9,
-            0, 0, 44, 43, 42, 32, 31, 30, 0, 0, 20, 19, 18, 8, 7, 6,
-            0, 0, 41, 40, 39, 29, 28, 27, 0, 0, 17, 16, 15, 5, 4, 3,
-            0, 0, 38, 37, 36, 26, 25, 24, 0, 0, 14, 13, 12, 2, 1, 0),
+            0,
+            0,
+            47,
+            46,
+            45,
+            35,
+            34,
+            33,
+            0,
+            0,
+            23,
+            22,
+            21,
+            11,
+            10,
+            9,
+            0,
+            0,
+            44,
+            43,
+            42,
+            32,
+            31,
+            30,
+            0,
+            0,
+            20,
+            19,
+            18,
+            8,
+            7,
+            6,
+            0,
+            0,
+            41,
+            40,
+            39,
+            29,
+            28,
+            27,
+            0,
+            0,
+            17,
+            16,
+            15,
+            5,
+            4,
+            3,
+            0,
+            0,
+            38,
+            37,
+            36,
+            26,
+            25,
+            24,
+            0,
+            0,
+            14,
+            13,
+            12,
+            2,
+            1,
+            0),
         v);
     // Register 0: codes 0-3 of both chunks (bit offsets 0..9, 24..33); register 1:
     // codes 4-7 (12..21, 36..45).
@@ -72,7 +133,14 @@ constexpr int kAhead = 2048;
 // row i + j * st goes to out[j * st].
 template <int B, SType ST, int ND, int NR>
 __attribute__((always_inline)) inline void int_rows_body(
-    const RowRun& r, int i, int st, const Prep& p, int cols, int G, float* out, float* sbuf) {
+    const RowRun& r,
+    int i,
+    int st,
+    const Prep& p,
+    int cols,
+    int G,
+    float* out,
+    float* sbuf) {
   constexpr int R = int_regs(B);
   constexpr int BLK = int_block_codes(B);
   constexpr int BB = BLK * B / 8;
@@ -160,8 +228,9 @@ __attribute__((always_inline)) inline void int_rows_body(
     for (int j = 0; j < NR; ++j) {
       // Every block (3-bit: 48 bytes, so one in four lands on a line already asked
       // for; cheaper than testing).
-      _mm_prefetch(reinterpret_cast<const char*>(w[j] + static_cast<std::size_t>(blk) * BB + kAhead),
-                   _MM_HINT_T1);
+      _mm_prefetch(
+          reinterpret_cast<const char*>(w[j] + static_cast<std::size_t>(blk) * BB + kAhead),
+          _MM_HINT_T1);
     }
     __m512i q[NR][R];
 #pragma GCC unroll 4
@@ -179,7 +248,8 @@ __attribute__((always_inline)) inline void int_rows_body(
         const __m512i xv = _mm512_loadu_si512(xb + (dg * R + rr) * 64);
 #pragma GCC unroll 4
         for (int j = 0; j < NR; ++j) {
-          acc[j] = _mm512_dpbusd_epi32(dg + rr == 0 ? _mm512_setzero_si512() : acc[j], q[j][rr], xv);
+          acc[j] =
+              _mm512_dpbusd_epi32(dg + rr == 0 ? _mm512_setzero_si512() : acc[j], q[j][rr], xv);
         }
       }
       if (dg + 1 < ND) {
@@ -192,8 +262,8 @@ __attribute__((always_inline)) inline void int_rows_body(
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const __m512 sv = pattern ? _mm512_broadcast_f32x4(_mm_loadu_ps(sf[j] + 4 * blk))
-          : gpb == 1            ? _mm512_set1_ps(sf[j][blk])
-                                : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf[j] + blk * gpb));
+          : gpb == 1 ? _mm512_set1_ps(sf[j][blk])
+                     : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf[j] + blk * gpb));
       tot[j] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(acc[j]), tot[j]);
     }
   };
@@ -242,7 +312,8 @@ void int_rows(const RowRun& r, int nrows, const Prep& p, int G, float* out, floa
 template <SType ST, int ND>
 RowsFn pick_bits(int bits) {
   return dispatch_bits<BitList<2, 3, 4>>(
-      bits, [](auto b) -> RowsFn { return &int_rows<decltype(b)::value, ST, ND>; },
+      bits,
+      [](auto b) -> RowsFn { return &int_rows<decltype(b)::value, ST, ND>; },
       []() -> RowsFn { return nullptr; });
 }
 

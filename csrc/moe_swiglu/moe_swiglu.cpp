@@ -24,31 +24,35 @@ int check_proj(const char* name, const QuantProj& p, int rows, int cols, int exp
   std::string n(name);
   check_bits_group("[moequant.moe_swiglu] " + n + ": ", p.bits, p.group_size);
   if (p.weight.dtype() != mx::uint32) {
-    fail(n + ": weight must be uint32 (packed codes); got " + dtype_str(p.weight.dtype()) +
-         ".");
+    fail(n + ": weight must be uint32 (packed codes); got " + dtype_str(p.weight.dtype()) + ".");
   }
   if (p.weight.ndim() != 3) {
-    fail(n + ": weight must be (experts, out, in*bits/32); got shape " +
-         shape_str(p.weight.shape()) + ".");
+    fail(
+        n + ": weight must be (experts, out, in*bits/32); got shape " +
+        shape_str(p.weight.shape()) + ".");
   }
   if (!is_float(p.scales.dtype()) || p.biases.dtype() != p.scales.dtype()) {
-    fail(n + ": scales and biases must share one float dtype; got " +
-         dtype_str(p.scales.dtype()) + " and " + dtype_str(p.biases.dtype()) + ".");
+    fail(
+        n + ": scales and biases must share one float dtype; got " + dtype_str(p.scales.dtype()) +
+        " and " + dtype_str(p.biases.dtype()) + ".");
   }
   if (cols % p.group_size != 0) {
-    fail(n + ": its input size " + std::to_string(cols) +
-         " is not divisible by group_size " + std::to_string(p.group_size) + ".");
+    fail(
+        n + ": its input size " + std::to_string(cols) + " is not divisible by group_size " +
+        std::to_string(p.group_size) + ".");
   }
   const int E = experts > 0 ? experts : p.weight.shape(0);
   const mx::Shape want_w{E, rows, cols / 32 * p.bits};
   const mx::Shape want_s{E, rows, cols / p.group_size};
   if (p.weight.shape() != want_w) {
-    fail(n + ": weight must have shape " + shape_str(want_w) + " for " +
-         std::to_string(p.bits) + "-bit codes; got " + shape_str(p.weight.shape()) + ".");
+    fail(
+        n + ": weight must have shape " + shape_str(want_w) + " for " + std::to_string(p.bits) +
+        "-bit codes; got " + shape_str(p.weight.shape()) + ".");
   }
   if (p.scales.shape() != want_s || p.biases.shape() != want_s) {
-    fail(n + ": scales and biases must have shape " + shape_str(want_s) + "; got " +
-         shape_str(p.scales.shape()) + " and " + shape_str(p.biases.shape()) + ".");
+    fail(
+        n + ": scales and biases must have shape " + shape_str(want_s) + "; got " +
+        shape_str(p.scales.shape()) + " and " + shape_str(p.biases.shape()) + ".");
   }
   return E;
 }
@@ -98,12 +102,14 @@ MoeOperands check_moe(
   mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
   mx::Shape ilead(indices.shape().begin(), indices.shape().end() - 1);
   if (lead != ilead) {
-    fail("indices " + shape_str(indices.shape()) + " must have the leading shape of x " +
-         shape_str(x.shape()) + ", plus k.");
+    fail(
+        "indices " + shape_str(indices.shape()) + " must have the leading shape of x " +
+        shape_str(x.shape()) + ", plus k.");
   }
   if (scores.shape() != indices.shape()) {
-    fail("scores " + shape_str(scores.shape()) + " must have the shape of indices " +
-         shape_str(indices.shape()) + ".");
+    fail(
+        "scores " + shape_str(scores.shape()) + " must have the shape of indices " +
+        shape_str(indices.shape()) + ".");
   }
   const int D = x.shape(-1);
   const int k = indices.shape(-1);
@@ -115,8 +121,9 @@ MoeOperands check_moe(
     fail("x " + shape_str(x.shape()) + " has hidden size 0; it must be at least 1.");
   }
   if (gate.weight.ndim() != 3) {
-    fail("gate: weight must be (experts, out, in*bits/32); got shape " +
-         shape_str(gate.weight.shape()) + ".");
+    fail(
+        "gate: weight must be (experts, out, in*bits/32); got shape " +
+        shape_str(gate.weight.shape()) + ".");
   }
   const int I = gate.weight.shape(1);
   const int E = check_proj("gate", gate, I, D, 0);
@@ -125,8 +132,9 @@ MoeOperands check_moe(
   // One scales dtype for gate and up: the fused gate/up kernel reads both with one type.
   // Checked here, for every backend, rather than when a GPU launch is encoded.
   if (gate.scales.dtype() != up.scales.dtype()) {
-    fail("gate and up scales must share one dtype; got " + dtype_str(gate.scales.dtype()) +
-         " and " + dtype_str(up.scales.dtype()) + ".");
+    fail(
+        "gate and up scales must share one dtype; got " + dtype_str(gate.scales.dtype()) + " and " +
+        dtype_str(up.scales.dtype()) + ".");
   }
 
   // Tokens are one int axis of the flattened arrays: count them without overflow.
@@ -134,8 +142,10 @@ MoeOperands check_moe(
   for (auto d : lead) {
     tokens *= d;
     if (tokens > std::numeric_limits<int>::max()) {
-      fail("x " + shape_str(x.shape()) + " has more than 2^31 - 1 tokens (product of the "
-           "leading dimensions).");
+      fail(
+          "x " + shape_str(x.shape()) +
+          " has more than 2^31 - 1 tokens (product of the "
+          "leading dimensions).");
     }
   }
   const int T = static_cast<int>(tokens);
@@ -158,8 +168,18 @@ MoeOperands check_moe(
   auto x2 = mx::contiguous(mx::reshape(x, {T, D}, st), false, st);
   auto idx = mx::contiguous(mx::reshape(mx::astype(ids, mx::uint32, st), {T, k}, st), false, st);
   auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
-  return {st, T, D, I, k, x2, idx, sc,
-          {gate.bits, gate.group_size}, {up.bits, up.group_size}, {down.bits, down.group_size}};
+  return {
+      st,
+      T,
+      D,
+      I,
+      k,
+      x2,
+      idx,
+      sc,
+      {gate.bits, gate.group_size},
+      {up.bits, up.group_size},
+      {down.bits, down.group_size}};
 }
 
 } // namespace
@@ -179,8 +199,14 @@ mx::array moe_swiglu(
       {o.T, o.k, o.I},
       mx::float32,
       std::make_shared<MoeGateUp>(o.st, o.pg, o.pu),
-      {o.x2, o.idx, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight),
-       c(up.scales), c(up.biases)});
+      {o.x2,
+       o.idx,
+       c(gate.weight),
+       c(gate.scales),
+       c(gate.biases),
+       c(up.weight),
+       c(up.scales),
+       c(up.biases)});
   auto y = mx::array(
       {o.T, o.D},
       x.dtype(),
@@ -208,8 +234,18 @@ mx::array moe_prefill(
       {o.T, o.D},
       x.dtype(),
       std::make_shared<MoePrefill>(o.st, o.pg, o.pu, o.pd),
-      {o.x2, o.idx, o.sc, c(gate.weight), c(gate.scales), c(gate.biases), c(up.weight),
-       c(up.scales), c(up.biases), c(down.weight), c(down.scales), c(down.biases)});
+      {o.x2,
+       o.idx,
+       o.sc,
+       c(gate.weight),
+       c(gate.scales),
+       c(gate.biases),
+       c(up.weight),
+       c(up.scales),
+       c(up.biases),
+       c(down.weight),
+       c(down.scales),
+       c(down.biases)});
   return mx::reshape(y, x.shape(), o.st);
 }
 
@@ -314,10 +350,18 @@ void MoeGateUp::encode(
     return;
   }
   // check_moe guarantees one scales dtype for gate and up (the kernel's S).
-  enc.set_kernel(launch::moe_gate_up_name(
-      dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), gate_.bits, up_.bits));
-  const int bufs[8] = {MQ_GU_X,      MQ_GU_IDX,    MQ_GU_GATE_W, MQ_GU_GATE_S,
-                       MQ_GU_GATE_B, MQ_GU_UP_W,   MQ_GU_UP_S,   MQ_GU_UP_B};
+  enc.set_kernel(
+      launch::moe_gate_up_name(
+          dtype_str(in[0].dtype()), dtype_str(in[3].dtype()), gate_.bits, up_.bits));
+  const int bufs[8] = {
+      MQ_GU_X,
+      MQ_GU_IDX,
+      MQ_GU_GATE_W,
+      MQ_GU_GATE_S,
+      MQ_GU_GATE_B,
+      MQ_GU_UP_W,
+      MQ_GU_UP_S,
+      MQ_GU_UP_B};
   for (int i = 0; i < 8; ++i) {
     enc.set_input(in[i], bufs[i]);
   }
@@ -340,8 +384,8 @@ void MoeDown::encode(
   if (T == 0 || D == 0) {
     return;
   }
-  enc.set_kernel(launch::moe_down_name(
-      dtype_str(out[0].dtype()), dtype_str(in[4].dtype()), down_.bits));
+  enc.set_kernel(
+      launch::moe_down_name(dtype_str(out[0].dtype()), dtype_str(in[4].dtype()), down_.bits));
   const int bufs[6] = {MQ_DN_H, MQ_DN_IDX, MQ_DN_SCORES, MQ_DN_W, MQ_DN_S, MQ_DN_B};
   for (int i = 0; i < 6; ++i) {
     enc.set_input(in[i], bufs[i]);

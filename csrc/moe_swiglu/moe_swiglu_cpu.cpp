@@ -170,7 +170,8 @@ class PrepBuf {
         permute(v, xp_.data() + t * xps_, bits, L.lanes);
       }
       if (L.digits) {
-        sx_scale_[t] = digits(v, xd_.data() + t * xds_, sx_.data() + t * (cols / G), bits, L.digits);
+        sx_scale_[t] =
+            digits(v, xd_.data() + t * xds_, sx_.data() + t * (cols / G), bits, L.digits);
       }
       if (L.levels) {
         sx_scale_[t] = words(v, xw_.data() + t * xws_, sx_.data() + t * (cols / G), bits, L.levels);
@@ -273,7 +274,8 @@ class PrepBuf {
     const int bc = int_block_codes(bits);
     std::vector<int32_t> X;
     const float S = fixed_point(v, int_xmax(nd), sx, X);
-    const std::vector<int> src = code_order(R, 64, [&](int r, int j) { return int_code_of(bits, r, j); });
+    const std::vector<int> src =
+        code_order(R, 64, [&](int r, int j) { return int_code_of(bits, r, j); });
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < 64; ++j) {
@@ -301,7 +303,8 @@ class PrepBuf {
     const int bc = w16_block_codes(bits);
     std::vector<int32_t> X;
     const float S = fixed_point(v, w16_xmax(levels), sx, X);
-    const std::vector<int> src = code_order(R, 16, [&](int r, int w) { return w16_code_of(bits, r, w); });
+    const std::vector<int> src =
+        code_order(R, 16, [&](int r, int w) { return w16_code_of(bits, r, w); });
     for (int b = 0; b < cols_ / bc; ++b) {
       for (int r = 0; r < R; ++r) {
         int16_t* d = xw + (static_cast<std::size_t>(b) * R + r) * levels * 16;
@@ -383,14 +386,15 @@ void rows_scalar(const RowRun& r, int nrows, const Prep& p, int G, float* out, f
 template <typename S>
 RowsFn scalar_bits(int bits) {
   return dispatch_bits(
-      bits, [](auto b) -> RowsFn { return &rows_scalar<decltype(b)::value, S>; },
+      bits,
+      [](auto b) -> RowsFn { return &rows_scalar<decltype(b)::value, S>; },
       []() -> RowsFn { throw std::invalid_argument("[moe_swiglu] unsupported bits"); });
 }
 
 RowsFn pick(const QMat& m, Layout L) {
   const SType st = m.sdtype == mx::float32 ? SType::f32
-      : m.sdtype == mx::float16           ? SType::f16
-                                          : SType::bf16;
+      : m.sdtype == mx::float16            ? SType::f16
+                                           : SType::bf16;
 #ifdef MQ_X86
   if (L.digits) {
     return rows_vnni(m.bits, st, L.digits);
@@ -563,18 +567,18 @@ void moe_gate_up(const GateUpArgs& args) {
     std::vector<float> sbuf(scratch);
     float g[CH], u[CH];
     claim([&](std::size_t i0, std::size_t i1) {
-    for (std::size_t it = i0; it < i1; ++it) {
-      const std::size_t p = it / chunks;
-      const int i = static_cast<int>(CH * (it % chunks));
-      const int nr = std::min(CH, I - i);
-      const std::size_t t = p / a.k;
-      const uint32_t e = a.idx[p];
-      fg(run_of(a.gate, e, i), nr, pg.at(t), a.gate.group_size, g, sbuf.data());
-      fu(run_of(a.up, e, i), nr, pu.at(t), a.up.group_size, u, sbuf.data());
-      for (int j = 0; j < nr; ++j) {
-        a.h[p * I + i + j] = silu(g[j]) * u[j];
+      for (std::size_t it = i0; it < i1; ++it) {
+        const std::size_t p = it / chunks;
+        const int i = static_cast<int>(CH * (it % chunks));
+        const int nr = std::min(CH, I - i);
+        const std::size_t t = p / a.k;
+        const uint32_t e = a.idx[p];
+        fg(run_of(a.gate, e, i), nr, pg.at(t), a.gate.group_size, g, sbuf.data());
+        fu(run_of(a.up, e, i), nr, pu.at(t), a.up.group_size, u, sbuf.data());
+        for (int j = 0; j < nr; ++j) {
+          a.h[p * I + i + j] = silu(g[j]) * u[j];
+        }
       }
-    }
     });
   });
 }
@@ -603,7 +607,8 @@ void moe_down(const DownArgs& args) {
   constexpr int CH = 256;
   const std::size_t chunks = (D + CH - 1) / CH;
   const int scratch = row_scratch(I);
-  const std::size_t tb = std::max<std::size_t>(1, (std::size_t(4) << 20) / (sizeof(float) * a.k * D));
+  const std::size_t tb =
+      std::max<std::size_t>(1, (std::size_t(4) << 20) / (sizeof(float) * a.k * D));
   std::vector<float> o(std::min(a.T, tb) * a.k * D);
   for (std::size_t t0 = 0; t0 < a.T; t0 += tb) {
     const std::size_t t1 = std::min(a.T, t0 + tb);
@@ -633,8 +638,8 @@ void moe_down(const DownArgs& args) {
               acc[r] += a.scores[p] * op[r];
             }
           }
-          store_floats(acc.data(), D, a.ydtype,
-                       static_cast<uint8_t*>(a.y) + t * D * mx::size_of(a.ydtype));
+          store_floats(
+              acc.data(), D, a.ydtype, static_cast<uint8_t*>(a.y) + t * D * mx::size_of(a.ydtype));
         }
       });
     });

@@ -99,8 +99,12 @@ inline float silu(float g) {
 // byte streamed from memory once (the T vectors reuse a chunk of rows from L2).
 // Multi-threaded over chunks of rows. `act` is the activations' dtype before their
 // conversion to float32: the integer kernels keep x at its precision (moe_rows.h).
-void dense_rows(const float* x, std::size_t T, const QMat& m, float* y,
-                mlx::core::Dtype act = mlx::core::float32);
+void dense_rows(
+    const float* x,
+    std::size_t T,
+    const QMat& m,
+    float* y,
+    mlx::core::Dtype act = mlx::core::float32);
 
 // The row kernels this build and CPU run, capped by MOEQUANT_CPU_PATH: "avx512vnni",
 // "avx512", "avx2int", "avx2" or "scalar".

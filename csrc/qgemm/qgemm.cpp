@@ -55,8 +55,14 @@ void decode_scalar(const uint8_t* w, const float* s, const float* b, int kc, int
 }
 
 template <int R>
-void kernel_scalar(const float* xb, const float* wd, int64_t ldw, int kc, float* c, int64_t ldc,
-                   bool accumulate) {
+void kernel_scalar(
+    const float* xb,
+    const float* wd,
+    int64_t ldw,
+    int kc,
+    float* c,
+    int64_t ldc,
+    bool accumulate) {
   float acc[kNR][R] = {};
   for (int k = 0; k < kc; ++k) {
     const float* xk = xb + k * kRowBlock;
@@ -119,11 +125,17 @@ void Activations::Free::operator()(float* p) const {
 }
 
 Activations::Activations(
-    const void* x, mx::Dtype dtype, int64_t M, int64_t ldx, int64_t K, const int64_t* rows)
+    const void* x,
+    mx::Dtype dtype,
+    int64_t M,
+    int64_t ldx,
+    int64_t K,
+    const int64_t* rows)
     : M_(M), K_(K) {
   if (M < 0 || K < 0 || ldx < K) {
-    fail("bad activation shape (M " + std::to_string(M) + ", K " + std::to_string(K) +
-         ", ldx " + std::to_string(ldx) + ").");
+    fail(
+        "bad activation shape (M " + std::to_string(M) + ", K " + std::to_string(K) + ", ldx " +
+        std::to_string(ldx) + ").");
   }
   if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16) {
     fail("activations must be float32, float16 or bfloat16.");
@@ -146,7 +158,8 @@ Activations::Activations(
       const std::size_t off = static_cast<std::size_t>(rows ? rows[m] : m) * ldx;
       const float* xr = static_cast<const float*>(x) + off;
       if (dtype != mx::float32) {
-        cpu::load_floats(static_cast<const uint8_t*>(x) + off * mx::size_of(dtype), dtype, K, row.data());
+        cpu::load_floats(
+            static_cast<const uint8_t*>(x) + off * mx::size_of(dtype), dtype, K, row.data());
         xr = row.data();
       }
       for (int64_t k = 0; k < K; ++k) {
@@ -181,14 +194,16 @@ void gemm(
     m1 = x.M();
   }
   if (n0 < 0 || n1 > W.N || n0 > n1 || m0 < 0 || m1 > x.M() || m0 > m1 || ldy < n1 - n0) {
-    fail("bad row ranges or output stride: W rows [" + std::to_string(n0) + ", " +
-         std::to_string(n1) + ") of " + std::to_string(W.N) + ", x rows [" +
-         std::to_string(m0) + ", " + std::to_string(m1) + ") of " + std::to_string(x.M()) +
-         ", ldy " + std::to_string(ldy) + ".");
+    fail(
+        "bad row ranges or output stride: W rows [" + std::to_string(n0) + ", " +
+        std::to_string(n1) + ") of " + std::to_string(W.N) + ", x rows [" + std::to_string(m0) +
+        ", " + std::to_string(m1) + ") of " + std::to_string(x.M()) + ", ldy " +
+        std::to_string(ldy) + ".");
   }
   if (m0 % kRowBlock != 0) {
-    fail("m0 must be a multiple of kRowBlock (" + std::to_string(kRowBlock) + "); got " +
-         std::to_string(m0) + ".");
+    fail(
+        "m0 must be a multiple of kRowBlock (" + std::to_string(kRowBlock) + "); got " +
+        std::to_string(m0) + ".");
   }
   if (n0 == n1 || m0 == m1) {
     return;
@@ -245,8 +260,12 @@ void gemm(
           load_sb(W.scales, W.sb_dtype, goff, gc, sb.data());
           load_sb(W.biases, W.sb_dtype, goff, gc, sb.data() + kKC / 32);
           kern.decode(
-              wbytes + n * row_bytes + static_cast<std::size_t>(k0) * W.bits / 8, sb.data(),
-              sb.data() + kKC / 32, kc, G, wd.data() + static_cast<std::size_t>(r) * kKC);
+              wbytes + n * row_bytes + static_cast<std::size_t>(k0) * W.bits / 8,
+              sb.data(),
+              sb.data() + kKC / 32,
+              kc,
+              G,
+              wd.data() + static_cast<std::size_t>(r) * kKC);
         }
         // Padding rows of the last micro-tile: zeros (their results are dropped).
         for (int r = nt; r < npad; ++r) {
@@ -256,8 +275,13 @@ void gemm(
           const float* xb = x.block(m / kRowBlock) + k0 * kRowBlock;
           const detail::KernelFn kf = mc1 - m <= 8 ? kern.rows8 : kern.rows16;
           for (int j = 0; j < npad; j += kNR) {
-            kf(xb, wd.data() + static_cast<std::size_t>(j) * kKC, kKC, kc,
-               acc.data() + static_cast<std::size_t>(j) * kMC + (m - mc0), kMC, k0 > 0);
+            kf(xb,
+               wd.data() + static_cast<std::size_t>(j) * kKC,
+               kKC,
+               kc,
+               acc.data() + static_cast<std::size_t>(j) * kMC + (m - mc0),
+               kMC,
+               k0 > 0);
           }
         }
       }

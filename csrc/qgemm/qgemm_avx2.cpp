@@ -22,18 +22,80 @@ inline void codes16(__m128i bytes, __m256i& lo, __m256i& hi) {
     return static_cast<char>(half * B + (B * i) / 8 + j);
   };
   const __m256i s0 = _mm256_setr_epi8(
-      sel(0, 0, 0), sel(0, 0, 1), -128, -128, sel(0, 1, 0), sel(0, 1, 1), -128, -128,
-      sel(0, 2, 0), sel(0, 2, 1), -128, -128, sel(0, 3, 0), sel(0, 3, 1), -128, -128,
-      sel(0, 4, 0), sel(0, 4, 1), -128, -128, sel(0, 5, 0), sel(0, 5, 1), -128, -128,
-      sel(0, 6, 0), sel(0, 6, 1), -128, -128, sel(0, 7, 0), sel(0, 7, 1), -128, -128);
+      sel(0, 0, 0),
+      sel(0, 0, 1),
+      -128,
+      -128,
+      sel(0, 1, 0),
+      sel(0, 1, 1),
+      -128,
+      -128,
+      sel(0, 2, 0),
+      sel(0, 2, 1),
+      -128,
+      -128,
+      sel(0, 3, 0),
+      sel(0, 3, 1),
+      -128,
+      -128,
+      sel(0, 4, 0),
+      sel(0, 4, 1),
+      -128,
+      -128,
+      sel(0, 5, 0),
+      sel(0, 5, 1),
+      -128,
+      -128,
+      sel(0, 6, 0),
+      sel(0, 6, 1),
+      -128,
+      -128,
+      sel(0, 7, 0),
+      sel(0, 7, 1),
+      -128,
+      -128);
   const __m256i s1 = _mm256_setr_epi8(
-      sel(1, 0, 0), sel(1, 0, 1), -128, -128, sel(1, 1, 0), sel(1, 1, 1), -128, -128,
-      sel(1, 2, 0), sel(1, 2, 1), -128, -128, sel(1, 3, 0), sel(1, 3, 1), -128, -128,
-      sel(1, 4, 0), sel(1, 4, 1), -128, -128, sel(1, 5, 0), sel(1, 5, 1), -128, -128,
-      sel(1, 6, 0), sel(1, 6, 1), -128, -128, sel(1, 7, 0), sel(1, 7, 1), -128, -128);
+      sel(1, 0, 0),
+      sel(1, 0, 1),
+      -128,
+      -128,
+      sel(1, 1, 0),
+      sel(1, 1, 1),
+      -128,
+      -128,
+      sel(1, 2, 0),
+      sel(1, 2, 1),
+      -128,
+      -128,
+      sel(1, 3, 0),
+      sel(1, 3, 1),
+      -128,
+      -128,
+      sel(1, 4, 0),
+      sel(1, 4, 1),
+      -128,
+      -128,
+      sel(1, 5, 0),
+      sel(1, 5, 1),
+      -128,
+      -128,
+      sel(1, 6, 0),
+      sel(1, 6, 1),
+      -128,
+      -128,
+      sel(1, 7, 0),
+      sel(1, 7, 1),
+      -128,
+      -128);
   const __m256i shift = _mm256_setr_epi32(
-      (B * 0) % 8, (B * 1) % 8, (B * 2) % 8, (B * 3) % 8, (B * 4) % 8, (B * 5) % 8,
-      (B * 6) % 8, (B * 7) % 8);
+      (B * 0) % 8,
+      (B * 1) % 8,
+      (B * 2) % 8,
+      (B * 3) % 8,
+      (B * 4) % 8,
+      (B * 5) % 8,
+      (B * 6) % 8,
+      (B * 7) % 8);
   const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
   lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, s0), shift), mask);
   hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, s1), shift), mask);
@@ -74,8 +136,14 @@ void decode_avx2(const uint8_t* w, const float* s, const float* b, int kc, int G
 // R = 8 or 16 rows of x (one or two vectors per k), kNR * R / 8 accumulators. Named
 // registers: with arrays GCC stored every accumulator to the stack each iteration.
 template <int R>
-void kernel_avx2(const float* xb, const float* wd, int64_t ldw, int kc, float* c, int64_t ldc,
-                 bool accumulate) {
+void kernel_avx2(
+    const float* xb,
+    const float* wd,
+    int64_t ldw,
+    int kc,
+    float* c,
+    int64_t ldc,
+    bool accumulate) {
   static_assert(kNR == 6);
   __m256 c00 = _mm256_setzero_ps(), c10 = c00, c20 = c00, c30 = c00, c40 = c00, c50 = c00;
   __m256 c01 = c00, c11 = c00, c21 = c00, c31 = c00, c41 = c00, c51 = c00;
@@ -92,13 +160,13 @@ void kernel_avx2(const float* xb, const float* wd, int64_t ldw, int kc, float* c
     if constexpr (R == 16) {
       a1 = _mm256_load_ps(xk + 8);
     }
-#define MQ_STEP(j)                                      \
-  {                                                     \
-    const __m256 wv = _mm256_broadcast_ss(w##j + k);    \
-    c##j##0 = _mm256_fmadd_ps(a0, wv, c##j##0);         \
-    if constexpr (R == 16) {                            \
-      c##j##1 = _mm256_fmadd_ps(a1, wv, c##j##1);       \
-    }                                                   \
+#define MQ_STEP(j)                                   \
+  {                                                  \
+    const __m256 wv = _mm256_broadcast_ss(w##j + k); \
+    c##j##0 = _mm256_fmadd_ps(a0, wv, c##j##0);      \
+    if constexpr (R == 16) {                         \
+      c##j##1 = _mm256_fmadd_ps(a1, wv, c##j##1);    \
+    }                                                \
   }
     MQ_STEP(0)
     MQ_STEP(1)

@@ -19,13 +19,19 @@ constexpr int kNR = 6;
 
 // Decodes kc codes of one row (kc a multiple of G, w at the first code of a group) to
 // floats: dst[k] = s[k / G] * q_k + b[k / G].
-using DecodeFn = void (*)(const uint8_t* w, const float* s, const float* b, int kc, int G,
-                          float* dst);
+using DecodeFn =
+    void (*)(const uint8_t* w, const float* s, const float* b, int kc, int G, float* dst);
 
 // c[j * ldc + i] (+= if accumulate, else =) sum_{k < kc} xb[k * kRowBlock + i] *
 // wd[j * ldw + k], for j < kNR and i < 16 (rows16) or i < 8 (rows8).
-using KernelFn = void (*)(const float* xb, const float* wd, int64_t ldw, int kc, float* c,
-                          int64_t ldc, bool accumulate);
+using KernelFn = void (*)(
+    const float* xb,
+    const float* wd,
+    int64_t ldw,
+    int kc,
+    float* c,
+    int64_t ldc,
+    bool accumulate);
 
 // A kernel template instantiated for the run-time bit width: pick<F>(bits) returns
 // F<B> (a function pointer) for B in 2/3/4/5/6/8, null for other widths.

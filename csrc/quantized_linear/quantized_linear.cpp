@@ -42,28 +42,31 @@ mx::array quantized_linear(
     fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) + ".");
   }
   if (biases.dtype() != scales.dtype()) {
-    fail("biases must have the dtype of scales (" + dtype_str(scales.dtype()) + "); got " +
-         dtype_str(biases.dtype()) + ".");
+    fail(
+        "biases must have the dtype of scales (" + dtype_str(scales.dtype()) + "); got " +
+        dtype_str(biases.dtype()) + ".");
   }
   const int K = x.shape(-1);
   const int N = w.shape(0);
   if (K % group_size != 0) {
-    fail("x's last dimension " + std::to_string(K) + " is not divisible by group_size " +
-         std::to_string(group_size) + ".");
+    fail(
+        "x's last dimension " + std::to_string(K) + " is not divisible by group_size " +
+        std::to_string(group_size) + ".");
   }
   const mx::Shape want_w{N, K / 32 * bits};
   const mx::Shape want_s{N, K / group_size};
   if (w.shape() != want_w) {
-    fail("w must have shape " + shape_str(want_w) + " for x (..., " + std::to_string(K) +
-         ") at " + std::to_string(bits) + " bits; got " + shape_str(w.shape()) + ".");
+    fail(
+        "w must have shape " + shape_str(want_w) + " for x (..., " + std::to_string(K) + ") at " +
+        std::to_string(bits) + " bits; got " + shape_str(w.shape()) + ".");
   }
   if (scales.shape() != want_s) {
-    fail("scales must have shape " + shape_str(want_s) + "; got " + shape_str(scales.shape()) +
-         ".");
+    fail(
+        "scales must have shape " + shape_str(want_s) + "; got " + shape_str(scales.shape()) + ".");
   }
   if (biases.shape() != want_s) {
-    fail("biases must have shape " + shape_str(want_s) + "; got " + shape_str(biases.shape()) +
-         ".");
+    fail(
+        "biases must have shape " + shape_str(want_s) + "; got " + shape_str(biases.shape()) + ".");
   }
   auto st = mx::to_stream(s);
   mx::Shape out_shape = x.shape();
@@ -72,7 +75,8 @@ mx::array quantized_linear(
     // MLX's Metal kernels already do these shapes well.
     return mx::astype(
         mx::quantized_matmul(x, w, scales, biases, true, group_size, bits, "affine", st),
-        x.dtype(), st);
+        x.dtype(),
+        st);
   }
   int M = 1;
   for (std::size_t i = 0; i + 1 < x.ndim(); ++i) {

@@ -25,19 +25,39 @@ struct V8 {
   V8(float x) : v(_mm256_set1_ps(x)) {}
   explicit V8(__m256 x) : v(x) {}
 };
-inline V8 operator+(V8 a, V8 b) { return V8(_mm256_add_ps(a.v, b.v)); }
-inline V8 operator-(V8 a, V8 b) { return V8(_mm256_sub_ps(a.v, b.v)); }
-inline V8 operator*(V8 a, V8 b) { return V8(_mm256_mul_ps(a.v, b.v)); }
-inline V8 mq_div(V8 a, V8 b) { return V8(_mm256_div_ps(a.v, b.v)); }
+inline V8 operator+(V8 a, V8 b) {
+  return V8(_mm256_add_ps(a.v, b.v));
+}
+inline V8 operator-(V8 a, V8 b) {
+  return V8(_mm256_sub_ps(a.v, b.v));
+}
+inline V8 operator*(V8 a, V8 b) {
+  return V8(_mm256_mul_ps(a.v, b.v));
+}
+inline V8 mq_div(V8 a, V8 b) {
+  return V8(_mm256_div_ps(a.v, b.v));
+}
 inline V8 mq_rint(V8 a) {
   return V8(_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline M8 mq_lt(V8 a, V8 b) { return M8{_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
-inline M8 mq_eq(V8 a, V8 b) { return M8{_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
-inline M8 mq_and(M8 a, M8 b) { return M8{_mm256_and_ps(a.m, b.m)}; }
-inline M8 mq_andnot(M8 a, M8 b) { return M8{_mm256_andnot_ps(a.m, b.m)}; }
-inline V8 mq_sel(M8 m, V8 a, V8 b) { return V8(_mm256_blendv_ps(b.v, a.v, m.m)); }
-inline bool mq_any(M8 m) { return _mm256_movemask_ps(m.m) != 0; }
+inline M8 mq_lt(V8 a, V8 b) {
+  return M8{_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)};
+}
+inline M8 mq_eq(V8 a, V8 b) {
+  return M8{_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)};
+}
+inline M8 mq_and(M8 a, M8 b) {
+  return M8{_mm256_and_ps(a.m, b.m)};
+}
+inline M8 mq_andnot(M8 a, M8 b) {
+  return M8{_mm256_andnot_ps(a.m, b.m)};
+}
+inline V8 mq_sel(M8 m, V8 a, V8 b) {
+  return V8(_mm256_blendv_ps(b.v, a.v, m.m));
+}
+inline bool mq_any(M8 m) {
+  return _mm256_movemask_ps(m.m) != 0;
+}
 // clamp(x, 0, n) of the header in two instructions: max_ps(a, b) is a > b ? a : b and
 // min_ps(a, b) is a < b ? a : b, so with these operand orders NaN and -0 come out as
 // from `x < 0 ? 0 : x` and `n < x ? n : x`.
@@ -52,7 +72,9 @@ template <typename T>
 struct rt8;
 template <>
 struct rt8<float> {
-  static V8 round(V8 x) { return x; }
+  static V8 round(V8 x) {
+    return x;
+  }
 };
 template <>
 struct rt8<mlx::core::float16_t> {
@@ -100,8 +122,17 @@ struct fit_avx2 {
   }
 
   static void candidates(
-      const mq_fit_slots& g, float S0, float T1, float T2, float nb, float* sig,
-      float* beta, float* err, float* S1, float* S2, float* S3) {
+      const mq_fit_slots& g,
+      float S0,
+      float T1,
+      float T2,
+      float nb,
+      float* sig,
+      float* beta,
+      float* err,
+      float* S1,
+      float* S2,
+      float* S3) {
     const cand_table& ct = table(nb);
     alignas(32) float o[6][8 * NV];
     const V8 vnb(nb);
@@ -156,9 +187,20 @@ struct fit_avx2 {
   }
 
   static void lloyd(
-      const mq_fit_slots& g, float S0, float T1, float T2, float nb, const float* sig,
-      const float* beta, const float* err, const float* S1, const float* S2,
-      const float* S3, float* best_e, float* best_s, float* best_b) {
+      const mq_fit_slots& g,
+      float S0,
+      float T1,
+      float T2,
+      float nb,
+      const float* sig,
+      const float* beta,
+      const float* err,
+      const float* S1,
+      const float* S2,
+      const float* S3,
+      float* best_e,
+      float* best_s,
+      float* best_b) {
     static_assert(MQ_FIT_STARTS <= 8, "the starts share one vector");
     alignas(32) float l[9][8];
     const float* src[6] = {sig, beta, err, S1, S2, S3};
@@ -173,10 +215,24 @@ struct fit_avx2 {
     }
     V8 be(_mm256_load_ps(l[2])), bs(_mm256_load_ps(l[0])), bb(_mm256_load_ps(l[1]));
     M8 active = mq_lt(V8(0.0f), V8(_mm256_load_ps(act)));
-    mq_fit_lloyd(g.t, g.cc, g.ct, g.m, V8(S0), V8(T1), V8(T2), V8(nb),
-                 V8(_mm256_load_ps(l[0])), V8(_mm256_load_ps(l[1])),
-                 V8(_mm256_load_ps(l[3])), V8(_mm256_load_ps(l[4])),
-                 V8(_mm256_load_ps(l[5])), active, be, bs, bb);
+    mq_fit_lloyd(
+        g.t,
+        g.cc,
+        g.ct,
+        g.m,
+        V8(S0),
+        V8(T1),
+        V8(T2),
+        V8(nb),
+        V8(_mm256_load_ps(l[0])),
+        V8(_mm256_load_ps(l[1])),
+        V8(_mm256_load_ps(l[3])),
+        V8(_mm256_load_ps(l[4])),
+        V8(_mm256_load_ps(l[5])),
+        active,
+        be,
+        bs,
+        bb);
     _mm256_store_ps(l[6], be.v);
     _mm256_store_ps(l[7], bs.v);
     _mm256_store_ps(l[8], bb.v);
@@ -187,9 +243,8 @@ struct fit_avx2 {
     }
   }
 
-  static float error(
-      const mq_fit_slots& g, float s, float b, float inv, float nb, bool mm, float ms,
-      float mb) {
+  static float
+  error(const mq_fit_slots& g, float s, float b, float inv, float nb, bool mm, float ms, float mb) {
     const V8 vs(s), vb(b), vinv(inv), vnb(nb), vms(ms), vmb(mb);
     V8 acc(0.0f);
     for (int j = 0; j < g.n; j += 8) {
@@ -211,15 +266,15 @@ struct rows_avx2 {
   static void counts(const uint8_t* in, int* cnt) {
     const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
     const __m128i m = _mm_set1_epi8(0x0F);
-    const __m256i nib = _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(x, m));
+    const __m256i nib =
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(x, m));
     for (int u = 0; u < 16; ++u) {
       const __m256i eq = _mm256_cmpeq_epi8(nib, _mm256_set1_epi8(static_cast<char>(u)));
       cnt[u] = _mm_popcnt_u32(static_cast<unsigned>(_mm256_movemask_epi8(eq)));
     }
   }
-  static void codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in,
-                    uint8_t* out) {
+  static void
+  codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in, uint8_t* out) {
     // mq_fit_code per lane: the same float ops, NaN -> 0.
     const V8 vnb(nb);
     __m256i qi[2];

@@ -10,25 +10,45 @@ template <typename T>
 struct cpu_tbits;
 template <>
 struct cpu_tbits<float> {
-  static uint32_t get(float x) { uint32_t b; std::memcpy(&b, &x, 4); return b; }
-  static float put(uint32_t b) { float x; std::memcpy(&x, &b, 4); return x; }
-  static uint32_t sign() { return 0x80000000u; }
+  static uint32_t get(float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    return b;
+  }
+  static float put(uint32_t b) {
+    float x;
+    std::memcpy(&x, &b, 4);
+    return x;
+  }
+  static uint32_t sign() {
+    return 0x80000000u;
+  }
 };
 template <>
 struct cpu_tbits<mlx::core::float16_t> {
-  static uint32_t get(float x) { return mlx::core::float16_t(x).bits_; }
+  static uint32_t get(float x) {
+    return mlx::core::float16_t(x).bits_;
+  }
   static float put(uint32_t b) {
     mlx::core::float16_t h;
     h.bits_ = static_cast<uint16_t>(b);
     return static_cast<float>(h);
   }
-  static uint32_t sign() { return 0x8000u; }
+  static uint32_t sign() {
+    return 0x8000u;
+  }
 };
 template <>
 struct cpu_tbits<mlx::core::bfloat16_t> {
-  static uint32_t get(float x) { return cpu_tbits<float>::get(x) >> 16; }
-  static float put(uint32_t b) { return cpu_tbits<float>::put(b << 16); }
-  static uint32_t sign() { return 0x8000u; }
+  static uint32_t get(float x) {
+    return cpu_tbits<float>::get(x) >> 16;
+  }
+  static float put(uint32_t b) {
+    return cpu_tbits<float>::put(b << 16);
+  }
+  static uint32_t sign() {
+    return 0x8000u;
+  }
 };
 
 // Codes (bytes < 2^bits, n a multiple of 8) -> MLX's little-endian bitstream.
@@ -44,12 +64,18 @@ void pack_codes_b(const uint8_t* q, int n, uint8_t* dst) {
 
 inline void pack_codes(const uint8_t* q, int n, int bits, uint8_t* dst) {
   switch (bits) {
-    case 2: return pack_codes_b<2>(q, n, dst);
-    case 3: return pack_codes_b<3>(q, n, dst);
-    case 4: return pack_codes_b<4>(q, n, dst);
-    case 5: return pack_codes_b<5>(q, n, dst);
-    case 6: return pack_codes_b<6>(q, n, dst);
-    default: return pack_codes_b<8>(q, n, dst);
+    case 2:
+      return pack_codes_b<2>(q, n, dst);
+    case 3:
+      return pack_codes_b<3>(q, n, dst);
+    case 4:
+      return pack_codes_b<4>(q, n, dst);
+    case 5:
+      return pack_codes_b<5>(q, n, dst);
+    case 6:
+      return pack_codes_b<6>(q, n, dst);
+    default:
+      return pack_codes_b<8>(q, n, dst);
   }
 }
 
@@ -65,8 +91,8 @@ struct mq_rows_scalar {
       cnt[in[k] >> 4] += 1;
     }
   }
-  static void codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in,
-                    uint8_t* out) {
+  static void
+  codes(const mq_fit_result& r, const float* v, float nb, const uint8_t* in, uint8_t* out) {
     uint8_t lut[16];
     for (int u = 0; u < 16; ++u) {
       lut[u] = static_cast<uint8_t>(mq_fit_code(r, v[u], nb));

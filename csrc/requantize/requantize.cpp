@@ -39,38 +39,43 @@ void check_requantize_int4_args(
   check_bits_group("[moequant.requantize_int4] ", bits, group_size);
   check_group_size("[moequant.requantize_int4] ", "src_group_size", src_group_size);
   if (packed.dtype() != mx::int32 && packed.dtype() != mx::uint32) {
-    fail("packed must be int32 or uint32 (eight 4-bit codes per word); got " +
-         dtype_str(packed.dtype()) + ".");
+    fail(
+        "packed must be int32 or uint32 (eight 4-bit codes per word); got " +
+        dtype_str(packed.dtype()) + ".");
   }
   if (!is_float(scales.dtype())) {
-    fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) +
-         ".");
+    fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) + ".");
   }
   mx::Dtype out_dtype = dtype.value_or(scales.dtype());
   if (!is_float(out_dtype)) {
     fail("dtype must be float32, float16 or bfloat16; got " + dtype_str(out_dtype) + ".");
   }
   if (packed.ndim() < 2) {
-    fail("packed must have at least 2 dimensions (..., K/8), as mx.quantize requires; "
-         "got shape " + shape_str(packed.shape()) + ".");
+    fail(
+        "packed must have at least 2 dimensions (..., K/8), as mx.quantize requires; "
+        "got shape " +
+        shape_str(packed.shape()) + ".");
   }
   const long long K = static_cast<long long>(packed.shape(-1)) * 8;
   if (K == 0) {
     fail("packed has an empty last axis (shape " + shape_str(packed.shape()) + ").");
   }
   if (K % src_group_size != 0) {
-    fail("K = 8 * packed.shape[-1] = " + std::to_string(K) +
-         " is not divisible by src_group_size = " + std::to_string(src_group_size) + ".");
+    fail(
+        "K = 8 * packed.shape[-1] = " + std::to_string(K) +
+        " is not divisible by src_group_size = " + std::to_string(src_group_size) + ".");
   }
   if (K % group_size != 0) {
-    fail("K = 8 * packed.shape[-1] = " + std::to_string(K) +
-         " is not divisible by group_size = " + std::to_string(group_size) + ".");
+    fail(
+        "K = 8 * packed.shape[-1] = " + std::to_string(K) +
+        " is not divisible by group_size = " + std::to_string(group_size) + ".");
   }
   mx::Shape want_scales = out_shape(packed.shape(), static_cast<int>(K / src_group_size));
   if (scales.shape() != want_scales) {
-    fail("scales must have shape " + shape_str(want_scales) + " for packed of shape " +
-         shape_str(packed.shape()) + " and src_group_size " +
-         std::to_string(src_group_size) + "; got " + shape_str(scales.shape()) + ".");
+    fail(
+        "scales must have shape " + shape_str(want_scales) + " for packed of shape " +
+        shape_str(packed.shape()) + " and src_group_size " + std::to_string(src_group_size) +
+        "; got " + shape_str(scales.shape()) + ".");
   }
   // The kernels and output_shapes hold K in an int.
   if (K > std::numeric_limits<int>::max()) {
@@ -112,8 +117,7 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
 
 bool RequantizeInt4::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const RequantizeInt4&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_ &&
-      src_group_size_ == o.src_group_size_;
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && src_group_size_ == o.src_group_size_;
 }
 
 std::vector<mx::Shape> RequantizeInt4::output_shapes(const std::vector<mx::array>& inputs) {
@@ -166,9 +170,13 @@ void RequantizeInt4::encode(
   if (n_groups == 0) {
     return;
   }
-  enc.set_kernel(launch::requantize_int4_name(
-      bits_, group_size_, src_group_size_, dtype_str(scales.dtype()),
-      dtype_str(outputs[1].dtype())));
+  enc.set_kernel(
+      launch::requantize_int4_name(
+          bits_,
+          group_size_,
+          src_group_size_,
+          dtype_str(scales.dtype()),
+          dtype_str(outputs[1].dtype())));
   enc.set_input(packed, MQ_RQ_PACKED);
   enc.set_input(scales, MQ_RQ_SRC_SCALES);
   enc.set_output(outputs[0], MQ_RQ_WQ);

@@ -91,8 +91,7 @@ inline void lookup_codes(const uint8_t* p, const uint8_t* lut, Block& out) {
   __m128i cl = _mm_shuffle_epi8(t, _mm_and_si128(v, m));
   __m128i ch = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m));
   _mm_store_si128(reinterpret_cast<__m128i*>(out.codes), _mm_unpacklo_epi8(cl, ch));
-  _mm_store_si128(
-      reinterpret_cast<__m128i*>(out.codes + 16), _mm_unpackhi_epi8(cl, ch));
+  _mm_store_si128(reinterpret_cast<__m128i*>(out.codes + 16), _mm_unpackhi_epi8(cl, ch));
 #elif defined(MQ_SIMD_NEON)
   uint8x16_t v = vld1q_u8(p);
   uint8x16_t t = vld1q_u8(lut);
@@ -362,9 +361,7 @@ void requantize_int4(const RequantizeArgs& a) {
   // At least ~64 KB of input per task, so that small tensors stay on one thread.
   std::size_t row_bytes = static_cast<std::size_t>(a.K) / 2;
   std::size_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
-  parallel_for(a.rows, min_rows, [&](std::size_t r0, std::size_t r1) {
-    dispatch(a, r0, r1);
-  });
+  parallel_for(a.rows, min_rows, [&](std::size_t r0, std::size_t r1) { dispatch(a, r0, r1); });
 }
 
 } // namespace moequant::cpu

@@ -23,37 +23,45 @@ mx::Shape with_last(const mx::Shape& s, int last) {
   return r;
 }
 
-mx::array importance_or_ones(
-    const char* fn, std::optional<mx::array> h, int K, const mx::Stream& stream) {
+mx::array
+importance_or_ones(const char* fn, std::optional<mx::array> h, int K, const mx::Stream& stream) {
   if (!h) {
     return mx::ones({K}, mx::float32, stream);
   }
   if (h->ndim() != 1 || h->shape(0) != K) {
     throw std::invalid_argument(
-        std::string("[moequant.") + fn + "] importance must have shape (" +
-        std::to_string(K) + ",), one weight per input channel; got " +
-        shape_str(h->shape()) + ".");
+        std::string("[moequant.") + fn + "] importance must have shape (" + std::to_string(K) +
+        ",), one weight per input channel; got " + shape_str(h->shape()) + ".");
   }
   return mx::contiguous(mx::astype(*h, mx::float32, stream), false, stream);
 }
 
 std::tuple<mx::array, mx::array, mx::array> make_outputs(
-    const mx::Shape& lead, int K, int bits, int group_size, mx::Dtype out_dtype,
-    std::shared_ptr<RequantizeFit> prim, std::vector<mx::array> inputs) {
+    const mx::Shape& lead,
+    int K,
+    int bits,
+    int group_size,
+    mx::Dtype out_dtype,
+    std::shared_ptr<RequantizeFit> prim,
+    std::vector<mx::array> inputs) {
   auto outs = mx::array::make_arrays(
-      {with_last(lead, K * bits / 32), with_last(lead, K / group_size),
+      {with_last(lead, K * bits / 32),
+       with_last(lead, K / group_size),
        with_last(lead, K / group_size)},
-      {mx::uint32, out_dtype, out_dtype}, std::move(prim), std::move(inputs));
+      {mx::uint32, out_dtype, out_dtype},
+      std::move(prim),
+      std::move(inputs));
   return {outs[0], outs[1], outs[2]};
 }
 
 } // namespace
 
-void check_quantize_args(const mx::array& w, int bits, int group_size,
-                         std::optional<mx::Dtype> dtype) {
-  auto fail = [](const std::string& m) {
-    throw std::invalid_argument("[moequant.quantize] " + m);
-  };
+void check_quantize_args(
+    const mx::array& w,
+    int bits,
+    int group_size,
+    std::optional<mx::Dtype> dtype) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("[moequant.quantize] " + m); };
   check_bits_group("[moequant.quantize] ", bits, group_size);
   if (!is_float(w.dtype())) {
     fail("w must be float32, float16 or bfloat16; got " + dtype_str(w.dtype()) + ".");
@@ -62,8 +70,9 @@ void check_quantize_args(const mx::array& w, int bits, int group_size,
     fail("dtype must be float32, float16 or bfloat16; got " + dtype_str(*dtype) + ".");
   }
   if (w.ndim() < 2 || w.shape(-1) == 0 || w.shape(-1) % group_size != 0) {
-    fail("w must have at least 2 dimensions and a last axis divisible by group_size = " +
-         std::to_string(group_size) + "; got shape " + shape_str(w.shape()) + ".");
+    fail(
+        "w must have at least 2 dimensions and a last axis divisible by group_size = " +
+        std::to_string(group_size) + "; got shape " + shape_str(w.shape()) + ".");
   }
 }
 
@@ -85,7 +94,11 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4_fit(
       packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
   auto sc = mx::contiguous(scales, false, stream);
   return make_outputs(
-      packed.shape(), K, bits, group_size, dtype.value_or(scales.dtype()),
+      packed.shape(),
+      K,
+      bits,
+      group_size,
+      dtype.value_or(scales.dtype()),
       std::make_shared<RequantizeFit>(stream, true, bits, group_size, src_group_size),
       {p, sc, h});
 }
@@ -104,8 +117,13 @@ std::tuple<mx::array, mx::array, mx::array> quantize_fit(
   auto h = importance_or_ones("quantize", importance, K, stream);
   auto x = mx::contiguous(w, false, stream);
   return make_outputs(
-      w.shape(), K, bits, group_size, dtype.value_or(w.dtype()),
-      std::make_shared<RequantizeFit>(stream, false, bits, group_size, 0), {x, h});
+      w.shape(),
+      K,
+      bits,
+      group_size,
+      dtype.value_or(w.dtype()),
+      std::make_shared<RequantizeFit>(stream, false, bits, group_size, 0),
+      {x, h});
 }
 
 bool RequantizeFit::is_equivalent(const mx::Primitive& other) const {
@@ -117,8 +135,10 @@ bool RequantizeFit::is_equivalent(const mx::Primitive& other) const {
 std::vector<mx::Shape> RequantizeFit::output_shapes(const std::vector<mx::array>& inputs) {
   const auto& x = inputs[0];
   const int K = int4_ ? x.shape(-1) * 8 : x.shape(-1);
-  return {with_last(x.shape(), K * bits_ / 32), with_last(x.shape(), K / group_size_),
-          with_last(x.shape(), K / group_size_)};
+  return {
+      with_last(x.shape(), K * bits_ / 32),
+      with_last(x.shape(), K / group_size_),
+      with_last(x.shape(), K / group_size_)};
 }
 
 void RequantizeFit::eval_cpu(

@@ -34,8 +34,11 @@ std::tuple<mx::array, mx::array, mx::array> quantize_fit(
     mx::StreamOrDevice s = {});
 
 // The checks of quantize (both fits): std::invalid_argument naming the argument.
-void check_quantize_args(const mx::array& w, int bits, int group_size,
-                         std::optional<mx::Dtype> dtype);
+void check_quantize_args(
+    const mx::array& w,
+    int bits,
+    int group_size,
+    std::optional<mx::Dtype> dtype);
 
 // Inputs: INT4 {packed uint32, scales, importance f32 (K)}; float {w, importance}.
 class RequantizeFit : public mx::Primitive, public MetalDispatch {
@@ -47,10 +50,8 @@ class RequantizeFit : public mx::Primitive, public MetalDispatch {
         group_size_(group_size),
         src_group_size_(src_group_size) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
-      override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
-      override;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
   const char* name() const override {
     return "RequantizeFit";

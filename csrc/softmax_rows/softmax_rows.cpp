@@ -74,8 +74,9 @@ mx::array softmax_rows(
       fail("mask must be bool; got " + dtype_str(mask->dtype()) + ".");
     }
     if (mask->shape() != mx::Shape{L, S}) {
-      fail("mask must have shape (L, S) = " + shape_str(mx::Shape{L, S}) + "; got " +
-           shape_str(mask->shape()) + ".");
+      fail(
+          "mask must have shape (L, S) = " + shape_str(mx::Shape{L, S}) + "; got " +
+          shape_str(mask->shape()) + ".");
     }
   }
   auto st = mx::to_stream(st_);
@@ -98,9 +99,14 @@ mx::array softmax_rows(
 
 void SoftmaxRows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  Args a{in[0].data<float>(), in.size() > 1 ? in[1].data<bool>() : nullptr,
-         out.data<float>(), in[0].shape(0),
-         in.size() > 1 ? in[1].shape(0) : 1, in[0].shape(1), scale_};
+  Args a{
+      in[0].data<float>(),
+      in.size() > 1 ? in[1].data<bool>() : nullptr,
+      out.data<float>(),
+      in[0].shape(0),
+      in.size() > 1 ? in[1].shape(0) : 1,
+      in[0].shape(1),
+      scale_};
   enqueue_cpu(stream(), in, {out}, [a]() {
     if (a.S == 0) {
       return;

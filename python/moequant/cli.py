@@ -13,13 +13,25 @@ import sys
 
 # name -> (module, one-line help). A module is imported only when its command runs.
 COMMANDS = {
-    "convert": ("moequant.convert", "Convert an INT4 compressed-tensors (or bf16) Kimi/DeepSeek-V3 "
-                "checkpoint to a mixed-bit MLX model that stock mlx-lm loads."),
-    "plan": ("moequant.plan", "Show what a recipe does to a model: per-component bits, params, "
-             "size and bits/weight, without reading tensor data."),
+    "convert": (
+        "moequant.convert",
+        "Convert an INT4 compressed-tensors (or bf16) Kimi/DeepSeek-V3 "
+        "checkpoint to a mixed-bit MLX model that stock mlx-lm loads.",
+    ),
+    "plan": (
+        "moequant.plan",
+        "Show what a recipe does to a model: per-component bits, params, "
+        "size and bits/weight, without reading tensor data.",
+    ),
     "demo": ("moequant.demo", "Run the built-in end-to-end demo on generated data."),
-    "eval": ("moequant.evaluate", "KL divergence, top-1 flips and perplexity of a build against its reference."),
-    "inspect": ("moequant.inspect_model", "What a converted model is made of, and its expert error against the INT4 source."),
+    "eval": (
+        "moequant.evaluate",
+        "KL divergence, top-1 flips and perplexity of a build against its reference.",
+    ),
+    "inspect": (
+        "moequant.inspect_model",
+        "What a converted model is made of, and its expert error against the INT4 source.",
+    ),
     "generate": (
         "moequant.generate_cli",
         "Generate text with mlx-lm and the fused MoE decode path (mlx-lm's flags).",

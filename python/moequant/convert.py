@@ -35,17 +35,16 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import __version__
+from . import __version__, vision
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
-from .checkpoint.layout import all_items
 from .checkpoint.files import read_text
+from .checkpoint.layout import all_items
 from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, plan_pieces, read_sync
 from .errors import UserError
-from .ops import requantize_int4, set_num_threads
 from .layout import expert_bpw, fmt_bytes, output_tensors, summarize, tensor_bytes
+from .ops import requantize_int4, set_num_threads
 from .plan import add_recipe_arguments, format_table
 from .progress import Progress
-from . import vision
 from .recipes import FITS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
 
 MAX_SHARD_BYTES = 5 * 10**9  # at most 5 GB (mlx-lm writes up to 5 GiB)
@@ -114,8 +113,7 @@ def plan_output(units: List[Unit], res: Resolution, prefix: str, max_shard: int)
                     groups[-1] = (unit, names, size + nb)
     n = len(groups)
     fmt = "model-{:05d}-of-{:05d}.safetensors" if n > 1 else "model.safetensors"
-    shards = [Shard(fmt.format(i + 1, n), unit, names, size)
-              for i, (unit, names, size) in enumerate(groups)]
+    shards = [Shard(fmt.format(i + 1, n), unit, names, size) for i, (unit, names, size) in enumerate(groups)]
     tensor_shard = {t: i for i, s in enumerate(shards) for t in s.tensors}
     unit_shards: Dict[int, List[int]] = {}
     for i, s in enumerate(shards):
@@ -150,8 +148,17 @@ def _quantize(w: mx.array, d: Optional[Decision]) -> List[mx.array]:
 def _requantize(packed: mx.array, scales: mx.array, d: Decision, src_group_size: int) -> List[mx.array]:
     """INT4 experts as the build stores them (bf16 scales and biases)."""
     kw = {} if d.fit == "minmax" else {"fit": d.fit}
-    return list(requantize_int4(packed, scales, bits=d.bits, group_size=d.group_size,
-                                src_group_size=src_group_size, dtype=mx.bfloat16, **kw))
+    return list(
+        requantize_int4(
+            packed,
+            scales,
+            bits=d.bits,
+            group_size=d.group_size,
+            src_group_size=src_group_size,
+            dtype=mx.bfloat16,
+            **kw,
+        )
+    )
 
 
 def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[Item, List[mx.array]]]:
@@ -183,8 +190,9 @@ def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[It
         s = scales.astype(mx.bfloat16)
         return [(it, [packed, s, -8 * s])]
     if d is None:
-        w = mx.dequantize(packed, scales.astype(mx.float32), -8 * scales.astype(mx.float32),
-                          group_size=gs, bits=4)
+        w = mx.dequantize(
+            packed, scales.astype(mx.float32), -8 * scales.astype(mx.float32), group_size=gs, bits=4
+        )
         return [(it, [w.astype(mx.bfloat16)])]
     return [(it, _requantize(packed, scales, d, gs))]
 
@@ -213,10 +221,12 @@ def expert_sensitivity(src: Source, units: List[Unit]):
             E = it.shape[0]
             sample = range(0, E, max(1, -(-E // AUTO_SAMPLE_EXPERTS)))
             for b in range(0, len(sample), 8):
-                chosen = sample[b:b + 8]
-                sub = Job(job.kind, [Item(it.path, it.layer, it.component, it.kind,
-                                          (len(chosen), *it.shape[1:]))],
-                          [n for e in chosen for n in job.sources[e * per:(e + 1) * per]])
+                chosen = sample[b : b + 8]
+                sub = Job(
+                    job.kind,
+                    [Item(it.path, it.layer, it.component, it.kind, (len(chosen), *it.shape[1:]))],
+                    [n for e in chosen for n in job.sources[e * per : (e + 1) * per]],
+                )
                 inputs = read_job(src, sub)
                 if src.cfg.scheme:
                     packed, scales = inputs[0].view(mx.uint32), inputs[1]
@@ -229,8 +239,9 @@ def expert_sensitivity(src: Source, units: List[Unit]):
                 else:
                     w = inputs[0].astype(mx.float32)
                     wq, qs, qb = _quantize(inputs[0], d)
-                w_hat = mx.dequantize(wq, qs.astype(mx.float32), qb.astype(mx.float32),
-                                      group_size=d.group_size, bits=d.bits)
+                w_hat = mx.dequantize(
+                    wq, qs.astype(mx.float32), qb.astype(mx.float32), group_size=d.group_size, bits=d.bits
+                )
                 # Sums in float64: MLX's float32 sum of ~1e6 squares is off by ~1e-4.
                 err += mx.sum(((w_hat - w) ** 2).astype(mx.float64), stream=mx.cpu).item()
                 ref += mx.sum((w**2).astype(mx.float64), stream=mx.cpu).item()
@@ -276,11 +287,14 @@ def _read_marker(path: Path) -> dict:
     try:
         data = json.loads(read_text(path))
     except (json.JSONDecodeError, RecursionError, CheckpointError) as e:
-        raise DestinationError(f"{path}: unreadable ({e}); cannot tell which files moequant "
-                               "wrote: remove the directory yourself") from None
+        raise DestinationError(
+            f"{path}: unreadable ({e}); cannot tell which files moequant wrote: remove the directory yourself"
+        ) from None
     if not isinstance(data, dict):
-        raise DestinationError(f"{path}: a JSON {type(data).__name__}, expected an object; cannot "
-                               "tell which files moequant wrote: remove the directory yourself")
+        raise DestinationError(
+            f"{path}: a JSON {type(data).__name__}, expected an object; cannot "
+            "tell which files moequant wrote: remove the directory yourself"
+        )
     return data
 
 
@@ -323,11 +337,15 @@ class DestinationLock:
     def __enter__(self):
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(
+                    self.path,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                    0o644,
+                )
             except OSError as e:
-                raise DestinationError(f"{self.path}: cannot create the lock file: "
-                                       f"{e.strerror or e}") from None
+                raise DestinationError(
+                    f"{self.path}: cannot create the lock file: {e.strerror or e}"
+                ) from None
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise DestinationError(f"{self.path}: not a regular file; remove it")
@@ -337,7 +355,8 @@ class DestinationLock:
                     pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                     raise DestinationError(
                         f"--mlx-path {self.path.parent} is locked by another moequant convert "
-                        f"(process {pid}); wait for it to finish or choose another --mlx-path") from None
+                        f"(process {pid}); wait for it to finish or choose another --mlx-path"
+                    ) from None
                 try:
                     same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
@@ -367,11 +386,12 @@ def check_destination(dst: Path, src: Path, overwrite: bool) -> str:
     'new', 'empty', 'resume' or 'overwrite'."""
     if os.path.islink(dst):
         if not dst.exists():
-            raise DestinationError(f"--mlx-path {dst} is a dangling symbolic link "
-                                   f"(to {os.readlink(dst)})")
+            raise DestinationError(f"--mlx-path {dst} is a dangling symbolic link (to {os.readlink(dst)})")
         if overwrite:
-            raise DestinationError(f"--mlx-path {dst} is a symbolic link (to {os.readlink(dst)}); "
-                                   "refusing to --overwrite through it: give the directory itself")
+            raise DestinationError(
+                f"--mlx-path {dst} is a symbolic link (to {os.readlink(dst)}); "
+                "refusing to --overwrite through it: give the directory itself"
+            )
     src_r, dst_r = src.resolve(), dst.resolve()
     if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
         raise DestinationError(f"--mlx-path {dst} must not contain or be inside --hf-path {src}")
@@ -390,15 +410,23 @@ def check_destination(dst: Path, src: Path, overwrite: bool) -> str:
         if owned is None:
             raise DestinationError(
                 f"--mlx-path {dst} is a non-empty directory moequant did not write (no "
-                f"{RECIPE_FILE} or {JOURNAL}); refusing to --overwrite it")
+                f"{RECIPE_FILE} or {JOURNAL}); refusing to --overwrite it"
+            )
         return "overwrite"
     if os.path.lexists(dst / JOURNAL):
         return "resume"
     raise DestinationError(f"--mlx-path {dst} already exists; use --overwrite to replace it")
 
 
-def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str, digest: str,
-                        planned: List[str], fits: Optional[List[str]] = None) -> dict:
+def prepare_destination(
+    dst: Path,
+    src: Path,
+    overwrite: bool,
+    fingerprint: str,
+    digest: str,
+    planned: List[str],
+    fits: Optional[List[str]] = None,
+) -> dict:
     """Under the lock: check DST again, remove the files an earlier conversion wrote when
     overwriting (and only those), and return the journal to continue from (empty for a
     fresh start). ``planned``: the names this conversion will write."""
@@ -407,15 +435,18 @@ def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str,
     # A file this run would write that moequant did not write before is the user's.
     for n in planned:
         if os.path.lexists(dst / n) and n not in owned:
-            raise DestinationError(f"{dst / n} exists and was not written by moequant; "
-                                   "refusing to replace it")
+            raise DestinationError(
+                f"{dst / n} exists and was not written by moequant; refusing to replace it"
+            )
     journal = {}
     if state == "overwrite":
         left = [n for n in os.listdir(dst) if n not in owned and n != LOCK]
         stale = [n for n in left if n.endswith(".safetensors")]
         if stale:  # mlx-lm would load them with ours
-            raise DestinationError(f"--mlx-path {dst} holds {stale[0]}, which moequant did not "
-                                   "write; refusing to --overwrite next to it")
+            raise DestinationError(
+                f"--mlx-path {dst} holds {stale[0]}, which moequant did not "
+                "write; refusing to --overwrite next to it"
+            )
         for n in sorted(owned):
             p = dst / n
             if os.path.islink(p) or p.is_file():
@@ -429,26 +460,35 @@ def prepare_destination(dst: Path, src: Path, overwrite: bool, fingerprint: str,
         if not _journal_ok(journal):
             raise DestinationError(f"{jpath}: unreadable journal; rerun with --overwrite")
         if journal["fingerprint"] != fingerprint:
-            raise DestinationError(f"{dst} holds an unfinished conversion of a different or "
-                                   "changed source; rerun with --overwrite to start over")
+            raise DestinationError(
+                f"{dst} holds an unfinished conversion of a different or "
+                "changed source; rerun with --overwrite to start over"
+            )
         if fits is not None and "fit" in journal and journal["fit"] != fits:
             # Shards of one fit must not be finished with another: the build would be
             # neither, and its recipe file would misstate one half.
             raise DestinationError(
                 f"{dst} holds an unfinished conversion made with fit {'+'.join(journal['fit']) or 'none'}, "
                 f"and this run asks for {'+'.join(fits) or 'none'}; rerun with the same --fit / "
-                "recipe to resume, or with --overwrite to start over")
+                "recipe to resume, or with --overwrite to start over"
+            )
         if journal["plan"] != digest:
-            raise DestinationError(f"{dst} holds an unfinished conversion with a different "
-                                   "recipe or options; rerun with --overwrite to start over")
+            raise DestinationError(
+                f"{dst} holds an unfinished conversion with a different "
+                "recipe or options; rerun with --overwrite to start over"
+            )
     return journal
 
 
 def _journal_ok(j: dict) -> bool:
-    return (isinstance(j.get("fingerprint"), str) and isinstance(j.get("plan"), str)
-            and isinstance(j.get("done"), list) and all(type(u) is int for u in j["done"])
-            and isinstance(j.get("sizes"), dict)
-            and all(_plain_name(k) and type(v) is int for k, v in j["sizes"].items()))
+    return (
+        isinstance(j.get("fingerprint"), str)
+        and isinstance(j.get("plan"), str)
+        and isinstance(j.get("done"), list)
+        and all(type(u) is int for u in j["done"])
+        and isinstance(j.get("sizes"), dict)
+        and all(_plain_name(k) and type(v) is int for k, v in j["sizes"].items())
+    )
 
 
 def copy_side_files(files: List[Path], dst: Path) -> List[str]:
@@ -488,11 +528,13 @@ def output_config(src: Source, res: Resolution, items: List[Item]) -> dict:
     # A short record for `moequant inspect` (mlx-lm ignores unknown keys); the full
     # per-module record is moequant_recipe.json.
     config["moequant"] = {
-        "version": __version__, "recipe": res.recipe.name,
+        "version": __version__,
+        "recipe": res.recipe.name,
         "source": f"compressed-tensors INT4 g{cfg.scheme.group_size}" if cfg.scheme else "bf16",
         "fit": res.fits(),
-        "selected_layers": {f"rule {i} {res.recipe.rules[i]['match']}": layers
-                            for i, layers in res.selected.items()},
+        "selected_layers": {
+            f"rule {i} {res.recipe.rules[i]['match']}": layers for i, layers in res.selected.items()
+        },
     }
     return dict(sorted(config.items()))
 
@@ -507,8 +549,13 @@ MSE_COST_PRIOR = 8.0
 
 def progress_bar(totals: Dict[str, int], enabled: bool) -> Progress:
     """Source bytes per kind of work ('minmax', 'mse': see piece_kind), their rate and ETA."""
-    return Progress(totals, enabled=enabled, fmt=fmt_bytes, costs={"mse": MSE_COST_PRIOR},
-                    rate=lambda done, el: f"{done / max(el, 1e-9) / 1e9:.2f} GB/s")
+    return Progress(
+        totals,
+        enabled=enabled,
+        fmt=fmt_bytes,
+        costs={"mse": MSE_COST_PRIOR},
+        rate=lambda done, el: f"{done / max(el, 1e-9) / 1e9:.2f} GB/s",
+    )
 
 
 def piece_kind(piece, res: Resolution) -> str:
@@ -520,8 +567,16 @@ def piece_kind(piece, res: Resolution) -> str:
 # --------------------------------------------------------------------------- pipeline
 
 
-def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Path, journal: dict,
-                  jpath: Path, bar: Progress) -> int:
+def _run_pipeline(
+    src: Source,
+    res: Resolution,
+    out: OutputPlan,
+    pieces,
+    dst: Path,
+    journal: dict,
+    jpath: Path,
+    bar: Progress,
+) -> int:
     """Read, compute and write every piece (see convert_pipeline); a unit enters the
     journal once all its shards are on disk. Returns the source bytes read and where
     the main thread's time went (computing, waiting for the reader, for the writer)."""
@@ -554,8 +609,9 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
                     shape, dtype = out.tensor_meta[name]
                     want = shape if piece.whole else (piece.hi - piece.lo, *shape[1:])
                     if tuple(arr.shape) != want or arr.dtype != getattr(mx, dtype):
-                        raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, "
-                                             f"planned {want} {dtype}")
+                        raise AssertionError(
+                            f"{name}: produced {arr.shape} {arr.dtype}, planned {want} {dtype}"
+                        )
                     row = 0 if piece.whole else tensor_bytes(shape[1:], dtype) * piece.lo
                     slices.append((name, row, arr))
             t2 = clock()
@@ -568,8 +624,12 @@ def _run_pipeline(src: Source, res: Resolution, out: OutputPlan, pieces, dst: Pa
             del slices, buf
             read_bytes += piece.source_bytes
             last = n + 1 == len(pieces) or pieces[n + 1].unit is not piece.unit
-            bar.update(piece.source_bytes, piece_kind(piece, res),
-                       f"units {len(journal['done'])}/{len(src.units)} ({piece.unit.name})", force=last)
+            bar.update(
+                piece.source_bytes,
+                piece_kind(piece, res),
+                f"units {len(journal['done'])}/{len(src.units)} ({piece.unit.name})",
+                force=last,
+            )
         t = clock()
         writer.close(ok=True)
         stages["wait_write"] += clock() - t
@@ -617,7 +677,8 @@ class ConvertResult:
             lines.append(
                 f"{self.units_converted} units converted, {self.units_skipped} resumed from the "
                 f"journal; wall {self.wall_seconds:.2f} s; input {self.input_bytes / 1e9:.3f} GB "
-                f"at {gbps:.2f} GB/s; {len(self.shards)} shards in {self.mlx_path}")
+                f"at {gbps:.2f} GB/s; {len(self.shards)} shards in {self.mlx_path}"
+            )
         return "\n".join(lines)
 
 
@@ -647,15 +708,24 @@ def convert(
     src = Source.open(hf_path)
     cfg, units = src.cfg, src.units
     items = all_items(units)
-    upgrade = parse_upgrade_layers(upgrade_layers) if isinstance(upgrade_layers, (str, type(None))) \
+    upgrade = (
+        parse_upgrade_layers(upgrade_layers)
+        if isinstance(upgrade_layers, (str, type(None)))
         else upgrade_layers
+    )
     spec = load_recipe(recipe)
     needs_auto = upgrade == "auto" or any(
-        isinstance(r.get("layers"), dict) and r["layers"].get("select") == "auto" for r in spec.rules)
-    res = resolve(spec, items, num_layers=cfg.num_layers,
-                  int4_group=cfg.scheme.group_size if cfg.scheme else None,
-                  upgrade_layers=upgrade, fit=fit,
-                  sensitivity=expert_sensitivity(src, units) if needs_auto and not dry_run else None)
+        isinstance(r.get("layers"), dict) and r["layers"].get("select") == "auto" for r in spec.rules
+    )
+    res = resolve(
+        spec,
+        items,
+        num_layers=cfg.num_layers,
+        int4_group=cfg.scheme.group_size if cfg.scheme else None,
+        upgrade_layers=upgrade,
+        fit=fit,
+        sensitivity=expert_sensitivity(src, units) if needs_auto and not dry_run else None,
+    )
     out = plan_output(units, res, cfg.prefix, max_shard_bytes)
     planned_rows = summarize(items, res.decisions)
     vis = vision.plan_part(src, keep_vision, spec.spec)  # --keep-vision: the -VLM sibling
@@ -664,13 +734,28 @@ def convert(
     total_params = sum(r.params for r in planned_rows)
     side = src.side_files(skip=(JOURNAL, RECIPE_FILE, LOCK))
     if dry_run:
-        return ConvertResult(Path(mlx_path), res, planned_rows, total_bytes, total_params,
-                             expert_bpw(planned_rows), time.perf_counter() - t0, 0, 0, 0, True,
-                             [s.name for s in out.shards])
+        return ConvertResult(
+            Path(mlx_path),
+            res,
+            planned_rows,
+            total_bytes,
+            total_params,
+            expert_bpw(planned_rows),
+            time.perf_counter() - t0,
+            0,
+            0,
+            0,
+            True,
+            [s.name for s in out.shards],
+        )
 
     dst = Path(mlx_path)
-    planned = sorted({s.name for s in out.shards} | {p.name for p in side}
-                     | {INDEX, "config.json", RECIPE_FILE} | ({vision.VISION_SHARD} if vis else set()))
+    planned = sorted(
+        {s.name for s in out.shards}
+        | {p.name for p in side}
+        | {INDEX, "config.json", RECIPE_FILE}
+        | ({vision.VISION_SHARD} if vis else set())
+    )
     check_destination(dst, src.path, overwrite)  # refuse before creating anything
     try:
         dst.mkdir(parents=True, exist_ok=True)
@@ -684,8 +769,9 @@ def convert(
         remaining = sum(out.shards[i].nbytes for u in todo for i in out.unit_shards.get(u.index, []))
         free = shutil.disk_usage(dst).free
         if remaining > free:
-            raise ConvertError(f"{dst}: needs {remaining / 1e9:.2f} GB more but only "
-                               f"{free / 1e9:.2f} GB is free")
+            raise ConvertError(
+                f"{dst}: needs {remaining / 1e9:.2f} GB more but only {free / 1e9:.2f} GB is free"
+            )
 
         pieces = [p for u in todo for j in u.jobs for p in plan_pieces(src, u, j)]
         totals: Dict[str, int] = {}
@@ -696,13 +782,25 @@ def convert(
 
         finalize_output(dst, src, res, out, items, side, planned, vis, total_bytes, total_params)
         jpath.unlink()
-        return ConvertResult(dst, res, planned_rows, total_bytes, total_params, expert_bpw(planned_rows),
-                             time.perf_counter() - t0, read_bytes, len(todo), len(done),
-                             shards=[s.name for s in out.shards], stages=stages)
+        return ConvertResult(
+            dst,
+            res,
+            planned_rows,
+            total_bytes,
+            total_params,
+            expert_bpw(planned_rows),
+            time.perf_counter() - t0,
+            read_bytes,
+            len(todo),
+            len(done),
+            shards=[s.name for s in out.shards],
+            stages=stages,
+        )
 
 
-def reconcile_journal(dst: Path, src: Source, res: Resolution, out: OutputPlan, planned: List[str],
-                      overwrite: bool) -> Tuple[dict, Path]:
+def reconcile_journal(
+    dst: Path, src: Source, res: Resolution, out: OutputPlan, planned: List[str], overwrite: bool
+) -> Tuple[dict, Path]:
     """Check DST against an earlier attempt's journal (prepare_destination), keep the units
     whose shards are all on disk at their recorded sizes, and write the journal this run
     starts from; clear partial files and the completion markers (index, config.json).
@@ -711,16 +809,28 @@ def reconcile_journal(dst: Path, src: Source, res: Resolution, out: OutputPlan, 
     journal = prepare_destination(dst, src.path, overwrite, fingerprint, digest, planned, res.fits())
     done = set()
     for u in journal.get("done", []):
-        shard_ok = all((dst / out.shards[i].name).exists()
-                       and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
-                       for i in out.unit_shards.get(u, []))
+        shard_ok = all(
+            (dst / out.shards[i].name).exists()
+            and (dst / out.shards[i].name).stat().st_size == journal["sizes"].get(out.shards[i].name)
+            for i in out.unit_shards.get(u, [])
+        )
         if shard_ok:
             done.add(u)
-    journal = {"version": 1, "moequant": __version__, "source": str(src.path),
-               "fingerprint": fingerprint, "plan": digest, "fit": res.fits(), "done": sorted(done),
-               "sizes": {out.shards[i].name: journal["sizes"][out.shards[i].name]
-                         for u in done for i in out.unit_shards.get(u, [])},
-               "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL})}
+    journal = {
+        "version": 1,
+        "moequant": __version__,
+        "source": str(src.path),
+        "fingerprint": fingerprint,
+        "plan": digest,
+        "fit": res.fits(),
+        "done": sorted(done),
+        "sizes": {
+            out.shards[i].name: journal["sizes"][out.shards[i].name]
+            for u in done
+            for i in out.unit_shards.get(u, [])
+        },
+        "files": sorted(set(planned) | set(journal.get("files") or []) - {JOURNAL}),
+    }
     jpath = dst / JOURNAL
     _atomic_write_text(jpath, json.dumps(journal))
     for n in planned:
@@ -731,22 +841,49 @@ def reconcile_journal(dst: Path, src: Source, res: Resolution, out: OutputPlan, 
     return journal, jpath
 
 
-def finalize_output(dst: Path, src: Source, res: Resolution, out: OutputPlan, items: List[Item],
-                    side: List[Path], planned: List[str], vis, total_bytes: int,
-                    total_params: int) -> None:
+def finalize_output(
+    dst: Path,
+    src: Source,
+    res: Resolution,
+    out: OutputPlan,
+    items: List[Item],
+    side: List[Path],
+    planned: List[str],
+    vis,
+    total_bytes: int,
+    total_params: int,
+) -> None:
     """Once every shard is on disk: the side files, the recipe record, the index and,
     last, config.json (what makes DST a model mlx-lm loads)."""
     cfg = src.cfg
     copy_side_files(side, dst)
-    _atomic_write_text(dst / RECIPE_FILE, json.dumps(
-        {"moequant": __version__, "source": str(src.path), "model_type": cfg.flavour,
-         **res.applied(cfg.prefix), "files": planned}, indent=2, default=str))
+    _atomic_write_text(
+        dst / RECIPE_FILE,
+        json.dumps(
+            {
+                "moequant": __version__,
+                "source": str(src.path),
+                "model_type": cfg.flavour,
+                **res.applied(cfg.prefix),
+                "files": planned,
+            },
+            indent=2,
+            default=str,
+        ),
+    )
     weight_map = {t: out.shards[i].name for t, i in sorted(out.tensor_shard.items())}
     if vis:
         weight_map = dict(sorted({**weight_map, **vis.write(dst, write_shard)}.items()))
-    _atomic_write_text(dst / INDEX, json.dumps(
-        {"metadata": {"total_size": total_bytes, "total_parameters": total_params},
-         "weight_map": weight_map}, indent=4))
+    _atomic_write_text(
+        dst / INDEX,
+        json.dumps(
+            {
+                "metadata": {"total_size": total_bytes, "total_parameters": total_params},
+                "weight_map": weight_map,
+            },
+            indent=4,
+        ),
+    )
     config = output_config(src, res, items)
     config = vision.output_config(config, cfg.raw, vis.projector) if vis else config
     _atomic_write_text(dst / "config.json", json.dumps(config, indent=4))
@@ -759,30 +896,50 @@ def add_arguments(p):
     p.add_argument("--hf-path", required=True, help="Source checkpoint directory (local).")
     p.add_argument("--mlx-path", default="mlx_model", help="Output directory (default mlx_model).")
     add_recipe_arguments(p)
-    p.add_argument("--fit", choices=FITS, default=None,
-                   help="How scales and biases are fitted, for every re-quantized module "
-                        "(overrides the recipe): minmax (MLX's rule) or mse (least squares: "
-                        "lower error at the same size, slower).")
+    p.add_argument(
+        "--fit",
+        choices=FITS,
+        default=None,
+        help="How scales and biases are fitted, for every re-quantized module "
+        "(overrides the recipe): minmax (MLX's rule) or mse (least squares: "
+        "lower error at the same size, slower).",
+    )
     p.add_argument("--dry-run", action="store_true", help="Validate and print the plan; write nothing.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Replace an output directory moequant wrote, removing only the files it "
-                        "wrote (any other directory is refused).")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an output directory moequant wrote, removing only the files it "
+        "wrote (any other directory is refused).",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    p.add_argument("--keep-vision", action=argparse.BooleanOptionalAction, default=None,
-                   help="kimi_k25: keep the vision tower and projector (bf16; the recipe field "
-                        "vision_projector may quantize the projector) for mlx-vlm, the "
-                        "language model byte-identical to the text build (default: the recipe's "
-                        "keep_vision, else off).")
+    p.add_argument(
+        "--keep-vision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="kimi_k25: keep the vision tower and projector (bf16; the recipe field "
+        "vision_projector may quantize the projector) for mlx-vlm, the "
+        "language model byte-identical to the text build (default: the recipe's "
+        "keep_vision, else off).",
+    )
 
 
 def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     try:
-        result = convert(args.hf_path, args.mlx_path, args.recipe, upgrade_layers=args.upgrade_layers,
-                         dry_run=args.dry_run, overwrite=args.overwrite, threads=args.threads,
-                         progress=not args.quiet, fit=args.fit, keep_vision=args.keep_vision)
+        result = convert(
+            args.hf_path,
+            args.mlx_path,
+            args.recipe,
+            upgrade_layers=args.upgrade_layers,
+            dry_run=args.dry_run,
+            overwrite=args.overwrite,
+            threads=args.threads,
+            progress=not args.quiet,
+            fit=args.fit,
+            keep_vision=args.keep_vision,
+        )
     except ConvertError as e:
         print(f"moequant convert: error: {e}", file=sys.stderr)
         return 1

@@ -35,8 +35,16 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import CheckpointError, Job, Source, Unit
-from .checkpoint.safetensors_io import (MX_STORAGE, NP_STORAGE, TensorInfo, pwrite_all, read_into, read_numpy,
-                                        rows_info, shard_header)
+from .checkpoint.safetensors_io import (
+    MX_STORAGE,
+    NP_STORAGE,
+    TensorInfo,
+    pwrite_all,
+    read_into,
+    read_numpy,
+    rows_info,
+    shard_header,
+)
 
 # Source bytes per piece. Small enough that a piece's outputs (at most a few tens of MB)
 # stay under glibc's largest mmap threshold (32 MiB), so freed output buffers are reused
@@ -96,8 +104,11 @@ class Piece:
         """The job restricted to this piece (items' first dimension hi - lo)."""
         if self.whole:
             return self.job
-        return Job(self.job.kind, [replace(it, shape=(self.hi - self.lo, *it.shape[1:]))
-                                   for it in self.job.items], self.job.sources)
+        return Job(
+            self.job.kind,
+            [replace(it, shape=(self.hi - self.lo, *it.shape[1:])) for it in self.job.items],
+            self.job.sources,
+        )
 
 
 def _align(n: int) -> int:
@@ -108,8 +119,10 @@ def _uniform(src: Source, names: List[str]) -> str:
     first = src.tensors[names[0]]
     for n in names:
         if src.tensors[n].dtype != first.dtype:
-            raise CheckpointError(f"{src.tensors[n].file}: tensor {n} has dtype "
-                                  f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}")
+            raise CheckpointError(
+                f"{src.tensors[n].file}: tensor {n} has dtype "
+                f"{src.tensors[n].dtype}, but {names[0]} has {first.dtype}"
+            )
     if first.dtype not in MX_STORAGE:
         raise CheckpointError(f"{first.file}: tensor {first.name} has unsupported dtype {first.dtype}")
     return first.dtype
@@ -137,23 +150,48 @@ def plan_pieces(src: Source, unit: Unit, job: Job, piece_bytes: Optional[int] = 
                 inputs.append((off, (hi - lo, *shape), dt))
                 off = _align(off + (hi - lo) * per)
             checks = [(T[name], [n, k]) for name in job.sources[2::3][lo:hi]] if src.cfg.scheme else []
-            pieces.append(Piece(unit, job, lo, hi, False, reads, inputs, checks, off,
-                                sum(i.nbytes for i, _ in reads)))
+            pieces.append(
+                Piece(unit, job, lo, hi, False, reads, inputs, checks, off, sum(i.nbytes for i, _ in reads))
+            )
         return pieces
     (name,) = job.sources
     info = T[name]
     dt = _uniform(src, [name])
     if job.kind != "dense" or len(info.shape) != 2 or info.shape[0] == 0:
-        return [Piece(unit, job, 0, info.shape[0] if info.shape else 0, True, [(info, 0)],
-                      [(0, info.shape, dt)], [], _align(info.nbytes), info.nbytes)]
+        return [
+            Piece(
+                unit,
+                job,
+                0,
+                info.shape[0] if info.shape else 0,
+                True,
+                [(info, 0)],
+                [(0, info.shape, dt)],
+                [],
+                _align(info.nbytes),
+                info.nbytes,
+            )
+        ]
     N = info.shape[0]
     step = max(1, min(N, piece_bytes // max(info.nbytes // N, 1)))
     pieces = []
     for lo in range(0, N, step):
         hi = min(N, lo + step)
         part = rows_info(info, lo, hi)
-        pieces.append(Piece(unit, job, lo, hi, False, [(part, 0)], [(0, part.shape, dt)], [],
-                            _align(part.nbytes), part.nbytes))
+        pieces.append(
+            Piece(
+                unit,
+                job,
+                lo,
+                hi,
+                False,
+                [(part, 0)],
+                [(0, part.shape, dt)],
+                [],
+                _align(part.nbytes),
+                part.nbytes,
+            )
+        )
     return pieces
 
 
@@ -171,10 +209,11 @@ def read_piece(piece: Piece, view: np.ndarray) -> None:
     for info, expect in piece.checks:
         value = read_numpy(info).tolist()
         if value != expect:
-            raise CheckpointError(f"{info.file}: tensor {info.name} says shape {value}, but "
-                                  f"config.json implies {expect}")
+            raise CheckpointError(
+                f"{info.file}: tensor {info.name} says shape {value}, but config.json implies {expect}"
+            )
     for info, off in piece.reads:
-        read_into(info, view[off:off + info.nbytes])
+        read_into(info, view[off : off + info.nbytes])
 
 
 def piece_arrays(buf: mx.array, piece: Piece) -> List[mx.array]:
@@ -182,7 +221,7 @@ def piece_arrays(buf: mx.array, piece: Piece) -> List[mx.array]:
     out = []
     for off, shape, dt in piece.inputs:
         nbytes = int(np.prod(shape)) * np.dtype(NP_STORAGE[dt]).itemsize
-        a = buf[off:off + nbytes].view(MX_STORAGE[dt]).reshape(shape)
+        a = buf[off : off + nbytes].view(MX_STORAGE[dt]).reshape(shape)
         out.append(a.view(mx.bfloat16) if dt == "BF16" else a)
     return out
 
@@ -249,7 +288,7 @@ class Reader:
     def _run(self):
         try:
             for i, piece in enumerate(self.pieces):
-                for ahead in self.pieces[i + 1:i + 1 + PREFETCH_PIECES]:
+                for ahead in self.pieces[i + 1 : i + 1 + PREFETCH_PIECES]:
                     prefetch_piece(ahead)
                 buf = self._take_free()
                 read_piece(piece, buf[1])
@@ -337,7 +376,8 @@ class ShardWriter:
             shard = self.out.shards[si]
             tmp = self.dst / f".partial-{shard.name}"
             header, offsets = shard_header(
-                [(t, *self.out.tensor_meta[t]) for t in shard.tensors], {"format": "mlx"})
+                [(t, *self.out.tensor_meta[t]) for t in shard.tensors], {"format": "mlx"}
+            )
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             sh = self.open[si] = _OpenShard(tmp, fd, offsets, shard.nbytes, len(header) + shard.nbytes)
             pwrite_all(fd, header, 0)

@@ -17,10 +17,13 @@ from . import int4
 
 
 def add_arguments(p):
-    p.add_argument("--workdir", default=None,
-                   help="Keep the generated INT4 checkpoint (WORKDIR/kimi-int4) and the converted "
-                   "MLX model (WORKDIR/kimi-mlx) here, to try the other commands on them "
-                   "(default: a temporary directory, removed at the end).")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="Keep the generated INT4 checkpoint (WORKDIR/kimi-int4) and the converted "
+        "MLX model (WORKDIR/kimi-mlx) here, to try the other commands on them "
+        "(default: a temporary directory, removed at the end).",
+    )
     p.add_argument("--recipe", default="alis-3.6", help="Recipe for the conversion (default alis-3.6).")
     p.add_argument("--layers", type=int, default=6, help="Decoder layers of the toy model (default 6).")
     p.add_argument("--max-tokens", type=int, default=12, help="Tokens to generate (default 12).")
@@ -61,8 +64,9 @@ def check_experts(src: Path, dst: Path, prefix: str) -> tuple:
 def _generate(mlx_lm, model, tok, max_tokens, sampler):
     """Greedy text and the decode speed mlx-lm reports."""
     text, tps = "", 0.0
-    for r in mlx_lm.stream_generate(model, tok, "The quick brown fox", max_tokens=max_tokens,
-                                    sampler=sampler):
+    for r in mlx_lm.stream_generate(
+        model, tok, "The quick brown fox", max_tokens=max_tokens, sampler=sampler
+    ):
         text += r.text
         tps = r.generation_tps
     return text, tps
@@ -84,9 +88,19 @@ def run(args) -> int:
         work = Path(args.workdir or tmp)
         src, dst = work / "kimi-int4", work / "kimi-mlx"
         print(f"1. generating a tiny Kimi-K2.5-style INT4 checkpoint ({args.layers} layers) in {src}")
-        make_checkpoint(src, "kimi_k25", layers=args.layers, shards=4, seed=args.seed,
-                        text_overrides={"hidden_size": 512, "moe_intermediate_size": 256,
-                                        "n_routed_experts": 16, "intermediate_size": 1024})
+        make_checkpoint(
+            src,
+            "kimi_k25",
+            layers=args.layers,
+            shards=4,
+            seed=args.seed,
+            text_overrides={
+                "hidden_size": 512,
+                "moe_intermediate_size": 256,
+                "n_routed_experts": 16,
+                "intermediate_size": 1024,
+            },
+        )
         print(f"2. converting with recipe {args.recipe} -> {dst}")
         result = convert(src, dst, args.recipe, overwrite=True)
         print("3. checking routed experts against mx.quantize of the exact INT4 dequantization")
@@ -98,14 +112,17 @@ def run(args) -> int:
         print("4. loading with stock mlx_lm.load and generating (greedy)")
         model, tok = mlx_lm.load(str(dst))
         text, tps = _generate(mlx_lm, model, tok, args.max_tokens, make_sampler(temp=0.0))
-        print(f"   {text!r} ({args.max_tokens} tokens at {tps:.1f} tok/s; random weights, "
-              "so the text is noise)")
+        print(
+            f"   {text!r} ({args.max_tokens} tokens at {tps:.1f} tok/s; random weights, so the text is noise)"
+        )
         print("5. the same with moequant's fused MoE decode path (moequant.patch)")
         n_blocks = patch(model)
-        fused_text, fused_tps = _generate(mlx_lm, model, tok, args.max_tokens,
-                                          make_sampler(temp=0.0))
-        same = "the same tokens" if fused_text == text else (
-            "different tokens (bf16 activations: the fused path accumulates in float32)")
+        fused_text, fused_tps = _generate(mlx_lm, model, tok, args.max_tokens, make_sampler(temp=0.0))
+        same = (
+            "the same tokens"
+            if fused_text == text
+            else ("different tokens (bf16 activations: the fused path accumulates in float32)")
+        )
         print(f"   {n_blocks} MoE blocks patched: {fused_tps:.1f} tok/s vs {tps:.1f}, {same}")
         print("\n" + result.summary())
         print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
@@ -118,10 +135,13 @@ def run(args) -> int:
 
 def next_steps(src: Path, dst: Path) -> str:
     """Commands to try on the demo's kept checkpoint and build."""
-    return "\n".join(f"  moequant {c}" for c in (
-        f"plan --hf-path {src}",
-        f"convert --hf-path {src} --mlx-path {dst.parent / 'kimi-mlx-uniform-4'} --recipe uniform-4",
-        f"inspect {dst} --source {src}",
-        f"generate --model {dst} --prompt \"The quick brown fox\" --max-tokens 8",
-        f"serve --model {dst} --port 8080",
-    ))
+    return "\n".join(
+        f"  moequant {c}"
+        for c in (
+            f"plan --hf-path {src}",
+            f"convert --hf-path {src} --mlx-path {dst.parent / 'kimi-mlx-uniform-4'} --recipe uniform-4",
+            f"inspect {dst} --source {src}",
+            f'generate --model {dst} --prompt "The quick brown fox" --max-tokens 8',
+            f"serve --model {dst} --port 8080",
+        )
+    )

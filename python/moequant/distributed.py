@@ -62,8 +62,9 @@ def barrier(group) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
-def agree(group, facts: Dict[str, Any], error: Optional[BaseException] = None,
-          what: str = "moequant") -> None:
+def agree(
+    group, facts: Dict[str, Any], error: Optional[BaseException] = None, what: str = "moequant"
+) -> None:
     """Every rank checks that all ranks hold the same ``facts`` (a JSON-able dict) and
     that none met an ``error``; otherwise every rank raises one UserError describing the
     first problem. A no-op in a single process (the caller raises its own error)."""
@@ -83,8 +84,10 @@ def agree(group, facts: Dict[str, Any], error: Optional[BaseException] = None,
             values = [row["facts"].get(key) for row in rows]
             if any(v != values[0] for v in values):
                 shown = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
-                problem = (f"the ranks disagree on {key} ({shown}); every rank must run "
-                           "the same command on the same files")
+                problem = (
+                    f"the ranks disagree on {key} ({shown}); every rank must run "
+                    "the same command on the same files"
+                )
                 break
     if problem is not None:
         # Let every rank print before any exits: mlx.launch terminates the others as
@@ -110,8 +113,13 @@ def lead(group, fn: Callable[[], Any], what: str = "moequant") -> Any:
             result = fn()
         except UserError as e:
             error = e
-    rows = _gather(group, {"result": result if group.rank() == 0 else None,
-                           "error": None if error is None else str(error)[:_MAX_ERROR]})
+    rows = _gather(
+        group,
+        {
+            "result": result if group.rank() == 0 else None,
+            "error": None if error is None else str(error)[:_MAX_ERROR],
+        },
+    )
     if rows[0]["error"] is not None:
         text = str(error) if error is not None else f"rank 0: {rows[0]['error']}"
         print(f"{what} ({describe(group)}): error: {text}", file=sys.stderr, flush=True)

@@ -192,9 +192,7 @@ def make_windows(
                 break
     n = min(num_samples, len(tokens) // seq_len)
     if n == 0:
-        raise UserError(
-            f"--seq-len {seq_len} is larger than {data_name} ({len(tokens)} tokens)"
-        )
+        raise UserError(f"--seq-len {seq_len} is larger than {data_name} ({len(tokens)} tokens)")
     return np.asarray(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
@@ -276,8 +274,14 @@ def _read_memo(path: Path) -> dict:
         return {}
     if not isinstance(memo, dict):
         return {}
-    return {k: v for k, v in memo.items() if isinstance(v, list) and len(v) == 6
-            and all(type(x) is int for x in v[:5]) and isinstance(v[5], str)}
+    return {
+        k: v
+        for k, v in memo.items()
+        if isinstance(v, list)
+        and len(v) == 6
+        and all(type(x) is int for x in v[:5])
+        and isinstance(v[5], str)
+    }
 
 
 def weight_files(model_dir: Path) -> List[Path]:
@@ -304,8 +308,12 @@ def model_fingerprint(model_dir: Path, progress: bool = False) -> str:
             todo.append(f)
     if todo:
         total = sum(stats[f].st_size for f in todo)
-        bar = Progress(total, "hashing reference weights", progress and total >= (1 << 30),
-                       fmt=lambda n: f"{n / 1e9:.1f} GB")
+        bar = Progress(
+            total,
+            "hashing reference weights",
+            progress and total >= (1 << 30),
+            fmt=lambda n: f"{n / 1e9:.1f} GB",
+        )
         start = time.time_ns()
         try:
             with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
@@ -318,8 +326,10 @@ def model_fingerprint(model_dir: Path, progress: bool = False) -> str:
             st = os.stat(f)
             # Not memoized: a file changed while being hashed, or too recently to be sure
             # that a later write would change its timestamps (see MEMO_RACY_NS).
-            if _stat_key(st) == _stat_key(stats[f]) and \
-                    max(st.st_mtime_ns, st.st_ctime_ns) < start - MEMO_RACY_NS:
+            if (
+                _stat_key(st) == _stat_key(stats[f])
+                and max(st.st_mtime_ns, st.st_ctime_ns) < start - MEMO_RACY_NS
+            ):
                 fresh[os.path.realpath(f)] = _stat_key(st) + [digests[f]]
         if fresh:
             _update_memo(memo_path, fresh)
@@ -522,9 +532,10 @@ class _NpyWriter:
         self.hash, self.size = hashlib.sha256(), 0
         self.file = open(path, "xb")
         header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {
-            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-            "shape": self.shape})
+        np.lib.format.write_array_header_1_0(
+            header,
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape},
+        )
         self._put(header.getvalue())
 
     def _put(self, b) -> None:
@@ -540,8 +551,12 @@ class _NpyWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        return {"shape": list(self.shape), "dtype": self.dtype.str, "bytes": self.size,
-                "sha256": self.hash.hexdigest()}
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype.str,
+            "bytes": self.size,
+            "sha256": self.hash.hexdigest(),
+        }
 
 
 class ReferenceCache:
@@ -559,8 +574,12 @@ class ReferenceCache:
     stale cache there is replaced; a user-given directory is never deleted, only refused."""
 
     FIELDS = ("topk_ids", "topk_logp", "tail_logp", "target_logp")
-    DTYPES = {"topk_ids": np.dtype("<i4"), "topk_logp": np.dtype("<f4"),
-              "tail_logp": np.dtype("<f4"), "target_logp": np.dtype("<f4")}
+    DTYPES = {
+        "topk_ids": np.dtype("<i4"),
+        "topk_logp": np.dtype("<f4"),
+        "tail_logp": np.dtype("<f4"),
+        "target_logp": np.dtype("<f4"),
+    }
     META_MAX_BYTES = 1 << 20
     SCRATCH = "moequant-"  # .NAME.moequant-{tmp,trash}-PID-RANDOM: builds and discards
 
@@ -581,13 +600,19 @@ class ReferenceCache:
         return self.meta_path.exists()
 
     def locked(self, exclusive: bool):
-        return _flock(self.lock_path, exclusive, waiting=(
-            f"moequant eval: waiting for another run that is building or checking the "
-            f"reference cache {self.path}"))
+        return _flock(
+            self.lock_path,
+            exclusive,
+            waiting=(
+                f"moequant eval: waiting for another run that is building or checking the "
+                f"reference cache {self.path}"
+            ),
+        )
 
     def _scratch(self, kind: str) -> Path:
-        return self.path.parent / (f".{self.path.name}.{self.SCRATCH}{kind}-{os.getpid()}-"
-                                   f"{secrets.token_hex(4)}")
+        return self.path.parent / (
+            f".{self.path.name}.{self.SCRATCH}{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        )
 
     # ------------------------------------------------------------------ reading
 
@@ -611,12 +636,12 @@ class ReferenceCache:
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
             raise CacheInvalid(f"{p}: not a moequant eval cache")
         if meta.get("version") != CACHE_VERSION:
-            raise CacheInvalid(f"{p}: cache version {meta.get('version')!r}, this moequant "
-                               f"reads version {CACHE_VERSION}")
+            raise CacheInvalid(
+                f"{p}: cache version {meta.get('version')!r}, this moequant reads version {CACHE_VERSION}"
+            )
         for key, low in (("num_windows", 1), ("seq_len", 2), ("top_k", 1), ("vocab_size", 1)):
             if not _is_int(meta.get(key)) or meta[key] < low:
-                raise CacheInvalid(f"{p}: '{key}' must be an integer >= {low}, not "
-                                   f"{meta.get(key)!r}")
+                raise CacheInvalid(f"{p}: '{key}' must be an integer >= {low}, not {meta.get(key)!r}")
         if meta["top_k"] > meta["vocab_size"]:
             raise CacheInvalid(f"{p}: top_k {meta['top_k']} exceeds vocab_size {meta['vocab_size']}")
         arrays = meta.get("arrays")
@@ -625,12 +650,17 @@ class ReferenceCache:
         n, t, k = meta["num_windows"], meta["seq_len"] - 1, meta["top_k"]
         for f in self.FIELDS:
             e = arrays[f]
-            want = {"shape": [n, t, k] if f.startswith("topk") else [n, t],
-                    "dtype": self.DTYPES[f].str}
-            if not isinstance(e, dict) or any(e.get(x) != v for x, v in want.items()) \
-                    or not _is_int(e.get("bytes")) or not isinstance(e.get("sha256"), str):
-                raise CacheInvalid(f"{p}: arrays.{f} disagrees with num_windows/seq_len/top_k "
-                                   f"(want shape {want['shape']} dtype {want['dtype']}, bytes, sha256)")
+            want = {"shape": [n, t, k] if f.startswith("topk") else [n, t], "dtype": self.DTYPES[f].str}
+            if (
+                not isinstance(e, dict)
+                or any(e.get(x) != v for x, v in want.items())
+                or not _is_int(e.get("bytes"))
+                or not isinstance(e.get("sha256"), str)
+            ):
+                raise CacheInvalid(
+                    f"{p}: arrays.{f} disagrees with num_windows/seq_len/top_k "
+                    f"(want shape {want['shape']} dtype {want['dtype']}, bytes, sha256)"
+                )
         return meta
 
     def _open_array(self, f: str, entry: dict) -> np.ndarray:
@@ -639,15 +669,19 @@ class ReferenceCache:
         try:
             with open(p, "rb") as fh:
                 version = np.lib.format.read_magic(fh)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read(fh)
                 offset = fh.tell()
         except (ValueError, OSError, SyntaxError) as e:
             raise CacheInvalid(f"{p}: not a valid .npy file ({e})") from None
         if list(shape) != entry["shape"] or dtype != self.DTYPES[f] or fortran:
-            raise CacheInvalid(f"{p}: holds {dtype} {list(shape)}, meta.json says "
-                               f"{entry['dtype']} {entry['shape']}")
+            raise CacheInvalid(
+                f"{p}: holds {dtype} {list(shape)}, meta.json says {entry['dtype']} {entry['shape']}"
+            )
         want = offset + math.prod(shape) * dtype.itemsize
         if st.st_size != want or st.st_size != entry["bytes"]:
             raise CacheInvalid(f"{p}: {st.st_size} bytes, expected {want} (truncated or extended)")
@@ -664,8 +698,10 @@ class ReferenceCache:
             bad = (ids < 0) | (ids >= vocab)
             if bad.any():
                 t, j = np.argwhere(bad)[0]
-                raise CacheInvalid(f"{self.path / 'topk_ids.npy'}: token id {ids[t, j]} (window "
-                                   f"{i}, position {t}) is outside the vocabulary [0, {vocab})")
+                raise CacheInvalid(
+                    f"{self.path / 'topk_ids.npy'}: token id {ids[t, j]} (window "
+                    f"{i}, position {t}) is outside the vocabulary [0, {vocab})"
+                )
             problem = None
             if not np.isfinite(lp).all():
                 problem = "topk_logp.npy", "a log-probability that is not finite"
@@ -705,8 +741,7 @@ class ReferenceCache:
         for key, what in (
             ("reference", "another reference model (its config or weights differ)"),
             ("tokenizer", "a reference with another tokenizer"),
-            ("windows", "other data (the token windows differ: --data, --seq-len, "
-                        "--num-samples or --seed)"),
+            ("windows", "other data (the token windows differ: --data, --seq-len, --num-samples or --seed)"),
             ("seq_len", "another --seq-len"),
             ("num_windows", "another number of windows"),
         ):
@@ -734,8 +769,9 @@ class ReferenceCache:
         except CacheInvalid as e:
             if self.owned:
                 return str(e)
-            raise UserError(f"{e}: the reference cache is damaged (remove {self.path} to "
-                              "rebuild it)") from None
+            raise UserError(
+                f"{e}: the reference cache is damaged (remove {self.path} to rebuild it)"
+            ) from None
         why = self.mismatch(meta, want, top_k)
         if why is None:
             return meta, arrays
@@ -769,8 +805,7 @@ class ReferenceCache:
         else:
             trash.unlink()
 
-    def write(self, model, windows: np.ndarray, k: Optional[int], meta: dict,
-              progress: Progress) -> None:
+    def write(self, model, windows: np.ndarray, k: Optional[int], meta: dict, progress: Progress) -> None:
         """Run the reference over ``windows`` and store its top-k (k=None: the default,
         capped at the vocabulary size) in a private directory, published at ``path`` by a
         rename once complete. The caller holds the exclusive lock (``locked(True)``)."""
@@ -788,18 +823,28 @@ class ReferenceCache:
                     if k is not None and k > vocab:
                         raise UserError(f"--top-k-cache {k} is larger than the vocabulary ({vocab})")
                     k = k or min(DEFAULT_TOP_K, vocab)
-                    writers = {f: _NpyWriter(tmp / f"{f}.npy",
-                                             (n, t, k) if f.startswith("topk") else (n, t),
-                                             self.DTYPES[f]) for f in self.FIELDS}
+                    writers = {
+                        f: _NpyWriter(
+                            tmp / f"{f}.npy", (n, t, k) if f.startswith("topk") else (n, t), self.DTYPES[f]
+                        )
+                        for f in self.FIELDS
+                    }
                 stats = reference_stats(lp, w[1:], k)
                 mx.eval(stats)
                 for f in self.FIELDS:
                     writers[f].append(np.array(stats[f]))
                 progress.update()
             arrays = {f: wr.finish() for f, wr in writers.items()}
-            meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, top_k=k,
-                        vocab_size=vocab, seq_len=int(windows.shape[1]), num_windows=int(n),
-                        arrays=arrays)
+            meta = dict(
+                meta,
+                format=CACHE_FORMAT,
+                version=CACHE_VERSION,
+                top_k=k,
+                vocab_size=vocab,
+                seq_len=int(windows.shape[1]),
+                num_windows=int(n),
+                arrays=arrays,
+            )
             with open(tmp / "meta.json", "x") as fh:
                 fh.write(json.dumps(meta, indent=2))
                 fh.flush()
@@ -812,13 +857,13 @@ class ReferenceCache:
                 wr.file.close()
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
-                raise UserError(f"cannot write the reference cache {self.path}: "
-                                  f"{e.strerror or e}") from None
+                raise UserError(f"cannot write the reference cache {self.path}: {e.strerror or e}") from None
             raise
 
 
-def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, progress: Progress,
-                          kv: Optional[dict] = None):
+def compare_against_cache(
+    model, cache: ReferenceCache, windows: np.ndarray, progress: Progress, kv: Optional[dict] = None
+):
     """Run the build over the cached windows; per-position arrays (see ``summarize``)."""
     ref = cache.load()
     vocab = cache.meta()["vocab_size"]
@@ -827,9 +872,7 @@ def compare_against_cache(model, cache: ReferenceCache, windows: np.ndarray, pro
         w = mx.array(windows[i])
         lp = log_probs(model, w, kv)
         if lp.shape[-1] != vocab:
-            raise UserError(
-                f"the build's vocabulary ({lp.shape[-1]}) differs from the reference's ({vocab})"
-            )
+            raise UserError(f"the build's vocabulary ({lp.shape[-1]}) differs from the reference's ({vocab})")
         r = {f: mx.array(np.asarray(ref[f][i])) for f in ReferenceCache.FIELDS}
         rows.append(compare_position(r, lp, w[1:]))
         progress.update()
@@ -862,8 +905,9 @@ def load_model(path: Path, fused: bool = False, group=None):
         try:
             model, _ = sharded_load(str(path), pipeline_group=group)
         except (ValueError, OSError) as e:
-            raise UserError(f"{path}: cannot pipeline-load the model across "
-                              f"{group.size()} ranks: {e}") from None
+            raise UserError(
+                f"{path}: cannot pipeline-load the model across {group.size()} ranks: {e}"
+            ) from None
     else:
         from mlx_lm.utils import load_model as mlx_load_model
 
@@ -910,10 +954,21 @@ def _check_writable(path: Path, arg: str, given) -> None:
         raise UserError(f"{arg} {given}: {q} is not writable")
 
 
-def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=50, seed=0,
-                       top_k=None, cache_dir=None, near_tie=DEFAULT_NEAR_TIE, output=None):
+def validate_arguments(
+    ref_dir,
+    model_dir,
+    data=None,
+    seq_len=2048,
+    num_samples=50,
+    seed=0,
+    top_k=None,
+    cache_dir=None,
+    near_tie=DEFAULT_NEAR_TIE,
+    output=None,
+):
     """Every argument of ``evaluate`` (and --output), checked before anything heavy runs:
     a user error naming the argument. Returns (reference dir, its config, build dir)."""
+
     def integer(name, value, low):
         if not _is_int(value) or value < low:
             raise UserError(f"{name} {value!r}: must be an integer >= {low}")
@@ -923,30 +978,35 @@ def validate_arguments(ref_dir, model_dir, data=None, seq_len=2048, num_samples=
     integer("--seed", seed, 0)
     if top_k is not None:
         integer("--top-k-cache", top_k, 2)
-    if isinstance(near_tie, bool) or not isinstance(near_tie, (int, float)) \
-            or not 0 <= near_tie <= 1:
+    if isinstance(near_tie, bool) or not isinstance(near_tie, (int, float)) or not 0 <= near_tie <= 1:
         raise UserError(f"--near-tie {near_tie!r}: must be a probability in [0, 1]")
     ref_path, ref_cfg = _check_model_dir(ref_dir, "--ref")
     build_path, _ = _check_model_dir(model_dir, "--model")
     vocab = _config_int(ref_cfg, "vocab_size")
     if top_k is not None and vocab is not None and top_k > vocab:
-        raise UserError(f"--top-k-cache {top_k} is larger than the reference's vocabulary "
-                          f"({vocab}, {ref_path / 'config.json'})")
+        raise UserError(
+            f"--top-k-cache {top_k} is larger than the reference's vocabulary "
+            f"({vocab}, {ref_path / 'config.json'})"
+        )
     max_pos = _config_int(ref_cfg, "max_position_embeddings")
     if max_pos is not None and seq_len > max_pos:
-        raise UserError(f"--seq-len {seq_len} is longer than the reference's "
-                          f"max_position_embeddings ({max_pos}, {ref_path / 'config.json'})")
+        raise UserError(
+            f"--seq-len {seq_len} is longer than the reference's "
+            f"max_position_embeddings ({max_pos}, {ref_path / 'config.json'})"
+        )
     if data is not None and not (os.path.isfile(data) or os.path.isdir(data)):
-        raise UserError(f"--data {data}: no such file or directory" if not os.path.lexists(data)
-                          else f"--data {data}: not a regular file or a directory")
+        raise UserError(
+            f"--data {data}: no such file or directory"
+            if not os.path.lexists(data)
+            else f"--data {data}: not a regular file or a directory"
+        )
     if cache_dir is not None:
         if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
             raise UserError(f"--cache {cache_dir}: exists and is not a directory")
         if not os.path.isdir(cache_dir):  # an existing cache may be read from a read-only place
             _check_writable(Path(cache_dir).resolve(), "--cache", cache_dir)
     else:
-        _check_writable(cache_root(), "cache directory ($MOEQUANT_CACHE or ~/.cache/moequant)",
-                        cache_root())
+        _check_writable(cache_root(), "cache directory ($MOEQUANT_CACHE or ~/.cache/moequant)", cache_root())
     if output is not None:
         check_output(output)
     return ref_path, ref_cfg, build_path
@@ -980,8 +1040,9 @@ def cache_bytes(num_windows: int, seq_len: int, k: int) -> int:
     return num_windows * (seq_len - 1) * (8 * k + 8)
 
 
-def open_or_build(cache: ReferenceCache, want: dict, top_k: Optional[int],
-                  build: Callable[[], None]) -> Tuple[dict, bool]:
+def open_or_build(
+    cache: ReferenceCache, want: dict, top_k: Optional[int], build: Callable[[], None]
+) -> Tuple[dict, bool]:
     """The validated cache for this run, and whether it was reused. Readers take the lock
     shared; a builder takes it exclusively, so a run that arrives during a build waits,
     then reuses what was published."""
@@ -1030,11 +1091,26 @@ def evaluate(
 
     group = group if group is not None else distributed.world()
     if group.size() > 1:
-        return _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
-                                     seed, top_k, cache_dir, near_tie, fused,
-                                     trust_remote_code, progress, loader, kv)
-    p = _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
-                 near_tie, trust_remote_code)
+        return _evaluate_distributed(
+            group,
+            ref_dir,
+            model_dir,
+            data,
+            seq_len,
+            num_samples,
+            seed,
+            top_k,
+            cache_dir,
+            near_tie,
+            fused,
+            trust_remote_code,
+            progress,
+            loader,
+            kv,
+        )
+    p = _prepare(
+        ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie, trust_remote_code
+    )
     windows = p["windows"]
     ref_fp = model_fingerprint(p["ref_path"], progress)
     cache = _open_cache(p, ref_fp, cache_dir, top_k)
@@ -1042,24 +1118,40 @@ def evaluate(
     want = dict(ids, seq_len=int(windows.shape[1]), num_windows=int(windows.shape[0]))
 
     t0 = time.perf_counter()
-    meta, reused = open_or_build(cache, want, top_k, lambda: _run_reference(
-        p["ref_path"], cache, windows, top_k, p["k_planned"], loader, fused,
-        dict(ids, fused=fused), progress))
+    meta, reused = open_or_build(
+        cache,
+        want,
+        top_k,
+        lambda: _run_reference(
+            p["ref_path"],
+            cache,
+            windows,
+            top_k,
+            p["k_planned"],
+            loader,
+            fused,
+            dict(ids, fused=fused),
+            progress,
+        ),
+    )
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     per_pos = _run_build(p["build_path"], cache, windows, loader, fused, progress, kv)
     t_build = time.perf_counter() - t0
-    return _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples,
-                   near_tie, t_ref, t_build, kv)
+    return _report(
+        p, per_pos, cache, meta, reused, fused, data, seed, num_samples, near_tie, t_ref, t_build, kv
+    )
 
 
-def _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir,
-             near_tie, trust_remote_code) -> dict:
+def _prepare(
+    ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie, trust_remote_code
+) -> dict:
     """Arguments checked, tokenizers compared, token windows made: everything before a
     model is loaded."""
     ref_path, ref_cfg, build_path = validate_arguments(
-        ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie)
+        ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_dir, near_tie
+    )
     ref_tok = _load_tokenizer(ref_path, "--ref", trust_remote_code)
     tok_fp = tokenizer_fingerprint(ref_tok)
     if tokenizer_fingerprint(_load_tokenizer(build_path, "--model", trust_remote_code)) != tok_fp:
@@ -1071,18 +1163,26 @@ def _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k, cache_
     data_name = f"--data {data}" if data else "the default corpus"
     windows = make_windows(docs, ref_tok, seq_len, num_samples, seed, data_name)
     k_planned = top_k or min(DEFAULT_TOP_K, _config_int(ref_cfg, "vocab_size") or DEFAULT_TOP_K)
-    return {"ref_path": ref_path, "build_path": build_path, "tok_fp": tok_fp,
-            "windows": windows, "win_fp": windows_fingerprint(windows), "k_planned": k_planned}
+    return {
+        "ref_path": ref_path,
+        "build_path": build_path,
+        "tok_fp": tok_fp,
+        "windows": windows,
+        "win_fp": windows_fingerprint(windows),
+        "k_planned": k_planned,
+    }
 
 
 def _open_cache(p: dict, ref_fp: str, cache_dir, top_k) -> "ReferenceCache":
     owned = cache_dir is None
-    return ReferenceCache(Path(cache_dir).resolve() if cache_dir else
-                          default_cache_dir(ref_fp, p["win_fp"], top_k), owned=owned)
+    return ReferenceCache(
+        Path(cache_dir).resolve() if cache_dir else default_cache_dir(ref_fp, p["win_fp"], top_k), owned=owned
+    )
 
 
-def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, near_tie,
-            t_ref, t_build, kv=None) -> dict:
+def _report(
+    p, per_pos, cache, meta, reused, fused, data, seed, num_samples, near_tie, t_ref, t_build, kv=None
+) -> dict:
     windows = p["windows"]
     report = summarize(per_pos, near_tie)
     return {
@@ -1091,22 +1191,48 @@ def _report(p, per_pos, cache, meta, reused, fused, data, seed, num_samples, nea
         "model": str(p["build_path"]),
         "fused": fused,
         "kv_cache": kv,
-        "data": {"source": data or "python-stdlib (default corpus)", "seed": seed,
-                 "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
-                 "requested_windows": num_samples},
-        "cache": {"path": str(cache.path), "reused": reused, "top_k": meta["top_k"],
-                  "vocab_size": meta["vocab_size"]},
-        "definitions": {"kl": KL_DEFINITION, "flip": FLIP_DEFINITION,
-                        "near_tie": near_tie_definition(near_tie), "near_tie_threshold": near_tie,
-                        "standard_error": SE_DEFINITION},
+        "data": {
+            "source": data or "python-stdlib (default corpus)",
+            "seed": seed,
+            "seq_len": int(windows.shape[1]),
+            "windows": int(windows.shape[0]),
+            "requested_windows": num_samples,
+        },
+        "cache": {
+            "path": str(cache.path),
+            "reused": reused,
+            "top_k": meta["top_k"],
+            "vocab_size": meta["vocab_size"],
+        },
+        "definitions": {
+            "kl": KL_DEFINITION,
+            "flip": FLIP_DEFINITION,
+            "near_tie": near_tie_definition(near_tie),
+            "near_tie_threshold": near_tie,
+            "standard_error": SE_DEFINITION,
+        },
         **report,
         "seconds": {"reference": t_ref, "build": t_build},
     }
 
 
-def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples, seed, top_k,
-                          cache_dir, near_tie, fused, trust_remote_code, progress, loader,
-                          kv=None):
+def _evaluate_distributed(
+    group,
+    ref_dir,
+    model_dir,
+    data,
+    seq_len,
+    num_samples,
+    seed,
+    top_k,
+    cache_dir,
+    near_tie,
+    fused,
+    trust_remote_code,
+    progress,
+    loader,
+    kv=None,
+):
     """``evaluate`` across the ranks of ``group``. Every rank checks its own arguments,
     files and data, and all ranks must agree on them (``distributed.agree``: the models'
     config and weight index, the tokenizer, the windows, the options) before anything is
@@ -1120,15 +1246,28 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     leader = group.rank() == 0
     p, error = None, None
     try:
-        p = _prepare(ref_dir, model_dir, data, seq_len, num_samples, seed, top_k,
-                     cache_dir if leader else None, near_tie, trust_remote_code)
-        facts = {"reference model (config.json and weight index)":
-                 distributed.model_identity(p["ref_path"]),
-                 "build model (config.json and weight index)":
-                 distributed.model_identity(p["build_path"]),
-                 "tokenizer": p["tok_fp"], "token windows (--data, --seq-len, --num-samples, "
-                 "--seed)": p["win_fp"], "--top-k-cache": top_k, "--near-tie": near_tie,
-                 "--fused": fused, "--kv-bits and its options": kv}
+        p = _prepare(
+            ref_dir,
+            model_dir,
+            data,
+            seq_len,
+            num_samples,
+            seed,
+            top_k,
+            cache_dir if leader else None,
+            near_tie,
+            trust_remote_code,
+        )
+        facts = {
+            "reference model (config.json and weight index)": distributed.model_identity(p["ref_path"]),
+            "build model (config.json and weight index)": distributed.model_identity(p["build_path"]),
+            "tokenizer": p["tok_fp"],
+            "token windows (--data, --seq-len, --num-samples, --seed)": p["win_fp"],
+            "--top-k-cache": top_k,
+            "--near-tie": near_tie,
+            "--fused": fused,
+            "--kv-bits and its options": kv,
+        }
     except UserError as e:
         facts, error = {}, e
     distributed.agree(group, facts, error, what)
@@ -1189,8 +1328,11 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     splits["build"] = distributed.gather(group, distributed.layer_split(model))
     bar = Progress(windows.shape[0], "build    ", show, every=0)
     try:
-        per_pos = (compare_against_cache(model, state["cache"], windows, bar, kv) if leader
-                   else _follow(model, windows, kv))
+        per_pos = (
+            compare_against_cache(model, state["cache"], windows, bar, kv)
+            if leader
+            else _follow(model, windows, kv)
+        )
     finally:
         bar.close()
         del model
@@ -1199,12 +1341,16 @@ def _evaluate_distributed(group, ref_dir, model_dir, data, seq_len, num_samples,
     t_build = time.perf_counter() - t0
     if not leader:
         return None
-    r = _report(p, per_pos, state["cache"], meta, reused, fused, data, seed, num_samples,
-                near_tie, t_ref, t_build, kv)
-    r["distributed"] = {"ranks": group.size(), "mode": "pipeline",
-                        "layers_per_rank": splits,
-                        "layers_note": "[start, end) of the decoder layers each rank held "
-                                       "(rank order); absent for a reused reference cache"}
+    r = _report(
+        p, per_pos, state["cache"], meta, reused, fused, data, seed, num_samples, near_tie, t_ref, t_build, kv
+    )
+    r["distributed"] = {
+        "ranks": group.size(),
+        "mode": "pipeline",
+        "layers_per_rank": splits,
+        "layers_note": "[start, end) of the decoder layers each rank held "
+        "(rank order); absent for a reused reference cache",
+    }
     return r
 
 
@@ -1228,9 +1374,11 @@ def _check_cache_space(cache, windows, k_planned) -> None:
     except OSError:
         free = None
     if free is not None and need > free:
-        raise UserError(f"the reference cache needs {_size(need)}, {where} has "
-                          f"{_size(free)} free (lower --num-samples, --seq-len or "
-                          "--top-k-cache, or give --cache elsewhere)")
+        raise UserError(
+            f"the reference cache needs {_size(need)}, {where} has "
+            f"{_size(free)} free (lower --num-samples, --seq-len or "
+            "--top-k-cache, or give --cache elsewhere)"
+        )
 
 
 def _run_reference(path, cache, windows, k, k_planned, loader, fused, meta, show):
@@ -1265,35 +1413,55 @@ def _run_build(path, cache, windows, loader, fused, show, kv=None):
 def format_report(r: dict) -> str:
     kl, fl, pp = r["kl"], r["flips"], r["perplexity"]
     rows = [
-        ("positions", f"{r['positions']} ({r['windows']} windows x {r['data']['seq_len'] - 1})"
-                      + (f", the data holds only {r['windows']} of the "
-                         f"{r['data']['requested_windows']} requested windows"
-                         if r["windows"] < r["data"]["requested_windows"] else "")),
-        ("KL(ref||build) mean", f"{kl['mean']:.4f} ± {kl['se']:.4f} nats "
-                                f"(± {kl['se_windows']:.4f} over windows)"),
+        (
+            "positions",
+            f"{r['positions']} ({r['windows']} windows x {r['data']['seq_len'] - 1})"
+            + (
+                f", the data holds only {r['windows']} of the "
+                f"{r['data']['requested_windows']} requested windows"
+                if r["windows"] < r["data"]["requested_windows"]
+                else ""
+            ),
+        ),
+        (
+            "KL(ref||build) mean",
+            f"{kl['mean']:.4f} ± {kl['se']:.4f} nats (± {kl['se_windows']:.4f} over windows)",
+        ),
         ("KL median", f"{kl['median']:.4f}"),
         ("KL mean on flipped", f"{kl['mean_flipped']:.4f}"),
         ("KL mean on unflipped", f"{kl['mean_unflipped']:.4f}"),
         ("top-1 flip rate", f"{100 * fl['rate']:.2f}% ({fl['count']}/{fl['positions']})"),
         ("at flips: ref p(ref pick)", f"{fl['ref_p_ref_pick']:.3f}"),
         ("at flips: build p(build pick)", f"{fl['build_p_build_pick']:.3f}"),
-        ("at flips: near-ties", f"{fl['near_ties']} ({100 * fl['near_tie_share']:.1f}%)"
-         if fl["count"] else "-"),
+        (
+            "at flips: near-ties",
+            f"{fl['near_ties']} ({100 * fl['near_tie_share']:.1f}%)" if fl["count"] else "-",
+        ),
         ("perplexity reference", f"{pp['reference']['ppl']:.4f} ± {pp['reference']['se']:.4f}"),
         ("perplexity build", f"{pp['build']['ppl']:.4f} ± {pp['build']['se']:.4f}"),
     ]
     width = max(len(a) for a, _ in rows)
-    lines = [f"reference: {r['reference']}", f"build:     {r['model']}",
-             f"data:      {r['data']['source']} (seed {r['data']['seed']}), "
-             f"top-{r['cache']['top_k']} cache{' (reused)' if r['cache']['reused'] else ''}", ""]
+    lines = [
+        f"reference: {r['reference']}",
+        f"build:     {r['model']}",
+        f"data:      {r['data']['source']} (seed {r['data']['seed']}), "
+        f"top-{r['cache']['top_k']} cache{' (reused)' if r['cache']['reused'] else ''}",
+        "",
+    ]
     if r.get("kv_cache"):
         kv = r["kv_cache"]
-        lines.insert(-1, f"build KV:  {kv['bits']}-bit g{kv['group_size']} latent cache after "
-                         f"{kv['quantized_kv_start']} tokens, {kv['prefill_step_size']} tokens per call")
+        lines.insert(
+            -1,
+            f"build KV:  {kv['bits']}-bit g{kv['group_size']} latent cache after "
+            f"{kv['quantized_kv_start']} tokens, {kv['prefill_step_size']} tokens per call",
+        )
     lines += [f"{a:<{width}}  {b}" for a, b in rows]
-    lines += ["", f"near-tie: {r['definitions']['near_tie']}",
-              "KL uses the reference's top-k plus one tail bucket (a lower bound; exact at k = vocab);",
-              "± is the SE over positions. Perplexity alone hides drift: read it with the KL and flips."]
+    lines += [
+        "",
+        f"near-tie: {r['definitions']['near_tie']}",
+        "KL uses the reference's top-k plus one tail bucket (a lower bound; exact at k = vocab);",
+        "± is the SE over positions. Perplexity alone hides drift: read it with the KL and flips.",
+    ]
     return "\n".join(lines)
 
 
@@ -1311,44 +1479,82 @@ def _json_safe(x):
 def add_arguments(p):
     p.add_argument("--ref", required=True, help="The reference MLX model directory.")
     p.add_argument("--model", required=True, help="The build to evaluate (MLX model directory).")
-    p.add_argument("--data", default=None,
-                   help="A text file, a directory of text files, or a .jsonl of chat "
-                        "{'messages': [...]} (or {'text': ...}) lines. Default: the Python "
-                        "standard library's sources (offline).")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="A text file, a directory of text files, or a .jsonl of chat "
+        "{'messages': [...]} (or {'text': ...}) lines. Default: the Python "
+        "standard library's sources (offline).",
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="Tokens per window (default 2048).")
     p.add_argument("--num-samples", type=int, default=50, help="Windows (default 50).")
     p.add_argument("--seed", type=int, default=0, help="Document shuffle seed (default 0).")
-    p.add_argument("--top-k-cache", type=int, default=None,
-                   help=f"Reference top-k kept per position (default {DEFAULT_TOP_K}, "
-                        "or what a reused cache holds). The cache takes 8 bytes per entry: "
-                        "50 x 2048 positions x 1024 is about 0.84 GB.")
-    p.add_argument("--cache", default=None,
-                   help="Reference cache directory (default: $MOEQUANT_CACHE/eval/<hash>, "
-                        "~/.cache/moequant/eval/<hash> when unset); reused when it matches, "
-                        "refused when damaged. Its lock file (.NAME.lock) and, while building, "
-                        "a scratch directory go beside it.")
-    p.add_argument("--near-tie", type=float, default=DEFAULT_NEAR_TIE,
-                   help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).")
+    p.add_argument(
+        "--top-k-cache",
+        type=int,
+        default=None,
+        help=f"Reference top-k kept per position (default {DEFAULT_TOP_K}, "
+        "or what a reused cache holds). The cache takes 8 bytes per entry: "
+        "50 x 2048 positions x 1024 is about 0.84 GB.",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="Reference cache directory (default: $MOEQUANT_CACHE/eval/<hash>, "
+        "~/.cache/moequant/eval/<hash> when unset); reused when it matches, "
+        "refused when damaged. Its lock file (.NAME.lock) and, while building, "
+        "a scratch directory go beside it.",
+    )
+    p.add_argument(
+        "--near-tie",
+        type=float,
+        default=DEFAULT_NEAR_TIE,
+        help=f"Near-tie threshold in probability (default {DEFAULT_NEAR_TIE}).",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--fused", dest="fused", action="store_true", default=True,
-                   help="Run the reference and the build with moequant's fused paths "
-                        "(moequant.patch; the default).")
-    g.add_argument("--no-fused", dest="fused", action="store_false",
-                   help="Run both with mlx-lm's own paths (slow on a CPU). "
-                        "MOEQUANT_FUSED=0 does the same.")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).")
-    k = p.add_argument_group("KV cache of the build's pass (mlx-lm's flags; the reference runs "
-                             "without a cache)")
-    k.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
-                   help="Run the build through a 4/8-bit MLA latent KV cache, prefilled in steps "
-                        "of --prefill-step-size tokens. With --ref equal to --model this measures "
-                        "what the quantized cache costs against the 16-bit one.")
+    g.add_argument(
+        "--fused",
+        dest="fused",
+        action="store_true",
+        default=True,
+        help="Run the reference and the build with moequant's fused paths (moequant.patch; the default).",
+    )
+    g.add_argument(
+        "--no-fused",
+        dest="fused",
+        action="store_false",
+        help="Run both with mlx-lm's own paths (slow on a CPU). MOEQUANT_FUSED=0 does the same.",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow the tokenizers' custom code (Kimi's tiktoken tokenizer needs it).",
+    )
+    k = p.add_argument_group(
+        "KV cache of the build's pass (mlx-lm's flags; the reference runs without a cache)"
+    )
+    k.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        choices=[4, 8],
+        help="Run the build through a 4/8-bit MLA latent KV cache, prefilled in steps "
+        "of --prefill-step-size tokens. With --ref equal to --model this measures "
+        "what the quantized cache costs against the 16-bit one.",
+    )
     k.add_argument("--kv-group-size", type=int, default=64, help="KV cache group size (default 64).")
-    k.add_argument("--quantized-kv-start", type=int, default=0,
-                   help="Tokens cached in 16 bits before the cache is quantized (default 0).")
-    k.add_argument("--prefill-step-size", type=int, default=256,
-                   help="Tokens per model call with --kv-bits (default 256).")
+    k.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=0,
+        help="Tokens cached in 16 bits before the cache is quantized (default 0).",
+    )
+    k.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=256,
+        help="Tokens per model call with --kv-bits (default 256).",
+    )
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
@@ -1366,15 +1572,26 @@ def run(args) -> int:
         check_kv_args(args, _read_config(args.model))
         if args.prefill_step_size < 1:
             raise UserError(f"--prefill-step-size must be >= 1; got {args.prefill_step_size}")
-        kv = dict(bits=args.kv_bits, group_size=args.kv_group_size,
-                  quantized_kv_start=args.quantized_kv_start,
-                  prefill_step_size=args.prefill_step_size)
+        kv = dict(
+            bits=args.kv_bits,
+            group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+            prefill_step_size=args.prefill_step_size,
+        )
     report = evaluate(
-        args.ref, args.model, data=args.data, seq_len=args.seq_len,
-        num_samples=args.num_samples, seed=args.seed, top_k=args.top_k_cache,
-        cache_dir=args.cache, near_tie=args.near_tie,
+        args.ref,
+        args.model,
+        data=args.data,
+        seq_len=args.seq_len,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        top_k=args.top_k_cache,
+        cache_dir=args.cache,
+        near_tie=args.near_tie,
         fused=args.fused and env_enabled(),
-        trust_remote_code=args.trust_remote_code, progress=not args.no_progress, kv=kv,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+        kv=kv,
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return 0

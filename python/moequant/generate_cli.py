@@ -51,11 +51,18 @@ def run(args) -> int:
         if args.adapter_path or args.draft_model:
             from .errors import UserError
 
-            raise UserError("--adapter-path and --draft-model are not supported under "
-                            "mlx.launch (mlx-lm's sharded loading has neither)")
-        facts = {"model (config.json and weight index)": distributed.model_identity(args.model),
-                 "arguments": {k: v for k, v in sorted(vars(args).items())
-                               if k not in ("model", "func", "_module") and not callable(v)}}
+            raise UserError(
+                "--adapter-path and --draft-model are not supported under "
+                "mlx.launch (mlx-lm's sharded loading has neither)"
+            )
+        facts = {
+            "model (config.json and weight index)": distributed.model_identity(args.model),
+            "arguments": {
+                k: v
+                for k, v in sorted(vars(args).items())
+                if k not in ("model", "func", "_module") and not callable(v)
+            },
+        }
     except Exception as e:  # any local failure must reach every rank, not hang them
         error = e
     distributed.agree(group, facts, error, "moequant generate")

@@ -123,11 +123,18 @@ def describe(model_dir: Path) -> dict:
             bits, gs = None, None
             dtype = (w or next(iter(g.values()))).dtype.lower()
         m = _LAYER.search(path)
-        modules.append({
-            "path": path, "component": component_of(path),
-            "layer": int(m.group(1)) if m else None, "bits": bits, "group_size": gs,
-            "dtype": dtype, "params": params, "bytes": nbytes,
-        })
+        modules.append(
+            {
+                "path": path,
+                "component": component_of(path),
+                "layer": int(m.group(1)) if m else None,
+                "bits": bits,
+                "group_size": gs,
+                "dtype": dtype,
+                "params": params,
+                "bytes": nbytes,
+            }
+        )
 
     def roll(key_fn):
         acc = {}
@@ -147,8 +154,9 @@ def describe(model_dir: Path) -> dict:
     # Per layer, the bits of each routed-expert projection and of attention.
     layer_bits: Dict[int, Dict[str, str]] = defaultdict(dict)
     for m in modules:
-        if m["layer"] is not None and (m["component"].startswith("experts.")
-                                       or m["component"] == "attention"):
+        if m["layer"] is not None and (
+            m["component"].startswith("experts.") or m["component"] == "attention"
+        ):
             key = m["component"].removeprefix("experts.")
             prev = layer_bits[m["layer"]].get(key)
             layer_bits[m["layer"]][key] = _join(prev, m["dtype"])
@@ -159,12 +167,18 @@ def describe(model_dir: Path) -> dict:
     return {
         "model": str(model_dir),
         "model_type": config.get("model_type"),
-        "format": ("compressed-tensors INT4 source checkpoint"
-                   if any(m["dtype"] == "int4" for m in modules) else "MLX"),
+        "format": (
+            "compressed-tensors INT4 source checkpoint"
+            if any(m["dtype"] == "int4" for m in modules)
+            else "MLX"
+        ),
         "recipe": {k: v for k, v in config.items() if k.startswith("moequant")} or None,
         "quantization_defaults": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
-        "total": {"params": total_p, "bytes": total_b,
-                  "bits_per_weight": total_b * 8 / total_p if total_p else math.nan},
+        "total": {
+            "params": total_p,
+            "bytes": total_b,
+            "bits_per_weight": total_b * 8 / total_p if total_p else math.nan,
+        },
         "components": components,
         "layers": {str(k): layers[k] for k in sorted(layers)},
         "modules": modules,
@@ -175,11 +189,18 @@ def _int4_group_size(g: Dict[str, TensorInfo]) -> int:
     """The group size of a compressed-tensors INT4 module, from its tensors' shapes."""
     packed, scale = g["weight_packed"], g.get("weight_scale")
     k = packed.shape[-1] * 8 if packed.shape else 0
-    if scale is None or not scale.shape or not scale.shape[-1] or k % scale.shape[-1] \
-            or k // scale.shape[-1] not in SOURCE_GROUP_SIZES:
+    if (
+        scale is None
+        or not scale.shape
+        or not scale.shape[-1]
+        or k % scale.shape[-1]
+        or k // scale.shape[-1] not in SOURCE_GROUP_SIZES
+    ):
         got = None if scale is None else list(scale.shape)
-        raise UserError(f"{packed.file}: tensor {packed.name} ({list(packed.shape)}) has "
-                        f"weight_scale {got}: not INT4 groups of {SOURCE_GROUP_SIZES}")
+        raise UserError(
+            f"{packed.file}: tensor {packed.name} ({list(packed.shape)}) has "
+            f"weight_scale {got}: not INT4 groups of {SOURCE_GROUP_SIZES}"
+        )
     return k // scale.shape[-1]
 
 
@@ -190,9 +211,11 @@ def _join(prev: Optional[str], new: str) -> str:
 
 def _finish(a: dict) -> dict:
     return {
-        "params": a["params"], "bytes": a["bytes"],
+        "params": a["params"],
+        "bytes": a["bytes"],
         "bits_per_weight": a["bytes"] * 8 / a["params"] if a["params"] else math.nan,
-        "dtypes": sorted(a["dtypes"]), "group_sizes": sorted(a["group_sizes"]),
+        "dtypes": sorted(a["dtypes"]),
+        "group_sizes": sorted(a["group_sizes"]),
     }
 
 
@@ -260,7 +283,9 @@ def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None
         return index[name]
 
     per = []
-    for (prefix, layer, proj), experts in sorted(found.items(), key=lambda x: (x[0][1], PROJS.index(x[0][2]))):
+    for (prefix, layer, proj), experts in sorted(
+        found.items(), key=lambda x: (x[0][1], PROJS.index(x[0][2]))
+    ):
         base = f"model.layers.{layer}.mlp.switch_mlp.{proj}"
         path = next((p for p in (prefix + base, base) if p in by_path), None)
         if path is None or by_path[path]["bits"] is None:
@@ -268,40 +293,63 @@ def expert_errors(model_dir: Path, source_dir: Path, desc: Optional[dict] = None
         bits, gs = by_path[path]["bits"], by_path[path]["group_size"]
         wq, sc, bi = (tensor(dst, f"{path}.{s}", model_dir) for s in ("weight", "scales", "biases"))
         if sorted(experts) != list(range(wq.shape[0])):
-            raise UserError(
-                f"{model_dir}: {path} holds {wq.shape[0]} experts, the source {len(experts)}")
+            raise UserError(f"{model_dir}: {path} holds {wq.shape[0]} experts, the source {len(experts)}")
         errs = []
         for e in sorted(experts):
             s = f"{prefix}model.layers.{layer}.mlp.experts.{e}.{proj}"
             g = {leaf: tensor(src, f"{s}.{leaf}", source_dir) for leaf in ("weight_packed", "weight_scale")}
             src_gs = _int4_group_size(g)
-            exact = int4.dequantize(np.array(read_mx(g["weight_packed"])),
-                                    np.array(_float32(read_mx(g["weight_scale"]))), src_gs)
-            got = np.array(mx.dequantize(read_mx(slice_info(wq, e)),
-                                         _float32(read_mx(slice_info(sc, e))),
-                                         _float32(read_mx(slice_info(bi, e))),
-                                         group_size=gs, bits=bits))
+            exact = int4.dequantize(
+                np.array(read_mx(g["weight_packed"])), np.array(_float32(read_mx(g["weight_scale"]))), src_gs
+            )
+            got = np.array(
+                mx.dequantize(
+                    read_mx(slice_info(wq, e)),
+                    _float32(read_mx(slice_info(sc, e))),
+                    _float32(read_mx(slice_info(bi, e))),
+                    group_size=gs,
+                    bits=bits,
+                )
+            )
             if got.shape != exact.shape:
                 raise UserError(f"{path}[{e}]: shape {got.shape} differs from the source's {exact.shape}")
             den = float(np.linalg.norm(exact.astype(np.float64)))
             errs.append(float(np.linalg.norm(got.astype(np.float64) - exact)) / den if den else 0.0)
         errs = np.array(errs)
-        per.append({"layer": layer, "proj": proj, "bits": bits, "group_size": gs,
-                    "source_group_size": src_gs, "fit": fits.get(path),
-                    "experts": len(errs), "mean": float(errs.mean()), "max": float(errs.max()),
-                    "per_expert": errs.tolist()})
+        per.append(
+            {
+                "layer": layer,
+                "proj": proj,
+                "bits": bits,
+                "group_size": gs,
+                "source_group_size": src_gs,
+                "fit": fits.get(path),
+                "experts": len(errs),
+                "mean": float(errs.mean()),
+                "max": float(errs.max()),
+                "per_expert": errs.tolist(),
+            }
+        )
 
     def summary(key):
         out = {}
-        for k in sorted({r[key] for r in per}, key=lambda x: (PROJS.index(x) if key == "proj" else x)):
+        for k in sorted({r[key] for r in per}, key=lambda x: PROJS.index(x) if key == "proj" else x):
             rows = [r for r in per if r[key] == k]
             n = sum(r["experts"] for r in rows)
-            out[str(k)] = {"mean": sum(r["mean"] * r["experts"] for r in rows) / n,
-                           "max": max(r["max"] for r in rows), "tensors": n}
+            out[str(k)] = {
+                "mean": sum(r["mean"] * r["experts"] for r in rows) / n,
+                "max": max(r["max"] for r in rows),
+                "tensors": n,
+            }
         return out
 
-    return {"source": str(source_dir), "metric": "||W_build - W_int4||_F / ||W_int4||_F per expert tensor",
-            "per_layer_proj": per, "per_proj": summary("proj"), "per_layer": summary("layer")}
+    return {
+        "source": str(source_dir),
+        "metric": "||W_build - W_int4||_F / ||W_int4||_F per expert tensor",
+        "per_layer_proj": per,
+        "per_proj": summary("proj"),
+        "per_layer": summary("layer"),
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -313,28 +361,40 @@ def _gb(n: int) -> str:
 
 def format_report(d: dict, errors: Optional[dict] = None) -> str:
     t = d["total"]
-    lines = [f"{d['model']} ({d['model_type']}, {d['format']}): {t['params']:,} params, {_gb(t['bytes'])}, "
-             f"{t['bits_per_weight']:.3f} bits/weight"]
+    lines = [
+        f"{d['model']} ({d['model_type']}, {d['format']}): {t['params']:,} params, {_gb(t['bytes'])}, "
+        f"{t['bits_per_weight']:.3f} bits/weight"
+    ]
     lines.append(f"recipe: {json.dumps(d['recipe']) if d['recipe'] else '(none recorded)'}")
     if d["quantization_defaults"]:
         lines.append(f"quantization defaults: {d['quantization_defaults']}")
     lines += ["", f"{'component':<20} {'bits':<18} {'group':<8} {'params':>15} {'bytes':>14} {'bpw':>7}"]
     for name, c in sorted(d["components"].items(), key=lambda x: -x[1]["bytes"]):
-        lines.append(f"{name:<20} {'/'.join(c['dtypes']):<18} "
-                     f"{'/'.join(map(str, c['group_sizes'])) or '-':<8} {c['params']:>15,} "
-                     f"{_gb(c['bytes']):>14} {c['bits_per_weight']:>7.3f}")
-    lines += ["", f"{'layer':>5} {'gate':<8} {'up':<8} {'down':<8} {'attention':<10} "
-                  f"{'params':>15} {'bytes':>14} {'bpw':>7}"]
+        lines.append(
+            f"{name:<20} {'/'.join(c['dtypes']):<18} "
+            f"{'/'.join(map(str, c['group_sizes'])) or '-':<8} {c['params']:>15,} "
+            f"{_gb(c['bytes']):>14} {c['bits_per_weight']:>7.3f}"
+        )
+    lines += [
+        "",
+        f"{'layer':>5} {'gate':<8} {'up':<8} {'down':<8} {'attention':<10} "
+        f"{'params':>15} {'bytes':>14} {'bpw':>7}",
+    ]
     for i, l in d["layers"].items():
         b = l.get("bits", {})
-        lines.append(f"{i:>5} {b.get('gate_proj', '-'):<8} {b.get('up_proj', '-'):<8} "
-                     f"{b.get('down_proj', '-'):<8} {b.get('attention', '-'):<10} "
-                     f"{l['params']:>15,} {_gb(l['bytes']):>14} {l['bits_per_weight']:>7.3f}")
+        lines.append(
+            f"{i:>5} {b.get('gate_proj', '-'):<8} {b.get('up_proj', '-'):<8} "
+            f"{b.get('down_proj', '-'):<8} {b.get('attention', '-'):<10} "
+            f"{l['params']:>15,} {_gb(l['bytes']):>14} {l['bits_per_weight']:>7.3f}"
+        )
     if errors:
         fits = sorted({r["fit"] or "not recorded" for r in errors["per_layer_proj"]})
-        lines += ["", f"routed-expert error vs INT4 source ({errors['source']}): {errors['metric']}",
-                  f"fit: {', '.join(fits)} (from moequant_recipe.json)",
-                  f"{'layer':>5} " + " ".join(f"{p:>26}" for p in PROJS)]
+        lines += [
+            "",
+            f"routed-expert error vs INT4 source ({errors['source']}): {errors['metric']}",
+            f"fit: {', '.join(fits)} (from moequant_recipe.json)",
+            f"{'layer':>5} " + " ".join(f"{p:>26}" for p in PROJS),
+        ]
         cell = {(r["layer"], r["proj"]): r for r in errors["per_layer_proj"]}
         for layer in errors["per_layer"]:
             row = []
@@ -343,16 +403,24 @@ def format_report(d: dict, errors: Optional[dict] = None) -> str:
                 fit = {"mse": "mse ", "minmax": ""}.get(r["fit"], "") if r else ""
                 row.append(f"{r['bits']}b {fit}{r['mean']:.4f} (max {r['max']:.4f})" if r else "-")
             lines.append(f"{layer:>5} " + " ".join(f"{c:>26}" for c in row))
-        lines.append("mean " + " ".join(f"{errors['per_proj'][p]['mean']:>22.4f}" if p in errors["per_proj"]
-                                       else f"{'-':>26}" for p in PROJS))
+        lines.append(
+            "mean "
+            + " ".join(
+                f"{errors['per_proj'][p]['mean']:>22.4f}" if p in errors["per_proj"] else f"{'-':>26}"
+                for p in PROJS
+            )
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p):
     p.add_argument("dir", help="An MLX model directory (converted by moequant or mlx-lm).")
-    p.add_argument("--source", default=None,
-                   help="The original compressed-tensors INT4 checkpoint: also report each "
-                        "re-quantized expert tensor's relative error against it.")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="The original compressed-tensors INT4 checkpoint: also report each "
+        "re-quantized expert tensor's relative error against it.",
+    )
     p.add_argument("--output", default=None, help="Write the full report as JSON here.")
 
 

@@ -36,7 +36,6 @@ def dequantize(words: np.ndarray, scales: np.ndarray, group_size: int = 32) -> n
     s = np.repeat(np.asarray(scales, dtype=np.float32), group_size, axis=-1)
     if s.shape != q.shape:
         raise ValueError(
-            f"scales of shape {np.shape(scales)} do not match {q.shape} weights "
-            f"with group_size {group_size}"
+            f"scales of shape {np.shape(scales)} do not match {q.shape} weights with group_size {group_size}"
         )
     return q * s

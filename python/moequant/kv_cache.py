@@ -44,9 +44,9 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
+from . import ops
 from .mla_attention import project
 from .mlx_lm_patch import import_classes
-from . import ops
 from .ops import mla_decode_attention
 from .quant_formats import GROUP_SIZES
 
@@ -70,17 +70,22 @@ def check_kv_quantization(bits, group_size, latent_dim=None, rope_dim=None) -> N
         raise ValueError(f"kv_bits must be 4 or 8 for the MLA latent cache; got {bits!r}")
     if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUPS:
         raise ValueError(f"kv_group_size must be 32, 64 or 128; got {group_size!r}")
-    bad = [f"{n} {d}" for n, d in (("kv_lora_rank", latent_dim), ("qk_rope_head_dim", rope_dim))
-           if d is not None and d % group_size]
+    bad = [
+        f"{n} {d}"
+        for n, d in (("kv_lora_rank", latent_dim), ("qk_rope_head_dim", rope_dim))
+        if d is not None and d % group_size
+    ]
     if bad:
         raise ValueError(
             f"kv_group_size {group_size} does not divide the MLA cache's {' and '.join(bad)} "
             f"(kv_lora_rank {latent_dim}, qk_rope_head_dim {rope_dim}); choose a group size "
-            "that divides both")
+            "that divides both"
+        )
 
 
-def bytes_per_token(latent_dim: int, rope_dim: int, bits: Optional[int] = None,
-                    group_size: int = 64, dtype_bytes: int = 2) -> int:
+def bytes_per_token(
+    latent_dim: int, rope_dim: int, bits: Optional[int] = None, group_size: int = 64, dtype_bytes: int = 2
+) -> int:
     """Cache bytes per token and layer: fp16/bf16 (bits None) or quantized."""
     n = latent_dim + rope_dim
     if bits is None:
@@ -216,12 +221,14 @@ def _decode(attn, q_nope, q_pe, lat, pe, cache):
     ``unembed_out``: (B, H, 1, v_head_dim). On a GPU without moequant's Metal kernels
     (a build whose metallib failed), the chunked MLX-ops path instead."""
     if mx.default_device() != mx.cpu and not ops.has_metal:
-        view = SimpleNamespace(keys=lat, values=pe, offset=lat[0].shape[-2],
-                               group_size=cache.group_size, bits=cache.bits)
+        view = SimpleNamespace(
+            keys=lat, values=pe, offset=lat[0].shape[-2], group_size=cache.group_size, bits=cache.bits
+        )
         return _prefill(attn, q_nope, q_pe, view, None)
     q_lat = attn.embed_q(q_nope)  # (B, H, 1, R)
-    out = mla_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], lat, pe, scale=attn.scale,
-                               bits=cache.bits, group_size=cache.group_size)
+    out = mla_decode_attention(
+        q_lat[:, :, 0], q_pe[:, :, 0], lat, pe, scale=attn.scale, bits=cache.bits, group_size=cache.group_size
+    )
     return attn.unembed_out(out[:, :, None])
 
 
@@ -259,8 +266,10 @@ def mla_attention_v32(attn, x, mask, caches: CacheList):
             idx = topk[:, :, 0, :, None]  # (B, 1, k, 1)
 
             def pick(t):
-                return tuple(mx.take_along_axis(
-                    a, mx.broadcast_to(idx, idx.shape[:-1] + (a.shape[-1],)), axis=2) for a in t)
+                return tuple(
+                    mx.take_along_axis(a, mx.broadcast_to(idx, idx.shape[:-1] + (a.shape[-1],)), axis=2)
+                    for a in t
+                )
 
             lat, pe = pick(lat), pick(pe)
         out = _decode(attn, q_nope, q_pe, lat, pe, cache)
@@ -268,11 +277,9 @@ def mla_attention_v32(attn, x, mask, caches: CacheList):
         if topk is not None:
             shape = list(topk.shape)
             shape[-1] = cache.offset
-            sparse = mx.put_along_axis(mx.zeros(shape, dtype=mx.bool_), topk, mx.array(True),
-                                       axis=-1)
+            sparse = mx.put_along_axis(mx.zeros(shape, dtype=mx.bool_), topk, mx.array(True), axis=-1)
             if isinstance(mask, str):
-                mask = mx.arange(cache.offset - L, cache.offset)[:, None] >= \
-                    mx.arange(cache.offset)[None]
+                mask = mx.arange(cache.offset - L, cache.offset)[:, None] >= mx.arange(cache.offset)[None]
             mask = sparse if mask is None else sparse & mask
         out = _prefill(attn, q_nope, q_pe, cache, mask)
     # The indexer's cache is evaluated with this step even when its top-k is unused (as
@@ -327,8 +334,9 @@ def patch_kv_cache(model) -> int:
             continue
         has_v32 |= base in v32
         if cur not in _kv_classes:
-            _kv_classes[cur] = type(f"KV{cur.__name__}", (_QuantizedCacheAttention, cur),
-                                    {"_moequant_base": base})
+            _kv_classes[cur] = type(
+                f"KV{cur.__name__}", (_QuantizedCacheAttention, cur), {"_moequant_base": base}
+            )
         m.__class__ = _kv_classes[cur]
         n += 1
     # The model's caches: MLAKVCache instead of mlx-lm's default KVCache; deepseek_v32's
@@ -377,8 +385,9 @@ def check_kv_args(args, config: Optional[dict] = None) -> None:
         raise UserError(msg) from None
 
 
-def logits_with_cache(model, tokens, bits: int, group_size: int = 64,
-                      quantized_kv_start: int = 0, prefill_step_size: int = 512) -> mx.array:
+def logits_with_cache(
+    model, tokens, bits: int, group_size: int = 64, quantized_kv_start: int = 0, prefill_step_size: int = 512
+) -> mx.array:
     """``model(tokens)`` (tokens ``(1, L)``) computed as mlx-lm's generate prefills: in
     steps of ``prefill_step_size`` tokens through the model's cache, which becomes a
     ``bits``-bit MLAQuantizedKVCache once it holds ``quantized_kv_start`` tokens (mlx-lm's
@@ -391,7 +400,7 @@ def logits_with_cache(model, tokens, bits: int, group_size: int = 64,
     cache = make_prompt_cache(model)
     out = []
     for c0 in range(0, tokens.shape[1], prefill_step_size):
-        out.append(model(tokens[:, c0:c0 + prefill_step_size], cache=cache))
+        out.append(model(tokens[:, c0 : c0 + prefill_step_size], cache=cache))
         maybe_quantize_kv_cache(cache, quantized_kv_start, group_size, bits)
         mx.eval(out[-1], [c.state for c in cache])
     return mx.concatenate(out, axis=1)

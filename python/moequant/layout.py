@@ -29,9 +29,11 @@ def output_tensors(item: Item, d: Optional[Decision]) -> List[OutputTensor]:
     if d is None:
         return [(".weight", item.shape, "bfloat16")]
     *lead, k = item.shape
-    return [(".weight", (*lead, k * d.bits // 32), "uint32"),
-            (".scales", (*lead, k // d.group_size), SCALE_DTYPE),
-            (".biases", (*lead, k // d.group_size), SCALE_DTYPE)]
+    return [
+        (".weight", (*lead, k * d.bits // 32), "uint32"),
+        (".scales", (*lead, k // d.group_size), SCALE_DTYPE),
+        (".biases", (*lead, k // d.group_size), SCALE_DTYPE),
+    ]
 
 
 def tensor_bytes(shape, dtype: str) -> int:
@@ -45,8 +47,11 @@ def item_bytes(item: Item, d: Optional[Decision]) -> int:
 def describe(d: Optional[Decision], item: Item) -> str:
     if d is None:
         return "fp32" if item.dtype == "float32" else "bf16"
-    return (f"{d.bits}-bit g{d.group_size}" + (" (INT4 repack)" if d.repack else "")
-            + (f" {d.fit}" if not d.repack and d.fit != "minmax" else ""))
+    return (
+        f"{d.bits}-bit g{d.group_size}"
+        + (" (INT4 repack)" if d.repack else "")
+        + (f" {d.fit}" if not d.repack and d.fit != "minmax" else "")
+    )
 
 
 @dataclass
@@ -61,8 +66,9 @@ class ComponentRow:
         return self.bytes * 8 / self.params if self.params else 0.0
 
 
-def summarize(items: List[Item], decisions: Dict[str, Optional[Decision]],
-              sizes: Optional[Dict[str, int]] = None) -> List[ComponentRow]:
+def summarize(
+    items: List[Item], decisions: Dict[str, Optional[Decision]], sizes: Optional[Dict[str, int]] = None
+) -> List[ComponentRow]:
     """Per-component rows. ``sizes`` (path -> bytes) overrides predicted sizes, e.g. with
     the bytes actually written."""
     rows = {c: ComponentRow(c, 0, 0, {}) for c in COMPONENTS}

@@ -70,8 +70,13 @@ def _dense(m):
             return None
         # float32 scales and biases: scale * q + bias exactly, not rounded to bf16.
         f32 = mx.float32
-        w = mx.dequantize(m["weight"], m["scales"].astype(f32), m["biases"].astype(f32),
-                          group_size=m.group_size, bits=m.bits)
+        w = mx.dequantize(
+            m["weight"],
+            m["scales"].astype(f32),
+            m["biases"].astype(f32),
+            group_size=m.group_size,
+            bits=m.bits,
+        )
     elif isinstance(m, MultiLinear):
         w = m["weight"]
     else:
@@ -210,8 +215,7 @@ class _FusedMLA:
         cache_attend = getattr(cache, "attend", None)
         if cache_attend is not None:
             q_lat = _nt(wk, q_nope.astype(mx.float32)).swapaxes(-1, -2)
-            out = cache_attend(q_lat, q_pe.astype(mx.float32), kv_latent, k_pe,
-                               scale=self.scale, mask=mask)
+            out = cache_attend(q_lat, q_pe.astype(mx.float32), kv_latent, k_pe, scale=self.scale, mask=mask)
             out = _nt(wv, out.astype(mx.float32)).swapaxes(-1, -2)
         else:
             if cache is not None:
@@ -259,8 +263,7 @@ def patch_attention(model) -> int:
             continue
         if not issubclass(cur, _FusedMLA):
             if cur not in _mla_classes:
-                _mla_classes[cur] = type(f"MLA{cur.__name__}", (_FusedMLA, cur),
-                                         {"_moequant_base": base})
+                _mla_classes[cur] = type(f"MLA{cur.__name__}", (_FusedMLA, cur), {"_moequant_base": base})
             m.__class__ = _mla_classes[cur]
         n += int(_dense_weights(m) is not None)
     return n

@@ -93,8 +93,10 @@ def check_model_dir(path, arg: str = "--model") -> dict:
         raise UserError(f"{arg} DIR is required (moequant never downloads a default model)")
     d = Path(path)
     if not d.exists():
-        raise UserError(f"{arg} {path}: no such directory (a local model directory is "
-                        "required; moequant does not download from the Hugging Face Hub)")
+        raise UserError(
+            f"{arg} {path}: no such directory (a local model directory is "
+            "required; moequant does not download from the Hugging Face Hub)"
+        )
     if not d.is_dir():
         raise UserError(f"{arg} {path}: not a directory")
     cfg = d / "config.json"
@@ -180,8 +182,16 @@ def sharded_as_load(group, pipeline: bool):
     when ``pipeline``, tensor-parallel otherwise."""
     from mlx_lm.utils import sharded_load
 
-    def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
-             lazy=False, return_config=False, revision=None, trust_remote_code=False):
+    def load(
+        path_or_hf_repo,
+        tokenizer_config=None,
+        model_config=None,
+        adapter_path=None,
+        lazy=False,
+        return_config=False,
+        revision=None,
+        trust_remote_code=False,
+    ):
         return sharded_load(
             path_or_hf_repo,
             pipeline_group=group if pipeline else None,

@@ -127,8 +127,9 @@ def layout_supported(block) -> bool:
 
 def _proj_arrays(block) -> tuple:
     sm = getattr(block, "switch_mlp", None)
-    return tuple(getattr(getattr(sm, n, None), a, None) for n in _PROJS
-                 for a in ("weight", "scales", "biases"))
+    return tuple(
+        getattr(getattr(sm, n, None), a, None) for n in _PROJS for a in ("weight", "scales", "biases")
+    )
 
 
 def checked_projections(block):
@@ -272,9 +273,7 @@ def _quantized_linear(m, x):
     dt = x.dtype if x.dtype == st else mx.float32
     if x.dtype != dt:
         x = x.astype(dt)
-    return quantized_linear(
-        x, m["weight"], m["scales"], m["biases"], bits=m.bits, group_size=m.group_size
-    )
+    return quantized_linear(x, m["weight"], m["scales"], m["biases"], bits=m.bits, group_size=m.group_size)
 
 
 class _FusedQuantizedLinear:
@@ -323,4 +322,3 @@ def patch_linear(model: nn.Module) -> int:
         object.__setattr__(m, "_moequant_layout_ok", ok)
         n += int(ok)
     return n
-

@@ -9,7 +9,6 @@ import mlx.core as mx
 from . import _ext
 
 
-
 def metal_status() -> Tuple[bool, str]:
     """``(available, reason)``: whether this install can run moequant's Metal kernels
     (built with them and the metallib present), and if not, why."""
@@ -46,10 +45,9 @@ def _check_importance(fn: str, importance, K: int) -> Optional[mx.array]:
         raise ValueError(f"{fn}: importance must be an array of K = {K} weights ({e})") from e
     if h.ndim != 1 or h.shape[0] != K:
         raise ValueError(
-            f"{fn}: importance must have shape ({K},) (one weight per input channel), "
-            f"got {tuple(h.shape)}")
-    if not (mx.issubdtype(h.dtype, mx.floating) or mx.issubdtype(h.dtype, mx.integer)
-            or h.dtype == mx.bool_):
+            f"{fn}: importance must have shape ({K},) (one weight per input channel), got {tuple(h.shape)}"
+        )
+    if not (mx.issubdtype(h.dtype, mx.floating) or mx.issubdtype(h.dtype, mx.integer) or h.dtype == mx.bool_):
         raise ValueError(f"{fn}: importance must be real-valued, got {h.dtype}")
     h = h.astype(mx.float32)
     ok = mx.all(mx.isfinite(h) & (h >= 0)).item()
@@ -199,8 +197,7 @@ def as_projection(p: ProjLike, name: str = "projection"):
     if isinstance(p, (tuple, list)):
         if len(p) != 5:
             raise ValueError(
-                f"{name}: expected (weight, scales, biases, bits, group_size), "
-                f"got a sequence of {len(p)}"
+                f"{name}: expected (weight, scales, biases, bits, group_size), got a sequence of {len(p)}"
             )
         w, s, b, bits, gs = p
     else:
@@ -322,9 +319,7 @@ def quantized_linear(
     for name, a in (("x", x), ("w", w), ("scales", scales), ("biases", biases)):
         if not isinstance(a, mx.array):
             raise ValueError(f"quantized_linear: {name} must be an mx.array, got {type(a).__name__}")
-    return _ext.quantized_linear(
-        x, w, scales, biases, bits=bits, group_size=group_size, stream=stream
-    )
+    return _ext.quantized_linear(x, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
 
 
 def matmul_nt(a: mx.array, b: mx.array, *, stream=None) -> mx.array:
@@ -397,8 +392,7 @@ def mla_decode_attention(
             raise ValueError(f"mla_decode_attention: {name} must be (codes, scales, biases)")
         for a in t:
             if not isinstance(a, mx.array):
-                raise ValueError(f"mla_decode_attention: {name} holds a {type(a).__name__}, "
-                                 "not an mx.array")
+                raise ValueError(f"mla_decode_attention: {name} holds a {type(a).__name__}, not an mx.array")
             parts.append(a.squeeze(1) if a.ndim == 4 and a.shape[1] == 1 else a)
     return _ext.mla_decode_attention(
         q_lat, q_pe, *parts, scale=float(scale), bits=bits, group_size=group_size, stream=stream

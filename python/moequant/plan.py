@@ -49,8 +49,16 @@ class Plan:
             "selected_layers": self.resolution.selected,
             "auto_pending": self.resolution.auto_pending,
             "auto_losses": {i: loss for i, (_, loss) in self.resolution.auto_losses.items()},
-            "components": [{"name": r.name, "params": r.params, "bytes": r.bytes,
-                            "bits_per_weight": r.bpw, "bits": r.kinds} for r in self.rows],
+            "components": [
+                {
+                    "name": r.name,
+                    "params": r.params,
+                    "bytes": r.bytes,
+                    "bits_per_weight": r.bpw,
+                    "bits": r.kinds,
+                }
+                for r in self.rows
+            ],
             "total_params": self.params,
             "total_bytes": self.bytes,
             "bits_per_weight": self.bpw,
@@ -71,11 +79,16 @@ def make_plan(src, recipe: str, upgrade_layers=None, sensitivity=None) -> Plan:
         cfg = read_config(src)
         units, _ = build_layout(cfg)
     items = all_items(units)
-    res = resolve(load_recipe(recipe), items, num_layers=cfg.num_layers,
-                  int4_group=cfg.scheme.group_size if cfg.scheme else None,
-                  upgrade_layers=parse_upgrade_layers(upgrade_layers)
-                  if isinstance(upgrade_layers, (str, type(None))) else upgrade_layers,
-                  sensitivity=sensitivity)
+    res = resolve(
+        load_recipe(recipe),
+        items,
+        num_layers=cfg.num_layers,
+        int4_group=cfg.scheme.group_size if cfg.scheme else None,
+        upgrade_layers=parse_upgrade_layers(upgrade_layers)
+        if isinstance(upgrade_layers, (str, type(None)))
+        else upgrade_layers,
+        sensitivity=sensitivity,
+    )
     input_bytes = sum(source.unit_input_bytes(u) for u in units) if source else None
     return Plan(cfg, res, items, summarize(items, res.decisions), input_bytes)
 
@@ -94,25 +107,33 @@ def _share(x: float) -> str:
 def format_table(rows: List[ComponentRow], extra_total: str = "") -> str:
     lines = [f"{'component':<16} {'params':>9} {'size':>11} {'bpw':>6}  bits"]
     for r in rows:
-        kinds = ", ".join(f"{k} ({_share(v / r.params)})" if len(r.kinds) > 1 else k
-                          for k, v in sorted(r.kinds.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{r.name:<16} {_fmt_params(r.params):>9} {fmt_bytes(r.bytes):>11} "
-                     f"{r.bpw:>6.3f}  {kinds}")
+        kinds = ", ".join(
+            f"{k} ({_share(v / r.params)})" if len(r.kinds) > 1 else k
+            for k, v in sorted(r.kinds.items(), key=lambda kv: -kv[1])
+        )
+        lines.append(
+            f"{r.name:<16} {_fmt_params(r.params):>9} {fmt_bytes(r.bytes):>11} {r.bpw:>6.3f}  {kinds}"
+        )
     params = sum(r.params for r in rows)
     size = sum(r.bytes for r in rows)
-    lines.append(f"{'total':<16} {_fmt_params(params):>9} {fmt_bytes(size):>11} "
-                 f"{size * 8 / params:>6.3f}  {extra_total}")
+    lines.append(
+        f"{'total':<16} {_fmt_params(params):>9} {fmt_bytes(size):>11} "
+        f"{size * 8 / params:>6.3f}  {extra_total}"
+    )
     return "\n".join(lines)
 
 
 def format_plan(plan: Plan) -> str:
     res = plan.resolution
-    head = [f"model_type {plan.cfg.flavour}, {plan.cfg.num_layers} layers, source "
-            + (f"INT4 g{plan.cfg.scheme.group_size} experts" if plan.cfg.scheme else "bf16")
-            + f"; recipe {res.recipe.name}"]
+    head = [
+        f"model_type {plan.cfg.flavour}, {plan.cfg.num_layers} layers, source "
+        + (f"INT4 g{plan.cfg.scheme.group_size} experts" if plan.cfg.scheme else "bf16")
+        + f"; recipe {res.recipe.name}"
+    ]
     head += res.selection_lines() + res.notes
-    total = (f"{fmt_bytes(plan.bytes)} ({plan.bytes / 2**30:.2f} GiB); "
-             f"routed experts {plan.expert_bpw:.3f} bpw")
+    total = (
+        f"{fmt_bytes(plan.bytes)} ({plan.bytes / 2**30:.2f} GiB); routed experts {plan.expert_bpw:.3f} bpw"
+    )
     if plan.input_bytes:
         total += f"; input {fmt_bytes(plan.input_bytes)}"
     return "\n".join(head + [format_table(plan.rows, total)])
@@ -143,10 +164,14 @@ def kv_cache_table(text: dict, group_size: int = 64) -> Optional[dict]:
     for bits in (8, 4):
         if r % group_size == 0 and dr % group_size == 0:
             per_tok[f"{bits}-bit g{group_size}"] = bytes_per_token(r, dr, bits, group_size)
-    out = {"kv_lora_rank": r, "qk_rope_head_dim": dr, "layers": layers,
-           "max_context": mx_ctx, "bytes_per_token_layer": per_tok,
-           "rows": [{"context": n, **{k: n * v * layers for k, v in per_tok.items()}}
-                    for n in contexts]}
+    out = {
+        "kv_lora_rank": r,
+        "qk_rope_head_dim": dr,
+        "layers": layers,
+        "max_context": mx_ctx,
+        "bytes_per_token_layer": per_tok,
+        "rows": [{"context": n, **{k: n * v * layers for k, v in per_tok.items()}} for n in contexts],
+    }
     if isinstance(text.get("index_head_dim"), int):
         # deepseek_v32's indexer keeps its own 16-bit keys (and mlx-lm a zeros array of
         # the same size as their values) next to every column: kv_cache.MLACacheList.
@@ -156,31 +181,46 @@ def kv_cache_table(text: dict, group_size: int = 64) -> Optional[dict]:
 
 def format_kv_table(kv: dict) -> str:
     cols = list(kv["bytes_per_token_layer"])
-    lines = [f"KV cache (MLA latent {kv['kv_lora_rank']} + rope {kv['qk_rope_head_dim']} values "
-             f"per token and layer, {kv['layers']} layers; one sequence)",
-             f"{'context':<16}" + "".join(f"{c:>14}" for c in cols)]
+    lines = [
+        f"KV cache (MLA latent {kv['kv_lora_rank']} + rope {kv['qk_rope_head_dim']} values "
+        f"per token and layer, {kv['layers']} layers; one sequence)",
+        f"{'context':<16}" + "".join(f"{c:>14}" for c in cols),
+    ]
     for row in kv["rows"]:
         n = row["context"]
         name = f"{n // 1024}K" + (" (max)" if n == kv["max_context"] else "")
         lines.append(f"{name:<16}" + "".join(f"{row[c] / 1e9:>11.1f} GB" for c in cols))
-    lines.append("per token, all layers: " + ", ".join(
-        f"{c} {v * kv['layers'] / 1e3:.1f} KB" for c, v in kv["bytes_per_token_layer"].items()))
-    lines.append("int8 codes: the codes alone (the model card's int8 column); 8-bit/4-bit: "
-                 "moequant generate --kv-bits, with their bf16 scales and biases.")
+    lines.append(
+        "per token, all layers: "
+        + ", ".join(f"{c} {v * kv['layers'] / 1e3:.1f} KB" for c, v in kv["bytes_per_token_layer"].items())
+    )
+    lines.append(
+        "int8 codes: the codes alone (the model card's int8 column); 8-bit/4-bit: "
+        "moequant generate --kv-bits, with their bf16 scales and biases."
+    )
     ix = kv.get("indexer_bytes_per_token_layer")
     if ix:
-        lines.append(f"plus the sparse-attention indexer's cache (16-bit keys and mlx-lm's same-size zero values, not quantized): "
-                     f"{ix * kv['layers'] / 1e3:.1f} KB per token, " + ", ".join(
-                         f"{row['context'] // 1024}K {row['context'] * ix * kv['layers'] / 1e9:.1f} GB"
-                         for row in kv["rows"]))
+        lines.append(
+            f"plus the sparse-attention indexer's cache (16-bit keys and mlx-lm's same-size zero values, not quantized): "
+            f"{ix * kv['layers'] / 1e3:.1f} KB per token, "
+            + ", ".join(
+                f"{row['context'] // 1024}K {row['context'] * ix * kv['layers'] / 1e9:.1f} GB"
+                for row in kv["rows"]
+            )
+        )
     return "\n".join(lines)
 
 
 def add_recipe_arguments(p):
     """--recipe and --upgrade-layers, the same for plan and convert."""
-    p.add_argument("--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file.")
-    p.add_argument("--upgrade-layers", default=None,
-                   help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.")
+    p.add_argument(
+        "--recipe", default="alis-3.6", help=f"Preset ({', '.join(PRESETS)}) or a recipe JSON file."
+    )
+    p.add_argument(
+        "--upgrade-layers",
+        default=None,
+        help="Override the recipe's layer selection: spread, auto or a list like 3,10,17.",
+    )
 
 
 def add_arguments(p):
@@ -189,9 +229,12 @@ def add_arguments(p):
     g.add_argument("--config", help="A config.json (or its directory): plan from the config alone.")
     add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
-    p.add_argument("--keep-vision", action="store_true",
-                   help="kimi_k25: also size the vision tower and projector kept by "
-                        "`convert --keep-vision` (bf16, or the recipe's vision_projector), as their own row.")
+    p.add_argument(
+        "--keep-vision",
+        action="store_true",
+        help="kimi_k25: also size the vision tower and projector kept by "
+        "`convert --keep-vision` (bf16, or the recipe's vision_projector), as their own row.",
+    )
 
 
 def run(args) -> int:

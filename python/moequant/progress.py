@@ -22,10 +22,18 @@ def fmt_eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: Union[int, Dict[str, int]], label: str = "", enabled: bool = True,
-                 *, stream=None, fmt: Callable[[float], str] = str,
-                 costs: Optional[Dict[str, float]] = None, rate: Optional[Callable] = None,
-                 every: Optional[float] = None):
+    def __init__(
+        self,
+        total: Union[int, Dict[str, int]],
+        label: str = "",
+        enabled: bool = True,
+        *,
+        stream=None,
+        fmt: Callable[[float], str] = str,
+        costs: Optional[Dict[str, float]] = None,
+        rate: Optional[Callable] = None,
+        every: Optional[float] = None,
+    ):
         """``total``: the amount of work, or amount per kind; ``fmt`` formats amounts;
         ``rate(done, seconds)`` an optional throughput field (e.g. GB/s)."""
         totals = total if isinstance(total, dict) else {"": total}
@@ -52,8 +60,10 @@ class Progress:
             return 0.0
         ref_kind, ref = next(iter(rate.items()))
         cost = lambda k: self.costs.get(k, 1.0)  # noqa: E731
-        return sum((total - self.done[k]) / rate.get(k, ref * cost(ref_kind) / cost(k))
-                   for k, total in self.totals.items())
+        return sum(
+            (total - self.done[k]) / rate.get(k, ref * cost(ref_kind) / cost(k))
+            for k, total in self.totals.items()
+        )
 
     def update(self, n: int = 1, kind: str = "", status: str = "", force: bool = False) -> None:
         """``n`` more of ``kind`` done since the last update (the time since then is
@@ -75,10 +85,12 @@ class Progress:
         done, el = self.done_total, now - self.t0
         frac = min(done / self.total, 1.0) if self.total else 1.0
         width = 24
-        line = (f"{self.label + ' ' if self.label else ''}[{'#' * int(frac * width):<{width}}] "
-                f"{self.fmt(done)}/{self.fmt(self.total)}{'  ' + status if status else ''}"
-                f"{'  ' + self.rate(done, el) if self.rate else ''}  "
-                f"{fmt_eta(el)} elapsed, ETA {fmt_eta(self.eta())}")
+        line = (
+            f"{self.label + ' ' if self.label else ''}[{'#' * int(frac * width):<{width}}] "
+            f"{self.fmt(done)}/{self.fmt(self.total)}{'  ' + status if status else ''}"
+            f"{'  ' + self.rate(done, el) if self.rate else ''}  "
+            f"{fmt_eta(el)} elapsed, ETA {fmt_eta(self.eta())}"
+        )
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 

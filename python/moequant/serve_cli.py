@@ -29,15 +29,36 @@ from pathlib import Path
 
 # mlx-lm's integer request fields and the float ones (the latter accept ints, as JSON
 # has one number type; bools are neither).
-_INT_FIELDS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context_size",
-               "presence_context_size", "frequency_context_size", "top_logprobs", "seed")
-_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "xtc_probability", "xtc_threshold")
+_INT_FIELDS = (
+    "max_tokens",
+    "top_k",
+    "num_draft_tokens",
+    "repetition_context_size",
+    "presence_context_size",
+    "frequency_context_size",
+    "top_logprobs",
+    "seed",
+)
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "xtc_probability",
+    "xtc_threshold",
+)
 # Bounds the generation code relies on (token counts and context sizes index Python
 # lists and mx arrays; the seed goes to mx.random.seed, a uint64).
-_INT_MAX = {"max_tokens": 2**31 - 1, "repetition_context_size": 2**31 - 1,
-            "presence_context_size": 2**31 - 1, "frequency_context_size": 2**31 - 1,
-            "num_draft_tokens": 64, "seed": 2**64 - 1}
+_INT_MAX = {
+    "max_tokens": 2**31 - 1,
+    "repetition_context_size": 2**31 - 1,
+    "presence_context_size": 2**31 - 1,
+    "frequency_context_size": 2**31 - 1,
+    "num_draft_tokens": 64,
+    "seed": 2**64 - 1,
+}
 
 
 def add_arguments(p) -> None:
@@ -83,23 +104,24 @@ def _classes(server, served_id: str, model_arg: str, vocab):
             if self.requested_model not in accepted:
                 raise ValueError(
                     f"model {self.requested_model!r} is not served here; this server serves "
-                    f"{served_id!r} (GET /v1/models); omit 'model' or use that id")
+                    f"{served_id!r} (GET /v1/models); omit 'model' or use that id"
+                )
             if self.requested_draft_model not in ("default_model", None) or self.adapter is not None:
                 raise ValueError("this server does not load draft models or adapters per request")
             if vocab is not None and self.top_k >= vocab:
                 raise ValueError(f"top_k must be less than the vocabulary size {vocab}; got {self.top_k}")
             if self.logit_bias:
                 if vocab is None:
-                    raise ValueError("logit_bias is not supported: the model's config.json gives no vocab_size")
+                    raise ValueError(
+                        "logit_bias is not supported: the model's config.json gives no vocab_size"
+                    )
                 for tok, bias in self.logit_bias.items():
                     if not 0 <= tok < vocab:
                         raise ValueError(f"logit_bias token id {tok} is outside the vocabulary [0, {vocab})")
                     if not math.isfinite(bias):
                         raise ValueError(f"logit_bias value for token {tok} must be finite; got {bias}")
             msgs = self.body.get("messages")
-            if msgs is not None and not (
-                isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)
-            ):
+            if msgs is not None and not (isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)):
                 raise ValueError("messages must be a list of objects")
             stop = self.body.get("stop")
             if stop is not None and not (
@@ -161,9 +183,12 @@ def _serve(server, host, port, model_provider, served_id, model_arg, vocab):
             family, _, _, _, address = infos[0]
             Server.address_family = family
             fingerprint = server.get_system_fingerprint()
-            httpd = Server(address, lambda *a, **k: Handler(generator, *a, system_fingerprint=fingerprint, **k))
-            warnings.warn("mlx_lm.server is not recommended for production as "
-                          "it only implements basic security checks.")
+            httpd = Server(
+                address, lambda *a, **k: Handler(generator, *a, system_fingerprint=fingerprint, **k)
+            )
+            warnings.warn(
+                "mlx_lm.server is not recommended for production as it only implements basic security checks."
+            )
             logging.info(f"Starting httpd at {host} on port {port}...")
             threading.Thread(target=httpd.serve_forever, daemon=True).start()
         # The main thread waits on the generation thread (with a timeout, so that
@@ -181,24 +206,27 @@ def _serve(server, host, port, model_provider, served_id, model_arg, vocab):
 
         raise UserError(str(generator.error))
     if generator.error is not None:
-        raise GenerationDied(f"the generation thread died ({type(generator.error).__name__}: "
-                             f"{generator.error}); the server stopped")
+        raise GenerationDied(
+            f"the generation thread died ({type(generator.error).__name__}: "
+            f"{generator.error}); the server stopped"
+        )
 
 
 def run(args) -> int:
     module = importlib.import_module("mlx_lm.server")
 
-    from .mlx_lm_cli import check_model_dir, run_mlx_lm_main
-
     from . import distributed
+    from .mlx_lm_cli import check_model_dir, run_mlx_lm_main
 
     group = distributed.world()
     facts, error, config = {}, None, None
     try:
         config = check_model_dir(args.model)
         if group.size() > 1:
-            facts = {"model (config.json and weight index)": distributed.model_identity(args.model),
-                     "--pipeline": bool(getattr(args, "pipeline", False))}
+            facts = {
+                "model (config.json and weight index)": distributed.model_identity(args.model),
+                "--pipeline": bool(getattr(args, "pipeline", False)),
+            }
     except Exception as e:  # under mlx.launch a local failure must reach every rank
         error = e
     distributed.agree(group, facts, error, "moequant serve")

@@ -44,9 +44,18 @@ _VT_KEYS = {
     "vt_intermediate_size": ("intermediate_size",),
 }
 # mlx-vlm's defaults, which are Kimi-K2.5's MoonViT (used when neither key is present).
-_DEFAULTS = {"embed_dim": 1152, "hidden_size": 1152, "depth": 27, "num_heads": 16,
-             "intermediate_size": 4304, "patch_size": 14, "num_channels": 3,
-             "init_pos_emb_height": 64, "init_pos_emb_width": 64, "merge_kernel_size": [2, 2]}
+_DEFAULTS = {
+    "embed_dim": 1152,
+    "hidden_size": 1152,
+    "depth": 27,
+    "num_heads": 16,
+    "intermediate_size": 4304,
+    "patch_size": 14,
+    "num_channels": 3,
+    "init_pos_emb_height": 64,
+    "init_pos_emb_width": 64,
+    "merge_kernel_size": [2, 2],
+}
 
 
 class VisionError(UserError):
@@ -74,8 +83,11 @@ def is_vision_build(model_dir) -> bool:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(cfg, dict) and bool(cfg.get("vision_config")) and bool(
-        (cfg.get("moequant") or {}).get("keep_vision"))
+    return (
+        isinstance(cfg, dict)
+        and bool(cfg.get("vision_config"))
+        and bool((cfg.get("moequant") or {}).get("keep_vision"))
+    )
 
 
 def mlx_vlm_vision_config(vc: dict) -> dict:
@@ -92,18 +104,30 @@ def mlx_vlm_vision_config(vc: dict) -> dict:
     out["merge_kernel_size"] = [mks, mks] if isinstance(mks, int) else list(mks)
     out.setdefault("spatial_merge_size", out["merge_kernel_size"][0])
     out.setdefault("model_type", "moonvit")
-    for k in ("embed_dim", "depth", "num_heads", "intermediate_size", "patch_size",
-              "init_pos_emb_height", "init_pos_emb_width", "num_channels"):
+    for k in (
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "intermediate_size",
+        "patch_size",
+        "init_pos_emb_height",
+        "init_pos_emb_width",
+        "num_channels",
+    ):
         if type(out[k]) is not int or out[k] < 1:
             raise VisionError(f"vision_config.{k} must be a positive integer, got {out[k]!r}")
     if out["init_pos_emb_height"] != out["init_pos_emb_width"]:
         # mlx-vlm's PatchEmbed builds a square (height x height) position table.
-        raise VisionError("vision_config: init_pos_emb_height != init_pos_emb_width is not "
-                          "supported by mlx-vlm's kimi_k25 (square position table)")
+        raise VisionError(
+            "vision_config: init_pos_emb_height != init_pos_emb_width is not "
+            "supported by mlx-vlm's kimi_k25 (square position table)"
+        )
     head = out["embed_dim"] // out["num_heads"]
     if out["embed_dim"] % out["num_heads"] or head % 4:
-        raise VisionError("vision_config: the head size (embed_dim / num_heads) must be a "
-                          "multiple of 4 (MoonViT's 2-D rotary embedding)")
+        raise VisionError(
+            "vision_config: the head size (embed_dim / num_heads) must be a "
+            "multiple of 4 (MoonViT's 2-D rotary embedding)"
+        )
     return out
 
 
@@ -139,8 +163,11 @@ def vision_tensors(vision_config: dict, text_hidden: int) -> Dict[str, Tuple[Tup
         add(up + "mlp.fc1.weight", (e, i), ml + "mlp.fc1.weight")
         add(up + "mlp.fc1.bias", (e,), ml + "mlp.fc1.bias")
     for s in ("weight", "bias"):
-        add(f"vision_tower.encoder.final_layernorm.{s}", (v["hidden_size"],),
-            f"vision_tower.final_layernorm.{s}")
+        add(
+            f"vision_tower.encoder.final_layernorm.{s}",
+            (v["hidden_size"],),
+            f"vision_tower.final_layernorm.{s}",
+        )
         add(f"mm_projector.pre_norm.{s}", (v["hidden_size"],))
     add("mm_projector.proj.0.weight", (merged, merged))
     add("mm_projector.proj.0.bias", (merged,))
@@ -151,8 +178,7 @@ def vision_tensors(vision_config: dict, text_hidden: int) -> Dict[str, Tuple[Tup
 
 def vision_params(raw_config: dict) -> int:
     """Parameters of the vision tower and projector a kimi_k25 config declares."""
-    tensors = vision_tensors(raw_config.get("vision_config") or {},
-                             raw_config["text_config"]["hidden_size"])
+    tensors = vision_tensors(raw_config.get("vision_config") or {}, raw_config["text_config"]["hidden_size"])
     return sum(math.prod(s) for s, _ in tensors.values())
 
 
@@ -205,8 +231,13 @@ def vision_layout(expect, dtypes: Dict[str, str], projector):
         if item is None or projector is None:
             out.append((math.prod(shape), _FLOAT_KIND[dtypes[name]], [(mlx_name, shape, dtypes[name])]))
         else:
-            out.append((item.params, describe(projector, item),
-                        [(item.path + sfx, s, t) for sfx, s, t in output_tensors(item, projector)]))
+            out.append(
+                (
+                    item.params,
+                    describe(projector, item),
+                    [(item.path + sfx, s, t) for sfx, s, t in output_tensors(item, projector)],
+                )
+            )
     return out
 
 
@@ -228,9 +259,11 @@ def check_projector(expect, projector, where) -> None:
         return
     for name, (shape, mlx_name) in expect.items():
         if _projector_item(mlx_name, shape, "bfloat16") is not None and shape[-1] % projector.group_size:
-            raise VisionError(f"{where}: recipe field vision_projector: group_size "
-                              f"{projector.group_size} does not divide the input size {shape[-1]} "
-                              f"of {name}")
+            raise VisionError(
+                f"{where}: recipe field vision_projector: group_size "
+                f"{projector.group_size} does not divide the input size {shape[-1]} "
+                f"of {name}"
+            )
 
 
 def check_source(src: Source) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -238,8 +271,10 @@ def check_source(src: Source) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     present with its shape, in bf16 (or f16/f32), nothing unexpected."""
     cfg = src.cfg
     if not cfg.prefix or not isinstance(cfg.raw.get("vision_config"), dict):
-        raise VisionError(f"{src.path}: --keep-vision needs a kimi_k25 checkpoint with a "
-                          f"vision_config (this one is {cfg.flavour})")
+        raise VisionError(
+            f"{src.path}: --keep-vision needs a kimi_k25 checkpoint with a "
+            f"vision_config (this one is {cfg.flavour})"
+        )
     expect = vision_tensors(cfg.raw["vision_config"], cfg.text["hidden_size"])
     present = {n for n in src.tensors if n.startswith(VISION_PREFIXES)}
     for name, (shape, _) in expect.items():
@@ -247,15 +282,21 @@ def check_source(src: Source) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         if info is None:
             raise CheckpointError(f"{src.path}: vision tensor {name} is missing from the checkpoint")
         if tuple(info.shape) != shape:
-            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, but "
-                                  f"vision_config implies {list(shape)}")
+            raise CheckpointError(
+                f"{info.file}: tensor {name} has shape {list(info.shape)}, but "
+                f"vision_config implies {list(shape)}"
+            )
         if info.dtype not in ("BF16", "F16", "F32"):
-            raise CheckpointError(f"{info.file}: vision tensor {name} has dtype {info.dtype}; "
-                                  "expected a float type (the tower is not quantized upstream)")
+            raise CheckpointError(
+                f"{info.file}: vision tensor {name} has dtype {info.dtype}; "
+                "expected a float type (the tower is not quantized upstream)"
+            )
     extra = sorted(present - set(expect))
     if extra:
-        raise CheckpointError(f"{src.tensors[extra[0]].file}: unexpected vision tensor {extra[0]}: "
-                              "not part of mlx-vlm's kimi_k25 MoonViT with this vision_config")
+        raise CheckpointError(
+            f"{src.tensors[extra[0]].file}: unexpected vision tensor {extra[0]}: "
+            "not part of mlx-vlm's kimi_k25 MoonViT with this vision_config"
+        )
     return expect
 
 
@@ -274,10 +315,16 @@ def read_vision(src: Source, expect, projector=None) -> Dict[str, "object"]:
             arr = mx.contiguous(arr.transpose(0, 2, 3, 1))
         item = _projector_item(mlx_name, shape, "bfloat16")
         if item is not None and projector is not None:
-            wq, scales, biases = ops.quantize(arr, bits=projector.bits, group_size=projector.group_size,
-                                              fit=projector.fit, dtype=mx.bfloat16)
-            out.update({f"{item.path}.weight": wq, f"{item.path}.scales": scales,
-                        f"{item.path}.biases": biases})
+            wq, scales, biases = ops.quantize(
+                arr,
+                bits=projector.bits,
+                group_size=projector.group_size,
+                fit=projector.fit,
+                dtype=mx.bfloat16,
+            )
+            out.update(
+                {f"{item.path}.weight": wq, f"{item.path}.scales": scales, f"{item.path}.biases": biases}
+            )
         else:
             out[mlx_name] = arr
     return out
@@ -311,7 +358,8 @@ class VisionPart:
         self.expect = check_source(src)
         check_projector(self.expect, projector, src.path)
         self.layout = vision_layout(
-            self.expect, {n: _ST_TO_DTYPE[src.tensors[n].dtype] for n in self.expect}, projector)
+            self.expect, {n: _ST_TO_DTYPE[src.tensors[n].dtype] for n in self.expect}, projector
+        )
 
     def row(self):
         return layout_row(self.layout)
@@ -335,8 +383,10 @@ def config_row(cfg, recipe_spec: Optional[dict] = None):
     """plan --keep-vision from a config alone: the vision row (the tower in bf16, the
     projector as the recipe's vision_projector says)."""
     if not cfg.prefix or not isinstance(cfg.raw.get("vision_config"), dict):
-        raise VisionError(f"{cfg.path}: --keep-vision needs a kimi_k25 config with a "
-                          f"vision_config (this one is {cfg.flavour})")
+        raise VisionError(
+            f"{cfg.path}: --keep-vision needs a kimi_k25 config with a "
+            f"vision_config (this one is {cfg.flavour})"
+        )
     expect = vision_tensors(cfg.raw["vision_config"], cfg.text["hidden_size"])
     projector = projector_decision(recipe_spec or {})
     check_projector(expect, projector, cfg.path)
@@ -346,9 +396,11 @@ def config_row(cfg, recipe_spec: Optional[dict] = None):
 def plan_lines(text_bytes: int, row) -> List[str]:
     from .layout import fmt_bytes
 
-    return [f"-VLM sibling (--keep-vision): text build {fmt_bytes(text_bytes)} + vision tower and "
-            f"projector {fmt_bytes(row.bytes)} ({row.bytes / 2**30:.2f} GiB) = "
-            f"{fmt_bytes(text_bytes + row.bytes)}; load it with mlx-vlm ({VLM_INSTALL})"]
+    return [
+        f"-VLM sibling (--keep-vision): text build {fmt_bytes(text_bytes)} + vision tower and "
+        f"projector {fmt_bytes(row.bytes)} ({row.bytes / 2**30:.2f} GiB) = "
+        f"{fmt_bytes(text_bytes + row.bytes)}; load it with mlx-vlm ({VLM_INSTALL})"
+    ]
 
 
 # --------------------------------------------------------------------------- generate --image
@@ -402,6 +454,14 @@ def run_generate_image(args) -> int:
 
     prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
     text = image_prompt(model, processor, prompt, len(args.image))
-    generate(model, processor, text, image=list(args.image), max_tokens=args.max_tokens,
-             temperature=args.temp, top_p=args.top_p, verbose=True)
+    generate(
+        model,
+        processor,
+        text,
+        image=list(args.image),
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        verbose=True,
+    )
     return 0

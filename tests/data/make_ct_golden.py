@@ -23,9 +23,7 @@ OUT = Path(__file__).with_name("ct_int4_golden.safetensors")
 
 
 def compress(weight: torch.Tensor, group_size: int) -> dict:
-    args = QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size
-    )
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     groups = weight.reshape(weight.shape[0], -1, group_size)
     scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
@@ -44,8 +42,11 @@ def main():
         for key in ("weight_packed", "weight_scale", "weight_shape"):
             tensors[f"{name}.{key}"] = out[key].contiguous()
         tensors[f"{name}.group_size"] = torch.tensor([group_size], dtype=torch.int32)
-    save_file(tensors, OUT, metadata={"compressed_tensors": compressed_tensors.__version__,
-                                      "torch": torch.__version__})
+    save_file(
+        tensors,
+        OUT,
+        metadata={"compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__},
+    )
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
 
 

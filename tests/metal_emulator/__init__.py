@@ -34,12 +34,22 @@ SHIM_DIR = HERE / "shim"
 RUNTIME_DIR = HERE / "runtime"
 MAX_BUFFERS = 32
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
-PARAM_KINDS = {0: "device pointer", 1: "constant pointer", 2: "constant reference",
-               3: "threadgroup argument", 4: "builtin"}
+PARAM_KINDS = {
+    0: "device pointer",
+    1: "constant pointer",
+    2: "constant reference",
+    3: "threadgroup argument",
+    4: "builtin",
+}
 
 __all__ = [
-    "MetalLibrary", "MetalEmulatorError", "MetalCompileError", "MetalLintError",
-    "LaunchResult", "clang_available", "lint_file",
+    "MetalLibrary",
+    "MetalEmulatorError",
+    "MetalCompileError",
+    "MetalLintError",
+    "LaunchResult",
+    "clang_available",
+    "lint_file",
 ]
 
 
@@ -61,8 +71,12 @@ class MetalLintError(MetalCompileError):
 
 
 class _Buffer(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_ulonglong),
-                ("present", ctypes.c_int), ("writable", ctypes.c_int)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("size", ctypes.c_ulonglong),
+        ("present", ctypes.c_int),
+        ("writable", ctypes.c_int),
+    ]
 
 
 _U64S = ctypes.c_ulonglong * MAX_BUFFERS
@@ -87,8 +101,12 @@ class _Launch(ctypes.Structure):
 
 
 class _Param(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("index", ctypes.c_int),
-                ("elem_size", ctypes.c_int), ("writable", ctypes.c_int)]
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("index", ctypes.c_int),
+        ("elem_size", ctypes.c_int),
+        ("writable", ctypes.c_int),
+    ]
 
 
 @dataclass
@@ -131,8 +149,15 @@ def _clang_major(cxx: str) -> int:
 def default_compiler(strict: bool = False) -> str | None:
     if strict:
         # clang >= 15: older versions have no _Float16 (our `half`) on x86-64.
-        for name in ["clang++-20", "clang++-19", "clang++-18", "clang++-17", "clang++-16",
-                     "clang++-15", "clang++"]:
+        for name in [
+            "clang++-20",
+            "clang++-19",
+            "clang++-18",
+            "clang++-17",
+            "clang++-16",
+            "clang++-15",
+            "clang++",
+        ]:
             p = shutil.which(name)
             if p and _clang_major(p) >= 15:
                 return p
@@ -178,9 +203,19 @@ def _build(root: Path, target: Path, cmd: list, what: str):
 def preprocess(src: Path, cxx: str, include_dirs=(), defines=()) -> str:
     """The prepass: macros and includes resolved, address spaces as marker tokens.
     -nostdinc: a kernel cannot include host headers, only the shim and its own."""
-    cmd = [cxx, "-E", "-x", "c++", "-std=c++20", "-nostdinc", "-nostdinc++",
-           "-DMSL_SHIM_PREPASS", "-D__METAL_VERSION__=310", f"-I{SHIM_DIR}",
-           f"-I{src.parent}"]
+    cmd = [
+        cxx,
+        "-E",
+        "-x",
+        "c++",
+        "-std=c++20",
+        "-nostdinc",
+        "-nostdinc++",
+        "-DMSL_SHIM_PREPASS",
+        "-D__METAL_VERSION__=310",
+        f"-I{SHIM_DIR}",
+        f"-I{src.parent}",
+    ]
     cmd += [f"-I{d}" for d in include_dirs] + [f"-D{d}" for d in defines] + [str(src)]
     return _run(cmd, "preprocessing")
 
@@ -195,8 +230,7 @@ def _compiler_id(cxx: str) -> str:
     return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
 
 
-def generate_source(path, cxx: str, *, include_dirs=(), defines=(), lint=True,
-                    only=None) -> str:
+def generate_source(path, cxx: str, *, include_dirs=(), defines=(), lint=True, only=None) -> str:
     """The C++ translation unit for a .metal file: shim, translated kernels, launchers
     (`msl_kernel_count/name/params/launch`). Compile it with kernel_flags() and link
     runtime/msl_runtime.cpp."""
@@ -231,18 +265,29 @@ class MetalLibrary:
     div_ulps: inexact-division mode: divide() (metal::, fast::, precise::) returns the
     correctly rounded quotient off by a pseudo-random 0..div_ulps ulps either way."""
 
-    def __init__(self, path, *, include_dirs=(), defines=(), strict: bool = False,
-                 lint: bool = True, compiler: str | None = None,
-                 context_switch: str = "asm", only=None, cache=None, opt: str = "-Og",
-                 div_ulps: int = 0):
+    def __init__(
+        self,
+        path,
+        *,
+        include_dirs=(),
+        defines=(),
+        strict: bool = False,
+        lint: bool = True,
+        compiler: str | None = None,
+        context_switch: str = "asm",
+        only=None,
+        cache=None,
+        opt: str = "-Og",
+        div_ulps: int = 0,
+    ):
         self.path = _resolve(path)
         cxx = compiler or default_compiler(strict)
         if cxx is None:
             raise MetalCompileError("no C++ compiler found (strict mode needs clang++ >= 15)")
-        source = generate_source(self.path, cxx, include_dirs=include_dirs, defines=defines,
-                                 lint=lint, only=only)
-        flags = ["-std=c++20", opt, "-fPIC", "-shared", "-fvisibility=hidden",
-                 *kernel_flags(cxx)]
+        source = generate_source(
+            self.path, cxx, include_dirs=include_dirs, defines=defines, lint=lint, only=only
+        )
+        flags = ["-std=c++20", opt, "-fPIC", "-shared", "-fvisibility=hidden", *kernel_flags(cxx)]
         if strict:
             flags.append("-DMSL_STRICT")
         if div_ulps:
@@ -267,34 +312,44 @@ class MetalLibrary:
             # The runtime is the same for every kernel file: built once per cache.
             rt_obj = cache_dir() / f"msl_runtime-{rt_hash.hexdigest()[:20]}.o"
             if not rt_obj.exists():
-                _build(rt_obj.parent, rt_obj, [cxx, *rt_flags, str(RUNTIME_DIR / "msl_runtime.cpp")],
-                       "compiling the emulator runtime")
+                _build(
+                    rt_obj.parent,
+                    rt_obj,
+                    [cxx, *rt_flags, str(RUNTIME_DIR / "msl_runtime.cpp")],
+                    "compiling the emulator runtime",
+                )
             with tempfile.TemporaryDirectory(dir=root) as tmp:
                 cpp = Path(tmp) / (self.path.stem + ".emu.cpp")
                 cpp.write_text(source)
-                _build(root, so, [cxx, *flags, str(cpp), str(rt_obj)],
-                       f"compiling {self.path.name}")
+                _build(root, so, [cxx, *flags, str(cpp), str(rt_obj)], f"compiling {self.path.name}")
         self._lib = ctypes.CDLL(str(so))
         self._lib.msl_kernel_name.restype = ctypes.c_char_p
         self.so_path = so
-        self.kernels = [self._lib.msl_kernel_name(i).decode()
-                        for i in range(self._lib.msl_kernel_count())]
+        self.kernels = [self._lib.msl_kernel_name(i).decode() for i in range(self._lib.msl_kernel_count())]
         self._index = {k: i for i, k in enumerate(self.kernels)}
 
     def params(self, name: str) -> list[KernelParam]:
         arr = (_Param * 64)()
         n = self._lib.msl_kernel_params(self._kernel(name), arr)
-        return [KernelParam(PARAM_KINDS[p.kind], p.index, p.elem_size, bool(p.writable))
-                for p in arr[:n]]
+        return [KernelParam(PARAM_KINDS[p.kind], p.index, p.elem_size, bool(p.writable)) for p in arr[:n]]
 
     def _kernel(self, name: str) -> int:
         if name not in self._index:
             raise KeyError(f"no kernel {name!r} in {self.path.name}")
         return self._index[name]
 
-    def run(self, name: str, buffers: dict, grid=(1, 1, 1), threadgroup=(1, 1, 1), *,
-            schedule: str = "forward", seed: int = 0, threadgroup_memory: dict | None = None,
-            count_unique: bool = False) -> LaunchResult:
+    def run(
+        self,
+        name: str,
+        buffers: dict,
+        grid=(1, 1, 1),
+        threadgroup=(1, 1, 1),
+        *,
+        schedule: str = "forward",
+        seed: int = 0,
+        threadgroup_memory: dict | None = None,
+        count_unique: bool = False,
+    ) -> LaunchResult:
         """Dispatches `grid` threadgroups of `threadgroup` threads. buffers maps a
         [[buffer(n)]] index to a C-contiguous numpy array (device memory, written in
         place) or a numpy scalar (bound to `constant T&`)."""
@@ -313,8 +368,10 @@ class MetalLibrary:
             elif isinstance(buf, np.generic):
                 arr, writable = np.array(buf), False
             else:
-                raise TypeError(f"buffer({idx}): pass a numpy array or a numpy scalar such "
-                                f"as np.uint32(7), not {type(buf).__name__}")
+                raise TypeError(
+                    f"buffer({idx}): pass a numpy array or a numpy scalar such "
+                    f"as np.uint32(7), not {type(buf).__name__}"
+                )
             keep.append(arr)
             b = desc.buffers[idx]
             b.data, b.size, b.present, b.writable = arr.ctypes.data, arr.nbytes, 1, int(writable)
@@ -325,8 +382,8 @@ class MetalLibrary:
                 size = (threadgroup_memory or {}).get(p.index)
                 if size is None:
                     raise MetalEmulatorError(
-                        f"{name}: [[threadgroup({p.index})]] needs threadgroup_memory="
-                        f"{{{p.index}: nbytes}}")
+                        f"{name}: [[threadgroup({p.index})]] needs threadgroup_memory={{{p.index}: nbytes}}"
+                    )
                 desc.tg_arg_bytes[p.index] = size
                 continue
             if p.index not in buffers:
@@ -335,7 +392,8 @@ class MetalLibrary:
             if p.kind == "constant reference" and nbytes != p.elem_size:
                 raise MetalEmulatorError(
                     f"{name}: buffer({p.index}) binds a constant reference of "
-                    f"{p.elem_size} bytes but {nbytes} bytes were given")
+                    f"{p.elem_size} bytes but {nbytes} bytes were given"
+                )
         desc.grid[:] = [int(x) for x in _dims(grid)]
         desc.threadgroup[:] = [int(x) for x in _dims(threadgroup)]
         desc.schedule = SCHEDULES[schedule]
@@ -344,13 +402,19 @@ class MetalLibrary:
         rc = self._lib.msl_kernel_launch(k, ctypes.byref(desc))
         if rc != 0:
             raise MetalEmulatorError(f"{name}: {desc.error.decode(errors='replace')}")
-        per = {i: (desc.bytes_read[i], desc.bytes_written[i])
-               for i in buffers if isinstance(buffers[i], np.ndarray)}
-        res = LaunchResult(sum(r for r, _ in per.values()), sum(w for _, w in per.values()),
-                           per, threadgroup_memory=desc.tg_mem_used)
+        per = {
+            i: (desc.bytes_read[i], desc.bytes_written[i])
+            for i in buffers
+            if isinstance(buffers[i], np.ndarray)
+        }
+        res = LaunchResult(
+            sum(r for r, _ in per.values()),
+            sum(w for _, w in per.values()),
+            per,
+            threadgroup_memory=desc.tg_mem_used,
+        )
         if count_unique:
-            res.unique_per_buffer = {i: (desc.unique_read[i], desc.unique_written[i])
-                                     for i in per}
+            res.unique_per_buffer = {i: (desc.unique_read[i], desc.unique_written[i]) for i in per}
             res.unique_bytes_read = sum(r for r, _ in res.unique_per_buffer.values())
             res.unique_bytes_written = sum(w for _, w in res.unique_per_buffer.values())
         return res

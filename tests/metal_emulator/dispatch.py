@@ -22,8 +22,14 @@ import numpy as np
 
 from . import LaunchResult, MetalEmulatorError, MetalLibrary
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
-             "uint32": np.uint32, "int32": np.int32, "uint8": np.uint8}
+NP_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "uint32": np.uint32,
+    "int32": np.int32,
+    "uint8": np.uint8,
+}
 
 
 def metal_plan(arrays) -> dict:
@@ -49,8 +55,9 @@ def _scalar(raw: bytes) -> np.generic:
     return np.frombuffer(raw, dt)[0]
 
 
-def run_plan(plan: dict, lib_for: Callable[[str], MetalLibrary], *, schedule="forward",
-             seed=0, count_unique=False) -> tuple[dict, list[LaunchResult]]:
+def run_plan(
+    plan: dict, lib_for: Callable[[str], MetalLibrary], *, schedule="forward", seed=0, count_unique=False
+) -> tuple[dict, list[LaunchResult]]:
     """Runs every launch of `plan`; returns ({array id: device buffer}, launch results)."""
     bufs: dict[int, np.ndarray] = {}
     values, outputs = plan["values"], plan["outputs"]
@@ -67,8 +74,7 @@ def run_plan(plan: dict, lib_for: Callable[[str], MetalLibrary], *, schedule="fo
                 b.view(np.uint8)[...] = 0xFF  # NaN for floats: unwritten outputs show
                 bufs[aid] = b
             else:
-                raise MetalEmulatorError(f"the plan binds array {aid}, which it does not "
-                                         "describe")
+                raise MetalEmulatorError(f"the plan binds array {aid}, which it does not describe")
         return bufs[aid]
 
     results = []
@@ -80,10 +86,17 @@ def run_plan(plan: dict, lib_for: Callable[[str], MetalLibrary], *, schedule="fo
             else:  # set_bytes: a `constant T&` of exactly these bytes
                 bound[index] = _scalar(what)
         name = launch["kernel"]
-        results.append(lib_for(name).run(name, buffers=bound, grid=launch["grid"],
-                                          threadgroup=launch["threadgroup"],
-                                          schedule=schedule, seed=seed,
-                                          count_unique=count_unique))
+        results.append(
+            lib_for(name).run(
+                name,
+                buffers=bound,
+                grid=launch["grid"],
+                threadgroup=launch["threadgroup"],
+                schedule=schedule,
+                seed=seed,
+                count_unique=count_unique,
+            )
+        )
     return bufs, results
 
 

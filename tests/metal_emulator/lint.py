@@ -70,8 +70,12 @@ def lint_preprocessed(text: str) -> list[LintIssue]:
             elif x == "std" and pos + 1 < len(toks) and t.text(toks[pos + 1]) == "::":
                 add(i, "std", "the C++ standard library does not exist in Metal")
             elif x == "static" and in_func and in_func[-1] and not _in_constant(t, toks, pos):
-                add(i, "static-local", "function-local static variables must be in the "
-                    "constant address space in Metal (static constant constexpr ...)")
+                add(
+                    i,
+                    "static-local",
+                    "function-local static variables must be in the "
+                    "constant address space in Metal (static constant constexpr ...)",
+                )
         elif t.toks[i].kind == "num" and x.endswith(("l", "L")) and "." in x:
             add(i, "double", "long double literal")
 
@@ -135,7 +139,7 @@ def _cycles(graph):
     def dfs(node, path):
         for nxt in sorted(graph.get(node, ())):
             if nxt in path:
-                cyc = path[path.index(nxt):] + [nxt]
+                cyc = path[path.index(nxt) :] + [nxt]
                 key = frozenset(cyc)
                 if key not in seen:
                     seen.add(key)

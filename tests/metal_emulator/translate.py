@@ -38,7 +38,11 @@ BUILTINS = {
 }
 # Attributes that only mean something to Metal; all are removed from the output.
 METAL_ATTRS = set(BUILTINS) | {
-    "kernel", "host_name", "buffer", "__msl_threadgroup", "max_total_threads_per_threadgroup",
+    "kernel",
+    "host_name",
+    "buffer",
+    "__msl_threadgroup",
+    "max_total_threads_per_threadgroup",
 }
 UNSUPPORTED_ATTRS = {"function_constant", "stage_in", "texture", "sampler", "visible"}
 
@@ -257,8 +261,7 @@ class _Translator:
                 if not seg:
                     continue
                 attr = next((attrs[x] for x in seg if x in attrs), None)
-                names = [x for x in seg if self.toks[x].kind == "id"
-                         and (attr is None or x < attr.start)]
+                names = [x for x in seg if self.toks[x].kind == "id" and (attr is None or x < attr.start)]
                 pname = self.text(names[-1]) if names else "?"
                 b = self.binding(attr, pname, seg[0])
                 seen = seen_buffers if "BindBuffer" in b else seen_tg if "Threadgroup" in b else None
@@ -286,9 +289,7 @@ class _Translator:
                 if prev is None:
                     break
                 if attrs[prev].name == "host_name":
-                    host = "".join(
-                        t.text[1:-1] for t in attrs[prev].args if t.kind == "str"
-                    )
+                    host = "".join(t.text[1:-1] for t in attrs[prev].args if t.kind == "str")
                 k = self.prev_sig(prev)
             if self.text(k) == "template":
                 self.record_instantiation(a.end, host, kernels, start)
@@ -396,8 +397,7 @@ class _Translator:
                 # A program-scope constant variable: plain const data.
                 k2 = self.next_sig(i)
                 qualified = any(
-                    self.text(x) in ("const", "constexpr")
-                    for x in (k2, self.prev_sig(i), self.next_sig(k2))
+                    self.text(x) in ("const", "constexpr") for x in (k2, self.prev_sig(i), self.next_sig(k2))
                 )
                 self.toks[i].out = "" if qualified else "const"
                 return
@@ -441,9 +441,8 @@ class _Translator:
         name = self.text(name_k)
         self.erase(i, semi)
         self.toks[i].out = (
-            (self.toks[i].out or "")
-            + f'MSL_TG_AS auto& {name} = ::msl::tg_var<{type_text} {dims}, {tg_id}>("{name}")'
-        )
+            self.toks[i].out or ""
+        ) + f'MSL_TG_AS auto& {name} = ::msl::tg_var<{type_text} {dims}, {tg_id}>("{name}")'
         return True
 
     # ---- literals and line markers ------------------------------------------------------
@@ -469,7 +468,7 @@ def translate(preprocessed: str, only=None) -> Translation:
 
 def launch_glue(tr: Translation) -> str:
     """The extern "C" entry points of a compiled library, one thunk per host name."""
-    out = ["", "#line 1 \"<metal-emulator glue>\"", "namespace {"]
+    out = ["", '#line 1 "<metal-emulator glue>"', "namespace {"]
     names = list(tr.kernels)
     for k, host in enumerate(names):
         fid = tr.kernels[host]
@@ -479,9 +478,7 @@ def launch_glue(tr: Translation) -> str:
             f"void msl_thunk_{k}(const ::msl::ThreadInfo& ti, ::msl::Launch& L) {{ "
             f"::msl::call<{binders}>(&{fid}, ti, L); }}"
         )
-        out.append(
-            f"int msl_params_{k}(MslParam* o) {{ return ::msl::params<{binders}>(&{fid}, o); }}"
-        )
+        out.append(f"int msl_params_{k}(MslParam* o) {{ return ::msl::params<{binders}>(&{fid}, o); }}")
     out.append("}")
     quoted = ", ".join(f'"{h}"' for h in names) or "nullptr"
     thunks = ", ".join(f"msl_thunk_{k}" for k in range(len(names))) or "nullptr"

@@ -17,9 +17,12 @@
 namespace mx = mlx::core;
 
 static mx::Dtype parse_dtype(const std::string& s) {
-  if (s == "float32") return mx::float32;
-  if (s == "float16") return mx::float16;
-  if (s == "bfloat16") return mx::bfloat16;
+  if (s == "float32")
+    return mx::float32;
+  if (s == "float16")
+    return mx::float16;
+  if (s == "bfloat16")
+    return mx::bfloat16;
   std::fprintf(stderr, "unknown dtype %s\n", s.c_str());
   std::exit(2);
 }

@@ -5,5 +5,16 @@ from .errors import CheckpointError
 from .layout import COMPONENTS, Item, Job, Unit, all_items, build_layout
 from .source import Source
 
-__all__ = ["CheckpointError", "Int4Scheme", "SourceConfig", "read_config", "Source",
-           "Item", "Job", "Unit", "COMPONENTS", "all_items", "build_layout"]
+__all__ = [
+    "CheckpointError",
+    "Int4Scheme",
+    "SourceConfig",
+    "read_config",
+    "Source",
+    "Item",
+    "Job",
+    "Unit",
+    "COMPONENTS",
+    "all_items",
+    "build_layout",
+]

@@ -25,8 +25,14 @@ NESTED_TYPES = ("kimi_k25",)
 
 # Fields of the DeepSeek-V3 text config the layout is computed from.
 REQUIRED_INT = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-    "intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "intermediate_size",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
     "v_head_dim",
 )
 MOE_INT = ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
@@ -89,8 +95,11 @@ def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
         _fail(path, f"{where} is a {type(qc).__name__}, expected an object")
     method = qc.get("quant_method")
     if method != "compressed-tensors":
-        _fail(path, f"{where}.quant_method is {method!r}; only compressed-tensors INT4 "
-                    "(format pack-quantized) or plain bf16 checkpoints are supported")
+        _fail(
+            path,
+            f"{where}.quant_method is {method!r}; only compressed-tensors INT4 "
+            "(format pack-quantized) or plain bf16 checkpoints are supported",
+        )
     fmt = qc.get("format")
     if fmt != "pack-quantized":
         kind = " (FP8)" if fmt == "float-quantized" else ""
@@ -110,16 +119,20 @@ def parse_scheme(qc: dict, where: str, path) -> Int4Scheme:
         if not isinstance(w, dict):
             _fail(path, f"{here}.weights is missing")
         if not is_int(w.get("num_bits")) or w["num_bits"] != 4 or w.get("type", "int") != "int":
-            _fail(path, f"{here}.weights is {w.get('num_bits')}-bit {w.get('type')!r}; "
-                        "only 4-bit int is supported")
+            _fail(
+                path,
+                f"{here}.weights is {w.get('num_bits')}-bit {w.get('type')!r}; only 4-bit int is supported",
+            )
         if w.get("symmetric") is not True:
-            _fail(path, f"{here}.weights is asymmetric (zero points); only symmetric "
-                        "INT4 is supported")
+            _fail(path, f"{here}.weights is asymmetric (zero points); only symmetric INT4 is supported")
         if w.get("strategy") != "group":
             _fail(path, f"{here}.weights.strategy is {w.get('strategy')!r}, expected 'group'")
         if not is_int(w.get("group_size")) or w["group_size"] not in SOURCE_GROUP_SIZES:
-            _fail(path, f"{here}.weights.group_size is {w.get('group_size')!r}; "
-                        f"supported: {', '.join(map(str, SOURCE_GROUP_SIZES))}")
+            _fail(
+                path,
+                f"{here}.weights.group_size is {w.get('group_size')!r}; "
+                f"supported: {', '.join(map(str, SOURCE_GROUP_SIZES))}",
+            )
         if w.get("dynamic"):
             _fail(path, f"{here}.weights.dynamic is set; only static weights are supported")
         for act in ("input_activations", "output_activations"):
@@ -158,8 +171,10 @@ def read_config(src: Path) -> SourceConfig:
     elif mt in FLAT_TYPES:
         text, prefix = raw, ""
     else:
-        _fail(path, f"model_type {mt!r} is not supported; expected one of "
-                    f"{', '.join(NESTED_TYPES + FLAT_TYPES)}")
+        _fail(
+            path,
+            f"model_type {mt!r} is not supported; expected one of {', '.join(NESTED_TYPES + FLAT_TYPES)}",
+        )
 
     _check_sizes(text, path, "text_config." if prefix else "")
     if text.get("tie_word_embeddings") or raw.get("tie_word_embeddings"):
@@ -211,6 +226,9 @@ def _check_sizes(text: dict, path, where: str) -> None:
     first, freq = text.get("first_k_dense_replace") or 0, text.get("moe_layer_freq") or 1
     moe_layers = sum(1 for l in range(first, L) if l % freq == 0)
     if moe_layers * E > MAX_EXPERT_SLOTS:
-        _fail(path, f"{where}n_routed_experts ({E}) x {moe_layers} MoE layers "
-                    f"({where}num_hidden_layers {L}) is more than {MAX_EXPERT_SLOTS} "
-                    "expert slots; refusing an implausible config")
+        _fail(
+            path,
+            f"{where}n_routed_experts ({E}) x {moe_layers} MoE layers "
+            f"({where}num_hidden_layers {L}) is more than {MAX_EXPERT_SLOTS} "
+            "expert slots; refusing an implausible config",
+        )

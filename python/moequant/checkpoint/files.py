@@ -42,15 +42,18 @@ def resolve_inside(root: Path, rel, what: str, where) -> Path:
     path = Path(root) / rel
     real = os.path.realpath(path)
     if not any(_within(real, r) for r in allowed_roots(root)):
-        raise CheckpointError(f"{where}: {what} {rel!r} resolves to {real}, outside the "
-                              f"checkpoint {root}")
+        raise CheckpointError(f"{where}: {what} {rel!r} resolves to {real}, outside the checkpoint {root}")
     return path
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -62,13 +65,15 @@ def check_regular(path: Path, what: str = "") -> os.stat_result:
         st = os.stat(path)
     except FileNotFoundError:
         dangling = os.path.islink(path)
-        raise CheckpointError(f"{path}: {what + ' ' if what else ''}"
-                              f"{'is a dangling symlink' if dangling else 'does not exist'}") from None
+        raise CheckpointError(
+            f"{path}: {what + ' ' if what else ''}{'is a dangling symlink' if dangling else 'does not exist'}"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: cannot read{' ' + what if what else ''}: it is "
-                              f"{_kind(st.st_mode)}, not a regular file")
+        raise CheckpointError(
+            f"{path}: cannot read{' ' + what if what else ''}: it is {_kind(st.st_mode)}, not a regular file"
+        )
     return st
 
 

@@ -15,8 +15,15 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from .config import SourceConfig
 
 COMPONENTS = (
-    "routed gate/up", "routed down", "attention", "shared experts", "dense MLP",
-    "embeddings", "lm_head", "router", "norms & biases",
+    "routed gate/up",
+    "routed down",
+    "attention",
+    "shared experts",
+    "dense MLP",
+    "embeddings",
+    "lm_head",
+    "router",
+    "norms & biases",
 )
 
 
@@ -86,19 +93,28 @@ def build_layout(cfg: SourceConfig) -> Tuple[List[Unit], Dict[str, Expect]]:
         return full
 
     def norm(path, dim, layer):
-        return Job("param", [Item(path, layer, "norms & biases", "param", (dim,))],
-                   [src(path, (dim,))])
+        return Job("param", [Item(path, layer, "norms & biases", "param", (dim,))], [src(path, (dim,))])
 
     def linear(path, out_dim, in_dim, layer, comp, kind="linear"):
-        jobs = [Job("dense", [Item(path, layer, comp, kind, (out_dim, in_dim))],
-                    [src(path + ".weight", (out_dim, in_dim))])]
+        jobs = [
+            Job(
+                "dense",
+                [Item(path, layer, comp, kind, (out_dim, in_dim))],
+                [src(path + ".weight", (out_dim, in_dim))],
+            )
+        ]
         return jobs
 
     def linear_b(path, out_dim, in_dim, layer):
         jobs = linear(path, out_dim, in_dim, layer, "attention")
         if bias:
-            jobs.append(Job("param", [Item(path + ".bias", layer, "norms & biases", "param",
-                                           (out_dim,))], [src(path + ".bias", (out_dim,))]))
+            jobs.append(
+                Job(
+                    "param",
+                    [Item(path + ".bias", layer, "norms & biases", "param", (out_dim,))],
+                    [src(path + ".bias", (out_dim,))],
+                )
+            )
         return jobs
 
     for l in range(cfg.num_layers):
@@ -112,24 +128,36 @@ def build_layout(cfg: SourceConfig) -> Tuple[List[Unit], Dict[str, Expect]]:
             jobs += linear_b(f"{a}.q_b_proj", heads * (nope + rope), q_lora, l)
         jobs += linear_b(f"{a}.kv_a_proj_with_mqa", kv_lora + rope, H, l)
         jobs.append(norm(f"{a}.kv_a_layernorm.weight", kv_lora, l))
-        jobs.append(Job(
-            "kv_b",
-            [Item(f"{a}.embed_q", l, "attention", "multilinear", (heads, kv_lora, nope)),
-             Item(f"{a}.unembed_out", l, "attention", "multilinear", (heads, vdim, kv_lora))],
-            [src(f"{a}.kv_b_proj.weight", (heads * (nope + vdim), kv_lora))],
-        ))
+        jobs.append(
+            Job(
+                "kv_b",
+                [
+                    Item(f"{a}.embed_q", l, "attention", "multilinear", (heads, kv_lora, nope)),
+                    Item(f"{a}.unembed_out", l, "attention", "multilinear", (heads, vdim, kv_lora)),
+                ],
+                [src(f"{a}.kv_b_proj.weight", (heads * (nope + vdim), kv_lora))],
+            )
+        )
         jobs += linear_b(f"{a}.o_proj", H, heads * vdim, l)
         jobs.append(norm(f"model.layers.{l}.post_attention_layernorm.weight", H, l))
         m = f"model.layers.{l}.mlp"
         if cfg.is_moe_layer(l):
             E, I = t["n_routed_experts"], t["moe_intermediate_size"]
-            jobs.append(Job("param", [Item(f"{m}.gate.weight", l, "router", "param", (E, H))],
-                            [src(f"{m}.gate.weight", (E, H))]))
-            jobs.append(Job("param", [Item(f"{m}.gate.e_score_correction_bias", l, "router",
-                                           "param", (E,), "float32")],
-                            [src(f"{m}.gate.e_score_correction_bias", (E,), "fp32")]))
-            for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)),
-                                 ("down_proj", (H, I))):
+            jobs.append(
+                Job(
+                    "param",
+                    [Item(f"{m}.gate.weight", l, "router", "param", (E, H))],
+                    [src(f"{m}.gate.weight", (E, H))],
+                )
+            )
+            jobs.append(
+                Job(
+                    "param",
+                    [Item(f"{m}.gate.e_score_correction_bias", l, "router", "param", (E,), "float32")],
+                    [src(f"{m}.gate.e_score_correction_bias", (E,), "fp32")],
+                )
+            )
+            for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
                 comp = "routed down" if proj == "down_proj" else "routed gate/up"
                 sources = []
                 for e in range(E):
@@ -138,20 +166,21 @@ def build_layout(cfg: SourceConfig) -> Tuple[List[Unit], Dict[str, Expect]]:
                         sources.append(src(base + ".weight", (n, k)))
                     else:
                         gs = cfg.scheme.group_size
-                        sources += [src(base + ".weight_packed", (n, k // 8), "packed"),
-                                    src(base + ".weight_scale", (n, k // gs)),
-                                    src(base + ".weight_shape", (2,), "shape")]
-                jobs.append(Job("experts", [Item(f"{m}.switch_mlp.{proj}", l, comp, "switch",
-                                                 (E, n, k))], sources))
+                        sources += [
+                            src(base + ".weight_packed", (n, k // 8), "packed"),
+                            src(base + ".weight_scale", (n, k // gs)),
+                            src(base + ".weight_shape", (2,), "shape"),
+                        ]
+                jobs.append(
+                    Job("experts", [Item(f"{m}.switch_mlp.{proj}", l, comp, "switch", (E, n, k))], sources)
+                )
             if t.get("n_shared_experts"):
                 si = I * t["n_shared_experts"]
-                for proj, (n, k) in (("gate_proj", (si, H)), ("up_proj", (si, H)),
-                                     ("down_proj", (H, si))):
+                for proj, (n, k) in (("gate_proj", (si, H)), ("up_proj", (si, H)), ("down_proj", (H, si))):
                     jobs += linear(f"{m}.shared_experts.{proj}", n, k, l, "shared experts")
         else:
             DI = t["intermediate_size"]
-            for proj, (n, k) in (("gate_proj", (DI, H)), ("up_proj", (DI, H)),
-                                 ("down_proj", (H, DI))):
+            for proj, (n, k) in (("gate_proj", (DI, H)), ("up_proj", (DI, H)), ("down_proj", (H, DI))):
                 jobs += linear(f"{m}.{proj}", n, k, l, "dense MLP")
         units.append(Unit(l, f"layer {l}", jobs))
 
@@ -171,11 +200,15 @@ def is_dropped(name: str, cfg: SourceConfig) -> bool:
     """Source tensors mlx-lm's sanitize discards: the vision side of kimi_k25, layers past
     num_hidden_layers (multi-token prediction) and precomputed rotary frequencies."""
     if cfg.prefix and not name.startswith(cfg.prefix):
-        return name.split(".")[0] in ("vision_tower", "vision_model", "mm_projector",
-                                      "multi_modal_projector")
-    rest = name[len(cfg.prefix):]
+        return name.split(".")[0] in ("vision_tower", "vision_model", "mm_projector", "multi_modal_projector")
+    rest = name[len(cfg.prefix) :]
     if "rotary_emb.inv_freq" in rest:
         return True
     parts = rest.split(".")
-    return (len(parts) > 2 and parts[0] == "model" and parts[1] == "layers"
-            and parts[2].isdigit() and int(parts[2]) >= cfg.num_layers)
+    return (
+        len(parts) > 2
+        and parts[0] == "model"
+        and parts[1] == "layers"
+        and parts[2].isdigit()
+        and int(parts[2]) >= cfg.num_layers
+    )

@@ -24,15 +24,46 @@ from .errors import CheckpointError
 from .files import open_regular
 
 # safetensors dtype -> storage dtype in numpy and in MLX (bf16 is carried as uint16 bits).
-NP_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I32": np.int32,
-              "U32": np.uint32, "I64": np.int64}
-MX_STORAGE = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32,
-              "U32": mx.uint32, "I64": mx.int64}
+NP_STORAGE = {
+    "BF16": np.uint16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "I64": np.int64,
+}
+MX_STORAGE = {
+    "BF16": mx.uint16,
+    "F16": mx.float16,
+    "F32": mx.float32,
+    "I32": mx.int32,
+    "U32": mx.uint32,
+    "I64": mx.int64,
+}
 
 # Bits per element of every safetensors dtype (the reference parser's table).
-DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-              "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 MAX_HEADER = 100_000_000  # the reference parser's limit
 
 
@@ -76,16 +107,20 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
     except RecursionError:
         raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON "
-                              f"{type(header).__name__}, expected an object")
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, expected an object"
+        )
     base = 8 + n
     tensors = {}
     for name, meta in header.items():
         if name == "__metadata__":
-            if meta is not None and (not isinstance(meta, dict)  # null: no metadata (MLX writes it)
-                                     or not all(isinstance(v, str) for v in meta.values())):
-                raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is "
-                                      "not a map of strings")
+            if meta is not None and (
+                not isinstance(meta, dict)  # null: no metadata (MLX writes it)
+                or not all(isinstance(v, str) for v in meta.values())
+            ):
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header: __metadata__ is not a map of strings"
+                )
             continue
         bad = _entry_problem(meta)
         if bad:
@@ -93,29 +128,37 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], bytes]:
         begin, end = meta["data_offsets"]
         shape = tuple(meta["shape"])
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {base + end} "
-                                  f"but the file has {size} bytes")
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes"
+            )
         bits = math.prod(shape) * DTYPE_BITS[meta["dtype"]]
         if bits % 8 or bits // 8 != end - begin:
             raise CheckpointError(
                 f"{path}: corrupt header entry for tensor {name}: data_offsets [{begin}, {end}] "
-                f"hold {end - begin} bytes, but {meta['dtype']} {list(shape)} needs {bits / 8:g}")
+                f"hold {end - begin} bytes, but {meta['dtype']} {list(shape)} needs {bits / 8:g}"
+            )
         tensors[name] = TensorInfo(path, name, meta["dtype"], shape, base + begin, end - begin)
     spans = sorted(tensors.values(), key=lambda t: (t.start, t.start + t.nbytes))
     for prev, info in zip(spans, spans[1:]):  # overlaps first: the more telling error
         if info.start < prev.start + prev.nbytes:
-            raise CheckpointError(f"{path}: corrupt header: tensor {info.name} (data_offsets "
-                                  f"starting at {info.start - base}) overlaps tensor {prev.name}")
+            raise CheckpointError(
+                f"{path}: corrupt header: tensor {info.name} (data_offsets "
+                f"starting at {info.start - base}) overlaps tensor {prev.name}"
+            )
     covered = 0
     for info in spans:
         if info.start - base != covered:
-            raise CheckpointError(f"{path}: corrupt header: tensor {info.name} (data_offsets "
-                                  f"starting at {info.start - base}) leaves bytes "
-                                  f"{covered}..{info.start - base} of the data region unused")
+            raise CheckpointError(
+                f"{path}: corrupt header: tensor {info.name} (data_offsets "
+                f"starting at {info.start - base}) leaves bytes "
+                f"{covered}..{info.start - base} of the data region unused"
+            )
         covered += info.nbytes
     if base + covered != size:
-        raise CheckpointError(f"{path}: corrupt safetensors file: the tensors cover {covered} "
-                              f"bytes of data but the file holds {size - base}")
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file: the tensors cover {covered} "
+            f"bytes of data but the file holds {size - base}"
+        )
     return tensors, raw
 
 
@@ -129,17 +172,19 @@ def _entry_problem(meta) -> str:
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
         return f"shape {shape!r} is not a list of non-negative integers"
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets)
-            or offsets[1] < offsets[0]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_count(o) for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
         return f"data_offsets {offsets!r} are not two non-negative integers [begin, end]"
     return ""
 
 
 def _np_dtype(info: TensorInfo):
     if info.dtype not in NP_STORAGE:
-        raise CheckpointError(
-            f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}"
-        )
+        raise CheckpointError(f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}")
     return NP_STORAGE[info.dtype]
 
 
@@ -182,8 +227,9 @@ def slice_info(info: TensorInfo, i: int) -> TensorInfo:
     if not 0 <= i < n:
         raise IndexError(f"{info.name}: slice {i} of {n}")
     per = info.nbytes // n
-    return replace(info, name=f"{info.name}[{i}]", shape=info.shape[1:], start=info.start + i * per,
-                   nbytes=per)
+    return replace(
+        info, name=f"{info.name}[{i}]", shape=info.shape[1:], start=info.start + i * per, nbytes=per
+    )
 
 
 def rows_info(info: TensorInfo, lo: int, hi: int) -> TensorInfo:
@@ -192,8 +238,13 @@ def rows_info(info: TensorInfo, lo: int, hi: int) -> TensorInfo:
     if not 0 <= lo <= hi <= n:
         raise IndexError(f"{info.name}: rows {lo}:{hi} of {n}")
     per = info.nbytes // n if n else 0
-    return replace(info, name=f"{info.name}[{lo}:{hi}]", shape=(hi - lo, *info.shape[1:]),
-                   start=info.start + lo * per, nbytes=(hi - lo) * per)
+    return replace(
+        info,
+        name=f"{info.name}[{lo}:{hi}]",
+        shape=(hi - lo, *info.shape[1:]),
+        start=info.start + lo * per,
+        nbytes=(hi - lo) * per,
+    )
 
 
 # MLX dtype names (as in plan.output_tensors) -> safetensors dtype.
@@ -224,4 +275,4 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:done + (1 << 30)], offset + done)
+        done += os.pwrite(fd, view[done : done + (1 << 30)], offset + done)

@@ -26,8 +26,7 @@ _KIND_DTYPES = {
 
 
 class Source:
-    def __init__(self, path, cfg: SourceConfig, tensors: Dict[str, TensorInfo],
-                 headers: Dict[str, bytes]):
+    def __init__(self, path, cfg: SourceConfig, tensors: Dict[str, TensorInfo], headers: Dict[str, bytes]):
         self.path = Path(path)
         self.cfg = cfg
         self.tensors = tensors
@@ -58,27 +57,32 @@ class Source:
             if info.shape != exp.shape:
                 raise CheckpointError(
                     f"{info.file}: tensor {name} has shape {list(info.shape)}, but "
-                    f"config.json implies {list(exp.shape)}")
+                    f"config.json implies {list(exp.shape)}"
+                )
             if info.dtype not in _KIND_DTYPES[exp.kind]:
                 raise CheckpointError(
                     f"{info.file}: tensor {name} has dtype {info.dtype}; expected "
-                    f"{' or '.join(_KIND_DTYPES[exp.kind])}")
+                    f"{' or '.join(_KIND_DTYPES[exp.kind])}"
+                )
         for name, info in self.tensors.items():
             if name in self.expect or is_dropped(name, cfg):
                 continue
             if name.endswith("weight_zero_point"):
-                raise CheckpointError(f"{info.file}: tensor {name} is a zero point: "
-                                      "asymmetric INT4 is not supported")
+                raise CheckpointError(
+                    f"{info.file}: tensor {name} is a zero point: asymmetric INT4 is not supported"
+                )
             if cfg.scheme is None and name.endswith("weight_packed"):
                 raise CheckpointError(
-                    f"{info.file}: tensor {name} is INT4-packed but config.json has no "
-                    "quantization_config")
+                    f"{info.file}: tensor {name} is INT4-packed but config.json has no quantization_config"
+                )
             if name.endswith(("weight_packed", "weight_scale", "weight_shape")):
                 raise CheckpointError(
-                    f"{info.file}: tensor {name} is INT4-packed; only routed experts may be")
+                    f"{info.file}: tensor {name} is INT4-packed; only routed experts may be"
+                )
             raise CheckpointError(
                 f"{info.file}: unexpected tensor {name}: not part of a {cfg.flavour} model "
-                "with this config.json")
+                "with this config.json"
+            )
 
     def unit_input_bytes(self, unit: Unit) -> int:
         return sum(self.tensors[s].nbytes for j in unit.jobs for s in j.sources)
@@ -100,8 +104,11 @@ class Source:
         checkpoint, a FIFO or a dangling symlink is refused, naming it."""
         out = []
         for p in sorted(self.path.iterdir()):
-            if (p.name in ("config.json", INDEX, *skip) or p.name.endswith(".safetensors")
-                    or p.name.startswith(".")):
+            if (
+                p.name in ("config.json", INDEX, *skip)
+                or p.name.endswith(".safetensors")
+                or p.name.startswith(".")
+            ):
                 continue
             if os.path.isdir(p):
                 continue
@@ -115,11 +122,14 @@ def _missing_message(name: str, src: Source, where) -> str:
     cfg = src.cfg
     base = name.rsplit(".", 1)[0]
     if cfg.scheme is not None and base + ".weight" in src.tensors:
-        return (f"{where}: config.json declares INT4 experts but tensor {base}.weight is "
-                f"not packed (expected {name})")
+        return (
+            f"{where}: config.json declares INT4 experts but tensor {base}.weight is "
+            f"not packed (expected {name})"
+        )
     if cfg.scheme is None and base + ".weight_packed" in src.tensors:
-        return (f"{where}: tensor {base}.weight_packed is INT4-packed but config.json has "
-                "no quantization_config")
+        return (
+            f"{where}: tensor {base}.weight_packed is INT4-packed but config.json has no quantization_config"
+        )
     return f"{where}: tensor {name} is missing from the checkpoint"
 
 
@@ -142,8 +152,7 @@ def read_tensors(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, bytes]]:
             raise CheckpointError(f"{index}: weight_map is missing or not an object")
         for name, fname in weight_map.items():
             if not isinstance(fname, str):
-                raise CheckpointError(f"{index}: weight_map entry {name!r} is "
-                                      f"{fname!r}, not a file name")
+                raise CheckpointError(f"{index}: weight_map entry {name!r} is {fname!r}, not a file name")
         files = sorted(set(weight_map.values()))
         for fname in files:  # every entry checked before any shard is opened
             resolve_inside(path, fname, "weight_map entry", index)
@@ -167,8 +176,9 @@ def read_tensors(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, bytes]]:
     if weight_map is not None:
         for name, fname in weight_map.items():
             if name not in tensors:
-                raise CheckpointError(f"{path / fname}: tensor {name} is listed in {INDEX} "
-                                      "but missing from this file")
+                raise CheckpointError(
+                    f"{path / fname}: tensor {name} is listed in {INDEX} but missing from this file"
+                )
     return tensors, headers
 
 
@@ -191,10 +201,14 @@ def check_counts(cfg: SourceConfig, tensors: Dict[str, TensorInfo], where) -> No
     key = "text_config." if cfg.prefix else ""
     have = (max(layers) + 1) if layers else 0
     if cfg.num_layers > have:
-        raise CheckpointError(f"{cfg.path / 'config.json'}: {key}num_hidden_layers is "
-                              f"{cfg.num_layers}, but the tensors in {where} hold {have} layers")
+        raise CheckpointError(
+            f"{cfg.path / 'config.json'}: {key}num_hidden_layers is "
+            f"{cfg.num_layers}, but the tensors in {where} hold {have} layers"
+        )
     E = cfg.text.get("n_routed_experts")
     have = (max(experts) + 1) if experts else 0
     if E is not None and cfg.num_moe_layers and E > have:
-        raise CheckpointError(f"{cfg.path / 'config.json'}: {key}n_routed_experts is {E}, "
-                              f"but the tensors in {where} hold {have} experts per layer")
+        raise CheckpointError(
+            f"{cfg.path / 'config.json'}: {key}n_routed_experts is {E}, "
+            f"but the tensors in {where} hold {have} experts per layer"
+        )

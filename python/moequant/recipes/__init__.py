@@ -101,14 +101,20 @@ class Resolution:
             head = f"rule {i} ({self.recipe.rules[i]['match']})"
             if i in self.auto_losses:
                 d, loss = self.auto_losses[i]
-                ranked = ", ".join(f"{l}: {loss[l]:.4g}{' *' if l in layers else ''}"
-                                   for l in sorted(loss, key=lambda l: (-loss[l], l)))
-                lines.append(f"{head}: auto chose layers {layers}, the {len(layers)} of "
-                             f"{len(loss)} with the largest measured relative squared error "
-                             f"at {d.bits}-bit g{d.group_size} fit {d.fit} (layer: error, * chosen): {ranked}")
+                ranked = ", ".join(
+                    f"{l}: {loss[l]:.4g}{' *' if l in layers else ''}"
+                    for l in sorted(loss, key=lambda l: (-loss[l], l))
+                )
+                lines.append(
+                    f"{head}: auto chose layers {layers}, the {len(layers)} of "
+                    f"{len(loss)} with the largest measured relative squared error "
+                    f"at {d.bits}-bit g{d.group_size} fit {d.fit} (layer: error, * chosen): {ranked}"
+                )
             elif i in self.auto_pending:
-                lines.append(f"{head}: {len(layers)} layer(s) to be chosen by measured error "
-                             "during conversion (auto); sizes do not depend on which")
+                lines.append(
+                    f"{head}: {len(layers)} layer(s) to be chosen by measured error "
+                    "during conversion (auto); sizes do not depend on which"
+                )
             else:
                 lines.append(f"{head}: layers {layers}")
         return lines
@@ -119,12 +125,12 @@ class Resolution:
             "recipe": self.recipe.name,
             "spec": self.recipe.spec,
             "selected_layers": {str(k): v for k, v in self.selected.items()},
-            "auto_losses": {str(k): {str(l): v for l, v in loss.items()}
-                            for k, (_, loss) in self.auto_losses.items()},
+            "auto_losses": {
+                str(k): {str(l): v for l, v in loss.items()} for k, (_, loss) in self.auto_losses.items()
+            },
             "notes": self.notes,
             "fit": self.fits(),
-            "modules": {prefix + p: d.record() if d else "unquantized"
-                        for p, d in self.decisions.items()},
+            "modules": {prefix + p: d.record() if d else "unquantized" for p, d in self.decisions.items()},
         }
 
     def fits(self) -> List[str]:
@@ -138,8 +144,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         return Recipe(name_or_path, validate_spec(PRESETS[name_or_path], name_or_path))
     path = Path(name_or_path)
     if not path.exists():
-        raise RecipeError(f"unknown recipe {name_or_path!r}: not a preset "
-                          f"({', '.join(PRESETS)}) nor an existing file")
+        raise RecipeError(
+            f"unknown recipe {name_or_path!r}: not a preset ({', '.join(PRESETS)}) nor an existing file"
+        )
     try:
         spec = json.loads(read_text(path))  # a regular file only: a FIFO must not block
     except (json.JSONDecodeError, RecursionError, CheckpointError) as e:
@@ -166,14 +173,14 @@ def validate_spec(spec, where: str) -> dict:
             if "bits" in r or "group_size" in r or "fit" in r:
                 raise RecipeError(f"{here}: 'keep' excludes bits, group_size and fit")
         else:
-            _check_format(r, here, " (or use \"keep\": true)")
+            _check_format(r, here, ' (or use "keep": true)')
         if "layers" in r:
             _check_layers(r["layers"], here)
     vp = spec.get("vision_projector")  # --keep-vision builds: quantize the projector's linears
     if vp is not None:
         here = f"{where}: vision_projector"
         if not isinstance(vp, dict):
-            raise RecipeError(f"{here}: an object {{\"bits\", \"group_size\"[, \"fit\"]}}")
+            raise RecipeError(f'{here}: an object {{"bits", "group_size"[, "fit"]}}')
         unknown = set(vp) - {"bits", "group_size", "fit"}
         if unknown:
             raise RecipeError(f"{here}: unknown keys {sorted(unknown)}")
@@ -197,8 +204,7 @@ def _check_layers(layers, here):
             raise RecipeError(f"{here}: layers must be non-negative integers")
         return
     if not isinstance(layers, dict) or layers.get("select") not in ("spread", "auto", "mlx_mixed"):
-        raise RecipeError(f"{here}: layers must be a list or "
-                          "{\"select\": \"spread\"|\"auto\"|\"mlx_mixed\", ...}")
+        raise RecipeError(f'{here}: layers must be a list or {{"select": "spread"|"auto"|"mlx_mixed", ...}}')
     if layers["select"] != "mlx_mixed":
         if not _is_int(layers.get("count")) or layers["count"] < 1:
             raise RecipeError(f"{here}: a {layers['select']} selection needs a positive 'count'")
@@ -213,8 +219,9 @@ def parse_upgrade_layers(value: Optional[str]):
     try:
         layers = sorted({int(x) for x in value.split(",") if x.strip()})
     except ValueError:
-        raise RecipeError(f"--upgrade-layers {value!r}: expected spread, auto or a list "
-                          "like 3,10,17") from None
+        raise RecipeError(
+            f"--upgrade-layers {value!r}: expected spread, auto or a list like 3,10,17"
+        ) from None
     if not layers or layers[0] < 0:
         raise RecipeError(f"--upgrade-layers {value!r}: expected non-negative layer indices")
     return layers
@@ -246,9 +253,16 @@ def spread(candidates: Sequence[int], k: int) -> List[int]:
 Sensitivity = Callable[[List[Item], Decision], float]
 
 
-def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_group: Optional[int],
-            upgrade_layers=None, sensitivity: Optional[Sensitivity] = None,
-            fit: Optional[str] = None) -> Resolution:
+def resolve(
+    recipe: Recipe,
+    items: Sequence[Item],
+    *,
+    num_layers: int,
+    int4_group: Optional[int],
+    upgrade_layers=None,
+    sensitivity: Optional[Sensitivity] = None,
+    fit: Optional[str] = None,
+) -> Resolution:
     """Apply the recipe to the layout's items.
 
     int4_group: the source group size when routed experts are INT4 (None for bf16).
@@ -281,8 +295,10 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
                 return Decision(4, int4_group, repack=True)
             return None
         if it.shape[-1] % r["group_size"]:
-            res.notes.append(f"{it.path}: input dim {it.shape[-1]} is not a multiple of "
-                             f"group size {r['group_size']}; left unquantized")
+            res.notes.append(
+                f"{it.path}: input dim {it.shape[-1]} is not a multiple of "
+                f"group size {r['group_size']}; left unquantized"
+            )
             return None
         return Decision(r["bits"], r["group_size"], fit=fit or r.get("fit", "minmax"))
 
@@ -297,13 +313,18 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
         spec = r["layers"]
         matched = [it for it in quantizable if it.layer is not None and _matches(r["match"], it.path)]
         candidates = sorted({it.layer for it in matched})
-        if isinstance(spec, list) or (upgrade_layers is not None and isinstance(upgrade_layers, list)
-                                      and spec.get("select") in ("spread", "auto")):
+        if isinstance(spec, list) or (
+            upgrade_layers is not None
+            and isinstance(upgrade_layers, list)
+            and spec.get("select") in ("spread", "auto")
+        ):
             chosen = spec if isinstance(spec, list) else upgrade_layers
             bad = sorted(set(chosen) - set(candidates))
             if bad:
-                raise RecipeError(f"rule {i} ({r['match']}): layers {bad} have no matching module "
-                                  f"(candidates: {candidates})")
+                raise RecipeError(
+                    f"rule {i} ({r['match']}): layers {bad} have no matching module "
+                    f"(candidates: {candidates})"
+                )
             layers = sorted(chosen)
         elif spec["select"] == "mlx_mixed":
             layers = sorted(_mlx_mixed_layers(num_layers) & set(candidates))
@@ -333,5 +354,15 @@ def resolve(recipe: Recipe, items: Sequence[Item], *, num_layers: int, int4_grou
     return res
 
 
-__all__ = ["Recipe", "RecipeError", "Decision", "Resolution", "PRESETS", "FITS", "load_recipe",
-           "resolve", "parse_upgrade_layers", "spread"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "Decision",
+    "Resolution",
+    "PRESETS",
+    "FITS",
+    "load_recipe",
+    "resolve",
+    "parse_upgrade_layers",
+    "spread",
+]

@@ -136,7 +136,8 @@ def striped_error(v, c, q, s, b, dtype):
     for j in range(n):
         acc[..., j % 8] = acc[..., j % 8] + t[..., j]
     return ((acc[..., 0] + acc[..., 1]) + (acc[..., 2] + acc[..., 3])) + (
-        (acc[..., 4] + acc[..., 5]) + (acc[..., 6] + acc[..., 7]))
+        (acc[..., 4] + acc[..., 5]) + (acc[..., 6] + acc[..., 7])
+    )
 
 
 # --- the fit -------------------------------------------------------------------------
@@ -281,8 +282,14 @@ def fit_groups(v, c, present, bits, dtype):
     use = e_best < thr
     q_out = np.where(use[:, None], q_best, q_mm)
     q_out = np.where(np.isnan(q_out), f32(0), q_out)  # non-finite groups: code 0
-    return (q_out, np.where(use, s_best, sT_mm), np.where(use, b_best, bT_mm),
-            e_mm, np.where(use, e_best, e_mm), use)
+    return (
+        q_out,
+        np.where(use, s_best, sT_mm),
+        np.where(use, b_best, bT_mm),
+        e_mm,
+        np.where(use, e_best, e_mm),
+        use,
+    )
 
 
 # --- inputs -> slots ----------------------------------------------------------------
@@ -296,8 +303,9 @@ def float_slots(w, group_size, importance=None):
     if importance is None:
         c = np.ones_like(v)
     else:
-        c = np.broadcast_to(np.asarray(importance, f32).reshape(-1, group_size),
-                            (rows, K // group_size, group_size)).reshape(-1, group_size)
+        c = np.broadcast_to(
+            np.asarray(importance, f32).reshape(-1, group_size), (rows, K // group_size, group_size)
+        ).reshape(-1, group_size)
     return v, np.ascontiguousarray(c), np.ones(v.shape, bool)
 
 
@@ -340,8 +348,9 @@ def sq_error(w, q, scale, bias, group_size, dtype, importance=None):
     w = np.asarray(w, np.float64)
     rows, K = w.shape
     qg = np.asarray(q, f32).reshape(rows, K // group_size, group_size)
-    d = reconstruct(qg, np.asarray(scale, f32).reshape(rows, -1),
-                    np.asarray(bias, f32).reshape(rows, -1), dtype).astype(np.float64)
+    d = reconstruct(
+        qg, np.asarray(scale, f32).reshape(rows, -1), np.asarray(bias, f32).reshape(rows, -1), dtype
+    ).astype(np.float64)
     r = w.reshape(rows, K // group_size, group_size) - d
     h = 1.0 if importance is None else np.asarray(importance, np.float64).reshape(-1, group_size)
     return (h * r * r).sum(-1)
@@ -375,13 +384,14 @@ def ct_gaussian_int4(rng, rows, K, *, spread=10.0, std=0.02):
     """compressed-tensors INT4 of bf16 Gaussian weights (``tiny_checkpoint.ct_quantize``,
     g32) whose per-32 standard deviation is log-normal with ``spread`` (95th / 5th
     percentile). Returns (codes int8 (rows, K), float32 bf16-valued scales)."""
-    from . import tiny_checkpoint as tc
     from .. import int4
+    from . import tiny_checkpoint as tc
 
     sigma = np.log(spread) / 3.29
     m = np.exp(rng.standard_normal((rows, K // 32)) * sigma).astype(f32)
-    w = tc.bf16_round((rng.standard_normal((rows, K)).astype(f32) * np.repeat(m, 32, axis=1)
-                       * f32(std)).astype(f32))
+    w = tc.bf16_round(
+        (rng.standard_normal((rows, K)).astype(f32) * np.repeat(m, 32, axis=1) * f32(std)).astype(f32)
+    )
     words, scale = tc.ct_quantize(w, 32)
     return int4.unpack(words), scale
 
@@ -406,8 +416,12 @@ def fit_int4(codes, scales, bits, group_size, src_group_size, dtype, importance=
     v, c, p = int4_slots(codes, scales, group_size, src_group_size, importance)
     qs, s, b, _, _, use = fit_groups(v, c, p, bits, dtype)
     q = codes_for_weights(qs, codes, group_size)
-    return (pack_codes(q.astype(np.int64), bits), s.reshape(rows, -1), b.reshape(rows, -1),
-            use.reshape(rows, -1))
+    return (
+        pack_codes(q.astype(np.int64), bits),
+        s.reshape(rows, -1),
+        b.reshape(rows, -1),
+        use.reshape(rows, -1),
+    )
 
 
 def fit_float(w, bits, group_size, dtype, importance=None):
@@ -416,5 +430,9 @@ def fit_float(w, bits, group_size, dtype, importance=None):
     rows, K = w.shape
     v, c, p = float_slots(w, group_size, importance)
     q, s, b, _, _, use = fit_groups(v, c, p, bits, dtype)
-    return (pack_codes(q.reshape(rows, K).astype(np.int64), bits), s.reshape(rows, -1),
-            b.reshape(rows, -1), use.reshape(rows, -1))
+    return (
+        pack_codes(q.reshape(rows, K).astype(np.int64), bits),
+        s.reshape(rows, -1),
+        b.reshape(rows, -1),
+        use.reshape(rows, -1),
+    )

@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 
 from .. import int4
-from . import tokenizer
 from ..checkpoint.config import read_config
 from ..checkpoint.layout import build_layout
+from . import tokenizer
 
 BF16_EPS = np.float32(2.0**-7)
 
@@ -76,8 +76,15 @@ def tiny_text_config(layers: int = 3, **overrides) -> dict:
         "vocab_size": 384,
         "max_position_embeddings": 4096,
         "rope_theta": 50000.0,
-        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         "routed_scaling_factor": 2.827,
         "scoring_func": "sigmoid",
         "topk_method": "noaux_tc",
@@ -99,15 +106,32 @@ def tiny_text_config(layers: int = 3, **overrides) -> dict:
 def quantization_config(group_size: int = 32) -> dict:
     """The compressed-tensors block Kimi K2-Thinking / K2.5 ship (group size aside)."""
     return {
-        "config_groups": {"group_0": {
-            "input_activations": None, "output_activations": None, "targets": ["Linear"],
-            "weights": {"actorder": None, "block_structure": None, "dynamic": False,
-                        "group_size": group_size, "num_bits": 4, "observer": "minmax",
-                        "observer_kwargs": {}, "strategy": "group", "symmetric": True,
-                        "type": "int"}}},
+        "config_groups": {
+            "group_0": {
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None,
+                    "block_structure": None,
+                    "dynamic": False,
+                    "group_size": group_size,
+                    "num_bits": 4,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "strategy": "group",
+                    "symmetric": True,
+                    "type": "int",
+                },
+            }
+        },
         "format": "pack-quantized",
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                   "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+        "ignore": [
+            "lm_head",
+            "re:.*self_attn.*",
+            "re:.*shared_experts.*",
+            "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+        ],
         "kv_cache_scheme": None,
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
@@ -141,12 +165,16 @@ def full_config(flavour: str, text: dict, int4_group: Optional[int]) -> dict:
 # A tiny MoonViT (upstream Kimi-K2.5 vision_config keys; moequant.vision adds the keys
 # mlx-vlm reads). Head size 32: the 2-D rotary embedding needs a multiple of 4.
 TINY_VISION_CONFIG = {
-    "vt_hidden_size": 64, "vt_num_hidden_layers": 2, "vt_num_attention_heads": 2,
-    "vt_intermediate_size": 128, "patch_size": 14, "init_pos_emb_height": 8,
-    "init_pos_emb_width": 8, "merge_kernel_size": [2, 2],
+    "vt_hidden_size": 64,
+    "vt_num_hidden_layers": 2,
+    "vt_num_attention_heads": 2,
+    "vt_intermediate_size": 128,
+    "patch_size": 14,
+    "init_pos_emb_height": 8,
+    "init_pos_emb_width": 8,
+    "merge_kernel_size": [2, 2],
 }
-SPECIALS = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
-            "<|im_system|>"]
+SPECIALS = ["<unk>", "<|bos|>", "<|eos|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>"]
 # kimi_k25 only: the image placeholder mlx-vlm's processor expands (one per merged patch).
 MEDIA_PAD = "<|media_pad|>"
 MEDIA_PAD_ID = len(SPECIALS)
@@ -167,19 +195,32 @@ def write_tokenizer(dst: Path, vision: bool = False) -> int:
     files a Kimi repo ships (copied by the converter). Returns its vocabulary size.
     ``vision``: also the image placeholder token and the processor's files."""
     specials = SPECIALS + ([MEDIA_PAD] if vision else [])
-    n = tokenizer.write_tokenizer(dst, 320, specials=specials, eos="<|eos|>", bos="<|bos|>",
-                                  model_max_length=4096)
+    n = tokenizer.write_tokenizer(
+        dst, 320, specials=specials, eos="<|eos|>", bos="<|bos|>", model_max_length=4096
+    )
     if vision:
         # The keys mlx-vlm's KimiK25Processor reads from preprocessor_config.json.
-        (dst / "preprocessor_config.json").write_text(json.dumps({"media_proc_cfg": {
-            "patch_size": 14, "in_patch_limit": 16384, "merge_kernel_size": [2, 2],
-            "patch_limit_on_one_side": 512, "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5]}}, indent=2))
+        (dst / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "media_proc_cfg": {
+                        "patch_size": 14,
+                        "in_patch_limit": 16384,
+                        "merge_kernel_size": [2, 2],
+                        "patch_limit_on_one_side": 512,
+                        "image_mean": [0.5, 0.5, 0.5],
+                        "image_std": [0.5, 0.5, 0.5],
+                    }
+                },
+                indent=2,
+            )
+        )
         for f in ("kimi_k25_processor.py", "kimi_k25_vision_processing.py"):
             (dst / f).write_text("# Stands in for the repo's remote-code processor module.\n")
     (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (dst / "tokenization_tiny.py").write_text(
-        "# Stands in for a repo's remote-code tokenizer module; the converter copies it.\n")
+        "# Stands in for a repo's remote-code tokenizer module; the converter copies it.\n"
+    )
     (dst / "tiktoken.model").write_text("# stands in for Kimi's tiktoken vocabulary\n")
     (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     return n
@@ -250,8 +291,9 @@ def make_checkpoint(
                     # Uniform random words are uniform codes over [-8, 7] in every nibble
                     # (and ~100x faster to make than packing drawn codes).
                     words = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32).view(np.int32)
-                    scale = bf16_round((rng.random((n, k // int4_group), dtype=np.float32) + 0.1)
-                                       * np.float32(0.004))
+                    scale = bf16_round(
+                        (rng.random((n, k // int4_group), dtype=np.float32) + 0.1) * np.float32(0.004)
+                    )
                 else:
                     words, scale = ct_quantize(bf16_normal((n, k)), int4_group)
                 yield name, mx.array(words)
@@ -306,8 +348,9 @@ def _write_shards(dst: Path, sizes: dict, tensors, shards: int) -> None:
         mx.save_safetensors(str(dst / fname), part, metadata={"format": "pt"})
         del part
         weight_map.update({n: fname for n in group})
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 _ST_DTYPE = {"float": ("BF16", 2), "fp32": ("F32", 4), "packed": ("I32", 4), "shape": ("I32", 4)}
@@ -327,7 +370,7 @@ def make_sparse_checkpoint(dst, config: dict, shards: int = 64) -> Path:
     per = -(-len(names) // shards)
     weight_map, total = {}, 0
     for i in range(shards):
-        chunk = names[i * per:(i + 1) * per]
+        chunk = names[i * per : (i + 1) * per]
         fname = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"
         header, off = {}, 0
         for n in chunk:
@@ -342,6 +385,7 @@ def make_sparse_checkpoint(dst, config: dict, shards: int = 64) -> Path:
             f.write(struct.pack("<Q", len(raw)) + raw)
             f.truncate(8 + len(raw) + off)
         total += off
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return dst

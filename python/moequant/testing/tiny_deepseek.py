@@ -81,9 +81,11 @@ def build(
     # Larger weights than the default init make the next-token choice decisive.
     model.update(
         tree_map(
-            lambda p: (mx.random.normal(p.shape) * (0.08 if p.ndim > 1 else 0.02)).astype(dtype)
-            if p.ndim > 1
-            else p,
+            lambda p: (
+                (mx.random.normal(p.shape) * (0.08 if p.ndim > 1 else 0.02)).astype(dtype)
+                if p.ndim > 1
+                else p
+            ),
             model.parameters(),
         )
     )

@@ -121,9 +121,7 @@ def quantize_tiny(
     src, dst = Path(src), Path(dst)
     model, config = load_model(src)
     with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints its bpw
-        model, config = quantize_model(
-            model, config, group_size, bits, quant_predicate=quant_predicate
-        )
+        model, config = quantize_model(model, config, group_size, bits, quant_predicate=quant_predicate)
     dst.mkdir(parents=True, exist_ok=True)
     _save(dst, model, config, src)
     return dst

@@ -46,8 +46,12 @@ def write_tokenizer(
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
-              "bos_token": bos, "model_max_length": model_max_length}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "bos_token": bos,
+        "model_max_length": model_max_length,
+    }
     if chat_template is not None:
         config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -70,9 +70,9 @@ void tg_sum() {
       for (unsigned i = 256 * t; i < n && i < 256 * (t + 1); ++i) {
         want += x[i];
       }
-      expect(std::fabs(out[t] - want) <= 1e-4 * (1 + std::fabs(want)),
-             "tg_sum threadgroup " + std::to_string(t) + " schedule " +
-                 std::to_string(schedule));
+      expect(
+          std::fabs(out[t] - want) <= 1e-4 * (1 + std::fabs(want)),
+          "tg_sum threadgroup " + std::to_string(t) + " schedule " + std::to_string(schedule));
     }
     expect(d.bytes_read[0] == 4 * n && d.bytes_written[1] == 16, "tg_sum byte counts");
   }
@@ -89,8 +89,9 @@ void collectives() {
   bind(d, 1, out, sizeof out, true);
   dims(d, 1, 64);
   d.schedule = 2;
-  expect(msl_kernel_launch(kernel("collectives"), &d) == 0,
-         std::string("collectives launch: ") + d.error);
+  expect(
+      msl_kernel_launch(kernel("collectives"), &d) == 0,
+      std::string("collectives launch: ") + d.error);
   for (int sg = 0; sg < 2; ++sg) {
     float sum = 0;
     for (int i = 0; i < 32; ++i) {
@@ -111,14 +112,16 @@ void errors() {
   d.tg_arg_bytes[0] = 256;
   dims(d, 1, 64);
   int rc = msl_kernel_launch(kernel("tg_reverse"), &d);
-  expect(rc != 0 && std::strstr(d.error, "out-of-bounds write of 4 bytes at byte offset 252"),
-         std::string("out-of-bounds write not reported: ") + d.error);
+  expect(
+      rc != 0 && std::strstr(d.error, "out-of-bounds write of 4 bytes at byte offset 252"),
+      std::string("out-of-bounds write not reported: ") + d.error);
   std::memset(&d, 0, sizeof d);
   bind(d, 0, y, sizeof y, true);
   dims(d, 1, 32);
   rc = msl_kernel_launch(kernel("tg_too_big"), &d);
-  expect(rc != 0 && std::strstr(d.error, "exceeds the 32768-byte limit"),
-         std::string("threadgroup limit not reported: ") + d.error);
+  expect(
+      rc != 0 && std::strstr(d.error, "exceeds the 32768-byte limit"),
+      std::string("threadgroup limit not reported: ") + d.error);
 }
 
 } // namespace

@@ -22,11 +22,11 @@ struct MslBuffer {
 struct MslLaunch {
   MslBuffer buffers[MSL_MAX_BUFFERS];
   unsigned long long tg_arg_bytes[MSL_MAX_BUFFERS]; // [[threadgroup(n)]] sizes
-  unsigned grid[3];        // threadgroups per grid
+  unsigned grid[3]; // threadgroups per grid
   unsigned threadgroup[3]; // threads per threadgroup
-  int schedule;            // 0 forward, 1 reverse, 2 random
+  int schedule; // 0 forward, 1 reverse, 2 random
   unsigned long long seed;
-  int count_unique;        // also count distinct bytes (shadow bitmaps)
+  int count_unique; // also count distinct bytes (shadow bitmaps)
   unsigned long long bytes_read[MSL_MAX_BUFFERS];
   unsigned long long bytes_written[MSL_MAX_BUFFERS];
   unsigned long long unique_read[MSL_MAX_BUFFERS];
@@ -46,9 +46,9 @@ enum MslParamKind {
 
 struct MslParam {
   int kind;
-  int index;         // buffer / threadgroup index, or the builtin id
-  int elem_size;     // bytes of the pointee or referenced value
-  int writable;      // device pointer to non-const
+  int index; // buffer / threadgroup index, or the builtin id
+  int elem_size; // bytes of the pointee or referenced value
+  int writable; // device pointer to non-const
 };
 }
 
@@ -83,7 +83,7 @@ struct BufDesc {
   int writable;
   unsigned long long* n_read;
   unsigned long long* n_written;
-  unsigned char* shadow_read;  // one bit per byte, or null
+  unsigned char* shadow_read; // one bit per byte, or null
   unsigned char* shadow_write;
 };
 
@@ -94,10 +94,28 @@ struct LaneSlots {
 };
 
 enum CollectiveOp {
-  OP_SUM, OP_PROD, OP_MIN, OP_MAX, OP_AND, OP_OR, OP_XOR, OP_SHUFFLE, OP_SHUFFLE_DOWN,
-  OP_SHUFFLE_UP, OP_SHUFFLE_XOR, OP_BROADCAST, OP_BROADCAST_FIRST, OP_PREFIX_INCL_SUM,
-  OP_PREFIX_EXCL_SUM, OP_PREFIX_INCL_PROD, OP_PREFIX_EXCL_PROD, OP_ANY, OP_ALL, OP_BALLOT,
-  OP_SIMDGROUP_BARRIER, OP_COUNT
+  OP_SUM,
+  OP_PROD,
+  OP_MIN,
+  OP_MAX,
+  OP_AND,
+  OP_OR,
+  OP_XOR,
+  OP_SHUFFLE,
+  OP_SHUFFLE_DOWN,
+  OP_SHUFFLE_UP,
+  OP_SHUFFLE_XOR,
+  OP_BROADCAST,
+  OP_BROADCAST_FIRST,
+  OP_PREFIX_INCL_SUM,
+  OP_PREFIX_EXCL_SUM,
+  OP_PREFIX_INCL_PROD,
+  OP_PREFIX_EXCL_PROD,
+  OP_ANY,
+  OP_ALL,
+  OP_BALLOT,
+  OP_SIMDGROUP_BARRIER,
+  OP_COUNT
 };
 
 struct Launch; // the executor's state for one launch
@@ -107,18 +125,27 @@ namespace rt {
 void threadgroup_barrier(const char* file, unsigned line, unsigned col);
 // Publishes `size` bytes at a simd collective and returns every lane's value. `arg`
 // is the shuffle delta or mask, which Metal requires to be uniform.
-const LaneSlots* collective(int op, const void* value, int size, const char* file,
-                            unsigned line, unsigned col, unsigned arg = 0);
+const LaneSlots* collective(
+    int op,
+    const void* value,
+    int size,
+    const char* file,
+    unsigned line,
+    unsigned col,
+    unsigned arg = 0);
 // The calling thread's lane in its simdgroup.
 unsigned lane();
 // Storage for a kernel-scope threadgroup variable, keyed by declaration.
-void* tg_alloc(const void* key, unsigned long long size, unsigned long long align,
-               const char* name);
+void* tg_alloc(
+    const void* key,
+    unsigned long long size,
+    unsigned long long align,
+    const char* name);
 // Storage for a [[threadgroup(n)]] argument.
 void* tg_arg(int index);
 // Reports an access outside a device buffer; does not return to the kernel.
-[[noreturn]] void out_of_bounds(const BufDesc* b, const void* p, unsigned long long size,
-                                bool write);
+[[noreturn]] void
+out_of_bounds(const BufDesc* b, const void* p, unsigned long long size, bool write);
 [[noreturn]] void read_only_write(const BufDesc* b, const void* p);
 const BufDesc* buffer(Launch& L, int index);
 const void* constant_bytes(Launch& L, int index);

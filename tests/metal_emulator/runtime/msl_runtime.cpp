@@ -75,11 +75,26 @@ constexpr std::size_t kArenaBytes = MSL_TG_MEM_LIMIT + 64 * 1024;
 enum State { READY, AT_BARRIER, AT_COLLECTIVE, DONE, FAILED };
 
 const char* const kOpNames[OP_COUNT] = {
-    "simd_sum", "simd_product", "simd_min", "simd_max", "simd_and", "simd_or", "simd_xor",
-    "simd_shuffle", "simd_shuffle_down", "simd_shuffle_up", "simd_shuffle_xor",
-    "simd_broadcast", "simd_broadcast_first", "simd_prefix_inclusive_sum",
-    "simd_prefix_exclusive_sum", "simd_prefix_inclusive_product",
-    "simd_prefix_exclusive_product", "simd_any", "simd_all", "simd_ballot",
+    "simd_sum",
+    "simd_product",
+    "simd_min",
+    "simd_max",
+    "simd_and",
+    "simd_or",
+    "simd_xor",
+    "simd_shuffle",
+    "simd_shuffle_down",
+    "simd_shuffle_up",
+    "simd_shuffle_xor",
+    "simd_broadcast",
+    "simd_broadcast_first",
+    "simd_prefix_inclusive_sum",
+    "simd_prefix_exclusive_sum",
+    "simd_prefix_inclusive_product",
+    "simd_prefix_exclusive_product",
+    "simd_any",
+    "simd_all",
+    "simd_ballot",
     "simdgroup_barrier"};
 
 struct Site {
@@ -90,8 +105,7 @@ struct Site {
         (file == o.file || (file && o.file && std::strcmp(file, o.file) == 0));
   }
   std::string str() const {
-    return std::string(file ? file : "?") + ":" + std::to_string(line) + ":" +
-        std::to_string(col);
+    return std::string(file ? file : "?") + ":" + std::to_string(line) + ":" + std::to_string(col);
   }
 };
 
@@ -228,10 +242,13 @@ void complete_collective(Launch& L, SimdGroup& sg) {
   Fiber& f = *L.cur;
   L.n_exited++;
   if (L.n_at_barrier > 0) {
-    fail(fmt("%s exited while %u thread(s) wait at threadgroup_barrier at %s: every "
-             "thread of a threadgroup must reach each barrier (undefined behaviour in "
-             "Metal)",
-             thread_name(L, f).c_str(), L.n_at_barrier, L.barrier_site.str().c_str()));
+    fail(
+        fmt("%s exited while %u thread(s) wait at threadgroup_barrier at %s: every "
+            "thread of a threadgroup must reach each barrier (undefined behaviour in "
+            "Metal)",
+            thread_name(L, f).c_str(),
+            L.n_at_barrier,
+            L.barrier_site.str().c_str()));
   }
   f.state = DONE;
   SimdGroup& sg = L.sgs[f.lid / MSL_SIMD_WIDTH];
@@ -293,25 +310,37 @@ void resume(Launch& L, Fiber& f) {
 std::string describe_deadlock(Launch& L) {
   std::string msg = "deadlock in threadgroup " + xyz(L.tg_pos) + ": ";
   if (L.n_at_barrier) {
-    msg += fmt("%u thread(s) wait at threadgroup_barrier at %s; ", L.n_at_barrier,
-               L.barrier_site.str().c_str());
+    msg +=
+        fmt("%u thread(s) wait at threadgroup_barrier at %s; ",
+            L.n_at_barrier,
+            L.barrier_site.str().c_str());
   }
   for (std::size_t s = 0; s < L.sgs.size(); ++s) {
     const SimdGroup& sg = L.sgs[s];
     if (sg.n_waiting) {
-      msg += fmt("%u lane(s) of simdgroup %zu wait at %s at %s; ", sg.n_waiting, s,
-                 kOpNames[sg.op], sg.site.str().c_str());
+      msg +=
+          fmt("%u lane(s) of simdgroup %zu wait at %s at %s; ",
+              sg.n_waiting,
+              s,
+              kOpNames[sg.op],
+              sg.site.str().c_str());
     }
   }
-  msg += fmt("%u thread(s) exited. Barriers and collectives must be reached in uniform "
-             "control flow.",
-             L.n_exited);
+  msg +=
+      fmt("%u thread(s) exited. Barriers and collectives must be reached in uniform "
+          "control flow.",
+          L.n_exited);
   return msg;
 }
 
 // Lays out a threadgroup variable; false when it does not fit (caller reports).
-bool place(Launch& L, const void* key, std::string name, std::size_t size, std::size_t align,
-           std::size_t* offset) {
+bool place(
+    Launch& L,
+    const void* key,
+    std::string name,
+    std::size_t size,
+    std::size_t align,
+    std::size_t* offset) {
   align = std::max<std::size_t>(align, 16);
   std::size_t used = (L.tg_used + align - 1) / align * align + size;
   std::size_t off = (L.arena_end + align - 1) / align * align;
@@ -338,10 +367,13 @@ std::string check_guards(const Launch& L) {
     for (std::size_t i = gap_start; i < gap_end; ++i) {
       if (L.arena[i] != 0xFF) {
         const TgVar* v = before && (!next || i - gap_start < gap_end - i) ? before : next;
-        return fmt("threadgroup memory written out of bounds at byte offset %lld of %s (%zu "
-                   "bytes) in threadgroup %s",
-                   static_cast<long long>(i) - static_cast<long long>(v->offset),
-                   v->name.c_str(), v->size, xyz(L.tg_pos).c_str());
+        return fmt(
+            "threadgroup memory written out of bounds at byte offset %lld of %s (%zu "
+            "bytes) in threadgroup %s",
+            static_cast<long long>(i) - static_cast<long long>(v->offset),
+            v->name.c_str(),
+            v->size,
+            xyz(L.tg_pos).c_str());
       }
     }
     if (next) {
@@ -365,8 +397,10 @@ bool run_threadgroup(Launch& L, std::vector<unsigned>& order, std::mt19937_64& r
   for (unsigned i = 0; i < L.n_threads; ++i) {
     Fiber& f = L.fibers[i];
     f.state = READY;
-    unsigned t[3] = {i % d.threadgroup[0], (i / d.threadgroup[0]) % d.threadgroup[1],
-                     i / (d.threadgroup[0] * d.threadgroup[1])};
+    unsigned t[3] = {
+        i % d.threadgroup[0],
+        (i / d.threadgroup[0]) % d.threadgroup[1],
+        i / (d.threadgroup[0] * d.threadgroup[1])};
     auto set = [&](Builtin b, unsigned x, unsigned y, unsigned z) {
       f.ti.v[b][0] = x;
       f.ti.v[b][1] = y;
@@ -375,8 +409,7 @@ bool run_threadgroup(Launch& L, std::vector<unsigned>& order, std::mt19937_64& r
     const unsigned* tg = d.threadgroup;
     const unsigned* gr = d.grid;
     const unsigned* p = L.tg_pos;
-    set(B_THREAD_POSITION_IN_GRID, p[0] * tg[0] + t[0], p[1] * tg[1] + t[1],
-        p[2] * tg[2] + t[2]);
+    set(B_THREAD_POSITION_IN_GRID, p[0] * tg[0] + t[0], p[1] * tg[1] + t[1], p[2] * tg[2] + t[2]);
     set(B_THREAD_POSITION_IN_THREADGROUP, t[0], t[1], t[2]);
     set(B_THREAD_INDEX_IN_THREADGROUP, i, 0, 0);
     set(B_THREADGROUP_POSITION_IN_GRID, p[0], p[1], p[2]);
@@ -460,11 +493,19 @@ bool setup(Launch& L, const MslParam* params, int n_params) {
       continue;
     }
     if (p.kind == MSL_PARAM_THREADGROUP) {
-      if (!place(L, nullptr, fmt("[[threadgroup(%d)]]", p.index), d.tg_arg_bytes[p.index], 16,
-                 &L.tg_arg_off[p.index])) {
-        set_error(L, fmt("[[threadgroup(n)]] arguments take %zu bytes of threadgroup memory; "
-                         "the limit is %d",
-                         L.tg_used, MSL_TG_MEM_LIMIT));
+      if (!place(
+              L,
+              nullptr,
+              fmt("[[threadgroup(%d)]]", p.index),
+              d.tg_arg_bytes[p.index],
+              16,
+              &L.tg_arg_off[p.index])) {
+        set_error(
+            L,
+            fmt("[[threadgroup(n)]] arguments take %zu bytes of threadgroup memory; "
+                "the limit is %d",
+                L.tg_used,
+                MSL_TG_MEM_LIMIT));
         return false;
       }
       continue;
@@ -474,8 +515,12 @@ bool setup(Launch& L, const MslParam* params, int n_params) {
       return false;
     }
     if (d.buffers[p.index].size < unsigned(p.elem_size) && p.kind == MSL_PARAM_CONSTANT_REF) {
-      set_error(L, fmt("buffer(%d) has %llu bytes; the kernel reads %d", p.index,
-                       d.buffers[p.index].size, p.elem_size));
+      set_error(
+          L,
+          fmt("buffer(%d) has %llu bytes; the kernel reads %d",
+              p.index,
+              d.buffers[p.index].size,
+              p.elem_size));
       return false;
     }
   }
@@ -491,8 +536,13 @@ bool setup(Launch& L, const MslParam* params, int n_params) {
   std::size_t page = sysconf(_SC_PAGESIZE);
   std::size_t per = kStackBytes + page;
   L.stacks_bytes = per * L.n_threads;
-  void* m = mmap(nullptr, L.stacks_bytes, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* m = mmap(
+      nullptr,
+      L.stacks_bytes,
+      PROT_READ | PROT_WRITE,
+      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+      -1,
+      0);
   if (m == MAP_FAILED) {
     set_error(L, "cannot allocate fiber stacks");
     return false;
@@ -524,18 +574,24 @@ void threadgroup_barrier(const char* file, unsigned line, unsigned col) {
   Fiber& f = *L.cur;
   Site site{file, line, col};
   if (L.n_exited > 0) {
-    fail(fmt("%s reached threadgroup_barrier at %s after %u thread(s) of its threadgroup "
-             "exited: every thread must reach each barrier (undefined behaviour in Metal)",
-             thread_name(L, f).c_str(), site.str().c_str(), L.n_exited));
+    fail(
+        fmt("%s reached threadgroup_barrier at %s after %u thread(s) of its threadgroup "
+            "exited: every thread must reach each barrier (undefined behaviour in Metal)",
+            thread_name(L, f).c_str(),
+            site.str().c_str(),
+            L.n_exited));
   }
   if (L.n_at_barrier == 0) {
     L.barrier_site = site;
     L.barrier_first = f.lid;
   } else if (!(site == L.barrier_site)) {
-    fail(fmt("threads of one threadgroup wait at different barriers: %s at %s, thread "
-             "index %u at %s",
-             thread_name(L, f).c_str(), site.str().c_str(), L.barrier_first,
-             L.barrier_site.str().c_str()));
+    fail(
+        fmt("threads of one threadgroup wait at different barriers: %s at %s, thread "
+            "index %u at %s",
+            thread_name(L, f).c_str(),
+            site.str().c_str(),
+            L.barrier_first,
+            L.barrier_site.str().c_str()));
   }
   f.state = AT_BARRIER;
   if (++L.n_at_barrier == L.n_threads) {
@@ -548,8 +604,14 @@ void threadgroup_barrier(const char* file, unsigned line, unsigned col) {
   yield_to_scheduler(L);
 }
 
-const LaneSlots* collective(int op, const void* value, int size, const char* file,
-                            unsigned line, unsigned col, unsigned arg) {
+const LaneSlots* collective(
+    int op,
+    const void* value,
+    int size,
+    const char* file,
+    unsigned line,
+    unsigned col,
+    unsigned arg) {
   Launch& L = *g_launch;
   Fiber& f = *L.cur;
   SimdGroup& sg = L.sgs[f.lid / MSL_SIMD_WIDTH];
@@ -560,18 +622,32 @@ const LaneSlots* collective(int op, const void* value, int size, const char* fil
     sg.site = site;
     sg.site_lane = lane;
   } else if (op != sg.op || !(site == sg.site)) {
-    fail(fmt("divergent simd collectives in simdgroup %u of threadgroup %s: lane %u at %s "
-             "(%s), lane %u at %s (%s). Metal would run them with partial masks, which "
-             "the emulator does not model; keep collectives in uniform control flow",
-             f.lid / MSL_SIMD_WIDTH, xyz(L.tg_pos).c_str(), lane, kOpNames[op],
-             site.str().c_str(), sg.site_lane, kOpNames[sg.op], sg.site.str().c_str()));
+    fail(
+        fmt("divergent simd collectives in simdgroup %u of threadgroup %s: lane %u at %s "
+            "(%s), lane %u at %s (%s). Metal would run them with partial masks, which "
+            "the emulator does not model; keep collectives in uniform control flow",
+            f.lid / MSL_SIMD_WIDTH,
+            xyz(L.tg_pos).c_str(),
+            lane,
+            kOpNames[op],
+            site.str().c_str(),
+            sg.site_lane,
+            kOpNames[sg.op],
+            sg.site.str().c_str()));
   }
   if (op == OP_SHUFFLE_DOWN || op == OP_SHUFFLE_UP || op == OP_SHUFFLE_XOR) {
     if (sg.n_waiting > 0 && arg != sg.arg) {
-      fail(fmt("%s in simdgroup %u of threadgroup %s at %s: lane %u passes %u, lane %u "
-               "passes %u; Metal requires the same value in every lane",
-               kOpNames[op], f.lid / MSL_SIMD_WIDTH, xyz(L.tg_pos).c_str(),
-               site.str().c_str(), lane, arg, sg.site_lane, sg.arg));
+      fail(
+          fmt("%s in simdgroup %u of threadgroup %s at %s: lane %u passes %u, lane %u "
+              "passes %u; Metal requires the same value in every lane",
+              kOpNames[op],
+              f.lid / MSL_SIMD_WIDTH,
+              xyz(L.tg_pos).c_str(),
+              site.str().c_str(),
+              lane,
+              arg,
+              sg.site_lane,
+              sg.arg));
     }
     sg.arg = arg;
   }
@@ -590,8 +666,11 @@ unsigned lane() {
   return g_launch->cur->lid % MSL_SIMD_WIDTH;
 }
 
-void* tg_alloc(const void* key, unsigned long long size, unsigned long long align,
-               const char* name) {
+void* tg_alloc(
+    const void* key,
+    unsigned long long size,
+    unsigned long long align,
+    const char* name) {
   Launch& L = *g_launch;
   for (const TgVar& v : L.tg_vars) {
     if (v.key == key) {
@@ -600,8 +679,11 @@ void* tg_alloc(const void* key, unsigned long long size, unsigned long long alig
   }
   std::size_t off;
   if (!place(L, key, name, size, align, &off)) {
-    fail(fmt("threadgroup memory of %zu bytes (with %s) exceeds the %d-byte limit of Metal",
-             L.tg_used, name, MSL_TG_MEM_LIMIT));
+    fail(
+        fmt("threadgroup memory of %zu bytes (with %s) exceeds the %d-byte limit of Metal",
+            L.tg_used,
+            name,
+            MSL_TG_MEM_LIMIT));
   }
   return L.arena.data() + off;
 }
@@ -615,21 +697,29 @@ void out_of_bounds(const BufDesc* b, const void* p, unsigned long long size, boo
   Launch& L = *g_launch;
   const char* what = write ? "write" : "read";
   if (!b) {
-    fail(fmt("%s through a null device pointer by %s", what,
-             thread_name(L, *L.cur).c_str()));
+    fail(fmt("%s through a null device pointer by %s", what, thread_name(L, *L.cur).c_str()));
   }
   long long off = static_cast<const char*>(p) - b->base;
-  fail(fmt("out-of-bounds %s of %llu bytes at byte offset %lld of buffer(%d) (%llu bytes) "
-           "by %s",
-           what, size, off, b->index, b->size, thread_name(L, *L.cur).c_str()));
+  fail(
+      fmt("out-of-bounds %s of %llu bytes at byte offset %lld of buffer(%d) (%llu bytes) "
+          "by %s",
+          what,
+          size,
+          off,
+          b->index,
+          b->size,
+          thread_name(L, *L.cur).c_str()));
 }
 
 void read_only_write(const BufDesc* b, const void* p) {
   Launch& L = *g_launch;
   long long off = static_cast<const char*>(p) - b->base;
-  fail(fmt("write at byte offset %lld of buffer(%d), which was passed as a read-only array, "
-           "by %s",
-           off, b->index, thread_name(L, *L.cur).c_str()));
+  fail(
+      fmt("write at byte offset %lld of buffer(%d), which was passed as a read-only array, "
+          "by %s",
+          off,
+          b->index,
+          thread_name(L, *L.cur).c_str()));
 }
 
 const BufDesc* buffer(Launch& L, int index) {
