@@ -43,6 +43,15 @@ def png(path: Path, seed: int, size=(56, 42)) -> str:
     return str(path)
 
 
+def same_bits(a: mx.array, b: mx.array) -> bool:
+    """Same dtype, shape and bytes (bf16 compared as its 16-bit words)."""
+
+    def words(x):
+        return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(words(a), words(b))
+
+
 def index(d: Path) -> dict:
     return json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
 
@@ -89,7 +98,7 @@ def test_vision_tensors_copied_exactly(builds):
         if up.endswith("patch_embed.proj.weight"):
             want = want.transpose(0, 2, 3, 1)
         assert out[m].dtype == mx.bfloat16 and tuple(srcw[up].shape) == shape
-        assert np.array_equal(np.array(out[m].view(mx.uint16)), np.array(want.view(mx.uint16))), m
+        assert same_bits(out[m], want), m
 
 
 @needs_vlm
@@ -388,19 +397,14 @@ def test_quantized_projector_is_mx_quantize_of_the_source(builds, qproj_build):
         wq, s, b = mx.quantize(srcw[p + ".weight"], group_size=PROJ["group_size"], bits=PROJ["bits"])
         assert got[p + ".weight"].dtype == mx.uint32 and s.dtype == mx.bfloat16
         for suffix, want in ((".weight", wq), (".scales", s), (".biases", b)):
-            assert np.array_equal(
-                np.array(got[p + suffix].view(mx.uint16 if suffix != ".weight" else mx.uint32)),
-                np.array(want.view(mx.uint16 if suffix != ".weight" else mx.uint32)),
-            ), p + suffix
-        assert np.array_equal(
-            np.array(got[p + ".bias"].view(mx.uint16)), np.array(plain[p + ".bias"].view(mx.uint16))
-        )
+            assert same_bits(got[p + suffix], want), p + suffix
+        assert same_bits(got[p + ".bias"], plain[p + ".bias"])
     others = set(plain) - {p + ".weight" for p in vision.PROJECTOR_LINEARS}
     assert set(got) == others | {
         p + sfx for p in vision.PROJECTOR_LINEARS for sfx in (".weight", ".scales", ".biases")
     }
     for n in others:
-        assert np.array_equal(np.array(got[n].view(mx.uint16)), np.array(plain[n].view(mx.uint16))), n
+        assert same_bits(got[n], plain[n]), n
     for shard in set(index(vlm).values()) - {vision.VISION_SHARD}:
         assert (out / shard).read_bytes() == (vlm / shard).read_bytes(), shard
     # config: mlx-vlm's per-module entries; the record says what was done

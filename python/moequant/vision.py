@@ -176,12 +176,6 @@ def vision_tensors(vision_config: dict, text_hidden: int) -> Dict[str, Tuple[Tup
     return t
 
 
-def vision_params(raw_config: dict) -> int:
-    """Parameters of the vision tower and projector a kimi_k25 config declares."""
-    tensors = vision_tensors(raw_config.get("vision_config") or {}, raw_config["text_config"]["hidden_size"])
-    return sum(math.prod(s) for s, _ in tensors.values())
-
-
 def keep_vision_requested(flag: Optional[bool], recipe_spec: dict) -> bool:
     """--keep-vision, else the recipe's ``keep_vision`` field (a boolean)."""
     if flag is not None:
@@ -222,7 +216,7 @@ def vision_layout(expect, dtypes: Dict[str, str], projector):
     """Per upstream vision tensor: (params, description, [(mlx-vlm name, shape, dtype)]) of
     what the vision shard holds for it. ``dtypes`` maps upstream names to "bfloat16" /
     "float16" / "float32". The projector's linears quantized by the recipe follow
-    plan.output_tensors, like every language-model module."""
+    layout.output_tensors, like every language-model module."""
     from .layout import describe, output_tensors
 
     out = []
@@ -346,9 +340,6 @@ def output_config(config: dict, raw: dict, projector=None) -> dict:
     return dict(sorted(config.items()))
 
 
-_ST_TO_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
 class VisionPart:
     """The vision side of one --keep-vision conversion: what to check, copy and report."""
 
@@ -357,8 +348,10 @@ class VisionPart:
         self.projector = projector
         self.expect = check_source(src)
         check_projector(self.expect, projector, src.path)
+        from .checkpoint.safetensors_io import MLX_DTYPE
+
         self.layout = vision_layout(
-            self.expect, {n: _ST_TO_DTYPE[src.tensors[n].dtype] for n in self.expect}, projector
+            self.expect, {n: MLX_DTYPE[src.tensors[n].dtype] for n in self.expect}, projector
         )
 
     def row(self):

@@ -247,8 +247,9 @@ def rows_info(info: TensorInfo, lo: int, hi: int) -> TensorInfo:
     )
 
 
-# MLX dtype names (as in plan.output_tensors) -> safetensors dtype.
+# MLX dtype names (as in layout.output_tensors) -> safetensors dtype, and back.
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32", "int32": "I32"}
+MLX_DTYPE = {v: k for k, v in ST_DTYPE.items()}
 
 
 def shard_header(tensors, metadata=None) -> Tuple[bytes, Dict[str, int]]:
