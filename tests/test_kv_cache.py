@@ -75,6 +75,28 @@ def test_attention_matches_mlx_lm_on_dequantized_cache(built, bits, gs):
     assert ours.offset == 33
 
 
+@pytest.mark.parametrize("mask_dtype", [mx.bool_, mx.float32])
+def test_decode_honours_an_explicit_mask(built, mask_dtype):
+    """A decode step with an explicit mask (a batch's left padding: the first positions
+    hidden) against mlx-lm's attention on the dequantized cache with the same mask, and
+    not equal to the unmasked step: the mask is applied, not dropped."""
+    model, cfg = built
+    moequant.patch(model)
+    attn = model.model.layers[1].self_attn
+    ours, ref = MLAQuantizedKVCache(group_size=64, bits=8), DequantizedKVCache(8, 64)
+    rng = np.random.default_rng(11)
+    x = mx.array(rng.standard_normal((1, 20, cfg["hidden_size"])).astype(np.float32))
+    attn(x, "causal", cache=ours), attn(x, "causal", cache=ref)
+    x = mx.array(rng.standard_normal((1, 1, cfg["hidden_size"])).astype(np.float32))
+    keep = mx.arange(21)[None] >= 6  # (1, 21): positions 0..5 are padding
+    mask = keep if mask_dtype == mx.bool_ else mx.where(keep, 0.0, -1e9).astype(mask_dtype)
+    a, b = np.array(attn(x, mask, cache=ours)), np.array(attn(x, mask, cache=ref))
+    assert np.abs(a - b).max() < 2e-5 * np.abs(b).max()
+    ours.trim(1)
+    unmasked = np.array(attn(x, None, cache=ours))
+    assert np.abs(unmasked - b).max() > 1e-3 * np.abs(b).max()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_model_logits_close_to_dequantized_reference(built, bits):
     """The whole model (3 layers, MoE routing amplifies float noise) with the quantized

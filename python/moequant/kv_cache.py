@@ -239,7 +239,9 @@ def mla_attention(attn, x, mask, cache: MLAQuantizedKVCache):
     B, L, _ = x.shape
     q_nope, q_pe, latent, k_pe = project(attn, x, cache.offset)
     cache.update_and_fetch(latent, k_pe)
-    if L == 1:
+    # The fused decode kernel attends to every cached position; an explicit mask (e.g. a
+    # batch's left padding) takes the masked path instead of being dropped.
+    if L == 1 and (mask is None or isinstance(mask, str)):
         out = _decode(attn, q_nope, q_pe, *cache.fetch(), cache)
     else:
         out = _prefill(attn, q_nope, q_pe, cache, mask)
