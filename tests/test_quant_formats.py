@@ -18,12 +18,13 @@ def _header_lists():
     text = HEADER.read_text()
     bits = re.search(r"using AllBits = BitList<([^>]*)>;", text).group(1)
     groups = re.search(r"kGroupSizes\[\] = \{([^}]*)\};", text).group(1)
+    kv_bits = re.search(r"using KvCacheBits = BitList<([^>]*)>;", text).group(1)
     as_tuple = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
-    return as_tuple(bits), as_tuple(groups)
+    return as_tuple(bits), as_tuple(groups), as_tuple(kv_bits)
 
 
 def test_python_and_cpp_lists_agree():
-    assert _header_lists() == (quant_formats.BITS, quant_formats.GROUP_SIZES)
+    assert _header_lists() == (quant_formats.BITS, quant_formats.GROUP_SIZES, quant_formats.KV_CACHE_BITS)
 
 
 @pytest.mark.parametrize("bits", range(1, 10))

@@ -16,6 +16,8 @@ struct BitList {
 };
 
 using AllBits = BitList<2, 3, 4, 5, 6, 8>;
+// The MLA latent KV cache (mla_decode_attention).
+using KvCacheBits = BitList<4, 8>;
 inline constexpr int kGroupSizes[] = {32, 64, 128};
 
 template <typename List = AllBits>

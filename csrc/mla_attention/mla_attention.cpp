@@ -41,7 +41,7 @@ void check_args(
     const mx::array& pe_b,
     int bits,
     int group_size) {
-  if (!(bits == 4 || bits == 8)) {
+  if (!supported_bits<KvCacheBits>(bits)) {
     fail("bits must be 4 or 8; got " + std::to_string(bits) + ".");
   }
   check_group_size("[moequant.mla_decode_attention] ", "group_size", group_size);

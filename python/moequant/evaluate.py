@@ -44,6 +44,7 @@ import numpy as np
 
 from .errors import UserError
 from .progress import Progress
+from .quant_formats import KV_CACHE_BITS
 
 CACHE_FORMAT = "moequant-eval-reference-cache"
 CACHE_VERSION = 2  # 2: meta.json records each array's shape, dtype, size and sha256
@@ -1537,7 +1538,7 @@ def add_arguments(p):
         "--kv-bits",
         type=int,
         default=None,
-        choices=[4, 8],
+        choices=list(KV_CACHE_BITS),
         help="Run the build through a 4/8-bit MLA latent KV cache, prefilled in steps "
         "of --prefill-step-size tokens. With --ref equal to --model this measures "
         "what the quantized cache costs against the 16-bit one.",

@@ -48,9 +48,9 @@ from . import ops
 from .mla_attention import project
 from .mlx_lm_patch import import_classes
 from .ops import mla_decode_attention
-from .quant_formats import GROUP_SIZES
+from .quant_formats import GROUP_SIZES, KV_CACHE_BITS
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = KV_CACHE_BITS
 SUPPORTED_GROUPS = GROUP_SIZES
 
 # Cached positions dequantized at a time by the prefill path (several query tokens):

@@ -6,6 +6,8 @@ checks that they agree."""
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# The MLA latent KV cache (kv_cache.py, mla_decode_attention).
+KV_CACHE_BITS = (4, 8)
 
 
 def supported(bits, group_size) -> bool:
