@@ -14,8 +14,10 @@ Bytes per token are every parameter once, the routed experts for k of E, the emb
 for one row (bench_moe.bytes_per_token); the roofline time is that over the read
 bandwidth probe (bench/bandwidth.py) measured in the same run, before and after (the
 higher is used). Also printed: the weight codes per token by bit width, from which the
-instruction-throughput bound of a host follows (codes / (its kernel rate x threads),
-bench_linear.py --kernel-rate).
+instruction-throughput bound of this host: the codes of each bit width over the decode
+row kernel's rate for it (bench_linear.row_rate: one thread, cache-resident, fastest of 60
+calls, the activation dtype of the run) times the threads, measured in the same run before
+and after the decode steps (the higher rate is used, so the bound is a lower bound).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import read_bandwidth  # noqa: E402
+from bench_linear import row_rate  # noqa: E402
 from bench_moe import bytes_per_token  # noqa: E402
 
 
@@ -124,6 +127,9 @@ def main(argv=None):
         + ", ".join(f"{b}-bit {n / 1e6:.1f} M" for b, n in sorted(codes.items()))
     )
 
+    act = mx.float32 if args.dtype == "float32" else mx.bfloat16
+    rates0 = {b: row_rate(b, act) for b in sorted(codes)}
+
     def step(tok, cache):
         y = model(tok, cache=cache)[:, -1:].argmax(-1)
         mx.eval(y)
@@ -138,6 +144,7 @@ def main(argv=None):
         t = time.perf_counter()
         tok = step(tok, cache)
         ts.append(time.perf_counter() - t)
+    rates1 = {b: row_rate(b, act) for b in sorted(codes)}
     bw1 = read_bandwidth()
     bw = max(bw0, bw1)
     ts.sort()
@@ -148,6 +155,19 @@ def main(argv=None):
         f"kimi pair decode ({args.dtype}): median {med * 1e3:.1f} ms/token (best {ts[0] * 1e3:.1f}), "
         f"{1 / med:.2f} tok/s; roofline {roof * 1e3:.1f} ms/token ({nbytes / 1e6:.1f} MB at {bw:.2f} GB/s): "
         f"{med / roof:.2f}x the roofline time ({100 * roof / med:.0f}% of it)"
+    )
+    threads = moequant.get_num_threads()
+    rates = {b: max(rates0[b], rates1[b]) for b in codes}
+    bound = sum(n / (rates[b] * 1e9 * threads) for b, n in codes.items())
+    print(
+        "# row-kernel rates (G codes/s per core, 1 thread, before / after the decode steps): "
+        + ", ".join(f"{b}-bit {rates0[b]:.2f} / {rates1[b]:.2f}" for b in sorted(codes))
+    )
+    print(
+        f"kimi pair instruction-throughput bound: {bound * 1e3:.1f} ms/token ("
+        + " + ".join(f"{codes[b] / (rates[b] * 1e9 * threads) * 1e3:.1f}" for b in sorted(codes))
+        + f" for {'/'.join(str(b) for b in sorted(codes))} bits on {threads} threads) = "
+        f"{bound / roof:.2f}x the roofline time; decode runs at {med / bound:.2f}x the bound"
     )
 
 

@@ -87,6 +87,24 @@ def make_weight(N, K, bits, huge_pages):
     return w, s, b
 
 
+def row_rate(bits, dtype, calls=60, N=2048, K=2048):
+    """G codes/s per core of the decode row kernel this path picks for `bits` and x of
+    `dtype`: one thread, an N x K g64 matrix that stays in cache, the fastest of `calls`."""
+    w, s, b = make_weight(N, K, bits, False)
+    x = mx.array(np.random.default_rng(bits).standard_normal((1, K)).astype(np.float32)).astype(dtype)
+    mx.eval(x)
+    saved = moequant.get_num_threads()
+    moequant.set_num_threads(1)
+    try:
+        fastest = min(
+            time_calls(lambda: moequant.quantized_linear(x, w, s, b, bits=bits, group_size=GROUP), 1, 1)[0]
+            for _ in range(calls)
+        )
+    finally:
+        moequant.set_num_threads(saved)
+    return N * K / fastest / 1e9
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8], help="bit widths (default: 4 6 8)")

@@ -110,7 +110,8 @@ constexpr int int_xmax(int digits) {
 // activations, |X| < 2^23, 24 bits). A block of w16_block_bytes(bits) bytes is
 // decoded into w16_regs(bits) registers of 16 codes; word w of register r holds code
 // w16_code_of(bits, r, w), so int32 lane i (words 2i, 2i + 1 of every register) covers
-// codes [i * span, (i + 1) * span) of the block, span = block codes / 8.
+// codes [i * span, (i + 1) * span) of the block, span = block codes / 8 (3 and 6 bits:
+// span codes of the lane's 128-bit half, which lies in one group as G >= 32).
 constexpr int w16_block_bytes(int bits) {
   return (bits == 3 || bits == 6) ? 24 : 32;
 }
@@ -122,11 +123,24 @@ constexpr int w16_regs(int bits) {
 }
 constexpr int w16_code_of(int bits, int r, int w) {
   if (bits == 3 || bits == 6) {
-    // Lane w / 2 is the block's 3-byte chunk w / 2 (24 / bits codes): its low word
-    // takes code r, its high word code r + 12 / bits.
-    return (w / 2) * (24 / bits) + r + (w % 2) * (12 / bits);
+    // A 128-bit half holds 4 chunks of 3 bytes (24 / bits codes each), spread into
+    // words: lanes 0-1 take the words (b0, b1) of chunks 0-1 and 2-3 ("A" words: the
+    // chunk's first 12 / bits codes at bit bits * k), lanes 2-3 the words (b1, b2) of the
+    // same chunks ("B" words: the last 12 / bits codes at bit bits * k + 4). Register r
+    // is (word >> bits * r) masked to code r of A words and, times 16, code
+    // 12 / bits + r of B words (w16_lane_mul): one shift and one AND per register.
+    const int cpc = 24 / bits;
+    const int wi = w % 8;
+    const int lane = wi / 2;
+    const int chunk = 4 * (w / 8) + 2 * (lane % 2) + wi % 2;
+    return chunk * cpc + (lane >= 2 ? cpc / 2 : 0) + r;
   }
   return (16 / bits) * w + r; // code r of the 16-bit word w of the packed block
+}
+// What the decoded codes of int32 lane i are multiplied by (3/6 bits: the B lanes 2, 3,
+// 6, 7 hold codes times 16; undone on the float sums, exactly: a power of two).
+constexpr int w16_lane_mul(int bits) {
+  return (bits == 3 || bits == 6) ? 16 : 1;
 }
 // Largest |X|: 32767 with one level, 2^23 - 1 with two (then X >> 8 fits a word).
 constexpr int w16_xmax(int levels) {
@@ -136,11 +150,13 @@ constexpr int w16_xmax(int levels) {
 // sum q X, before the convert: a lane sums span codes of up to 2^bits - 1 times
 // |X| < 2^23, which must stay below 2^31 (not for 8 bits: those convert each level).
 constexpr bool w16_join_levels(int bits) {
-  return static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1) * ((1 << 23) + 255) <
+  return static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1) *
+      w16_lane_mul(bits) * ((1 << 23) + 255) <
       2147483647LL;
 }
 // Where the word kernels beat the float ones on AMD Zen 1 (one level: every width they
-// have; two: not 3 and 6 bits, whose decode costs more than the float kernels save).
+// have; two: not 3 and 6 bits, whose B lanes (w16_lane_mul) cannot join the levels: two
+// converts and FMAs per block, as fast as the float kernels, measured).
 constexpr bool w16_bits(int bits, int levels) {
   return levels == 1 ? bits != 5 : (bits == 2 || bits == 4 || bits == 8);
 }
