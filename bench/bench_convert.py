@@ -16,10 +16,15 @@ to its I/O floor measured in the same run: reading the source files cold plus wr
 and fsyncing as many bytes as the conversion writes, on the same file systems. "Cold"
 without root: every source file is dropped from the page cache with
 posix_fadvise(POSIX_FADV_DONTNEED) before each measured read, and the bytes still
-resident afterwards are counted (mincore) and printed. mlx-lm's route is not run there
-(it would hold the whole dequantized model, ~40 GB).
+resident afterwards are counted (mincore) and printed. The disk's speed drifts by 2-3x
+from one minute to the next, so the floor is sampled ``--rounds + 1`` times, before,
+between and after the timed conversions; the ratio is printed against the best read +
+best write of all samples (the strictest) and against each sample. ``--baseline DIR``
+times another moequant package (e.g. a copy of main's) in the same rounds. mlx-lm's
+route is not run there (it would hold the whole dequantized model, ~40 GB).
 
-    python bench/bench_convert.py --full-dims --workdir /tmp/benchfull [--fit mse]
+    python bench/bench_convert.py --full-dims --workdir /tmp/benchfull [--fit mse] \
+        [--rounds 2] [--source DIR] [--baseline DIR] [--concurrent-floor]
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,11 +93,17 @@ def PEAK():
 """
 
 
-def run_route(code, src, dst, recipe, *extra):
+def run_route(code, src, dst, recipe, *extra, pythonpath=None):
+    env = None
+    if pythonpath:  # another moequant tree (e.g. main's, for a before/after in one run)
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))
+        )
     r = subprocess.run(
         [sys.executable, "-c", PEAK + code, str(src), str(dst), recipe, *extra],
         capture_output=True,
         text=True,
+        env=env,
     )
     if r.returncode:
         sys.exit(f"route failed:\n{r.stderr[-3000:]}")
@@ -121,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("minmax", "mse"),
         default=None,
         help="override the recipe's fit (--full-dims only; default: the recipe's)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="--full-dims: conversions to time; the floor is sampled before, between and "
+        "after them (rounds + 1 samples; default: %(default)s)",
+    )
+    ap.add_argument(
+        "--concurrent-floor",
+        action="store_true",
+        help="--full-dims: also time the cold read and the write at once in each floor sample",
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="--full-dims: a directory holding another moequant package (e.g. main's): "
+        "its conversion is timed before ours in every round, on the same floor samples",
+    )
+    ap.add_argument(
+        "--source",
+        default=None,
+        help="--full-dims: an existing fixture to convert (default: WORKDIR/src-full, "
+        "generated when missing); outputs and the floor file still go to WORKDIR",
     )
     ap.add_argument(
         "--workdir",
@@ -212,12 +249,33 @@ def mb(n: int) -> str:
     return "unknown (no fincore)" if n < 0 else f"{n / 1e6:.0f} MB"
 
 
-def floor(files, work, out_bytes):
+def concurrent_seconds(files, path, nbytes: int) -> float:
+    """Read the source files cold while writing and fsyncing ``nbytes``, as a conversion
+    does: the disk's floor for a perfectly overlapped conversion."""
+    drop_cache(files)
+    box = {}
+    writer = threading.Thread(target=lambda: box.setdefault("w", write_seconds(path, nbytes)))
+    t0 = time.perf_counter()
+    writer.start()
+    cold_read_seconds(files)
+    writer.join()
+    return time.perf_counter() - t0
+
+
+def floor(files, work, out_bytes, concurrent=False):
+    """One sample of the I/O floor: a cold read of the source, then a write + fsync of
+    as many bytes as the conversion writes (and, asked, both at once)."""
     left = drop_cache(files)
     read = cold_read_seconds(files)
     drop_cache(files)
     write = write_seconds(work / "floor.bin", out_bytes)
-    return {"read": read, "write": write, "resident_before_read": left}
+    both = concurrent_seconds(files, work / "floor.bin", out_bytes) if concurrent else None
+    return {"read": read, "write": write, "both": both, "resident_before_read": left}
+
+
+def spread(xs) -> str:
+    xs = sorted(xs)
+    return f"min {xs[0]:.2f}, median {statistics.median(xs):.2f}, max {xs[-1]:.2f} s (max/min {xs[-1] / xs[0]:.2f})"
 
 
 def main_full(args):
@@ -227,13 +285,15 @@ def main_full(args):
     from moequant.testing import make_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-full-"))
-    src = work / "src-full"
+    src = Path(args.source) if args.source else work / "src-full"
     free = shutil.disk_usage(work).free
     print(
         f"free disk at {work}: {free / 1e9:.1f} GB; available memory: "
         f"{next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemAvailable')) / 1e6:.1f} GB"
     )
     if not (src / "config.json").exists():
+        if args.source:
+            sys.exit(f"--source {src}: no config.json")
         if free < 22e9:
             sys.exit(f"need ~22 GB free at {work} (fixture 10.8 GB + output ~8 GB + floor file)")
         shutil.rmtree(src, ignore_errors=True)
@@ -255,53 +315,84 @@ def main_full(args):
         f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs: timings "
         f"noisy), moequant threads {get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
     )
-
-    before = floor(files, work, out_bytes)
+    routes = [("moequant convert", None)]
+    if args.baseline:
+        routes.insert(0, ("baseline convert", str(Path(args.baseline).resolve())))
+    # The disk's speed drifts by 2-3x between minutes: floor samples are taken before,
+    # between and after the conversions, and every ratio is shown against each of them.
+    floors, runs = [], []
     dst = work / "out-full"
-    shutil.rmtree(dst, ignore_errors=True)
-    left = drop_cache(files)
-    ours = run_route(OURS, src, dst, args.recipe, args.fit or "-")
-    shutil.rmtree(dst, ignore_errors=True)
-    after = floor(files, work, out_bytes)
+
+    def sample_floor():
+        floors.append(floor(files, work, out_bytes, args.concurrent_floor))
+        f = floors[-1]
+        print(
+            f"  floor sample {len(floors)}: cold read {f['read']:.2f} s, write + fsync {f['write']:.2f} s"
+            + (f", both at once {f['both']:.2f} s" if f["both"] else "")
+            + f" (resident before the read: {mb(f['resident_before_read'])})",
+            flush=True,
+        )
+
+    sample_floor()
+    for _ in range(args.rounds):
+        for name, path in routes:
+            shutil.rmtree(dst, ignore_errors=True)
+            left = drop_cache(files)
+            r = run_route(OURS, src, dst, args.recipe, args.fit or "-", pythonpath=path)
+            shutil.rmtree(dst, ignore_errors=True)
+            r.update(name=name, resident=left)
+            runs.append(r)
+            print(f"  {name}: {r['wall']:.2f} s (resident before: {mb(left)})", flush=True)
+            sample_floor()
 
     print(f"\n{'measurement':<34} {'wall s':>8} {'GB/s':>7}")
-    for name, f in (("before", before), ("after", after)):
+    for i, f in enumerate(floors, 1):
+        print(f"{f'floor {i}: cold read':<34} {f['read']:>8.2f} {in_bytes / f['read'] / 1e9:>7.2f}")
+        print(f"{f'floor {i}: write + fsync':<34} {f['write']:>8.2f} {out_bytes / f['write'] / 1e9:>7.2f}")
+        if f["both"]:
+            print(f"{f'floor {i}: read and write at once':<34} {f['both']:>8.2f}")
+    for r in runs:
+        print(f"{r['name']:<34} {r['wall']:>8.2f} {in_bytes / r['wall'] / 1e9:>7.2f}")
+    reads, writes = [f["read"] for f in floors], [f["write"] for f in floors]
+    sums = [f["read"] + f["write"] for f in floors]
+    print(f"\nfloor samples ({len(floors)}): cold read {spread(reads)}")
+    print(f"{'':>{len(str(len(floors))) + 17}}write + fsync {spread(writes)}")
+    print(f"{'':>{len(str(len(floors))) + 17}}read + write {spread(sums)}")
+    if floors[0]["both"]:
+        print(f"{'':>{len(str(len(floors))) + 17}}both at once {spread([f['both'] for f in floors])}")
+    best = min(reads) + min(writes)
+    for r in runs:
+        st = r["stages"]
         print(
-            f"{'floor ' + name + ': cold read':<34} {f['read']:>8.2f} {in_bytes / f['read'] / 1e9:>7.2f}"
-            f"   (resident before: {mb(f['resident_before_read'])})"
+            f"\n{r['name']}: wall {r['wall']:.2f} s, user {r['user']:.1f} s, system {r['sys']:.1f} s, "
+            f"{r['minflt'] / 1e6:.2f} M minor page faults, peak RSS {r['peak'] / 1e9:.2f} GB"
         )
         print(
-            f"{'floor ' + name + ': write + fsync':<34} {f['write']:>8.2f} {out_bytes / f['write'] / 1e9:>7.2f}"
+            f"  main thread: computing {st['compute']:.1f} s ({st['compute'] / r['wall']:.0%} of wall), "
+            f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s"
         )
-    fl = min(before["read"], after["read"]) + min(before["write"], after["write"])
-    fl_max = max(min(before["read"], after["read"]), min(before["write"], after["write"]))
-    print(
-        f"{'moequant convert':<34} {ours['wall']:>8.2f} {in_bytes / ours['wall'] / 1e9:>7.2f}"
-        f"   (resident before: {mb(left)})"
-    )
-    st = ours["stages"]
-    print(
-        f"\nconvert: user {ours['user']:.1f} s, system {ours['sys']:.1f} s, "
-        f"{ours['minflt'] / 1e6:.2f} M minor page faults, peak RSS {ours['peak'] / 1e9:.2f} GB"
-    )
-    print(
-        f"main thread: computing {st['compute']:.1f} s ({st['compute'] / ours['wall']:.0%} of wall), "
-        f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s"
-    )
-    parts = sorted((k for k in st if k.startswith("compute ")), key=lambda k: -st[k])
-    print("computing by job kind and fit: " + ", ".join(f"{k[8:]} {st[k]:.1f} s" for k in parts))
-    ratio, ratio_max = fl / ours["wall"], fl_max / ours["wall"]
-    rss_ok = ours["peak"] <= 1.5 * moe_layer
-    print(
-        f"I/O floor (best cold read + best write of the two floor runs) {fl:.2f} s: convert runs at "
-        f"{ratio:.0%} of it (target >= 60%: {'met' if ratio >= 0.6 else 'NOT met'}); "
-        f"against max(read, write) = {fl_max:.2f} s (perfect overlap of reading and writing): "
-        f"{ratio_max:.0%}"
-    )
-    print(
-        f"peak RSS {ours['peak'] / 1e9:.2f} GB = {ours['peak'] / moe_layer:.2f}x one MoE layer's source "
-        f"bytes (target <= 1.5x: {'met' if rss_ok else 'NOT met'})"
-    )
+        parts = sorted((k for k in st if k.startswith("compute ")), key=lambda k: -st[k])
+        print("  computing by job kind and fit: " + ", ".join(f"{k[8:]} {st[k]:.1f} s" for k in parts))
+        ratios = [s / r["wall"] for s in sums]
+        ratio = best / r["wall"]
+        print(
+            f"  I/O floor = best cold read + best write of the {len(floors)} samples = {best:.2f} s: "
+            f"convert runs at {ratio:.0%} of it (target >= 60%: {'met' if ratio >= 0.6 else 'NOT met'}); "
+            f"against each sample's read + write: {min(ratios):.0%} .. {max(ratios):.0%} "
+            f"(median floor {statistics.median(sums) / r['wall']:.0%})"
+        )
+        fl_max = max(min(reads), min(writes))
+        both = [f["both"] for f in floors if f["both"]]
+        extra = f", against the best read and write at once: {min(both) / r['wall']:.0%}" if both else ""
+        print(
+            f"  against max(best read, best write) = {fl_max:.2f} s (perfect overlap of reading and "
+            f"writing): {fl_max / r['wall']:.0%}{extra}"
+        )
+        rss_ok = r["peak"] <= 1.5 * moe_layer
+        print(
+            f"  peak RSS {r['peak'] / 1e9:.2f} GB = {r['peak'] / moe_layer:.2f}x one MoE layer's source "
+            f"bytes (target <= 1.5x: {'met' if rss_ok else 'NOT met'})"
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

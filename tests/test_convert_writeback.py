@@ -1,6 +1,7 @@
-"""The shard writer's streaming writeback (convert_pipeline.WRITEBACK_BYTES): starting
-each slice's writeback as it is written, waiting for the oldest and dropping its pages
-is only a hint to the kernel; the shards are byte for byte those of a run without it."""
+"""The shard writer's streaming writeback (convert_pipeline.WRITEBACK_BYTES) and the
+reader's page-cache hints (WILLNEED ahead, DONTNEED once read): starting each slice's
+writeback as it is written, waiting for the oldest and dropping pages are only hints to
+the kernel; the shards are byte for byte those of a run without any of them."""
 
 import sys
 
@@ -19,11 +20,19 @@ def shards(path):
 def test_writeback_window_does_not_change_the_bytes(tmp_path, monkeypatch):
     assert pipeline._SFR is not None  # the path under test runs
     src = make_checkpoint(tmp_path / "src", "kimi_k2", layers=2, shards=2, seed=4)
-    monkeypatch.setattr(pipeline, "_SFR", None)  # the kernel schedules writeback alone
-    convert(src, tmp_path / "plain", "alis-3.6", progress=False)
-    monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 1)  # wait for every slice
-    convert(src, tmp_path / "streamed", "alis-3.6", progress=False)
-    a, b = shards(tmp_path / "plain"), shards(tmp_path / "streamed")
-    assert a.keys() == b.keys() and len(a) > 1
-    assert all(a[k] == b[k] for k in a)
+    with monkeypatch.context() as m:  # the kernel schedules writeback alone, no hints
+        m.setattr(pipeline, "_SFR", None)
+        m.setattr(pipeline, "_advise", lambda piece, advice: None)
+        convert(src, tmp_path / "plain", "alis-3.6", progress=False)
+    convert(src, tmp_path / "default", "alis-3.6", progress=False)
+    with monkeypatch.context() as m:  # wait for every slice, one piece queued at a time
+        m.setattr(pipeline, "WRITEBACK_BYTES", 1)
+        m.setattr(pipeline, "WRITE_QUEUE", 1)
+        m.setattr(pipeline, "PREFETCH_PIECES", 0)
+        m.setattr(pipeline, "POOL_BUFFERS", 1)
+        convert(src, tmp_path / "streamed", "alis-3.6", progress=False)
+    a = shards(tmp_path / "plain")
+    assert len(a) > 1
+    for other in ("default", "streamed"):
+        b = shards(tmp_path / other)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), other

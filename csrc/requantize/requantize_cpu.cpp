@@ -358,10 +358,14 @@ bool requantize_cpu_supported() {
 }
 
 void requantize_int4(const RequantizeArgs& a) {
-  // At least ~64 KB of input per task, so that small tensors stay on one thread.
+  // At least ~64 KB of input per claim, so that small tensors stay on one thread. Rows
+  // are claimed from a shared counter: convert runs this next to its reader and writer
+  // threads, and a static half per thread waited for the one whose core they share.
   std::size_t row_bytes = static_cast<std::size_t>(a.K) / 2;
   std::size_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
-  parallel_for(a.rows, min_rows, [&](std::size_t r0, std::size_t r1) { dispatch(a, r0, r1); });
+  dynamic_for(a.rows, min_rows, [&](auto&& claim) {
+    claim([&](std::size_t r0, std::size_t r1) { dispatch(a, r0, r1); });
+  });
 }
 
 } // namespace moequant::cpu

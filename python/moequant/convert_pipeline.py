@@ -6,6 +6,7 @@ matrix; small jobs (norms, the router, kv_b_proj) are one piece. Three threads o
 
 * the reader fills a piece's source tensors into one of a few preallocated buffers,
   with the next pieces' byte ranges already queued at the disk (POSIX_FADV_WILLNEED),
+  and drops them from the page cache once read (each byte is read once),
 * the main thread computes the piece (requantize_int4 / quantize, MLX's own threads),
 * the writer puts each output slice at its final byte offset in its shard: the shard's
   safetensors header is known from the plan, so a shard is written in place, fsynced
@@ -51,17 +52,22 @@ from .checkpoint.safetensors_io import (
 # instead of being unmapped and faulted in again; large enough that per-piece overhead
 # (a graph, a few syscalls) is negligible next to the work.
 PIECE_BYTES = 32 << 20
-# Input buffers: one being read, one or two waiting, one being computed, one whose
-# outputs are being written (an output may alias its input: a repack, a bf16 copy).
-POOL_BUFFERS = 5
+# Pieces queued at the writer before the main thread waits for it: room for the disk's
+# write bursts (it serves queued reads first), so computing does not stop at each one.
+WRITE_QUEUE = 4
 # Pieces whose source bytes the reader asks the kernel to fetch ahead of reading them.
-PREFETCH_PIECES = 2
+PREFETCH_PIECES = 3
+# Input buffers: those being read or prefetched, one being computed, and those whose
+# outputs wait at the writer (an output may alias its input: a repack, a bf16 copy).
+POOL_BUFFERS = PREFETCH_PIECES + WRITE_QUEUE + 2
 ALIGN = 64
-# Output bytes whose writeback may be in flight before the writer waits for the oldest:
-# writeback starts as each slice is written (sync_file_range) instead of when the
+# Output bytes whose writeback may be in flight before the writer waits for the oldest
+# range: writeback starts as each slice is written (sync_file_range) instead of when the
 # kernel's dirty thresholds are crossed, so the disk writes while the conversion reads
-# and computes, dirty memory stays small and each shard's closing fsync finds little left.
-WRITEBACK_BYTES = 256 << 20
+# and computes and each shard's closing fsync finds little left. The window is large
+# (the oldest range is long done when it is waited for): a small one made the writer
+# wait for the disk, which serves reads first, at every slice.
+WRITEBACK_BYTES = 1 << 30
 
 
 def _sync_file_range():
@@ -149,6 +155,7 @@ def plan_pieces(src: Source, unit: Unit, job: Job, piece_bytes: Optional[int] = 
                 reads += [(T[g[e]], off + (e - lo) * per) for e in range(lo, hi)]
                 inputs.append((off, (hi - lo, *shape), dt))
                 off = _align(off + (hi - lo) * per)
+            reads.sort(key=lambda r: (str(r[0].file), r[0].start))  # ascending in each file
             checks = [(T[name], [n, k]) for name in job.sources[2::3][lo:hi]] if src.cfg.scheme else []
             pieces.append(
                 Piece(unit, job, lo, hi, False, reads, inputs, checks, off, sum(i.nbytes for i, _ in reads))
@@ -230,9 +237,21 @@ def prefetch_piece(piece: Piece) -> None:
     """Ask the kernel to start reading a coming piece's source bytes (POSIX_FADV_WILLNEED
     queues the whole ranges at once), so the disk works on it while the reader copies
     the current piece; a hint: errors surface when the piece is read."""
-    if not hasattr(os, "posix_fadvise") or piece.prefetched:
+    if not piece.prefetched:
+        piece.prefetched = True
+        _advise(piece, "POSIX_FADV_WILLNEED")
+
+
+def forget_piece(piece: Piece) -> None:
+    """Drop a read piece's source pages from the page cache (POSIX_FADV_DONTNEED; only
+    pages wholly inside its ranges): each source byte is read once, so caching it only
+    makes the kernel reclaim gigabytes later, on the cores the conversion computes on."""
+    _advise(piece, "POSIX_FADV_DONTNEED")
+
+
+def _advise(piece: Piece, advice: str) -> None:
+    if not hasattr(os, "posix_fadvise"):
         return
-    piece.prefetched = True
     by_file: Dict[Path, List[TensorInfo]] = {}
     for info, _ in piece.reads:
         by_file.setdefault(info.file, []).append(info)
@@ -243,7 +262,7 @@ def prefetch_piece(piece: Piece) -> None:
             continue
         try:
             for info in infos:
-                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, info.start, info.nbytes, getattr(os, advice))
         except OSError:
             pass
         finally:
@@ -267,8 +286,9 @@ class _Stop(Exception):
 class Reader:
     """Reads pieces in order into free pool buffers, on a background thread."""
 
-    def __init__(self, pieces: List[Piece], nbytes: int, count: int = POOL_BUFFERS):
+    def __init__(self, pieces: List[Piece], nbytes: int, count: Optional[int] = None):
         self.pieces = pieces
+        count = count or POOL_BUFFERS
         self.free: "queue.Queue" = queue.Queue()
         for _ in range(min(count, max(len(pieces), 1))):
             self.free.put(new_buffer(nbytes))
@@ -292,6 +312,7 @@ class Reader:
                     prefetch_piece(ahead)
                 buf = self._take_free()
                 read_piece(piece, buf[1])
+                forget_piece(piece)
                 self.ready.put((piece, buf))
         except _Stop:
             pass
@@ -327,10 +348,10 @@ class ShardWriter:
     header on its first write, and fsynced and renamed into place once every byte is in;
     ``on_shard(index, size)`` is then called (on the writer thread) to record it."""
 
-    def __init__(self, dst: Path, out, on_shard: Callable[[int, int], None], depth: int = 2):
+    def __init__(self, dst: Path, out, on_shard: Callable[[int, int], None], depth: Optional[int] = None):
         self.dst, self.out, self.on_shard = dst, out, on_shard
         self.open: Dict[int, _OpenShard] = {}
-        self.todo: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.todo: "queue.Queue" = queue.Queue(maxsize=depth or WRITE_QUEUE)
         self.error: Optional[BaseException] = None
         self.inflight: "collections.deque" = collections.deque()  # (shard, offset, bytes)
         self.inflight_bytes = 0
