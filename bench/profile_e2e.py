@@ -6,6 +6,7 @@ quiet one wall ~ CPU / threads for the threaded parts. The per-module split eval
 each module's output before and after it (barriers): their sum exceeds the plain step.
 
     python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
+                                [--wall] [--stub-kernels]
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def build_parser():
         "--prefill", type=int, default=0, help="also time one forward of this many tokens (default 0: none)"
     )
     ap.add_argument("--no-fused", action="store_true", help="mlx-lm's own paths (no moequant.patch)")
+    ap.add_argument(
+        "--stub-kernels",
+        action="store_true",
+        help="also time the decode loop with quantized_linear and moe_swiglu replaced by "
+        "trivial stand-ins of the same output shape: what the token costs besides its "
+        "quantized kernels (graph building, MLX's small ops, attention core, router, norms)",
+    )
     ap.add_argument(
         "--wall",
         action="store_true",
@@ -103,6 +111,20 @@ def main(argv=None):
     tok = decode(n, cache, tok)
     w, c = clk.read()
     print(f"decode: wall {w / n * 1e3:.1f} ms/token ({n / w:.1f} tok/s), cpu {c / n * 1e3:.1f} ms/token")
+
+    if args.stub_kernels and not args.no_fused:
+        from moequant import mlx_lm_patch
+
+        real = mlx_lm_patch.quantized_linear, mlx_lm_patch.moe_swiglu
+        mlx_lm_patch.quantized_linear = lambda x, w, *a, **k: mx.broadcast_to(
+            x[..., :1], x.shape[:-1] + (w.shape[0],)
+        )
+        mlx_lm_patch.moe_swiglu = lambda x, *a: x
+        clk = Clock()
+        tok = decode(n, cache, tok)
+        w, c = clk.read()
+        mlx_lm_patch.quantized_linear, mlx_lm_patch.moe_swiglu = real
+        print(f"decode, kernels stubbed: wall {w / n * 1e3:.1f} ms/token, cpu {c / n * 1e3:.1f} ms/token")
 
     # MLX primitives per decode step: each costs the CPU stream ~8 us even when it moves
     # no data (a reshape, a broadcast), so their count is part of the step's fixed cost.
