@@ -284,3 +284,27 @@ def test_project_stacked_rope_same_bits(dtype, yarn, L, offset):
     ):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert mx.array_equal(got, want).item()
+
+
+def test_ops_take_evaluated_strided_inputs():
+    """matmul_nt, softmax_rows and quantized_linear pass an evaluated row-contiguous
+    input as it is (no Contiguous node); evaluated strided views (a transpose, a
+    slice with a step) are still copied: the same results as their contiguous copies."""
+    rng = np.random.default_rng(3)
+    a = mx.array(rng.standard_normal((2, 9, 6)).astype(np.float32))
+    b = mx.array(rng.standard_normal((2, 6, 7)).astype(np.float32)).swapaxes(-1, -2)
+    s = mx.array(rng.standard_normal((5, 8)).astype(np.float32)).T
+    mx.eval(a, b, s)
+    assert np.array_equal(np.array(matmul_nt(a, b)), np.array(matmul_nt(a, mx.array(np.array(b)))))
+    assert np.array_equal(np.array(softmax_rows(s)), np.array(softmax_rows(mx.array(np.array(s)))))
+    w = mx.array(rng.standard_normal((16, 128)).astype(np.float32))
+    q = mx.quantize(w, group_size=64, bits=4)
+    views = [mx.repeat(t, 2, axis=0)[::2] for t in q]  # strided rows, same values
+    mx.eval(views)
+    x = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
+    want = np.array(moequant.quantized_linear(x, *q, bits=4, group_size=64))
+    got = np.array(moequant.quantized_linear(x, *views, bits=4, group_size=64))
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(
+        want, np.array(x) @ np.array(mx.dequantize(*q, group_size=64, bits=4)).T, atol=1e-4
+    )
