@@ -6,13 +6,17 @@ quiet one wall ~ CPU / threads for the threaded parts. The per-module split eval
 each module's output before and after it (barriers): their sum exceeds the plain step.
 
     python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
+                                [--wall] [--stub-kernels]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +42,13 @@ def build_parser():
     )
     ap.add_argument("--no-fused", action="store_true", help="mlx-lm's own paths (no moequant.patch)")
     ap.add_argument(
+        "--stub-kernels",
+        action="store_true",
+        help="also time the decode loop with quantized_linear and moe_swiglu replaced by "
+        "trivial stand-ins of the same output shape: what the token costs besides its "
+        "quantized kernels (graph building, MLX's small ops, attention core, router, norms)",
+    )
+    ap.add_argument(
         "--wall",
         action="store_true",
         help="split the step by wall time instead of CPU time (on a quiet machine: "
@@ -52,6 +63,15 @@ class Clock:
 
     def read(self):
         return time.perf_counter() - self.w, time.process_time() - self.c
+
+
+def graph_nodes(y) -> collections.Counter:
+    """The primitives of the graph that evaluating y runs, by name (MLX's DOT export)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "graph.dot")
+        mx.export_to_dot(path, y)
+        text = Path(path).read_text()
+    return collections.Counter(re.findall(r'label ="(\w+)", shape=rectangle', text))
 
 
 def main(argv=None):
@@ -91,6 +111,28 @@ def main(argv=None):
     tok = decode(n, cache, tok)
     w, c = clk.read()
     print(f"decode: wall {w / n * 1e3:.1f} ms/token ({n / w:.1f} tok/s), cpu {c / n * 1e3:.1f} ms/token")
+
+    if args.stub_kernels and not args.no_fused:
+        from moequant import mlx_lm_patch
+
+        real = mlx_lm_patch.quantized_linear, mlx_lm_patch.moe_swiglu
+        mlx_lm_patch.quantized_linear = lambda x, w, *a, **k: mx.broadcast_to(
+            x[..., :1], x.shape[:-1] + (w.shape[0],)
+        )
+        mlx_lm_patch.moe_swiglu = lambda x, *a: x
+        clk = Clock()
+        tok = decode(n, cache, tok)
+        w, c = clk.read()
+        mlx_lm_patch.quantized_linear, mlx_lm_patch.moe_swiglu = real
+        print(f"decode, kernels stubbed: wall {w / n * 1e3:.1f} ms/token, cpu {c / n * 1e3:.1f} ms/token")
+
+    # MLX primitives per decode step: each costs the CPU stream ~8 us even when it moves
+    # no data (a reshape, a broadcast), so their count is part of the step's fixed cost.
+    nodes = graph_nodes(model(tok, cache=cache)[:, -1:].argmax(-1))
+    print(
+        f"graph nodes per decode step: {sum(nodes.values())} ({', '.join(f'{k} {v}' for k, v in nodes.most_common(8))}, ...)"
+    )
+    mx.eval([c.state for c in cache])
 
     acc = collections.defaultdict(float)
     now = time.perf_counter if args.wall else time.process_time

@@ -245,3 +245,66 @@ def test_cache_attend_seam():
         out.append(model(tokens[:, i : i + 1], cache=cache))
     np.testing.assert_allclose(np.array(mx.concatenate(out, axis=1)), want, atol=3e-5)
     assert _AttendCache.calls == len(model.model.layers) * 8
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("yarn", [False, True])
+@pytest.mark.parametrize("L,offset", [(1, 0), (1, 9), (5, 3)])
+def test_project_stacked_rope_same_bits(dtype, yarn, L, offset):
+    """project() ropes the query heads and the key head in one call (fewer graph nodes
+    at decode); its q_pe and k_pe are bit-identical to mlx-lm's two separate calls, for
+    plain RoPE and YaRN (scaled input, Kimi's rope)."""
+    cfg = dict(tiny_deepseek.TINY_CONFIG)
+    if yarn:
+        cfg["rope_scaling"] = dict(
+            type="yarn",
+            factor=8.0,
+            original_max_position_embeddings=128,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=0.5,
+        )
+    model, _ = tiny_deepseek.build(cfg, seed=23, dtype=dtype)
+    attn = model.model.layers[1].self_attn
+    assert (getattr(attn.rope, "mscale", 1.0) != 1.0) == yarn
+    x = mx.random.normal((2, L, cfg["hidden_size"]), key=mx.random.key(5)).astype(dtype)
+    q_nope, q_pe, latent, k_pe = mla_attention.project(attn, x, offset)
+    # mlx-lm's own steps (DeepseekV3Attention.__call__).
+    B, H = 2, attn.num_heads
+    q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(B, L, H, attn.q_head_dim).transpose(0, 2, 1, 3)
+    want_q_nope, want_q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
+    kv_pe = mx.split(attn.kv_a_proj_with_mqa(x), [attn.kv_lora_rank], axis=-1)[1]
+    want_k_pe = kv_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
+    for got, want in (
+        (q_nope, want_q_nope),
+        (q_pe, attn.rope(want_q_pe, offset)),
+        (k_pe, attn.rope(want_k_pe, offset)),
+    ):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert mx.array_equal(got, want).item()
+
+
+def test_ops_take_evaluated_strided_inputs():
+    """matmul_nt, softmax_rows and quantized_linear pass an evaluated row-contiguous
+    input as it is (no Contiguous node); evaluated strided views (a transpose, a
+    slice with a step) are still copied: the same results as their contiguous copies."""
+    rng = np.random.default_rng(3)
+    a = mx.array(rng.standard_normal((2, 9, 6)).astype(np.float32))
+    b = mx.array(rng.standard_normal((2, 6, 7)).astype(np.float32)).swapaxes(-1, -2)
+    s = mx.array(rng.standard_normal((5, 8)).astype(np.float32)).T
+    mx.eval(a, b, s)
+    assert np.array_equal(np.array(matmul_nt(a, b)), np.array(matmul_nt(a, mx.array(np.array(b)))))
+    assert np.array_equal(np.array(softmax_rows(s)), np.array(softmax_rows(mx.array(np.array(s)))))
+    w = mx.array(rng.standard_normal((16, 128)).astype(np.float32))
+    q = mx.quantize(w, group_size=64, bits=4)
+    views = [mx.repeat(t, 2, axis=0)[::2] for t in q]  # strided rows, same values
+    mx.eval(views)
+    x = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
+    want = np.array(moequant.quantized_linear(x, *q, bits=4, group_size=64))
+    got = np.array(moequant.quantized_linear(x, *views, bits=4, group_size=64))
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(
+        want, np.array(x) @ np.array(mx.dequantize(*q, group_size=64, bits=4)).T, atol=1e-4
+    )

@@ -9,6 +9,7 @@
 
 #include "common/quant_formats.h"
 #include "mlx/array.h"
+#include "mlx/ops.h"
 
 namespace moequant {
 
@@ -42,6 +43,20 @@ inline uint32_t gpu_group_count(const char* op, size_t rows, uint32_t groups_per
         "] more than 2^32 groups in one call on the GPU; split the tensor.");
   }
   return static_cast<uint32_t>(total);
+}
+
+// An op's input as a row-contiguous array of `shape`: `a` itself when it already is one
+// (an evaluated weight), else MLX's reshape and contiguous (copying at eval time only if
+// needed). Every node less counts at decode: an MLX CPU primitive costs ~8 us to run on
+// this kind of host even when it moves no data (bench/RESULTS.md, issue 15 session 4).
+inline mlx::core::array contiguous_as(
+    const mlx::core::array& a,
+    const mlx::core::Shape& shape,
+    mlx::core::StreamOrDevice s) {
+  if (a.shape() == shape && a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mlx::core::contiguous(mlx::core::reshape(a, shape, s), false, s);
 }
 
 } // namespace moequant

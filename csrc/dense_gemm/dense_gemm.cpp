@@ -121,9 +121,7 @@ mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s
   }
   mx::Shape out_shape = a.shape();
   out_shape.back() = N;
-  auto c = [&](const mx::array& x, int rows) {
-    return mx::contiguous(mx::reshape(x, {batch, rows, K}, st), false, st);
-  };
+  auto c = [&](const mx::array& x, int rows) { return contiguous_as(x, {batch, rows, K}, st); };
   auto y =
       mx::array({batch, M, N}, mx::float32, std::make_shared<MatmulNT>(st), {c(a, M), c(b, N)});
   return mx::reshape(y, out_shape, st);

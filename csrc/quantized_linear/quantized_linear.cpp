@@ -82,13 +82,12 @@ mx::array quantized_linear(
   for (std::size_t i = 0; i + 1 < x.ndim(); ++i) {
     M *= x.shape(i);
   }
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  auto x2 = c(mx::reshape(x, {M, K}, st));
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), st); };
   auto y = mx::array(
       {M, N},
       x.dtype(),
       std::make_shared<QuantizedLinear>(st, bits, group_size),
-      {x2, c(w), c(scales), c(biases)});
+      {contiguous_as(x, {M, K}, st), c(w), c(scales), c(biases)});
   return mx::reshape(y, out_shape, st);
 }
 

@@ -89,9 +89,9 @@ mx::array softmax_rows(
     return mask ? mx::where(*mask, p, mx::array(0.0f), st) : p;
   }
   const int rows = static_cast<int>(s.size() / std::max<std::size_t>(1, S));
-  std::vector<mx::array> in{mx::contiguous(mx::reshape(s, {rows, S}, st), false, st)};
+  std::vector<mx::array> in{contiguous_as(s, {rows, S}, st)};
   if (mask) {
-    in.push_back(mx::contiguous(*mask, false, st));
+    in.push_back(contiguous_as(*mask, mask->shape(), st));
   }
   auto p = mx::array({rows, S}, mx::float32, std::make_shared<SoftmaxRows>(st, scale), in);
   return mx::reshape(p, s.shape(), st);

@@ -244,7 +244,15 @@ def project(attn, x, offset, with_qr=False):
     latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
     k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
     latent = mx.expand_dims(attn.kv_a_layernorm(latent), axis=1)
-    out = (q_nope, attn.rope(q_pe, offset), latent, attn.rope(k_pe, offset))
+    # One rope call for the query heads and the key head: rope acts per (position,
+    # feature), so the stacked call gives the same bits as two, and on the CPU (where
+    # mx.fast.rope is ~36 graph nodes) saves a decode step ~34 of them per layer.
+    if q_pe.dtype == k_pe.dtype:
+        pe = attn.rope(mx.concatenate([q_pe, k_pe], axis=1), offset)
+        q_pe, k_pe = pe[:, :-1], pe[:, -1:]
+    else:
+        q_pe, k_pe = attn.rope(q_pe, offset), attn.rope(k_pe, offset)
+    out = (q_nope, q_pe, latent, k_pe)
     return out + (qr,) if with_qr else out
 
 
