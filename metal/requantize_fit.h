@@ -430,13 +430,14 @@ MQ_INLINE mq_fit_result mq_fit_group(
   bool nok[9];
   for (int ds = -1; ds <= 1; ++ds) {
     const float sT = mq_step_t<T, Bits>(s0, ds);
+    const float invT = MQ_DIV(1.0f, sT); // used only where valid
     for (int db = -1; db <= 1; ++db) {
       const float bT = mq_step_t<T, Bits>(b0, db);
       const int i = 3 * (ds + 1) + (db + 1);
       nok[i] = sT - sT == 0.0f && sT != 0.0f && bT - bT == 0.0f;
       ns[i] = sT;
       nbias[i] = bT;
-      ninv[i] = nok[i] ? MQ_DIV(1.0f, sT) : 1.0f;
+      ninv[i] = nok[i] ? invT : 1.0f;
     }
   }
   B::errors9(g, ns, nbias, ninv, nok, nb, ne);

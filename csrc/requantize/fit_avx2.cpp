@@ -506,7 +506,7 @@ struct fit_avx2 {
         bb[d] = V8(b[i0 + d]);
         iv[d] = V8(inv[i0 + d]);
         lo[d] = rt8<T>::round(rt8<T>::round(k0 * vs) + bb[d]);
-        hi[d] = rt8<T>::round(rt8<T>::round(k1 * vs) + bb[d]);
+        hi[d] = two ? rt8<T>::round(rt8<T>::round(k1 * vs) + bb[d]) : lo[d];
         acc[d] = V8(0.0f);
       }
       for (int j = 0; j < g.n; j += 8) {
