@@ -14,9 +14,12 @@
 //   4. the best fit in weight units rounded to the output dtype T and its 3x3
 //      neighbouring T values, codes re-assigned, exact errors;
 //   5. the fit replaces min-max only when its error is below E_mm (1 - 2^-12).
-// The driver mq_fit_group is generic over a backend B that evaluates steps 2-4 on its
-// vectors (mq_fit_scalar below; AVX2 in fit_avx2.cpp); per lane the operations are
-// the generic templates here, so every backend gives the same bits.
+// The driver mq_fit_group is generic over a backend B that evaluates steps 1-4 on its
+// vectors (mq_fit_scalar below; AVX2 in fit_avx2.cpp): min/max, the t statistics, the
+// candidates, the choice of the starts, Lloyd and the neighbours' errors. Per lane the
+// operations are the generic templates here, and where a backend reorders work it
+// only skips exact no-ops (adding +-0) or takes the scalar loop for the inputs where
+// order would matter, so every backend gives the same bits.
 #pragma once
 
 #include "quant_math.h"
@@ -234,6 +237,70 @@ MQ_INLINE float mq_fit_tree8(const MQ_THREAD float* a) {
 
 template <typename T>
 struct mq_fit_scalar {
+  // Step 1: MLX's min/max loop over the present slots (NaN never taken), and whether
+  // every present value and every weight is finite.
+  static MQ_INLINE void minmax(
+      const MQ_THREAD mq_fit_slots& g, const MQ_THREAD bool* present, MQ_THREAD float& wmin,
+      MQ_THREAD float& wmax, MQ_THREAD bool& finite) {
+    wmin = MQ_INF;
+    wmax = -MQ_INF;
+    finite = true;
+    for (int j = 0; j < g.n; ++j) {
+      if (present[j]) {
+        const float x = g.v[j];
+        wmin = x < wmin ? x : wmin;
+        wmax = wmax < x ? x : wmax;
+        finite = finite && (x - x == 0.0f);
+      }
+      finite = finite && (g.c[j] - g.c[j] == 0.0f);
+    }
+  }
+  // t = (v - min) * (1 / R) and the sums S0 = sum c, T1 = sum c t, T2 = sum (c t) t in
+  // slot order; g.t, g.cc, g.ct, g.m: the slots with c > 0 (the others add +0).
+  static MQ_INLINE void tstats(
+      MQ_THREAD mq_fit_slots& g, float wmin, float invR, MQ_THREAD float& S0,
+      MQ_THREAD float& T1, MQ_THREAD float& T2) {
+    S0 = 0.0f;
+    T1 = 0.0f;
+    T2 = 0.0f;
+    int m = 0;
+    for (int j = 0; j < g.n; ++j) {
+      const float t = (g.v[j] - wmin) * invR;
+      const float ct = g.c[j] * t;
+      S0 = S0 + g.c[j];
+      T1 = T1 + ct;
+      T2 = T2 + ct * t;
+      if (g.c[j] > 0.0f) {
+        g.t[m] = t;
+        g.cc[m] = g.c[j];
+        g.ct[m] = ct;
+        ++m;
+      }
+    }
+    g.m = m;
+  }
+  // The best MQ_FIT_STARTS candidates by error in stable order (strict <, the first of
+  // equal errors kept; NaN and +inf never taken): bi[r] = index or -1.
+  static MQ_INLINE void select(const MQ_THREAD float* err, MQ_THREAD int* bi) {
+    float be[MQ_FIT_STARTS];
+    for (int r = 0; r < MQ_FIT_STARTS; ++r) {
+      be[r] = MQ_INF;
+      bi[r] = -1;
+    }
+    for (int k = 0; k < MQ_FIT_NCAND; ++k) {
+      const float e = err[k];
+      if (e < be[MQ_FIT_STARTS - 1]) {
+        int p = MQ_FIT_STARTS - 1;
+        while (p > 0 && e < be[p - 1]) {
+          be[p] = be[p - 1];
+          bi[p] = bi[p - 1];
+          --p;
+        }
+        be[p] = e;
+        bi[p] = k;
+      }
+    }
+  }
   // Step 2: every candidate's least-squares fit (sig, beta, err) and its statistics.
   static MQ_INLINE void candidates(
       const MQ_THREAD mq_fit_slots& g, float S0, float T1, float T2, float nb,
@@ -248,18 +315,21 @@ struct mq_fit_scalar {
       mq_fit_solve(S0, T1, T2, S1[k], S2[k], S3[k], sig[k], beta[k], err[k], ok);
     }
   }
-  // Step 3 for the starts (rank order); per start the best (err, sig, beta).
+  // Step 3 from the starts bi[r] (rank order; -1: none, error +inf) of the candidates'
+  // (sig, beta, err, S1, S2, S3); per start the best (err, sig, beta).
   static MQ_INLINE void lloyd(
       const MQ_THREAD mq_fit_slots& g, float S0, float T1, float T2, float nb,
-      const MQ_THREAD float* sig, const MQ_THREAD float* beta, const MQ_THREAD float* err,
-      const MQ_THREAD float* S1, const MQ_THREAD float* S2, const MQ_THREAD float* S3,
-      MQ_THREAD float* best_e, MQ_THREAD float* best_s, MQ_THREAD float* best_b) {
+      const MQ_THREAD int* bi, const MQ_THREAD float* sig, const MQ_THREAD float* beta,
+      const MQ_THREAD float* err, const MQ_THREAD float* S1, const MQ_THREAD float* S2,
+      const MQ_THREAD float* S3, MQ_THREAD float* best_e, MQ_THREAD float* best_s,
+      MQ_THREAD float* best_b) {
     for (int r = 0; r < MQ_FIT_STARTS; ++r) {
-      best_e[r] = err[r];
-      best_s[r] = sig[r];
-      best_b[r] = beta[r];
-      mq_fit_lloyd(g.t, g.cc, g.ct, g.m, S0, T1, T2, nb, sig[r], beta[r], S1[r], S2[r],
-                   S3[r], err[r] < MQ_INF, best_e[r], best_s[r], best_b[r]);
+      const int k = bi[r] < 0 ? 0 : bi[r];
+      best_e[r] = bi[r] < 0 ? MQ_INF : err[k];
+      best_s[r] = sig[k];
+      best_b[r] = beta[k];
+      mq_fit_lloyd(g.t, g.cc, g.ct, g.m, S0, T1, T2, nb, sig[k], beta[k], S1[k], S2[k],
+                   S3[k], best_e[r] < MQ_INF, best_e[r], best_s[r], best_b[r]);
     }
   }
   // Step 4 / 1: the exact error with stored (s, b); codes clamp(rint((v - b) * inv))
@@ -274,6 +344,15 @@ struct mq_fit_scalar {
       acc[j & 7] = acc[j & 7] + mq_fit_term<float, mq_rt_scalar<T>>(g.v[j], g.c[j], q, s, b);
     }
     return mq_fit_tree8(acc);
+  }
+  // Step 4: the exact errors of the 9 neighbours i (3 * ds + db order); e[i] only
+  // where ok[i].
+  static MQ_INLINE void errors9(
+      const MQ_THREAD mq_fit_slots& g, const MQ_THREAD float* s, const MQ_THREAD float* b,
+      const MQ_THREAD float* inv, const MQ_THREAD bool* ok, float nb, MQ_THREAD float* e) {
+    for (int i = 0; i < 9; ++i) {
+      e[i] = ok[i] ? error(g, s[i], b[i], inv[i], nb, false, 0.0f, 0.0f) : MQ_INF;
+    }
   }
 };
 
@@ -299,20 +378,10 @@ template <typename T, typename Bits, typename B>
 MQ_INLINE mq_fit_result mq_fit_group(
     MQ_THREAD mq_fit_slots& g, const MQ_THREAD bool* present, int bits) {
   const float nb = float((1 << bits) - 1);
-  const int n = g.n;
   // MLX's min/max loop (NaN never taken), then its parameters.
-  float wmin = MQ_INF;
-  float wmax = -MQ_INF;
-  bool finite = true;
-  for (int j = 0; j < n; ++j) {
-    if (present[j]) {
-      const float x = g.v[j];
-      wmin = x < wmin ? x : wmin;
-      wmax = wmax < x ? x : wmax;
-      finite = finite && (x - x == 0.0f);
-    }
-    finite = finite && (g.c[j] - g.c[j] == 0.0f);
-  }
+  float wmin, wmax;
+  bool finite;
+  B::minmax(g, present, wmin, wmax, finite);
   mq_fit_result res;
   res.mm = mq_affine_params(wmin, wmax, nb);
   res.scale = mq_round_t<T>(res.mm.scale);
@@ -327,63 +396,21 @@ MQ_INLINE mq_fit_result mq_fit_group(
     return res;
   }
   const float invR = MQ_DIV(1.0f, R);
-  float S0 = 0.0f, T1 = 0.0f, T2 = 0.0f;
-  int m = 0;
-  for (int j = 0; j < n; ++j) {
-    const float t = (g.v[j] - wmin) * invR;
-    const float ct = g.c[j] * t;
-    S0 = S0 + g.c[j];
-    T1 = T1 + ct;
-    T2 = T2 + ct * t;
-    if (g.c[j] > 0.0f) {
-      g.t[m] = t;
-      g.cc[m] = g.c[j];
-      g.ct[m] = ct;
-      ++m;
-    }
-  }
-  g.m = m;
+  float S0, T1, T2;
+  B::tstats(g, wmin, invR, S0, T1, T2);
 
   // Step 2, then the best MQ_FIT_STARTS in stable order (strict <, first kept).
   float sig[MQ_FIT_NCAND], beta[MQ_FIT_NCAND], err[MQ_FIT_NCAND];
   float S1[MQ_FIT_NCAND], S2[MQ_FIT_NCAND], S3[MQ_FIT_NCAND];
   B::candidates(g, S0, T1, T2, nb, sig, beta, err, S1, S2, S3);
-  float be[MQ_FIT_STARTS];
   int bi[MQ_FIT_STARTS];
-  for (int r = 0; r < MQ_FIT_STARTS; ++r) {
-    be[r] = MQ_INF;
-    bi[r] = -1;
-  }
-  for (int k = 0; k < MQ_FIT_NCAND; ++k) {
-    const float e = err[k];
-    if (e < be[MQ_FIT_STARTS - 1]) {
-      int p = MQ_FIT_STARTS - 1;
-      while (p > 0 && e < be[p - 1]) {
-        be[p] = be[p - 1];
-        bi[p] = bi[p - 1];
-        --p;
-      }
-      be[p] = e;
-      bi[p] = k;
-    }
-  }
+  B::select(err, bi);
   if (bi[0] < 0) {
     return res;
   }
-  float ssig[MQ_FIT_STARTS], sbeta[MQ_FIT_STARTS], serr[MQ_FIT_STARTS];
-  float s1[MQ_FIT_STARTS], s2[MQ_FIT_STARTS], s3[MQ_FIT_STARTS];
-  for (int r = 0; r < MQ_FIT_STARTS; ++r) {
-    const int k = bi[r] < 0 ? 0 : bi[r];
-    ssig[r] = sig[k];
-    sbeta[r] = beta[k];
-    serr[r] = bi[r] < 0 ? MQ_INF : err[k];
-    s1[r] = S1[k];
-    s2[r] = S2[k];
-    s3[r] = S3[k];
-  }
   // Step 3.
   float best_e[MQ_FIT_STARTS], best_s[MQ_FIT_STARTS], best_b[MQ_FIT_STARTS];
-  B::lloyd(g, S0, T1, T2, nb, ssig, sbeta, serr, s1, s2, s3, best_e, best_s, best_b);
+  B::lloyd(g, S0, T1, T2, nb, bi, sig, beta, err, S1, S2, S3, best_e, best_s, best_b);
   float e_t = best_e[0], s_t = best_s[0], b_t = best_b[0];
   for (int r = 1; r < MQ_FIT_STARTS; ++r) {
     if (best_e[r] < e_t) {
@@ -399,22 +426,28 @@ MQ_INLINE mq_fit_result mq_fit_group(
   // Step 4: weight units, T, the 3x3 neighbours in (scale, bias) order.
   const float s0 = mq_round_t<T>(s_t * R);
   const float b0 = mq_round_t<T>(wmin + b_t * R);
-  float e_best = MQ_INF, s_best = 0.0f, b_best = 0.0f, i_best = 0.0f;
+  float ns[9], nbias[9], ninv[9], ne[9];
+  bool nok[9];
   for (int ds = -1; ds <= 1; ++ds) {
     const float sT = mq_step_t<T, Bits>(s0, ds);
+    const float invT = MQ_DIV(1.0f, sT); // used only where valid
     for (int db = -1; db <= 1; ++db) {
       const float bT = mq_step_t<T, Bits>(b0, db);
-      if (!(sT - sT == 0.0f && sT != 0.0f && bT - bT == 0.0f)) {
-        continue;
-      }
-      const float inv = MQ_DIV(1.0f, sT);
-      const float e = B::error(g, sT, bT, inv, nb, false, 0.0f, 0.0f);
-      if (e < e_best) {
-        e_best = e;
-        s_best = sT;
-        b_best = bT;
-        i_best = inv;
-      }
+      const int i = 3 * (ds + 1) + (db + 1);
+      nok[i] = sT - sT == 0.0f && sT != 0.0f && bT - bT == 0.0f;
+      ns[i] = sT;
+      nbias[i] = bT;
+      ninv[i] = nok[i] ? invT : 1.0f;
+    }
+  }
+  B::errors9(g, ns, nbias, ninv, nok, nb, ne);
+  float e_best = MQ_INF, s_best = 0.0f, b_best = 0.0f, i_best = 0.0f;
+  for (int i = 0; i < 9; ++i) {
+    if (nok[i] && ne[i] < e_best) {
+      e_best = ne[i];
+      s_best = ns[i];
+      b_best = nbias[i];
+      i_best = ninv[i];
     }
   }
   // Step 5.

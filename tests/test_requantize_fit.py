@@ -137,6 +137,61 @@ def test_paths_and_threads_identical(monkeypatch):
             assert np.array_equal(x, y)
 
 
+def edge_rows(rng, K=256):
+    """INT4 rows (codes, float32 scales) for the AVX2 path's exact shortcuts and their
+    fallbacks: a group minimum or maximum of +0 and -0 (blocks of opposite-sign
+    scales: the sequential loop keeps the first), absent nibbles whose value overflows
+    (|(u - 8) * scale| = inf while the present ones are finite: t not finite), tied
+    candidate errors (two-valued and near-constant groups), and random rows."""
+    n = K // 32
+    rows = []
+    for sign in (1.0, -1.0):  # min = +-0: all values >= 0; max = +-0: all values <= 0
+        q = np.where(np.arange(K) // 32 % 2 == 0, rng.integers(0, 8, K), rng.integers(-7, 1, K))
+        s = np.resize(np.array([0.01, -0.01], np.float32), n) * sign
+        q[::32] = 0  # every block holds its zero
+        rows.append((q, s))
+    q = rng.integers(0, 2, K)  # present nibbles 8, 9 only: -8 * 3e38 = -inf is absent
+    rows.append((q, np.full(n, 3e38, np.float32)))
+    rows.append((np.tile([-8, 7], K // 2), np.full(n, 0.02, np.float32)))
+    q = np.full(K, 2)
+    q[::17] = 3
+    rows.append((q, np.full(n, 0.5, np.float32)))
+    for _ in range(3):
+        rows.append((rng.integers(-8, 8, K), (0.004 * np.exp(rng.standard_normal(n))).astype(np.float32)))
+    return np.stack([r for r, _ in rows]).astype(np.int8), np.stack([x for _, x in rows])
+
+
+def test_edge_groups_every_path(monkeypatch):
+    """The AVX2 path's shortcuts (vector min/max, skipped zero-weight slots, the
+    vector top-4, the interleaved neighbour errors) and their fallbacks equal the
+    specification on both paths and thread counts, with unit and zero importance."""
+    rng = np.random.default_rng(13)
+    q, s = edge_rows(rng)
+    h = rng.random(256).astype(np.float32)
+    h[40:90] = 0.0
+    old = moequant.get_num_threads()
+    try:
+        for path in ("", "scalar"):
+            monkeypatch.setenv("MOEQUANT_CPU_PATH", path)
+            for threads in (1, 2):
+                moequant.set_num_threads(threads)
+                for bits in (2, 3, 4, 8):
+                    for imp in (None, h):
+                        ours, _, scales = run_int4(
+                            q,
+                            s,
+                            "float32",
+                            bits=bits,
+                            group_size=64,
+                            importance=None if imp is None else mx.array(imp),
+                        )
+                        sf = np.array(scales)
+                        wq, sr, br, _ = fr.fit_int4(q, sf, bits, 64, 32, "float32", imp)
+                        assert_same(ours, (wq, ref_bits(sr, "float32"), ref_bits(br, "float32")))
+    finally:
+        moequant.set_num_threads(old)
+
+
 def sq_err64(w, wq, s, b, bits, g, h=None):
     """float64 error per group of exactly what mx.dequantize reconstructs."""
     d = np.array(mx.dequantize(wq, s, b, group_size=g, bits=bits).astype(mx.float32), np.float64)

@@ -1,8 +1,12 @@
-// The mse fit's AVX2 path: steps 2-4 of metal/requantize_fit.h on 8 lanes. The
-// candidate grid runs 8 candidates per vector (two vectors per pass over the slots),
-// Lloyd its starts in one vector, the exact errors 8 slots per vector (lane j = the
-// partial sum of slots j mod 8); INT4 nibble counts and codes by byte shuffles. Per lane
-// the operations are the header's, so the result equals the scalar path bit for bit.
+// The mse fit's AVX2 path: steps 1-4 of metal/requantize_fit.h on vectors. min/max
+// per lane (+-0 results: the sequential loop); the t statistics with the zero-weight
+// slots skipped; the candidate grid 8 candidates per V8 (two per pass over the slots)
+// and the last 4 in a V4; the starts by a vector argmin instead of a branchy
+// insertion; Lloyd's 4 starts in one V4 (256-bit operations cost two uops on Zen 1);
+// the 9 neighbours' exact errors three passes at a time, up to 4 bits with the
+// reconstructed value of each code from a per-neighbour table; INT4 nibble counts and
+// codes by byte shuffles. Per lane the operations are the header's, so the result
+// equals the scalar path bit for bit (tests/test_requantize_fit.py).
 // Built with -mavx2 -mf16c -mpopcnt and no FMA contraction (CMakeLists.txt).
 #include "requantize/fit_cpu.h"
 
@@ -10,6 +14,7 @@
 
 #include <array>
 #include <cstring>
+#include <type_traits>
 
 #include "mlx/types/half_types.h"
 
@@ -65,6 +70,54 @@ inline V8 mq_fit_clamp(V8 x, V8 n) {
   return V8(_mm256_min_ps(n.v, _mm256_max_ps(_mm256_setzero_ps(), x.v)));
 }
 
+// The same operations on 4 lanes (Lloyd's starts; the candidates' last 4): one uop
+// each on cores that split 256-bit operations in two.
+struct M4 {
+  __m128 m;
+};
+struct V4 {
+  __m128 v;
+  V4() = default;
+  V4(float x) : v(_mm_set1_ps(x)) {}
+  explicit V4(__m128 x) : v(x) {}
+};
+inline V4 operator+(V4 a, V4 b) {
+  return V4(_mm_add_ps(a.v, b.v));
+}
+inline V4 operator-(V4 a, V4 b) {
+  return V4(_mm_sub_ps(a.v, b.v));
+}
+inline V4 operator*(V4 a, V4 b) {
+  return V4(_mm_mul_ps(a.v, b.v));
+}
+inline V4 mq_div(V4 a, V4 b) {
+  return V4(_mm_div_ps(a.v, b.v));
+}
+inline V4 mq_rint(V4 a) {
+  return V4(_mm_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline M4 mq_lt(V4 a, V4 b) {
+  return M4{_mm_cmplt_ps(a.v, b.v)};
+}
+inline M4 mq_eq(V4 a, V4 b) {
+  return M4{_mm_cmpeq_ps(a.v, b.v)};
+}
+inline M4 mq_and(M4 a, M4 b) {
+  return M4{_mm_and_ps(a.m, b.m)};
+}
+inline M4 mq_andnot(M4 a, M4 b) {
+  return M4{_mm_andnot_ps(a.m, b.m)};
+}
+inline V4 mq_sel(M4 m, V4 a, V4 b) {
+  return V4(_mm_blendv_ps(b.v, a.v, m.m));
+}
+inline bool mq_any(M4 m) {
+  return _mm_movemask_ps(m.m) != 0;
+}
+inline V4 mq_fit_clamp(V4 x, V4 n) {
+  return V4(_mm_min_ps(n.v, _mm_max_ps(_mm_setzero_ps(), x.v)));
+}
+
 #include "requantize_fit.h"
 
 // Rounding of 8 lanes to T, as the scalar conversions do it.
@@ -96,22 +149,104 @@ struct rt8<mlx::core::bfloat16_t> {
 
 template <typename T>
 struct fit_avx2 {
+  using scalar = mq_fit_scalar<T>;
+  static constexpr int NV = MQ_FIT_NCAND / 8; // full vectors of candidates
+  static constexpr int NT = MQ_FIT_NCAND % 8; // and a tail of 4 (one V4) or none
+  static_assert(NT == 0 || NT == 4, "the candidates' tail is one V4");
+  static constexpr int NL = 8 * NV + NT;
+
+  // Step 1: per lane j % 8 MLX's loop (min_ps / max_ps with the new value first are
+  // `x < m ? x : m` and `m < x ? x : m`; absent slots are NaN, never taken), then the
+  // lanes. A minimum or maximum is one value whatever the order except for +-0, so
+  // a zero result takes the sequential loop (the first of +0 / -0 wins there).
+  static void
+  minmax(const mq_fit_slots& g, const bool* present, float& wmin, float& wmax, bool& finite) {
+    const __m256 nan = _mm256_set1_ps(__builtin_nanf(""));
+    __m256 mn = _mm256_set1_ps(MQ_INF), mx = _mm256_set1_ps(-MQ_INF);
+    __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int j = 0; j < g.n; j += 8) {
+      long long pb;
+      std::memcpy(&pb, present + j, 8);
+      const __m256 pm = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(pb)), _mm256_setzero_si256()));
+      const __m256 v = _mm256_loadu_ps(g.v + j), c = _mm256_loadu_ps(g.c + j);
+      const __m256 x = _mm256_blendv_ps(nan, v, pm);
+      mn = _mm256_min_ps(x, mn);
+      mx = _mm256_max_ps(x, mx);
+      const __m256 z = _mm256_setzero_ps();
+      const __m256 fv = _mm256_or_ps(
+          _mm256_cmp_ps(_mm256_sub_ps(v, v), z, _CMP_EQ_OQ),
+          _mm256_andnot_ps(pm, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+      ok = _mm256_and_ps(ok, _mm256_and_ps(fv, _mm256_cmp_ps(_mm256_sub_ps(c, c), z, _CMP_EQ_OQ)));
+    }
+    __m128 a = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+    a = _mm_min_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_min_ss(a, _mm_shuffle_ps(a, a, 1));
+    __m128 b = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+    b = _mm_max_ss(b, _mm_shuffle_ps(b, b, 1));
+    wmin = _mm_cvtss_f32(a);
+    wmax = _mm_cvtss_f32(b);
+    finite = _mm256_movemask_ps(ok) == 0xFF;
+    if (wmin == 0.0f || wmax == 0.0f) {
+      scalar::minmax(g, present, wmin, wmax, finite);
+    }
+  }
+
+  // t, c t, (c t) t on vectors; the sequential sums and the compaction over the slots
+  // with c > 0 only (the others add +-0: a no-op, as long as every t is finite, else
+  // the scalar loop, whose sums then carry the NaN).
+  static void tstats(mq_fit_slots& g, float wmin, float invR, float& S0, float& T1, float& T2) {
+    alignas(32) float tt[MQ_FIT_MAX_SLOTS], cu[MQ_FIT_MAX_SLOTS], c2[MQ_FIT_MAX_SLOTS];
+    const V8 vmin(wmin), vinv(invR);
+    __m256 fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int j = 0; j < g.n; j += 8) {
+      const V8 t = (V8(_mm256_loadu_ps(g.v + j)) - vmin) * vinv;
+      const V8 ct = V8(_mm256_loadu_ps(g.c + j)) * t;
+      fin = _mm256_and_ps(fin, _mm256_cmp_ps((t - t).v, _mm256_setzero_ps(), _CMP_EQ_OQ));
+      _mm256_store_ps(tt + j, t.v);
+      _mm256_store_ps(cu + j, ct.v);
+      _mm256_store_ps(c2 + j, (ct * t).v);
+    }
+    if (_mm256_movemask_ps(fin) != 0xFF) {
+      return scalar::tstats(g, wmin, invR, S0, T1, T2);
+    }
+    int m = 0;
+    float sq[MQ_FIT_MAX_SLOTS];
+    for (int j = 0; j < g.n; ++j) {
+      const float c = g.c[j];
+      g.t[m] = tt[j];
+      g.cc[m] = c;
+      g.ct[m] = cu[j];
+      sq[m] = c2[j];
+      m += c > 0.0f ? 1 : 0;
+    }
+    g.m = m;
+    float s0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
+    for (int j = 0; j < m; ++j) {
+      s0 = s0 + g.cc[j];
+      t1 = t1 + g.ct[j];
+      t2 = t2 + sq[j];
+    }
+    S0 = s0;
+    T1 = t1;
+    T2 = t2;
+  }
+
   // Candidate k's range start lo = a and 1 / s, as the scalar backend computes them:
   // they depend on the bits only, so they are made once per bit width.
-  static constexpr int NV = (MQ_FIT_NCAND + 7) / 8; // vectors of candidates
   struct cand_table {
-    alignas(32) float lo[8 * NV];
-    alignas(32) float inv[8 * NV];
+    alignas(32) float lo[8 * NV + 8];
+    alignas(32) float inv[8 * NV + 8];
   };
   static const cand_table& table(float nb) {
     static const auto t = [] {
       std::array<cand_table, 9> r{};
       for (int bits = 1; bits <= 8; ++bits) {
         const float n = static_cast<float>((1 << bits) - 1);
-        for (int k = 0; k < 8 * NV; ++k) {
-          const int kk = k < MQ_FIT_NCAND ? k : MQ_FIT_NCAND - 1; // padding lanes repeat
-          const float a = mq_fit_grid_value(kk / MQ_FIT_GRID);
-          const float b = mq_fit_grid_value(kk % MQ_FIT_GRID);
+        for (int k = 0; k < NL; ++k) {
+          const float a = mq_fit_grid_value(k / MQ_FIT_GRID);
+          const float b = mq_fit_grid_value(k % MQ_FIT_GRID);
           r[bits].lo[k] = a;
           r[bits].inv[k] = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, n));
         }
@@ -134,64 +269,125 @@ struct fit_avx2 {
       float* S2,
       float* S3) {
     const cand_table& ct = table(nb);
-    alignas(32) float o[6][8 * NV];
-    const V8 vnb(nb);
-    // Per lane the operations of mq_fit_stats and mq_fit_solve; two candidate vectors
-    // per pass over the slots share the slot broadcasts.
-    auto finish = [&](int v, const V8& p1, const V8& p2, const V8& p3) {
-      V8 sg, be, er;
-      M8 ok;
-      mq_fit_solve(V8(S0), V8(T1), V8(T2), p1, p2, p3, sg, be, er, ok);
-      const V8* r[6] = {&sg, &be, &er, &p1, &p2, &p3};
+    float* dst[6] = {sig, beta, err, S1, S2, S3};
+    // Per lane the operations of mq_fit_stats and mq_fit_solve; two or three
+    // candidate vectors per pass over the slots share the slot broadcasts.
+    auto finish = [&](int k0, auto p1, auto p2, auto p3) {
+      using F = decltype(p1);
+      F sg, be, er;
+      decltype(mq_lt(p1, p1)) ok;
+      mq_fit_solve(F(S0), F(T1), F(T2), p1, p2, p3, sg, be, er, ok);
+      const F* r[6] = {&sg, &be, &er, &p1, &p2, &p3};
       for (int f = 0; f < 6; ++f) {
-        _mm256_store_ps(o[f] + 8 * v, r[f]->v);
+        if constexpr (sizeof(F) == 32) {
+          _mm256_storeu_ps(dst[f] + k0, r[f]->v);
+        } else {
+          _mm_storeu_ps(dst[f] + k0, r[f]->v);
+        }
       }
     };
-    int v = 0;
-    for (; v + 2 <= NV; v += 2) {
-      const V8 a0(_mm256_load_ps(ct.lo + 8 * v)), a1(_mm256_load_ps(ct.lo + 8 * v + 8));
-      const V8 inv0(_mm256_load_ps(ct.inv + 8 * v)), inv1(_mm256_load_ps(ct.inv + 8 * v + 8));
-      V8 p1(0.0f), p2(0.0f), p3(0.0f), r1(0.0f), r2(0.0f), r3(0.0f);
+    // Passes of P vectors (the V4 tail with the last one) share the slot broadcasts;
+    // 1, 2 or 3 vectors per pass measured the same (throughput-bound).
+    auto pass = [&](auto P, auto V0, auto TAIL) {
+      constexpr int np = decltype(P)::value;
+      constexpr int v0 = decltype(V0)::value;
+      constexpr bool tail = decltype(TAIL)::value;
+      V8 a[np], inv[np], p1[np], p2[np], p3[np];
+      for (int i = 0; i < np; ++i) {
+        a[i] = V8(_mm256_load_ps(ct.lo + 8 * (v0 + i)));
+        inv[i] = V8(_mm256_load_ps(ct.inv + 8 * (v0 + i)));
+        p1[i] = p2[i] = p3[i] = V8(0.0f);
+      }
+      const V8 vnb(nb);
+      const V4 a4(_mm_load_ps(ct.lo + 8 * NV)), inv4(_mm_load_ps(ct.inv + 8 * NV)), wnb(nb);
+      V4 u1(0.0f), u2(0.0f), u3(0.0f);
       for (int j = 0; j < g.m; ++j) {
         const V8 t(g.t[j]), c(g.cc[j]), cu(g.ct[j]);
-        const V8 q0 = mq_fit_clamp(mq_rint((t - a0) * inv0), vnb);
-        const V8 q1 = mq_fit_clamp(mq_rint((t - a1) * inv1), vnb);
-        const V8 cq0 = c * q0, cq1 = c * q1;
-        p1 = p1 + cq0;
-        r1 = r1 + cq1;
-        p2 = p2 + cq0 * q0;
-        r2 = r2 + cq1 * q1;
-        p3 = p3 + cu * q0;
-        r3 = r3 + cu * q1;
+        for (int i = 0; i < np; ++i) {
+          const V8 q = mq_fit_clamp(mq_rint((t - a[i]) * inv[i]), vnb);
+          const V8 cq = c * q;
+          p1[i] = p1[i] + cq;
+          p2[i] = p2[i] + cq * q;
+          p3[i] = p3[i] + cu * q;
+        }
+        if constexpr (tail) {
+          const V4 t4(_mm256_castps256_ps128(t.v)), c4(_mm256_castps256_ps128(c.v));
+          const V4 cu4(_mm256_castps256_ps128(cu.v));
+          const V4 q = mq_fit_clamp(mq_rint((t4 - a4) * inv4), wnb);
+          const V4 cq = c4 * q;
+          u1 = u1 + cq;
+          u2 = u2 + cq * q;
+          u3 = u3 + cu4 * q;
+        }
       }
-      finish(v, p1, p2, p3);
-      finish(v + 1, r1, r2, r3);
-    }
-    if (v < NV) {
-      const V8 a0(_mm256_load_ps(ct.lo + 8 * v)), inv0(_mm256_load_ps(ct.inv + 8 * v));
-      V8 p1(0.0f), p2(0.0f), p3(0.0f);
-      for (int j = 0; j < g.m; ++j) {
-        const V8 t(g.t[j]), c(g.cc[j]), cu(g.ct[j]);
-        const V8 q0 = mq_fit_clamp(mq_rint((t - a0) * inv0), vnb);
-        const V8 cq0 = c * q0;
-        p1 = p1 + cq0;
-        p2 = p2 + cq0 * q0;
-        p3 = p3 + cu * q0;
+      for (int i = 0; i < np; ++i) {
+        finish(8 * (v0 + i), p1[i], p2[i], p3[i]);
       }
-      finish(v, p1, p2, p3);
+      if constexpr (tail) {
+        finish(8 * NV, u1, u2, u3);
+      }
+    };
+    static_assert(NV == 4 && NT == 4, "the passes below cover 4 vectors and a tail");
+    using std::integral_constant;
+    pass(integral_constant<int, 2>{}, integral_constant<int, 0>{}, std::false_type{});
+    pass(integral_constant<int, 2>{}, integral_constant<int, 2>{}, std::true_type{});
+  }
+
+  // The best MQ_FIT_STARTS by repeated argmin: the smallest error (NaN as +inf), its
+  // first index (ties: the earlier candidate, as the scalar insertion), then that lane
+  // to +inf. Equal to mq_fit_scalar::select, without its unpredictable branches.
+  static void select(const float* err, int* bi) {
+    constexpr int NVS = (MQ_FIT_NCAND + 7) / 8;
+    const __m256 inf = _mm256_set1_ps(MQ_INF);
+    __m256 e[NVS];
+    __m256i idx[NVS];
+    // Loads as wide as candidates() stored them (no store-forwarding stall).
+    for (int v = 0; v < NVS; ++v) {
+      const __m256 x = 8 * v + 8 <= MQ_FIT_NCAND
+          ? _mm256_loadu_ps(err + 8 * v)
+          : _mm256_set_m128(_mm_set1_ps(MQ_INF), _mm_loadu_ps(err + 8 * v));
+      e[v] = _mm256_min_ps(x, inf); // NaN -> +inf
+      idx[v] =
+          _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * v));
     }
-    float* dst[6] = {sig, beta, err, S1, S2, S3};
-    for (int f = 0; f < 6; ++f) {
-      std::memcpy(dst[f], o[f], sizeof(float) * MQ_FIT_NCAND);
+    for (int r = 0; r < MQ_FIT_STARTS; ++r) {
+      __m256 mv = e[0];
+      for (int v = 1; v < NVS; ++v) {
+        mv = _mm256_min_ps(mv, e[v]);
+      }
+      __m128 h = _mm_min_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+      h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
+      if (!(_mm_cvtss_f32(h) < MQ_INF)) {
+        for (; r < MQ_FIT_STARTS; ++r) {
+          bi[r] = -1;
+        }
+        return;
+      }
+      const __m256 b = _mm256_broadcastss_ps(h);
+      unsigned long long mask = 0;
+      for (int v = 0; v < NVS; ++v) {
+        mask |=
+            static_cast<unsigned long long>(_mm256_movemask_ps(_mm256_cmp_ps(e[v], b, _CMP_EQ_OQ)))
+            << (8 * v);
+      }
+      const int k = __builtin_ctzll(mask);
+      bi[r] = k;
+      const __m256i kk = _mm256_set1_epi32(k);
+      for (int v = 0; v < NVS; ++v) {
+        e[v] = _mm256_blendv_ps(e[v], inf, _mm256_castsi256_ps(_mm256_cmpeq_epi32(idx[v], kk)));
+      }
     }
   }
 
+  // Lloyd's 4 starts in one V4.
   static void lloyd(
       const mq_fit_slots& g,
       float S0,
       float T1,
       float T2,
       float nb,
+      const int* bi,
       const float* sig,
       const float* beta,
       const float* err,
@@ -201,46 +397,40 @@ struct fit_avx2 {
       float* best_e,
       float* best_s,
       float* best_b) {
-    static_assert(MQ_FIT_STARTS <= 8, "the starts share one vector");
-    alignas(32) float l[9][8];
-    const float* src[6] = {sig, beta, err, S1, S2, S3};
-    for (int f = 0; f < 6; ++f) {
-      for (int i = 0; i < 8; ++i) {
-        l[f][i] = src[f][i < MQ_FIT_STARTS ? i : 0];
-      }
+    static_assert(MQ_FIT_STARTS == 4, "the starts fill one V4");
+    int k[4];
+    for (int r = 0; r < 4; ++r) {
+      k[r] = bi[r] < 0 ? 0 : bi[r];
     }
-    alignas(32) float act[8];
-    for (int i = 0; i < 8; ++i) {
-      act[i] = (i < MQ_FIT_STARTS && err[i] < MQ_INF) ? 1.0f : 0.0f;
-    }
-    V8 be(_mm256_load_ps(l[2])), bs(_mm256_load_ps(l[0])), bb(_mm256_load_ps(l[1]));
-    M8 active = mq_lt(V8(0.0f), V8(_mm256_load_ps(act)));
+    auto pick = [&](const float* x) { return V4(_mm_setr_ps(x[k[0]], x[k[1]], x[k[2]], x[k[3]])); };
+    V4 be(_mm_setr_ps(
+        bi[0] < 0 ? MQ_INF : err[k[0]],
+        bi[1] < 0 ? MQ_INF : err[k[1]],
+        bi[2] < 0 ? MQ_INF : err[k[2]],
+        bi[3] < 0 ? MQ_INF : err[k[3]]));
+    V4 bs = pick(sig), bb = pick(beta);
+    const M4 active = mq_lt(be, V4(MQ_INF));
     mq_fit_lloyd(
         g.t,
         g.cc,
         g.ct,
         g.m,
-        V8(S0),
-        V8(T1),
-        V8(T2),
-        V8(nb),
-        V8(_mm256_load_ps(l[0])),
-        V8(_mm256_load_ps(l[1])),
-        V8(_mm256_load_ps(l[3])),
-        V8(_mm256_load_ps(l[4])),
-        V8(_mm256_load_ps(l[5])),
+        V4(S0),
+        V4(T1),
+        V4(T2),
+        V4(nb),
+        bs,
+        bb,
+        pick(S1),
+        pick(S2),
+        pick(S3),
         active,
         be,
         bs,
         bb);
-    _mm256_store_ps(l[6], be.v);
-    _mm256_store_ps(l[7], bs.v);
-    _mm256_store_ps(l[8], bb.v);
-    for (int r = 0; r < MQ_FIT_STARTS; ++r) {
-      best_e[r] = l[6][r];
-      best_s[r] = l[7][r];
-      best_b[r] = l[8][r];
-    }
+    _mm_storeu_ps(best_e, be.v);
+    _mm_storeu_ps(best_s, bs.v);
+    _mm_storeu_ps(best_b, bb.v);
   }
 
   static float
@@ -256,6 +446,91 @@ struct fit_avx2 {
     alignas(32) float a[8];
     _mm256_store_ps(a, acc.v);
     return mq_fit_tree8(a);
+  }
+
+  // Step 4: error() of the 3 neighbours of one scale at a time, their passes over the
+  // slots interleaved (three independent chains: one pass alone waits on latency).
+  // Up to 4 bits, the reconstruction w_hat = round_T(round_T(q s) + b) of each code q
+  // comes from a table of the 16 codes' values made per neighbour with the same
+  // operations (equal but for the sign of a zero w_hat, which (v - w_hat)^2 drops).
+  static void errors9(
+      const mq_fit_slots& g,
+      const float* s,
+      const float* b,
+      const float* inv,
+      const bool* ok,
+      float nb,
+      float* e) {
+    if (nb <= 15.0f) {
+      return errors9_table(g, s, b, inv, ok, nb, e);
+    }
+    const V8 vnb(nb);
+    for (int i0 = 0; i0 < 9; i0 += 3) {
+      // One scale per row of 3; 1 / s per lane (an invalid bias has inv = 1).
+      const V8 vs(s[i0]), i0v(inv[i0]), i1v(inv[i0 + 1]), i2v(inv[i0 + 2]);
+      const V8 b0(b[i0]), b1(b[i0 + 1]), b2(b[i0 + 2]);
+      V8 a0(0.0f), a1(0.0f), a2(0.0f);
+      for (int j = 0; j < g.n; j += 8) {
+        const V8 v(_mm256_loadu_ps(g.v + j)), c(_mm256_loadu_ps(g.c + j));
+        const V8 q0 = mq_fit_clamp(mq_rint((v - b0) * i0v), vnb);
+        const V8 q1 = mq_fit_clamp(mq_rint((v - b1) * i1v), vnb);
+        const V8 q2 = mq_fit_clamp(mq_rint((v - b2) * i2v), vnb);
+        a0 = a0 + mq_fit_term<V8, rt8<T>>(v, c, q0, vs, b0);
+        a1 = a1 + mq_fit_term<V8, rt8<T>>(v, c, q1, vs, b1);
+        a2 = a2 + mq_fit_term<V8, rt8<T>>(v, c, q2, vs, b2);
+      }
+      const V8* acc[3] = {&a0, &a1, &a2};
+      for (int d = 0; d < 3; ++d) {
+        alignas(32) float x[8];
+        _mm256_store_ps(x, acc[d]->v);
+        e[i0 + d] = ok[i0 + d] ? mq_fit_tree8(x) : MQ_INF;
+      }
+    }
+  }
+  static void errors9_table(
+      const mq_fit_slots& g,
+      const float* s,
+      const float* b,
+      const float* inv,
+      const bool* ok,
+      float nb,
+      float* e) {
+    const V8 vnb(nb);
+    const V8 k0(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)),
+        k1(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15));
+    const bool two = nb > 7.0f;
+    for (int i0 = 0; i0 < 9; i0 += 3) {
+      const V8 vs(s[i0]);
+      V8 bb[3], iv[3], lo[3], hi[3], acc[3];
+      for (int d = 0; d < 3; ++d) {
+        bb[d] = V8(b[i0 + d]);
+        iv[d] = V8(inv[i0 + d]);
+        lo[d] = rt8<T>::round(rt8<T>::round(k0 * vs) + bb[d]);
+        hi[d] = two ? rt8<T>::round(rt8<T>::round(k1 * vs) + bb[d]) : lo[d];
+        acc[d] = V8(0.0f);
+      }
+      for (int j = 0; j < g.n; j += 8) {
+        const V8 v(_mm256_loadu_ps(g.v + j)), c(_mm256_loadu_ps(g.c + j));
+        for (int d = 0; d < 3; ++d) {
+          const V8 q = mq_fit_clamp(mq_rint((v - bb[d]) * iv[d]), vnb);
+          const __m256i k = _mm256_cvttps_epi32(q.v);
+          __m256 w = _mm256_permutevar8x32_ps(lo[d].v, k);
+          if (two) {
+            w = _mm256_blendv_ps(
+                w,
+                _mm256_permutevar8x32_ps(hi[d].v, k),
+                _mm256_castsi256_ps(_mm256_slli_epi32(k, 28)));
+          }
+          const V8 r = v - V8(w);
+          acc[d] = acc[d] + c * (r * r);
+        }
+      }
+      for (int d = 0; d < 3; ++d) {
+        alignas(32) float x[8];
+        _mm256_store_ps(x, acc[d].v);
+        e[i0 + d] = ok[i0 + d] ? mq_fit_tree8(x) : MQ_INF;
+      }
+    }
   }
 };
 

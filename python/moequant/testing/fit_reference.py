@@ -327,7 +327,7 @@ def int4_slots(codes, scales, group_size, src_group_size, importance=None):
         onehot = u[:, :, k, None] == np.arange(16)
         cnt += onehot
         c = np.where(onehot, (c + h[:, :, k, None]).astype(f32), c)
-    with np.errstate(invalid="ignore"):  # 0 * inf for an infinite scale
+    with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf, or an overflow, for a huge scale
         v = ((np.arange(16, dtype=f32) - f32(8))[None, None, :] * s[:, :, None]).astype(f32)
     per = group_size // 32 * 16
     return (v.reshape(-1, per), c.reshape(-1, per), (cnt > 0).reshape(-1, per))
