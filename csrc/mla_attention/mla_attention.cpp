@@ -118,7 +118,7 @@ mx::array mla_decode_attention(
   }
   auto st = mx::to_stream(s);
   const int B = q_lat.shape(0), H = q_lat.shape(1), R = q_lat.shape(2);
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), st); };
   return mx::array(
       {B, H, R},
       q_lat.dtype(),
@@ -161,7 +161,7 @@ mx::array mla_decode_attention_metal_graph(
   auto st = mx::to_stream(s);
   const int chunk = launch::mla_metal_chunk(T);
   const int nc = (T + chunk - 1) / chunk;
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), st); };
   auto parts = mx::array::make_arrays(
       {{B, nc, H, 2}, {B, nc, H, R}},
       {mx::float32, mx::float32},

@@ -165,7 +165,7 @@ MoeOperands check_moe(
     ids = mx::where(bad, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(ids, mx::uint32, st), st);
   }
   // Row-contiguous inputs, so the kernels index flat arrays.
-  auto x2 = mx::contiguous(mx::reshape(x, {T, D}, st), false, st);
+  auto x2 = contiguous_as(x, {T, D}, st);
   auto idx = mx::contiguous(mx::reshape(mx::astype(ids, mx::uint32, st), {T, k}, st), false, st);
   auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
   return {
@@ -194,7 +194,7 @@ mx::array moe_swiglu(
     mx::StreamOrDevice s) {
   check_metal_stream(s, "moe_swiglu");
   auto o = check_moe(x, indices, scores, gate, up, down, s);
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), o.st); };
   auto h = mx::array(
       {o.T, o.k, o.I},
       mx::float32,
@@ -229,7 +229,7 @@ mx::array moe_prefill(
         "GPU); use a CPU stream.");
   }
   auto o = check_moe(x, indices, scores, gate, up, down, s);
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, o.st); };
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), o.st); };
   auto y = mx::array(
       {o.T, o.D},
       x.dtype(),
