@@ -6,10 +6,12 @@
 //
 // A group is n slots (value v, weight c, present p), n a multiple of 8, at most
 // MQ_FIT_MAX_SLOTS: one slot per weight for float input, one per (source block of 32,
-// nibble) for INT4 input. The steps (details in fit_reference.py):
+// nibble) for INT4 input. Every sum runs over the m weighted slots (c > 0) only, in
+// slot order (the others add nothing). The steps (details in fit_reference.py):
 //   1. min-max as mx.quantize, its exact error E_mm;
-//   2. t = (v - min) * (1 / R); a grid of candidate ranges, each with its codes, the
-//      closed-form 2x2 least squares and its error;
+//   2. t = (v - min) * (1 / R); a 4 x 4 grid of candidate ranges (its window depends
+//      on the bits), each with its codes, the closed-form 2x2 least squares and its
+//      error;
 //   3. Lloyd from the best MQ_FIT_STARTS candidates;
 //   4. the best fit in weight units rounded to the output dtype T and its 3x3
 //      neighbouring T values, codes re-assigned, exact errors;
@@ -24,10 +26,10 @@
 
 #include "quant_math.h"
 
-// Candidates per axis: a, b = (i - 2) * 0.08, i = 0..5, in [-0.16, 0.24] (negative
-// widens the range). The 8 x 8 grid up to 0.4 had the same error at 3-6 bits to 4
-// digits on fit_reference's generators (+0.0015 at 2 bits): 36 candidates, not 64.
-#define MQ_FIT_GRID 6
+// Candidates per axis: a, b = (i - 2) * 0.08 (negative widens the range) for
+// i = mq_fit_grid_first(n) + 0..3: the window of the former 6 x 6 grid (i = 0..5) where
+// its best candidates lie at each bit width (fit_reference.py): 16 candidates, same error.
+#define MQ_FIT_GRID 4
 #define MQ_FIT_GRID_OFFSET 2
 #define MQ_FIT_GRID_STEP 0.08f
 #define MQ_FIT_NCAND (MQ_FIT_GRID * MQ_FIT_GRID)
@@ -110,9 +112,14 @@ MQ_INLINE void mq_fit_stats(
   }
 }
 
-// Candidate k of the grid: lo = a and inv = 1 / s, s = ((1 - a) - b) / n.
+// Candidate k of the grid: lo = a and inv = 1 / s, s = ((1 - a) - b) / n, with
+// a = value(first + k / GRID), b = value(first + k % GRID).
 MQ_INLINE float mq_fit_grid_value(int i) {
   return float(i - MQ_FIT_GRID_OFFSET) * MQ_FIT_GRID_STEP;
+}
+// First grid index at n = 2^bits - 1: 2 up to 2 bits, 1 at 3 bits, 0 above.
+MQ_INLINE int mq_fit_grid_first(float n) {
+  return n < 4.0f ? 2 : (n < 8.0f ? 1 : 0);
 }
 
 // Lloyd iterations for a vector of starts (lanes). `active` lanes iterate until
@@ -218,14 +225,16 @@ struct mq_rt_scalar {
 };
 
 // Group data handed to a backend.
-// v, c: the n slots. t, cc, ct: (v - min) / R, c and c t of the m slots with c > 0, in
-// slot order: the code statistics skip the others, whose terms are exactly +0.
+// v, c: the n slots. w, cc: v and c of the m weighted slots (c > 0) in slot order, set
+// by minmax; t, ct: their (v - min) / R and c t, set by tstats. (8 floats of slack
+// each: vector backends pad the last vector.)
 struct mq_fit_slots {
   float v[MQ_FIT_MAX_SLOTS];
   float c[MQ_FIT_MAX_SLOTS];
-  float t[MQ_FIT_MAX_SLOTS];
-  float cc[MQ_FIT_MAX_SLOTS];
-  float ct[MQ_FIT_MAX_SLOTS];
+  float w[MQ_FIT_MAX_SLOTS + 8];
+  float cc[MQ_FIT_MAX_SLOTS + 8];
+  float t[MQ_FIT_MAX_SLOTS + 8];
+  float ct[MQ_FIT_MAX_SLOTS + 8];
   int n;
   int m;
 };
@@ -238,13 +247,14 @@ MQ_INLINE float mq_fit_tree8(const MQ_THREAD float* a) {
 template <typename T>
 struct mq_fit_scalar {
   // Step 1: MLX's min/max loop over the present slots (NaN never taken), and whether
-  // every present value and every weight is finite.
+  // every present value and every weight is finite; g.w, g.cc, g.m: the weighted slots.
   static MQ_INLINE void minmax(
-      const MQ_THREAD mq_fit_slots& g, const MQ_THREAD bool* present, MQ_THREAD float& wmin,
+      MQ_THREAD mq_fit_slots& g, const MQ_THREAD bool* present, MQ_THREAD float& wmin,
       MQ_THREAD float& wmax, MQ_THREAD bool& finite) {
     wmin = MQ_INF;
     wmax = -MQ_INF;
     finite = true;
+    int m = 0;
     for (int j = 0; j < g.n; ++j) {
       if (present[j]) {
         const float x = g.v[j];
@@ -253,31 +263,31 @@ struct mq_fit_scalar {
         finite = finite && (x - x == 0.0f);
       }
       finite = finite && (g.c[j] - g.c[j] == 0.0f);
+      if (g.c[j] > 0.0f) {
+        g.w[m] = g.v[j];
+        g.cc[m] = g.c[j];
+        ++m;
+      }
     }
+    g.m = m;
   }
-  // t = (v - min) * (1 / R) and the sums S0 = sum c, T1 = sum c t, T2 = sum (c t) t in
-  // slot order; g.t, g.cc, g.ct, g.m: the slots with c > 0 (the others add +0).
+  // t = (v - min) * (1 / R), c t and the sums S0 = sum c, T1 = sum c t,
+  // T2 = sum (c t) t over the weighted slots in order.
   static MQ_INLINE void tstats(
       MQ_THREAD mq_fit_slots& g, float wmin, float invR, MQ_THREAD float& S0,
       MQ_THREAD float& T1, MQ_THREAD float& T2) {
     S0 = 0.0f;
     T1 = 0.0f;
     T2 = 0.0f;
-    int m = 0;
-    for (int j = 0; j < g.n; ++j) {
-      const float t = (g.v[j] - wmin) * invR;
-      const float ct = g.c[j] * t;
-      S0 = S0 + g.c[j];
+    for (int j = 0; j < g.m; ++j) {
+      const float t = (g.w[j] - wmin) * invR;
+      const float ct = g.cc[j] * t;
+      S0 = S0 + g.cc[j];
       T1 = T1 + ct;
       T2 = T2 + ct * t;
-      if (g.c[j] > 0.0f) {
-        g.t[m] = t;
-        g.cc[m] = g.c[j];
-        g.ct[m] = ct;
-        ++m;
-      }
+      g.t[j] = t;
+      g.ct[j] = ct;
     }
-    g.m = m;
   }
   // The best MQ_FIT_STARTS candidates by error in stable order (strict <, the first of
   // equal errors kept; NaN and +inf never taken): bi[r] = index or -1.
@@ -306,9 +316,10 @@ struct mq_fit_scalar {
       const MQ_THREAD mq_fit_slots& g, float S0, float T1, float T2, float nb,
       MQ_THREAD float* sig, MQ_THREAD float* beta, MQ_THREAD float* err,
       MQ_THREAD float* S1, MQ_THREAD float* S2, MQ_THREAD float* S3) {
+    const int first = mq_fit_grid_first(nb);
     for (int k = 0; k < MQ_FIT_NCAND; ++k) {
-      const float a = mq_fit_grid_value(k / MQ_FIT_GRID);
-      const float b = mq_fit_grid_value(k % MQ_FIT_GRID);
+      const float a = mq_fit_grid_value(first + k / MQ_FIT_GRID);
+      const float b = mq_fit_grid_value(first + k % MQ_FIT_GRID);
       const float inv = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, nb));
       mq_fit_stats(g.t, g.cc, g.ct, g.m, a, inv, nb, S1[k], S2[k], S3[k]);
       bool ok;
@@ -332,16 +343,17 @@ struct mq_fit_scalar {
                    S3[k], best_e[r] < MQ_INF, best_e[r], best_s[r], best_b[r]);
     }
   }
-  // Step 4 / 1: the exact error with stored (s, b); codes clamp(rint((v - b) * inv))
-  // (mm = false) or MLX's clamp(rint((v - mb) / ms)) with its unrounded (ms, mb).
+  // Step 4 / 1: the exact error with stored (s, b) over the weighted slots, the i-th
+  // into partial sum i % 8; codes clamp(rint((v - b) * inv)) (mm = false) or MLX's
+  // clamp(rint((v - mb) / ms)) with its unrounded (ms, mb).
   static MQ_INLINE float error(
       const MQ_THREAD mq_fit_slots& g, float s, float b, float inv, float nb, bool mm,
       float ms, float mb) {
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j = 0; j < g.n; ++j) {
-      float q = mm ? mq_fit_clamp(MQ_RINT(MQ_DIV(g.v[j] - mb, ms)), nb)
-                   : mq_fit_clamp(MQ_RINT((g.v[j] - b) * inv), nb);
-      acc[j & 7] = acc[j & 7] + mq_fit_term<float, mq_rt_scalar<T>>(g.v[j], g.c[j], q, s, b);
+    for (int j = 0; j < g.m; ++j) {
+      float q = mm ? mq_fit_clamp(MQ_RINT(MQ_DIV(g.w[j] - mb, ms)), nb)
+                   : mq_fit_clamp(MQ_RINT((g.w[j] - b) * inv), nb);
+      acc[j & 7] = acc[j & 7] + mq_fit_term<float, mq_rt_scalar<T>>(g.w[j], g.cc[j], q, s, b);
     }
     return mq_fit_tree8(acc);
   }

@@ -1,12 +1,13 @@
 // The mse fit's AVX2 path: steps 1-4 of metal/requantize_fit.h on vectors. min/max
-// per lane (+-0 results: the sequential loop); the t statistics with the zero-weight
-// slots skipped; the candidate grid 8 candidates per V8 (two per pass over the slots)
-// and the last 4 in a V4; the starts by a vector argmin instead of a branchy
+// per lane (+-0 results: the sequential loop) and the weighted slots left-packed by a
+// shuffle table; the t statistics over those; the candidate grid 8 candidates per V8
+// (both in one pass over the slots); the starts by a vector argmin instead of a branchy
 // insertion; Lloyd's 4 starts in one V4 (256-bit operations cost two uops on Zen 1);
-// the 9 neighbours' exact errors three passes at a time, up to 4 bits with the
-// reconstructed value of each code from a per-neighbour table; INT4 nibble counts and
-// codes by byte shuffles. Per lane the operations are the header's, so the result
-// equals the scalar path bit for bit (tests/test_requantize_fit.py).
+// the exact errors over the weighted slots 8 at a time (the i-th in lane i % 8: the
+// header's partial sums; the padded tail lanes masked to +0), the 9 neighbours three
+// passes at a time, up to 4 bits with the reconstructed value of each code from a
+// per-neighbour table; INT4 nibble counts and codes by byte shuffles. Per lane the operations are
+// the header's, so the result equals the scalar path bit for bit (tests/test_requantize_fit.py).
 // Built with -mavx2 -mf16c -mpopcnt and no FMA contraction (CMakeLists.txt).
 #include "requantize/fit_cpu.h"
 
@@ -159,11 +160,31 @@ struct fit_avx2 {
   // `x < m ? x : m` and `m < x ? x : m`; absent slots are NaN, never taken), then the
   // lanes. A minimum or maximum is one value whatever the order except for +-0, so
   // a zero result takes the sequential loop (the first of +0 / -0 wins there).
-  static void
-  minmax(const mq_fit_slots& g, const bool* present, float& wmin, float& wmax, bool& finite) {
+  // Left-packing indices: entry mask lists the set bits of mask (8-bit), then zeros.
+  static const uint64_t* pack_table() {
+    static const auto t = [] {
+      std::array<uint64_t, 256> r{};
+      for (int mask = 0; mask < 256; ++mask) {
+        uint64_t x = 0;
+        int k = 0;
+        for (int i = 0; i < 8; ++i) {
+          if (mask & (1 << i)) {
+            x |= static_cast<uint64_t>(i) << (8 * k++);
+          }
+        }
+        r[mask] = x;
+      }
+      return r;
+    }();
+    return t.data();
+  }
+
+  static void minmax(mq_fit_slots& g, const bool* present, float& wmin, float& wmax, bool& finite) {
     const __m256 nan = _mm256_set1_ps(__builtin_nanf(""));
     __m256 mn = _mm256_set1_ps(MQ_INF), mx = _mm256_set1_ps(-MQ_INF);
     __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    const uint64_t* pt = pack_table();
+    int m = 0;
     for (int j = 0; j < g.n; j += 8) {
       long long pb;
       std::memcpy(&pb, present + j, 8);
@@ -178,7 +199,14 @@ struct fit_avx2 {
           _mm256_cmp_ps(_mm256_sub_ps(v, v), z, _CMP_EQ_OQ),
           _mm256_andnot_ps(pm, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
       ok = _mm256_and_ps(ok, _mm256_and_ps(fv, _mm256_cmp_ps(_mm256_sub_ps(c, c), z, _CMP_EQ_OQ)));
+      // The weighted slots (c > 0, NaN not) to g.w / g.cc at m, in order.
+      const int wm = _mm256_movemask_ps(_mm256_cmp_ps(c, z, _CMP_GT_OQ));
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(pt[wm])));
+      _mm256_storeu_ps(g.w + m, _mm256_permutevar8x32_ps(v, perm));
+      _mm256_storeu_ps(g.cc + m, _mm256_permutevar8x32_ps(c, perm));
+      m += _mm_popcnt_u32(static_cast<unsigned>(wm));
     }
+    g.m = m;
     __m128 a = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
     a = _mm_min_ps(a, _mm_movehl_ps(a, a));
     a = _mm_min_ss(a, _mm_shuffle_ps(a, a, 1));
@@ -193,40 +221,29 @@ struct fit_avx2 {
     }
   }
 
-  // t, c t, (c t) t on vectors; the sequential sums and the compaction over the slots
-  // with c > 0 only (the others add +-0: a no-op, as long as every t is finite, else
-  // the scalar loop, whose sums then carry the NaN).
+  // Mask of the lanes j..j+7 below m (the padded tail of the weighted slots).
+  static __m256 tail_mask(int j, int m) {
+    return _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(m - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+
+  // t, c t, (c t) t of the weighted slots on vectors (the padded tail lanes are
+  // computed and never read), then the sequential sums.
   static void tstats(mq_fit_slots& g, float wmin, float invR, float& S0, float& T1, float& T2) {
-    alignas(32) float tt[MQ_FIT_MAX_SLOTS], cu[MQ_FIT_MAX_SLOTS], c2[MQ_FIT_MAX_SLOTS];
+    alignas(32) float c2[MQ_FIT_MAX_SLOTS + 8];
     const V8 vmin(wmin), vinv(invR);
-    __m256 fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    for (int j = 0; j < g.n; j += 8) {
-      const V8 t = (V8(_mm256_loadu_ps(g.v + j)) - vmin) * vinv;
-      const V8 ct = V8(_mm256_loadu_ps(g.c + j)) * t;
-      fin = _mm256_and_ps(fin, _mm256_cmp_ps((t - t).v, _mm256_setzero_ps(), _CMP_EQ_OQ));
-      _mm256_store_ps(tt + j, t.v);
-      _mm256_store_ps(cu + j, ct.v);
+    for (int j = 0; j < g.m; j += 8) {
+      const V8 t = (V8(_mm256_loadu_ps(g.w + j)) - vmin) * vinv;
+      const V8 ct = V8(_mm256_loadu_ps(g.cc + j)) * t;
+      _mm256_storeu_ps(g.t + j, t.v);
+      _mm256_storeu_ps(g.ct + j, ct.v);
       _mm256_store_ps(c2 + j, (ct * t).v);
     }
-    if (_mm256_movemask_ps(fin) != 0xFF) {
-      return scalar::tstats(g, wmin, invR, S0, T1, T2);
-    }
-    int m = 0;
-    float sq[MQ_FIT_MAX_SLOTS];
-    for (int j = 0; j < g.n; ++j) {
-      const float c = g.c[j];
-      g.t[m] = tt[j];
-      g.cc[m] = c;
-      g.ct[m] = cu[j];
-      sq[m] = c2[j];
-      m += c > 0.0f ? 1 : 0;
-    }
-    g.m = m;
     float s0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-    for (int j = 0; j < m; ++j) {
+    for (int j = 0; j < g.m; ++j) {
       s0 = s0 + g.cc[j];
       t1 = t1 + g.ct[j];
-      t2 = t2 + sq[j];
+      t2 = t2 + c2[j];
     }
     S0 = s0;
     T1 = t1;
@@ -244,9 +261,10 @@ struct fit_avx2 {
       std::array<cand_table, 9> r{};
       for (int bits = 1; bits <= 8; ++bits) {
         const float n = static_cast<float>((1 << bits) - 1);
+        const int first = mq_fit_grid_first(n);
         for (int k = 0; k < NL; ++k) {
-          const float a = mq_fit_grid_value(k / MQ_FIT_GRID);
-          const float b = mq_fit_grid_value(k % MQ_FIT_GRID);
+          const float a = mq_fit_grid_value(first + k / MQ_FIT_GRID);
+          const float b = mq_fit_grid_value(first + k % MQ_FIT_GRID);
           r[bits].lo[k] = a;
           r[bits].inv[k] = MQ_DIV(1.0f, MQ_DIV((1.0f - a) - b, n));
         }
@@ -327,10 +345,9 @@ struct fit_avx2 {
         finish(8 * NV, u1, u2, u3);
       }
     };
-    static_assert(NV == 4 && NT == 4, "the passes below cover 4 vectors and a tail");
+    static_assert(NV == 2 && NT == 0, "the pass below covers 2 vectors");
     using std::integral_constant;
     pass(integral_constant<int, 2>{}, integral_constant<int, 0>{}, std::false_type{});
-    pass(integral_constant<int, 2>{}, integral_constant<int, 2>{}, std::true_type{});
   }
 
   // The best MQ_FIT_STARTS by repeated argmin: the smallest error (NaN as +inf), its
@@ -437,11 +454,11 @@ struct fit_avx2 {
   error(const mq_fit_slots& g, float s, float b, float inv, float nb, bool mm, float ms, float mb) {
     const V8 vs(s), vb(b), vinv(inv), vnb(nb), vms(ms), vmb(mb);
     V8 acc(0.0f);
-    for (int j = 0; j < g.n; j += 8) {
-      const V8 v(_mm256_loadu_ps(g.v + j)), c(_mm256_loadu_ps(g.c + j));
+    for (int j = 0; j < g.m; j += 8) {
+      const V8 v(_mm256_loadu_ps(g.w + j)), c(_mm256_loadu_ps(g.cc + j));
       const V8 q = mm ? mq_fit_clamp(mq_rint(mq_div(v - vmb, vms)), vnb)
                       : mq_fit_clamp(mq_rint((v - vb) * vinv), vnb);
-      acc = acc + mq_fit_term<V8, rt8<T>>(v, c, q, vs, vb);
+      acc = acc + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q, vs, vb).v, tail_mask(j, g.m)));
     }
     alignas(32) float a[8];
     _mm256_store_ps(a, acc.v);
@@ -470,14 +487,15 @@ struct fit_avx2 {
       const V8 vs(s[i0]), i0v(inv[i0]), i1v(inv[i0 + 1]), i2v(inv[i0 + 2]);
       const V8 b0(b[i0]), b1(b[i0 + 1]), b2(b[i0 + 2]);
       V8 a0(0.0f), a1(0.0f), a2(0.0f);
-      for (int j = 0; j < g.n; j += 8) {
-        const V8 v(_mm256_loadu_ps(g.v + j)), c(_mm256_loadu_ps(g.c + j));
+      for (int j = 0; j < g.m; j += 8) {
+        const V8 v(_mm256_loadu_ps(g.w + j)), c(_mm256_loadu_ps(g.cc + j));
+        const __m256 tm = tail_mask(j, g.m);
         const V8 q0 = mq_fit_clamp(mq_rint((v - b0) * i0v), vnb);
         const V8 q1 = mq_fit_clamp(mq_rint((v - b1) * i1v), vnb);
         const V8 q2 = mq_fit_clamp(mq_rint((v - b2) * i2v), vnb);
-        a0 = a0 + mq_fit_term<V8, rt8<T>>(v, c, q0, vs, b0);
-        a1 = a1 + mq_fit_term<V8, rt8<T>>(v, c, q1, vs, b1);
-        a2 = a2 + mq_fit_term<V8, rt8<T>>(v, c, q2, vs, b2);
+        a0 = a0 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q0, vs, b0).v, tm));
+        a1 = a1 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q1, vs, b1).v, tm));
+        a2 = a2 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q2, vs, b2).v, tm));
       }
       const V8* acc[3] = {&a0, &a1, &a2};
       for (int d = 0; d < 3; ++d) {
@@ -509,8 +527,9 @@ struct fit_avx2 {
         hi[d] = two ? rt8<T>::round(rt8<T>::round(k1 * vs) + bb[d]) : lo[d];
         acc[d] = V8(0.0f);
       }
-      for (int j = 0; j < g.n; j += 8) {
-        const V8 v(_mm256_loadu_ps(g.v + j)), c(_mm256_loadu_ps(g.c + j));
+      for (int j = 0; j < g.m; j += 8) {
+        const V8 v(_mm256_loadu_ps(g.w + j)), c(_mm256_loadu_ps(g.cc + j));
+        const __m256 tm = tail_mask(j, g.m);
         for (int d = 0; d < 3; ++d) {
           const V8 q = mq_fit_clamp(mq_rint((v - bb[d]) * iv[d]), vnb);
           const __m256i k = _mm256_cvttps_epi32(q.v);
@@ -522,7 +541,7 @@ struct fit_avx2 {
                 _mm256_castsi256_ps(_mm256_slli_epi32(k, 28)));
           }
           const V8 r = v - V8(w);
-          acc[d] = acc[d] + c * (r * r);
+          acc[d] = acc[d] + V8(_mm256_and_ps((c * (r * r)).v, tm));
         }
       }
       for (int d = 0; d < 3; ++d) {

@@ -12,19 +12,22 @@ slot per weight (c = 1 or its importance); for an INT4 input one slot per
 weights with that nibble (or the sum of their importances), p = c's count > 0. The
 objective is sum_j c_j (v_j - w_hat_j)^2 for w_hat exactly what ``mx.dequantize``
 computes on the CPU from the stored values: round_T(round_T(q * scale) + bias).
+Every sum runs over the *weighted* slots (c > 0) in slot order: the others add nothing
+(or a NaN from an absent nibble whose value overflowed), so kernels compact them away.
 
 Steps (``fit_groups``):
  1. min-max: MLX's own parameters and codes (``mx.quantize``), its error E_mm.
  2. t = (v - min) * (1 / R) in [0, 1]. Candidate ranges lo = a, hi = 1 - b for a, b on
-    a grid (``grid()``); codes q = clamp(rint((t - lo) * (1 / s))), s = (hi - lo) / n;
+    a 4 x 4 grid whose window depends on the bits (``grid(bits)``); codes q = clamp(rint((t - lo) * (1 / s))), s = (hi - lo) / n;
     the 2x2 least squares for (scale, bias) given q and its error in closed form.
  3. Lloyd from the ``STARTS`` best candidates (stable order): re-assign codes
     with the fitted (scale, bias), re-solve, until the code statistics stop changing or
     ``LLOYD_CAP`` rounds; the best error seen wins (ties: earlier start).
  4. Back to weight units, rounded to the output dtype T; the 3x3 neighbouring
     representable (scale, bias) pairs, codes re-assigned for each, the exact
-    reconstruction error of each (summed in 8 interleaved partial sums, slot j into
-    sum j % 8, combined as ((0+1)+(2+3))+((4+5)+(6+7))).
+    reconstruction error of each (summed in 8 interleaved partial sums over the
+    weighted slots, the i-th weighted slot into sum i % 8, combined as
+    ((0+1)+(2+3))+((4+5)+(6+7))).
  5. The fit replaces min-max only if its error is below E_mm - E_mm * 2^-12: float32
     sums of non-negative terms are within ~n * 2^-23 relative of the exact sum, so the
     chosen group is never worse than ``mx.quantize`` in exact arithmetic either.
@@ -36,9 +39,11 @@ import numpy as np
 
 f32 = np.float32
 
-GRID = 6  # candidates per axis
-# a, b = (i - 2) * 0.08 for i in 0..5: linspace(-0.16, 0.24, 6); negative widens. (An
-# 8 x 8 grid up to 0.4 gave the same error at 3-6 bits to 4 digits, +0.0015 at 2 bits.)
+GRID = 4  # candidates per axis
+# a, b = (i - 2) * 0.08 for i in first(bits) + 0..3; negative widens. The best candidate
+# of the former 6 x 6 grid (i in 0..5) lies in i = 2..5 at 2 bits, 1..4 at 3 bits and
+# 0..3 from 4 bits on (wider ranges line up with the source's code grid), so this window
+# of 16 candidates gives the same error as the 36 (bench_requant.py --error-table).
 GRID_STEP = f32(0.08)
 GRID_OFFSET = 2
 STARTS = 4
@@ -49,9 +54,15 @@ EPS = f32(1e-7)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def grid():
-    """Candidate (a, b) pairs, a-major, as float32: a = float32(i - 2) * 0.08f."""
-    ax = (np.arange(GRID, dtype=f32) - f32(GRID_OFFSET)) * GRID_STEP
+def grid_first(bits):
+    """First grid index of the window at this bit width."""
+    return 2 if bits <= 2 else 1 if bits == 3 else 0
+
+
+def grid(bits):
+    """Candidate (a, b) pairs, a-major, as float32: a = float32(i - 2) * 0.08f for
+    i = grid_first(bits) + 0..GRID-1."""
+    ax = (np.arange(GRID, dtype=f32) + f32(grid_first(bits)) - f32(GRID_OFFSET)) * GRID_STEP
     a = np.repeat(ax, GRID)
     b = np.tile(ax, GRID)
     return a, b
@@ -126,15 +137,20 @@ def reconstruct(q, s, b, dtype):
 
 
 def striped_error(v, c, q, s, b, dtype):
-    """sum_j c_j (v_j - w_hat_j)^2 in the fixed order of step 4 (float32)."""
+    """sum_j c_j (v_j - w_hat_j)^2 over the weighted slots (c > 0), the i-th of them
+    into partial sum i % 8, in the fixed order of step 4 (float32); (N, n) slots."""
     with np.errstate(all="ignore"):
         d = reconstruct(q, s, b, dtype)
         r = (v - d).astype(f32)
         t = (c * (r * r)).astype(f32)
-    n = v.shape[-1]
-    acc = np.zeros(v.shape[:-1] + (8,), f32)
+    N, n = v.shape
+    keep = c > 0
+    lane = np.cumsum(keep, axis=1) - 1  # index among the weighted slots
+    acc = np.zeros((N, 8), f32)
+    rows = np.arange(N)
     for j in range(n):
-        acc[..., j % 8] = acc[..., j % 8] + t[..., j]
+        k = lane[:, j] % 8
+        acc[rows, k] = np.where(keep[:, j], acc[rows, k] + t[:, j], acc[rows, k])
     return ((acc[..., 0] + acc[..., 1]) + (acc[..., 2] + acc[..., 3])) + (
         (acc[..., 4] + acc[..., 5]) + (acc[..., 6] + acc[..., 7])
     )
@@ -143,17 +159,19 @@ def striped_error(v, c, q, s, b, dtype):
 # --- the fit -------------------------------------------------------------------------
 
 
-def _stats(t, c, ct, q):
-    """S1 = sum c q, S2 = sum (c q) q, S3 = sum (c t) q, sequential over slots."""
+def _stats(t, c, ct, q, w):
+    """S1 = sum c q, S2 = sum (c q) q, S3 = sum (c t) q, sequential over the weighted
+    slots (w)."""
     S1 = np.zeros(q.shape[:-1], f32)
     S2 = np.zeros(q.shape[:-1], f32)
     S3 = np.zeros(q.shape[:-1], f32)
     for j in range(q.shape[-1]):
         qj = q[..., j]
         cq = c[..., j] * qj
-        S1 = S1 + cq
-        S2 = S2 + cq * qj
-        S3 = S3 + ct[..., j] * qj
+        wj = w[..., j]
+        S1 = np.where(wj, S1 + cq, S1)
+        S2 = np.where(wj, S2 + cq * qj, S2)
+        S3 = np.where(wj, S3 + ct[..., j] * qj, S3)
     return S1, S2, S3
 
 
@@ -198,22 +216,26 @@ def fit_groups(v, c, present, bits, dtype):
         ok = finite & np.isfinite(R) & (R > 0)
         invR = (f32(1) / np.where(ok, R, f32(1))).astype(f32)
         t = ((v - wmin[:, None]) * invR[:, None]).astype(f32)
-        t = np.where(ok[:, None], t, f32(0))
-        ct = (c * t).astype(f32)
+        # Slots without weight (t = c = 0 for them) take no part in the sums below: the
+        # sums are over the weighted slots in slot order.
+        wt = ok[:, None] & (c > 0)
+        t = np.where(wt, t, f32(0))
+        cw = np.where(wt, c, f32(0))
+        ct = (cw * t).astype(f32)
         S0 = np.zeros(N, f32)
         T1 = np.zeros(N, f32)
         T2 = np.zeros(N, f32)
         for j in range(n):
-            S0 = S0 + c[:, j]
+            S0 = S0 + cw[:, j]
             T1 = T1 + ct[:, j]
             T2 = T2 + ct[:, j] * t[:, j]
 
     # Step 2: the candidate grid, (N, NC).
-    a, b = grid()
+    a, b = grid(bits)
     s_c = (((f32(1) - a) - b) / n_bins).astype(f32)
     inv_c = (f32(1) / s_c).astype(f32)
     q = clamp_codes(np.rint((t[:, None, :] - a[None, :, None]) * inv_c[None, :, None]), n_bins)
-    S1, S2, S3 = _stats(t[:, None, :], c[:, None, :], ct[:, None, :], q)
+    S1, S2, S3 = _stats(t[:, None, :], cw[:, None, :], ct[:, None, :], q, wt[:, None, :])
     bc = lambda x: x[:, None]  # noqa: E731
     sig, beta, err, _ = _solve(bc(S0), bc(T1), bc(T2), S1, S2, S3)
 
@@ -228,7 +250,7 @@ def fit_groups(v, c, present, bits, dtype):
         with np.errstate(all="ignore"):
             inv = (f32(1) / sig).astype(f32)
             ql = clamp_codes(np.rint((t[:, None, :] - beta[..., None]) * inv[..., None]), n_bins)
-        N1, N2, N3 = _stats(t[:, None, :], c[:, None, :], ct[:, None, :], ql)
+        N1, N2, N3 = _stats(t[:, None, :], cw[:, None, :], ct[:, None, :], ql, wt[:, None, :])
         s2, b2, e2, valid = _solve(bc(S0), bc(T1), bc(T2), N1, N2, N3)
         active = active & valid
         better = active & (e2 < best_e)
