@@ -13,8 +13,9 @@
 //      on the bits), each with its codes, the closed-form 2x2 least squares and its
 //      error;
 //   3. Lloyd from the best MQ_FIT_STARTS candidates;
-//   4. the best fit in weight units rounded to the output dtype T and its 3x3
-//      neighbouring T values, codes re-assigned, exact errors;
+//   4. the best fit in weight units rounded to the output dtype T and the 2 x 2 T
+//      values around it (scale and bias each: the rounded value and its neighbour on
+//      the other side of the exact one), codes re-assigned, exact errors;
 //   5. the fit replaces min-max only when its error is below E_mm (1 - 2^-12).
 // The driver mq_fit_group is generic over a backend B that evaluates steps 1-4 on its
 // vectors (mq_fit_scalar below; AVX2 in fit_avx2.cpp): min/max, the t statistics, the
@@ -35,6 +36,7 @@
 #define MQ_FIT_NCAND (MQ_FIT_GRID * MQ_FIT_GRID)
 #define MQ_FIT_STARTS 4
 #define MQ_FIT_LLOYD_CAP 3
+#define MQ_FIT_NEIGH 4 // 2 scales x 2 biases
 #define MQ_FIT_ACCEPT 0.000244140625f // 2^-12
 #define MQ_FIT_MAX_SLOTS 128
 
@@ -357,12 +359,12 @@ struct mq_fit_scalar {
     }
     return mq_fit_tree8(acc);
   }
-  // Step 4: the exact errors of the 9 neighbours i (3 * ds + db order); e[i] only
-  // where ok[i].
-  static MQ_INLINE void errors9(
+  // Step 4: the exact errors of the MQ_FIT_NEIGH pairs i (2 * scale + bias order);
+  // e[i] only where ok[i].
+  static MQ_INLINE void errors(
       const MQ_THREAD mq_fit_slots& g, const MQ_THREAD float* s, const MQ_THREAD float* b,
       const MQ_THREAD float* inv, const MQ_THREAD bool* ok, float nb, MQ_THREAD float* e) {
-    for (int i = 0; i < 9; ++i) {
+    for (int i = 0; i < MQ_FIT_NEIGH; ++i) {
       e[i] = ok[i] ? error(g, s[i], b[i], inv[i], nb, false, 0.0f, 0.0f) : MQ_INF;
     }
   }
@@ -435,26 +437,33 @@ MQ_INLINE mq_fit_result mq_fit_group(
     return res;
   }
 
-  // Step 4: weight units, T, the 3x3 neighbours in (scale, bias) order.
-  const float s0 = mq_round_t<T>(s_t * R);
-  const float b0 = mq_round_t<T>(wmin + b_t * R);
-  float ns[9], nbias[9], ninv[9], ne[9];
-  bool nok[9];
-  for (int ds = -1; ds <= 1; ++ds) {
-    const float sT = mq_step_t<T, Bits>(s0, ds);
+  // Step 4: weight units, T; the pairs (s0, b0), (s0, b1), (s1, b0), (s1, b1) with s1,
+  // b1 the T values next to s0, b0 on the other side of the exact values (below them
+  // when exact).
+  const float scale = s_t * R;
+  const float bias = wmin + b_t * R;
+  float sv[2], bv[2];
+  sv[0] = mq_round_t<T>(scale);
+  bv[0] = mq_round_t<T>(bias);
+  sv[1] = mq_step_t<T, Bits>(sv[0], scale > sv[0] ? 1 : -1);
+  bv[1] = mq_step_t<T, Bits>(bv[0], bias > bv[0] ? 1 : -1);
+  float ns[MQ_FIT_NEIGH], nbias[MQ_FIT_NEIGH], ninv[MQ_FIT_NEIGH], ne[MQ_FIT_NEIGH];
+  bool nok[MQ_FIT_NEIGH];
+  for (int is = 0; is < 2; ++is) {
+    const float sT = sv[is];
     const float invT = MQ_DIV(1.0f, sT); // used only where valid
-    for (int db = -1; db <= 1; ++db) {
-      const float bT = mq_step_t<T, Bits>(b0, db);
-      const int i = 3 * (ds + 1) + (db + 1);
+    for (int ib = 0; ib < 2; ++ib) {
+      const float bT = bv[ib];
+      const int i = 2 * is + ib;
       nok[i] = sT - sT == 0.0f && sT != 0.0f && bT - bT == 0.0f;
       ns[i] = sT;
       nbias[i] = bT;
       ninv[i] = nok[i] ? invT : 1.0f;
     }
   }
-  B::errors9(g, ns, nbias, ninv, nok, nb, ne);
+  B::errors(g, ns, nbias, ninv, nok, nb, ne);
   float e_best = MQ_INF, s_best = 0.0f, b_best = 0.0f, i_best = 0.0f;
-  for (int i = 0; i < 9; ++i) {
+  for (int i = 0; i < MQ_FIT_NEIGH; ++i) {
     if (nok[i] && ne[i] < e_best) {
       e_best = ne[i];
       s_best = ns[i];

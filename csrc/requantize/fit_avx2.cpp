@@ -4,8 +4,8 @@
 // (both in one pass over the slots); the starts by a vector argmin instead of a branchy
 // insertion; Lloyd's 4 starts in one V4 (256-bit operations cost two uops on Zen 1);
 // the exact errors over the weighted slots 8 at a time (the i-th in lane i % 8: the
-// header's partial sums; the padded tail lanes masked to +0), the 9 neighbours three
-// passes at a time, up to 4 bits with the reconstructed value of each code from a
+// header's partial sums; the padded tail lanes masked to +0), the 4 (scale, bias)
+// pairs two passes at a time, up to 4 bits with the reconstructed value of each code from a
 // per-neighbour table; INT4 nibble counts and codes by byte shuffles. Per lane the operations are
 // the header's, so the result equals the scalar path bit for bit (tests/test_requantize_fit.py).
 // Built with -mavx2 -mf16c -mpopcnt and no FMA contraction (CMakeLists.txt).
@@ -465,12 +465,12 @@ struct fit_avx2 {
     return mq_fit_tree8(a);
   }
 
-  // Step 4: error() of the 3 neighbours of one scale at a time, their passes over the
-  // slots interleaved (three independent chains: one pass alone waits on latency).
-  // Up to 4 bits, the reconstruction w_hat = round_T(round_T(q s) + b) of each code q
-  // comes from a table of the 16 codes' values made per neighbour with the same
-  // operations (equal but for the sign of a zero w_hat, which (v - w_hat)^2 drops).
-  static void errors9(
+  // Step 4: error() of the 2 biases of one scale at a time, their passes over the
+  // slots interleaved (two independent chains). Up to 4 bits, the reconstruction
+  // w_hat = round_T(round_T(q s) + b) of each code q comes from a table of the 16 codes'
+  // values made per pair with the same operations (equal but for the sign of a zero
+  // w_hat, which (v - w_hat)^2 drops).
+  static void errors(
       const mq_fit_slots& g,
       const float* s,
       const float* b,
@@ -478,34 +478,33 @@ struct fit_avx2 {
       const bool* ok,
       float nb,
       float* e) {
+    static_assert(MQ_FIT_NEIGH == 4, "2 scales x 2 biases");
     if (nb <= 15.0f) {
-      return errors9_table(g, s, b, inv, ok, nb, e);
+      return errors_table(g, s, b, inv, ok, nb, e);
     }
     const V8 vnb(nb);
-    for (int i0 = 0; i0 < 9; i0 += 3) {
-      // One scale per row of 3; 1 / s per lane (an invalid bias has inv = 1).
-      const V8 vs(s[i0]), i0v(inv[i0]), i1v(inv[i0 + 1]), i2v(inv[i0 + 2]);
-      const V8 b0(b[i0]), b1(b[i0 + 1]), b2(b[i0 + 2]);
-      V8 a0(0.0f), a1(0.0f), a2(0.0f);
+    for (int i0 = 0; i0 < MQ_FIT_NEIGH; i0 += 2) {
+      // One scale per pair; 1 / s per lane (an invalid pair has inv = 1).
+      const V8 vs(s[i0]), i0v(inv[i0]), i1v(inv[i0 + 1]);
+      const V8 b0(b[i0]), b1(b[i0 + 1]);
+      V8 a0(0.0f), a1(0.0f);
       for (int j = 0; j < g.m; j += 8) {
         const V8 v(_mm256_loadu_ps(g.w + j)), c(_mm256_loadu_ps(g.cc + j));
         const __m256 tm = tail_mask(j, g.m);
         const V8 q0 = mq_fit_clamp(mq_rint((v - b0) * i0v), vnb);
         const V8 q1 = mq_fit_clamp(mq_rint((v - b1) * i1v), vnb);
-        const V8 q2 = mq_fit_clamp(mq_rint((v - b2) * i2v), vnb);
         a0 = a0 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q0, vs, b0).v, tm));
         a1 = a1 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q1, vs, b1).v, tm));
-        a2 = a2 + V8(_mm256_and_ps(mq_fit_term<V8, rt8<T>>(v, c, q2, vs, b2).v, tm));
       }
-      const V8* acc[3] = {&a0, &a1, &a2};
-      for (int d = 0; d < 3; ++d) {
+      const V8* acc[2] = {&a0, &a1};
+      for (int d = 0; d < 2; ++d) {
         alignas(32) float x[8];
         _mm256_store_ps(x, acc[d]->v);
         e[i0 + d] = ok[i0 + d] ? mq_fit_tree8(x) : MQ_INF;
       }
     }
   }
-  static void errors9_table(
+  static void errors_table(
       const mq_fit_slots& g,
       const float* s,
       const float* b,
@@ -517,10 +516,10 @@ struct fit_avx2 {
     const V8 k0(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)),
         k1(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15));
     const bool two = nb > 7.0f;
-    for (int i0 = 0; i0 < 9; i0 += 3) {
+    for (int i0 = 0; i0 < MQ_FIT_NEIGH; i0 += 2) {
       const V8 vs(s[i0]);
-      V8 bb[3], iv[3], lo[3], hi[3], acc[3];
-      for (int d = 0; d < 3; ++d) {
+      V8 bb[2], iv[2], lo[2], hi[2], acc[2];
+      for (int d = 0; d < 2; ++d) {
         bb[d] = V8(b[i0 + d]);
         iv[d] = V8(inv[i0 + d]);
         lo[d] = rt8<T>::round(rt8<T>::round(k0 * vs) + bb[d]);
@@ -530,7 +529,7 @@ struct fit_avx2 {
       for (int j = 0; j < g.m; j += 8) {
         const V8 v(_mm256_loadu_ps(g.w + j)), c(_mm256_loadu_ps(g.cc + j));
         const __m256 tm = tail_mask(j, g.m);
-        for (int d = 0; d < 3; ++d) {
+        for (int d = 0; d < 2; ++d) {
           const V8 q = mq_fit_clamp(mq_rint((v - bb[d]) * iv[d]), vnb);
           const __m256i k = _mm256_cvttps_epi32(q.v);
           __m256 w = _mm256_permutevar8x32_ps(lo[d].v, k);
@@ -544,7 +543,7 @@ struct fit_avx2 {
           acc[d] = acc[d] + V8(_mm256_and_ps((c * (r * r)).v, tm));
         }
       }
-      for (int d = 0; d < 3; ++d) {
+      for (int d = 0; d < 2; ++d) {
         alignas(32) float x[8];
         _mm256_store_ps(x, acc[d].v);
         e[i0 + d] = ok[i0 + d] ? mq_fit_tree8(x) : MQ_INF;

@@ -23,8 +23,11 @@ Steps (``fit_groups``):
  3. Lloyd from the ``STARTS`` best candidates (stable order): re-assign codes
     with the fitted (scale, bias), re-solve, until the code statistics stop changing or
     ``LLOYD_CAP`` rounds; the best error seen wins (ties: earlier start).
- 4. Back to weight units, rounded to the output dtype T; the 3x3 neighbouring
-    representable (scale, bias) pairs, codes re-assigned for each, the exact
+ 4. Back to weight units, rounded to the output dtype T (s0, b0); with s1, b1 the T
+    values next to them on the other side of the exact scale and bias (below when
+    exact), the 4 pairs (s0, b0), (s0, b1), (s1, b0), (s1, b1) (the 3 x 3 neighbours
+    of s0, b0 gained 0.1-0.5 % more error reduction for 2.25x the cost), codes
+    re-assigned for each, the exact
     reconstruction error of each (summed in 8 interleaved partial sums over the
     weighted slots, the i-th weighted slot into sum i % 8, combined as
     ((0+1)+(2+3))+((4+5)+(6+7))).
@@ -273,7 +276,7 @@ def fit_groups(v, c, present, bits, dtype):
         b_t = np.where(better, best_b[:, k], b_t)
     ok = ok & np.isfinite(e_t)
 
-    # Step 4: weight units, rounded to T, 3x3 neighbours.
+    # Step 4: weight units, rounded to T, the 2 x 2 T values around (scale, bias).
     with np.errstate(all="ignore"):
         scale = (s_t * R).astype(f32)
         bias = (wmin + b_t * R).astype(f32)
@@ -282,10 +285,12 @@ def fit_groups(v, c, present, bits, dtype):
     s_best = sT_mm.copy()
     b_best = bT_mm.copy()
     q_best = q_mm.copy()
-    for ds in (-1, 0, 1):
-        sT = step_t(s0, ds, dtype)
-        for db in (-1, 0, 1):
-            bT = step_t(b0, db, dtype)
+    # The other T value on the far side of the exact one (below it when it is exact).
+    with np.errstate(invalid="ignore"):
+        s1 = np.where(scale > s0, step_t(s0, 1, dtype), step_t(s0, -1, dtype))
+        b1 = np.where(bias > b0, step_t(b0, 1, dtype), step_t(b0, -1, dtype))
+    for sT in (s0, s1):
+        for bT in (b0, b1):
             with np.errstate(all="ignore"):
                 good = ok & np.isfinite(sT) & (sT != 0) & np.isfinite(bT)
                 inv = (f32(1) / np.where(good, sT, f32(1))).astype(f32)
