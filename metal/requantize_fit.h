@@ -35,7 +35,7 @@
 #define MQ_FIT_GRID_STEP 0.08f
 #define MQ_FIT_NCAND (MQ_FIT_GRID * MQ_FIT_GRID)
 #define MQ_FIT_STARTS 4
-#define MQ_FIT_LLOYD_CAP 3
+#define MQ_FIT_LLOYD_CAP 2
 #define MQ_FIT_NEIGH 4 // 2 scales x 2 biases
 #define MQ_FIT_ACCEPT 0.000244140625f // 2^-12
 #define MQ_FIT_MAX_SLOTS 128
