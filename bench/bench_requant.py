@@ -174,11 +174,16 @@ GPU_BW = 800e9
 def fit_ops_per_group(n_slots):
     """float ops of one g64 group from the algorithm (metal/requantize_fit.h): the
     candidate grid (MQ_FIT_NCAND x slots x 11 ops), Lloyd (STARTS x up to LLOYD_CAP rounds x
-    slots x 11 + solves), 1 + 9 exact errors (slots x 12) and the min-max pass."""
+    slots x 11 + solves), 1 + PAIRS exact errors (slots x 12) and the min-max pass."""
     from moequant.testing import fit_reference as fr
 
     ncand, starts, cap = fr.GRID * fr.GRID, fr.STARTS, fr.LLOYD_CAP
-    return ncand * (n_slots * 11 + 20) + starts * cap * (n_slots * 11 + 20) + 10 * n_slots * 12 + n_slots * 6
+    return (
+        ncand * (n_slots * 11 + 20)
+        + starts * cap * (n_slots * 11 + 20)
+        + (1 + fr.PAIRS) * n_slots * 12
+        + n_slots * 6
+    )
 
 
 def metal_table(data):
@@ -251,9 +256,10 @@ def error_table():
 
 def error_ceiling():
     """How close the fit is to the best affine fit of this format: the same specification
-    (fit_reference) with a 32 x 32 candidate grid over [-0.2, 0.42], Lloyd from the best
-    8 for up to 10 rounds, against the fit as built, on the code generators whose 3-bit
-    gain is below 30 % (64 x 2048 each; squared error over min-max's; numpy, ~1-2 min)."""
+    (fit_reference) with a 32 x 32 candidate grid of step 0.02 (a, b from -0.2, -0.18 at
+    3 bits, to ~0.42), Lloyd from the best 8 for up to 10 rounds, against the fit as
+    built, on the code generators whose 3-bit gain is below 30 % (64 x 2048 each; squared
+    error over min-max's; numpy, ~1-2 min)."""
     from moequant.testing import fit_reference as fr
 
     dense = dict(GRID=32, GRID_STEP=np.float32(0.02), GRID_OFFSET=10, STARTS=8, LLOYD_CAP=10)

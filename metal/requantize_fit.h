@@ -36,7 +36,7 @@
 #define MQ_FIT_NCAND (MQ_FIT_GRID * MQ_FIT_GRID)
 #define MQ_FIT_STARTS 4
 #define MQ_FIT_LLOYD_CAP 2
-#define MQ_FIT_NEIGH 4 // 2 scales x 2 biases
+#define MQ_FIT_PAIRS 4 // step 4: 2 scales x 2 biases (fit_reference.PAIRS)
 #define MQ_FIT_ACCEPT 0.000244140625f // 2^-12
 #define MQ_FIT_MAX_SLOTS 128
 
@@ -359,12 +359,12 @@ struct mq_fit_scalar {
     }
     return mq_fit_tree8(acc);
   }
-  // Step 4: the exact errors of the MQ_FIT_NEIGH pairs i (2 * scale + bias order);
+  // Step 4: the exact errors of the MQ_FIT_PAIRS pairs i (2 * scale + bias order);
   // e[i] only where ok[i].
   static MQ_INLINE void errors(
       const MQ_THREAD mq_fit_slots& g, const MQ_THREAD float* s, const MQ_THREAD float* b,
       const MQ_THREAD float* inv, const MQ_THREAD bool* ok, float nb, MQ_THREAD float* e) {
-    for (int i = 0; i < MQ_FIT_NEIGH; ++i) {
+    for (int i = 0; i < MQ_FIT_PAIRS; ++i) {
       e[i] = ok[i] ? error(g, s[i], b[i], inv[i], nb, false, 0.0f, 0.0f) : MQ_INF;
     }
   }
@@ -447,8 +447,8 @@ MQ_INLINE mq_fit_result mq_fit_group(
   bv[0] = mq_round_t<T>(bias);
   sv[1] = mq_step_t<T, Bits>(sv[0], scale > sv[0] ? 1 : -1);
   bv[1] = mq_step_t<T, Bits>(bv[0], bias > bv[0] ? 1 : -1);
-  float ns[MQ_FIT_NEIGH], nbias[MQ_FIT_NEIGH], ninv[MQ_FIT_NEIGH], ne[MQ_FIT_NEIGH];
-  bool nok[MQ_FIT_NEIGH];
+  float ns[MQ_FIT_PAIRS], nbias[MQ_FIT_PAIRS], ninv[MQ_FIT_PAIRS], ne[MQ_FIT_PAIRS];
+  bool nok[MQ_FIT_PAIRS];
   for (int is = 0; is < 2; ++is) {
     const float sT = sv[is];
     const float invT = MQ_DIV(1.0f, sT); // used only where valid
@@ -463,7 +463,7 @@ MQ_INLINE mq_fit_result mq_fit_group(
   }
   B::errors(g, ns, nbias, ninv, nok, nb, ne);
   float e_best = MQ_INF, s_best = 0.0f, b_best = 0.0f, i_best = 0.0f;
-  for (int i = 0; i < MQ_FIT_NEIGH; ++i) {
+  for (int i = 0; i < MQ_FIT_PAIRS; ++i) {
     if (nok[i] && ne[i] < e_best) {
       e_best = ne[i];
       s_best = ns[i];

@@ -478,12 +478,12 @@ struct fit_avx2 {
       const bool* ok,
       float nb,
       float* e) {
-    static_assert(MQ_FIT_NEIGH == 4, "2 scales x 2 biases");
+    static_assert(MQ_FIT_PAIRS == 4, "2 scales x 2 biases");
     if (nb <= 15.0f) {
       return errors_table(g, s, b, inv, ok, nb, e);
     }
     const V8 vnb(nb);
-    for (int i0 = 0; i0 < MQ_FIT_NEIGH; i0 += 2) {
+    for (int i0 = 0; i0 < MQ_FIT_PAIRS; i0 += 2) {
       // One scale per pair; 1 / s per lane (an invalid pair has inv = 1).
       const V8 vs(s[i0]), i0v(inv[i0]), i1v(inv[i0 + 1]);
       const V8 b0(b[i0]), b1(b[i0 + 1]);
@@ -516,7 +516,7 @@ struct fit_avx2 {
     const V8 k0(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)),
         k1(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15));
     const bool two = nb > 7.0f;
-    for (int i0 = 0; i0 < MQ_FIT_NEIGH; i0 += 2) {
+    for (int i0 = 0; i0 < MQ_FIT_PAIRS; i0 += 2) {
       const V8 vs(s[i0]);
       V8 bb[2], iv[2], lo[2], hi[2], acc[2];
       for (int d = 0; d < 2; ++d) {

@@ -51,6 +51,7 @@ GRID_STEP = f32(0.08)
 GRID_OFFSET = 2
 STARTS = 4
 LLOYD_CAP = 2  # a third round gained 0.02-0.2 % of the error (bench/RESULTS.md, session 5)
+PAIRS = 4  # step 4: (scale, bias) pairs with exact errors, 2 x 2
 ACCEPT = f32(2.0**-12)
 EPS = f32(1e-7)
 
