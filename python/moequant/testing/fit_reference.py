@@ -50,7 +50,9 @@ GRID = 4  # candidates per axis
 GRID_STEP = f32(0.08)
 GRID_OFFSET = 2
 STARTS = 4
-LLOYD_CAP = 2  # a third round gained 0.02-0.2 % of the error (bench/RESULTS.md, session 5)
+# A third Lloyd round lowered the error ratio by 0.0001-0.0018 at 3-4 bits, up to 0.017 at
+# 5-6 bits (bench/RESULTS.md, issue 13 session 5).
+LLOYD_CAP = 2
 PAIRS = 4  # step 4: (scale, bias) pairs with exact errors, 2 x 2
 ACCEPT = f32(2.0**-12)
 EPS = f32(1e-7)
