@@ -165,7 +165,7 @@ def fit_table(args, data):
 
 # Figures of the *prediction* (not measured: no Metal here). An M2 Ultra-class GPU:
 # ~27 TFLOPS float32 peak, ~800 GB/s. The fit kernel runs one thread per group with
-# ~2.5 KB of per-thread arrays (register spills) and data-dependent loops, so the
+# ~3.7 KB of per-thread arrays (register spills) and data-dependent loops, so the
 # compute figure is an optimistic bound: it assumes 10% of peak.
 GPU_FLOPS = 27e12 * 0.10
 GPU_BW = 800e9

@@ -5,7 +5,7 @@
 #pragma once
 
 // One thread per output group; 1-D threadgroups of MQ_FIT_THREADS threads (each thread
-// holds ~2.5 KB of per-group arrays, so fewer than requantize_int4's), grid
+// holds ~3.7 KB of per-group arrays, so fewer than requantize_int4's), grid
 // (ceil(n_groups / MQ_FIT_THREADS), 1, 1); threads past n_groups return at once.
 #define MQ_FIT_THREADS 64
 
