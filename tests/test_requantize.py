@@ -131,6 +131,28 @@ def test_non_contiguous_inputs():
     check(packed.view(mx.uint32), scales, bits=4, group_size=128)
 
 
+def test_evaluated_views_into_a_larger_buffer_are_read_in_place():
+    # convert hands requantize_int4 evaluated views into its read buffers; mx.contiguous
+    # copied every such view whole (a buffer larger than the view), a second copy of
+    # each piece in fresh pages. The output must not change, and no input copy is made.
+    rng = np.random.default_rng(12)
+    packed, scales = random_int4(rng, (512,), 1024, 32, "bfloat16")
+    big_p = mx.concatenate([packed, packed[:64]]).view(mx.uint32)
+    big_s = mx.concatenate([scales, scales[:256]])
+    p, s = big_p[:512], big_s[:512]
+    mx.eval(p, s)
+    ref = oracle(packed, scales, bits=2, group_size=64)
+    mx.eval(ref)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    ours = moequant.requantize_int4(p, s, bits=2, group_size=64)
+    mx.eval(ours)
+    grown = mx.get_peak_memory() - base
+    out_bytes = sum(a.nbytes for a in ours)
+    assert grown < out_bytes + p.nbytes // 2, f"{grown} bytes allocated for {out_bytes} of output"
+    assert_same(ours, ref)
+
+
 def test_packing_known_answers():
     # compressed-tensors rules: u = q + 8, element i of a word at bits 4i.
     assert pack_int4(np.arange(-8, 0))[0] == 0x76543210

@@ -100,10 +100,13 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
     throw std::runtime_error(
         "[moequant.requantize_int4] this x86-64 build needs a CPU with SSSE3.");
   }
-  // Row-contiguous inputs let the kernels use flat indexing.
-  auto p = mx::contiguous(
-      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
-  auto sc = mx::contiguous(scales, false, stream);
+  // Row-contiguous inputs let the kernels use flat indexing. contiguous_as passes an
+  // evaluated row-contiguous view through: mx::contiguous copies any view into a larger
+  // buffer (convert's pieces are views into its read buffers: a copy and fresh pages of
+  // the whole piece per call).
+  auto p = contiguous_as(
+      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), packed.shape(), stream);
+  auto sc = contiguous_as(scales, scales.shape(), stream);
 
   auto outs = mx::array::make_arrays(
       {out_shape(packed.shape(), static_cast<int>(K * bits / 32)),
