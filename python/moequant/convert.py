@@ -35,14 +35,14 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import __version__, vision
+from . import __version__, _ext, vision
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.files import read_text
 from .checkpoint.layout import all_items
 from .convert_pipeline import Reader, ShardWriter, WriteError, piece_arrays, plan_pieces, read_sync
 from .errors import UserError
 from .layout import expert_bpw, fmt_bytes, output_tensors, summarize, tensor_bytes
-from .ops import get_num_threads, requantize_int4, set_num_threads
+from .ops import requantize_int4, set_num_threads
 from .plan import add_recipe_arguments, format_table
 from .progress import Progress
 from .recipes import FITS, Decision, RecipeError, Resolution, load_recipe, parse_upgrade_layers, resolve
@@ -138,41 +138,11 @@ def _quantize(w: mx.array, d: Optional[Decision]) -> List[mx.array]:
     w = w.astype(mx.bfloat16)
     if d is None:
         return [w]
-    if d.fit == "minmax":  # exactly mx.quantize, as every MLX build
-        return list(mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu))
+    if d.fit == "minmax":  # exactly mx.quantize, as every MLX build, on every core
+        return list(_ext.quantize_minmax(w, bits=d.bits, group_size=d.group_size, stream=mx.cpu))
     from .ops import quantize
 
     return list(quantize(w, bits=d.bits, group_size=d.group_size, fit=d.fit, dtype=mx.bfloat16))
-
-
-# Parts a min-max quantize is split into (one per CPU thread) once it has at least this
-# many weights: mx.quantize runs on its stream's one thread, the 6-bit dense modules were
-# 15-20 % of a full-dims conversion's compute on one core.
-SPLIT_MIN_WEIGHTS = 1 << 20
-_STREAMS: List = []
-
-
-def _cpu_streams(n: int) -> list:
-    """n CPU streams, the default one first (each has its own thread)."""
-    while len(_STREAMS) < n - 1:
-        _STREAMS.append(mx.new_stream(mx.cpu))
-    return [mx.cpu] + _STREAMS[: n - 1]
-
-
-def _quantize_parts(w: mx.array, d: Optional[Decision]) -> List[Tuple[int, int, List[mx.array]]]:
-    """_quantize as parts (first row, end row, arrays) along the first axis: a min-max
-    quantize is split into one part per CPU thread, each on its own CPU stream. Rows are
-    quantized independently, so the parts are exactly the slices of the whole."""
-    rows = w.shape[0] if w.ndim >= 2 else 0
-    n = min(get_num_threads(), rows) if d is not None and d.fit == "minmax" else 1
-    if n <= 1 or w.size < SPLIT_MIN_WEIGHTS:
-        return [(0, rows, _quantize(w, d))]
-    w = w.astype(mx.bfloat16)
-    cuts = [rows * i // n for i in range(n + 1)]
-    return [
-        (lo, hi, list(mx.quantize(w[lo:hi], group_size=d.group_size, bits=d.bits, stream=st)))
-        for lo, hi, st in zip(cuts, cuts[1:], _cpu_streams(n))
-    ]
 
 
 def _requantize(packed: mx.array, scales: mx.array, d: Decision, src_group_size: int) -> List[mx.array]:
@@ -191,23 +161,16 @@ def _requantize(packed: mx.array, scales: mx.array, d: Decision, src_group_size:
     )
 
 
-def compute_job(
-    src: Source, job: Job, inputs, res: Resolution
-) -> List[Tuple[Item, List[Tuple[int, int, List[mx.array]]]]]:
-    """Output arrays per item, in output_tensors() order, as parts (first row, end row,
-    arrays) along the outputs' first axis (see _quantize_parts)."""
+def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[Item, List[mx.array]]]:
+    """Output arrays per item, in output_tensors() order."""
     dec = res.decisions
-
-    def whole(arrays):
-        return [(0, arrays[0].shape[0] if arrays[0].ndim else 0, arrays)]
-
     if job.kind == "param":
         (it,) = job.items
         dtype = mx.float32 if it.dtype == "float32" else mx.bfloat16
-        return [(it, whole([inputs[0].astype(dtype)]))]
+        return [(it, [inputs[0].astype(dtype)])]
     if job.kind == "dense":
         (it,) = job.items
-        return [(it, _quantize_parts(inputs[0], dec[it.path]))]
+        return [(it, _quantize(inputs[0], dec[it.path]))]
     if job.kind == "kv_b":
         # mlx-lm's sanitize: (heads*(nope+v), kv_lora) -> embed_q (heads, kv_lora, nope)
         # and unembed_out (heads, v, kv_lora).
@@ -216,11 +179,11 @@ def compute_job(
         v = inputs[0].astype(mx.bfloat16).reshape(heads, -1, q_it.shape[1])
         wk = mx.contiguous(v[:, :nope, :].swapaxes(-1, -2))
         wv = mx.contiguous(v[:, nope:, :])
-        return [(q_it, whole(_quantize(wk, dec[q_it.path]))), (o_it, whole(_quantize(wv, dec[o_it.path])))]
+        return [(q_it, _quantize(wk, dec[q_it.path])), (o_it, _quantize(wv, dec[o_it.path]))]
     (it,) = job.items
     d = dec[it.path]
     if src.cfg.scheme is None:
-        return [(it, _quantize_parts(inputs[0], d))]
+        return [(it, _quantize(inputs[0], d))]
     # Evaluated views of the read buffer: requantize_int4 then reads them in place
     # (a lazy view would be copied whole first).
     packed, scales = inputs[0].view(mx.uint32), inputs[1]
@@ -228,13 +191,13 @@ def compute_job(
     gs = src.cfg.scheme.group_size
     if d is not None and d.repack:
         s = scales.astype(mx.bfloat16)
-        return [(it, whole([packed, s, -8 * s]))]
+        return [(it, [packed, s, -8 * s])]
     if d is None:
         w = mx.dequantize(
             packed, scales.astype(mx.float32), -8 * scales.astype(mx.float32), group_size=gs, bits=4
         )
-        return [(it, whole([w.astype(mx.bfloat16)]))]
-    return [(it, whole(_requantize(packed, scales, d, gs)))]
+        return [(it, [w.astype(mx.bfloat16)])]
+    return [(it, _requantize(packed, scales, d, gs))]
 
 
 AUTO_SAMPLE_EXPERTS = 16
@@ -643,20 +606,17 @@ def _run_pipeline(
             t1 = clock()
             stages["wait_read"] += t1 - t
             slices = []
-            outputs = compute_job(src, piece.sub_job(), piece_arrays(buf[0], piece), res)
-            mx.eval([arrays for _, parts in outputs for _, _, arrays in parts])
-            for it, parts in outputs:
-                for lo, hi, arrays in parts:
-                    for name, arr in zip(out.item_tensors[it.path], arrays):
-                        shape, dtype = out.tensor_meta[name]
-                        whole = piece.whole and (lo, hi) == (0, shape[0] if shape else 0)
-                        want = tuple(shape) if whole else (hi - lo, *shape[1:])
-                        if tuple(arr.shape) != want or arr.dtype != getattr(mx, dtype):
-                            raise AssertionError(
-                                f"{name}: produced {arr.shape} {arr.dtype}, planned {want} {dtype}"
-                            )
-                        first = lo if piece.whole else piece.lo + lo
-                        slices.append((name, tensor_bytes(shape[1:], dtype) * first, arr))
+            for it, arrays in compute_job(src, piece.sub_job(), piece_arrays(buf[0], piece), res):
+                mx.eval(arrays)
+                for name, arr in zip(out.item_tensors[it.path], arrays):
+                    shape, dtype = out.tensor_meta[name]
+                    want = shape if piece.whole else (piece.hi - piece.lo, *shape[1:])
+                    if tuple(arr.shape) != want or arr.dtype != getattr(mx, dtype):
+                        raise AssertionError(
+                            f"{name}: produced {arr.shape} {arr.dtype}, planned {want} {dtype}"
+                        )
+                    row = 0 if piece.whole else tensor_bytes(shape[1:], dtype) * piece.lo
+                    slices.append((name, row, arr))
             t2 = clock()
             stages["compute"] += t2 - t1
             # Where the computing goes, by job kind and fit (bench_convert prints it).
