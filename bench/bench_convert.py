@@ -46,12 +46,14 @@ OURS = r"""
 import json, resource, sys, time
 from moequant.convert import convert
 fit = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+cpu0 = CPU()
 t0 = time.perf_counter()
 r = convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, fit=fit)
 wall = time.perf_counter() - t0
+cpu = [b - a for a, b in zip(cpu0, CPU())] if cpu0 else []
 u = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"wall": wall, "out_bytes": r.total_bytes, "peak": PEAK(), "user": u.ru_utime,
-                  "sys": u.ru_stime, "minflt": u.ru_minflt, "stages": r.stages}))
+                  "sys": u.ru_stime, "minflt": u.ru_minflt, "stages": r.stages, "machine": cpu}))
 """
 
 MLX_LM = r"""
@@ -84,6 +86,13 @@ print(json.dumps({"wall": wall, "out_bytes": out_bytes, "peak": PEAK()}))
 """
 
 PEAK = r"""
+def CPU():
+    # The whole machine's CPU time by state (Linux /proc/stat, clock ticks): what the
+    # other processes, the kernel and the hypervisor (steal) took during a conversion.
+    try:
+        return [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
 def PEAK():
     try:
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -91,6 +100,9 @@ def PEAK():
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
+
+
+CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
 def run_route(code, src, dst, recipe, *extra, pythonpath=None):
@@ -367,6 +379,12 @@ def main_full(args):
             f"\n{r['name']}: wall {r['wall']:.2f} s, user {r['user']:.1f} s, system {r['sys']:.1f} s, "
             f"{r['minflt'] / 1e6:.2f} M minor page faults, peak RSS {r['peak'] / 1e9:.2f} GB"
         )
+        if r.get("machine"):
+            m = r["machine"]
+            print(
+                "  machine CPU during it (all processes, both cores): "
+                + ", ".join(f"{k} {v / max(sum(m), 1):.0%}" for k, v in zip(CPU_STATES, m))
+            )
         print(
             f"  main thread: computing {st['compute']:.1f} s ({st['compute'] / r['wall']:.0%} of wall), "
             f"waiting for reads {st['wait_read']:.1f} s, waiting for writes {st['wait_write']:.1f} s"

@@ -48,6 +48,16 @@ NB_MODULE(_ext, m) {
       "dtype"_a = nb::none(),
       "stream"_a = nb::none());
 
+  // mx.quantize's min-max on every core, bit for bit (convert's bf16 modules).
+  m.def(
+      "quantize_minmax",
+      &moequant::quantize_minmax,
+      "w"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a = 64,
+      "stream"_a = nb::none());
+
   // The mse fit (python/moequant/ops.py documents both).
   m.def(
       "requantize_int4_fit",

@@ -36,3 +36,26 @@ def test_writeback_window_does_not_change_the_bytes(tmp_path, monkeypatch):
     for other in ("default", "streamed"):
         b = shards(tmp_path / other)
         assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), other
+
+
+def test_min_max_modules_are_those_of_mx_quantize(tmp_path, monkeypatch):
+    # convert quantizes bf16 modules with quantize_minmax (every core); with MLX's own
+    # mx.quantize instead, the shards are the same bytes.
+    import mlx.core as mx
+
+    import moequant.convert as cv
+
+    src = make_checkpoint(tmp_path / "src", "kimi_k25", layers=2, shards=2, seed=5)
+    calls = []
+    real = cv._ext.quantize_minmax
+    monkeypatch.setattr(cv._ext, "quantize_minmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    convert(src, tmp_path / "ours", "alis-3.6", progress=False)
+    assert calls  # the path under test ran
+    monkeypatch.setattr(
+        cv._ext,
+        "quantize_minmax",
+        lambda w, bits, group_size, stream: mx.quantize(w, group_size=group_size, bits=bits, stream=stream),
+    )
+    convert(src, tmp_path / "mlx", "alis-3.6", progress=False)
+    a, b = shards(tmp_path / "ours"), shards(tmp_path / "mlx")
+    assert len(a) > 1 and a.keys() == b.keys() and all(a[k] == b[k] for k in a)

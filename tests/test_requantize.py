@@ -131,6 +131,28 @@ def test_non_contiguous_inputs():
     check(packed.view(mx.uint32), scales, bits=4, group_size=128)
 
 
+def test_evaluated_views_into_a_larger_buffer_are_read_in_place():
+    # convert hands requantize_int4 evaluated views into its read buffers; mx.contiguous
+    # copied every such view whole (a buffer larger than the view), a second copy of
+    # each piece in fresh pages. The output must not change, and no input copy is made.
+    rng = np.random.default_rng(12)
+    packed, scales = random_int4(rng, (512,), 1024, 32, "bfloat16")
+    big_p = mx.concatenate([packed, packed[:64]]).view(mx.uint32)
+    big_s = mx.concatenate([scales, scales[:256]])
+    p, s = big_p[:512], big_s[:512]
+    mx.eval(p, s)
+    ref = oracle(packed, scales, bits=2, group_size=64)
+    mx.eval(ref)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    ours = moequant.requantize_int4(p, s, bits=2, group_size=64)
+    mx.eval(ours)
+    grown = mx.get_peak_memory() - base
+    out_bytes = sum(a.nbytes for a in ours)
+    assert grown < out_bytes + p.nbytes // 2, f"{grown} bytes allocated for {out_bytes} of output"
+    assert_same(ours, ref)
+
+
 def test_packing_known_answers():
     # compressed-tensors rules: u = q + 8, element i of a word at bits 4i.
     assert pack_int4(np.arange(-8, 0))[0] == 0x76543210
@@ -275,3 +297,87 @@ def test_gpu_matches_cpu(bits, group_size):
     gpu = moequant.requantize_int4(packed, scales, bits=bits, group_size=group_size, stream=mx.gpu)
     cpu = moequant.requantize_int4(packed, scales, bits=bits, group_size=group_size, stream=mx.cpu)
     assert_same(gpu, cpu)
+
+
+# ---- quantize_minmax: mx.quantize of float weights, bit for bit, on every core
+
+
+def _minmax_oracle(w, bits, group_size):
+    return mx.quantize(w, group_size=group_size, bits=bits, stream=mx.cpu)
+
+
+def _special_rows(rng, K):
+    """Groups MLX's rule treats specially: constant, zero (both signs), one huge or tiny
+    value, NaN and infinities among finite weights, all NaN, ties at the edges."""
+    rows = [
+        np.full(K, 0.25),
+        np.zeros(K),
+        -np.zeros(K),
+        np.where(np.arange(K) % 2, 0.0, -0.0),
+        rng.normal(size=K) * 1e-30,
+        rng.normal(size=K) * 1e30,
+        np.where(np.arange(K) % 7 == 0, np.nan, rng.normal(size=K)),
+        np.where(np.arange(K) % 5 == 0, np.inf, rng.normal(size=K)),
+        np.where(np.arange(K) % 9 == 0, -np.inf, rng.normal(size=K)),
+        np.full(K, np.nan),
+        np.tile([-1.0, 1.0], K // 2),
+        np.tile([-1.0, 0.5], K // 2),
+        rng.integers(-8, 8, size=K) * 0.0625,
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_minmax_is_mx_quantize(bits, group_size, dtype):
+    rng = np.random.default_rng(bits * 100 + group_size)
+    K = 256
+    w = np.concatenate(
+        [rng.normal(size=(37, K)) * rng.lognormal(size=(37, 1)), _special_rows(rng, K)]
+    ).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = mx.array(w).astype(MX_DTYPES[dtype])
+    assert_same(
+        moequant._ext.quantize_minmax(w, bits=bits, group_size=group_size, stream=mx.cpu),
+        _minmax_oracle(w, bits, group_size),
+    )
+
+
+def test_quantize_minmax_threads_views_and_shapes():
+    rng = np.random.default_rng(21)
+    w = mx.array(rng.normal(size=(3, 300, 512)).astype(np.float32)).astype(mx.bfloat16)
+    ref = _minmax_oracle(w, 6, 64)
+    try:
+        for n in (1, 2, 3):
+            moequant.set_num_threads(n)
+            assert_same(moequant._ext.quantize_minmax(w, bits=6, group_size=64, stream=mx.cpu), ref)
+    finally:
+        moequant.set_num_threads(0)
+    # A transposed (non-contiguous) input and an evaluated view into a larger buffer,
+    # read in place.
+    wt = mx.swapaxes(w, 0, 1)
+    assert_same(
+        moequant._ext.quantize_minmax(wt, bits=3, group_size=32, stream=mx.cpu), _minmax_oracle(wt, 3, 32)
+    )
+    big = w.reshape(-1, 512)
+    view = big[:800]
+    mx.eval(view)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    ours = moequant._ext.quantize_minmax(view, bits=4, group_size=128, stream=mx.cpu)
+    mx.eval(ours)
+    assert mx.get_peak_memory() - base < sum(a.nbytes for a in ours) + view.nbytes // 2
+    assert_same(ours, _minmax_oracle(view, 4, 128))
+
+
+def test_quantize_minmax_bad_arguments():
+    w = mx.zeros((4, 64), mx.bfloat16)
+    with pytest.raises(ValueError, match="bits"):
+        moequant._ext.quantize_minmax(w, bits=7, group_size=64, stream=mx.cpu)
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        moequant._ext.quantize_minmax(w[:, :48], bits=4, group_size=32, stream=mx.cpu)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        moequant._ext.quantize_minmax(mx.zeros((4, 64), mx.int32), bits=4, stream=mx.cpu)
+    with pytest.raises((RuntimeError, ValueError)):  # CPU streams only
+        mx.eval(moequant._ext.quantize_minmax(w, bits=4, stream=mx.gpu))

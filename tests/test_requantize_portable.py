@@ -117,12 +117,43 @@ def compare_with_extension(exe, runner, tmp_path, expect_simd):
             assert raw_bytes(a) == b, f"{name} differs for bits={bits} g={g} sg={sg} {sd}"
 
 
+def compare_minmax_with_extension(exe, runner, tmp_path, any_nan=False):
+    """quantize_minmax (float weights, mx.quantize's rule) on the driver's path against
+    the extension, special values included. any_nan: a NaN scale or bias may be another
+    NaN (arm64's default NaN is positive, x86-64's negative: MLX's own differ alike)."""
+    rng = np.random.default_rng(23)
+    for i, (bits, g) in enumerate((b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)):
+        w = rng.normal(size=(9, 256)).astype(np.float32)
+        w[1], w[2, ::7], w[3, ::5], w[4] = 0.0, np.nan, np.inf, np.nan
+        w[5] *= 1e-30
+        dtype = ("bfloat16", "float32", "float16")[i % 3]
+        wa = mx.array(w).astype(getattr(mx, dtype))
+        ours = moequant._ext.quantize_minmax(wa, bits=bits, group_size=g, stream=mx.cpu)
+        work = tmp_path / f"minmax{i}"
+        work.mkdir(parents=True)
+        (work / "w.bin").write_bytes(raw_bytes(wa))
+        cmd = [*runner, str(exe), "minmax", str(bits), str(g), dtype, "9", "256", str(work)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        for name, a in zip(("wq", "scales", "biases"), ours):
+            got = (work / f"{name}.bin").read_bytes()
+            if any_nan and name != "wq":
+                x = np.frombuffer(raw_bytes(a), np.uint32 if a.dtype == mx.float32 else np.uint16)
+                y = np.frombuffer(got, x.dtype)
+                b = mx.array(y).view(a.dtype).astype(mx.float32)
+                nan = np.isnan(np.array(a.astype(mx.float32))).ravel()
+                assert (nan == np.isnan(np.array(b))).all(), f"{name}: NaNs differ, bits={bits} g={g}"
+                assert (x[~nan] == y[~nan]).all(), f"{name}: bits={bits} g={g} {dtype}"
+            else:
+                assert raw_bytes(a) == got, f"{name}: bits={bits} g={g} {dtype}"
+
+
 def test_portable_path_matches_extension(build_dir, tmp_path):
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
     exe = build(cxx, ["-DMOEQUANT_NO_SIMD"], build_dir)
     compare_with_extension(exe, [], tmp_path, expect_simd=False)
+    compare_minmax_with_extension(exe, [], tmp_path)
 
 
 def test_arm64_neon_path_matches_extension(build_dir, tmp_path):
@@ -135,3 +166,4 @@ def test_arm64_neon_path_matches_extension(build_dir, tmp_path):
         )
     exe = build(cxx, ["-static"], build_dir)
     compare_with_extension(exe, [qemu], tmp_path, expect_simd=True)
+    compare_minmax_with_extension(exe, [qemu], tmp_path, any_nan=True)

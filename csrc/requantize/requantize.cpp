@@ -9,6 +9,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 #include "requantize/requantize_cpu.h"
+#include "requantize/requantize_mse.h"
 #include "requantize_launch.h"
 
 namespace moequant {
@@ -100,10 +101,13 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
     throw std::runtime_error(
         "[moequant.requantize_int4] this x86-64 build needs a CPU with SSSE3.");
   }
-  // Row-contiguous inputs let the kernels use flat indexing.
-  auto p = mx::contiguous(
-      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
-  auto sc = mx::contiguous(scales, false, stream);
+  // Row-contiguous inputs let the kernels use flat indexing. contiguous_as passes an
+  // evaluated row-contiguous view through: mx::contiguous copies any view into a larger
+  // buffer (convert's pieces are views into its read buffers: a copy and fresh pages of
+  // the whole piece per call).
+  auto p = contiguous_as(
+      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), packed.shape(), stream);
+  auto sc = contiguous_as(scales, scales.shape(), stream);
 
   auto outs = mx::array::make_arrays(
       {out_shape(packed.shape(), static_cast<int>(K * bits / 32)),
@@ -113,6 +117,58 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4(
       std::make_shared<RequantizeInt4>(stream, bits, group_size, src_group_size),
       {p, sc});
   return {outs[0], outs[1], outs[2]};
+}
+
+std::tuple<mx::array, mx::array, mx::array>
+quantize_minmax(const mx::array& w, int bits, int group_size, mx::StreamOrDevice s) {
+  check_quantize_args(w, bits, group_size, std::nullopt);
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("[moequant.quantize_minmax] CPU streams only (use mx.quantize).");
+  }
+  const int K = w.shape(-1);
+  auto outs = mx::array::make_arrays(
+      {out_shape(w.shape(), K / 32 * bits),
+       out_shape(w.shape(), K / group_size),
+       out_shape(w.shape(), K / group_size)},
+      {mx::uint32, w.dtype(), w.dtype()},
+      std::make_shared<QuantizeMinmax>(stream, bits, group_size),
+      {contiguous_as(w, w.shape(), stream)});
+  return {outs[0], outs[1], outs[2]};
+}
+
+bool QuantizeMinmax::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizeMinmax&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+std::vector<mx::Shape> QuantizeMinmax::output_shapes(const std::vector<mx::array>& inputs) {
+  const auto& w = inputs[0];
+  const int K = w.shape(-1);
+  return {
+      out_shape(w.shape(), K / 32 * bits_),
+      out_shape(w.shape(), K / group_size_),
+      out_shape(w.shape(), K / group_size_)};
+}
+
+void QuantizeMinmax::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& w = inputs[0];
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  cpu::QuantizeArgs args;
+  args.w = w.data<void>();
+  args.wq = outputs[0].data<uint8_t>();
+  args.scales = outputs[1].data<void>();
+  args.biases = outputs[2].data<void>();
+  args.K = w.shape(-1);
+  args.rows = w.size() / w.shape(-1);
+  args.bits = bits_;
+  args.group_size = group_size_;
+  args.w_dtype = w.dtype();
+  enqueue_cpu(stream(), {w}, outputs, [args]() { cpu::quantize_minmax(args); });
 }
 
 bool RequantizeInt4::is_equivalent(const mx::Primitive& other) const {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <stdexcept>
 #include <tuple>
 
 #include "common/kernel_encoder.h"
@@ -31,6 +32,32 @@ void check_requantize_int4_args(
     int group_size,
     int src_group_size,
     std::optional<mx::Dtype> dtype);
+
+// mx.quantize(w, group_size, bits) (affine, min-max), bit for bit, on a CPU stream: the
+// same (wq uint32, scales, biases in w's dtype), computed on every core (MLX's CPU
+// kernel is one scalar thread).
+std::tuple<mx::array, mx::array, mx::array>
+quantize_minmax(const mx::array& w, int bits, int group_size, mx::StreamOrDevice s = {});
+
+class QuantizeMinmax : public mx::Primitive {
+ public:
+  QuantizeMinmax(mx::Stream stream, int bits, int group_size)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[moequant.quantize_minmax] CPU streams only (use mx.quantize).");
+  }
+  const char* name() const override {
+    return "QuantizeMinmax";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int bits_;
+  int group_size_;
+};
 
 class RequantizeInt4 : public mx::Primitive, public MetalDispatch {
  public:

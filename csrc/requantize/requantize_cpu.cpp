@@ -337,6 +337,139 @@ void dispatch(const RequantizeArgs& a, std::size_t r0, std::size_t r1) {
   }
 }
 
+// ---- float weights (quantize_minmax)
+
+// A group's weights as float32 (exact for every input dtype, as MLX's (float)w).
+template <typename T>
+inline void load_floats(const T* w, int n, float* out) {
+  for (int i = 0; i < n; ++i) {
+    out[i] = static_cast<float>(w[i]);
+  }
+}
+
+#if defined(MQ_SIMD_SSSE3)
+template <>
+inline void load_floats<mx::bfloat16_t>(const mx::bfloat16_t* w, int n, float* out) {
+  // bf16 -> float32 is the 16 bits shifted up.
+  for (int i = 0; i < n; i += 8) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
+    _mm_storeu_si128(
+        reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi16(_mm_setzero_si128(), v));
+    _mm_storeu_si128(
+        reinterpret_cast<__m128i*>(out + i + 4), _mm_unpackhi_epi16(_mm_setzero_si128(), v));
+  }
+}
+#endif
+
+// MLX's w_max = std::max(w_max, w), w_min = std::min(w_min, w) over the group: NaN
+// weights are skipped. Lanes reduce in another order than MLX's loop, which can change
+// only the sign of a zero extreme; that never changes the parameters (a zero maximum or
+// minimum enters them only through w_max - w_min or as a zero edge).
+inline void float_range(const float* x, int n, float& wmin, float& wmax) {
+#if defined(MQ_SIMD_SSSE3)
+  __m128 lo = _mm_set1_ps(std::numeric_limits<float>::infinity());
+  __m128 hi = _mm_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int i = 0; i < n; i += 4) {
+    __m128 v = _mm_loadu_ps(x + i);
+    hi = _mm_max_ps(v, hi); // v > hi ? v : hi: a NaN v keeps hi
+    lo = _mm_min_ps(v, lo);
+  }
+  alignas(16) float l[4], h[4];
+  _mm_store_ps(l, lo);
+  _mm_store_ps(h, hi);
+  wmin = l[0];
+  wmax = h[0];
+  for (int i = 1; i < 4; ++i) {
+    wmin = l[i] < wmin ? l[i] : wmin;
+    wmax = wmax < h[i] ? h[i] : wmax;
+  }
+#else
+  wmin = std::numeric_limits<float>::infinity();
+  wmax = -wmin;
+  for (int i = 0; i < n; ++i) {
+    wmax = wmax < x[i] ? x[i] : wmax;
+    wmin = x[i] < wmin ? x[i] : wmin;
+  }
+#endif
+}
+
+// The 32 codes of a block: clamp((w - bias) / scale, 0, n_bins), then rounded half to
+// even (clamping first gives MLX's rint-then-clamp integer; see code_table). A NaN
+// quotient becomes code 0, as MLX's float -> integer cast leaves it.
+inline void float_codes(const float* x, mq_affine p, float n_bins, Block& out) {
+  const float magic = 12582912.0f; // 1.5 * 2^23
+#if defined(MQ_SIMD_SSSE3)
+  const __m128 vb = _mm_set1_ps(p.bias), vsc = _mm_set1_ps(p.scale);
+  const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(n_bins), vm = _mm_set1_ps(magic);
+  for (int h = 0; h < 2; ++h) {
+    __m128i q[4];
+    for (int j = 0; j < 4; ++j) {
+      __m128 v = _mm_div_ps(_mm_sub_ps(_mm_loadu_ps(x + 16 * h + 4 * j), vb), vsc);
+      v = _mm_min_ps(_mm_max_ps(v, zero), top); // max(NaN, 0) = 0
+      v = _mm_sub_ps(_mm_add_ps(v, vm), vm);
+      q[j] = _mm_cvttps_epi32(v);
+    }
+    __m128i a = _mm_packs_epi32(q[0], q[1]);
+    __m128i b = _mm_packs_epi32(q[2], q[3]);
+    _mm_store_si128(reinterpret_cast<__m128i*>(out.codes + 16 * h), _mm_packus_epi16(a, b));
+  }
+#else
+  for (int i = 0; i < 32; ++i) {
+    float v = (x[i] - p.bias) / p.scale;
+    v = v > 0.0f ? v : 0.0f;
+    v = v < n_bins ? v : n_bins;
+    out.codes[i] = static_cast<uint8_t>(static_cast<int>((v + magic) - magic));
+  }
+#endif
+}
+
+template <int BITS, typename T>
+void quantize_rows(const QuantizeArgs& a, std::size_t r0, std::size_t r1) {
+  const float n_bins = static_cast<float>((1 << BITS) - 1);
+  const int K = a.K;
+  const int G = a.group_size;
+  const int blocks_per_group = G / 32;
+  const int n_groups = K / G;
+  const std::size_t out_row = static_cast<std::size_t>(K) * BITS / 8;
+  constexpr int GB = 4; // groups whose parameters are computed together
+  alignas(16) float x[GB][128];
+  Block blk;
+  for (std::size_t r = r0; r < r1; ++r) {
+    const T* w = static_cast<const T*>(a.w) + r * K;
+    uint8_t* out = a.wq + r * out_row;
+    T* os = static_cast<T*>(a.scales) + r * n_groups;
+    T* ob = static_cast<T*>(a.biases) + r * n_groups;
+    for (int g0 = 0; g0 < n_groups; g0 += GB) {
+      const int ng = n_groups - g0 < GB ? n_groups - g0 : GB;
+      float wmin[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float wmax[GB] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int gi = 0; gi < ng; ++gi) {
+        load_floats(w + static_cast<std::size_t>(g0 + gi) * G, G, x[gi]);
+        float_range(x[gi], G, wmin[gi], wmax[gi]);
+      }
+      mq_affine p[GB];
+      affine_params4(wmin, wmax, n_bins, p);
+      for (int gi = 0; gi < ng; ++gi) {
+        const int g = g0 + gi;
+        os[g] = static_cast<T>(p[gi].scale);
+        ob[g] = static_cast<T>(p[gi].bias);
+        for (int j = 0; j < blocks_per_group; ++j) {
+          float_codes(x[gi] + 32 * j, p[gi], n_bins, blk);
+          store_block<BITS>(blk, out + 4 * BITS * (g * blocks_per_group + j));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void quantize_dispatch(const QuantizeArgs& a, std::size_t r0, std::size_t r1) {
+  dispatch_bits(
+      a.bits,
+      [&](auto b) { quantize_rows<decltype(b)::value, T>(a, r0, r1); },
+      [] { throw std::invalid_argument("[quantize_minmax] unsupported bits"); });
+}
+
 } // namespace
 
 bool requantize_simd_available() {
@@ -365,6 +498,29 @@ void requantize_int4(const RequantizeArgs& a) {
   std::size_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
   dynamic_for(a.rows, min_rows, [&](auto&& claim) {
     claim([&](std::size_t r0, std::size_t r1) { dispatch(a, r0, r1); });
+  });
+}
+
+} // namespace moequant::cpu
+
+namespace moequant::cpu {
+
+void quantize_minmax(const QuantizeArgs& a) {
+  const std::size_t row_bytes = static_cast<std::size_t>(a.K) * mx::size_of(a.w_dtype);
+  const std::size_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
+  dynamic_for(a.rows, min_rows, [&](auto&& claim) {
+    claim([&](std::size_t r0, std::size_t r1) {
+      switch (a.w_dtype) {
+        case mx::float32:
+          return quantize_dispatch<float>(a, r0, r1);
+        case mx::float16:
+          return quantize_dispatch<mx::float16_t>(a, r0, r1);
+        case mx::bfloat16:
+          return quantize_dispatch<mx::bfloat16_t>(a, r0, r1);
+        default:
+          throw std::invalid_argument("[quantize_minmax] unsupported weight dtype");
+      }
+    });
   });
 }
 

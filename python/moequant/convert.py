@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import __version__, vision
+from . import __version__, _ext, vision
 from .checkpoint import CheckpointError, Item, Job, Source, Unit
 from .checkpoint.files import read_text
 from .checkpoint.layout import all_items
@@ -138,8 +138,8 @@ def _quantize(w: mx.array, d: Optional[Decision]) -> List[mx.array]:
     w = w.astype(mx.bfloat16)
     if d is None:
         return [w]
-    if d.fit == "minmax":  # exactly mx.quantize, as every MLX build
-        return list(mx.quantize(w, group_size=d.group_size, bits=d.bits, stream=mx.cpu))
+    if d.fit == "minmax":  # exactly mx.quantize, as every MLX build, on every core
+        return list(_ext.quantize_minmax(w, bits=d.bits, group_size=d.group_size, stream=mx.cpu))
     from .ops import quantize
 
     return list(quantize(w, bits=d.bits, group_size=d.group_size, fit=d.fit, dtype=mx.bfloat16))
@@ -184,7 +184,10 @@ def compute_job(src: Source, job: Job, inputs, res: Resolution) -> List[Tuple[It
     d = dec[it.path]
     if src.cfg.scheme is None:
         return [(it, _quantize(inputs[0], d))]
+    # Evaluated views of the read buffer: requantize_int4 then reads them in place
+    # (a lazy view would be copied whole first).
     packed, scales = inputs[0].view(mx.uint32), inputs[1]
+    mx.eval(packed, scales)
     gs = src.cfg.scheme.group_size
     if d is not None and d.repack:
         s = scales.astype(mx.bfloat16)

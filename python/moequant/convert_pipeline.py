@@ -224,12 +224,14 @@ def read_piece(piece: Piece, view: np.ndarray) -> None:
 
 
 def piece_arrays(buf: mx.array, piece: Piece) -> List[mx.array]:
-    """The piece's input arrays: views into ``buf`` (no copy)."""
+    """The piece's input arrays: views into ``buf`` (no copy), evaluated, so that the ops
+    that take evaluated row-contiguous inputs as they are read them in place."""
     out = []
     for off, shape, dt in piece.inputs:
         nbytes = int(np.prod(shape)) * np.dtype(NP_STORAGE[dt]).itemsize
         a = buf[off : off + nbytes].view(MX_STORAGE[dt]).reshape(shape)
         out.append(a.view(mx.bfloat16) if dt == "BF16" else a)
+    mx.eval(out)
     return out
 
 

@@ -41,7 +41,36 @@ static void write_file(const std::string& path, const void* p, std::size_t n) {
   f.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
 }
 
+// usage: requant_main minmax BITS G DTYPE ROWS K DIR: quantize_minmax of DIR/w.bin
+// (rows*K values of DTYPE) into DIR/wq.bin, DIR/scales.bin, DIR/biases.bin.
+static int minmax_main(char** argv) {
+  moequant::cpu::QuantizeArgs a;
+  a.bits = std::atoi(argv[2]);
+  a.group_size = std::atoi(argv[3]);
+  a.w_dtype = parse_dtype(argv[4]);
+  a.rows = std::strtoull(argv[5], nullptr, 10);
+  a.K = std::atoi(argv[6]);
+  std::string dir = argv[7];
+  auto w = read_file(dir + "/w.bin");
+  std::size_t n_groups = a.rows * (a.K / a.group_size);
+  std::size_t size = a.w_dtype == mx::float32 ? 4 : 2;
+  std::vector<uint8_t> wq(a.rows * a.K * a.bits / 8);
+  std::vector<uint8_t> os(n_groups * size), ob(n_groups * size);
+  a.w = w.data();
+  a.wq = wq.data();
+  a.scales = os.data();
+  a.biases = ob.data();
+  moequant::cpu::quantize_minmax(a);
+  write_file(dir + "/wq.bin", wq.data(), wq.size());
+  write_file(dir + "/scales.bin", os.data(), os.size());
+  write_file(dir + "/biases.bin", ob.data(), ob.size());
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 8 && std::string(argv[1]) == "minmax") {
+    return minmax_main(argv);
+  }
   if (argc != 10) {
     std::fprintf(stderr, "usage: %s BITS G SG SRC OUT ROWS K IN_DIR OUT_DIR\n", argv[0]);
     return 2;
