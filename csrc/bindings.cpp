@@ -19,6 +19,7 @@
 #include "dense_gemm/dense_gemm.h"
 #include "softmax_rows/softmax_rows.h"
 #include "norm_rope/norm_rope.h"
+#include "embedding/quantized_embedding.h"
 #include "mla_attention/mla_attention.h"
 #include "mla_attention/mla_attention_cpu.h"
 #include "moe_swiglu/moe_swiglu.h"
@@ -143,6 +144,17 @@ NB_MODULE(_ext, m) {
       "mask"_a = nb::none(),
       nb::kw_only(),
       "scale"_a = 1.0f,
+      "stream"_a = nb::none());
+  m.def(
+      "quantized_embedding",
+      &moequant::quantized_embedding,
+      "ids"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a,
       "stream"_a = nb::none());
   m.def(
       "rms_norm",

@@ -194,3 +194,84 @@ def test_patched_layers_bits_equal(yarn, dtype):
     assert graph_nodes(norm(h)) == {"MoequantRMSNorm": 1}
     moequant.unpatch(model)
     assert type(norm) is nn.RMSNorm
+
+
+# ----------------------------------------------------------------------------- embedding, glue
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantized_embedding_bits_equal_mlx(dtype, bits, group_size):
+    from moequant.ops import quantized_embedding
+
+    rng = np.random.default_rng(bits * group_size)
+    V, K = 37, 256
+    emb = nn.QuantizedEmbedding(V, K, group_size=group_size, bits=bits)
+    table = _x(rng, (V, K), dtype, 0.05)
+    emb.weight, emb.scales, emb.biases = mx.quantize(table, group_size=group_size, bits=bits)
+    ids = mx.array(rng.integers(0, V, (2, 5)).astype(np.int32))
+    got = quantized_embedding(ids, emb.weight, emb.scales, emb.biases, bits=bits, group_size=group_size)
+    assert _same(got, emb(ids))
+    # float64: scale * code + bias from the unpacked codes
+    codes = np.array(
+        mx.dequantize(
+            emb.weight,
+            mx.ones_like(emb.scales, dtype=mx.float32),
+            mx.zeros_like(emb.biases, dtype=mx.float32),
+            group_size=group_size,
+            bits=bits,
+        )
+    )
+    s64 = np.repeat(np.array(emb.scales.astype(mx.float32)).astype(np.float64), group_size, -1)
+    b64 = np.repeat(np.array(emb.biases.astype(mx.float32)).astype(np.float64), group_size, -1)
+    ref = (codes * s64 + b64)[np.array(ids)]
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), ref, atol=TOL[dtype] * 0.1 + 1e-6, rtol=TOL[dtype]
+    )
+    # negative ids count from the end, int64 ids, strided ids; one graph node
+    for i in (mx.array([-1, 0, -V]), mx.array([[3, 4]], dtype=mx.int64), ids.T, ids[:, ::2]):
+        assert _same(
+            quantized_embedding(i, emb.weight, emb.scales, emb.biases, bits=bits, group_size=group_size),
+            emb(i),
+        )
+    assert graph_nodes(
+        quantized_embedding(ids, emb.weight, emb.scales, emb.biases, bits=bits, group_size=group_size)
+    ) == {"MoequantQuantizedEmbedding": 1}
+
+
+def test_quantized_embedding_bad_arguments():
+    from moequant.ops import quantized_embedding
+
+    w, s, b = mx.quantize(mx.zeros((8, 64)), group_size=32, bits=4)
+    with pytest.raises(ValueError, match="ids"):
+        quantized_embedding(mx.zeros((2,)), w, s, b, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="scales"):
+        quantized_embedding(mx.array([1]), w, s, b, bits=4, group_size=64)
+    with pytest.raises(ValueError, match="bits"):
+        quantized_embedding(mx.array([1]), w, s, b, bits=7, group_size=32)
+    # an id outside the table reads nothing outside it: a row of NaN
+    assert np.isnan(np.array(quantized_embedding(mx.array([8, -9]), w, s, b, bits=4, group_size=32))).all()
+
+
+def test_ops_take_strided_unevaluated_inputs_without_nodes():
+    """quantized_linear, matmul_nt and softmax_rows take x of any rank and strides as it
+    is (one node, no Reshape/Contiguous around it) and copy a strided view at eval time:
+    the same bits as on a contiguous copy."""
+    from moequant.ops import matmul_nt, quantized_linear, softmax_rows
+
+    rng = np.random.default_rng(4)
+    wq, ws, wb = mx.quantize(_x(rng, (48, 128), mx.float32, 0.1), group_size=64, bits=4)
+    base = _x(rng, (3, 128, 4), mx.float32)
+    mx.eval(wq, ws, wb, base)
+    for x in (base.transpose(0, 2, 1), (base + 1).transpose(0, 2, 1)[:, ::2]):
+        y = quantized_linear(x, wq, ws, wb, bits=4, group_size=64)
+        assert sum(graph_nodes(y).values()) - sum(graph_nodes(x).values()) == 1
+        assert _same(y, quantized_linear(mx.array(np.array(x)), wq, ws, wb, bits=4, group_size=64))
+    a = _x(rng, (2, 3, 16, 5), mx.float32).swapaxes(-1, -2)
+    b = _x(rng, (2, 3, 14, 16), mx.float32)[..., ::2, :]
+    y = matmul_nt(a + 0, b)
+    assert graph_nodes(y)["MoequantMatmulNT"] == 1 and "Contiguous" not in graph_nodes(y)
+    assert _same(y, matmul_nt(mx.array(np.array(a)), mx.array(np.array(b))))
+    s = _x(rng, (2, 9, 4), mx.float32).swapaxes(-1, -2)
+    assert _same(softmax_rows(s, scale=0.5), softmax_rows(mx.array(np.array(s)), scale=0.5))

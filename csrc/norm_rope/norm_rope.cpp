@@ -29,7 +29,8 @@ constexpr bool kScalarMlx = mx::simd::max_size<float> == 1;
 
 template <typename F>
 void for_rows(int64_t rows, int64_t D, F&& f) {
-  const auto chunk = static_cast<std::size_t>(std::max<int64_t>(1, kRowChunkElems / std::max<int64_t>(1, D)));
+  const auto chunk =
+      static_cast<std::size_t>(std::max<int64_t>(1, kRowChunkElems / std::max<int64_t>(1, D)));
   parallel_for(static_cast<std::size_t>(rows), chunk, [&](std::size_t r0, std::size_t r1) {
     for (std::size_t r = r0; r < r1; ++r) {
       f(static_cast<int64_t>(r));
@@ -153,7 +154,8 @@ mx::array rms_norm(
       (!weight || (weight->ndim() == 1 && weight->size() == static_cast<std::size_t>(x.shape(-1))));
   const auto out_type = weight ? mx::promote_types(x.dtype(), weight->dtype()) : x.dtype();
   // GPU streams, other dtypes and bad arguments: MLX's own op (its kernels, its errors).
-  if (st.device != mx::Device::cpu || !kScalarMlx || !shape_ok || !kernel_dtype(x.dtype()) || !kernel_dtype(out_type)) {
+  if (st.device != mx::Device::cpu || !kScalarMlx || !shape_ok || !kernel_dtype(x.dtype()) ||
+      !kernel_dtype(out_type)) {
     return mx::fast::rms_norm(x, weight, eps, st);
   }
   std::vector<mx::array> in{x};
@@ -206,7 +208,8 @@ void RMSNormRows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
 }
 
 void RMSNormRows::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("[moequant.rms_norm] no GPU kernel of its own (GPU streams use mx.fast.rms_norm).");
+  throw std::runtime_error(
+      "[moequant.rms_norm] no GPU kernel of its own (GPU streams use mx.fast.rms_norm).");
 }
 
 mx::array rope(
@@ -229,8 +232,7 @@ mx::array rope(
     return mx::fast::rope(x, dims, traditional, base, scale, offset, freqs, st);
   }
   std::vector<mx::array> in{
-      x,
-      offset.dtype() == mx::int32 ? offset : mx::astype(offset, mx::int32, st)};
+      x, offset.dtype() == mx::int32 ? offset : mx::astype(offset, mx::int32, st)};
   if (freqs) {
     in.push_back(mx::astype(*freqs, mx::float32, st));
   }
@@ -274,7 +276,8 @@ void RoPERows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
 }
 
 void RoPERows::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("[moequant.rope] no GPU kernel of its own (GPU streams use mx.fast.rope).");
+  throw std::runtime_error(
+      "[moequant.rope] no GPU kernel of its own (GPU streams use mx.fast.rope).");
 }
 
 } // namespace moequant

@@ -32,7 +32,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import quant_formats
-from .ops import as_projection, has_metal, moe_prefill, moe_swiglu, quantized_linear, rms_norm, rope
+from .ops import (
+    as_projection,
+    has_metal,
+    moe_prefill,
+    moe_swiglu,
+    quantized_embedding,
+    quantized_linear,
+    rms_norm,
+    rope,
+)
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
 # verification) still read each selected expert's weights about once per token.
@@ -290,7 +299,19 @@ class _FusedQuantizedLinear:
 
 
 class _FusedQuantizedEmbedding:
-    """Mixed in before nn.QuantizedEmbedding: as_linear (tied output projection)."""
+    """Mixed in before nn.QuantizedEmbedding: the lookup (one primitive, mx.dequantize's
+    bits) and as_linear (tied output projection)."""
+
+    def __call__(self, x):
+        if (
+            not self._moequant_layout_ok
+            or mx.default_device() != mx.cpu
+            or x.dtype not in (mx.int32, mx.int64, mx.uint32)
+        ):
+            return super().__call__(x)
+        return quantized_embedding(
+            x, self["weight"], self["scales"], self["biases"], bits=self.bits, group_size=self.group_size
+        )
 
     def as_linear(self, x):
         if not self._moequant_layout_ok or mx.default_device() != mx.cpu:

@@ -345,6 +345,19 @@ def softmax_rows(s: mx.array, mask=None, *, scale: float = 1.0, stream=None) -> 
     return _ext.softmax_rows(s, mask, scale=float(scale), stream=stream)
 
 
+def quantized_embedding(
+    ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int, stream=None
+) -> mx.array:
+    """``mx.dequantize(w[ids], scales[ids], biases[ids], group_size, bits)`` (what
+    ``nn.QuantizedEmbedding`` returns), bit for bit: ids (...) int32/int64/uint32 ->
+    (..., K) in the scales' dtype. CPU: one primitive (MLX's CPU path is ~56 primitives);
+    GPU streams run MLX's ops. Bad arguments raise ValueError naming them."""
+    for name, a in (("ids", ids), ("w", w), ("scales", scales), ("biases", biases)):
+        if not isinstance(a, mx.array):
+            raise ValueError(f"quantized_embedding: {name} must be an mx.array, got {type(a).__name__}")
+    return _ext.quantized_embedding(ids, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
+
+
 def rms_norm(x: mx.array, weight: Optional[mx.array], eps: float, *, stream=None) -> mx.array:
     """``mx.fast.rms_norm(x, weight, eps)``, bit for bit. CPU: one primitive that computes
     what MLX 0.32's CPU fallback graph computes (12 primitives there, ~8 us each at
