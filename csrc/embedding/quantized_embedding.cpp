@@ -31,7 +31,14 @@ inline uint32_t code_at(const uint8_t* row, int64_t row_bytes, int64_t i, int bi
 }
 
 template <typename T>
-void lookup(const mx::array& ids, const mx::array& w, const mx::array& sc, const mx::array& bi, T* out, int bits, int g) {
+void lookup(
+    const mx::array& ids,
+    const mx::array& w,
+    const mx::array& sc,
+    const mx::array& bi,
+    T* out,
+    int bits,
+    int g) {
   const int64_t V = w.shape(0), row_bytes = w.shape(1) * 4, n_groups = sc.shape(1);
   const int64_t K = n_groups * g;
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
@@ -45,8 +52,9 @@ void lookup(const mx::array& ids, const mx::array& w, const mx::array& sc, const
     const int64_t off = (ids.ndim() ? row_offset(ids, r / last) : 0) + (r % last) * sl;
     int64_t id = ids.dtype() == mx::int64 || ids.dtype() == mx::uint64
         ? ids.data<int64_t>()[off]
-        : static_cast<int64_t>(ids.dtype() == mx::uint32 ? int64_t(ids.data<uint32_t>()[off])
-                                                         : int64_t(ids.data<int32_t>()[off]));
+        : static_cast<int64_t>(
+              ids.dtype() == mx::uint32 ? int64_t(ids.data<uint32_t>()[off])
+                                        : int64_t(ids.data<int32_t>()[off]));
     T* y = out + r * K;
     if (id < 0) {
       id += V;
@@ -82,21 +90,24 @@ mx::array quantized_embedding(
     fail("ids must be int32, int64 or uint32; got " + dtype_str(ids.dtype()) + ".");
   }
   if (w.dtype() != mx::uint32 || w.ndim() != 2) {
-    fail("w must be a 2-D uint32 array (V, K*bits/32); got " + dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
+    fail(
+        "w must be a 2-D uint32 array (V, K*bits/32); got " + dtype_str(w.dtype()) + " " +
+        shape_str(w.shape()) + ".");
   }
   if (!is_float(scales.dtype()) || biases.dtype() != scales.dtype()) {
     fail(
-        "scales and biases must be float32, float16 or bfloat16 of one dtype; got " + dtype_str(scales.dtype()) +
-        " and " + dtype_str(biases.dtype()) + ".");
+        "scales and biases must be float32, float16 or bfloat16 of one dtype; got " +
+        dtype_str(scales.dtype()) + " and " + dtype_str(biases.dtype()) + ".");
   }
   const int V = w.shape(0);
   const int64_t K = int64_t(w.shape(1)) * 32 / bits;
   const mx::Shape want_s{V, static_cast<int>(K / group_size)};
   if (K % group_size != 0 || scales.shape() != want_s || biases.shape() != want_s) {
     fail(
-        "scales and biases must have shape " + shape_str(want_s) + " for w " + shape_str(w.shape()) + " at " +
-        std::to_string(bits) + " bits, group_size " + std::to_string(group_size) + "; got " +
-        shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
+        "scales and biases must have shape " + shape_str(want_s) + " for w " +
+        shape_str(w.shape()) + " at " + std::to_string(bits) + " bits, group_size " +
+        std::to_string(group_size) + "; got " + shape_str(scales.shape()) + " and " +
+        shape_str(biases.shape()) + ".");
   }
   auto st = mx::to_stream(s);
   if (st.device != mx::Device::cpu) {
@@ -148,7 +159,8 @@ void QuantizedEmbedding::eval_cpu(const std::vector<mx::array>& in, mx::array& o
 }
 
 void QuantizedEmbedding::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("[moequant.quantized_embedding] no GPU kernel of its own (GPU streams use MLX's ops).");
+  throw std::runtime_error(
+      "[moequant.quantized_embedding] no GPU kernel of its own (GPU streams use MLX's ops).");
 }
 
 } // namespace moequant
