@@ -328,22 +328,29 @@ def patch_linear(model: nn.Module) -> int:
     ``nn.QuantizedEmbedding.as_linear``) to ``quantized_linear`` on the CPU, in place;
     returns how many layers will use it (the others keep mlx-lm's call). ``unpatch``
     undoes it."""
-    bases = _linear_bases()
     n = 0
+    for m in _swap_classes(model, _linear_bases(), _fused_linear_classes):
+        ok = _linear_layout_ok(m)
+        object.__setattr__(m, "_moequant_layout_ok", ok)
+        n += int(ok)
+    return n
+
+
+def _swap_classes(model: nn.Module, bases: dict, made: Dict[type, type]) -> list:
+    """Swap the class of every module of ``model`` whose (original) class is a key of
+    ``bases`` for ``Fused<Base>(mixin, base)`` (made once, kept in ``made``), with
+    ``_moequant_base`` naming the original for ``unpatch``; returns those modules."""
+    out = []
     for _, m in model.named_modules():
         base = getattr(type(m), "_moequant_base", type(m))
         mixin = bases.get(base)
         if mixin is None:
             continue
-        if base not in _fused_linear_classes:
-            _fused_linear_classes[base] = type(
-                f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base}
-            )
-        m.__class__ = _fused_linear_classes[base]
-        ok = _linear_layout_ok(m)
-        object.__setattr__(m, "_moequant_layout_ok", ok)
-        n += int(ok)
-    return n
+        if base not in made:
+            made[base] = type(f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base})
+        m.__class__ = made[base]
+        out.append(m)
+    return out
 
 
 # --------------------------------------------------------------------------- norms, rope
@@ -406,15 +413,4 @@ def patch_norm_rope(model: nn.Module) -> int:
     """Route the ``nn.RMSNorm``, ``nn.RoPE`` and mlx-lm ``YarnRoPE`` layers of ``model``
     to moequant's ``rms_norm`` / ``rope`` on the CPU (same bits as mx.fast's), in place;
     returns how many layers were swapped. ``unpatch`` undoes it."""
-    bases = _norm_rope_bases()
-    n = 0
-    for _, m in model.named_modules():
-        base = getattr(type(m), "_moequant_base", type(m))
-        mixin = bases.get(base)
-        if mixin is None:
-            continue
-        if base not in _norm_rope_classes:
-            _norm_rope_classes[base] = type(f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base})
-        m.__class__ = _norm_rope_classes[base]
-        n += 1
-    return n
+    return len(_swap_classes(model, _norm_rope_bases(), _norm_rope_classes))
