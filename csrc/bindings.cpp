@@ -18,6 +18,8 @@
 #include "common/thread_pool.h"
 #include "dense_gemm/dense_gemm.h"
 #include "softmax_rows/softmax_rows.h"
+#include "norm_rope/norm_rope.h"
+#include "embedding/quantized_embedding.h"
 #include "mla_attention/mla_attention.h"
 #include "mla_attention/mla_attention_cpu.h"
 #include "moe_swiglu/moe_swiglu.h"
@@ -152,6 +154,49 @@ NB_MODULE(_ext, m) {
       "mask"_a = nb::none(),
       nb::kw_only(),
       "scale"_a = 1.0f,
+      "stream"_a = nb::none());
+  m.def(
+      "quantized_embedding",
+      &moequant::quantized_embedding,
+      "ids"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a,
+      "stream"_a = nb::none());
+  m.def(
+      "rms_norm",
+      &moequant::rms_norm,
+      "x"_a,
+      "weight"_a.none(),
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+  m.def(
+      "rope",
+      [](const mx::array& x,
+         int dims,
+         bool traditional,
+         std::optional<float> base,
+         float scale,
+         const std::variant<int, mx::array>& offset,
+         const std::optional<mx::array>& freqs,
+         mx::StreamOrDevice s) {
+        const mx::array off = std::holds_alternative<int>(offset)
+            ? mx::array(std::get<int>(offset), mx::int32)
+            : std::get<mx::array>(offset);
+        return moequant::rope(x, dims, traditional, base, scale, off, freqs, s);
+      },
+      "x"_a,
+      "dims"_a,
+      nb::kw_only(),
+      "traditional"_a,
+      "base"_a.none(),
+      "scale"_a,
+      "offset"_a,
+      "freqs"_a = nb::none(),
       "stream"_a = nb::none());
   m.def("qgemm_path", &moequant::qgemm::gemm_path);
   m.def(

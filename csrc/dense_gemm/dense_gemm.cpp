@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/strided.h"
 #include "common/cpu_task.h"
 #include "common/thread_pool.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -114,35 +115,28 @@ mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s
   if (st.device == mx::Device::gpu) {
     return mx::matmul(a, mx::swapaxes(b, -1, -2, st), st);
   }
-  const int M = a.shape(-2), N = b.shape(-2), K = a.shape(-1);
-  int batch = 1;
-  for (int i = 0; i < nd - 2; ++i) {
-    batch *= a.shape(i);
-  }
   mx::Shape out_shape = a.shape();
-  out_shape.back() = N;
-  auto c = [&](const mx::array& x, int rows) { return contiguous_as(x, {batch, rows, K}, st); };
-  auto y =
-      mx::array({batch, M, N}, mx::float32, std::make_shared<MatmulNT>(st), {c(a, M), c(b, N)});
-  return mx::reshape(y, out_shape, st);
+  out_shape.back() = b.shape(-2);
+  // a and b go in as they are, of any strides (no Reshape / Contiguous nodes, ~8 us each
+  // at decode): the primitive copies a strided one to rows at eval time.
+  return mx::array(out_shape, mx::float32, std::make_shared<MatmulNT>(st), {a, b});
 }
 
 std::vector<mx::Shape> MatmulNT::output_shapes(const std::vector<mx::array>& in) {
-  return {{in[0].shape(0), in[0].shape(1), in[1].shape(1)}};
+  mx::Shape out = in[0].shape();
+  out.back() = in[1].shape(-2);
+  return {out};
 }
 
 void MatmulNT::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  Args p{
-      in[0].data<float>(),
-      in[1].data<float>(),
-      out.data<float>(),
-      in[0].shape(0),
-      in[0].shape(1),
-      in[1].shape(1),
-      in[0].shape(2)};
-  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  enqueue_cpu(stream(), in, {out}, [p]() {
+  const mx::array a = in[0], b = in[1];
+  int64_t batch = 1;
+  for (std::size_t i = 0; i + 2 < a.ndim(); ++i) {
+    batch *= a.shape(i);
+  }
+  Args p{nullptr, nullptr, out.data<float>(), batch, a.shape(-2), b.shape(-2), a.shape(-1)};
+  enqueue_cpu(stream(), in, {out}, [p, a, b]() mutable {
     if (p.M == 0 || p.N == 0 || p.batch == 0) {
       return;
     }
@@ -150,6 +144,18 @@ void MatmulNT::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
       std::fill(p.y, p.y + p.batch * p.M * p.N, 0.0f);
       return;
     }
+    // Strided views (a transpose, a slice) copied to rows here, after their producers ran.
+    std::vector<float> ca, cb;
+    auto rows = [](const mx::array& x, std::vector<float>& buf) {
+      if (x.flags().row_contiguous) {
+        return x.data<float>();
+      }
+      buf.resize(x.size());
+      copy_row_contiguous(x, buf.data());
+      return static_cast<const float*>(buf.data());
+    };
+    p.a = rows(a, ca);
+    p.b = rows(b, cb);
     run(p);
   });
 }

@@ -16,7 +16,7 @@ namespace mx = mlx::core;
 // float32: y[..., m, n] = sum_k a[..., m, k] * b[..., n, k].
 mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
 
-// inputs: a (Bt, M, K), b (Bt, N, K) row-contiguous -> y (Bt, M, N)
+// inputs: a (..., M, K), b (..., N, K) any strides -> y (..., M, N) row-contiguous
 class MatmulNT : public mx::UnaryPrimitive {
  public:
   explicit MatmulNT(mx::Stream stream) : mx::UnaryPrimitive(stream) {}

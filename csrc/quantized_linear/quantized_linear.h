@@ -22,7 +22,7 @@ mx::array quantized_linear(
     int group_size,
     mx::StreamOrDevice s = {});
 
-// inputs: x (M, K), w, scales, biases -> y (M, N) in x's dtype
+// inputs: x (..., K) any strides, w, scales, biases -> y (..., N) in x's dtype
 class QuantizedLinear : public mx::UnaryPrimitive {
  public:
   QuantizedLinear(mx::Stream stream, int bits, int group_size)

@@ -23,7 +23,7 @@ mx::array softmax_rows(
     float scale,
     mx::StreamOrDevice st = {});
 
-// inputs: s (R, S) with R = Bt * L, [mask (L, S) bool] -> p (R, S)
+// inputs: s (..., L, S) any strides, [mask (L, S) bool] -> p (..., L, S) row-contiguous
 class SoftmaxRows : public mx::UnaryPrimitive {
  public:
   SoftmaxRows(mx::Stream stream, float scale) : mx::UnaryPrimitive(stream), scale_(scale) {}

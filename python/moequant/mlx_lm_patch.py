@@ -32,7 +32,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import quant_formats
-from .ops import as_projection, has_metal, moe_prefill, moe_swiglu, quantized_linear
+from .ops import (
+    as_projection,
+    has_metal,
+    moe_prefill,
+    moe_swiglu,
+    quantized_embedding,
+    quantized_linear,
+    rms_norm,
+    rope,
+)
 
 # Decode steps are one token per sequence; a few more (small batches, speculative
 # verification) still read each selected expert's weights about once per token.
@@ -199,10 +208,11 @@ def patch(
     longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
     Apply after loading/sharding; calling it again updates ``max_tokens``.
     With ``linear`` (the default) the quantized linear layers are patched too
-    (``patch_linear``), and with ``attention`` (default: as ``linear``) the MLA attention
+    (``patch_linear``), and the RMSNorm and RoPE layers (``patch_norm_rope``), and with ``attention`` (default: as ``linear``) the MLA attention
     layers (``mla_attention.patch_attention``: float32 attention on the CPU)."""
     if linear:
         patch_linear(model)
+        patch_norm_rope(model)
     if linear if attention is None else attention:
         from .mla_attention import patch_attention
 
@@ -289,7 +299,19 @@ class _FusedQuantizedLinear:
 
 
 class _FusedQuantizedEmbedding:
-    """Mixed in before nn.QuantizedEmbedding: as_linear (tied output projection)."""
+    """Mixed in before nn.QuantizedEmbedding: the lookup (one primitive, mx.dequantize's
+    bits) and as_linear (tied output projection)."""
+
+    def __call__(self, x):
+        if (
+            not self._moequant_layout_ok
+            or mx.default_device() != mx.cpu
+            or x.dtype not in (mx.int32, mx.int64, mx.uint32)
+        ):
+            return super().__call__(x)
+        return quantized_embedding(
+            x, self["weight"], self["scales"], self["biases"], bits=self.bits, group_size=self.group_size
+        )
 
     def as_linear(self, x):
         if not self._moequant_layout_ok or mx.default_device() != mx.cpu:
@@ -306,19 +328,89 @@ def patch_linear(model: nn.Module) -> int:
     ``nn.QuantizedEmbedding.as_linear``) to ``quantized_linear`` on the CPU, in place;
     returns how many layers will use it (the others keep mlx-lm's call). ``unpatch``
     undoes it."""
-    bases = _linear_bases()
     n = 0
+    for m in _swap_classes(model, _linear_bases(), _fused_linear_classes):
+        ok = _linear_layout_ok(m)
+        object.__setattr__(m, "_moequant_layout_ok", ok)
+        n += int(ok)
+    return n
+
+
+def _swap_classes(model: nn.Module, bases: dict, made: Dict[type, type]) -> list:
+    """Swap the class of every module of ``model`` whose (original) class is a key of
+    ``bases`` for ``Fused<Base>(mixin, base)`` (made once, kept in ``made``), with
+    ``_moequant_base`` naming the original for ``unpatch``; returns those modules."""
+    out = []
     for _, m in model.named_modules():
         base = getattr(type(m), "_moequant_base", type(m))
         mixin = bases.get(base)
         if mixin is None:
             continue
-        if base not in _fused_linear_classes:
-            _fused_linear_classes[base] = type(
-                f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base}
-            )
-        m.__class__ = _fused_linear_classes[base]
-        ok = _linear_layout_ok(m)
-        object.__setattr__(m, "_moequant_layout_ok", ok)
-        n += int(ok)
-    return n
+        if base not in made:
+            made[base] = type(f"Fused{base.__name__}", (mixin, base), {"_moequant_base": base})
+        m.__class__ = made[base]
+        out.append(m)
+    return out
+
+
+# --------------------------------------------------------------------------- norms, rope
+# MLX 0.32 has no CPU kernel for mx.fast.rms_norm / mx.fast.rope: on the CPU stream each
+# call builds a fallback graph (12 and ~36 primitives, ~8 us each at decode). moequant's
+# rms_norm / rope primitives compute the same bits in one primitive each (ops.py); other
+# devices keep mlx-lm's call (MLX's own kernels).
+
+_norm_rope_classes: Dict[type, type] = {}
+
+
+class _FusedRMSNorm:
+    """Mixed in before nn.RMSNorm."""
+
+    def __call__(self, x):
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        return rms_norm(x, self["weight"], self.eps)
+
+
+class _FusedRoPE:
+    """Mixed in before nn.RoPE."""
+
+    def __call__(self, x, offset=0):
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x, offset)
+        return rope(
+            x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset
+        )
+
+
+class _FusedYarnRoPE:
+    """Mixed in before mlx-lm's YarnRoPE (DeepSeek-V3 / Kimi with rope_scaling): the same
+    input scaling (mlx-lm's own op), then the rope on moequant's primitive."""
+
+    def __call__(self, x, offset=0, scale=1.0, inverse=False):
+        if mx.default_device() != mx.cpu or inverse:
+            return super().__call__(x, offset, scale, inverse)
+        if self.mscale != 1.0:
+            x = x.at[..., : self.dims].multiply(self.mscale)
+        return rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=None,
+            scale=scale,
+            offset=offset,
+            freqs=self._freqs,
+        )
+
+
+def _norm_rope_bases():
+    bases = {nn.RMSNorm: _FusedRMSNorm, nn.RoPE: _FusedRoPE}
+    for cls in import_classes((("mlx_lm.models.rope_utils", "YarnRoPE"),)):
+        bases[cls] = _FusedYarnRoPE
+    return bases
+
+
+def patch_norm_rope(model: nn.Module) -> int:
+    """Route the ``nn.RMSNorm``, ``nn.RoPE`` and mlx-lm ``YarnRoPE`` layers of ``model``
+    to moequant's ``rms_norm`` / ``rope`` on the CPU (same bits as mx.fast's), in place;
+    returns how many layers were swapped. ``unpatch`` undoes it."""
+    return len(_swap_classes(model, _norm_rope_bases(), _norm_rope_classes))

@@ -345,6 +345,58 @@ def softmax_rows(s: mx.array, mask=None, *, scale: float = 1.0, stream=None) -> 
     return _ext.softmax_rows(s, mask, scale=float(scale), stream=stream)
 
 
+def quantized_embedding(
+    ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int, stream=None
+) -> mx.array:
+    """``mx.dequantize(w[ids], scales[ids], biases[ids], group_size, bits)`` (what
+    ``nn.QuantizedEmbedding`` returns), bit for bit: ids (...) int32/int64/uint32 ->
+    (..., K) in the scales' dtype. CPU: one primitive (MLX's CPU path is ~56 primitives);
+    GPU streams run MLX's ops. Bad arguments raise ValueError naming them."""
+    for name, a in (("ids", ids), ("w", w), ("scales", scales), ("biases", biases)):
+        if not isinstance(a, mx.array):
+            raise ValueError(f"quantized_embedding: {name} must be an mx.array, got {type(a).__name__}")
+    return _ext.quantized_embedding(ids, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
+
+
+def rms_norm(x: mx.array, weight: Optional[mx.array], eps: float, *, stream=None) -> mx.array:
+    """``mx.fast.rms_norm(x, weight, eps)``, bit for bit. CPU: one primitive that computes
+    what MLX 0.32's CPU fallback graph computes (12 primitives there, ~8 us each at
+    decode); GPU streams, float64 and bad arguments go to ``mx.fast.rms_norm`` itself."""
+    if not isinstance(x, mx.array) or not (weight is None or isinstance(weight, mx.array)):
+        raise ValueError("rms_norm: x and weight must be mx.array (weight may be None)")
+    return _ext.rms_norm(x, weight, float(eps), stream=stream)
+
+
+def rope(
+    x: mx.array,
+    dims: int,
+    *,
+    traditional: bool,
+    base: Optional[float],
+    scale: float,
+    offset: Union[int, mx.array],
+    freqs: Optional[mx.array] = None,
+    stream=None,
+) -> mx.array:
+    """``mx.fast.rope(x, dims, traditional=, base=, scale=, offset=, freqs=)``, bit for
+    bit. CPU: one primitive that computes what MLX 0.32's CPU fallback graph computes
+    (~36 primitives there); GPU streams and bad arguments go to ``mx.fast.rope``."""
+    if not isinstance(x, mx.array) or not (freqs is None or isinstance(freqs, mx.array)):
+        raise ValueError("rope: x and freqs must be mx.array (freqs may be None)")
+    if isinstance(offset, bool) or not isinstance(offset, (int, mx.array)):
+        raise ValueError(f"rope: offset must be an int or an mx.array, got {type(offset).__name__}")
+    return _ext.rope(
+        x,
+        int(dims),
+        traditional=bool(traditional),
+        base=None if base is None else float(base),
+        scale=float(scale),
+        offset=offset,
+        freqs=freqs,
+        stream=stream,
+    )
+
+
 def qgemm_path() -> str:
     """The micro-kernel of the quantized GEMM: "avx2" or "scalar" (MOEQUANT_CPU_PATH caps
     it like the row kernels)."""
