@@ -26,31 +26,26 @@ void parallel_for(
     std::size_t min_chunk,
     const std::function<void(std::size_t, std::size_t)>& fn);
 
-// Work items [0, n) claimed from a shared counter, guided: each claim takes a
-// 1 / (2 * threads) share of the items still left, at least `min_grain`. A claim is a
-// long run of consecutive items while much is left (claims of 8 row chunks made 3-bit
-// Kimi layers ~5 % slower on a 2-core VM than long runs), and the last claims are
-// short, so the thread that finishes first waits little for the other's last claim (with
-// fixed claims of 1/16 of a job, a 76 ms Kimi-pair decode token had ~3.8 ms with one
-// core alone in the row kernels, perf profile in bench/RESULTS.md); a
-// thread that the OS deschedules (the machine may be shared) delays only the items it
-// holds. fn(claim) runs once per thread; claim(body) calls body(begin, end) for each
-// claimed range, so fn can set up per-thread scratch first.
+// Work items [0, n) claimed from a shared counter, at least `min_grain` and about an
+// eighth of each thread's share at a time: a thread that the OS deschedules (the
+// machine may be shared) delays only the items it holds, and each claim is a long run
+// of consecutive items (claims of 8 row chunks made 3-bit Kimi layers ~5 % slower on a
+// 2-core VM than long runs). fn(claim) runs once per thread; claim(body) calls
+// body(begin, end) for each claimed range, so fn can set up per-thread scratch first.
 template <typename F>
 void dynamic_for(std::size_t n, std::size_t min_grain, F&& fn) {
   std::atomic<std::size_t> next{0};
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  min_grain = std::max<std::size_t>(min_grain, 1);
-  const std::size_t tasks = std::min(threads, (n + min_grain - 1) / min_grain);
+  const std::size_t grain = std::max(min_grain, n / (threads * 8));
+  const std::size_t tasks = std::min(threads, (n + grain - 1) / grain);
   parallel_for(tasks, 1, [&](std::size_t, std::size_t) {
     fn([&](auto&& body) {
-      std::size_t b = next.load(std::memory_order_relaxed);
-      while (b < n) {
-        const std::size_t g = std::max(min_grain, (n - b) / (2 * threads));
-        if (next.compare_exchange_weak(b, b + g, std::memory_order_relaxed)) {
-          body(b, std::min(n, b + g));
-          b = next.load(std::memory_order_relaxed);
+      for (;;) {
+        const std::size_t b = next.fetch_add(grain);
+        if (b >= n) {
+          break;
         }
+        body(b, std::min(n, b + grain));
       }
     });
   });

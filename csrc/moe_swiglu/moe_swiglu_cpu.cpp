@@ -563,7 +563,7 @@ void moe_gate_up(const GateUpArgs& args) {
   constexpr int CH = 128;
   const std::size_t chunks = (I + CH - 1) / CH;
   const int scratch = row_scratch(D);
-  dynamic_for(n_pairs * chunks, 2, [&](auto&& claim) {
+  dynamic_for(n_pairs * chunks, 8, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     float g[CH], u[CH];
     claim([&](std::size_t i0, std::size_t i1) {
@@ -613,7 +613,7 @@ void moe_down(const DownArgs& args) {
   for (std::size_t t0 = 0; t0 < a.T; t0 += tb) {
     const std::size_t t1 = std::min(a.T, t0 + tb);
     const std::size_t p0 = t0 * a.k;
-    dynamic_for((t1 - t0) * a.k * chunks, 4, [&](auto&& claim) {
+    dynamic_for((t1 - t0) * a.k * chunks, 8, [&](auto&& claim) {
       std::vector<float> sbuf(scratch);
       claim([&](std::size_t i0, std::size_t i1) {
         for (std::size_t it = i0; it < i1; ++it) {
