@@ -8,7 +8,7 @@ that ``bench_convert.py --full-dims`` generates (``make_checkpoint`` at Kimi's d
 ``--model`` first (skipped when --model already holds a converted model).
 
     python bench/bench_kimi_pair.py --model DIR [--convert-from SRC] [--recipe alis-3.6]
-                                    [--tokens 8] [--dtype bfloat16]
+                                    [--tokens 8] [--dtype bfloat16] [--parts]
 
 Bytes per token are every parameter once, the routed experts for k of E, the embedding
 for one row (bench_moe.bytes_per_token); the roofline time is that over the read
@@ -18,6 +18,11 @@ instruction-throughput bound of this host: the codes of each bit width over the 
 row kernel's rate for it (bench_linear.row_rate: one thread, cache-resident, fastest of 60
 calls, the activation dtype of the run) times the threads, measured in the same run before
 and after the decode steps (the higher rate is used, so the bound is a lower bound).
+
+With --parts, more decode steps run with a barrier (mx.eval) around each part of each
+layer (attention and its projections and norms, the dense MLP and its projections, the
+router, the shared expert, the whole MoE block): the median ms of each part, inclusive of
+the parts inside it. The barriers cost time of their own; the plain steps come first.
 """
 
 from __future__ import annotations
@@ -55,7 +60,46 @@ def build_parser():
         default="bfloat16",
         help="activation dtype (default bfloat16: the model's own)",
     )
+    ap.add_argument("--parts", action="store_true", help="also time each part of each layer (barriers)")
     return ap
+
+
+def time_parts(model, step, tok, cache, tokens):
+    """Median ms per part of each layer over `tokens` decode steps, a barrier (mx.eval of
+    the inputs before, the output after) around every part (see the module docstring)."""
+    times = collections.defaultdict(list)
+    wrapped = []
+
+    def ev(v):
+        mx.eval(*[a for a in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(a, mx.array)])
+
+    for path, m in model.named_modules():
+        parts = path.split(".")
+        if "layers" not in parts:
+            continue
+        name = ".".join(parts[parts.index("layers") :])
+        depth = len(parts) - parts.index("layers") - 2
+        if depth not in (1, 2) or parts[-1] == "switch_mlp" or parts[-1].startswith("rope"):
+            continue
+        cls = type(m)
+
+        def call(self, *a, _cls=cls, _name=name, **k):
+            ev(a)
+            t = time.perf_counter()
+            y = _cls.__call__(self, *a, **k)
+            ev(y)
+            times[_name].append(time.perf_counter() - t)
+            return y
+
+        m.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+        wrapped.append((m, cls))
+    try:
+        for _ in range(tokens):
+            tok = step(tok, cache)
+    finally:
+        for m, cls in wrapped:
+            m.__class__ = cls
+    return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}, tok
 
 
 def codes_per_token(model, cfg):
@@ -144,6 +188,7 @@ def main(argv=None):
         t = time.perf_counter()
         tok = step(tok, cache)
         ts.append(time.perf_counter() - t)
+    parts = time_parts(model, step, tok, cache, args.tokens)[0] if args.parts else None
     rates1 = {b: row_rate(b, act) for b in sorted(codes)}
     bw1 = read_bandwidth()
     bw = max(bw0, bw1)
@@ -169,6 +214,11 @@ def main(argv=None):
         + f" for {'/'.join(str(b) for b in sorted(codes))} bits on {threads} threads) = "
         f"{bound / roof:.2f}x the roofline time; decode runs at {med / bound:.2f}x the bound"
     )
+
+    if parts:
+        print(f"# parts, median ms per decode step with a barrier around each ({args.tokens} steps):")
+        for name, ms in parts.items():
+            print(f"  {name:42s} {ms:7.2f}")
 
 
 if __name__ == "__main__":

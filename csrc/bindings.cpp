@@ -26,6 +26,7 @@
 #include "moe_swiglu/moe_swiglu_cpu.h"
 #include "qgemm/qgemm.h"
 #include "quantized_linear/quantized_linear.h"
+#include "quantized_linear/quantized_multi_linear.h"
 #include "requantize/requantize.h"
 #include "requantize/requantize_cpu.h"
 #include "requantize/fit_cpu.h"
@@ -138,6 +139,17 @@ NB_MODULE(_ext, m) {
   m.def(
       "quantized_linear",
       &moequant::quantized_linear,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "bits"_a,
+      "group_size"_a,
+      "stream"_a = nb::none());
+  m.def(
+      "quantized_multi_linear",
+      &moequant::quantized_multi_linear,
       "x"_a,
       "w"_a,
       "scales"_a,

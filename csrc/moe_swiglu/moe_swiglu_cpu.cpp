@@ -647,35 +647,51 @@ void moe_down(const DownArgs& args) {
   safe.nan_rows(D, a.ydtype, a.y);
 }
 
-void dense_rows(const float* x, std::size_t T, const QMat& m, float* y, mx::Dtype act) {
+void multi_rows(
+    const float* x,
+    std::size_t B,
+    std::size_t T,
+    const QMat& m,
+    float* y,
+    mx::Dtype act) {
   const int N = m.rows;
   const int K = m.cols;
-  if (T == 0 || N == 0) {
+  const std::size_t H = static_cast<std::size_t>(m.experts);
+  if (B == 0 || T == 0 || N == 0 || H == 0) {
     return;
   }
   const Layout L = layout_for(m.bits, current_path(), act);
-  const PrepBuf prep(x, T, K, m.bits, m.group_size, L);
+  const PrepBuf prep(x, B * H * T, K, m.bits, m.group_size, L);
   const RowsFn f = pick(m, L);
-  // Chunks of rows: long (the row streams pay for length) but at least 8 per thread,
-  // so two threads stay balanced on small layers; with several vectors, about 192 KiB
-  // of rows, so the vectors after the first read them from L2.
+  // Chunks of rows: long (the row streams pay for length) but at least 8 per thread
+  // over all heads, so two threads stay balanced on small layers; with several vectors,
+  // about 192 KiB of rows, so the vectors after the first read them from L2.
   const std::size_t row_bytes = static_cast<std::size_t>(K) * m.bits / 8;
   const int threads = get_num_threads();
-  int ch = std::clamp(N / (8 * threads), 16, 256);
-  if (T > 1) {
-    ch = std::min<int>(ch, std::max<std::size_t>(16, (std::size_t(192) << 10) / row_bytes));
+  const int64_t all_rows = static_cast<int64_t>(H) * N;
+  int ch = static_cast<int>(std::clamp<int64_t>(all_rows / (8 * threads), 16, 256));
+  if (B * T > 1) {
+    ch = std::min<int>(
+        ch,
+        std::max<std::size_t>(16, (std::size_t(192) << 10) / std::max<std::size_t>(row_bytes, 1)));
   }
-  ch = (ch + 1) / 2 * 2;
+  ch = std::min((ch + 1) / 2 * 2, N);
   const std::size_t chunks = (N + ch - 1) / ch;
   const int scratch = row_scratch(K);
-  dynamic_for(chunks, 1, [&](auto&& claim) {
+  // Items (head, chunk), a head's chunks consecutive: a claim streams one matrix.
+  dynamic_for(H * chunks, 1, [&](auto&& claim) {
     std::vector<float> sbuf(scratch);
     claim([&](std::size_t i0, std::size_t i1) {
       for (std::size_t it = i0; it < i1; ++it) {
-        const int r = static_cast<int>(it * ch);
+        const std::size_t h = it / chunks;
+        const int r = static_cast<int>((it % chunks) * ch);
         const int nr = std::min(ch, N - r);
-        for (std::size_t t = 0; t < T; ++t) {
-          f(run_of(m, 0, r), nr, prep.at(t), m.group_size, y + t * N + r, sbuf.data());
+        const RowRun run = run_of(m, static_cast<uint32_t>(h), r);
+        for (std::size_t b = 0; b < B; ++b) {
+          for (std::size_t t = 0; t < T; ++t) {
+            const std::size_t v = (b * H + h) * T + t;
+            f(run, nr, prep.at(v), m.group_size, y + v * N + r, sbuf.data());
+          }
         }
       }
     });

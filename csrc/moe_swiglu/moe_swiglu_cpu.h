@@ -94,17 +94,29 @@ inline float silu(float g) {
   return g / (1.0f + std::exp(-g));
 }
 
-// The row kernels on a dense matrix (expert 0 of m), for quantized_linear's decode
-// GEMV: y[t * m.rows + r] = row r . x[t] for t < T (x float32, T x m.cols), each weight
-// byte streamed from memory once (the T vectors reuse a chunk of rows from L2).
-// Multi-threaded over chunks of rows. `act` is the activations' dtype before their
+// The row kernels on dense matrices, one per head (the m.experts matrices of m), for
+// quantized_linear's decode GEMV and quantized_multi_linear: x (B, H, T, m.cols) float32,
+// y (B, H, T, m.rows), y[b, h, t, r] = row r of matrix h . x[b, h, t]; each weight byte
+// streamed from memory once (the B * T vectors of a head reuse a chunk of rows from L2).
+// Multi-threaded over (head, chunk of rows). `act` is the activations' dtype before their
 // conversion to float32: the integer kernels keep x at its precision (moe_rows.h).
-void dense_rows(
+void multi_rows(
     const float* x,
+    std::size_t B,
     std::size_t T,
     const QMat& m,
     float* y,
     mlx::core::Dtype act = mlx::core::float32);
+
+// One matrix (m.experts == 1): y[t * m.rows + r] = row r . x[t] for t < T.
+inline void dense_rows(
+    const float* x,
+    std::size_t T,
+    const QMat& m,
+    float* y,
+    mlx::core::Dtype act = mlx::core::float32) {
+  multi_rows(x, 1, T, m, y, act);
+}
 
 // The row kernels this build and CPU run, capped by MOEQUANT_CPU_PATH: "avx512vnni",
 // "avx512", "avx2int", "avx2" or "scalar".

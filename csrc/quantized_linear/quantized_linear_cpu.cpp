@@ -46,11 +46,13 @@ void linear_gemm(const LinearArgs& a, float* y) {
   });
 }
 
-void linear_gemv(const LinearArgs& a, float* y) {
+// The row kernels over x (batch, heads, M, K) into float32 y (batch, heads, M, N).
+void linear_gemv(const LinearArgs& a, float* y, int64_t batch = 1, int64_t heads = 1) {
   // x in float once per call (bf16/f16 activations converted here only; float32 x is
   // read in place).
   const std::size_t K = a.W.K;
-  std::vector<float> xf(a.xdtype == mx::float32 ? 0 : a.M * K);
+  const std::size_t vectors = static_cast<std::size_t>(batch * heads * a.M);
+  std::vector<float> xf(a.xdtype == mx::float32 ? 0 : vectors * K);
   if (!xf.empty()) {
     load_floats(a.x, a.xdtype, xf.size(), xf.data());
   }
@@ -62,10 +64,21 @@ void linear_gemv(const LinearArgs& a, float* y) {
   m.sdtype = a.W.sb_dtype;
   m.bits = a.W.bits;
   m.group_size = a.W.group_size;
-  m.experts = 1;
+  m.experts = static_cast<int>(heads);
   m.rows = static_cast<int>(a.W.N);
   m.cols = static_cast<int>(K);
-  dense_rows(xp, a.M, m, y, a.xdtype);
+  multi_rows(xp, static_cast<std::size_t>(batch), static_cast<std::size_t>(a.M), m, y, a.xdtype);
+}
+
+// y in float32 (x's dtype: a temporary, stored in x's dtype after).
+template <typename F>
+void with_float_out(const LinearArgs& a, std::size_t n, F&& body) {
+  std::vector<float> tmp(a.xdtype == mx::float32 ? 0 : n);
+  float* y = a.xdtype == mx::float32 ? static_cast<float*>(a.y) : tmp.data();
+  body(y);
+  if (a.xdtype != mx::float32) {
+    store_floats(y, n, a.xdtype, a.y);
+  }
 }
 
 } // namespace
@@ -75,19 +88,30 @@ void quantized_linear(const LinearArgs& a) {
   if (n == 0) {
     return;
   }
-  std::vector<float> tmp(a.xdtype == mx::float32 ? 0 : n);
-  float* y = a.xdtype == mx::float32 ? static_cast<float*>(a.y) : tmp.data();
-  // 5-bit rows have no SIMD row kernel (their 8-code packs do not fit 32-bit lanes):
-  // the GEMM's decode-and-multiply beats the portable rows ~3x even at one row.
-  const bool simd_rows = a.W.bits != 5 || std::string(qgemm::gemm_path()) == "scalar";
-  if (a.M <= kGemvMaxRows && simd_rows) {
-    linear_gemv(a, y);
-  } else {
-    linear_gemm(a, y);
+  with_float_out(a, n, [&](float* y) {
+    // 5-bit rows have no SIMD row kernel (their 8-code packs do not fit 32-bit lanes):
+    // the GEMM's decode-and-multiply beats the portable rows ~3x even at one row.
+    const bool simd_rows = a.W.bits != 5 || std::string(qgemm::gemm_path()) == "scalar";
+    if (a.M <= kGemvMaxRows && simd_rows) {
+      linear_gemv(a, y);
+    } else {
+      linear_gemm(a, y);
+    }
+  });
+}
+
+void quantized_multi_linear(const MultiLinearArgs& a) {
+  const std::size_t n = static_cast<std::size_t>(a.batch * a.heads * a.rows.M) * a.rows.W.N;
+  if (n == 0) {
+    return;
   }
-  if (a.xdtype != mx::float32) {
-    store_floats(y, n, a.xdtype, a.y);
-  }
+  with_float_out(a.rows, n, [&](float* y) {
+    if (a.rows.W.K == 0) {
+      std::fill(y, y + n, 0.0f); // an empty sum
+      return;
+    }
+    linear_gemv(a.rows, y, a.batch, a.heads);
+  });
 }
 
 } // namespace moequant::cpu

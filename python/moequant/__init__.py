@@ -18,6 +18,7 @@ from .ops import (
     qgemm_path,
     quantize,
     quantized_linear,
+    quantized_multi_linear,
     requantize_int4,
     set_num_threads,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "moe_cpu_path",
     "moe_prefill",
     "quantized_linear",
+    "quantized_multi_linear",
     "qgemm_path",
     "requantize_int4",
     "quantize",

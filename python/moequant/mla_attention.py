@@ -15,7 +15,9 @@ layer for a subclass whose ``__call__``, on the CPU stream:
   per layer, 33.5 MB for a Kimi-K2 layer (2.0 GB for its 61 layers, against ~6 MB per layer
   at 6 bits). Reading them is one batched float32 matmul per projection; per-head
   ``quantized_linear`` calls, which would read the quantized bytes, cost more in per-call
-  overhead than they save at these sizes (bench/RESULTS.md, issue 15 MLA section);
+  overhead than they save at these sizes (bench/RESULTS.md, issue 15 MLA section). Decode
+  steps (up to QUANTIZED_ROWS query rows) read the quantized weights instead, all heads in
+  one ``quantized_multi_linear`` call (a Kimi layer: 6.8 MB at 6 bits against 33.5 MB);
 * computes the attention in float32, in whichever form needs fewer multiply-adds for the
   call's L queries over S cached positions: *expanded* (keys and values decompressed per
   head from the latent, as mlx-lm does for L > 1: prefill, eval) or *absorbed* (the query
@@ -45,8 +47,9 @@ from typing import Dict
 
 import mlx.core as mx
 
-from .mlx_lm_patch import import_classes
-from .ops import matmul_nt, softmax_rows
+from . import quant_formats
+from .mlx_lm_patch import DEFAULT_MAX_TOKENS, import_classes
+from .ops import matmul_nt, quantized_multi_linear, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
 _ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
@@ -56,6 +59,10 @@ SCORE_CHUNK_BYTES = 64 << 20
 # Queries per chunk at most with a causal mask: each chunk skips the positions after
 # its last query, so smaller chunks skip more (per-chunk op overhead is ~0.1 ms).
 CAUSAL_CHUNK = 256
+
+# Query rows (B * L) up to which the absorbed form's up-projections read the quantized
+# weights (decode steps); longer calls use the float32 copies (a GEMM's operand).
+QUANTIZED_ROWS = DEFAULT_MAX_TOKENS
 
 _mla_classes: Dict[type, type] = {}
 
@@ -144,12 +151,14 @@ def _nt(a, b):
     return matmul_nt(mx.broadcast_to(a, lead + a.shape[-2:]), mx.broadcast_to(b, lead + b.shape[-2:]))
 
 
-def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask):
+def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask, quantized=None):
     """Float32 MLA attention: q_nope (B, H, L, dn), q_pe (B, H, L, dr) roped, kv_latent
     (B, 1, S, R), k_pe (B, 1, S, dr) roped, wk (H, R, dn), wv (H, dv, R) -> (B, H, L, dv)
     float32, scores ``scale * (q_nope . k + q_pe . k_pe)`` with k = latent @ wk and
     v = latent @ wv^T per head. Picks the expanded or the absorbed form by
-    multiply-adds; chunks the queries."""
+    multiply-adds; chunks the queries. ``quantized``: the layer's (embed_q, unembed_out)
+    as (B, H, L, K) float32 -> (B, H, L, N) float32 functions (``_up_projections``), used
+    for the absorbed form's two products in place of wk and wv."""
     B, H, L, dn = q_nope.shape
     S, R, dr, dv = kv_latent.shape[-2], kv_latent.shape[-1], q_pe.shape[-1], wv.shape[-2]
     f32 = mx.float32
@@ -160,7 +169,7 @@ def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask):
     if absorbed:
         # The query in latent space: one shared key/value head (the latent itself). The
         # weights are the streamed side of the products (no packed copy of them).
-        q = _nt(wk, q_nope).swapaxes(-1, -2)  # (B, H, L, R)
+        q = quantized[0](q_nope) if quantized else _nt(wk, q_nope).swapaxes(-1, -2)  # (B, H, L, R)
         q = mx.concatenate([q, q_pe], axis=-1)
         k = mx.concatenate([lat, kp], axis=-1)[:, None]  # (B, 1, S, R + dr)
         vt = lat.swapaxes(-1, -2)[:, None]  # (B, 1, R, S)
@@ -196,7 +205,40 @@ def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask):
         else:
             outs.append(_nt(p, vc))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return _nt(wv, out).swapaxes(-1, -2) if absorbed else out
+    if not absorbed:
+        return out
+    return quantized[1](out) if quantized else _nt(wv, out).swapaxes(-1, -2)
+
+
+def _up_projections(attn, rows):
+    """The absorbed form's per-head products on the quantized weights themselves
+    (``quantized_multi_linear``: each 6-bit byte read once, not the float32 copy's 4
+    bytes per weight) for a call of ``rows`` query rows up to QUANTIZED_ROWS (decode
+    steps); None otherwise (other layouts, longer calls)."""
+    if rows > QUANTIZED_ROWS:
+        return None
+    from mlx_lm.models.mla import QuantizedMultiLinear
+
+    fns = []
+    for m in (attn.embed_q, attn.unembed_out):
+        if (
+            not isinstance(m, QuantizedMultiLinear)
+            or getattr(m, "mode", "affine") != "affine"
+            or m.get("biases") is None
+            or not quant_formats.supported(m.bits, m.group_size)
+        ):
+            return None
+        fns.append(
+            lambda x, m=m: quantized_multi_linear(
+                x.astype(mx.float32),
+                m["weight"],
+                m["scales"],
+                m["biases"],
+                bits=m.bits,
+                group_size=m.group_size,
+            )
+        )
+    return fns
 
 
 class _FusedMLA:
@@ -212,15 +254,18 @@ class _FusedMLA:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q_nope, q_pe, kv_latent, k_pe = project(self, x, offset)
+        quantized = _up_projections(self, B * L)
         cache_attend = getattr(cache, "attend", None)
         if cache_attend is not None:
-            q_lat = _nt(wk, q_nope.astype(mx.float32)).swapaxes(-1, -2)
+            q_nope = q_nope.astype(mx.float32)
+            q_lat = quantized[0](q_nope) if quantized else _nt(wk, q_nope).swapaxes(-1, -2)
             out = cache_attend(q_lat, q_pe.astype(mx.float32), kv_latent, k_pe, scale=self.scale, mask=mask)
-            out = _nt(wv, out.astype(mx.float32)).swapaxes(-1, -2)
+            out = out.astype(mx.float32)
+            out = quantized[1](out) if quantized else _nt(wv, out).swapaxes(-1, -2)
         else:
             if cache is not None:
                 kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
-            out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask)
+            out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask, quantized)
         out = out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out)
 

@@ -322,6 +322,40 @@ def quantized_linear(
     return _ext.quantized_linear(x, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
 
 
+def quantized_multi_linear(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    bits: int,
+    group_size: int,
+    stream=None,
+) -> mx.array:
+    """``x @ dequantize(w, scales, biases).swapaxes(-1, -2)`` with one affine-quantized
+    matrix per head (mlx-lm's ``QuantizedMultiLinear``, the MLA up-projections).
+
+    The semantics of ``mx.quantized_matmul(x, w, scales, biases, transpose=True,
+    group_size=group_size, bits=bits)`` on a stacked weight: ``x`` is ``(..., H, M, K)``
+    float32/float16/bfloat16, ``w`` ``(H, N, K * bits / 32)`` uint32, ``scales`` and
+    ``biases`` ``(H, N, K / group_size)`` of one float dtype; bits 2/3/4/5/6/8, group
+    sizes 32/64/128. Accumulates in float32 and returns ``(..., H, M, N)`` in
+    ``x.dtype``. Bad arguments raise ValueError naming the argument.
+
+    CPU: the weight-streaming row kernels of ``quantized_linear``'s decode GEMV over
+    (head, chunk of rows), each weight byte read once per call (meant for decode steps:
+    M rows per head reuse a chunk of rows from cache); multi-threaded. GPU streams run
+    MLX's own ``quantized_matmul``.
+    """
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"quantized_multi_linear: {name} must be an int, got {v!r}")
+    for name, a in (("x", x), ("w", w), ("scales", scales), ("biases", biases)):
+        if not isinstance(a, mx.array):
+            raise ValueError(f"quantized_multi_linear: {name} must be an mx.array, got {type(a).__name__}")
+    return _ext.quantized_multi_linear(x, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
+
+
 def matmul_nt(a: mx.array, b: mx.array, *, stream=None) -> mx.array:
     """``a @ b.swapaxes(-1, -2)`` in float32: ``a`` (..., M, K) and ``b`` (..., N, K)
     float32 with the same leading dimensions -> (..., M, N). CPU: the quantized GEMM's
