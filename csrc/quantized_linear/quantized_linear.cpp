@@ -19,26 +19,26 @@ namespace {
 
 } // namespace
 
-mx::array quantized_linear(
+void check_quantized_matmul_args(
+    const char* op,
+    const char* w_form,
     const mx::array& x,
     const mx::array& w,
     const mx::array& scales,
     const mx::array& biases,
+    int lead_dims,
     int bits,
-    int group_size,
-    mx::StreamOrDevice s) {
-  check_bits_group("[moequant.quantized_linear] ", bits, group_size);
+    int group_size) {
+  auto fail = [op](const std::string& msg) { throw std::invalid_argument(op + msg); };
+  check_bits_group(op, bits, group_size);
   if (!is_float(x.dtype())) {
     fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
-  }
-  if (x.ndim() < 1) {
-    fail("x must have shape (..., K); got a scalar.");
   }
   if (w.dtype() != mx::uint32) {
     fail("w must be uint32 (packed codes); got " + dtype_str(w.dtype()) + ".");
   }
-  if (w.ndim() != 2) {
-    fail("w must have shape (N, K*bits/32); got " + shape_str(w.shape()) + ".");
+  if (static_cast<int>(w.ndim()) != lead_dims + 2) {
+    fail(std::string("w must have shape ") + w_form + "; got " + shape_str(w.shape()) + ".");
   }
   if (!is_float(scales.dtype())) {
     fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) + ".");
@@ -49,14 +49,16 @@ mx::array quantized_linear(
         dtype_str(biases.dtype()) + ".");
   }
   const int K = x.shape(-1);
-  const int N = w.shape(0);
   if (K % group_size != 0) {
     fail(
         "x's last dimension " + std::to_string(K) + " is not divisible by group_size " +
         std::to_string(group_size) + ".");
   }
-  const mx::Shape want_w{N, K / 32 * bits};
-  const mx::Shape want_s{N, K / group_size};
+  mx::Shape want_w(w.shape().begin(), w.shape().begin() + lead_dims);
+  want_w.push_back(w.shape(lead_dims));
+  mx::Shape want_s = want_w;
+  want_w.push_back(K / 32 * bits);
+  want_s.push_back(K / group_size);
   if (w.shape() != want_w) {
     fail(
         "w must have shape " + shape_str(want_w) + " for x (..., " + std::to_string(K) + ") at " +
@@ -70,6 +72,22 @@ mx::array quantized_linear(
     fail(
         "biases must have shape " + shape_str(want_s) + "; got " + shape_str(biases.shape()) + ".");
   }
+}
+
+mx::array quantized_linear(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  if (x.ndim() < 1) {
+    fail("x must have shape (..., K); got a scalar.");
+  }
+  check_quantized_matmul_args(
+      "[moequant.quantized_linear] ", "(N, K*bits/32)", x, w, scales, biases, 0, bits, group_size);
+  const int N = w.shape(0);
   auto st = mx::to_stream(s);
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;

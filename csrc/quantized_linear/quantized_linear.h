@@ -22,6 +22,22 @@ mx::array quantized_linear(
     int group_size,
     mx::StreamOrDevice s = {});
 
+// The argument checks quantized_linear and quantized_multi_linear share: bits and group
+// size, x / scales / biases float dtypes, w uint32 of shape lead + (N, K*bits/32) and
+// scales, biases lead + (N, K/group_size), K = x's last axis. `op` prefixes the messages
+// ("[moequant.<name>] "); `w_form` names w's shape in them ("(N, K*bits/32)"); each op
+// checks its own ranks of x first. Throws std::invalid_argument.
+void check_quantized_matmul_args(
+    const char* op,
+    const char* w_form,
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int lead_dims,
+    int bits,
+    int group_size);
+
 // inputs: x (..., K) any strides, w, scales, biases -> y (..., N) in x's dtype
 class QuantizedLinear : public mx::UnaryPrimitive {
  public:

@@ -5,6 +5,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_task.h"
+#include "quantized_linear/quantized_linear.h"
 #include "quantized_linear/quantized_linear_cpu.h"
 
 namespace moequant {
@@ -25,27 +26,19 @@ mx::array quantized_multi_linear(
     int bits,
     int group_size,
     mx::StreamOrDevice s) {
-  check_bits_group("[moequant.quantized_multi_linear] ", bits, group_size);
-  if (!is_float(x.dtype())) {
-    fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
-  }
-  if (w.dtype() != mx::uint32) {
-    fail("w must be uint32 (packed codes); got " + dtype_str(w.dtype()) + ".");
-  }
-  if (w.ndim() != 3) {
-    fail("w must have shape (H, N, K*bits/32); got " + shape_str(w.shape()) + ".");
-  }
   if (x.ndim() < 3) {
     fail("x must have shape (..., H, M, K); got " + shape_str(x.shape()) + ".");
   }
-  if (!is_float(scales.dtype())) {
-    fail("scales must be float32, float16 or bfloat16; got " + dtype_str(scales.dtype()) + ".");
-  }
-  if (biases.dtype() != scales.dtype()) {
-    fail(
-        "biases must have the dtype of scales (" + dtype_str(scales.dtype()) + "); got " +
-        dtype_str(biases.dtype()) + ".");
-  }
+  check_quantized_matmul_args(
+      "[moequant.quantized_multi_linear] ",
+      "(H, N, K*bits/32)",
+      x,
+      w,
+      scales,
+      biases,
+      1,
+      bits,
+      group_size);
   const int H = w.shape(0);
   const int N = w.shape(1);
   const int M = x.shape(-2);
@@ -55,26 +48,6 @@ mx::array quantized_multi_linear(
         "x's heads axis (-3) has " + std::to_string(x.shape(-3)) + " entries, w has " +
         std::to_string(H) + " heads: x " + shape_str(x.shape()) + ", w " + shape_str(w.shape()) +
         ".");
-  }
-  if (K % group_size != 0) {
-    fail(
-        "x's last dimension " + std::to_string(K) + " is not divisible by group_size " +
-        std::to_string(group_size) + ".");
-  }
-  const mx::Shape want_w{H, N, K / 32 * bits};
-  const mx::Shape want_s{H, N, K / group_size};
-  if (w.shape() != want_w) {
-    fail(
-        "w must have shape " + shape_str(want_w) + " for x (..., " + std::to_string(K) + ") at " +
-        std::to_string(bits) + " bits; got " + shape_str(w.shape()) + ".");
-  }
-  if (scales.shape() != want_s) {
-    fail(
-        "scales must have shape " + shape_str(want_s) + "; got " + shape_str(scales.shape()) + ".");
-  }
-  if (biases.shape() != want_s) {
-    fail(
-        "biases must have shape " + shape_str(want_s) + "; got " + shape_str(biases.shape()) + ".");
   }
   auto st = mx::to_stream(s);
   mx::Shape out_shape = x.shape();
