@@ -29,6 +29,20 @@ has_metal: bool = metal_available()
 FITS = ("minmax", "mse")
 
 
+def _check_ints(fn: str, **values) -> None:
+    """ValueError naming the first argument that is not an int (bool is not one)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{fn}: {name} must be an int, got {v!r}")
+
+
+def _check_arrays(fn: str, **arrays) -> None:
+    """ValueError naming the first argument that is not an mx.array."""
+    for name, a in arrays.items():
+        if not isinstance(a, mx.array):
+            raise ValueError(f"{fn}: {name} must be an mx.array, got {type(a).__name__}")
+
+
 def _check_fit(fn: str, fit) -> str:
     if fit not in FITS:
         raise ValueError(f"{fn}: fit must be 'minmax' or 'mse', got {fit!r}")
@@ -134,8 +148,7 @@ def quantize(
     rounded to ``dtype``). bits 2/3/4/5/6/8, group sizes 32/64/128.
     """
     _check_fit("quantize", fit)
-    if not isinstance(w, mx.array):
-        raise ValueError(f"quantize: w must be an mx.array, got {type(w).__name__}")
+    _check_arrays("quantize", w=w)
     if fit == "minmax":
         if importance is not None:
             raise ValueError("quantize: importance needs fit='mse'")
@@ -313,12 +326,8 @@ def quantized_linear(
     tile into cache and reused across the rows) for more; multi-threaded
     (``set_num_threads``). GPU streams run MLX's own ``quantized_matmul``.
     """
-    for name, v in (("bits", bits), ("group_size", group_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"quantized_linear: {name} must be an int, got {v!r}")
-    for name, a in (("x", x), ("w", w), ("scales", scales), ("biases", biases)):
-        if not isinstance(a, mx.array):
-            raise ValueError(f"quantized_linear: {name} must be an mx.array, got {type(a).__name__}")
+    _check_ints("quantized_linear", bits=bits, group_size=group_size)
+    _check_arrays("quantized_linear", x=x, w=w, scales=scales, biases=biases)
     return _ext.quantized_linear(x, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
 
 
@@ -347,12 +356,8 @@ def quantized_multi_linear(
     M rows per head reuse a chunk of rows from cache); multi-threaded. GPU streams run
     MLX's own ``quantized_matmul``.
     """
-    for name, v in (("bits", bits), ("group_size", group_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"quantized_multi_linear: {name} must be an int, got {v!r}")
-    for name, a in (("x", x), ("w", w), ("scales", scales), ("biases", biases)):
-        if not isinstance(a, mx.array):
-            raise ValueError(f"quantized_multi_linear: {name} must be an mx.array, got {type(a).__name__}")
+    _check_ints("quantized_multi_linear", bits=bits, group_size=group_size)
+    _check_arrays("quantized_multi_linear", x=x, w=w, scales=scales, biases=biases)
     return _ext.quantized_multi_linear(x, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
 
 
@@ -362,9 +367,7 @@ def matmul_nt(a: mx.array, b: mx.array, *, stream=None) -> mx.array:
     register-blocked micro-kernel on float rows, multi-threaded (MLX's CPU matmul calls
     the reference BLAS bundled with mlx[cpu] on Linux, ~1 GFLOP/s); GPU streams run
     ``mx.matmul``. Bad arguments raise ValueError naming them."""
-    for name, v in (("a", a), ("b", b)):
-        if not isinstance(v, mx.array):
-            raise ValueError(f"matmul_nt: {name} must be an mx.array, got {type(v).__name__}")
+    _check_arrays("matmul_nt", a=a, b=b)
     return _ext.matmul_nt(a, b, stream=stream)
 
 
@@ -386,9 +389,7 @@ def quantized_embedding(
     ``nn.QuantizedEmbedding`` returns), bit for bit: ids (...) int32/int64/uint32 ->
     (..., K) in the scales' dtype. CPU: one primitive (MLX's CPU path is ~56 primitives);
     GPU streams run MLX's ops. Bad arguments raise ValueError naming them."""
-    for name, a in (("ids", ids), ("w", w), ("scales", scales), ("biases", biases)):
-        if not isinstance(a, mx.array):
-            raise ValueError(f"quantized_embedding: {name} must be an mx.array, got {type(a).__name__}")
+    _check_arrays("quantized_embedding", ids=ids, w=w, scales=scales, biases=biases)
     return _ext.quantized_embedding(ids, w, scales, biases, bits=bits, group_size=group_size, stream=stream)
 
 
@@ -469,9 +470,7 @@ def mla_decode_attention(
     R <= 512, DR <= 128); without them a GPU stream raises RuntimeError saying why. Bad
     arguments raise ValueError naming the argument when the graph is built.
     """
-    for name, v in (("bits", bits), ("group_size", group_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"mla_decode_attention: {name} must be an int, got {v!r}")
+    _check_ints("mla_decode_attention", bits=bits, group_size=group_size)
     parts = []
     for name, t in (("latent", latent), ("k_pe", k_pe)):
         if not isinstance(t, (tuple, list)) or len(t) != 3:
