@@ -250,10 +250,12 @@ def test_cache_attend_seam():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("yarn", [False, True])
 @pytest.mark.parametrize("L,offset", [(1, 0), (1, 9), (5, 3)])
-def test_project_stacked_rope_same_bits(dtype, yarn, L, offset):
-    """project() ropes the query heads and the key head in one call (fewer graph nodes
-    at decode); its q_pe and k_pe are bit-identical to mlx-lm's two separate calls, for
-    plain RoPE and YaRN (scaled input, Kimi's rope)."""
+@pytest.mark.parametrize("patched", [False, True])
+def test_project_stacked_rope_same_bits(dtype, yarn, L, offset, patched):
+    """project() gives mlx-lm's q_nope, q_pe, latent and k_pe bit for bit, with fewer
+    view nodes: unpatched (MLX's multi-node rope) it ropes the query heads and the key
+    head in one call; patched (moequant's one-node rope) in two; at one position its
+    transposes are reshapes. Plain RoPE and YaRN (scaled input, Kimi's rope)."""
     cfg = dict(tiny_deepseek.TINY_CONFIG)
     if yarn:
         cfg["rope_scaling"] = dict(
@@ -266,8 +268,11 @@ def test_project_stacked_rope_same_bits(dtype, yarn, L, offset):
             mscale_all_dim=0.5,
         )
     model, _ = tiny_deepseek.build(cfg, seed=23, dtype=dtype)
+    if patched:
+        moequant.patch(model)
     attn = model.model.layers[1].self_attn
     assert (getattr(attn.rope, "mscale", 1.0) != 1.0) == yarn
+    assert mla_attention._rope_is_one_node(attn.rope) == (patched and not yarn)
     x = mx.random.normal((2, L, cfg["hidden_size"]), key=mx.random.key(5)).astype(dtype)
     q_nope, q_pe, latent, k_pe = mla_attention.project(attn, x, offset)
     # mlx-lm's own steps (DeepseekV3Attention.__call__).
@@ -275,15 +280,43 @@ def test_project_stacked_rope_same_bits(dtype, yarn, L, offset):
     q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
     q = q.reshape(B, L, H, attn.q_head_dim).transpose(0, 2, 1, 3)
     want_q_nope, want_q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
-    kv_pe = mx.split(attn.kv_a_proj_with_mqa(x), [attn.kv_lora_rank], axis=-1)[1]
+    kv_lat, kv_pe = mx.split(attn.kv_a_proj_with_mqa(x), [attn.kv_lora_rank], axis=-1)
+    want_latent = mx.expand_dims(attn.kv_a_layernorm(kv_lat), axis=1)
     want_k_pe = kv_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
     for got, want in (
         (q_nope, want_q_nope),
+        (latent, want_latent),
         (q_pe, attn.rope(want_q_pe, offset)),
         (k_pe, attn.rope(want_k_pe, offset)),
     ):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_absorbed_decode_rows_same_bits(monkeypatch, B):
+    """attend()'s one-query, unmasked absorbed form (the heads as the products' rows, no
+    reshapes) gives each head's output bit for bit as the chunked form does for the same
+    query among others (bench_moe's e2e logits are unchanged by it, see RESULTS.md)."""
+    rng = np.random.default_rng(B)
+    H, dn, dr, R, dv, S = 4, 8, 4, 16, 8, 9
+    f = lambda *sh: mx.array(rng.standard_normal(sh).astype(np.float32))
+    q_nope, q_pe, lat, kpe, wk, wv = (
+        f(B, H, 2, dn),
+        f(B, H, 2, dr),
+        f(B, 1, S, R),
+        f(B, 1, S, dr),
+        f(H, R, dn),
+        f(H, dv, R),
+    )
+    monkeypatch.setattr(mla_attention, "_absorbed_cost", lambda *a: 0)
+    two = mla_attention.attend(q_nope, q_pe, lat, kpe, wk, wv, 0.3, None)
+    for i in range(2):
+        one = mla_attention.attend(
+            q_nope[:, :, i : i + 1], q_pe[:, :, i : i + 1], lat, kpe, wk, wv, 0.3, None
+        )
+        assert one.shape == (B, H, 1, dv)
+        assert mx.array_equal(one, two[:, :, i : i + 1]).item()
 
 
 def test_ops_take_evaluated_strided_inputs():

@@ -48,7 +48,7 @@ from typing import Dict
 import mlx.core as mx
 
 from . import quant_formats
-from .mlx_lm_patch import DEFAULT_MAX_TOKENS, import_classes
+from .mlx_lm_patch import DEFAULT_MAX_TOKENS, _FusedRoPE, _FusedYarnRoPE, import_classes
 from .ops import matmul_nt, quantized_multi_linear, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
@@ -163,18 +163,26 @@ def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask, quantized=None):
     S, R, dr, dv = kv_latent.shape[-2], kv_latent.shape[-1], q_pe.shape[-1], wv.shape[-2]
     f32 = mx.float32
     q_nope, q_pe = q_nope.astype(f32), q_pe.astype(f32)
-    lat = kv_latent.astype(f32).reshape(B, S, R)
-    kp = k_pe.astype(f32).reshape(B, S, dr)
+    lat, kp = kv_latent.astype(f32), k_pe.astype(f32)  # (B, 1, S, R), (B, 1, S, dr)
     absorbed = _absorbed_cost(L, S, R, dn, dr, dv) <= _expanded_cost(L, S, R, dn, dr, dv)
     if absorbed:
         # The query in latent space: one shared key/value head (the latent itself). The
         # weights are the streamed side of the products (no packed copy of them).
         q = quantized[0](q_nope) if quantized else _nt(wk, q_nope).swapaxes(-1, -2)  # (B, H, L, R)
         q = mx.concatenate([q, q_pe], axis=-1)
-        k = mx.concatenate([lat, kp], axis=-1)[:, None]  # (B, 1, S, R + dr)
-        vt = lat.swapaxes(-1, -2)[:, None]  # (B, 1, R, S)
+        k = mx.concatenate([lat, kp], axis=-1)  # (B, 1, S, R + dr)
+        vt = lat.swapaxes(-1, -2)  # (B, 1, R, S)
+        if L == 1 and mask is None:
+            # A decode step: the H heads are the rows of both products as they come, (B,
+            # 1, H, .); the same row products and softmax rows as the chunked loop's,
+            # without its reshapes.
+            s = _nt(q.reshape(B, 1, H, R + dr), k)
+            out = _nt(softmax_rows(s, None, scale=scale), vt).reshape(B, H, 1, R)
+            return quantized[1](out) if quantized else _nt(wv, out).swapaxes(-1, -2)
     else:
         # Keys and values per head, for all heads in one product each.
+        lat = lat.reshape(B, S, R)
+        kp = kp.reshape(B, S, dr)
         wkt = wk.swapaxes(-1, -2).reshape(H * dn, R)
         k = _nt(lat, wkt).reshape(B, S, H, dn).transpose(0, 2, 1, 3)
         k = mx.concatenate([k, mx.broadcast_to(kp[:, None], (B, H, S, dr))], axis=-1)
@@ -266,8 +274,22 @@ class _FusedMLA:
             if cache is not None:
                 kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
             out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask, quantized)
-        out = out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        out = out.astype(x.dtype)
+        # (B, H, L, dv) -> (B, L, H * dv); at one position the transpose is a reshape.
+        out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out)
+
+
+def _rope_is_one_node(rope) -> bool:
+    """Whether ``rope(x)`` is one graph node: moequant's rope primitive on the CPU (nn.RoPE,
+    or YaRN without input scaling). Then ropeing q and k in two calls costs 2 nodes; the
+    stacked call (a Concatenate, the rope, two Slices) 4. With MLX's CPU fallback (~36
+    nodes a call) or YaRN's scaling ops, stacking saves the second call's nodes."""
+    if mx.default_device() != mx.cpu:
+        return False
+    if isinstance(rope, _FusedYarnRoPE):
+        return rope.mscale == 1.0
+    return isinstance(rope, _FusedRoPE)
 
 
 def project(attn, x, offset, with_qr=False):
@@ -275,7 +297,8 @@ def project(attn, x, offset, with_qr=False):
     (projections, norm, rope; shared with moequant.kv_cache):
     q_nope (B, H, L, dn), roped q_pe (B, H, L, dr), kv_latent (B, 1, L, R), roped
     k_pe (B, 1, L, dr); with ``with_qr``, also the normed query latent qr (B, L,
-    q_lora_rank) that deepseek_v32's indexer reads."""
+    q_lora_rank) that deepseek_v32's indexer reads. The same values as mlx-lm's steps,
+    with fewer view nodes (each costs a decode step a few us on the CPU stream)."""
     B, L, _ = x.shape
     qr = None
     if attn.q_lora_rank is None:
@@ -283,16 +306,22 @@ def project(attn, x, offset, with_qr=False):
     else:
         qr = attn.q_a_layernorm(attn.q_a_proj(x))
         q = attn.q_b_proj(qr)
-    q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
+    if L == 1:
+        # One position: (B, 1, H, d) transposed to (B, H, 1, d) is a reshape.
+        q = q.reshape(B, attn.num_heads, 1, attn.q_head_dim)
+    else:
+        q = q.reshape(B, L, attn.num_heads, attn.q_head_dim).transpose(0, 2, 1, 3)
     q_nope, q_pe = mx.split(q, [attn.qk_nope_head_dim], axis=-1)
-    kv = attn.kv_a_proj_with_mqa(x)
+    # (B, L, R + dr) -> (B, 1, L, R + dr): the latent and k_pe of the one key head, both
+    # in their cache layout (mlx-lm: a reshape and transpose of k_pe, an expand_dims of
+    # the latent). The norm acts per row, on the strided view alike.
+    kv = mx.expand_dims(attn.kv_a_proj_with_mqa(x), axis=1)
     latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
-    k_pe = k_pe.reshape(B, L, 1, attn.qk_rope_head_dim).transpose(0, 2, 1, 3)
-    latent = mx.expand_dims(attn.kv_a_layernorm(latent), axis=1)
-    # One rope call for the query heads and the key head: rope acts per (position,
-    # feature), so the stacked call gives the same bits as two, and on the CPU (where
-    # mx.fast.rope is ~36 graph nodes) saves a decode step ~34 of them per layer.
-    if q_pe.dtype == k_pe.dtype:
+    latent = attn.kv_a_layernorm(latent)
+    # Rope acts per (position, feature): one call for the query heads and the key head
+    # stacked gives the same bits as two; it saves nodes only when a rope call is more
+    # than one node (_rope_is_one_node).
+    if q_pe.dtype == k_pe.dtype and not _rope_is_one_node(attn.rope):
         pe = attn.rope(mx.concatenate([q_pe, k_pe], axis=1), offset)
         q_pe, k_pe = pe[:, :-1], pe[:, -1:]
     else:
