@@ -6,7 +6,7 @@ quiet one wall ~ CPU / threads for the threaded parts. The per-module split eval
 each module's output before and after it (barriers): their sum exceeds the plain step.
 
     python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
-                                [--wall] [--stub-kernels]
+                                [--wall] [--stub-kernels] [--glue]
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def build_parser():
         "quantized kernels (graph building, MLX's small ops, attention core, router, norms)",
     )
     ap.add_argument(
+        "--glue",
+        action="store_true",
+        help="also split a decode step into the Python time building its graph (by module, "
+        "no evaluation inside) and the evaluation, synchronous and pipelined as mlx-lm's "
+        "generate_step runs it (async_eval), and time the CPU stream's cost per graph node "
+        "(a chain of reshapes; a chain of rms_norm primitives)",
+    )
+    ap.add_argument(
         "--wall",
         action="store_true",
         help="split the step by wall time instead of CPU time (on a quiet machine: "
@@ -72,6 +80,95 @@ def graph_nodes(y) -> collections.Counter:
         mx.export_to_dot(path, y)
         text = Path(path).read_text()
     return collections.Counter(re.findall(r'label ="(\w+)", shape=rectangle', text))
+
+
+def glue_split(model, cache, tok, n):
+    """Python graph-building time of a decode step by module, its evaluation (synchronous
+    and pipelined), and the per-node cost of the CPU stream (module docstring: --glue)."""
+    build = collections.defaultdict(float)
+    saved = []
+
+    def wrap(obj, attr, name):
+        m = getattr(obj, attr)
+        fn = type(m).__call__.__get__(m)
+
+        def call(*a, **k):
+            t = time.perf_counter()
+            y = fn(*a, **k)
+            build[name] += time.perf_counter() - t
+            return y
+
+        saved.append((obj, attr, m))
+        object.__setattr__(obj, attr, type("Timed", (), {"__call__": staticmethod(call)})())
+
+    for layer in model.model.layers:
+        wrap(layer, "self_attn", "attention (projections, norms, rope, cache, core)")
+        wrap(layer, "mlp", "MoE block" if hasattr(layer.mlp, "switch_mlp") else "dense MLP")
+        wrap(layer, "input_layernorm", "norms")
+        wrap(layer, "post_attention_layernorm", "norms")
+    wrap(model, "lm_head", "lm_head")
+    wrap(model.model, "embed_tokens", "embedding")
+    t_build = t_eval = 0.0
+    for _ in range(n):
+        t = time.perf_counter()
+        y = model(tok, cache=cache)[:, -1:].argmax(-1)
+        t_build += time.perf_counter() - t
+        t = time.perf_counter()
+        mx.eval(y)
+        t_eval += time.perf_counter() - t
+        tok = y
+    for obj, attr, m in saved:
+        object.__setattr__(obj, attr, m)
+    print(
+        f"glue: building the graph {t_build / n * 1e3:.2f} ms/token (Python, no evaluation), "
+        f"evaluating it {t_eval / n * 1e3:.2f} ms/token (synchronous); building by module (ms/token):"
+    )
+    for k, v in sorted(build.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:52s} {v / n * 1e3:6.3f}")
+    print(
+        f"  {'rest (model call, residual adds, head slice, argmax)':52s} {(t_build - sum(build.values())) / n * 1e3:6.3f}"
+    )
+    # Pipelined as mlx-lm's generate_step: the next step's graph is built while this one
+    # evaluates (async_eval), then the token is read.
+    t = time.perf_counter()
+    y = model(tok, cache=cache)[:, -1:].argmax(-1)
+    mx.async_eval(y)
+    for _ in range(n):
+        nxt = model(y, cache=cache)[:, -1:].argmax(-1)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    print(
+        f"glue: pipelined (async_eval, as generate_step) {(time.perf_counter() - t) / (n + 1) * 1e3:.2f} ms/token"
+    )
+    # The CPU stream's cost per node: K nodes that move no data (reshapes), and K
+    # rms_norm primitives on one 2048-wide row (moequant's when patched), built and
+    # evaluated; per node, from the difference of two chain lengths.
+    x = mx.zeros((1, 2048), dtype=mx.float32)
+    w = mx.ones((2048,), dtype=mx.float32)
+    mx.eval(x, w)
+    norm = model.model.layers[0].input_layernorm
+
+    def chain(k, kind):
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            y = x
+            for i in range(k):
+                y = (
+                    (y.reshape(2048, 1) if i % 2 == 0 else y.reshape(1, 2048))
+                    if kind == "reshape"
+                    else norm(y)
+                )
+            mx.eval(y)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    for kind in ("reshape", "rms_norm"):
+        us = (chain(300, kind) - chain(20, kind)) / 280 * 1e6
+        print(f"glue: one {kind} node built and evaluated: {us:.1f} us")
+    return tok
 
 
 def main(argv=None):
@@ -125,6 +222,9 @@ def main(argv=None):
         w, c = clk.read()
         mlx_lm_patch.quantized_linear, mlx_lm_patch.moe_swiglu = real
         print(f"decode, kernels stubbed: wall {w / n * 1e3:.1f} ms/token, cpu {c / n * 1e3:.1f} ms/token")
+
+    if args.glue:
+        glue_split(model, cache, tok, n)
 
     # MLX primitives per decode step: each costs the CPU stream ~8 us even when it moves
     # no data (a reshape, a broadcast), so their count is part of the step's fixed cost.

@@ -94,6 +94,13 @@ def _dense(m):
 def _dense_weights(attn):
     """(Wk (H, R, dn), Wv (H, dv, R)) float32 for the layer, made once; remade if a
     projection's weight array was replaced (load_weights, update, sharding after patch)."""
+    return _layer_state(attn)[0]
+
+
+def _layer_state(attn):
+    """(dense weights or None, the quantized up-projection functions or None: see
+    _up_projections) of the layer, made once per pair of projection weight arrays (a
+    decode step then builds none of it again)."""
     srcs = (attn.embed_q.get("weight"), attn.unembed_out.get("weight"))
     cached = attn.__dict__.get("_moequant_dense")
     if cached is not None and all(a is b for a, b in zip(cached[0], srcs)):
@@ -103,8 +110,9 @@ def _dense_weights(attn):
     if wk is not None and wv is not None:
         mx.eval(wk, wv)
         dense = (wk, wv)
-    object.__setattr__(attn, "_moequant_dense", (srcs, dense))
-    return dense
+    state = (dense, _quantized_up_projections(attn))
+    object.__setattr__(attn, "_moequant_dense", (srcs, state))
+    return state
 
 
 def _mask_rows(mask, i0, i1, L, S, n=None):
@@ -176,8 +184,8 @@ def attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, scale, mask, quantized=None):
             # A decode step: the H heads are the rows of both products as they come, (B,
             # 1, H, .); the same row products and softmax rows as the chunked loop's,
             # without its reshapes.
-            s = _nt(q.reshape(B, 1, H, R + dr), k)
-            out = _nt(softmax_rows(s, None, scale=scale), vt).reshape(B, H, 1, R)
+            s = matmul_nt(q.reshape(B, 1, H, R + dr), k)
+            out = matmul_nt(softmax_rows(s, None, scale=scale), vt).reshape(B, H, 1, R)
             return quantized[1](out) if quantized else _nt(wv, out).swapaxes(-1, -2)
     else:
         # Keys and values per head, for all heads in one product each.
@@ -223,8 +231,12 @@ def _up_projections(attn, rows):
     (``quantized_multi_linear``: each 6-bit byte read once, not the float32 copy's 4
     bytes per weight) for a call of ``rows`` query rows up to QUANTIZED_ROWS (decode
     steps); None otherwise (other layouts, longer calls)."""
-    if rows > QUANTIZED_ROWS:
-        return None
+    return _layer_state(attn)[1] if rows <= QUANTIZED_ROWS else None
+
+
+def _quantized_up_projections(attn):
+    """(embed_q, unembed_out) as (B, H, L, K) float32 -> (B, H, L, N) float32 functions on
+    ``quantized_multi_linear``, or None for layers of another layout."""
     from mlx_lm.models.mla import QuantizedMultiLinear
 
     fns = []
@@ -255,14 +267,14 @@ class _FusedMLA:
     def __call__(self, x, mask=None, cache=None):
         if mx.default_device() != mx.cpu or hasattr(cache, "bits"):
             return super().__call__(x, mask, cache)
-        dense = _dense_weights(self)
+        dense, up = _layer_state(self)
         if dense is None:
             return super().__call__(x, mask, cache)
         wk, wv = dense
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q_nope, q_pe, kv_latent, k_pe = project(self, x, offset)
-        quantized = _up_projections(self, B * L)
+        quantized = up if B * L <= QUANTIZED_ROWS else None
         cache_attend = getattr(cache, "attend", None)
         if cache_attend is not None:
             q_nope = q_nope.astype(mx.float32)
