@@ -104,7 +104,9 @@ mx::array dense_linear(const mx::array& x, const mx::array& w, mx::StreamOrDevic
         dtype_str(w.dtype()) + ".");
   }
   if (x.ndim() < 1 || w.ndim() != 2) {
-    fail("x must be (..., K) and w (N, K); got " + shape_str(x.shape()) + " and " + shape_str(w.shape()) + ".");
+    fail(
+        "x must be (..., K) and w (N, K); got " + shape_str(x.shape()) + " and " +
+        shape_str(w.shape()) + ".");
   }
   if (x.shape(-1) != w.shape(1)) {
     fail(
@@ -135,7 +137,8 @@ void DenseLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   const mx::array x = in[0], w = in[1];
   enqueue_cpu(stream(), in, {out}, [x, w, out]() mutable {
     const int64_t K = x.shape(-1), N = w.shape(0);
-    const int64_t M = K ? static_cast<int64_t>(x.size()) / K : static_cast<int64_t>(out.size()) / std::max<int64_t>(N, 1);
+    const int64_t M = K ? static_cast<int64_t>(x.size()) / K
+                        : static_cast<int64_t>(out.size()) / std::max<int64_t>(N, 1);
     if (M == 0 || N == 0) {
       return;
     }
@@ -174,7 +177,8 @@ void DenseLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
       dynamic_for(tiles * mblocks, 1, [&](auto&& claim) {
         claim([&](std::size_t i0, std::size_t i1) {
           for (std::size_t it = i0; it < i1; ++it) {
-            const int64_t tb = static_cast<int64_t>(it) % tiles, mb = static_cast<int64_t>(it) / tiles;
+            const int64_t tb = static_cast<int64_t>(it) % tiles,
+                          mb = static_cast<int64_t>(it) / tiles;
             const int64_t m0 = mb * kItemRows;
             const int64_t n0 = tb * dense_rows::kTileRows;
             dense_rows::Tile t{

@@ -183,7 +183,8 @@ void tile(const Tile& t) {
       // follow: each row's line one panel ahead is requested here.
       if ((kk * es) % 64 == 0 && k0 + kPrefetchK + kk < t.K) {
         for (int i = 0; i < R; ++i) {
-          _mm_prefetch(static_cast<const char*>(rows[i]) + (k0 + kPrefetchK + kk) * es, _MM_HINT_T0);
+          _mm_prefetch(
+              static_cast<const char*>(rows[i]) + (k0 + kPrefetchK + kk) * es, _MM_HINT_T0);
         }
       }
       for (int g = 0; g < G; ++g) {
@@ -216,7 +217,8 @@ void tile(const Tile& t) {
       for (int k = 0; k < kc; ++k) {
         const __m256 xb = _mm256_broadcast_ss(xm + k);
         for (int g = 0; g < G; ++g) {
-          acc[g] = _mm256_add_ps(acc[g], _mm256_mul_ps(_mm256_load_ps(panel + (k * G + g) * 8), xb));
+          acc[g] =
+              _mm256_add_ps(acc[g], _mm256_mul_ps(_mm256_load_ps(panel + (k * G + g) * 8), xb));
         }
       }
       for (int g = 0; g < G; ++g) {
