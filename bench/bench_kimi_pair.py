@@ -102,6 +102,33 @@ def time_parts(model, step, tok, cache, tokens):
     return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}, tok
 
 
+def router_times(model, dtype, calls=30):
+    """The MoE router's product alone (the first MoEGate's ``x @ weight.T``, one token):
+    median ms of MLX's matmul and of moequant's dense_linear (when this build has it)."""
+    from moequant import ops
+
+    gate = next((m for _, m in model.named_modules() if type(m).__name__.endswith("MoEGate")), None)
+    if gate is None:
+        return None
+    w = gate["weight"]
+    x = mx.random.normal((1, 1, w.shape[1]), key=mx.random.key(0)).astype(dtype)
+    mx.eval(x, w)
+    fns = {"mlx x @ w.T": lambda: x @ w.T}
+    if hasattr(ops, "dense_linear"):
+        fns["moequant dense_linear"] = lambda: ops.dense_linear(x, w)
+    out = {}
+    for name, f in fns.items():
+        for _ in range(3):
+            mx.eval(f())
+        ts = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            mx.eval(f())
+            ts.append(time.perf_counter() - t)
+        out[name] = sorted(ts)[calls // 2] * 1e3
+    return tuple(w.shape), w.dtype, w.nbytes, out
+
+
 def codes_per_token(model, cfg):
     """Quantized weight codes one decode step reads, by bit width (experts k of E)."""
     k, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
@@ -215,6 +242,13 @@ def main(argv=None):
         f"{bound / roof:.2f}x the roofline time; decode runs at {med / bound:.2f}x the bound"
     )
 
+    router = router_times(model, act)
+    if router:
+        shape, wdt, wbytes, times = router
+        print(
+            f"# router product alone ({shape[0]} x {shape[1]} {str(wdt).split('.')[-1]}, x {str(act).split('.')[-1]}, one token, median of 30): "
+            + ", ".join(f"{n} {ms:.3f} ms ({wbytes / ms / 1e6:.1f} GB/s)" for n, ms in times.items())
+        )
     if parts:
         print(f"# parts, median ms per decode step with a barrier around each ({args.tokens} steps):")
         for name, ms in parts.items():

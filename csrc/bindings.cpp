@@ -17,6 +17,7 @@
 #include "mlx/transforms.h"
 #include "common/thread_pool.h"
 #include "dense_gemm/dense_gemm.h"
+#include "dense_gemm/dense_linear.h"
 #include "softmax_rows/softmax_rows.h"
 #include "norm_rope/norm_rope.h"
 #include "embedding/quantized_embedding.h"
@@ -159,6 +160,13 @@ NB_MODULE(_ext, m) {
       "group_size"_a,
       "stream"_a = nb::none());
   m.def("matmul_nt", &moequant::matmul_nt, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def(
+      "dense_linear",
+      &moequant::dense_linear,
+      "x"_a,
+      "w"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
   m.def(
       "softmax_rows",
       &moequant::softmax_rows,

@@ -34,6 +34,7 @@ import mlx.nn as nn
 from . import quant_formats
 from .ops import (
     as_projection,
+    dense_linear,
     has_metal,
     moe_prefill,
     moe_swiglu,
@@ -208,11 +209,13 @@ def patch(
     longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
     Apply after loading/sharding; calling it again updates ``max_tokens``.
     With ``linear`` (the default) the quantized linear layers are patched too
-    (``patch_linear``), and the RMSNorm and RoPE layers (``patch_norm_rope``), and with ``attention`` (default: as ``linear``) the MLA attention
+    (``patch_linear``), the RMSNorm and RoPE layers (``patch_norm_rope``) and the MoE
+    routers (``patch_gates``), and with ``attention`` (default: as ``linear``) the MLA attention
     layers (``mla_attention.patch_attention``: float32 attention on the CPU)."""
     if linear:
         patch_linear(model)
         patch_norm_rope(model)
+        patch_gates(model)
     if linear if attention is None else attention:
         from .mla_attention import patch_attention
 
@@ -414,3 +417,60 @@ def patch_norm_rope(model: nn.Module) -> int:
     to moequant's ``rms_norm`` / ``rope`` on the CPU (same bits as mx.fast's), in place;
     returns how many layers were swapped. ``unpatch`` undoes it."""
     return len(_swap_classes(model, _norm_rope_bases(), _norm_rope_classes))
+
+
+# --------------------------------------------------------------------------- MoE routers
+# The DeepSeek-V3 family's MoEGate: ``group_expert_select(x @ self.weight.T, ...)``, the
+# weight (experts, hidden) in the checkpoint's float dtype, not quantized. MLX's CPU
+# matmul runs that product on one thread (Kimi: 384 x 7168 bf16, ~3.5 ms per MoE layer
+# and token); ``dense_linear`` gives the same bits on the pool's threads, and the expert
+# selection stays the module's own compiled ``group_expert_select`` (its argpartition
+# sets the experts' slot order, which moe_swiglu's sum follows). Other devices, and hosts
+# where MLX's CPU matmul is not the sequential one dense_linear reproduces (macOS, which
+# uses Accelerate), keep mlx-lm's call.
+
+_GATES = (
+    ("mlx_lm.models.deepseek_v3", "MoEGate"),
+    ("mlx_lm.models.deepseek_v32", "MoEGate"),
+    ("mlx_lm.models.glm4_moe", "MoEGate"),
+)
+_VLM_GATES = (("mlx_vlm.models.deepseek_v3.language", "MoEGate"),)
+
+_gate_classes: Dict[type, type] = {}
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+class _FusedMoEGate:
+    """Mixed in before a MoEGate class of ``_GATES``."""
+
+    def __call__(self, x):
+        w = self["weight"]
+        if (
+            mx.default_device() != mx.cpu
+            or sys.platform == "darwin"
+            or w.ndim != 2
+            or w.dtype not in _FLOATS
+            or x.dtype not in _FLOATS
+        ):
+            return super().__call__(x)
+        select = sys.modules[self._moequant_base.__module__].group_expert_select
+        return select(
+            dense_linear(x, w),
+            self.e_score_correction_bias,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.routed_scaling_factor,
+            self.norm_topk_prob,
+        )
+
+
+def patch_gates(model: nn.Module) -> int:
+    """Route the MoE routers' product of ``model`` (the MoEGate of mlx-lm's
+    deepseek_v3 / deepseek_v32 / glm4_moe, and mlx-vlm's deepseek_v3 once imported) to
+    ``dense_linear`` on the CPU, in place; returns how many were swapped. ``unpatch``
+    undoes it."""
+    specs = _GATES + (_VLM_GATES if "mlx_vlm" in sys.modules else ())
+    bases = {cls: _FusedMoEGate for cls in import_classes(specs)}
+    return len(_swap_classes(model, bases, _gate_classes))

@@ -371,6 +371,18 @@ def matmul_nt(a: mx.array, b: mx.array, *, stream=None) -> mx.array:
     return _ext.matmul_nt(a, b, stream=stream)
 
 
+def dense_linear(x: mx.array, w: mx.array, *, stream=None) -> mx.array:
+    """``x @ w.T`` for a float weight ``w`` (N, K) and ``x`` (..., K) (float32, float16
+    or bfloat16 each), in their promoted dtype, with the bits of MLX's CPU matmul on
+    Linux: per output the sequential float32 sum over k of the rounded products, then
+    one rounding to the result dtype. CPU: the rows split across threads, eight outputs
+    per vector, the weight read once in its own dtype (MLX: one thread, and a float32
+    copy of a bf16 weight for float32 x); the result does not depend on the thread
+    count. GPU streams run ``mx.matmul``. Bad arguments raise ValueError naming them."""
+    _check_arrays("dense_linear", x=x, w=w)
+    return _ext.dense_linear(x, w, stream=stream)
+
+
 def softmax_rows(s: mx.array, mask=None, *, scale: float = 1.0, stream=None) -> mx.array:
     """``softmax(scale * s)`` along the last axis over the positions ``mask`` allows
     (masked ones get 0): ``s`` (..., L, S) float32, ``mask`` (L, S) bool shared by every
