@@ -10,6 +10,7 @@
 #include "common/checks.h"
 #include "common/cpu_task.h"
 #include "common/strided.h"
+#include "common/cpu_path.h"
 #include "common/thread_pool.h"
 
 namespace moequant {
@@ -18,16 +19,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument("[moequant.dense_linear] " + msg);
-}
-
-bool use_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  const char* e = std::getenv("MOEQUANT_CPU_PATH");
-  return has && !(e && std::string(e) == "scalar");
-#else
-  return false;
-#endif
 }
 
 // Rows of x per work item: the tile's panel of weights is rebuilt once per item.
@@ -166,7 +157,7 @@ void DenseLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
                                                 : dense_rows::WType::f32;
       auto fn = &dense_rows::tile_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
-      if (use_avx2()) {
+      if (cpu::avx2_kernels_enabled()) {
         fn = &dense_rows::tile_avx2;
       }
 #endif

@@ -9,21 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_path.h"
 #include "common/thread_pool.h"
 
 namespace moequant::cpu {
 
 namespace {
-
-bool use_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* e = std::getenv("MOEQUANT_CPU_PATH");
-  return has && !(e && std::string(e) == "scalar");
-#else
-  return false;
-#endif
-}
 
 // Positions per chunk: a function of T alone (at least 256 positions, at most 32
 // chunks), so the merge order, and with it the result, is the same on any number of
@@ -39,12 +30,12 @@ int chunk_len(int T) {
 } // namespace
 
 const char* mla_cpu_path() {
-  return use_avx2() ? "avx2" : "scalar";
+  return avx2_kernels_enabled() ? "avx2" : "scalar";
 }
 
 void mla_decode_attention(const MlaArgs& a, float* out) {
 #if defined(__x86_64__) || defined(_M_X64)
-  const MlaChunkFn fn = use_avx2() ? &mla_avx2::chunk : &mla_base::chunk;
+  const MlaChunkFn fn = avx2_kernels_enabled() ? &mla_avx2::chunk : &mla_base::chunk;
 #else
   const MlaChunkFn fn = &mla_base::chunk;
 #endif
