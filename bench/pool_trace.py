@@ -121,13 +121,18 @@ def split(trace: Path, marks: list[int]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(
         prog="pool_trace.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("model", help="'e2e' (bench_moe's e2e model, bf16) or a converted model directory")
     ap.add_argument("--tokens", type=int, default=24, help="decode steps traced (default 24)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.child:  # the traced process: the trace is written at its exit
         Path(args.child).write_text(" ".join(map(str, decode(args.model, args.tokens))))
