@@ -32,8 +32,9 @@ std::atomic<int> g_num_threads{0};
 // How threads wait. The calling thread, once it has no task left, waits for the tasks
 // the workers hold (at most their last claims) by spinning with sched_yield, which hands
 // the core to any other runnable thread (MLX's stream thread and Python share these
-// cores), for up to kWaitSpin, then parks: parked, it was woken 30-130 us after the
-// workers' end on this 2-core VM (bench/RESULTS.md, issue 15 session 6). Idle workers park
+// cores), for up to kWaitSpin, then parks: its wake-ups after the workers' end summed to
+// 0.3-0.4 ms per decode token when parked, 0.04-0.07 ms spinning, on a 2-core VM
+// (bench/RESULTS.md, issue 15 session 6). Idle workers park
 // at once: a pause-spinning worker holds the core that the stream thread and Python need
 // between calls, and made isolated decode calls 1.5-2.5x slower (session 3); spinning
 // idle workers (sched_yield or pause, for twice the recent gap between jobs) measured no
