@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -28,21 +29,82 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};
 
-// Workers may spin this long after a job before parking (MOEQUANT_SPIN_US, read per job;
-// MOEQUANT_SPIN_YIELD=1 spins with sched_yield instead of pause): a condition-variable
-// wake costs tens of microseconds on a VM. Off by default: on a 2-core host a spinning
-// worker holds the core that MLX's stream thread and Python need between calls, and
-// made isolated decode calls 1.5-2.5x slower in the median (bench/RESULTS.md, issue 15
-// session 3).
-int spin_us() {
+// How threads wait. The calling thread, once it has no task left, waits for the tasks
+// the workers hold (at most their last claims) by spinning with sched_yield, which hands
+// the core to any other runnable thread (MLX's stream thread and Python share these
+// cores), for up to kWaitSpin, then parks: its wake-ups after the workers' end summed to
+// 0.3-0.4 ms per decode token when parked, 0.04-0.07 ms spinning, on a 2-core VM
+// (bench/RESULTS.md, issue 15 session 6). Idle workers park
+// at once: a pause-spinning worker holds the core that the stream thread and Python need
+// between calls, and made isolated decode calls 1.5-2.5x slower (session 3); spinning
+// idle workers (sched_yield or pause, for twice the recent gap between jobs) measured no
+// faster than parked ones in session 6's quiet runs.
+// MOEQUANT_SPIN_US=N (read per job) instead spins N us on both sides, with pause, or with
+// sched_yield if MOEQUANT_SPIN_YIELD=1: session 5's pool with N = 0.
+constexpr int64_t kWaitSpin = 2'000'000; // ns
+
+struct SpinPolicy {
+  bool fixed; // MOEQUANT_SPIN_US set
+  int64_t ns;
+  bool yield;
+};
+
+SpinPolicy fixed_spin() {
   const char* env = std::getenv("MOEQUANT_SPIN_US");
-  return env ? std::max(0, std::atoi(env)) : 0;
+  if (!env) {
+    return {false, 0, true};
+  }
+  const char* y = std::getenv("MOEQUANT_SPIN_YIELD");
+  return {true, int64_t(std::max(0, std::atoi(env))) * 1000, y && y[0] == '1'};
 }
 
-bool spin_yield() {
-  const char* env = std::getenv("MOEQUANT_SPIN_YIELD");
-  return env && env[0] == '1';
+// MOEQUANT_POOL_TRACE=<path>: every job's submit time, its tasks' thread, start and stop
+// (steady_clock ns, which is CLOCK_MONOTONIC: Python's time.monotonic_ns) and its end,
+// written to <path> at exit, one line per job. For measuring the pool's wake-ups and
+// tails (bench/RESULTS.md, issue 15 session 6); off, it costs one branch per job.
+struct TaskTrace {
+  int64_t start = 0, stop = 0;
+  int thread = 0; // 0: the calling thread, w + 1: worker w
+};
+struct JobTrace {
+  int64_t submit = 0, end = 0;
+  std::size_t items = 0;
+  std::vector<TaskTrace> tasks;
+};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
+
+const char* trace_path() {
+  static const char* path = std::getenv("MOEQUANT_POOL_TRACE");
+  return path && path[0] ? path : nullptr;
+}
+
+std::vector<JobTrace>& trace_log() {
+  static auto* log = new std::vector<JobTrace>();
+  return *log;
+}
+
+void write_trace() {
+  FILE* f = std::fopen(trace_path(), "w");
+  if (!f) {
+    return;
+  }
+  for (const JobTrace& j : trace_log()) {
+    std::fprintf(f, "%lld %lld %zu", (long long)j.submit, (long long)j.end, j.items);
+    for (const TaskTrace& t : j.tasks) {
+      std::fprintf(f, " %d:%lld:%lld", t.thread, (long long)t.start, (long long)t.stop);
+    }
+    std::fputc('\n', f);
+  }
+  std::fclose(f);
+}
+
+thread_local int t_thread = 0;
+thread_local std::size_t t_items = 0;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -67,6 +129,18 @@ class Pool {
     // task by a compare-and-swap that also checks the generation, so a late worker can
     // never claim a task of a later job, nor read this job's task pointer after it ended.
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    JobTrace* tr = nullptr;
+    if (trace_path()) {
+      if (trace_log().empty()) {
+        std::atexit(write_trace);
+      }
+      trace_log().emplace_back();
+      tr = &trace_log().back();
+      tr->items = t_items;
+      tr->tasks.resize(n_tasks);
+      tr->submit = now_ns();
+    }
+    trace_ = tr;
     task_ = &task;
     error_ = nullptr;
     completed_.store(0, std::memory_order_relaxed);
@@ -81,6 +155,9 @@ class Pool {
       work(task, i, n_tasks);
     }
     wait_done(n_tasks);
+    if (tr) {
+      tr->end = now_ns();
+    }
     if (error_) {
       std::rethrow_exception(error_);
     }
@@ -104,6 +181,12 @@ class Pool {
   }
 
   void work(const std::function<void(int)>& task, int i, int n_tasks) {
+    // trace_ is this job's: read after claiming one of its tasks, like task_.
+    TaskTrace* tt = trace_ ? &trace_->tasks[i] : nullptr;
+    if (tt) {
+      tt->thread = t_thread;
+      tt->start = now_ns();
+    }
     try {
       task(i);
     } catch (...) {
@@ -112,6 +195,9 @@ class Pool {
         error_ = std::current_exception();
       }
     }
+    if (tt) {
+      tt->stop = now_ns();
+    }
     if (completed_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_tasks) {
       std::lock_guard<std::mutex> lk(m_);
       done_cv_.notify_all();
@@ -119,14 +205,27 @@ class Pool {
   }
 
   void wait_done(int n_tasks) {
+    const SpinPolicy p = fixed_spin();
+    spin_then_park(p.fixed ? p.ns : kWaitSpin, p.yield, done_cv_, [&] {
+      return completed_.load(std::memory_order_acquire) >= n_tasks;
+    });
+  }
+
+  // Spins (sched_yield or pause) until ready() or `ns` elapse, then parks on cv.
+  template <typename Ready>
+  void spin_then_park(int64_t ns, bool yield, std::condition_variable& cv, Ready&& ready) {
     const auto t0 = std::chrono::steady_clock::now();
-    const auto budget = std::chrono::microseconds(spin_us());
-    for (int it = 0; completed_.load(std::memory_order_acquire) < n_tasks; ++it) {
-      cpu_relax();
-      if ((it & 63) == 63 && std::chrono::steady_clock::now() - t0 > budget) {
+    const auto budget = std::chrono::nanoseconds(ns);
+    for (int it = 0; !ready(); ++it) {
+      if (yield) {
+        std::this_thread::yield();
+      } else {
+        cpu_relax();
+      }
+      if ((yield || (it & 63) == 63) && std::chrono::steady_clock::now() - t0 > budget) {
         std::unique_lock<std::mutex> lk(m_);
-        done_cv_.wait(lk, [&] { return completed_.load(std::memory_order_acquire) >= n_tasks; });
-        break;
+        cv.wait(lk, ready);
+        return;
       }
     }
   }
@@ -134,34 +233,23 @@ class Pool {
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
       // The job about to be published is new to the worker, however late it starts.
-      workers_.emplace_back([this, seen = state_.load() >> 32] { loop(seen); });
+      const int id = static_cast<int>(workers_.size()) + 1;
+      workers_.emplace_back([this, id, seen = state_.load() >> 32] {
+        t_thread = id;
+        loop(seen);
+      });
     }
   }
 
   void loop(uint64_t seen) {
     for (;;) {
       // Wait for a new job: spin first, then park.
-      const auto t0 = std::chrono::steady_clock::now();
-      const auto budget = std::chrono::microseconds(spin_us());
-      const bool yield = spin_yield();
-      uint64_t gen;
-      for (int it = 0;; ++it) {
-        gen = state_.load(std::memory_order_acquire) >> 32;
-        if (gen != seen) {
-          break;
-        }
-        if (yield) {
-          std::this_thread::yield();
-        } else {
-          cpu_relax();
-        }
-        if ((yield || (it & 63) == 63) && std::chrono::steady_clock::now() - t0 > budget) {
-          std::unique_lock<std::mutex> lk(m_);
-          cv_.wait(lk, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
-          gen = state_.load(std::memory_order_acquire) >> 32;
-          break;
-        }
-      }
+      const SpinPolicy p = fixed_spin();
+      const int64_t idle = p.fixed ? p.ns : 0;
+      spin_then_park(idle, p.yield, cv_, [&] {
+        return (state_.load(std::memory_order_acquire) >> 32) != seen;
+      });
+      const uint64_t gen = state_.load(std::memory_order_acquire) >> 32;
       seen = gen;
       // task_ is read only after a successful claim of this job: it is this job's then.
       for (int i; (i = claim(gen)) >= 0;) {
@@ -176,6 +264,7 @@ class Pool {
   std::condition_variable done_cv_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* task_ = nullptr;
+  JobTrace* trace_ = nullptr;
   std::atomic<uint64_t> state_{0};
   std::atomic<int> completed_{0};
   std::exception_ptr error_;
@@ -204,8 +293,12 @@ void parallel_for(
   int n_tasks = static_cast<int>(
       std::min<std::size_t>(max_tasks, static_cast<std::size_t>(get_num_threads())));
   if (n_tasks <= 1) {
+    t_items = 0;
     fn(0, n);
     return;
+  }
+  if (trace_path() && t_items == 0) {
+    t_items = n;
   }
   std::size_t chunk = (n + n_tasks - 1) / n_tasks;
   Pool::instance().run(n_tasks, [&](int t) {
@@ -215,6 +308,13 @@ void parallel_for(
       fn(b, e);
     }
   });
+  t_items = 0;
+}
+
+void note_job_items(std::size_t n) {
+  if (trace_path()) {
+    t_items = n;
+  }
 }
 
 } // namespace moequant

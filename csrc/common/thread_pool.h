@@ -2,7 +2,8 @@
 //
 // Kernels run inside MLX's CPU stream worker; spawning threads per call would cost
 // tens of microseconds, which matters for decode-time ops called per layer. The pool
-// keeps its workers parked on a condition variable between calls.
+// keeps its workers between calls, spinning while calls come back to back, else parked
+// on a condition variable (thread_pool.cpp).
 #pragma once
 
 #include <algorithm>
@@ -26,6 +27,9 @@ void parallel_for(
     std::size_t min_chunk,
     const std::function<void(std::size_t, std::size_t)>& fn);
 
+// The items of the next parallel_for on this thread, for MOEQUANT_POOL_TRACE only.
+void note_job_items(std::size_t n);
+
 // Work items [0, n) claimed from a shared counter, at least `min_grain` and about an
 // eighth of each thread's share at a time: a thread that the OS deschedules (the
 // machine may be shared) delays only the items it holds, and each claim is a long run
@@ -38,6 +42,7 @@ void dynamic_for(std::size_t n, std::size_t min_grain, F&& fn) {
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   const std::size_t grain = std::max(min_grain, n / (threads * 8));
   const std::size_t tasks = std::min(threads, (n + grain - 1) / grain);
+  note_job_items(n);
   parallel_for(tasks, 1, [&](std::size_t, std::size_t) {
     fn([&](auto&& body) {
       for (;;) {
