@@ -64,13 +64,14 @@ def _sanitizer_runtime(cxx: str, tmp: Path) -> list[str]:
 
 
 def _tool(module: str, attr: str, exe: str) -> str | None:
+    # Without the pip module, `import cmake` may find the repository's cmake/ folder (an
+    # empty namespace package, no CMAKE_BIN_DIR); then, as for any failed lookup, PATH.
     try:
-        mod = __import__(module)
-        path = os.path.join(getattr(mod, attr), exe)
-        if os.path.exists(path):
-            return path
+        base = getattr(__import__(module), attr, None)
     except ImportError:
-        pass
+        base = None
+    if base is not None and os.path.exists(os.path.join(base, exe)):
+        return os.path.join(base, exe)
     return shutil.which(exe)
 
 
