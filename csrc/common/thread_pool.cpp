@@ -2,15 +2,21 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace moequant {
 
@@ -39,8 +45,9 @@ std::atomic<int> g_num_threads{0};
 // between calls, and made isolated decode calls 1.5-2.5x slower (session 3); spinning
 // idle workers (sched_yield or pause, for twice the recent gap between jobs) measured no
 // faster than parked ones in session 6's quiet runs.
-// MOEQUANT_SPIN_US=N (read per job) instead spins N us on both sides, with pause, or with
-// sched_yield if MOEQUANT_SPIN_YIELD=1: session 5's pool with N = 0.
+// MOEQUANT_SPIN_US=N instead spins N us on both sides, with pause, or with sched_yield
+// if MOEQUANT_SPIN_YIELD=1: session 5's pool with N = 0. Both are read once per process,
+// at the first job (not per job: two getenv calls per job and per idle worker).
 constexpr int64_t kWaitSpin = 2'000'000; // ns
 
 struct SpinPolicy {
@@ -49,13 +56,18 @@ struct SpinPolicy {
   bool yield;
 };
 
-SpinPolicy fixed_spin() {
+SpinPolicy read_spin_policy() {
   const char* env = std::getenv("MOEQUANT_SPIN_US");
   if (!env) {
     return {false, 0, true};
   }
   const char* y = std::getenv("MOEQUANT_SPIN_YIELD");
   return {true, int64_t(std::max(0, std::atoi(env))) * 1000, y && y[0] == '1'};
+}
+
+const SpinPolicy& fixed_spin() {
+  static const SpinPolicy policy = read_spin_policy();
+  return policy;
 }
 
 // MOEQUANT_POOL_TRACE=<path>: every job's submit time, its tasks' thread, start and stop
@@ -88,20 +100,76 @@ std::vector<JobTrace>& trace_log() {
   return *log;
 }
 
+// Writes the trace to a new file beside <path> and renames it over <path>: a reader sees
+// a whole trace or none, processes given the same path never interleave their lines (the
+// last one to finish wins), and a file hard-linked to <path> is left as it is. Any
+// failure (missing directory, no permission, disk full) is said on stderr, and the
+// temporary file removed.
 void write_trace() {
-  FILE* f = std::fopen(trace_path(), "w");
-  if (!f) {
+  const std::string path = trace_path();
+  auto fail = [&](const char* what, int err, const std::string& tmp) {
+    if (!tmp.empty()) {
+      ::unlink(tmp.c_str());
+    }
+    std::fprintf(
+        stderr,
+        "moequant: MOEQUANT_POOL_TRACE: no trace written to %s: %s: %s\n",
+        path.c_str(),
+        what,
+        std::strerror(err));
+  };
+  // A name no other process or earlier attempt holds (O_EXCL): pid and clock.
+  std::string tmp;
+  int fd = -1;
+  for (int attempt = 0; fd < 0 && attempt < 16; ++attempt) {
+    tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(now_ns() + attempt);
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) {
+      break;
+    }
+  }
+  if (fd < 0) {
+    fail("cannot create a file in its directory", errno, "");
     return;
   }
+  FILE* f = ::fdopen(fd, "w");
+  if (!f) {
+    const int err = errno;
+    ::close(fd);
+    fail("cannot write", err, tmp);
+    return;
+  }
+  int err = 0;
+  errno = 0;
   for (const JobTrace& j : trace_log()) {
     std::fprintf(f, "%lld %lld %zu", (long long)j.submit, (long long)j.end, j.items);
     for (const TaskTrace& t : j.tasks) {
       std::fprintf(f, " %d:%lld:%lld", t.thread, (long long)t.start, (long long)t.stop);
     }
     std::fputc('\n', f);
+    if (std::ferror(f)) { // a buffer flush failed (disk full, file size limit)
+      err = errno ? errno : EIO;
+      break;
+    }
   }
-  std::fclose(f);
+  if (!err && std::fflush(f) != 0) {
+    err = errno;
+  }
+  if (std::fclose(f) != 0 && !err) {
+    err = errno;
+  }
+  if (err) {
+    fail("cannot write", err, tmp);
+    return;
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    fail("cannot replace it", errno, tmp);
+  }
 }
+
+// Registered when the library loads: a process that runs no parallel job still replaces
+// an older trace at <path> (with an empty one) rather than leave it looking like its own.
+[[maybe_unused]] const bool g_trace_at_exit = trace_path() && std::atexit(write_trace) == 0;
 
 thread_local int t_thread = 0;
 thread_local std::size_t t_items = 0;
@@ -131,9 +199,6 @@ class Pool {
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
     JobTrace* tr = nullptr;
     if (trace_path()) {
-      if (trace_log().empty()) {
-        std::atexit(write_trace);
-      }
       trace_log().emplace_back();
       tr = &trace_log().back();
       tr->items = t_items;
@@ -205,7 +270,7 @@ class Pool {
   }
 
   void wait_done(int n_tasks) {
-    const SpinPolicy p = fixed_spin();
+    const SpinPolicy& p = fixed_spin();
     spin_then_park(p.fixed ? p.ns : kWaitSpin, p.yield, done_cv_, [&] {
       return completed_.load(std::memory_order_acquire) >= n_tasks;
     });
@@ -244,7 +309,7 @@ class Pool {
   void loop(uint64_t seen) {
     for (;;) {
       // Wait for a new job: spin first, then park.
-      const SpinPolicy p = fixed_spin();
+      const SpinPolicy& p = fixed_spin();
       const int64_t idle = p.fixed ? p.ns : 0;
       spin_then_park(idle, p.yield, cv_, [&] {
         return (state_.load(std::memory_order_acquire) >> 32) != seen;
