@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_path.h"
 #include "common/thread_pool.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 
@@ -80,19 +81,9 @@ void kernel_scalar(
   }
 }
 
-bool use_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  // The row kernels' path (CPU features and the MOEQUANT_CPU_PATH cap): any SIMD path
-  // implies AVX2, FMA and F16C.
-  return std::strcmp(cpu::moe_cpu_path(), "scalar") != 0;
-#else
-  return false;
-#endif
-}
-
 Kernels pick_kernels(int bits) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) {
+  if (cpu::avx2_kernels_enabled()) {
     return detail::kernels_avx2(bits);
   }
 #endif
@@ -311,7 +302,7 @@ void gemm(
 
 double fma_peak_gflops(double seconds) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!use_avx2()) {
+  if (!cpu::avx2_kernels_enabled()) {
     return 0.0;
   }
   // Calibrate on one thread, then run every thread for about `seconds`.
@@ -342,7 +333,7 @@ double fma_peak_gflops(double seconds) {
 }
 
 const char* gemm_path() {
-  return use_avx2() ? "avx2" : "scalar";
+  return cpu::avx2_kernels_enabled() ? "avx2" : "scalar";
 }
 
 } // namespace moequant::qgemm
