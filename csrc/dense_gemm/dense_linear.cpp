@@ -61,28 +61,36 @@ void from_float(const float* src, int64_t n, T* dst) {
 
 namespace dense_rows {
 
-void tile_scalar(const Tile& t) {
+namespace {
+
+// W: the weight's element type (float, float16_t or bfloat16_t), fixed per call.
+template <typename W>
+void tile_scalar_typed(const Tile& t) {
+  const W* w = static_cast<const W*>(t.w);
   for (int64_t n = t.n0; n < t.n1; ++n) {
+    const W* wn = w + n * t.ldw;
     for (int64_t m = 0; m < t.M; ++m) {
       const float* x = t.x + m * t.K;
       float c = 0.0f;
       for (int64_t k = 0; k < t.K; ++k) {
-        float w;
-        switch (t.wt) {
-          case WType::bf16:
-            w = static_cast<float>(static_cast<const mx::bfloat16_t*>(t.w)[n * t.ldw + k]);
-            break;
-          case WType::f16:
-            w = static_cast<float>(static_cast<const mx::float16_t*>(t.w)[n * t.ldw + k]);
-            break;
-          default:
-            w = static_cast<const float*>(t.w)[n * t.ldw + k];
-        }
-        const float p = x[k] * w; // rounded, then added (compiled without contraction)
+        const float p = x[k] * static_cast<float>(wn[k]); // rounded, then added (no contraction)
         c = c + p;
       }
       t.y[m * t.ldy + (n - t.n0)] = c;
     }
+  }
+}
+
+} // namespace
+
+void tile_scalar(const Tile& t) {
+  switch (t.wt) {
+    case WType::bf16:
+      return tile_scalar_typed<mx::bfloat16_t>(t);
+    case WType::f16:
+      return tile_scalar_typed<mx::float16_t>(t);
+    default:
+      return tile_scalar_typed<float>(t);
   }
 }
 
