@@ -3,6 +3,8 @@ CPU against a float64 numpy oracle of the dequantized weights."""
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -60,6 +62,57 @@ def test_lead_axes_and_rows():
     y = moequant.quantized_multi_linear(xt, wq, s, b, bits=4, group_size=64)
     ref = reference(xt, wq, s, b, 4, 64)
     assert np.abs(np.array(y) - ref).max() <= 4e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("xdtype", ("float32", "bfloat16"))
+def test_strided_x(xdtype, cpu_path):
+    """x taken through its strides (no Contiguous node in the graph): a transpose (the
+    attention output's (B, L, H, d) -> (B, H, L, d)), a slice of the last axis (q_nope
+    out of the query projection), a step slice and a broadcast over the batch: the float64
+    reference, and array_equal with the same values passed contiguous."""
+    rng = np.random.default_rng(13)
+    H, N, K = 3, 40, 128
+    wq, s, b, _, _ = make_proj(rng, H, N, K, 6, 64, "bfloat16")
+    dt = MX_DTYPES[xdtype]
+
+    def arr(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+
+    views = {  # name: (base, view of it)
+        "transpose": (arr(2, 2, H, K), lambda a: a.transpose(0, 2, 1, 3)),
+        "last-axis slice": (arr(1, H, 1, K + 64), lambda a: a[..., :K]),
+        "step slice": (arr(2, H, 4, K), lambda a: a[:, :, ::2]),
+        "broadcast": (arr(1, H, 2, K), lambda a: mx.broadcast_to(a, (3, H, 2, K))),
+        "heads reversed": (arr(1, 1, H, 1, K), lambda a: a[:, :, ::-1]),
+    }
+    f = moequant.quantized_multi_linear
+    for name, (base, view) in views.items():
+        x = view(base)
+        y = f(x, wq, s, b, bits=6, group_size=64)
+        ref = reference(x, wq, s, b, 6, 64)
+        yy = np.array(y.astype(mx.float32)).astype(np.float64)
+        assert y.shape == x.shape[:-1] + (N,) and y.dtype == x.dtype, name
+        assert np.abs(yy - ref).max() <= TOL[xdtype] * np.abs(ref).max(), name
+        xc = mx.array(np.array(x.astype(mx.float32))).astype(dt)  # the same values, contiguous
+        yc = f(xc, wq, s, b, bits=6, group_size=64)
+        assert np.array_equal(np.array(y.astype(mx.float32)), np.array(yc.astype(mx.float32))), name
+        # The view of an unevaluated x (the decode graph's case: x's producer runs first).
+        y2 = f(view(base * 1), wq, s, b, bits=6, group_size=64)
+        assert np.array_equal(np.array(y2.astype(mx.float32)), np.array(yc.astype(mx.float32))), name
+
+
+def test_strided_x_adds_no_nodes(tmp_path):
+    """A strided x (the attention output's transpose) costs the graph no Contiguous or
+    Reshape node: the op is one node on top of x's producer."""
+    rng = np.random.default_rng(17)
+    wq, s, b, _, _ = make_proj(rng, 2, 16, 64, 4, 32)
+    a = mx.array(rng.standard_normal((1, 1, 2, 64)).astype(np.float32))
+    x = a + a  # unevaluated
+    y = moequant.quantized_multi_linear(x.transpose(0, 2, 1, 3), wq, s, b, bits=4, group_size=32)
+    dot = tmp_path / "graph.dot"
+    mx.export_to_dot(str(dot), y)
+    prims = re.findall(r'label ="(\w+)", shape=rectangle', dot.read_text())
+    assert sorted(prims) == ["Add", "MoequantQuantizedMultiLinear", "Transpose"], prims
 
 
 def test_matches_quantized_linear_per_head():

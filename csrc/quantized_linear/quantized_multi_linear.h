@@ -24,7 +24,7 @@ mx::array quantized_multi_linear(
     int group_size,
     mx::StreamOrDevice s = {});
 
-// inputs: x (batch, H, M, K), w, scales, biases -> y (batch, H, M, N) in x's dtype
+// inputs: x (..., H, M, K) of any strides, w, scales, biases -> y (..., H, M, N) in x's dtype
 class QuantizedMultiLinear : public mx::UnaryPrimitive {
  public:
   QuantizedMultiLinear(mx::Stream stream, int bits, int group_size)
