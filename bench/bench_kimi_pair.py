@@ -129,6 +129,29 @@ def router_times(model, dtype, calls=30):
     return tuple(w.shape), w.dtype, w.nbytes, out
 
 
+def greedy_steps(model, tokens, clock=time.perf_counter):
+    """`tokens` greedy decode steps of `model` (one token each, mlx-lm's prompt cache)
+    after an 8-token prompt and two warm-up steps. Returns the clock's reading before the
+    first step and after each, and (step, tok, cache) to go on decoding; step(tok, cache)
+    is one evaluated greedy step. bench/pool_trace.py decodes converted models with it."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def step(tok, cache):
+        y = model(tok, cache=cache)[:, -1:].argmax(-1)
+        mx.eval(y)
+        return y
+
+    cache = make_prompt_cache(model)
+    tok = step(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache)
+    for _ in range(2):  # warm-up
+        tok = step(tok, cache)
+    marks = [clock()]
+    for _ in range(tokens):
+        tok = step(tok, cache)
+        marks.append(clock())
+    return marks, (step, tok, cache)
+
+
 def codes_per_token(model, cfg):
     """Quantized weight codes one decode step reads, by bit width (experts k of E)."""
     k, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
@@ -150,8 +173,6 @@ def codes_per_token(model, cfg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    from mlx_lm.models.cache import make_prompt_cache
-
     import moequant
     from moequant.evaluate import load_model
 
@@ -201,20 +222,8 @@ def main(argv=None):
     act = mx.float32 if args.dtype == "float32" else mx.bfloat16
     rates0 = {b: row_rate(b, act) for b in sorted(codes)}
 
-    def step(tok, cache):
-        y = model(tok, cache=cache)[:, -1:].argmax(-1)
-        mx.eval(y)
-        return y
-
-    cache = make_prompt_cache(model)
-    tok = step(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache)
-    for _ in range(2):  # warm-up
-        tok = step(tok, cache)
-    ts = []
-    for _ in range(args.tokens):
-        t = time.perf_counter()
-        tok = step(tok, cache)
-        ts.append(time.perf_counter() - t)
+    marks, (step, tok, cache) = greedy_steps(model, args.tokens)
+    ts = [b - a for a, b in zip(marks, marks[1:])]
     parts = time_parts(model, step, tok, cache, args.tokens)[0] if args.parts else None
     rates1 = {b: row_rate(b, act) for b in sorted(codes)}
     bw1 = read_bandwidth()

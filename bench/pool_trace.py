@@ -44,11 +44,11 @@ def decode(model: str, tokens: int) -> list[int]:
     import moequant
 
     mx.set_default_device(mx.cpu)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     marks = []
     if model == "e2e":
         from mlx_lm.generate import generate_step
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_moe import E2E_CONFIG, decode_tps
         from moequant.testing import tiny_deepseek
 
@@ -59,25 +59,10 @@ def decode(model: str, tokens: int) -> list[int]:
         for _ in generate_step(prompt, net, max_tokens=tokens + 1):
             marks.append(time.monotonic_ns())
     else:
-        from mlx_lm.models.cache import make_prompt_cache
-
+        from bench_kimi_pair import greedy_steps
         from moequant.evaluate import load_model
 
-        net = load_model(Path(model), fused=True)
-
-        def step(tok, cache):
-            y = net(tok, cache=cache)[:, -1:].argmax(-1)
-            mx.eval(y)
-            return y
-
-        cache = make_prompt_cache(net)
-        tok = step(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache)
-        for _ in range(2):  # warm-up
-            tok = step(tok, cache)
-        marks.append(time.monotonic_ns())
-        for _ in range(tokens):
-            tok = step(tok, cache)
-            marks.append(time.monotonic_ns())
+        marks = greedy_steps(load_model(Path(model), fused=True), tokens, time.monotonic_ns)[0]
     return marks
 
 
