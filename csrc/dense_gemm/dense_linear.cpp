@@ -63,12 +63,17 @@ namespace dense_rows {
 
 namespace {
 
-// W: the weight's element type (float, float16_t or bfloat16_t), fixed per call.
-template <typename W>
+template <WType W>
+using WElem = std::conditional_t<
+    W == WType::bf16,
+    mx::bfloat16_t,
+    std::conditional_t<W == WType::f16, mx::float16_t, float>>;
+
+template <WType W>
 void tile_scalar_typed(const Tile& t) {
-  const W* w = static_cast<const W*>(t.w);
+  const WElem<W>* w = static_cast<const WElem<W>*>(t.w);
   for (int64_t n = t.n0; n < t.n1; ++n) {
-    const W* wn = w + n * t.ldw;
+    const WElem<W>* wn = w + n * t.ldw;
     for (int64_t m = 0; m < t.M; ++m) {
       const float* x = t.x + m * t.K;
       float c = 0.0f;
@@ -84,14 +89,7 @@ void tile_scalar_typed(const Tile& t) {
 } // namespace
 
 void tile_scalar(const Tile& t) {
-  switch (t.wt) {
-    case WType::bf16:
-      return tile_scalar_typed<mx::bfloat16_t>(t);
-    case WType::f16:
-      return tile_scalar_typed<mx::float16_t>(t);
-    default:
-      return tile_scalar_typed<float>(t);
-  }
+  with_wtype(t.wt, [&](auto w) { tile_scalar_typed<decltype(w)::value>(t); });
 }
 
 } // namespace dense_rows

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -39,6 +40,20 @@ class DenseLinear : public mx::UnaryPrimitive {
 namespace dense_rows {
 
 enum class WType { f32, f16, bf16 };
+
+// f(std::integral_constant<WType, wt>{}): the kernels take the weight dtype as a template
+// parameter, the switch runs once per tile.
+template <typename F>
+decltype(auto) with_wtype(WType wt, F&& f) {
+  switch (wt) {
+    case WType::bf16:
+      return f(std::integral_constant<WType, WType::bf16>{});
+    case WType::f16:
+      return f(std::integral_constant<WType, WType::f16>{});
+    default:
+      return f(std::integral_constant<WType, WType::f32>{});
+  }
+}
 
 // Rows per tile (a multiple of 8, the lanes of one AVX2 vector) and k per panel.
 constexpr int kTileRows = 32;

@@ -247,14 +247,7 @@ void tile_w(const Tile& t) {
 
 void tile_avx2(const Tile& t) {
   static_assert(kTileRows == 32 && kPanelK % 8 == 0);
-  switch (t.wt) {
-    case WType::bf16:
-      return tile_w<WType::bf16>(t);
-    case WType::f16:
-      return tile_w<WType::f16>(t);
-    default:
-      return tile_w<WType::f32>(t);
-  }
+  with_wtype(t.wt, [&](auto w) { tile_w<decltype(w)::value>(t); });
 }
 
 } // namespace moequant::dense_rows
