@@ -290,10 +290,59 @@ def test_loads_as_quantized_linear():
     assert mx.allclose(layer(x).astype(mx.float32), want.astype(mx.float32), atol=2e-2, rtol=2e-2)
 
 
-def test_minmax_quantize_is_mx_quantize():
-    x = mx.array(np.random.default_rng(0).standard_normal((4, 128)).astype(np.float32))
-    ours = moequant.quantize(x, bits=3, group_size=32, fit="minmax")
-    assert_same(ours, mx.quantize(x, group_size=32, bits=3))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_minmax_quantize_is_mx_quantize(dtype):
+    """fit="minmax" (moequant's multi-threaded quantize_minmax on the CPU) gives
+    mx.quantize's bits, scales and biases rounded to `dtype`, for views too."""
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((2, 40, 256)).astype(np.float32)).astype(MX_DTYPES[dtype])
+    xt = mx.swapaxes(x, 0, 1)  # non-contiguous
+    for bits in BITS:
+        g = GROUPS[bits % 3]
+        for w in (x, xt):
+            ours = moequant.quantize(w, bits=bits, group_size=g, fit="minmax")
+            assert_same(ours, mx.quantize(w, group_size=g, bits=bits))
+    ours = moequant.quantize(x, bits=4, group_size=64, fit="minmax", dtype=mx.float16)
+    wq, s, b = mx.quantize(x, group_size=64, bits=4)
+    assert_same(ours, (wq, s.astype(mx.float16), b.astype(mx.float16)))
+    assert_same(moequant.quantize(x, bits=4, group_size=64, fit="minmax", stream=mx.cpu), (wq, s, b))
+
+
+def test_mse_views_read_in_place():
+    """The mse fit reads an evaluated row-contiguous view into a larger buffer in place
+    (convert's pieces: no copy of the input), and a transposed view gives the bits of the
+    same values passed contiguous."""
+    rng = np.random.default_rng(23)
+    q, s = kimi_like(rng, 768, 512, "laplace")
+    packed = mx.array(pack_int4(q))
+    scales = mx.array(s).astype(mx.bfloat16)
+    wnp = rng.standard_normal((768, 512)).astype(np.float32) * 0.02
+    w = mx.array(wnp).astype(mx.bfloat16)
+    pv, sv, wv = packed.view(mx.uint32)[:512], scales[:512], w[:512]  # views of the first 512 rows
+    mx.eval(w, pv, sv, wv)
+    # The same values in arrays of their own.
+    ref = moequant.requantize_int4(
+        mx.array(pack_int4(q[:512])), mx.array(s[:512]).astype(mx.bfloat16), bits=3, group_size=64, fit="mse"
+    )
+    wref = moequant.quantize(mx.array(wnp[:512]).astype(mx.bfloat16), bits=4, group_size=64)
+    mx.eval(ref, wref)
+    for run, want, view_bytes in (
+        (lambda: moequant.requantize_int4(pv, sv, bits=3, group_size=64, fit="mse"), ref, pv.nbytes),
+        (lambda: moequant.quantize(wv, bits=4, group_size=64), wref, wv.nbytes),
+    ):
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        ours = run()
+        mx.eval(ours)
+        grown = mx.get_peak_memory() - base
+        out_bytes = sum(a.nbytes for a in ours)
+        assert grown < out_bytes + view_bytes // 2, f"{grown} bytes allocated for {out_bytes} of output"
+        assert_same(ours, want)
+    wt = mx.swapaxes(w.reshape(2, 384, 512), 0, 1)
+    wt_own = mx.array(np.swapaxes(wnp.reshape(2, 384, 512), 0, 1).copy()).astype(mx.bfloat16)
+    assert_same(
+        moequant.quantize(wt, bits=3, group_size=32), moequant.quantize(wt_own, bits=3, group_size=32)
+    )
 
 
 def test_argument_errors():

@@ -33,7 +33,7 @@ importance_or_ones(const char* fn, std::optional<mx::array> h, int K, const mx::
         std::string("[moequant.") + fn + "] importance must have shape (" + std::to_string(K) +
         ",), one weight per input channel; got " + shape_str(h->shape()) + ".");
   }
-  return mx::contiguous(mx::astype(*h, mx::float32, stream), false, stream);
+  return contiguous_as(mx::astype(*h, mx::float32, stream), h->shape(), stream);
 }
 
 std::tuple<mx::array, mx::array, mx::array> make_outputs(
@@ -90,9 +90,11 @@ std::tuple<mx::array, mx::array, mx::array> requantize_int4_fit(
   auto stream = mx::to_stream(s);
   const int K = packed.shape(-1) * 8;
   auto h = importance_or_ones("requantize_int4", importance, K, stream);
-  auto p = mx::contiguous(
-      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), false, stream);
-  auto sc = mx::contiguous(scales, false, stream);
+  // Evaluated row-contiguous views (convert's pieces of its read buffers) are read in
+  // place: contiguous_as, as the min-max path (requantize.cpp).
+  auto p = contiguous_as(
+      packed.dtype() == mx::uint32 ? packed : mx::view(packed, mx::uint32), packed.shape(), stream);
+  auto sc = contiguous_as(scales, scales.shape(), stream);
   return make_outputs(
       packed.shape(),
       K,
@@ -115,7 +117,7 @@ std::tuple<mx::array, mx::array, mx::array> quantize_fit(
   auto stream = mx::to_stream(s);
   const int K = w.shape(-1);
   auto h = importance_or_ones("quantize", importance, K, stream);
-  auto x = mx::contiguous(w, false, stream);
+  auto x = contiguous_as(w, w.shape(), stream);
   return make_outputs(
       w.shape(),
       K,

@@ -127,6 +127,13 @@ def requantize_int4(
     )
 
 
+def _on_cpu(stream) -> bool:
+    """Whether an op given ``stream`` (None, a Device or a Stream) runs on the CPU."""
+    if stream is None:
+        return mx.default_device() == mx.cpu
+    return getattr(stream, "device", stream) == mx.cpu
+
+
 def quantize(
     w: mx.array,
     *,
@@ -153,7 +160,10 @@ def quantize(
         if importance is not None:
             raise ValueError("quantize: importance needs fit='mse'")
         _ext.check_quantize_args(w, bits=bits, group_size=group_size, dtype=dtype)
-        wq, s, b = mx.quantize(w, group_size=group_size, bits=bits, stream=stream)
+        if _on_cpu(stream):  # mx.quantize's bits, multi-threaded (tests/test_requantize.py)
+            wq, s, b = _ext.quantize_minmax(w, bits=bits, group_size=group_size, stream=stream)
+        else:
+            wq, s, b = mx.quantize(w, group_size=group_size, bits=bits, stream=stream)
         out = dtype or w.dtype
         return wq, s.astype(out, stream=stream), b.astype(out, stream=stream)
     K = int(w.shape[-1]) if w.ndim else 0
