@@ -416,8 +416,11 @@ def main(argv=None):
         object.__setattr__(obj, attr, proxy())
 
     for layer in model.model.layers:
+        # A fused pair (one call, mla_attention.pair_linear) is timed as one, below.
+        pairs = layer.self_attn.__dict__.get("_moequant_pairs", {})
         for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
-            wrap(layer.self_attn, p, "attention " + p)
+            if not any(p in names for names in pairs):
+                wrap(layer.self_attn, p, "attention " + p)
         wrap(layer, "mlp", "MoE block" if hasattr(layer.mlp, "switch_mlp") else "dense MLP")
         wrap(layer, "input_layernorm", "norms")
         wrap(layer, "post_attention_layernorm", "norms")
@@ -426,6 +429,10 @@ def main(argv=None):
         from moequant import mla_attention
 
         mla_attention.attend = timed_call("attention core (mla_attention.attend)", mla_attention.attend)
+        if hasattr(mla_attention, "pair_linear"):
+            mla_attention.pair_linear = timed_call(
+                "attention q_a_proj+kv_a_proj_with_mqa", mla_attention.pair_linear
+            )
     clk = Clock()
     decode(n, cache, tok)
     w, c = clk.read()
