@@ -335,6 +335,9 @@ def e2e_bench(args, bw):
             if fused:
                 n = moequant.patch(model)
                 print(f"# e2e {name}: moequant.patch: {n} MoE blocks", flush=True)
+                if args.huge_pages:
+                    # Arrays the patch made (fused linear pairs) too, as the CLIs do.
+                    moequant.huge_pages(model)
             steps = args.e2e_tokens if fused else max(3, args.e2e_tokens // 4)
             if fused:
                 decode_tps(model, prompt, 3)  # warm-up

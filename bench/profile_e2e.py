@@ -6,7 +6,15 @@ quiet one wall ~ CPU / threads for the threaded parts. The per-module split eval
 each module's output before and after it (barriers): their sum exceeds the plain step.
 
     python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
-                                [--wall] [--stub-kernels] [--glue]
+                                [--wall] [--stub-kernels] [--glue] [--ops]
+
+--ops attributes a decode step's wall time per op (each quantized linear layer by its
+name in the layer, MLA's per-head up-projections, the routed experts, the router's
+product, the attention core; a barrier around each, times exclusive of nested ops) and
+sets each quantized op against the time its codes take at the row kernels' rate
+measured in the same run (bench_linear's 2048 x 2048 one-thread rate, times the
+threads) and against the same call repeated back to back (16 calls in one evaluation); the rest of the step is
+the time outside these ops (Python, MLX's small ops, graph evaluation, barriers).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import E2E_CONFIG  # noqa: E402
@@ -55,6 +64,11 @@ def build_parser():
         "no evaluation inside) and the evaluation, synchronous and pipelined as mlx-lm's "
         "generate_step runs it (async_eval), and time the CPU stream's cost per graph node "
         "(a chain of reshapes; a chain of rms_norm primitives)",
+    )
+    ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="also split a decode step by op against the row kernels' rate (see above)",
     )
     ap.add_argument(
         "--wall",
@@ -171,6 +185,150 @@ def glue_split(model, cache, tok, n):
     return tok
 
 
+def ops_split(model, tok, cache, n, dtype):
+    """Per op of a decode step: wall ms per token in the model (barriers around each
+    op, exclusive of nested ones), codes per token, the same call repeated (warm
+    caches), and the codes' time at the row kernels' rate (module docstring: --ops)."""
+    import moequant
+    from bench_linear import row_rate
+    from moequant import mla_attention, mlx_lm_patch
+
+    rec = collections.defaultdict(lambda: [0.0, 0, 0])  # seconds, calls, codes
+    calls = {}  # one call per op name, to repeat on warm caches
+    stack = [0.0]  # nested ops' time, subtracted from their parent's
+
+    def timed(name, fn, codes):
+        def call(*a, **k):
+            key = name(*a) if callable(name) else name
+            mx.eval(*[v for v in a if isinstance(v, mx.array)])
+            stack.append(0.0)
+            t = time.perf_counter()
+            y = fn(*a, **k)
+            mx.eval(y)
+            dt = time.perf_counter() - t
+            inner = stack.pop()
+            stack[-1] += dt
+            r = rec[key]
+            r[0] += dt - inner
+            r[1] += 1
+            r[2] += codes(*a, **k)
+            calls.setdefault(key, (fn, a, k))
+            return y
+
+        return call
+
+    def qcodes(m):
+        return lambda x, *_, **__: m["weight"].shape[0] * m["weight"].shape[1] * 32 // m.bits
+
+    def short(path):
+        name = re.sub(r"^model\.layers\.\d+\.", "", path)
+        return "dense " + name if name.startswith("mlp.") and not name.startswith("mlp.shared") else name
+
+    # Layers that patch fused into pairs (mlx_lm_patch.pair_linear) are timed as one op.
+    owners = {id(m): short(path) for path, m in model.named_modules()}
+    fused = {
+        (id(m), n)
+        for _, m in model.named_modules()
+        for names in getattr(m, "_moequant_pairs", {})
+        for n in names
+    }
+
+    def pair_name(owner, names, x):
+        return f"{owners[id(owner)]}.{'+'.join(names)}"
+
+    def pair_codes(owner, names, x):
+        w, _, _, bits = mlx_lm_patch.pair_arrays(owner, names)[:4]
+        return w.shape[0] * w.shape[1] * 32 // bits
+
+    saved = []
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.QuantizedLinear):
+            continue
+        parent = model
+        *up, attr = path.split(".")
+        for p in up:
+            parent = parent[int(p)] if p.isdigit() else getattr(parent, p)
+        if (id(parent), attr) in fused:
+            continue
+        name = short(path)
+        saved.append((parent, attr, m))
+        fn = type(m).__call__.__get__(m)
+        object.__setattr__(
+            parent, attr, type("Timed", (), {"__call__": staticmethod(timed(name, fn, qcodes(m)))})()
+        )
+
+    def multi_codes(x, w, s, b, *, bits, group_size):
+        return w.shape[0] * w.shape[1] * w.shape[2] * 32 // bits * (x.size // (x.shape[-1] * w.shape[0]))
+
+    def moe_codes(x, inds, scores, *projs, **_):
+        return inds.size * sum(p[0].shape[1] * p[0].shape[2] * 32 // p[3] for p in projs)
+
+    funcs = [
+        (mlx_lm_patch, "pair_linear", pair_name, pair_codes),
+        (mla_attention, "pair_linear", pair_name, pair_codes),
+        (mla_attention, "quantized_multi_linear", "attention embed_q / unembed_out", multi_codes),
+        (mlx_lm_patch, "moe_swiglu", "routed experts (moe_swiglu)", moe_codes),
+        (mlx_lm_patch, "dense_linear", "router product (dense_linear)", lambda *a, **k: 0),
+        (mla_attention, "attend", "attention core (attend)", lambda *a, **k: 0),
+    ]
+    for mod, attr, name, codes in funcs:
+        f = getattr(mod, attr, None)
+        if f is None:  # a build without the pairs
+            continue
+        saved.append((mod, attr, f))
+        setattr(mod, attr, timed(name, f, codes))
+    try:
+        clk = Clock()
+        for _ in range(n):
+            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+            mx.eval(tok)
+        wall, _ = clk.read()
+    finally:
+        for obj, attr, f in saved:
+            if isinstance(obj, type(mla_attention)):
+                setattr(obj, attr, f)
+            else:
+                object.__setattr__(obj, attr, f)
+
+    threads = moequant.get_num_threads()
+    rate = row_rate(4, dtype) * 1e9 * threads  # codes per second, all threads
+    # The same call repeated: 16 independent calls evaluated at once (no wait between
+    # them, as in the model's graph), the fastest of 5 rounds; warm caches where the
+    # op's weights fit in them.
+    warm = {}
+    for name, (fn, a, k) in calls.items():
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            mx.eval([fn(*a, **k) for _ in range(16)])
+            best = min(best, (time.perf_counter() - t) / 16)
+        warm[name] = best
+    print(
+        f"ops: a decode step with a barrier around each op: {wall / n * 1e3:.2f} ms/token; row kernels "
+        f"{rate / threads / 1e9:.2f} G codes/s per core (4-bit, x {dtype}), {threads} threads"
+    )
+    print(
+        f"  {'op (calls per token)':44s} {'model ms':>8s} {'again ms':>8s} {'rate ms':>8s} "
+        f"{'model/rate':>10s} {'M codes':>8s}"
+    )
+    tot = [0.0, 0.0, 0.0]
+    for name, (sec, cnt, codes) in sorted(rec.items(), key=lambda kv: -kv[1][0]):
+        per = cnt / n
+        rt = codes / n / rate
+        wm = warm[name] * per
+        tot[0] += sec / n
+        tot[1] += wm
+        tot[2] += rt
+        ratio = f"{sec / n / rt:10.2f}" if rt else f"{'':10s}"
+        print(
+            f"  {name + f' ({per:g})':44s} {sec / n * 1e3:8.3f} {wm * 1e3:8.3f} {rt * 1e3:8.3f} {ratio} "
+            f"{codes / n / 1e6:8.2f}"
+        )
+    print(f"  {'all ops':44s} {tot[0] * 1e3:8.3f} {tot[1] * 1e3:8.3f} {tot[2] * 1e3:8.3f}")
+    print(f"  {'outside the ops (Python, small MLX ops, barriers)':44s} {(wall / n - tot[0]) * 1e3:8.3f}")
+    return tok
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # partial results survive an interrupted run
@@ -226,6 +384,9 @@ def main(argv=None):
     if args.glue:
         glue_split(model, cache, tok, n)
 
+    if args.ops and not args.no_fused:
+        tok = ops_split(model, tok, cache, n, dtype)
+
     # MLX primitives per decode step: each costs the CPU stream ~8 us even when it moves
     # no data (a reshape, a broadcast), so their count is part of the step's fixed cost.
     nodes = graph_nodes(model(tok, cache=cache)[:, -1:].argmax(-1))
@@ -255,8 +416,11 @@ def main(argv=None):
         object.__setattr__(obj, attr, proxy())
 
     for layer in model.model.layers:
+        # A fused pair (one call, mla_attention.pair_linear) is timed as one, below.
+        pairs = layer.self_attn.__dict__.get("_moequant_pairs", {})
         for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
-            wrap(layer.self_attn, p, "attention " + p)
+            if not any(p in names for names in pairs):
+                wrap(layer.self_attn, p, "attention " + p)
         wrap(layer, "mlp", "MoE block" if hasattr(layer.mlp, "switch_mlp") else "dense MLP")
         wrap(layer, "input_layernorm", "norms")
         wrap(layer, "post_attention_layernorm", "norms")
@@ -265,6 +429,10 @@ def main(argv=None):
         from moequant import mla_attention
 
         mla_attention.attend = timed_call("attention core (mla_attention.attend)", mla_attention.attend)
+        if hasattr(mla_attention, "pair_linear"):
+            mla_attention.pair_linear = timed_call(
+                "attention q_a_proj+kv_a_proj_with_mqa", mla_attention.pair_linear
+            )
     clk = Clock()
     decode(n, cache, tok)
     w, c = clk.read()

@@ -4,6 +4,8 @@ float32 activations, prefill (prompts longer than 4 tokens) and decode alike."""
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -145,3 +147,82 @@ def test_cli_switches(no_fused, env, patched, monkeypatch):
     assert out[0] is model
     assert (type(model.lm_head) is not nn.QuantizedLinear) == patched
     assert isinstance(model.lm_head, nn.QuantizedLinear)
+
+
+def _pair_owners(model):
+    return [
+        (m, names)
+        for _, m in model.named_modules()
+        for names in (("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj"))
+        if all(isinstance(getattr(m, n, None), nn.QuantizedLinear) for n in names)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_linear_pairs_one_call_same_bits(dtype, linear_calls):
+    """Layers that share x run as one call on their concatenated rows: each output equal
+    to its layer's own call (decode rows and a prefill's GEMM), the layers' arrays the
+    same values, held once in memory."""
+    model, _ = tiny_deepseek.build(seed=15, dtype=dtype)
+    owners = _pair_owners(model)
+    assert len(owners) == 6  # 3 MLA layers, the dense MLP, 2 shared experts
+    before = {
+        (id(m), n, k): mx.array(getattr(m, n)[k])
+        for m, names in owners
+        for n in names
+        for k in mlx_lm_patch._ARRAYS
+    }
+    mx.eval(list(before.values()))
+    gc.collect()
+    moequant.patch_linear(model)
+    mem = mx.get_active_memory()
+    assert mlx_lm_patch.patch_linear_pairs(model) == 6
+    gc.collect()
+    # The concatenated arrays replace the layers' own (views of them, no second copy).
+    pair_bytes = sum(v.nbytes for v in before.values())
+    assert abs(mx.get_active_memory() - mem) < pair_bytes // 4
+    moequant.patch(model)  # the rest of the patch; the pairs stay as they are
+    for m, names in owners:
+        assert mlx_lm_patch.pair_arrays(m, names) is not None
+        for n in names:
+            for k in mlx_lm_patch._ARRAYS:
+                assert mx.array_equal(getattr(m, n)[k], before[id(m), n, k]).item()
+        K = getattr(m, names[0])["weight"].shape[1] * 32 // getattr(m, names[0]).bits
+        for rows in (1, 11):
+            x = mx.random.normal((1, rows, K)).astype(dtype)
+            linear_calls.clear()
+            got = mlx_lm_patch.pair_linear(m, names, x)
+            assert len(linear_calls) == 1
+            for y, n in zip(got, names):
+                want = getattr(m, n)(x)
+                assert y.dtype == want.dtype and mx.array_equal(y, want).item()
+
+
+def test_linear_pairs_tokens_replaced_weights_and_unpatch():
+    model, _ = tiny_deepseek.build(seed=16)
+    want = greedy(model)
+    logits = model(PROMPT[None])
+    moequant.patch(model)
+    assert greedy(model) == want
+    # A layer's arrays replaced after patching: its pair falls back to one call per layer.
+    other, _ = tiny_deepseek.build(seed=17)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[0].mlp
+    attn.kv_a_proj_with_mqa.update(other.model.layers[1].self_attn.kv_a_proj_with_mqa.parameters())
+    mlp.up_proj.update(other.model.layers[0].mlp.up_proj.parameters())
+    assert mlx_lm_patch.pair_arrays(attn, mlx_lm_patch._MLA_PAIR) is None
+    assert mlx_lm_patch.pair_arrays(mlp, mlx_lm_patch._MLP_PAIR) is None
+    x = mx.random.normal((1, 1, 128))
+    for owner, names in ((attn, mlx_lm_patch._MLA_PAIR), (mlp, mlx_lm_patch._MLP_PAIR)):
+        for y, n in zip(mlx_lm_patch.pair_linear(owner, names, x), names):
+            assert mx.array_equal(y, getattr(owner, n)(x)).item()
+    moequant.unpatch(model)
+    model2, _ = tiny_deepseek.build(seed=16)
+    moequant.patch(model2)
+    moequant.unpatch(model2)
+    # mlx-lm's own modules again, on the row views: mlx-lm's logits.
+    from mlx_lm.models.deepseek_v3 import DeepseekV3MLP
+
+    assert type(model2.model.layers[0].mlp) is DeepseekV3MLP
+    assert "_moequant_pairs" not in model2.model.layers[1].self_attn.__dict__
+    assert mx.array_equal(model2(PROMPT[None]), logits).item()
+    assert greedy(model2) == want

@@ -48,7 +48,14 @@ from typing import Dict
 import mlx.core as mx
 
 from . import quant_formats
-from .mlx_lm_patch import DEFAULT_MAX_TOKENS, _FusedRoPE, _FusedYarnRoPE, import_classes
+from .mlx_lm_patch import (
+    _MLA_PAIR,
+    DEFAULT_MAX_TOKENS,
+    _FusedRoPE,
+    _FusedYarnRoPE,
+    import_classes,
+    pair_linear,
+)
 from .ops import matmul_nt, quantized_multi_linear, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
@@ -313,10 +320,13 @@ def project(attn, x, offset, with_qr=False):
     with fewer view nodes (each costs a decode step a few us on the CPU stream)."""
     B, L, _ = x.shape
     qr = None
+    kv = None
     if attn.q_lora_rank is None:
         q = attn.q_proj(x)
     else:
-        qr = attn.q_a_layernorm(attn.q_a_proj(x))
+        # q_a_proj and kv_a_proj_with_mqa in one call when patch fused them.
+        qa, kv = pair_linear(attn, _MLA_PAIR, x)
+        qr = attn.q_a_layernorm(qa)
         q = attn.q_b_proj(qr)
     if L == 1:
         # One position: (B, 1, H, d) transposed to (B, H, 1, d) is a reshape.
@@ -327,7 +337,7 @@ def project(attn, x, offset, with_qr=False):
     # (B, L, R + dr) -> (B, 1, L, R + dr): the latent and k_pe of the one key head, both
     # in their cache layout (mlx-lm: a reshape and transpose of k_pe, an expand_dims of
     # the latent). The norm acts per row, on the strided view alike.
-    kv = mx.expand_dims(attn.kv_a_proj_with_mqa(x), axis=1)
+    kv = mx.expand_dims(attn.kv_a_proj_with_mqa(x) if kv is None else kv, axis=1)
     latent, k_pe = mx.split(kv, [attn.kv_lora_rank], axis=-1)
     latent = attn.kv_a_layernorm(latent)
     # Rope acts per (position, feature): one call for the query heads and the key head

@@ -209,7 +209,8 @@ def patch(
     longer ones the batched ``moe_prefill`` on the CPU and mlx-lm's path on a GPU.
     Apply after loading/sharding; calling it again updates ``max_tokens``.
     With ``linear`` (the default) the quantized linear layers are patched too
-    (``patch_linear``), the RMSNorm and RoPE layers (``patch_norm_rope``) and the MoE
+    (``patch_linear``, and ``patch_linear_pairs``: layers that share their input run as
+    one call), the RMSNorm and RoPE layers (``patch_norm_rope``) and the MoE
     routers (``patch_gates``), and with ``attention`` (default: as ``linear``) the MLA attention
     layers (``mla_attention.patch_attention``: float32 attention on the CPU)."""
     if linear:
@@ -220,6 +221,8 @@ def patch(
         from .mla_attention import patch_attention
 
         patch_attention(model)
+    if linear:
+        patch_linear_pairs(model)
     classes = _block_classes()
     n = 0
     for _, m in model.named_modules():
@@ -251,6 +254,8 @@ def unpatch(model: nn.Module) -> int:
             m.__class__ = base
             # The MLA patch's dense float32 up-projections (mla_attention).
             m.__dict__.pop("_moequant_dense", None)
+            # The fused pairs' concatenated arrays (the layers keep their views of them).
+            m.__dict__.pop("_moequant_pairs", None)
             m.__dict__.pop("_moequant_projs", None)
             n += 1
     return n
@@ -474,3 +479,131 @@ def patch_gates(model: nn.Module) -> int:
     specs = _GATES + (_VLM_GATES if "mlx_vlm" in sys.modules else ())
     bases = {cls: _FusedMoEGate for cls in import_classes(specs)}
     return len(_swap_classes(model, bases, _gate_classes))
+
+
+# --------------------------------------------------------------------------- linear pairs
+# Quantized linear layers that read the same x (MLA's q_a_proj and kv_a_proj_with_mqa; an
+# MLP's gate_proj and up_proj) run as one quantized_linear call on their rows
+# concatenated along the output axis: one job and one preparation of x instead of two
+# (a decode step's small layers pay a fixed cost per call, bench/RESULTS.md issue 15
+# session 7; the output's Split is a view node in place of the second call's node). Rows are independent, so each output is bit-identical to its own
+# layer's call. Made once at patch time: the concatenated weight, scales and biases, and
+# each layer's arrays rebound as row views of them (one copy in memory, the parameter
+# tree keeps its names and shapes; ``unpatch`` leaves the views, a working module).
+# A layer whose arrays were replaced after patching (load_weights, update) makes the pair
+# fall back to one call per layer.
+
+# (module, class) of the MLPs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with the
+# module's own ``swiglu``.
+_MLPS = (
+    ("mlx_lm.models.deepseek_v3", "DeepseekV3MLP"),
+    ("mlx_lm.models.deepseek_v32", "DeepseekV32MLP"),
+    ("mlx_lm.models.glm4_moe", "MLP"),
+)
+_MLA_PAIR = ("q_a_proj", "kv_a_proj_with_mqa")
+_MLP_PAIR = ("gate_proj", "up_proj")
+
+_mlp_classes: Dict[type, type] = {}
+
+_ARRAYS = ("weight", "scales", "biases")
+
+
+def _pairable(layers) -> bool:
+    """Patched quantized linear layers (affine, no bias) of one input size, bits, group
+    size and array dtypes."""
+    if not all(isinstance(m, _FusedQuantizedLinear) and m._moequant_layout_ok for m in layers):
+        return False
+    if any("bias" in m for m in layers):
+        return False
+    a = layers[0]
+    return all(
+        m.bits == a.bits
+        and m.group_size == a.group_size
+        and m["weight"].shape[1] == a["weight"].shape[1]
+        and all(m[k].dtype == a[k].dtype for k in _ARRAYS)
+        for m in layers
+    )
+
+
+def fuse_pair(owner, names) -> bool:
+    """Concatenate the rows of ``owner``'s linear layers ``names`` (see above); returns
+    whether the pair is fused (now or already)."""
+    layers = [getattr(owner, n, None) for n in names]
+    if pair_arrays(owner, names) is not None:
+        return True
+    if not _pairable(layers):
+        return False
+    cat = [mx.concatenate([m[k] for m in layers], axis=0) for k in _ARRAYS]
+    mx.eval(cat)
+    rows = [m["weight"].shape[0] for m in layers]
+    views = []
+    r0 = 0
+    for m, r in zip(layers, rows):
+        vs = [c[r0 : r0 + r] for c in cat]
+        mx.eval(vs)  # views sharing the concatenated arrays' memory
+        for k, v in zip(_ARRAYS, vs):
+            m[k] = v
+        views.append(vs)
+        r0 += r
+    splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
+    pairs = owner.__dict__.setdefault("_moequant_pairs", {})
+    pairs[tuple(names)] = (views, (*cat, layers[0].bits, layers[0].group_size, splits))
+    return True
+
+
+def pair_arrays(owner, names):
+    """(w, scales, biases, bits, group_size, splits) of a fused pair whose layers still
+    hold their views, else None."""
+    got = owner.__dict__.get("_moequant_pairs", {}).get(tuple(names))
+    if got is None:
+        return None
+    views, arrays = got
+    for n, vs in zip(names, views):
+        m = getattr(owner, n, None)
+        if not isinstance(m, nn.Module) or not all(m.get(k) is v for k, v in zip(_ARRAYS, vs)):
+            return None
+    return arrays
+
+
+def pair_linear(owner, names, x):
+    """The outputs of ``owner``'s linear layers ``names`` on x, from one call when the
+    pair is fused and the call runs on the CPU, else from one call per layer."""
+    arrays = pair_arrays(owner, names) if mx.default_device() == mx.cpu else None
+    if arrays is None:
+        return [getattr(owner, n)(x) for n in names]
+    w, s, b, bits, gs, splits = arrays
+    # mx.quantized_matmul's dtype: x promoted with the scales' (see _quantized_linear).
+    dt = x.dtype if x.dtype == s.dtype else mx.float32
+    if x.dtype != dt:
+        x = x.astype(dt)
+    y = quantized_linear(x, w, s, b, bits=bits, group_size=gs)
+    return mx.split(y, splits, axis=-1)
+
+
+class _FusedMLP:
+    """Mixed in before an MLP class of ``_MLPS``: gate_proj and up_proj in one call."""
+
+    def __call__(self, x):
+        if pair_arrays(self, _MLP_PAIR) is None or mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        g, u = pair_linear(self, _MLP_PAIR, x)
+        return self.down_proj(sys.modules[self._moequant_base.__module__].swiglu(g, u))
+
+
+def patch_linear_pairs(model: nn.Module) -> int:
+    """Fuse the quantized linear layers of ``model`` that share their input (see above):
+    MLA's q_a_proj with kv_a_proj_with_mqa (used by ``mla_attention``), the DeepSeek-V3
+    family's MLP gate_proj with up_proj (the MLP class swapped in place). Call after
+    ``patch_linear``; returns how many pairs are fused. ``unpatch`` undoes the class
+    swaps (the layers keep their row views)."""
+    from .mla_attention import _ATTENTION
+
+    n = 0
+    mlps = {cls: _FusedMLP for cls in import_classes(_MLPS)}
+    for m in _swap_classes(model, mlps, _mlp_classes):
+        n += int(fuse_pair(m, _MLP_PAIR))
+    attns = import_classes(_ATTENTION)
+    for _, m in model.named_modules():
+        if getattr(type(m), "_moequant_base", type(m)) in attns and getattr(m, "q_lora_rank", None):
+            n += int(fuse_pair(m, _MLA_PAIR))
+    return n
