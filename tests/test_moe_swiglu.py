@@ -58,6 +58,19 @@ def test_dtypes(xdtype, sdtype, cpu_path):
     assert rel_err(y, moe_reference(*case)) < TOL[xdtype]
 
 
+@pytest.mark.parametrize("bits", [3, 6])
+@pytest.mark.parametrize("gs", [32, 64])
+def test_short_rows_one_level(bits, gs, cpu_path):
+    """bf16 activations at 3 and 6 bits: rows of one, two and three load steps (the AVX2
+    integer rows load a block together with 4 bytes of each neighbour, only between a
+    row's first and last steps), every expert selected so the last row of each weight
+    buffer is read (tests/test_sanitizers.py runs this file under AddressSanitizer)."""
+    rng = np.random.default_rng(bits * 100 + gs)
+    for D in (64, 128, 192):
+        case = make_case(rng, 3, D, D, 3, (2,), (bits,) * 3, (gs,) * 3, "bfloat16", "bfloat16")
+        assert rel_err(moequant.moe_swiglu(*case), moe_reference(*case)) < TOL["bfloat16"]
+
+
 @pytest.mark.parametrize("lead,k", [((1,), 1), ((5,), 8), ((2, 3), 2), ((1, 1, 1), 4)])
 def test_ragged_shapes(lead, k, cpu_path):
     """Odd token counts, k from 1 to all experts, I not a multiple of the row chunks."""

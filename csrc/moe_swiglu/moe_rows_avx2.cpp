@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "moe_swiglu/moe_rows.h"
 
@@ -74,53 +75,33 @@ struct V {
       }
     }
   }
-  template <int NB>
+  // 24 bytes to 3 bytes per lane (top byte zero): bytes 0..11 to the low half's lanes,
+  // 12..23 to the high half's. `wide` (a block with a neighbour on each side in its row):
+  // one 32-byte load from 4 bytes before the block (bytes 0..11 at offsets 4..15 of the
+  // low half, 12..23 at 0..11 of the high half); otherwise two 16-byte loads inside the
+  // block, bytes 0..15 to the low half and 8..23 to the high half (12..23 at offsets
+  // 4..15), one instruction more (a masked load and a lane-crossing permute cost more on
+  // AMD Zen).
+  template <int NB, bool wide = false>
   static I load_block(const uint8_t* p) {
     if constexpr (NB == 4) {
       return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     } else {
-      // 24 bytes, as two 16-byte loads inside them: bytes 0..15 to the low half, 8..23
-      // to the high half (never past the block; a masked load and a lane-crossing
-      // permute cost more on AMD Zen), then 3 bytes per lane: 0..11 from the low half,
-      // 12..23 (offsets 4..15) from the high half.
-      const __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)),
-          1);
-      const __m256i sh = _mm256_setr_epi8(
-          0,
-          1,
-          2,
-          -128,
-          3,
-          4,
-          5,
-          -128,
-          6,
-          7,
-          8,
-          -128,
-          9,
-          10,
-          11,
-          -128,
-          4,
-          5,
-          6,
-          -128,
-          7,
-          8,
-          9,
-          -128,
-          10,
-          11,
-          12,
-          -128,
-          13,
-          14,
-          15,
-          -128);
-      return _mm256_shuffle_epi8(v, sh);
+#define MQ_LANES3(lo, hi)                                                                         \
+  lo + 0, lo + 1, lo + 2, -128, lo + 3, lo + 4, lo + 5, -128, lo + 6, lo + 7, lo + 8, -128,       \
+      lo + 9, lo + 10, lo + 11, -128, hi + 0, hi + 1, hi + 2, -128, hi + 3, hi + 4, hi + 5, -128, \
+      hi + 6, hi + 7, hi + 8, -128, hi + 9, hi + 10, hi + 11, -128
+      if constexpr (wide) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p - 4));
+        return _mm256_shuffle_epi8(v, _mm256_setr_epi8(MQ_LANES3(4, 0)));
+      } else {
+        const __m256i v = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)),
+            1);
+        return _mm256_shuffle_epi8(v, _mm256_setr_epi8(MQ_LANES3(0, 4)));
+      }
+#undef MQ_LANES3
     }
   }
 };

@@ -2,6 +2,8 @@
 // compiled with those flags; it is only called after a run-time CPU check).
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "moe_swiglu/moe_rows.h"
 
 namespace moequant::cpu {

@@ -15,6 +15,8 @@
 // (s_w * sx), instead of three instructions per 16 codes.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "moe_swiglu/moe_rows.h"
 
 namespace moequant::cpu {
