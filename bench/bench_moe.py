@@ -12,6 +12,7 @@ tok/s of 256 and 2048 tokens.
 
     python bench/bench_moe.py [--experts 64] [--steps 12] [--e2e | --e2e-only] [--quick] [--device gpu]
                               [--no-huge-pages] [--prefill-lengths 256,2048] [--prefill-dtypes float32]
+    python bench/bench_moe.py --stream 128 [--steps 40]   # the e2e experts streaming from memory
 
 The read-bandwidth probe reads numpy memory, which Linux backs with transparent huge
 pages; by default the expert weights are moved into huge pages too
@@ -406,6 +407,53 @@ def prefill_op_bench(args):
         )
 
 
+def stream_bench(args, bw):
+    """moe_swiglu at the e2e model's expert shapes (D 2048, I 1024, 4-bit g64: rows of 1024
+    bytes), `--stream` experts (several layers' worth, far more than the caches hold), a
+    fresh top-8 choice every step, as a decode token streams them: GB/s of expert weights
+    against the read probe, and the step time against the row kernels' cache-resident
+    bound (bench_linear.row_rate x threads) measured in the same run, 1 and 2 threads."""
+    from bench_linear import row_rate
+
+    cfg = E2E_CONFIG
+    Dm, Im, k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
+    E = args.stream
+    mx.random.seed(1)
+    projs = [random_proj(E, Im, Dm, 4, 64), random_proj(E, Im, Dm, 4, 64), random_proj(E, Dm, Im, 4, 64)]
+    if args.huge_pages:
+        hp = moequant.huge_pages(projs)
+        print(f"# {hp / 2**20:.0f} MiB of expert weights moved into huge pages", flush=True)
+    nbytes = k * sum((p[0].nbytes + p[1].nbytes + p[2].nbytes) / E for p in projs)
+    codes = 3 * k * Im * Dm
+    print(
+        f"# stream: {E} experts of D {Dm}, I {Im}, 4-bit g64 ({E * nbytes / k / 2**20:.0f} MiB), top-{k};"
+        f" {nbytes / 1e6:.1f} MB and {codes / 1e6:.1f} M codes per step",
+        flush=True,
+    )
+    rng = np.random.default_rng(0)
+    saved = moequant.get_num_threads()
+    for xname, xdt in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
+        rate = row_rate(4, xdt)
+        x = mx.array(rng.standard_normal((1, 1, Dm)).astype(np.float32)).astype(xdt)
+
+        def ours(x, idx, sc):
+            return moequant.moe_swiglu(x, idx, sc, *projs)
+
+        for threads in (1, 2):
+            moequant.set_num_threads(threads)
+            try:
+                t, _ = time_steps(ours, x, E, args.steps, rng, warmup=3)
+            finally:
+                moequant.set_num_threads(saved)
+            bound = codes / (rate * 1e9 * threads)
+            print(
+                f"stream x={xname:<8} {threads} thread{'s' if threads > 1 else ' '}: {t * 1e3:6.3f} ms/step,"
+                f" {nbytes / t / 1e9:5.2f} GB/s = {100 * nbytes / t / 1e9 / bw:3.0f}% of read bw;"
+                f" rows' bound {bound * 1e3:6.3f} ms ({rate:.2f} G codes/s per core): {t / bound:.2f}x",
+                flush=True,
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -438,6 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-op",
         action="store_true",
         help="only moe_prefill vs moe_swiglu on one e2e-shaped MoE layer over token counts",
+    )
+    ap.add_argument(
+        "--stream",
+        type=int,
+        default=0,
+        metavar="E",
+        help="only moe_swiglu at the e2e model's expert shapes over E experts (e.g. 128: four layers' worth) "
+        "streaming from memory, 1 and 2 threads, against the probe and the rows' cache-resident rate",
     )
     ap.add_argument("--quick", action="store_true", help="two recipes only")
     ap.add_argument(
@@ -480,6 +536,8 @@ def main():
         f" (the reference below), {bw4k:.2f} GB/s on 4 KiB pages",
         flush=True,
     )
+    if args.stream:
+        return stream_bench(args, bw)
     top = bw
     if not args.e2e_only:
         metal_report()
