@@ -283,15 +283,19 @@ def _linear_layout_ok(m) -> bool:
         return False
 
 
-def _quantized_linear(m, x):
-    """mx.quantized_matmul(x, m.weight, ..., transpose=True) on moequant's kernel, in
-    the dtype mx.quantized_matmul returns (x promoted with the scales' dtype)."""
-    st = m["scales"].dtype
+def _linear_call(x, w, scales, biases, bits, group_size):
+    """mx.quantized_matmul(x, w, ..., transpose=True) on moequant's kernel, in the dtype
+    mx.quantized_matmul returns (x promoted with the scales' dtype)."""
     # Type promotion of two float dtypes: equal ones stay, any other pair gives float32.
-    dt = x.dtype if x.dtype == st else mx.float32
+    dt = x.dtype if x.dtype == scales.dtype else mx.float32
     if x.dtype != dt:
         x = x.astype(dt)
-    return quantized_linear(x, m["weight"], m["scales"], m["biases"], bits=m.bits, group_size=m.group_size)
+    return quantized_linear(x, w, scales, biases, bits=bits, group_size=group_size)
+
+
+def _quantized_linear(m, x):
+    """A quantized linear layer ``m``'s product (see ``_linear_call``)."""
+    return _linear_call(x, m["weight"], m["scales"], m["biases"], m.bits, m.group_size)
 
 
 class _FusedQuantizedLinear:
@@ -565,28 +569,34 @@ def pair_arrays(owner, names):
     return arrays
 
 
+def _cpu_pair_arrays(owner, names):
+    """``pair_arrays`` when the call runs on the CPU (the only device the pairs serve)."""
+    return pair_arrays(owner, names) if mx.default_device() == mx.cpu else None
+
+
+def _pair_outputs(arrays, x):
+    """The fused pair's outputs on x: one call, split into the layers' outputs."""
+    w, s, b, bits, gs, splits = arrays
+    return mx.split(_linear_call(x, w, s, b, bits, gs), splits, axis=-1)
+
+
 def pair_linear(owner, names, x):
     """The outputs of ``owner``'s linear layers ``names`` on x, from one call when the
     pair is fused and the call runs on the CPU, else from one call per layer."""
-    arrays = pair_arrays(owner, names) if mx.default_device() == mx.cpu else None
+    arrays = _cpu_pair_arrays(owner, names)
     if arrays is None:
         return [getattr(owner, n)(x) for n in names]
-    w, s, b, bits, gs, splits = arrays
-    # mx.quantized_matmul's dtype: x promoted with the scales' (see _quantized_linear).
-    dt = x.dtype if x.dtype == s.dtype else mx.float32
-    if x.dtype != dt:
-        x = x.astype(dt)
-    y = quantized_linear(x, w, s, b, bits=bits, group_size=gs)
-    return mx.split(y, splits, axis=-1)
+    return _pair_outputs(arrays, x)
 
 
 class _FusedMLP:
     """Mixed in before an MLP class of ``_MLPS``: gate_proj and up_proj in one call."""
 
     def __call__(self, x):
-        if pair_arrays(self, _MLP_PAIR) is None or mx.default_device() != mx.cpu:
+        arrays = _cpu_pair_arrays(self, _MLP_PAIR)
+        if arrays is None:
             return super().__call__(x)
-        g, u = pair_linear(self, _MLP_PAIR, x)
+        g, u = _pair_outputs(arrays, x)
         return self.down_proj(sys.modules[self._moequant_base.__module__].swiglu(g, u))
 
 
