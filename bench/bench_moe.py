@@ -272,24 +272,6 @@ E2E_CONFIG = dict(
 )
 
 
-def as_converted(model, dtype):
-    """Cast the model's floating parameters to ``dtype`` as ``mlx_lm.convert --dtype`` does
-    (all but those the model's ``cast_predicate`` keeps: DeepSeek-V3's
-    e_score_correction_bias). tiny_deepseek leaves the 1-D ones (the norms) in float32,
-    which would turn a bfloat16 model's activations into float32 after its first norm."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    keep = getattr(model, "cast_predicate", lambda _: True)
-    cast = [
-        (k, v.astype(dtype))
-        for k, v in tree_flatten(model.parameters())
-        if keep(k) and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
-    ]
-    if cast:
-        model.update(tree_unflatten(cast))
-        mx.eval(model.parameters())
-
-
 def bytes_per_token(model, cfg):
     """Weight bytes one decode step must read: every parameter once, the routed
     experts only for the k of E selected (the same fraction of each stacked array),
@@ -343,7 +325,6 @@ def e2e_bench(args, bw):
     for dtype in (mx.bfloat16, mx.float32):
         name = "bfloat16" if dtype == mx.bfloat16 else "float32"
         model, cfg = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
-        as_converted(model, dtype)
         if args.huge_pages:
             moequant.huge_pages(model)
         nbytes = bytes_per_token(model, cfg)

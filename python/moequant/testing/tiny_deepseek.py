@@ -10,7 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .tokenizer import write_tokenizer
 
@@ -70,8 +70,10 @@ def build(
     dtype=mx.float32,
 ):
     """Returns (model, config). Weights are random with a scale that gives peaked
-    logits; every Linear/SwitchLinear is quantized to (bits, group_size), and the
-    routed experts' gate/up/down to ``expert_bits`` when given."""
+    logits; every floating parameter is in ``dtype`` as ``mlx_lm.convert --dtype``
+    leaves it (``cast_like_convert``); every Linear/SwitchLinear is quantized to
+    (bits, group_size), and the routed experts' gate/up/down to ``expert_bits`` when
+    given."""
     import importlib
 
     cfg = dict(TINY_CONFIG if config is None else config)
@@ -89,6 +91,7 @@ def build(
             model.parameters(),
         )
     )
+    cast_like_convert(model, dtype)
 
     def predicate(path, module):
         if not hasattr(module, "to_quantized"):
@@ -112,6 +115,21 @@ def build(
     mx.eval(model.parameters())
     cfg["quantization"] = quantization
     return model, cfg
+
+
+def cast_like_convert(model, dtype):
+    """Cast the model's floating parameters to ``dtype`` as ``mlx_lm.convert --dtype``
+    does: all but those the model's ``cast_predicate`` keeps (DeepSeek-V3's
+    e_score_correction_bias). Norm weights left in float32 would turn a bfloat16
+    model's activations into float32 after its first norm."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    cast = [
+        (k, v.astype(dtype))
+        for k, v in tree_flatten(model.parameters())
+        if keep(k) and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+    ]
+    if cast:
+        model.update(tree_unflatten(cast))
 
 
 def save(model, config: dict, path) -> Path:
