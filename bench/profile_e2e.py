@@ -263,6 +263,9 @@ def ops_split(model, tok, cache, n, dtype):
     def moe_codes(x, inds, scores, *projs, **_):
         return inds.size * sum(p[0].shape[1] * p[0].shape[2] * 32 // p[3] for p in projs)
 
+    def core_codes(*a, embed_q, unembed_out, bits, group_size, **_):
+        return sum(w.size * 32 // b for (w, _, _), b in zip((embed_q, unembed_out), bits)) * a[0].shape[0]
+
     funcs = [
         (mlx_lm_patch, "pair_linear", pair_name, pair_codes),
         (mla_attention, "pair_linear", pair_name, pair_codes),
@@ -270,6 +273,8 @@ def ops_split(model, tok, cache, n, dtype):
         (mlx_lm_patch, "moe_swiglu", "routed experts (moe_swiglu)", moe_codes),
         (mlx_lm_patch, "dense_linear", "router product (dense_linear)", lambda *a, **k: 0),
         (mla_attention, "attend", "attention core (attend)", lambda *a, **k: 0),
+        # Builds with mla_decode_core: a decode step's whole core, up-projections included.
+        (mla_attention, "mla_decode_core", "attention decode core (mla_decode_core)", core_codes),
     ]
     for mod, attr, name, codes in funcs:
         f = getattr(mod, attr, None)
@@ -429,6 +434,10 @@ def main(argv=None):
         from moequant import mla_attention
 
         mla_attention.attend = timed_call("attention core (mla_attention.attend)", mla_attention.attend)
+        if hasattr(mla_attention, "mla_decode_core"):
+            mla_attention.mla_decode_core = timed_call(
+                "attention decode core (mla_decode_core)", mla_attention.mla_decode_core
+            )
         if hasattr(mla_attention, "pair_linear"):
             mla_attention.pair_linear = timed_call(
                 "attention q_a_proj+kv_a_proj_with_mqa", mla_attention.pair_linear

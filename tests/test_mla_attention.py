@@ -113,6 +113,25 @@ def test_greedy_and_logits_match_mlx_lm(bits, group_size):
     assert greedy(model, 4) == want_tokens[:4]
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_core_same_bits_as_the_chain(monkeypatch, dtype):
+    """Decode steps on a float cache run their core as one mla_decode_core per layer,
+    with the logits of the op-by-op chain (the core turned off) bit for bit; a 1-token
+    cache (S = 1: attend() picks the expanded form) keeps the chain."""
+    # g32: the up-projections (dn 32) are quantized too.
+    model, _ = tiny_deepseek.build(seed=23, bits=6, group_size=32, dtype=dtype)
+    moequant.patch(model)
+    tokens = mx.array([list(range(10, 26))])
+    real, calls = mla_attention.mla_decode_core, []
+    monkeypatch.setattr(mla_attention, "mla_decode_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = incremental_logits(model, tokens, 1)
+    # A 1-token prefill (S = 1: the chain) then 15 decode steps.
+    assert len(calls) == 15 * len(model.model.layers)
+    monkeypatch.setattr(mla_attention, "_decode_core", lambda *a: None)
+    want = incremental_logits(model, tokens, 1)
+    assert got.dtype == dtype and mx.array_equal(got, want).item()
+
+
 def test_query_chunks_and_forms(monkeypatch):
     """Tiny score chunks (several query chunks per call) and each form forced give
     the same logits."""

@@ -3,8 +3,8 @@ the extension.
 
 The CMake project is configured into a temporary directory with -fsanitize=address,
 undefined (UBSan errors are fatal), and tests/test_requantize.py, test_requantize_fit.py,
-test_moe_swiglu.py, test_mla_decode_attention.py, test_dense_linear.py and
-test_quantized_multi_linear.py run in a child pytest with libasan preloaded (the python
+test_moe_swiglu.py, test_mla_decode_attention.py, test_dense_linear.py,
+test_quantized_multi_linear.py and test_mla_decode_core.py run in a child pytest with libasan preloaded (the python
 binary is not instrumented) and the sanitized module in place of moequant._ext
 (tests/sanitizer_plugin.py). Any sanitizer report fails the run. Skipped only when the
 C++ compiler has no sanitizer runtime. MOEQUANT_SANITIZE_BUILD_DIR keeps the build
@@ -29,6 +29,7 @@ TESTS = (
     "tests/test_mla_decode_attention.py",
     "tests/test_dense_linear.py",
     "tests/test_quantized_multi_linear.py",
+    "tests/test_mla_decode_core.py",
 )
 SANITIZE = "-fsanitize=address,undefined"
 # How reports start (ASan; UBSan prints "file:line:col: runtime error: ...").

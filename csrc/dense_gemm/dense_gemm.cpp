@@ -86,6 +86,28 @@ void run(const Args& p) {
 
 } // namespace
 
+namespace cpu {
+
+void matmul_nt(
+    const float* a,
+    const float* b,
+    float* y,
+    int64_t batch,
+    int64_t M,
+    int64_t N,
+    int64_t K) {
+  if (M == 0 || N == 0 || batch == 0) {
+    return;
+  }
+  if (K == 0) {
+    std::fill(y, y + batch * M * N, 0.0f);
+    return;
+  }
+  run(Args{a, b, y, batch, M, N, K});
+}
+
+} // namespace cpu
+
 mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
   if (a.dtype() != mx::float32 || b.dtype() != mx::float32) {
     fail(

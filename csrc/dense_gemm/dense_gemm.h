@@ -16,6 +16,19 @@ namespace mx = mlx::core;
 // float32: y[..., m, n] = sum_k a[..., m, k] * b[..., n, k].
 mx::array matmul_nt(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
 
+namespace cpu {
+// The op's CPU product on row-contiguous float32 data, for primitives that run it inside
+// their own task (mla_decode_core): a (batch, M, K), b (batch, N, K) -> y (batch, M, N).
+void matmul_nt(
+    const float* a,
+    const float* b,
+    float* y,
+    int64_t batch,
+    int64_t M,
+    int64_t N,
+    int64_t K);
+} // namespace cpu
+
 // inputs: a (..., M, K), b (..., N, K) any strides -> y (..., M, N) row-contiguous
 class MatmulNT : public mx::UnaryPrimitive {
  public:

@@ -1,10 +1,18 @@
 #include "mla_attention/mla_attention.h"
 
+#include <array>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_task.h"
+#include "common/strided.h"
 #include "mla_attention/mla_attention_cpu.h"
+#include "mla_attention/mla_decode_core_cpu.h"
+#include "moe_swiglu/moe_swiglu_cpu.h"
+#include "quantized_linear/quantized_linear.h"
 #include "mla_attention_launch.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -320,6 +328,325 @@ void MlaDecodePartial::eval_gpu(const std::vector<mx::array>& in, std::vector<mx
 void MlaDecodeMerge::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   std::vector<mx::array> outs{out};
   eval_metal(stream(), *this, outs, in, "mla_decode_attention");
+}
+
+} // namespace moequant
+
+// ---- mla_decode_core
+
+namespace moequant {
+
+namespace {
+
+[[noreturn]] void core_fail(const std::string& msg) {
+  throw std::invalid_argument("[moequant.mla_decode_core] " + msg);
+}
+
+// d of a (B, H, d) query or a (B, H, 1, d) decode query.
+void check_query(const mx::array& a, const char* name) {
+  if (!(a.ndim() == 3 || (a.ndim() == 4 && a.shape(2) == 1))) {
+    core_fail(
+        std::string(name) + " must have shape (B, H, d) or (B, H, 1, d); got " +
+        shape_str(a.shape()) + ".");
+  }
+}
+
+// A (B, S, d) cache tensor or a (B, 1, S, d) cache view.
+void check_cache(const mx::array& a, const char* name) {
+  if (!(a.ndim() == 3 || (a.ndim() == 4 && a.shape(1) == 1))) {
+    core_fail(
+        std::string(name) + " must have shape (B, S, d) or (B, 1, S, d); got " +
+        shape_str(a.shape()) + ".");
+  }
+}
+
+// The argument checks of both forms; returns {B, H, S, R, DR, DV}.
+std::array<int, 6> check_core_args(
+    const mx::array& q_nope,
+    const mx::array& q_pe,
+    const mx::array& latent,
+    const mx::array& k_pe,
+    const mx::array& wq,
+    const mx::array& sq,
+    const mx::array& bq,
+    const mx::array& wo,
+    const mx::array& so,
+    const mx::array& bo,
+    int q_bits,
+    int q_gs,
+    int o_bits,
+    int o_gs) {
+  check_query(q_nope, "q_nope");
+  check_query(q_pe, "q_pe");
+  check_cache(latent, "latent");
+  check_cache(k_pe, "k_pe");
+  if (!is_float(q_nope.dtype()) || q_pe.dtype() != q_nope.dtype()) {
+    core_fail(
+        "q_nope and q_pe must be float32, float16 or bfloat16 of one dtype; got " +
+        dtype_str(q_nope.dtype()) + " and " + dtype_str(q_pe.dtype()) + ".");
+  }
+  if (!is_float(latent.dtype()) || k_pe.dtype() != latent.dtype()) {
+    core_fail(
+        "latent and k_pe must be float32, float16 or bfloat16 of one dtype; got " +
+        dtype_str(latent.dtype()) + " and " + dtype_str(k_pe.dtype()) + ".");
+  }
+  const int B = q_nope.shape(0), H = q_nope.shape(1);
+  const int DR = q_pe.shape(-1), R = latent.shape(-1), S = latent.shape(-2);
+  if (q_pe.shape(0) != B || q_pe.shape(1) != H) {
+    core_fail(
+        "q_pe's (B, H) must be q_nope's: " + shape_str(q_pe.shape()) + " and " +
+        shape_str(q_nope.shape()) + ".");
+  }
+  if (latent.shape(0) != B || k_pe.shape(0) != B || k_pe.shape(-2) != S) {
+    core_fail(
+        "latent and k_pe must hold S positions of q_nope's B = " + std::to_string(B) +
+        " rows; got " + shape_str(latent.shape()) + " and " + shape_str(k_pe.shape()) + ".");
+  }
+  if (k_pe.shape(-1) != DR) {
+    core_fail(
+        "k_pe's rope dimension " + std::to_string(k_pe.shape(-1)) + " differs from q_pe's " +
+        std::to_string(DR) + ".");
+  }
+  if (S < 1) {
+    core_fail("the cache is empty (S = 0): a decode step attends to at least its own token.");
+  }
+  // The up-projections as quantized_multi_linear takes them: embed_q maps q_nope's dn
+  // to R per head, unembed_out the latent's R to dv.
+  check_quantized_matmul_args(
+      "[moequant.mla_decode_core] embed_q: ",
+      "(H, R, dn*bits/32)",
+      q_nope,
+      wq,
+      sq,
+      bq,
+      1,
+      q_bits,
+      q_gs);
+  if (wq.shape(0) != H || wq.shape(1) != R) {
+    core_fail(
+        "embed_q's weight must have shape (H=" + std::to_string(H) + ", R=" + std::to_string(R) +
+        ", ...); got " + shape_str(wq.shape()) + ".");
+  }
+  check_quantized_matmul_args(
+      "[moequant.mla_decode_core] unembed_out: ",
+      "(H, dv, R*bits/32)",
+      latent,
+      wo,
+      so,
+      bo,
+      1,
+      o_bits,
+      o_gs);
+  if (wo.shape(0) != H) {
+    core_fail(
+        "unembed_out's weight must have H=" + std::to_string(H) + " heads; got " +
+        shape_str(wo.shape()) + ".");
+  }
+  return {B, H, S, R, DR, wo.shape(1)};
+}
+
+// Row r of `a` (viewed as (size / D, D)) into float32 dst, from any strides and dtype.
+void load_rows(const mx::array& a, float* dst, int64_t ld) {
+  const int64_t D = a.shape(-1);
+  const int64_t rows = D ? static_cast<int64_t>(a.size()) / D : 0;
+  const int64_t sd = a.strides().back();
+  const std::size_t item = a.itemsize();
+  const char* src = static_cast<const char*>(a.data<void>());
+  std::vector<char> gathered(sd == 1 ? 0 : D * item);
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* s = src + row_offset(a, r) * static_cast<int64_t>(item);
+    if (sd != 1) {
+      for (int64_t j = 0; j < D; ++j) {
+        std::memcpy(gathered.data() + j * item, s + j * sd * static_cast<int64_t>(item), item);
+      }
+      s = gathered.data();
+    }
+    cpu::load_floats(s, a.dtype(), static_cast<std::size_t>(D), dst + r * ld);
+  }
+}
+
+qgemm::QuantWeight
+quant_weight(const mx::array& w, const mx::array& s, const mx::array& b, int bits, int gs) {
+  qgemm::QuantWeight q;
+  q.w = w.data<uint32_t>();
+  q.scales = s.data<void>();
+  q.biases = b.data<void>();
+  q.sb_dtype = s.dtype();
+  q.bits = bits;
+  q.group_size = gs;
+  q.N = w.shape(1);
+  q.K = w.shape(2) * 32 / bits;
+  return q;
+}
+
+} // namespace
+
+mx::array mla_decode_core(
+    const mx::array& q_nope,
+    const mx::array& q_pe,
+    const mx::array& latent,
+    const mx::array& k_pe,
+    const mx::array& wq,
+    const mx::array& sq,
+    const mx::array& bq,
+    const mx::array& wo,
+    const mx::array& so,
+    const mx::array& bo,
+    float scale,
+    int q_bits,
+    int q_group_size,
+    int o_bits,
+    int o_group_size,
+    mx::StreamOrDevice s) {
+  const auto d = check_core_args(
+      q_nope,
+      q_pe,
+      latent,
+      k_pe,
+      wq,
+      sq,
+      bq,
+      wo,
+      so,
+      bo,
+      q_bits,
+      q_group_size,
+      o_bits,
+      o_group_size);
+  auto st = mx::to_stream(s);
+  if (st.device == mx::Device::gpu) {
+    // MLX's Metal kernels do these products well: the same math in MLX's ops.
+    return mla_decode_core_mlx_graph(
+        q_nope,
+        q_pe,
+        latent,
+        k_pe,
+        wq,
+        sq,
+        bq,
+        wo,
+        so,
+        bo,
+        scale,
+        q_bits,
+        q_group_size,
+        o_bits,
+        o_group_size,
+        st);
+  }
+  // The queries and the cache go in as they are (views of the cache's buffer: no
+  // Contiguous nodes), read row by row at eval time; the weights are evaluated and
+  // row-contiguous (contiguous_as passes them as they are).
+  auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), st); };
+  return mx::array(
+      {d[0], d[1], d[5]},
+      q_nope.dtype(),
+      std::make_shared<MlaDecodeCore>(st, scale, q_bits, q_group_size, o_bits, o_group_size),
+      {q_nope, q_pe, latent, k_pe, c(wq), c(sq), c(bq), c(wo), c(so), c(bo)});
+}
+
+mx::array mla_decode_core_mlx_graph(
+    const mx::array& q_nope,
+    const mx::array& q_pe,
+    const mx::array& latent,
+    const mx::array& k_pe,
+    const mx::array& wq,
+    const mx::array& sq,
+    const mx::array& bq,
+    const mx::array& wo,
+    const mx::array& so,
+    const mx::array& bo,
+    float scale,
+    int q_bits,
+    int q_group_size,
+    int o_bits,
+    int o_group_size,
+    mx::StreamOrDevice s) {
+  const auto d = check_core_args(
+      q_nope,
+      q_pe,
+      latent,
+      k_pe,
+      wq,
+      sq,
+      bq,
+      wo,
+      so,
+      bo,
+      q_bits,
+      q_group_size,
+      o_bits,
+      o_group_size);
+  const int B = d[0], H = d[1], S = d[2], R = d[3], DR = d[4], DV = d[5];
+  auto st = mx::to_stream(s);
+  const auto f32 = mx::float32;
+  auto f = [&](const mx::array& a, const mx::Shape& shape) {
+    return mx::reshape(mx::astype(a, f32, st), shape, st);
+  };
+  // The heads as rows of one query block per batch row, against the one latent head.
+  auto qn = f(q_nope, {B, H, 1, static_cast<int>(q_nope.shape(-1))});
+  auto qlat = mx::quantized_matmul(qn, wq, sq, bq, true, q_group_size, q_bits, "affine", st);
+  auto q = mx::concatenate({qlat, f(q_pe, {B, H, 1, DR})}, -1, st); // (B, H, 1, R + DR)
+  auto lat = f(latent, {B, 1, S, R});
+  auto k = mx::concatenate({lat, f(k_pe, {B, 1, S, DR})}, -1, st); // (B, 1, S, R + DR)
+  auto sc = mx::matmul(mx::reshape(q, {B, 1, H, R + DR}, st), mx::swapaxes(k, -1, -2, st), st);
+  auto p = mx::softmax(mx::multiply(sc, mx::array(scale), st), std::vector<int>{-1}, true, st);
+  auto o = mx::reshape(mx::matmul(p, lat, st), {B, H, 1, R}, st);
+  auto y = mx::quantized_matmul(o, wo, so, bo, true, o_group_size, o_bits, "affine", st);
+  return mx::astype(mx::reshape(y, {B, H, DV}, st), q_nope.dtype(), st);
+}
+
+bool MlaDecodeCore::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MlaDecodeCore&>(other);
+  return scale_ == o.scale_ && q_bits_ == o.q_bits_ && q_gs_ == o.q_gs_ && o_bits_ == o.o_bits_ &&
+      o_gs_ == o.o_gs_;
+}
+
+std::vector<mx::Shape> MlaDecodeCore::output_shapes(const std::vector<mx::array>& in) {
+  return {{in[0].shape(0), in[0].shape(1), in[7].shape(1)}};
+}
+
+void MlaDecodeCore::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  cpu::MlaCoreArgs a;
+  a.B = in[0].shape(0);
+  a.H = in[0].shape(1);
+  a.S = in[2].shape(-2);
+  a.R = in[2].shape(-1);
+  a.DR = in[1].shape(-1);
+  a.scale = scale_;
+  a.wq = quant_weight(in[4], in[5], in[6], q_bits_, q_gs_);
+  a.wo = quant_weight(in[7], in[8], in[9], o_bits_, o_gs_);
+  const mx::array qn = in[0], qp = in[1], lat = in[2], kp = in[3];
+  void* dst = out.data<void>();
+  const auto odt = out.dtype();
+  enqueue_cpu(stream(), in, {out}, [a, qn, qp, lat, kp, dst, odt]() mutable {
+    const int64_t RD = a.R + a.DR, BH = a.B * a.H, DN = qn.shape(-1), DV = a.wo.N;
+    // float32 rows, laid out as the chain's concatenations: the query (B, H, R + dr)
+    // with q_pe after embed_q's R values, the keys (B, S, R + dr).
+    std::vector<float> qnf(static_cast<std::size_t>(BH * DN)),
+        qk(static_cast<std::size_t>(BH * RD));
+    std::vector<float> k(static_cast<std::size_t>(a.B * a.S * RD));
+    load_rows(qn, qnf.data(), DN);
+    load_rows(qp, qk.data() + a.R, RD);
+    load_rows(lat, k.data(), RD);
+    load_rows(kp, k.data() + a.R, RD);
+    a.q_nope = qnf.data();
+    a.qk = qk.data();
+    a.k = k.data();
+    const bool f32 = odt == mx::float32;
+    std::vector<float> y(f32 ? 0 : static_cast<std::size_t>(BH * DV));
+    a.y = f32 ? static_cast<float*>(dst) : y.data();
+    cpu::mla_decode_core(a);
+    if (!f32) {
+      cpu::store_floats(y.data(), y.size(), odt, dst);
+    }
+  });
+}
+
+void MlaDecodeCore::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  // The op builder gives GPU streams MLX's ops (mla_decode_core_mlx_graph).
+  throw std::runtime_error("[moequant.mla_decode_core] no GPU kernel of its own.");
 }
 
 } // namespace moequant

@@ -49,6 +49,85 @@ mx::array mla_decode_attention_metal_graph(
     int group_size,
     mx::StreamOrDevice s = {});
 
+// mla_decode_core: one decode step of MLA's absorbed attention over a float KV cache,
+// from the query heads to the value heads, as ONE primitive on the CPU (a decode step
+// spent ~15 graph nodes per layer on this chain, each a few us of dispatch for
+// microseconds of arithmetic). For every batch row b and head h:
+//   q_lat = embed_q[h](q_nope[b, h])                       (R values)
+//   s_t   = scale * (q_lat . latent[b, t] + q_pe[b, h] . k_pe[b, t])
+//   out   = unembed_out[h](sum_t softmax(s)_t * latent[b, t])   (dv values)
+// The CPU task runs the same kernels in the same order as the op-by-op chain
+// (quantized_multi_linear's rows, matmul_nt, softmax_rows), so its result is
+// bit-identical to it. q_nope (B, H, dn) and q_pe (B, H, dr) of one float dtype (a
+// (B, H, 1, d) query is taken as it is); latent (B, S, R) and k_pe (B, S, dr) of one
+// float dtype (a (B, 1, S, d) cache view too), any strides; the up-projections as
+// QuantizedMultiLinear holds them: wq (H, R, dn*bits/32), sq / bq (H, R, dn/gs) and
+// wo (H, dv, R*bits/32), so / bo (H, dv, R/gs). Returns (B, H, dv) in q_nope's dtype.
+mx::array mla_decode_core(
+    const mx::array& q_nope,
+    const mx::array& q_pe,
+    const mx::array& latent,
+    const mx::array& k_pe,
+    const mx::array& wq,
+    const mx::array& sq,
+    const mx::array& bq,
+    const mx::array& wo,
+    const mx::array& so,
+    const mx::array& bo,
+    float scale,
+    int q_bits,
+    int q_group_size,
+    int o_bits,
+    int o_group_size,
+    mx::StreamOrDevice s = {});
+
+// The op's GPU form (MLX's own ops: quantized_matmul, matmul, softmax) built on any
+// stream: what a GPU stream gets, bound as moequant._ext._mla_decode_core_mlx_graph so
+// that the tests evaluate it on the CPU.
+mx::array mla_decode_core_mlx_graph(
+    const mx::array& q_nope,
+    const mx::array& q_pe,
+    const mx::array& latent,
+    const mx::array& k_pe,
+    const mx::array& wq,
+    const mx::array& sq,
+    const mx::array& bq,
+    const mx::array& wo,
+    const mx::array& so,
+    const mx::array& bo,
+    float scale,
+    int q_bits,
+    int q_group_size,
+    int o_bits,
+    int o_group_size,
+    mx::StreamOrDevice s = {});
+
+// inputs: q_nope, q_pe, latent, k_pe (any strides), wq, sq, bq, wo, so, bo -> (B, H, dv)
+class MlaDecodeCore : public mx::UnaryPrimitive {
+ public:
+  MlaDecodeCore(mx::Stream stream, float scale, int q_bits, int q_gs, int o_bits, int o_gs)
+      : mx::UnaryPrimitive(stream),
+        scale_(scale),
+        q_bits_(q_bits),
+        q_gs_(q_gs),
+        o_bits_(o_bits),
+        o_gs_(o_gs) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MoequantMlaDecodeCore";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  float scale_;
+  int q_bits_;
+  int q_gs_;
+  int o_bits_;
+  int o_gs_;
+};
+
 class MlaDecodeAttention : public mx::UnaryPrimitive {
  public:
   MlaDecodeAttention(mx::Stream stream, float scale, int bits, int group_size)

@@ -1,16 +1,22 @@
 // Driver of the mla_decode_attention CPU kernel: work split, threads, the ordered
-// merge of the chunks' partial softmax states (see mla_attention_cpu.h).
+// merge of the chunks' partial softmax states (see mla_attention_cpu.h); and
+// mla_decode_core's CPU chain (mla_decode_core_cpu.h).
 #define MLA_NS mla_base
 #include "mla_attention/mla_attention_kernel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "common/cpu_path.h"
 #include "common/thread_pool.h"
+#include "dense_gemm/dense_gemm.h"
+#include "mla_attention/mla_decode_core_cpu.h"
+#include "quantized_linear/quantized_linear_cpu.h"
+#include "softmax_rows/softmax_rows.h"
 
 namespace moequant::cpu {
 
@@ -99,6 +105,56 @@ void mla_decode_attention(const MlaArgs& a, float* out) {
       }
     }
   });
+}
+
+} // namespace moequant::cpu
+
+// ---- mla_decode_core (mla_decode_core_cpu.h)
+
+namespace moequant::cpu {
+
+void mla_decode_core(const MlaCoreArgs& a) {
+  const int64_t BH = a.B * a.H, R = a.R, RD = a.R + a.DR, S = a.S;
+  // embed_q: (B, H, 1, dn) -> (B, H, 1, R), as quantized_multi_linear with float32 x.
+  std::vector<float> qlat(static_cast<std::size_t>(BH * R));
+  MultiLinearArgs e;
+  e.batch = a.B;
+  e.heads = a.H;
+  e.rows.x = a.q_nope;
+  e.rows.M = 1;
+  e.rows.W = a.wq;
+  e.rows.y = qlat.data();
+  quantized_multi_linear(e);
+  for (int64_t i = 0; i < BH; ++i) {
+    std::memcpy(a.qk + i * RD, qlat.data() + i * R, sizeof(float) * R);
+  }
+  // Scores: every head against the one latent head, (B, H, R + dr) x (B, S, R + dr)^T.
+  std::vector<float> s(static_cast<std::size_t>(BH * S));
+  matmul_nt(a.qk, a.k, s.data(), a.B, a.H, S, RD);
+  softmax_rows(s.data(), s.data(), BH, S, a.scale);
+  // The value product reads the latent transposed, (B, R, S), as the chain's matmul_nt
+  // copies its swapaxes view.
+  std::vector<float> vt(static_cast<std::size_t>(a.B * R * S));
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t t = 0; t < S; ++t) {
+      const float* row = a.k + (b * S + t) * RD;
+      float* col = vt.data() + b * R * S + t;
+      for (int64_t r = 0; r < R; ++r) {
+        col[r * S] = row[r];
+      }
+    }
+  }
+  std::vector<float> o(static_cast<std::size_t>(BH * R));
+  matmul_nt(s.data(), vt.data(), o.data(), a.B, a.H, R, S);
+  // unembed_out: (B, H, 1, R) -> (B, H, 1, dv).
+  MultiLinearArgs u;
+  u.batch = a.B;
+  u.heads = a.H;
+  u.rows.x = o.data();
+  u.rows.M = 1;
+  u.rows.W = a.wo;
+  u.rows.y = a.y;
+  quantized_multi_linear(u);
 }
 
 } // namespace moequant::cpu

@@ -58,6 +58,24 @@ void row(const Args& a, int64_t r) {
 
 } // namespace
 
+namespace cpu {
+
+void softmax_rows(const float* s, float* p, int64_t rows, int64_t S, float scale) {
+  if (S == 0) {
+    return;
+  }
+  const Args a{s, nullptr, p, rows, 1, S, scale};
+  // The op's chunks: short rows (decode) stay on the calling thread.
+  const auto chunk = static_cast<std::size_t>(std::max<int64_t>(1, (int64_t(1) << 16) / S));
+  parallel_for(static_cast<std::size_t>(rows), chunk, [&](std::size_t r0, std::size_t r1) {
+    for (std::size_t r = r0; r < r1; ++r) {
+      row(a, static_cast<int64_t>(r));
+    }
+  });
+}
+
+} // namespace cpu
+
 mx::array softmax_rows(
     const mx::array& s,
     const std::optional<mx::array>& mask,

@@ -23,6 +23,12 @@ mx::array softmax_rows(
     float scale,
     mx::StreamOrDevice st = {});
 
+namespace cpu {
+// The op's CPU rows without a mask on row-contiguous float32 data, for primitives that
+// run it inside their own task (mla_decode_core): s (rows, S) -> p (rows, S).
+void softmax_rows(const float* s, float* p, int64_t rows, int64_t S, float scale);
+} // namespace cpu
+
 // inputs: s (..., L, S) any strides, [mask (L, S) bool] -> p (..., L, S) row-contiguous
 class SoftmaxRows : public mx::UnaryPrimitive {
  public:

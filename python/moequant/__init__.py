@@ -12,6 +12,7 @@ from .ops import (
     metal_status,
     mla_cpu_path,
     mla_decode_attention,
+    mla_decode_core,
     moe_cpu_path,
     moe_prefill,
     moe_swiglu,
@@ -43,6 +44,7 @@ __all__ = [
     "metal_status",
     "huge_pages",
     "mla_decode_attention",
+    "mla_decode_core",
     "mla_cpu_path",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,9 @@ layer for a subclass whose ``__call__``, on the CPU stream:
   overhead than they save at these sizes (bench/RESULTS.md, issue 15 MLA section). Decode
   steps (up to QUANTIZED_ROWS query rows) read the quantized weights instead, all heads in
   one ``quantized_multi_linear`` call (a Kimi layer: 6.8 MB at 6 bits against 33.5 MB);
+  a decode step on a float cache runs its whole absorbed core (embed_q, scores, softmax,
+  latent values, unembed_out) as one ``mla_decode_core`` primitive, the same kernels in
+  the same order (bit-identical; ~15 graph nodes per layer fewer);
 * computes the attention in float32, in whichever form needs fewer multiply-adds for the
   call's L queries over S cached positions: *expanded* (keys and values decompressed per
   head from the latent, as mlx-lm does for L > 1: prefill, eval) or *absorbed* (the query
@@ -56,7 +59,7 @@ from .mlx_lm_patch import (
     import_classes,
     pair_linear,
 )
-from .ops import matmul_nt, quantized_multi_linear, softmax_rows
+from .ops import matmul_nt, mla_decode_core, quantized_multi_linear, softmax_rows
 
 # (module, class) of the attention layers whose __call__ this reproduces.
 _ATTENTION = (("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"),)
@@ -241,13 +244,21 @@ def _up_projections(attn, rows):
     return _layer_state(attn)[1] if rows <= QUANTIZED_ROWS else None
 
 
-def _quantized_up_projections(attn):
+class _UpProjections(list):
     """(embed_q, unembed_out) as (B, H, L, K) float32 -> (B, H, L, N) float32 functions on
-    ``quantized_multi_linear``, or None for layers of another layout."""
+    ``quantized_multi_linear``; ``core`` holds the same weights as ``mla_decode_core``'s
+    arguments (embed_q's and unembed_out's (weight, scales, biases), bits, group_size)."""
+
+    core: dict
+
+
+def _quantized_up_projections(attn):
+    """The layer's _UpProjections, or None for layers of another layout."""
     from mlx_lm.models.mla import QuantizedMultiLinear
 
-    fns = []
-    for m in (attn.embed_q, attn.unembed_out):
+    fns = _UpProjections()
+    mods = (attn.embed_q, attn.unembed_out)
+    for m in mods:
         if (
             not isinstance(m, QuantizedMultiLinear)
             or getattr(m, "mode", "affine") != "affine"
@@ -265,7 +276,33 @@ def _quantized_up_projections(attn):
                 group_size=m.group_size,
             )
         )
+    triples = [(m["weight"], m["scales"], m["biases"]) for m in mods]
+    fns.core = dict(
+        embed_q=triples[0],
+        unembed_out=triples[1],
+        bits=tuple(m.bits for m in mods),
+        group_size=tuple(m.group_size for m in mods),
+    )
     return fns
+
+
+def _decode_core(q_nope, q_pe, kv_latent, k_pe, scale, dv, quantized, dtype):
+    """``mla_decode_core`` (one primitive for ~15 nodes) when ``attend`` would run its
+    one-query absorbed form on the quantized up-projections (the same kernels in the same
+    order: bit-identical once cast to ``dtype``, the layer's output dtype), else None.
+    q_nope (B, H, 1, dn), q_pe (B, H, 1, dr) roped, kv_latent (B, 1, S, R) and k_pe (B, 1,
+    S, dr) as the float cache returns them."""
+    if quantized is None or getattr(quantized, "core", None) is None or q_nope.shape[2] != 1:
+        return None
+    # The op takes one dtype per pair and returns q_nope's: a rounding the chain (float32
+    # until the cast to dtype) does not make unless it is dtype's own.
+    if q_pe.dtype != q_nope.dtype or k_pe.dtype != kv_latent.dtype or q_nope.dtype not in (mx.float32, dtype):
+        return None
+    dn, dr = q_nope.shape[-1], q_pe.shape[-1]
+    S, R = kv_latent.shape[-2:]
+    if _absorbed_cost(1, S, R, dn, dr, dv) > _expanded_cost(1, S, R, dn, dr, dv):
+        return None  # S = 1: attend() takes the expanded form on the float32 copies
+    return mla_decode_core(q_nope, q_pe, kv_latent, k_pe, scale=scale, **quantized.core)
 
 
 class _FusedMLA:
@@ -292,7 +329,14 @@ class _FusedMLA:
         else:
             if cache is not None:
                 kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
-            out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask, quantized)
+            out = None
+            if L == 1 and mask is None:
+                # A decode step: one primitive from q_nope to the value heads.
+                out = _decode_core(
+                    q_nope, q_pe, kv_latent, k_pe, self.scale, wv.shape[-2], quantized, x.dtype
+                )
+            if out is None:
+                out = attend(q_nope, q_pe, kv_latent, k_pe, wk, wv, self.scale, mask, quantized)
         out = out.astype(x.dtype)
         # (B, H, L, dv) -> (B, L, H * dv); at one position the transpose is a reshape.
         out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)

@@ -506,6 +506,75 @@ def mla_decode_attention(
     )
 
 
+def _pair(fn: str, name: str, v) -> Tuple[int, int]:
+    """An int for both up-projections, or a pair (embed_q's, unembed_out's)."""
+    pair = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(pair) != 2:
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+    _check_ints(fn, **{f"{name}[0]": pair[0], f"{name}[1]": pair[1]})
+    return pair
+
+
+def _mla_core_args(fn, q_nope, q_pe, latent, k_pe, embed_q, unembed_out, bits, group_size):
+    _check_arrays(fn, q_nope=q_nope, q_pe=q_pe, latent=latent, k_pe=k_pe)
+    parts = []
+    for name, t in (("embed_q", embed_q), ("unembed_out", unembed_out)):
+        if not isinstance(t, (tuple, list)) or len(t) != 3:
+            raise ValueError(f"{fn}: {name} must be (weight, scales, biases)")
+        for a in t:
+            if not isinstance(a, mx.array):
+                raise ValueError(f"{fn}: {name} holds a {type(a).__name__}, not an mx.array")
+        parts.extend(t)
+    (qb, ob), (qg, og) = _pair(fn, "bits", bits), _pair(fn, "group_size", group_size)
+    return [q_nope, q_pe, latent, k_pe, *parts], dict(q_bits=qb, q_group_size=qg, o_bits=ob, o_group_size=og)
+
+
+def mla_decode_core(
+    q_nope: mx.array,
+    q_pe: mx.array,
+    latent: mx.array,
+    k_pe: mx.array,
+    embed_q: QuantTriple,
+    unembed_out: QuantTriple,
+    *,
+    scale: float,
+    bits,
+    group_size,
+    stream=None,
+) -> mx.array:
+    """One decode step of MLA's absorbed attention over a float KV cache, from the query
+    heads to the value heads, as one primitive on the CPU.
+
+    ``q_nope`` ``(B, H, dn)`` and roped ``q_pe`` ``(B, H, dr)`` of one float dtype (a
+    ``(B, H, 1, d)`` decode query is taken as it is); ``latent`` ``(B, S, R)`` and
+    ``k_pe`` ``(B, S, dr)`` as a float cache holds them, one float dtype, any strides (a
+    ``(B, 1, S, d)`` cache view is taken as it is, without a copy); ``embed_q`` and
+    ``unembed_out`` the ``(weight, scales, biases)`` of mlx-lm's ``QuantizedMultiLinear``
+    up-projections, ``(H, R, dn)`` and ``(H, dv, R)`` affine-quantized; ``bits`` and
+    ``group_size`` an int for both or a pair (embed_q's, unembed_out's), bits
+    2/3/4/5/6/8, group sizes 32/64/128. Returns ``unembed_out(softmax(scale * (embed_q(q_nope)
+    . latent + q_pe . k_pe)) @ latent)`` ``(B, H, dv)`` in ``q_nope``'s dtype, float32
+    arithmetic.
+
+    CPU: the op-by-op chain's kernels in its order (``quantized_multi_linear``,
+    ``matmul_nt``, ``softmax_rows``, ``matmul_nt``, ``quantized_multi_linear``) inside one
+    task: bit-identical to that chain, independent of the thread count. GPU streams run
+    the same math in MLX's ops. Bad arguments raise ValueError naming the argument.
+    """
+    fn = "mla_decode_core"
+    arrays, kw = _mla_core_args(fn, q_nope, q_pe, latent, k_pe, embed_q, unembed_out, bits, group_size)
+    return _ext.mla_decode_core(*arrays, scale=float(scale), **kw, stream=stream)
+
+
+def _mla_decode_core_mlx_graph(
+    q_nope, q_pe, latent, k_pe, embed_q, unembed_out, *, scale, bits, group_size, stream=None
+):
+    """Test only: mla_decode_core's GPU form (MLX's ops) on any stream."""
+    fn = "mla_decode_core"
+    arrays, kw = _mla_core_args(fn, q_nope, q_pe, latent, k_pe, embed_q, unembed_out, bits, group_size)
+    return _ext._mla_decode_core_mlx_graph(*arrays, scale=float(scale), **kw, stream=stream)
+
+
 def mla_cpu_path() -> str:
     """The kernel mla_decode_attention runs on the CPU: "avx2" or "scalar"
     (MOEQUANT_CPU_PATH=scalar caps it)."""
