@@ -236,7 +236,7 @@ def ops_split(model, tok, cache, n, dtype):
         name = re.sub(r"^model\.layers\.\d+\.", "", path)
         return "dense " + name if name.startswith("mlp.") and not name.startswith("mlp.shared") else name
 
-    # Layers that patch fused into pairs (mlx_lm_patch.pair_linear) are timed as one op.
+    # Layers that patch fused into pairs are timed as one op (mlx_lm_patch._pair_outputs).
     owners = {id(m): short(path) for path, m in model.named_modules()}
     fused = {
         (id(m), n)
@@ -244,13 +244,6 @@ def ops_split(model, tok, cache, n, dtype):
         for names in getattr(m, "_moequant_pairs", {})
         for n in names
     }
-
-    def pair_name(owner, names, x):
-        return f"{owners[id(owner)]}.{'+'.join(names)}"
-
-    def pair_codes(owner, names, x):
-        w, _, _, bits = mlx_lm_patch.pair_arrays(owner, names)[:4]
-        return w.shape[0] * w.shape[1] * 32 // bits
 
     saved = []
     for path, m in model.named_modules():
@@ -275,9 +268,19 @@ def ops_split(model, tok, cache, n, dtype):
     def moe_codes(x, inds, scores, *projs, **_):
         return inds.size * sum(p[0].shape[1] * p[0].shape[2] * 32 // p[3] for p in projs)
 
+    def fused_name(arrays, x):
+        return f"fused pair {x.shape[-1]}->{'+'.join(map(str, pair_sizes(arrays)))}"
+
+    def pair_sizes(arrays):
+        w, splits = arrays[0], list(arrays[5])
+        return [b - a for a, b in zip([0] + splits, splits + [w.shape[0]])]
+
+    def fused_codes(arrays, x):
+        return arrays[0].shape[0] * arrays[0].shape[1] * 32 // arrays[3]
+
     funcs = [
-        (mlx_lm_patch, "pair_linear", pair_name, pair_codes),
-        (mla_attention, "pair_linear", pair_name, pair_codes),
+        # Every fused pair (MLA's q_a + kv_a, the MLPs' gate + up) runs _pair_outputs.
+        (mlx_lm_patch, "_pair_outputs", fused_name, fused_codes),
         (mla_attention, "quantized_multi_linear", "attention embed_q / unembed_out", multi_codes),
         (mlx_lm_patch, "moe_swiglu", "routed experts (moe_swiglu)", moe_codes),
         (mlx_lm_patch, "dense_linear", "router product (dense_linear)", lambda *a, **k: 0),
