@@ -6,7 +6,7 @@ quiet one wall ~ CPU / threads for the threaded parts. The per-module split eval
 each module's output before and after it (barriers): their sum exceeds the plain step.
 
     python bench/profile_e2e.py [--dtype bfloat16] [--tokens 16] [--prefill 2048] [--no-fused]
-                                [--wall] [--stub-kernels] [--glue] [--ops]
+                                [--wall] [--stub-kernels] [--glue] [--ops] [--calls]
 
 --ops attributes a decode step's wall time per op (each quantized linear layer by its
 name in the layer, MLA's per-head up-projections, the routed experts, the router's
@@ -15,6 +15,13 @@ sets each quantized op against the time its codes take at the row kernels' rate
 measured in the same run (bench_linear's 2048 x 2048 one-thread rate, times the
 threads) and against the same call repeated back to back (16 calls in one evaluation); the rest of the step is
 the time outside these ops (Python, MLX's small ops, graph evaluation, barriers).
+
+--calls times each moequant primitive alone at the e2e model's decode shapes (one token,
+4-bit g64 weights of random codes, x of --dtype): one call per evaluation, 16 calls in one
+evaluation ("again") on 2 threads and on 1, against its codes at the row kernels' rate
+and against a trivial MLX node (x + 1); "fixed" is again minus the codes' time: the cost
+per call that does not scale with the weights (the CPU stream's node, the x preparation,
+the pool's wake, allocations, the output's conversion).
 """
 
 from __future__ import annotations
@@ -69,6 +76,11 @@ def build_parser():
         "--ops",
         action="store_true",
         help="also split a decode step by op against the row kernels' rate (see above)",
+    )
+    ap.add_argument(
+        "--calls",
+        action="store_true",
+        help="time each primitive alone at the decode shapes (see above); the model is not decoded",
     )
     ap.add_argument(
         "--wall",
@@ -224,7 +236,7 @@ def ops_split(model, tok, cache, n, dtype):
         name = re.sub(r"^model\.layers\.\d+\.", "", path)
         return "dense " + name if name.startswith("mlp.") and not name.startswith("mlp.shared") else name
 
-    # Layers that patch fused into pairs (mlx_lm_patch.pair_linear) are timed as one op.
+    # Layers that patch fused into pairs are timed as one op (mlx_lm_patch._pair_outputs).
     owners = {id(m): short(path) for path, m in model.named_modules()}
     fused = {
         (id(m), n)
@@ -232,13 +244,6 @@ def ops_split(model, tok, cache, n, dtype):
         for names in getattr(m, "_moequant_pairs", {})
         for n in names
     }
-
-    def pair_name(owner, names, x):
-        return f"{owners[id(owner)]}.{'+'.join(names)}"
-
-    def pair_codes(owner, names, x):
-        w, _, _, bits = mlx_lm_patch.pair_arrays(owner, names)[:4]
-        return w.shape[0] * w.shape[1] * 32 // bits
 
     saved = []
     for path, m in model.named_modules():
@@ -266,9 +271,19 @@ def ops_split(model, tok, cache, n, dtype):
     def core_codes(*a, embed_q, unembed_out, bits, group_size, **_):
         return sum(w.size * 32 // b for (w, _, _), b in zip((embed_q, unembed_out), bits)) * a[0].shape[0]
 
+    def fused_name(arrays, x):
+        return f"fused pair {x.shape[-1]}->{'+'.join(map(str, pair_sizes(arrays)))}"
+
+    def pair_sizes(arrays):
+        w, splits = arrays[0], list(arrays[5])
+        return [b - a for a, b in zip([0] + splits, splits + [w.shape[0]])]
+
+    def fused_codes(arrays, x):
+        return arrays[0].shape[0] * arrays[0].shape[1] * 32 // arrays[3]
+
     funcs = [
-        (mlx_lm_patch, "pair_linear", pair_name, pair_codes),
-        (mla_attention, "pair_linear", pair_name, pair_codes),
+        # Every fused pair (MLA's q_a + kv_a, the MLPs' gate + up) runs _pair_outputs.
+        (mlx_lm_patch, "_pair_outputs", fused_name, fused_codes),
         (mla_attention, "quantized_multi_linear", "attention embed_q / unembed_out", multi_codes),
         (mlx_lm_patch, "moe_swiglu", "routed experts (moe_swiglu)", moe_codes),
         (mlx_lm_patch, "dense_linear", "router product (dense_linear)", lambda *a, **k: 0),
@@ -334,6 +349,123 @@ def ops_split(model, tok, cache, n, dtype):
     return tok
 
 
+def calls_split(dtype):
+    """Each primitive alone at the e2e model's decode shapes (module docstring: --calls)."""
+    import statistics
+
+    import numpy as np
+
+    import moequant
+    from bench_linear import make_weight, row_rate
+    from moequant import ops
+
+    cfg = E2E_CONFIG
+    D, I, heads = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_attention_heads"]
+    nope, rope_d, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    kv, ql = cfg["kv_lora_rank"], cfg["q_lora_rank"]
+    rng = np.random.default_rng(0)
+
+    def act(*shape):
+        a = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+        mx.eval(a)
+        return a
+
+    def one(f, reps=100):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            mx.eval(f())
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def again(f, n=16, rounds=10):
+        best = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            mx.eval([f() for _ in range(n)])
+            best = min(best, (time.perf_counter() - t) / n)
+        return best
+
+    def linear(K, N):
+        w, s, b = make_weight(N, K, 4, False)
+        x = act(1, 1, K)
+        return (lambda: moequant.quantized_linear(x, w, s, b, bits=4, group_size=64)), N * K
+
+    def multi(K, N):
+        w, s, b = make_weight(heads * N, K, 4, False)
+        w, s, b = (a.reshape(heads, N, -1) for a in (w, s, b))
+        x = act(1, heads, 1, K)
+        return (lambda: moequant.quantized_multi_linear(x, w, s, b, bits=4, group_size=64)), heads * N * K
+
+    def experts():
+        E, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+        projs = []
+        for n, kk in ((I, D), (I, D), (D, I)):
+            w, s, b = make_weight(E * n, kk, 4, False)
+            projs.append(tuple(a.reshape(E, n, -1) for a in (w, s, b)) + (4, 64))
+        x = act(1, 1, D)
+        inds = mx.array(rng.permutation(E)[:k].reshape(1, 1, k).astype(np.uint32))
+        sc = mx.softmax(act(1, 1, k).astype(mx.float32), axis=-1)
+        mx.eval(inds, sc)
+        return (lambda: moequant.moe_swiglu(x, inds, sc, *projs)), k * 3 * I * D
+
+    def norm(n):
+        x, w = act(1, 1, n), act(n)
+        return (lambda: ops.rms_norm(x, w, 1e-6)), 0
+
+    def router():
+        x, w = act(1, D), act(cfg["n_routed_experts"], D)
+        return (lambda: ops.dense_linear(x, w)), 0
+
+    x1 = act(1, 1, D)
+    cases = [
+        ("trivial MLX node (x + 1)", lambda: ((lambda: x1 + 1), 0)),
+        (f"q_a+kv_a {D}->{ql}+{kv + rope_d}", lambda: linear(D, ql + kv + rope_d)),
+        (f"q_b_proj {ql}->{heads * (nope + rope_d)}", lambda: linear(ql, heads * (nope + rope_d))),
+        (f"o_proj {heads * vd}->{D}", lambda: linear(heads * vd, D)),
+        (f"shared gate+up {D}->{2 * I}", lambda: linear(D, 2 * I)),
+        (f"shared down {I}->{D}", lambda: linear(I, D)),
+        (
+            f"dense gate+up {D}->{2 * cfg['intermediate_size']}",
+            lambda: linear(D, 2 * cfg["intermediate_size"]),
+        ),
+        (f"dense down {cfg['intermediate_size']}->{D}", lambda: linear(cfg["intermediate_size"], D)),
+        (f"lm_head {D}->{cfg['vocab_size']}", lambda: linear(D, cfg["vocab_size"])),
+        (f"embed_q {heads}x {nope}->{kv}", lambda: multi(nope, kv)),
+        (f"unembed_out {heads}x {kv}->{vd}", lambda: multi(kv, vd)),
+        ("moe_swiglu 1 token top-8", experts),
+        (f"router dense_linear {D}->{cfg['n_routed_experts']}", router),
+        (f"rms_norm {D}", lambda: norm(D)),
+        (f"rms_norm {ql}", lambda: norm(ql)),
+        (f"rms_norm {kv}", lambda: norm(kv)),
+    ]
+    threads = moequant.get_num_threads()
+    rate = row_rate(4, dtype) * 1e9  # codes per second, one thread
+    print(
+        f"calls: each primitive alone, x {dtype}, 4-bit g64, one token; row kernels {rate / 1e9:.2f} G codes/s "
+        f"per core; us per call"
+    )
+    print(
+        f"  {'call':34s} {'one':>7s} {'again':>7s} {'rate':>7s} {'fixed':>7s} {'again1t':>7s} {'rate1t':>7s} "
+        f"{'fixed1t':>7s} {'M codes':>7s}"
+    )
+    for name, make in cases:
+        f, codes = make()
+        f()
+        o, a = one(f), again(f)
+        moequant.set_num_threads(1)
+        try:
+            f()
+            a1 = again(f)
+        finally:
+            moequant.set_num_threads(threads)
+        r, r1 = codes / rate / threads, codes / rate
+        print(
+            f"  {name:34s} {o * 1e6:7.1f} {a * 1e6:7.1f} {r * 1e6:7.1f} {(a - r) * 1e6:7.1f} {a1 * 1e6:7.1f} "
+            f"{r1 * 1e6:7.1f} {(a1 - r1) * 1e6:7.1f} {codes / 1e6:7.2f}"
+        )
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # partial results survive an interrupted run
@@ -343,6 +475,9 @@ def main(argv=None):
     from moequant.testing import tiny_deepseek
 
     dtype = getattr(mx, args.dtype)
+    if args.calls:
+        calls_split(dtype)
+        return
     model, _ = tiny_deepseek.build(E2E_CONFIG, seed=0, bits=4, group_size=64, dtype=dtype)
     if not args.no_fused:
         moequant.patch(model)

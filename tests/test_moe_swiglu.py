@@ -289,3 +289,73 @@ def test_empty_batch():
     y = moequant.moe_swiglu(mx.zeros((0, 128)), mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), g, u, d)
     assert y.shape == (0, 128)
     mx.eval(y)
+
+
+@pytest.mark.parametrize("xdtype", ["float32", "bfloat16"])
+def test_strided_inputs(xdtype, cpu_path):
+    """x, the ids and the scores taken through their strides (a transpose, a slice of the
+    last axis as mlx-lm's argpartition gives the ids, a step slice, a broadcast): the
+    float64 reference, and array_equal with the same values passed contiguous, on 1 and
+    2 threads."""
+    rng = np.random.default_rng(21)
+    E, D, I, k = 6, 256, 128, 3
+    x, idx, sc, g, u, d = make_case(rng, E, D, I, k, (2, 3), xdtype=xdtype)
+    views = {  # name: (x, ids, scores) views with the values of x, idx, sc
+        "transpose": (
+            mx.array(np.array(x.astype(mx.float32)).transpose(1, 0, 2)).astype(x.dtype).transpose(1, 0, 2),
+            mx.array(np.array(idx).transpose(1, 0, 2)).transpose(1, 0, 2),
+            mx.array(np.array(sc).transpose(1, 0, 2)).transpose(1, 0, 2),
+        ),
+        "last-axis slice": (
+            mx.concatenate([x, x[..., :64]], axis=-1)[..., :D],
+            mx.concatenate([idx, idx], axis=-1)[..., :k],
+            mx.concatenate([sc, sc], axis=-1)[..., :k],
+        ),
+        "step slice": (
+            mx.stack([x, x], axis=2).reshape(2, 6, D)[:, ::2],
+            mx.stack([idx, idx], axis=2).reshape(2, 6, k)[:, ::2],
+            mx.stack([sc, sc], axis=2).reshape(2, 6, k)[:, ::2],
+        ),
+    }
+    want = np.array(moequant.moe_swiglu(x, idx, sc, g, u, d).astype(mx.float32))
+    assert rel_err(mx.array(want), moe_reference(x, idx, sc, g, u, d)) < TOL[xdtype]
+    saved = moequant.get_num_threads()
+    try:
+        for threads in (1, 2):
+            moequant.set_num_threads(threads)
+            for name, (xv, iv, sv) in views.items():
+                mx.eval(xv, iv, sv)
+                y = moequant.moe_swiglu(xv, iv, sv, g, u, d)
+                assert y.shape == x.shape and y.dtype == x.dtype, name
+                assert np.array_equal(np.array(y.astype(mx.float32)), want), (name, threads)
+    finally:
+        moequant.set_num_threads(saved)
+    # A broadcast x (one row read for every token).
+    xb = mx.broadcast_to(x[:1, :1], x.shape)
+    yb = moequant.moe_swiglu(xb, idx, sc, g, u, d)
+    xb_ref = mx.array(np.array(xb.astype(mx.float32))).astype(x.dtype)
+    assert rel_err(yb, moe_reference(xb_ref, idx, sc, g, u, d)) < TOL[xdtype]
+
+
+def test_strided_inputs_add_no_nodes(tmp_path):
+    """On the CPU, x, the ids and the scores go in as they are (no Reshape / Contiguous
+    nodes; uint32 ids and float32 scores need no AsType): two nodes on top of the
+    producers, the output already in x's shape."""
+    import re
+
+    rng = np.random.default_rng(23)
+    x, _, _, g, u, d = make_case(rng, 8, 128, 64, 2, (1, 1))
+    a = x + x  # unevaluated
+    logits = mx.array(rng.standard_normal((1, 1, 8)).astype(np.float32))
+    ids = mx.argpartition(-logits, kth=1, axis=-1)[..., :2]  # uint32, a strided slice
+    scores = mx.take_along_axis(logits, ids, axis=-1)
+    y = moequant.moe_swiglu(a, ids, scores, g, u, d)
+    assert y.shape == (1, 1, 128)
+    dot = tmp_path / "graph.dot"
+    mx.export_to_dot(str(dot), y)
+    prims = re.findall(r'label ="(\w+)", shape=rectangle', dot.read_text())
+    ours = [p for p in prims if p.startswith("Moe") or p in ("Reshape", "Contiguous", "AsType")]
+    assert sorted(ours) == ["MoeDown", "MoeGateUp"], prims
+    mx.eval(y)
+    want = moe_reference(mx.array(np.array(a)), mx.array(np.array(ids)), mx.array(np.array(scores)), g, u, d)
+    assert rel_err(y, want) < TOL["float32"]

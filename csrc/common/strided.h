@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "mlx/array.h"
 
@@ -41,6 +42,19 @@ inline void copy_row_contiguous(const mlx::core::array& a, void* dst) {
       }
     }
   }
+}
+
+// Runs f(rows) with x's (size / D, D) rows row-contiguous: x's own data when x is
+// row-contiguous, else a copy made here, so call it inside the task (after x's producer
+// has written x). The copy lives until f returns.
+template <typename F>
+decltype(auto) with_rows(const mlx::core::array& x, F&& f) {
+  if (x.flags().row_contiguous) {
+    return f(static_cast<const void*>(x.data<void>()));
+  }
+  std::vector<char> rows(x.size() * x.itemsize());
+  copy_row_contiguous(x, rows.data());
+  return f(static_cast<const void*>(rows.data()));
 }
 
 } // namespace moequant

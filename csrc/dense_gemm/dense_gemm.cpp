@@ -167,18 +167,13 @@ void MatmulNT::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
       return;
     }
     // Strided views (a transpose, a slice) copied to rows here, after their producers ran.
-    std::vector<float> ca, cb;
-    auto rows = [](const mx::array& x, std::vector<float>& buf) {
-      if (x.flags().row_contiguous) {
-        return x.data<float>();
-      }
-      buf.resize(x.size());
-      copy_row_contiguous(x, buf.data());
-      return static_cast<const float*>(buf.data());
-    };
-    p.a = rows(a, ca);
-    p.b = rows(b, cb);
-    run(p);
+    with_rows(a, [&](const void* ra) {
+      with_rows(b, [&](const void* rb) {
+        p.a = static_cast<const float*>(ra);
+        p.b = static_cast<const float*>(rb);
+        run(p);
+      });
+    });
   });
 }
 

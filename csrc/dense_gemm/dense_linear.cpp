@@ -147,50 +147,44 @@ void DenseLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
     } else {
       std::vector<float> xs(static_cast<std::size_t>(M * K));
       x_rows(x, M, K, xs.data());
-      // The weight is read in place when its rows are contiguous (a parameter, or a
-      // slice of rows); anything else is copied once.
-      const void* wp = w.data<void>();
-      int64_t ldw = w.strides()[0];
-      std::vector<char> wbuf;
-      if (w.strides()[1] != 1) {
-        wbuf.resize(w.nbytes());
-        copy_row_contiguous(w, wbuf.data());
-        wp = wbuf.data();
-        ldw = K;
-      }
-      const auto wt = w.dtype() == mx::bfloat16 ? dense_rows::WType::bf16
-          : w.dtype() == mx::float16            ? dense_rows::WType::f16
-                                                : dense_rows::WType::f32;
-      auto fn = &dense_rows::tile_scalar;
+      // The weight is read in place when it is row-contiguous (a parameter, or a slice
+      // of its rows); anything else is copied once.
+      with_rows(w, [&](const void* wp) {
+        const int64_t ldw = K;
+        const auto wt = w.dtype() == mx::bfloat16 ? dense_rows::WType::bf16
+            : w.dtype() == mx::float16            ? dense_rows::WType::f16
+                                                  : dense_rows::WType::f32;
+        auto fn = &dense_rows::tile_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
-      if (cpu::avx2_kernels_enabled()) {
-        fn = &dense_rows::tile_avx2;
-      }
+        if (cpu::avx2_kernels_enabled()) {
+          fn = &dense_rows::tile_avx2;
+        }
 #endif
-      const int64_t tiles = (N + dense_rows::kTileRows - 1) / dense_rows::kTileRows;
-      const int64_t mblocks = (M + kItemRows - 1) / kItemRows;
-      // Each item is one tile of rows over a block of x's rows: the split changes which
-      // thread computes an output, never its arithmetic.
-      dynamic_for(tiles * mblocks, 1, [&](auto&& claim) {
-        claim([&](std::size_t i0, std::size_t i1) {
-          for (std::size_t it = i0; it < i1; ++it) {
-            const int64_t tb = static_cast<int64_t>(it) % tiles,
-                          mb = static_cast<int64_t>(it) / tiles;
-            const int64_t m0 = mb * kItemRows;
-            const int64_t n0 = tb * dense_rows::kTileRows;
-            dense_rows::Tile t{
-                xs.data() + m0 * K,
-                std::min(kItemRows, M - m0),
-                K,
-                wp,
-                wt,
-                ldw,
-                n0,
-                std::min(N, n0 + dense_rows::kTileRows),
-                y + m0 * N + n0,
-                N};
-            fn(t);
-          }
+        const int64_t tiles = (N + dense_rows::kTileRows - 1) / dense_rows::kTileRows;
+        const int64_t mblocks = (M + kItemRows - 1) / kItemRows;
+        // Each item is one tile of rows over a block of x's rows: the split changes which
+        // thread computes an output, never its arithmetic.
+        dynamic_for(tiles * mblocks, 1, [&](auto&& claim) {
+          claim([&](std::size_t i0, std::size_t i1) {
+            for (std::size_t it = i0; it < i1; ++it) {
+              const int64_t tb = static_cast<int64_t>(it) % tiles,
+                            mb = static_cast<int64_t>(it) / tiles;
+              const int64_t m0 = mb * kItemRows;
+              const int64_t n0 = tb * dense_rows::kTileRows;
+              dense_rows::Tile t{
+                  xs.data() + m0 * K,
+                  std::min(kItemRows, M - m0),
+                  K,
+                  wp,
+                  wt,
+                  ldw,
+                  n0,
+                  std::min(N, n0 + dense_rows::kTileRows),
+                  y + m0 * N + n0,
+                  N};
+              fn(t);
+            }
+          });
         });
       });
     }

@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_task.h"
+#include "common/strided.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "moe_swiglu/moe_swiglu_cpu.h"
 #include "moe_swiglu_launch.h"
@@ -71,11 +72,14 @@ cpu::QMat qmat(const mx::array& w, const mx::array& s, const mx::array& b, ProjP
   return m;
 }
 
-// The checked, flattened operands shared by moe_swiglu and moe_prefill.
+// The checked operands shared by moe_swiglu and moe_prefill: flattened to (T, D) / (T, k)
+// and row-contiguous when `flat`, else in x's and indices' own shapes and strides (the
+// CPU primitives of moe_swiglu copy a strided one at eval time: at decode, the reshape
+// and contiguous nodes they save cost ~8 us each, 7 per call).
 struct MoeOperands {
   mx::Stream st;
   int T, D, I, k;
-  mx::array x2, idx, sc; // (T, D), (T, k) uint32, (T, k) float32, row-contiguous
+  mx::array x2, idx, sc; // x, uint32 ids, float32 scores
   ProjParams pg, pu, pd;
 };
 
@@ -86,7 +90,8 @@ MoeOperands check_moe(
     const QuantProj& gate,
     const QuantProj& up,
     const QuantProj& down,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    bool flat) {
   if (!is_float(x.dtype())) {
     fail("x must be float32, float16 or bfloat16; got " + dtype_str(x.dtype()) + ".");
   }
@@ -164,10 +169,14 @@ MoeOperands check_moe(
         : mx::greater(ids, mx::array(0xFFFFFFFFULL, indices.dtype()), st);
     ids = mx::where(bad, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(ids, mx::uint32, st), st);
   }
-  // Row-contiguous inputs, so the kernels index flat arrays.
-  auto x2 = contiguous_as(x, {T, D}, st);
-  auto idx = mx::contiguous(mx::reshape(mx::astype(ids, mx::uint32, st), {T, k}, st), false, st);
-  auto sc = mx::contiguous(mx::reshape(mx::astype(scores, mx::float32, st), {T, k}, st), false, st);
+  auto x2 = x;
+  auto idx = mx::astype(ids, mx::uint32, st); // no node when they are uint32 already
+  auto sc = mx::astype(scores, mx::float32, st);
+  if (flat) { // row-contiguous, so the kernels index flat arrays
+    x2 = contiguous_as(x2, {T, D}, st);
+    idx = mx::contiguous(mx::reshape(idx, {T, k}, st), false, st);
+    sc = mx::contiguous(mx::reshape(sc, {T, k}, st), false, st);
+  }
   return {
       st,
       T,
@@ -193,7 +202,8 @@ mx::array moe_swiglu(
     const QuantProj& down,
     mx::StreamOrDevice s) {
   check_metal_stream(s, "moe_swiglu");
-  auto o = check_moe(x, indices, scores, gate, up, down, s);
+  const bool flat = mx::to_stream(s).device == mx::Device::gpu;
+  auto o = check_moe(x, indices, scores, gate, up, down, s, flat);
   auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), o.st); };
   auto h = mx::array(
       {o.T, o.k, o.I},
@@ -207,12 +217,15 @@ mx::array moe_swiglu(
        c(up.weight),
        c(up.scales),
        c(up.biases)});
+  // y has the shape of indices with D for k: (T, D) flat, x's shape on the CPU.
+  mx::Shape y_shape = o.idx.shape();
+  y_shape.back() = o.D;
   auto y = mx::array(
-      {o.T, o.D},
+      y_shape,
       x.dtype(),
       std::make_shared<MoeDown>(o.st, o.pd),
       {h, o.idx, o.sc, c(down.weight), c(down.scales), c(down.biases)});
-  return mx::reshape(y, x.shape(), o.st);
+  return flat ? mx::reshape(y, x.shape(), o.st) : y;
 }
 
 mx::array moe_prefill(
@@ -228,7 +241,7 @@ mx::array moe_prefill(
         "[moequant.moe_prefill] has no GPU kernel (MLX's gather_qmm batches tokens on the "
         "GPU); use a CPU stream.");
   }
-  auto o = check_moe(x, indices, scores, gate, up, down, s);
+  auto o = check_moe(x, indices, scores, gate, up, down, s, true);
   auto c = [&](const mx::array& a) { return contiguous_as(a, a.shape(), o.st); };
   auto y = mx::array(
       {o.T, o.D},
@@ -254,8 +267,10 @@ bool MoeGateUp::is_equivalent(const mx::Primitive& other) const {
   return gate_ == o.gate_ && up_ == o.up_;
 }
 
+// in[1] is the ids (T, k) (GPU) or (..., k) (CPU); in[2] the gate weight (E, I, .).
 std::vector<mx::Shape> MoeGateUp::output_shapes(const std::vector<mx::array>& in) {
-  return {{in[0].shape(0), in[1].shape(1), in[2].shape(1)}};
+  const int k = in[1].shape(-1);
+  return {{static_cast<int>(in[1].size()) / k, k, in[2].shape(1)}};
 }
 
 bool MoeDown::is_equivalent(const mx::Primitive& other) const {
@@ -264,36 +279,52 @@ bool MoeDown::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> MoeDown::output_shapes(const std::vector<mx::array>& in) {
-  return {{in[0].shape(0), in[3].shape(1)}};
+  mx::Shape y = in[1].shape(); // the ids with D for k
+  y.back() = in[3].shape(1);
+  return {y};
 }
 
 void MoeGateUp::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   cpu::GateUpArgs a;
-  a.x = in[0].data<void>();
   a.xdtype = in[0].dtype();
-  a.idx = in[1].data<uint32_t>();
-  a.T = in[0].shape(0);
-  a.k = in[1].shape(1);
+  a.T = out.shape(0);
+  a.k = out.shape(1);
   a.gate = qmat(in[2], in[3], in[4], gate_);
   a.up = qmat(in[5], in[6], in[7], up_);
   a.h = out.data<float>();
-  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  enqueue_cpu(stream(), in, {out}, [a]() { cpu::moe_gate_up(a); });
+  // MLX keeps the inputs alive until this task has run, so raw pointers are safe; x and
+  // the ids come in any shape and strides (check_moe), copied to rows here if strided.
+  enqueue_cpu(stream(), in, {out}, [a, x = in[0], ids = in[1]]() mutable {
+    with_rows(x, [&](const void* xr) {
+      with_rows(ids, [&](const void* ir) {
+        a.x = xr;
+        a.idx = static_cast<const uint32_t*>(ir);
+        cpu::moe_gate_up(a);
+      });
+    });
+  });
 }
 
 void MoeDown::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   cpu::DownArgs a;
   a.h = in[0].data<float>();
-  a.idx = in[1].data<uint32_t>();
-  a.scores = in[2].data<float>();
   a.T = in[0].shape(0);
   a.k = in[0].shape(1);
   a.down = qmat(in[3], in[4], in[5], down_);
   a.y = out.data<void>();
   a.ydtype = out.dtype();
-  enqueue_cpu(stream(), in, {out}, [a]() { cpu::moe_down(a); });
+  // The ids and scores in any shape and strides, copied to rows here if strided.
+  enqueue_cpu(stream(), in, {out}, [a, ids = in[1], sc = in[2]]() mutable {
+    with_rows(ids, [&](const void* ir) {
+      with_rows(sc, [&](const void* sr) {
+        a.idx = static_cast<const uint32_t*>(ir);
+        a.scores = static_cast<const float*>(sr);
+        cpu::moe_down(a);
+      });
+    });
+  });
 }
 
 bool MoePrefill::is_equivalent(const mx::Primitive& other) const {

@@ -30,6 +30,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define MQ_X86 1
+#include <emmintrin.h> // SSE2: every x86-64 CPU, no dispatch needed
 #endif
 
 namespace moequant::cpu {
@@ -146,26 +147,7 @@ class PrepBuf {
         sx_scale_(n, 1.0f) {
     for (std::size_t t = 0; t < n; ++t) {
       const float* v = x + t * cols;
-      float* gs = gs_.data() + t * (cols / G);
-      // Each group's sum in order, 8 groups side by side (8 independent add chains).
-      const int ng = cols / G;
-      int g0 = 0;
-      for (; g0 + 8 <= ng; g0 += 8) {
-        float s[8] = {};
-        for (int i = 0; i < G; ++i) {
-          for (int j = 0; j < 8; ++j) {
-            s[j] += v[(g0 + j) * G + i];
-          }
-        }
-        std::copy(s, s + 8, gs + g0);
-      }
-      for (int g = g0; g < ng; ++g) {
-        float s = 0.0f;
-        for (int i = 0; i < G; ++i) {
-          s += v[g * G + i];
-        }
-        gs[g] = s;
-      }
+      group_sums(v, cols / G, G, gs_.data() + t * (cols / G));
       if (L.lanes) {
         permute(v, xp_.data() + t * xps_, bits, L.lanes);
       }
@@ -190,6 +172,69 @@ class PrepBuf {
   }
 
  private:
+  // Each group's sum of v in order (one add chain per group, 4 groups side by side): part
+  // of every call's serial x preparation, so 4 x 4 blocks are transposed into registers
+  // (the same additions in the same order as the scalar loop).
+  static void group_sums(const float* v, int ng, int G, float* gs) {
+    int g0 = 0;
+#ifdef MQ_X86
+    for (; g0 + 4 <= ng; g0 += 4) {
+      const float* r = v + static_cast<std::size_t>(g0) * G;
+      __m128 acc = _mm_setzero_ps();
+      int i = 0;
+      for (; i + 4 <= G; i += 4) {
+        __m128 a = _mm_loadu_ps(r + i), b = _mm_loadu_ps(r + G + i);
+        __m128 c = _mm_loadu_ps(r + 2 * G + i), d = _mm_loadu_ps(r + 3 * G + i);
+        _MM_TRANSPOSE4_PS(a, b, c, d); // a: element i of the 4 groups, b: i + 1, ...
+        acc = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(acc, a), b), c), d);
+      }
+      alignas(16) float s[4];
+      _mm_store_ps(s, acc);
+      for (; i < G; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          s[j] += r[j * G + i];
+        }
+      }
+      std::copy(s, s + 4, gs + g0);
+    }
+#endif
+    for (int g = g0; g < ng; ++g) {
+      float s = 0.0f;
+      for (int i = 0; i < G; ++i) {
+        s += v[g * G + i];
+      }
+      gs[g] = s;
+    }
+  }
+
+  // The largest |v[i]| of n values as float bits, sign cleared: for non-negative floats
+  // the bits order as the values do, so an integer max gives the exact float max, and a
+  // result above FLT_MAX's bits says the values hold inf or NaN.
+  static uint32_t max_abs_bits(const float* v, int n) {
+    uint32_t m = 0;
+    int i = 0;
+#ifdef MQ_X86
+    const __m128i mag = _mm_set1_epi32(0x7fffffff);
+    __m128i mv = _mm_setzero_si128();
+    for (; i + 4 <= n; i += 4) {
+      // Signed compare: the cleared sign bit makes every lane non-negative.
+      const __m128i a =
+          _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i)), mag);
+      const __m128i gt = _mm_cmpgt_epi32(a, mv);
+      mv = _mm_or_si128(_mm_and_si128(gt, a), _mm_andnot_si128(gt, mv));
+    }
+    alignas(16) uint32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), mv);
+    m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+#endif
+    for (; i < n; ++i) {
+      uint32_t b;
+      std::memcpy(&b, v + i, 4);
+      m = std::max(m, b & 0x7fffffffu);
+    }
+    return m;
+  }
+
   // xp[block][k][lane] = x[block][lane * CPL + k] * 2^-(bits*k) (exact, bits*k <= 28),
   // unscaled for the top code of a full lane and the table-decoded codes.
   void permute(const float* v, float* xp, int bits, int lanes) const {
@@ -215,13 +260,10 @@ class PrepBuf {
   float fixed_point(const float* v, int xmax, float* sx, std::vector<int32_t>& X) const {
     X.resize(cols_);
     for (int g = 0; g < cols_ / G_; ++g) {
-      float m = 0.0f;
-      bool finite = true;
-      for (int i = 0; i < G_; ++i) {
-        const float a = std::fabs(v[g * G_ + i]);
-        finite &= a <= std::numeric_limits<float>::max(); // false for inf and NaN
-        m = std::max(m, a);
-      }
+      const uint32_t mb = max_abs_bits(v + g * G_, G_);
+      const bool finite = mb <= 0x7f7fffffu; // FLT_MAX: false for inf and NaN
+      float m;
+      std::memcpy(&m, &mb, 4);
       if (!finite) {
         sx[g] = std::numeric_limits<float>::quiet_NaN();
       } else {
@@ -468,6 +510,17 @@ void to_float(const void* src, std::size_t n, float* dst) {
   const T* s = static_cast<const T*>(src);
   for (std::size_t i = 0; i < n; ++i) {
     dst[i] = static_cast<float>(s[i]);
+  }
+}
+
+// bf16 is the top half of a float32: a shift the compiler vectorizes (MLX's
+// conversion struct it does not), part of every bf16 call's serial x preparation.
+template <>
+void to_float<mx::bfloat16_t>(const void* src, std::size_t n, float* dst) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  for (std::size_t i = 0; i < n; ++i) {
+    const uint32_t w = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(dst + i, &w, 4);
   }
 }
 

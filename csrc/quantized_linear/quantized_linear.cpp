@@ -144,19 +144,13 @@ void QuantizedLinear::eval_cpu(const std::vector<mx::array>& in, mx::array& out)
     enc.set_input_array(i);
   }
   enc.set_output_array(out);
-  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  if (x.flags().row_contiguous) {
-    a.x = x.data<void>();
-    enc.dispatch([a]() { cpu::quantized_linear(a); });
-    return;
-  }
-  // A strided x (a slice, a transpose): its rows copied when the task runs (after x's
-  // producer has written it).
+  // MLX keeps the inputs alive until this task has run, so raw pointers are safe; a
+  // strided x (a slice, a transpose) is copied to rows when the task runs.
   enc.dispatch([a, x]() mutable {
-    std::vector<char> rows(x.size() * x.itemsize());
-    copy_row_contiguous(x, rows.data());
-    a.x = rows.data();
-    cpu::quantized_linear(a);
+    with_rows(x, [&](const void* rows) {
+      a.x = rows;
+      cpu::quantized_linear(a);
+    });
   });
 }
 

@@ -104,18 +104,13 @@ void QuantizedMultiLinear::eval_cpu(const std::vector<mx::array>& in, mx::array&
   a.rows.W.N = in[1].shape(1);
   a.rows.W.K = x.shape(-1);
   a.rows.y = out.data<void>();
-  // MLX keeps the inputs alive until this task has run, so raw pointers are safe.
-  if (x.flags().row_contiguous) {
-    a.rows.x = x.data<void>();
-    enqueue_cpu(stream(), in, {out}, [a]() { cpu::quantized_multi_linear(a); });
-    return;
-  }
-  // A strided x: its rows copied when the task runs (after x's producer has written it).
+  // MLX keeps the inputs alive until this task has run, so raw pointers are safe; a
+  // strided x is copied to rows when the task runs (after x's producer has written it).
   enqueue_cpu(stream(), in, {out}, [a, x]() mutable {
-    std::vector<char> rows(x.size() * x.itemsize());
-    copy_row_contiguous(x, rows.data());
-    a.rows.x = rows.data();
-    cpu::quantized_multi_linear(a);
+    with_rows(x, [&](const void* rows) {
+      a.rows.x = rows;
+      cpu::quantized_multi_linear(a);
+    });
   });
 }
 

@@ -132,21 +132,16 @@ void SoftmaxRows::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
     if (a.S == 0) {
       return;
     }
-    std::vector<float> rows;
-    if (sc.flags().row_contiguous) {
-      a.s = sc.data<float>();
-    } else {
-      // A strided view, copied to rows here (after its producer ran).
-      rows.resize(sc.size());
-      copy_row_contiguous(sc, rows.data());
-      a.s = rows.data();
-    }
-    // Chunks of at least ~64K elements: short rows (decode) stay on the calling thread.
-    const auto chunk = static_cast<std::size_t>(std::max<int64_t>(1, (int64_t(1) << 16) / a.S));
-    parallel_for(static_cast<std::size_t>(a.rows), chunk, [&](std::size_t r0, std::size_t r1) {
-      for (std::size_t r = r0; r < r1; ++r) {
-        row(a, static_cast<int64_t>(r));
-      }
+    // A strided view is copied to rows here (after its producer ran).
+    with_rows(sc, [&](const void* rows) {
+      a.s = static_cast<const float*>(rows);
+      // Chunks of at least ~64K elements: short rows (decode) stay on the calling thread.
+      const auto chunk = static_cast<std::size_t>(std::max<int64_t>(1, (int64_t(1) << 16) / a.S));
+      parallel_for(static_cast<std::size_t>(a.rows), chunk, [&](std::size_t r0, std::size_t r1) {
+        for (std::size_t r = r0; r < r1; ++r) {
+          row(a, static_cast<int64_t>(r));
+        }
+      });
     });
   });
 }
