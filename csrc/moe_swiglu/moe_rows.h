@@ -161,11 +161,12 @@ constexpr int w16_lo_bits(int bits) {
 constexpr int w16_xmax(int levels, int bits) {
   return levels == 1 ? 32767 : (1 << (15 + w16_lo_bits(bits))) - 1;
 }
-// Where the word kernels beat the float ones on AMD Zen 1: every width they have (two
-// levels at 3, 6 and 8 bits, which cannot join them (w16_join_levels): each level
-// converted on its own once per group, not per block).
+// Where the word kernels beat the float ones on AMD Zen 1 (one level: every width they
+// have; two: not 3 bits, whose words, each level converted on its own (w16_join_levels),
+// ran 4 % slower than the float kernel; 6 and 8 bits 5-17 % faster, bench/RESULTS.md
+// issue 15 session 8).
 constexpr bool w16_bits(int bits, int levels) {
-  return bits != 5 && levels >= 1;
+  return levels == 1 ? bits != 5 : (bits != 3 && bits != 5);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
