@@ -106,8 +106,8 @@ constexpr int int_xmax(int digits) {
 // saturates with 8-bit codes and needs a widening multiply after it, and on AMD Zen
 // both share the one vector multiply pipe, so words do more per multiply. x is a block
 // fixed point per affine group as for VNNI (X = round(x / sx_g)), in w16_levels words:
-// X itself (bf16/f16 activations, |X| <= 32767) or X >> 8 then X & 255 (float32
-// activations, |X| < 2^23, 24 bits). A block of w16_block_bytes(bits) bytes is
+// X itself (bf16/f16 activations, |X| <= 32767) or X >> L then X & (2^L - 1) (float32
+// activations, L = w16_lo_bits: |X| < 2^23 or 2^30). A block of w16_block_bytes(bits) bytes is
 // decoded into w16_regs(bits) registers of 16 codes; word w of register r holds code
 // w16_code_of(bits, r, w), so int32 lane i (words 2i, 2i + 1 of every register) covers
 // codes [i * span, (i + 1) * span) of the block, span = block codes / 8 (3 and 6 bits:
@@ -142,23 +142,31 @@ constexpr int w16_code_of(int bits, int r, int w) {
 constexpr int w16_lane_mul(int bits) {
   return (bits == 3 || bits == 6) ? 16 : 1;
 }
-// Largest |X|: 32767 with one level, 2^23 - 1 with two (then X >> 8 fits a word).
-constexpr int w16_xmax(int levels) {
-  return levels == 1 ? 32767 : (1 << 23) - 1;
-}
-// Whether the two levels of a block can be joined in int32 lanes, (high << 8) + low =
-// sum q X, before the convert: a lane sums span codes of up to 2^bits - 1 times
-// |X| < 2^23, which must stay below 2^31 (not for 8 bits: those convert each level).
+// Whether the two levels of a block (split at 8 bits) can be joined in int32 lanes,
+// (high << 8) + low = sum q X, before the convert: a lane sums span codes of up to
+// 2^bits - 1 times |X| < 2^23, which must stay below 2^31 (not for 3, 6 and 8 bits:
+// those convert each level on their own).
 constexpr bool w16_join_levels(int bits) {
   return static_cast<long long>(w16_block_codes(bits) / 8) * ((1 << bits) - 1) *
       w16_lane_mul(bits) * ((1 << 23) + 255) <
       2147483647LL;
 }
+// Bits of the low of two levels: 8 where they are joined, else 15, so X keeps 31 bits
+// (with 24 the fixed point's rounding, 2^-24 of the group's largest |x| per element,
+// doubled the error of the 3/6-bit float kernels it replaced: the float32 tolerance).
+constexpr int w16_lo_bits(int bits) {
+  return w16_join_levels(bits) ? 8 : 15;
+}
+// Largest |X|: 32767 with one level; with two, X >> w16_lo_bits fits a word.
+constexpr int w16_xmax(int levels, int bits) {
+  return levels == 1 ? 32767 : (1 << (15 + w16_lo_bits(bits))) - 1;
+}
 // Where the word kernels beat the float ones on AMD Zen 1 (one level: every width they
-// have; two: not 3 and 6 bits, whose B lanes (w16_lane_mul) cannot join the levels: two
-// converts and FMAs per block, as fast as the float kernels, measured).
+// have; two: not 3 bits, whose words, each level converted on its own (w16_join_levels),
+// ran 4 % slower than the float kernel; 6 and 8 bits 5-17 % faster, bench/RESULTS.md
+// issue 15 session 8).
 constexpr bool w16_bits(int bits, int levels) {
-  return levels == 1 ? bits != 5 : (bits == 2 || bits == 4 || bits == 8);
+  return levels == 1 ? bits != 5 : (bits != 3 && bits != 5);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -339,12 +339,14 @@ class PrepBuf {
   }
 
   // X (fixed_point, |X| <= w16_xmax) as the AVX2 integer kernel's words: per block and
-  // register (w16_code_of order) the levels, X itself or X >> 8 then X & 255.
+  // register (w16_code_of order) the levels, X itself or X >> L then X & (2^L - 1),
+  // L = w16_lo_bits.
   float words(const float* v, int16_t* xw, float* sx, int bits, int levels) const {
     const int R = w16_regs(bits);
     const int bc = w16_block_codes(bits);
     std::vector<int32_t> X;
-    const float S = fixed_point(v, w16_xmax(levels), sx, X);
+    const float S = fixed_point(v, w16_xmax(levels, bits), sx, X);
+    const int lo = w16_lo_bits(bits);
     const std::vector<int> src =
         code_order(R, 16, [&](int r, int w) { return w16_code_of(bits, r, w); });
     for (int b = 0; b < cols_ / bc; ++b) {
@@ -355,8 +357,8 @@ class PrepBuf {
           if (levels == 1) {
             d[w] = static_cast<int16_t>(q);
           } else {
-            d[w] = static_cast<int16_t>(q >> 8); // arithmetic: floor(q / 256)
-            d[16 + w] = static_cast<int16_t>(q & 255);
+            d[w] = static_cast<int16_t>(q >> lo); // arithmetic: floor(q / 2^lo)
+            d[16 + w] = static_cast<int16_t>(q & ((1 << lo) - 1));
           }
         }
       }
