@@ -237,7 +237,6 @@ def ops_split(model, tok, cache, n, dtype):
         return "dense " + name if name.startswith("mlp.") and not name.startswith("mlp.shared") else name
 
     # Layers that patch fused into pairs are timed as one op (mlx_lm_patch._pair_outputs).
-    owners = {id(m): short(path) for path, m in model.named_modules()}
     fused = {
         (id(m), n)
         for _, m in model.named_modules()
