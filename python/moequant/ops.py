@@ -463,6 +463,20 @@ def qgemm_path() -> str:
 QuantTriple = Tuple[mx.array, mx.array, mx.array]
 
 
+def _triples(fn: str, first: str, **triples) -> list:
+    """The arrays of each named (first, scales, biases) triple, in order; ValueError naming
+    the argument when one is not a triple of mx.array."""
+    parts = []
+    for name, t in triples.items():
+        if not isinstance(t, (tuple, list)) or len(t) != 3:
+            raise ValueError(f"{fn}: {name} must be ({first}, scales, biases)")
+        for a in t:
+            if not isinstance(a, mx.array):
+                raise ValueError(f"{fn}: {name} holds a {type(a).__name__}, not an mx.array")
+        parts.extend(t)
+    return parts
+
+
 def mla_decode_attention(
     q_lat: mx.array,
     q_pe: mx.array,
@@ -493,14 +507,8 @@ def mla_decode_attention(
     arguments raise ValueError naming the argument when the graph is built.
     """
     _check_ints("mla_decode_attention", bits=bits, group_size=group_size)
-    parts = []
-    for name, t in (("latent", latent), ("k_pe", k_pe)):
-        if not isinstance(t, (tuple, list)) or len(t) != 3:
-            raise ValueError(f"mla_decode_attention: {name} must be (codes, scales, biases)")
-        for a in t:
-            if not isinstance(a, mx.array):
-                raise ValueError(f"mla_decode_attention: {name} holds a {type(a).__name__}, not an mx.array")
-            parts.append(a.squeeze(1) if a.ndim == 4 and a.shape[1] == 1 else a)
+    parts = _triples("mla_decode_attention", "codes", latent=latent, k_pe=k_pe)
+    parts = [a.squeeze(1) if a.ndim == 4 and a.shape[1] == 1 else a for a in parts]
     return _ext.mla_decode_attention(
         q_lat, q_pe, *parts, scale=float(scale), bits=bits, group_size=group_size, stream=stream
     )
@@ -517,14 +525,7 @@ def _pair(fn: str, name: str, v) -> Tuple[int, int]:
 
 def _mla_core_args(fn, q_nope, q_pe, latent, k_pe, embed_q, unembed_out, bits, group_size):
     _check_arrays(fn, q_nope=q_nope, q_pe=q_pe, latent=latent, k_pe=k_pe)
-    parts = []
-    for name, t in (("embed_q", embed_q), ("unembed_out", unembed_out)):
-        if not isinstance(t, (tuple, list)) or len(t) != 3:
-            raise ValueError(f"{fn}: {name} must be (weight, scales, biases)")
-        for a in t:
-            if not isinstance(a, mx.array):
-                raise ValueError(f"{fn}: {name} holds a {type(a).__name__}, not an mx.array")
-        parts.extend(t)
+    parts = _triples(fn, "weight", embed_q=embed_q, unembed_out=unembed_out)
     (qb, ob), (qg, og) = _pair(fn, "bits", bits), _pair(fn, "group_size", group_size)
     return [q_nope, q_pe, latent, k_pe, *parts], dict(q_bits=qb, q_group_size=qg, o_bits=ob, o_group_size=og)
 
